@@ -1,0 +1,36 @@
+# The two commands: `make run` (server on embedded defaults) and `make test`.
+# Everything installs into .venv; nothing global is touched except, for the
+# browser tests, Debian's chromium packages (see scripts/ensure-chromium).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint generate bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/tether-server serve
+
+test: $(BIN)/.installed
+	scripts/ensure-chromium
+	$(BIN)/pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy server clients tests bench
+
+generate: $(BIN)/.installed
+	PYTHON=$(BIN)/python scripts/generate-protos
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .tether

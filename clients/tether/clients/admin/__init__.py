@@ -1,0 +1,1 @@
+"""Administration: partners, preset services, credentials."""

@@ -1,0 +1,20 @@
+"""tether-partner: the command-line tool for partner callers.
+
+Commands come from one module per area; each adds its subcommands.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from tether.clients import cli
+
+
+def command_modules() -> list[ModuleType]:
+    # Each area appends its module here.
+    return []
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.build_parser("tether-partner", "Tether for partner callers.", command_modules())
+    cli.main(parser, argv)

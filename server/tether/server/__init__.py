@@ -1,0 +1,1 @@
+"""The Tether server: Binding, Provisioning and FingerprintGuard over gRPC."""

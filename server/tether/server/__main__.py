@@ -1,0 +1,49 @@
+"""`tether-server`: run the server, apply migrations, or issue an admin token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from tether.server import logs
+from tether.server.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="tether-server", description="Tether gRPC server. Settings: TETHER_* variables."
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the server (default)")
+    sub.add_parser("migrate", help="apply database migrations and exit")
+    admin = sub.add_parser("create-admin", help="issue an admin credential and print its token")
+    admin.add_argument("--label", default="created by tether-server create-admin")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    logs.configure(settings.log_level, settings.log_format)
+    if args.command == "migrate":
+        from tether.server.storage import migrate
+
+        migrate.upgrade(settings.effective_database_url)
+    elif args.command == "create-admin":
+        asyncio.run(_create_admin(settings, args.label))
+    else:
+        from tether.server.app import serve
+
+        asyncio.run(serve(settings))
+
+
+async def _create_admin(settings: Settings, label: str) -> None:
+    from tether.server.admin.credentials import create_admin
+    from tether.server.storage.database import Database
+
+    db = Database(settings.effective_database_url, 1)
+    try:
+        print(await create_admin(db, label))
+    finally:
+        await db.close()
+
+
+if __name__ == "__main__":
+    main()

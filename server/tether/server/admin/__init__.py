@@ -1,0 +1,1 @@
+"""Partners, their preset services, and credentials."""

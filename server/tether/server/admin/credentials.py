@@ -1,0 +1,101 @@
+"""Bearer tokens: minted once, stored hashed, verified with a short cache.
+
+A token is "<credential_id>.<secret>". The secret has 256 bits of entropy,
+so one SHA-256 is enough to store it safely (a slow hash protects guessable
+passwords, which these are not), and verification costs microseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import update
+
+from tether.server.admin.tables import Credential
+from tether.server.storage.base import utcnow
+from tether.server.storage.database import Database
+from tether.server.transport.principal import CallerKind, Principal
+
+ID_PREFIX = "cred_"
+
+
+@dataclass(frozen=True)
+class MintedToken:
+    credential: Credential
+    token: str
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def mint(kind: CallerKind, partner_id: str | None, label: str) -> MintedToken:
+    credential_id = ID_PREFIX + secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    row = Credential(
+        credential_id=credential_id,
+        kind=kind.value,
+        partner_id=partner_id,
+        label=label,
+        secret_hash=_hash(secret),
+        create_time=utcnow(),
+    )
+    return MintedToken(row, f"{credential_id}.{secret}")
+
+
+class CredentialVerifier:
+    """Implements transport.interceptor.Authenticator."""
+
+    def __init__(self, db: Database, cache_seconds: float) -> None:
+        self._db = db
+        self._ttl = cache_seconds
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    async def authenticate(self, token: str) -> Principal | None:
+        now = time.monotonic()
+        cached = self._cache.get(token)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        credential_id, sep, secret = token.partition(".")
+        if not sep or not credential_id.startswith(ID_PREFIX) or len(credential_id) > 40:
+            return None
+        async with self._db.sessions() as session:
+            row = await session.get(Credential, credential_id)
+        if row is None or row.revoke_time is not None:
+            return None
+        if not hmac.compare_digest(row.secret_hash, _hash(secret)):
+            return None
+        principal = Principal(row.credential_id, CallerKind(row.kind), row.partner_id)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[token] = (now + self._ttl, principal)
+        return principal
+
+    def forget(self, credential_id: str) -> None:
+        """Drops a revoked credential from this process's cache at once."""
+        for token in [t for t in self._cache if t.startswith(credential_id + ".")]:
+            del self._cache[token]
+
+
+async def create_admin(db: Database, label: str) -> str:
+    """Issues an admin credential straight into the database; returns its token.
+
+    How the first admin credential comes to be, before any RPC can be called.
+    """
+    minted = mint(CallerKind.ADMIN, None, label)
+    async with db.transaction() as session:
+        session.add(minted.credential)
+    return minted.token
+
+
+async def revoke(db: Database, credential_id: str) -> None:
+    async with db.transaction() as session:
+        await session.execute(
+            update(Credential)
+            .where(Credential.credential_id == credential_id, Credential.revoke_time.is_(None))
+            .values(revoke_time=utcnow())
+        )

@@ -1,0 +1,162 @@
+"""Assembles the server: storage, Redis, the areas' servicers, health,
+reflection, and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import func, select
+
+from tether.server import digests, logs
+from tether.server.admin import credentials
+from tether.server.admin import servicer as admin_servicer
+from tether.server.admin.tables import Credential
+from tether.server.components import Component
+from tether.server.counters.connection import connect as connect_redis
+from tether.server.runtime import Runtime
+from tether.server.settings import Settings
+from tether.server.storage import migrate
+from tether.server.storage.database import Database
+from tether.server.transport.interceptor import ServerInterceptor
+
+log = logs.get(__name__)
+
+
+@dataclass
+class App:
+    settings: Settings
+    runtime: Runtime
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    components: list[Component] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        for component in self.components:
+            if component.start is not None:
+                await component.start()
+        for component in self.components:
+            for name in component.services:
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening", address=self.address, embedded=self.settings.embedded)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets in-flight calls finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        for component in reversed(self.components):
+            if component.stop is not None:
+                await component.stop()
+        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self.runtime.redis.aclose()
+        await self.runtime.db.close()
+        log.info("stopped")
+
+
+def _load_digest_keys(settings: Settings) -> list[digests.DigestKey]:
+    if settings.digest_keys:
+        return digests.parse_keys(settings.digest_keys)
+    if settings.embedded_database:
+        return digests.load_or_create_embedded(settings.data_dir / "digest-keys")
+    raise SystemExit("TETHER_DIGEST_KEYS is required with an external database")
+
+
+async def _bootstrap_embedded_admin(settings: Settings, db: Database) -> None:
+    """A newcomer's first admin token: written once into data_dir."""
+    token_file = settings.data_dir / "admin.token"
+    async with db.sessions() as session:
+        admins = await session.scalar(
+            select(func.count()).select_from(Credential).where(Credential.kind == "admin")
+        )
+    if admins:
+        return
+    token = await credentials.create_admin(db, "embedded quick start")
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    log.warning("created an admin credential for the quick start", token_file=str(token_file))
+
+
+def _areas() -> list[object]:
+    # Imported here so that each area's module is loaded only with the app.
+    from tether.server.binding import servicer as binding
+    from tether.server.guard import servicer as guard
+    from tether.server.provisioning import servicer as provisioning
+
+    return [admin_servicer, binding, provisioning, guard]
+
+
+async def build(settings: Settings) -> App:
+    if settings.embedded:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        log.warning(
+            "EMBEDDED MODE: not for production",
+            database="SQLite in " + str(settings.data_dir)
+            if settings.embedded_database
+            else "external",
+            redis="in-process fakeredis" if settings.embedded_redis else "external",
+        )
+    if settings.embedded_database or settings.migrate_on_start:
+        await migrate.upgrade_async(settings.effective_database_url)
+
+    db = Database(settings.effective_database_url, settings.database_pool_size)
+    runtime = Runtime(
+        settings=settings,
+        db=db,
+        redis=connect_redis(settings.redis_url, settings.redis_timeout_seconds),
+        digester=digests.Digester(_load_digest_keys(settings)),
+        credentials=credentials.CredentialVerifier(db, settings.credential_cache_seconds),
+    )
+    if settings.embedded_database:
+        await _bootstrap_embedded_admin(settings, db)
+
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(runtime.credentials)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    components: list[Component] = []
+    for area in _areas():
+        component: Component = area.register(server, runtime)  # type: ignore[attr-defined]
+        components.append(component)
+
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [name for c in components for name in c.services]
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.listen}")
+    return App(settings, runtime, server, port, health, components)
+
+
+async def serve(settings: Settings) -> None:
+    app = await build(settings)
+    await app.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("draining", grace_seconds=settings.shutdown_grace_seconds)
+    await app.stop()

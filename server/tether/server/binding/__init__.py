@@ -1,0 +1,1 @@
+"""The binding area (see docs/architecture.md)."""

@@ -1,0 +1,2 @@
+"""Redis: fast, atomic counters. Every key format lives in keys.py and every
+Lua script in lua.py."""

@@ -1,0 +1,1 @@
+"""The guard area (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""The provisioning area (see docs/architecture.md)."""

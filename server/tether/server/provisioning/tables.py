@@ -1,0 +1,1 @@
+"""SQL tables of this area (none yet)."""

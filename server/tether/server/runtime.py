@@ -1,0 +1,21 @@
+"""What every servicer shares: settings, the database, Redis, the digester."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+
+from tether.server.admin.credentials import CredentialVerifier
+from tether.server.digests import Digester
+from tether.server.settings import Settings
+from tether.server.storage.database import Database
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    redis: redis.Redis
+    digester: Digester
+    credentials: CredentialVerifier

@@ -1,0 +1,85 @@
+"""Every knob of the server, read from TETHER_* environment variables.
+
+docs/configuration.md lists them in one table. Anything left unset runs on an
+embedded default (SQLite, in-process Redis), which suits a laptop, not
+production: the server logs loudly when it is in embedded mode.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TETHER_", extra="ignore")
+
+    # --- transport ---------------------------------------------------------
+    listen: str = Field("127.0.0.1:50051", description="host:port of the gRPC server")
+    shutdown_grace_seconds: float = Field(
+        10.0, description="how long SIGTERM waits for in-flight calls before cancelling them"
+    )
+    max_message_bytes: int = Field(8 * 1024 * 1024, description="largest gRPC message accepted")
+
+    # --- storage -----------------------------------------------------------
+    data_dir: Path = Field(Path(".tether"), description="where embedded mode keeps its files")
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL, e.g. postgresql+asyncpg://user@host/db; "
+        "empty: SQLite in data_dir (embedded)",
+    )
+    database_pool_size: int = Field(20, description="PostgreSQL connections per process")
+    migrate_on_start: bool = Field(
+        False, description="apply migrations at start-up (always on in embedded mode)"
+    )
+    redis_url: str = Field(
+        "", description="redis:// URL; empty: an in-process fakeredis (embedded)"
+    )
+    redis_timeout_seconds: float = Field(
+        0.25, description="bound on each Redis call before its fail mode applies"
+    )
+
+    # --- security ----------------------------------------------------------
+    digest_keys: str = Field(
+        "",
+        description="HMAC keys for account and device digests: 'id:base64,id:base64', "
+        "the first is current; empty in embedded mode: generated into data_dir",
+    )
+    credential_cache_seconds: float = Field(
+        5.0, description="how long a verified credential is trusted without a database read"
+    )
+
+    # --- binding -----------------------------------------------------------
+    report_rate_per_minute: int = Field(
+        60, description="ReportAccountUse calls allowed per device and credential per minute"
+    )
+
+    # --- logs --------------------------------------------------------------
+    log_format: Literal["console", "json"] = Field("console", description="log line format")
+    log_level: str = Field("INFO", description="lowest level logged")
+
+    # --- provisioning (owned by tether.server.provisioning) ----------------
+
+    # --- fingerprint guard (owned by tether.server.guard) ------------------
+
+    @cached_property
+    def embedded_database(self) -> bool:
+        return not self.database_url
+
+    @cached_property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def embedded(self) -> bool:
+        return self.embedded_database or self.embedded_redis
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'tether.db').resolve()}"

@@ -1,0 +1,1 @@
+"""SQL storage: what must not be lost lives here."""

@@ -1,0 +1,1 @@
+"""gRPC wiring shared by every service: auth, error mapping, idempotency, paging."""

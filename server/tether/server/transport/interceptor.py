@@ -1,0 +1,127 @@
+"""The one server interceptor: authenticates every call, then maps what the
+handler raises to a status.
+
+Wrapping the handler (rather than each servicer method) keeps the mapping in
+one place and lets servicers raise domain errors freely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+
+from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server import errors, logs
+from tether.server.transport import principal as principals
+from tether.server.transport.status import abort
+
+log = logs.get(__name__)
+
+# Standard services that load balancers and stock tools call without a token.
+PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, token: str) -> principals.Principal | None: ...
+
+
+def _bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+    return ""
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        token = _bearer(handler_call_details.invocation_metadata)
+        return _wrap(handler, method, token, self._auth)
+
+
+async def _enter(
+    context: grpc.aio.ServicerContext[Any, Any], token: str, auth: Authenticator
+) -> None:
+    principal = await auth.authenticate(token) if token else None
+    if principal is None:
+        raise errors.Unauthenticated(
+            ErrorReason.ERROR_REASON_CREDENTIAL_INVALID,
+            "send a valid credential as 'authorization: Bearer <token>'",
+        )
+    principals.set_current(principal)
+
+
+async def _fail(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, exc: BaseException
+) -> None:
+    if isinstance(exc, errors.TetherError):
+        await abort(context, exc)
+    log.exception("unexpected error", method=method)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, token: str, auth: Authenticator
+) -> grpc.RpcMethodHandler[Any, Any]:
+    def unary_result(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                await _enter(context, token, auth)
+                return await behavior(request, context)
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
+                await _fail(context, method, exc)
+
+        return run
+
+    def stream_result(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                await _enter(context, token, auth)
+                async for item in behavior(request, context):
+                    yield item
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
+                await _fail(context, method, exc)
+
+        return run
+
+    h: Any = handler
+    if h.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary_result(h.unary_unary), h.request_deserializer, h.response_serializer
+        )
+    if h.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary_result(h.stream_unary), h.request_deserializer, h.response_serializer
+        )
+    if h.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream_result(h.unary_stream), h.request_deserializer, h.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        stream_result(h.stream_stream), h.request_deserializer, h.response_serializer
+    )
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises this to unwind the handler; it must pass through.
+    return type(exc).__name__ == "AbortError" or isinstance(exc, grpc.aio.AbortError)

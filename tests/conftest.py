@@ -1,0 +1,111 @@
+"""Shared fixtures: a fresh PostgreSQL database, a Redis database, and a real
+Tether server listening on a free port.
+
+PostgreSQL and Redis must be running (`.ci/run` starts them). A test that
+needs them fails when they are down; nothing here skips.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as redis
+
+from tests.support import RunningServer, start_server
+
+POSTGRES_ADMIN_DSN = os.environ.get(
+    "TETHER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_BASE_URL = os.environ.get("TETHER_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+async def create_database() -> tuple[str, str]:
+    """A new, empty database; returns (name, SQLAlchemy URL)."""
+    name = f"tether_test_{secrets.token_hex(5)}"
+    conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    return name, f"{base}/{name}"
+
+
+async def drop_database(name: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def postgres_url() -> AsyncIterator[str]:
+    name, url = await create_database()
+    yield url
+    await drop_database(name)
+
+
+@pytest.fixture(scope="session")
+async def redis_url() -> AsyncIterator[str]:
+    """A Redis database of its own (1-15), so parallel test runs do not meet.
+
+    Picks an empty one and claims it with a marker key.
+    """
+    for _ in range(30):
+        db = secrets.randbelow(15) + 1
+        client = redis.Redis.from_url(f"{REDIS_BASE_URL}/{db}")
+        try:
+            claimed = await client.set("tether:test:claim", "1", nx=True, ex=3600)
+            if claimed and await client.dbsize() == 1:
+                await client.delete("tether:test:claim")
+                yield f"{REDIS_BASE_URL}/{db}"
+                await client.flushdb()
+                return
+            if claimed:
+                await client.delete("tether:test:claim")
+        finally:
+            await client.aclose()
+    raise RuntimeError("no empty Redis database among 1-15")
+
+
+@pytest.fixture(scope="session")
+async def pg_server(
+    postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    """The server on PostgreSQL and real Redis: what production runs."""
+    server = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path_factory.mktemp("pg-server"),
+    )
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def sqlite_server(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    """The server on SQLite (the embedded default) and real Redis."""
+    data_dir: Path = tmp_path_factory.mktemp("sqlite-server")
+    server = await start_server(
+        database_url=f"sqlite+aiosqlite:///{data_dir / 'tether.db'}",
+        redis_url=redis_url,
+        data_dir=data_dir,
+    )
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def any_server(request: pytest.FixtureRequest) -> RunningServer:
+    """Runs a test once on each supported database."""
+    fixture = "pg_server" if request.param == "postgres" else "sqlite_server"
+    server: RunningServer = request.getfixturevalue(fixture)
+    return server

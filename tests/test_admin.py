@@ -1,0 +1,133 @@
+"""Admin: partners, services and credentials through the real gRPC interface."""
+
+from __future__ import annotations
+
+import secrets
+
+import grpc
+
+from tether.admin.v1 import messages_pb2 as pb
+from tether.admin.v1 import service_pb2_grpc
+from tests.support import RunningServer, expect_error
+
+
+async def test_partner_is_created_once_and_readable(pg_server: RunningServer) -> None:
+    admin = pg_server.admin()
+    request = pb.CreatePartnerRequest(
+        request_id="r1-" + secrets.token_hex(4),
+        partner_id="acme-" + secrets.token_hex(3),
+        display_name="ACME Mobile",
+        rebind_policy=pb.REBIND_POLICY_MOVE,
+    )
+    first = await admin.CreatePartner(request)
+    again = await admin.CreatePartner(request)
+    assert again == first
+    got = await admin.GetPartner(pb.GetPartnerRequest(partner_id=request.partner_id))
+    assert got.partner.rebind_policy == pb.REBIND_POLICY_MOVE
+    assert got.partner.display_name == "ACME Mobile"
+
+
+async def test_reused_request_id_with_other_body_is_refused(pg_server: RunningServer) -> None:
+    admin = pg_server.admin()
+    request_id = secrets.token_hex(6)
+    await admin.CreatePartner(
+        pb.CreatePartnerRequest(
+            request_id=request_id, partner_id="first-" + request_id, display_name="First"
+        )
+    )
+    await expect_error(
+        admin.CreatePartner(
+            pb.CreatePartnerRequest(
+                request_id=request_id, partner_id="second-" + request_id, display_name="Second"
+            )
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "ERROR_REASON_REQUEST_ID_REUSED",
+    )
+    await expect_error(
+        admin.GetPartner(pb.GetPartnerRequest(partner_id="second-" + request_id)),
+        grpc.StatusCode.NOT_FOUND,
+        "ERROR_REASON_PARTNER_NOT_FOUND",
+    )
+
+
+async def test_bad_partner_fields_are_all_reported(pg_server: RunningServer) -> None:
+    detail = await expect_error(
+        pg_server.admin().CreatePartner(
+            pb.CreatePartnerRequest(request_id="", partner_id="Bad Id!", display_name="")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"request_id"}
+    detail = await expect_error(
+        pg_server.admin().CreatePartner(
+            pb.CreatePartnerRequest(request_id="x", partner_id="Bad Id!", display_name="")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"partner_id", "display_name"}
+
+
+async def test_missing_or_wrong_credential_is_unauthenticated(pg_server: RunningServer) -> None:
+    for token in ("", "nonsense", "cred_0000000000000000.secret"):
+        stub = service_pb2_grpc.AdminStub(pg_server.channel(token))
+        await expect_error(
+            stub.ListPartners(pb.ListPartnersRequest()),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "ERROR_REASON_CREDENTIAL_INVALID",
+        )
+
+
+async def test_partner_sees_only_itself(pg_server: RunningServer) -> None:
+    mine, token = await pg_server.partner()
+    other, _ = await pg_server.partner()
+    stub = service_pb2_grpc.AdminStub(pg_server.channel(token))
+    own = await stub.GetPartner(pb.GetPartnerRequest())
+    assert own.partner.partner_id == mine
+    await expect_error(
+        stub.GetPartner(pb.GetPartnerRequest(partner_id=other)),
+        grpc.StatusCode.NOT_FOUND,
+        "ERROR_REASON_PARTNER_NOT_FOUND",
+    )
+    await expect_error(
+        stub.ListPartners(pb.ListPartnersRequest()),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ERROR_REASON_CALLER_NOT_ALLOWED",
+    )
+
+
+async def test_revoked_credential_stops_working(pg_server: RunningServer) -> None:
+    token = await pg_server.credential("internal")
+    stub = service_pb2_grpc.AdminStub(pg_server.channel(token))
+    await stub.ListPartners(pb.ListPartnersRequest(page_size=1))
+    await pg_server.admin().RevokeCredential(
+        pb.RevokeCredentialRequest(credential_id=token.split(".")[0])
+    )
+    await expect_error(
+        stub.ListPartners(pb.ListPartnersRequest()),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "ERROR_REASON_CREDENTIAL_INVALID",
+    )
+
+
+async def test_partners_page_through_in_order(pg_server: RunningServer) -> None:
+    for _ in range(3):
+        await pg_server.partner(services=())
+    admin = pg_server.admin()
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await admin.ListPartners(pb.ListPartnersRequest(page_size=2, page_token=token))
+        seen.extend(p.partner_id for p in page.partners)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(seen)
+    assert len(seen) == len(set(seen)) >= 3
+    await expect_error(
+        admin.ListPartners(pb.ListPartnersRequest(page_token="garbage")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_PAGE_TOKEN_INVALID",
+    )
