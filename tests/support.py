@@ -45,7 +45,7 @@ class RunningServer:
         self._channels.append(channel)
         return channel
 
-    def admin(self) -> admin_grpc.AdminStub:
+    def admin(self) -> admin_grpc.AdminAsyncStub:
         return admin_grpc.AdminStub(self.channel(self.admin_token))
 
     async def credential(self, kind: str, partner_id: str = "") -> str:
@@ -59,7 +59,7 @@ class RunningServer:
     async def partner(
         self,
         services: tuple[str, ...] = ("free-data",),
-        rebind_policy: int = admin_pb.REBIND_POLICY_REFUSE,
+        rebind_policy: admin_pb.RebindPolicy.ValueType = admin_pb.REBIND_POLICY_REFUSE,
     ) -> tuple[str, str]:
         """A new partner with preset services; returns (partner_id, partner token)."""
         partner_id = f"p-{secrets.token_hex(5)}"

@@ -6,9 +6,9 @@ import secrets
 
 import grpc
 
+from tests.support import RunningServer, expect_error
 from tether.admin.v1 import messages_pb2 as pb
 from tether.admin.v1 import service_pb2_grpc
-from tests.support import RunningServer, expect_error
 
 
 async def test_partner_is_created_once_and_readable(pg_server: RunningServer) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 
 from tether.server.admin.credentials import CredentialVerifier
+from tether.server.binding.events import BindingListener
 from tether.server.digests import Digester
 from tether.server.settings import Settings
 from tether.server.storage.database import Database
@@ -19,3 +20,5 @@ class Runtime:
     redis: redis.Redis
     digester: Digester
     credentials: CredentialVerifier
+    # Told of every binding change inside its transaction (provisioning's outbox).
+    binding_listeners: list[BindingListener] = field(default_factory=list)

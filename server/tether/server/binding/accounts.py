@@ -1,0 +1,88 @@
+"""Validation and normalization of accounts and terminal ids.
+
+Two spellings of one account must give one digest, so everything is brought
+to a canonical form first: phone numbers to E.164, e-mail addresses to lower
+case, IMEIs to their 15 digits. Each function raises ValueError with a
+description a caller can act on.
+"""
+
+from __future__ import annotations
+
+import re
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+from stdnum import imei, meid
+
+ACCOUNT_KINDS = ("phone_number", "member_id", "email", "social_id", "login_id")
+TERMINAL_ID_KINDS = ("imei", "meid", "serial_number")
+
+MAX_VALUE = 254
+_OPAQUE_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
+_SERIAL = re.compile(r"^[A-Za-z0-9._:-]{4,64}$")
+_SEPARATORS = re.compile(r"[\s-]")
+
+
+def normalize_account(kind: str, value: str, region_hint: str = "") -> str:
+    if not value:
+        raise ValueError("required")
+    if len(value) > MAX_VALUE:
+        raise ValueError(f"at most {MAX_VALUE} characters")
+    if kind == "phone_number":
+        return _phone(value, region_hint)
+    if kind == "email":
+        return _email(value)
+    if kind in ("member_id", "social_id", "login_id"):
+        if not _OPAQUE_ID.match(value):
+            raise ValueError("1-128 characters of A-Z, a-z, 0-9 and . _ : @ + -")
+        return value
+    raise ValueError(f"unknown account kind {kind!r}")
+
+
+def _phone(value: str, region_hint: str) -> str:
+    region = region_hint.upper() or None
+    if region is not None and region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError(f"unknown region_hint {region_hint!r}")
+    try:
+        number = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(
+            "not a phone number; use E.164 (+4915112345678) or give region_hint"
+        ) from exc
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError("not a valid phone number for its region")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _email(value: str) -> str:
+    try:
+        parsed = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"not an e-mail address: {exc}") from exc
+    # Providers treat the local part case-insensitively in practice; one
+    # spelling per mailbox is what makes list matching work.
+    return parsed.normalized.lower()
+
+
+def normalize_terminal_id(kind: str, value: str) -> str:
+    if not value:
+        raise ValueError("required")
+    if len(value) > 64:
+        raise ValueError("at most 64 characters")
+    if kind == "imei":
+        digits = _SEPARATORS.sub("", value)
+        if not (len(digits) == 15 and digits.isdigit()):
+            raise ValueError("an IMEI has 15 digits")
+        if not imei.is_valid(digits):
+            raise ValueError("IMEI check digit (Luhn) does not match")
+        return digits
+    if kind == "meid":
+        compact = _SEPARATORS.sub("", value).upper()
+        if len(compact) != 14 or not meid.is_valid(compact):
+            raise ValueError("a MEID has 14 hexadecimal digits")
+        return compact
+    if kind == "serial_number":
+        if not _SERIAL.match(value):
+            raise ValueError("4-64 characters of A-Z, a-z, 0-9 and . _ : -")
+        return value
+    raise ValueError(f"unknown terminal id kind {kind!r}")

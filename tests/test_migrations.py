@@ -1,0 +1,37 @@
+"""Migrations and table definitions describe the same schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.engine import Connection
+
+from tether.server.storage import migrate
+from tether.server.storage.database import create_engine
+from tether.server.storage.schema import metadata
+
+
+def _differences(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, metadata))
+
+
+async def _check(url: str) -> None:
+    await migrate.upgrade_async(url)
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_differences) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_migrated_postgres_matches_tables(postgres_url: str) -> None:
+    await _check(postgres_url)
+
+
+async def test_migrated_sqlite_matches_tables(tmp_path: Path) -> None:
+    await _check(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
