@@ -1,4 +1,4 @@
-"""Settings are documented, and embedded mode needs nothing outside."""
+"""Settings are documented, and unset stores mean embedded mode."""
 
 from __future__ import annotations
 
