@@ -68,10 +68,14 @@ async def _enter(
     principals.set_current(principal)
 
 
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
 async def _fail(
     context: grpc.aio.ServicerContext[Any, Any], method: str, exc: BaseException, started: float
 ) -> None:
-    elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+    elapsed_ms = _elapsed_ms(started)
     if isinstance(exc, errors.TetherError):
         # A caller's mistake: worth a line, not an alarm.
         log.info(
@@ -100,7 +104,7 @@ def _wrap(
                     raise
                 await _fail(context, method, exc, started)
             else:
-                log.debug("rpc", method=method, ms=round((time.perf_counter() - started) * 1000, 2))
+                log.debug("rpc", method=method, ms=_elapsed_ms(started))
                 return result
 
         return run
@@ -117,7 +121,7 @@ def _wrap(
                     raise
                 await _fail(context, method, exc, started)
             else:
-                log.debug("rpc", method=method, ms=round((time.perf_counter() - started) * 1000, 2))
+                log.debug("rpc", method=method, ms=_elapsed_ms(started))
 
         return run
 
