@@ -67,6 +67,17 @@ class Rejection:
     description: str
 
 
+@dataclass(frozen=True)
+class ImportSpec:
+    """What an import stream asked for, from its header."""
+
+    partner_id: str
+    # The list becomes exactly the stream (else: the stream is added).
+    replace: bool
+    # Fail beyond this many invalid entries; 0: report any number.
+    max_rejected: int = 0
+
+
 @dataclass
 class ImportResult:
     received: int = 0
@@ -120,17 +131,14 @@ class Import:
         self,
         session: AsyncSession,
         digester: Digester,
-        partner_id: str,
-        *,
-        replace: bool,
-        max_rejected: int,
+        spec: ImportSpec,
         executor: Executor | None = None,
     ) -> None:
         self._session = session
         self._key = digester.current
-        self._partner_id = partner_id
-        self._replace = replace
-        self._max_rejected = max_rejected
+        self._partner_id = spec.partner_id
+        self._replace = spec.replace
+        self._max_rejected = spec.max_rejected
         self._executor = executor
         self._postgres = dialects.is_postgres(session)
         # Every accepted row of the stream, and the rows of the batch being merged.
@@ -316,24 +324,12 @@ class ImportRun:
         self,
         db: Database,
         digester: Digester,
-        partner_id: str,
-        *,
-        replace: bool,
-        max_rejected: int,
+        spec: ImportSpec,
         executor: Executor | None = None,
     ) -> None:
         # Two batches in flight at most: memory stays bounded for any stream.
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=2)
-        self._task = asyncio.create_task(
-            self._run(
-                db,
-                digester,
-                partner_id,
-                replace=replace,
-                max_rejected=max_rejected,
-                executor=executor,
-            )
-        )
+        self._task = asyncio.create_task(self._run(db, digester, spec, executor))
 
     async def add(self, entries: Sequence[RawEntry]) -> None:
         await self._put(entries)
@@ -359,24 +355,10 @@ class ImportRun:
             raise AssertionError("import ended without a result")
 
     async def _run(
-        self,
-        db: Database,
-        digester: Digester,
-        partner_id: str,
-        *,
-        replace: bool,
-        max_rejected: int,
-        executor: Executor | None,
+        self, db: Database, digester: Digester, spec: ImportSpec, executor: Executor | None
     ) -> ImportResult:
         async with db.transaction() as session:
-            job = Import(
-                session,
-                digester,
-                partner_id,
-                replace=replace,
-                max_rejected=max_rejected,
-                executor=executor,
-            )
+            job = Import(session, digester, spec, executor)
             try:
                 await job.start()
                 while True:

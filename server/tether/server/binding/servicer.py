@@ -257,14 +257,12 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
         if header.max_rejected < 0:
             violations.add("header.max_rejected", "must be 0 or more")
         violations.raise_if_any()
-        run = importer.ImportRun(
-            self._db,
-            self._digester,
+        spec = importer.ImportSpec(
             partner_id,
             replace=header.mode == pb.IMPORT_MODE_REPLACE,
             max_rejected=header.max_rejected,
-            executor=self._import_workers.get(),
         )
+        run = importer.ImportRun(self._db, self._digester, spec, self._import_workers.get())
         try:
             async for message in request_iterator:
                 await run.add(_import_batch(message))
