@@ -1,0 +1,158 @@
+"""A partner's result for an instruction: applied exactly once.
+
+The instruction row is locked, its state decides: the first final result
+(done, or failed for good) changes the instruction and the entitlement; the
+same result again changes nothing; a different final result is refused. A
+late confirmation (after the lease ran out, after a redelivery, even after
+the instruction was parked as dead) is still the partner's truth and counts.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server.errors import FailedPrecondition, NotFound, invalid
+from tether.server.provisioning import feed, wakeup
+from tether.server.provisioning.leasing import Timing
+from tether.server.provisioning.tables import (
+    ACTIVATING,
+    ACTIVE,
+    CONFIRMED,
+    DEAD,
+    FAILED,
+    OPEN,
+    PENDING,
+    Entitlement,
+    Instruction,
+)
+from tether.server.storage.base import utcnow
+
+MAX_REASON = 500
+MAX_REFERENCE = 128
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    RETRY_SCHEDULED = "retry_scheduled"
+
+
+@dataclass(frozen=True)
+class Done:
+    partner_service_reference: str = ""
+
+
+@dataclass(frozen=True)
+class Failed:
+    retryable: bool
+    reason: str = ""
+
+
+Result = Done | Failed
+
+
+def parse_instruction_id(value: str, path: str = "instruction_id") -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise invalid(path, "required: a UUID in canonical text form") from None
+
+
+def check_result(result: Result, path: str) -> None:
+    if isinstance(result, Done):
+        ref = result.partner_service_reference
+        if len(ref) > MAX_REFERENCE or not ref.isprintable():
+            raise invalid(f"{path}.partner_service_reference", "at most 128 printable characters")
+    elif len(result.reason) > MAX_REASON:
+        raise invalid(f"{path}.reason", f"at most {MAX_REASON} characters")
+
+
+def _not_found(instruction_id: uuid.UUID) -> NotFound:
+    return NotFound(
+        ErrorReason.ERROR_REASON_INSTRUCTION_NOT_FOUND,
+        f"instruction {instruction_id} not found",
+        metadata={"instruction_id": str(instruction_id)},
+    )
+
+
+async def confirm(
+    session: AsyncSession,
+    notify: wakeup.Wakeup,
+    *,
+    partner_id: str,
+    instruction_id: uuid.UUID,
+    result: Result,
+    timing: Timing,
+) -> tuple[Outcome, Instruction]:
+    """Applies a confirmation; raises NotFound or FailedPrecondition."""
+    row = await session.scalar(
+        select(Instruction).where(Instruction.instruction_id == instruction_id).with_for_update()
+    )
+    # Another partner's instruction gets the same answer as a missing one.
+    if row is None or row.partner_id != partner_id:
+        raise _not_found(instruction_id)
+    if row.state in (CONFIRMED, FAILED):
+        if _same_final(row, result):
+            return Outcome.DUPLICATE, row
+        raise FailedPrecondition(
+            ErrorReason.ERROR_REASON_CONFIRMATION_CONFLICT,
+            f"instruction {instruction_id} was already confirmed {_final_text(row)}; "
+            "the first result stands",
+            metadata={"instruction_id": str(instruction_id), "state": row.state},
+        )
+    now = utcnow()
+    row.update_time = now
+    row.lease_owner = None
+    if isinstance(result, Done):
+        row.state = CONFIRMED
+        row.partner_service_reference = result.partner_service_reference
+        if row.kind == OPEN:
+            await _set_entitlement(session, notify, row, ACTIVE, "")
+        return Outcome.ACCEPTED, row
+    row.last_error = result.reason
+    if not result.retryable:
+        row.state = FAILED
+        if row.kind == OPEN:
+            await _set_entitlement(session, notify, row, FAILED, result.reason)
+        return Outcome.ACCEPTED, row
+    if row.attempts >= timing.max_attempts:
+        row.state = DEAD
+    else:
+        row.state = PENDING
+        row.due_time = now + timing.retry_after(max(row.attempts, 1))
+    return Outcome.RETRY_SCHEDULED, row
+
+
+def _same_final(row: Instruction, result: Result) -> bool:
+    if isinstance(result, Done):
+        return (
+            row.state == CONFIRMED
+            and row.partner_service_reference == result.partner_service_reference
+        )
+    return row.state == FAILED and not result.retryable and row.last_error == result.reason
+
+
+def _final_text(row: Instruction) -> str:
+    if row.state == CONFIRMED:
+        return f"done (reference {row.partner_service_reference!r})"
+    return f"failed permanently ({row.last_error!r})"
+
+
+async def _set_entitlement(
+    session: AsyncSession, notify: wakeup.Wakeup, row: Instruction, state: str, reason: str
+) -> None:
+    ent = await session.get(Entitlement, (row.binding_id, row.service_id), with_for_update=True)
+    # Only an entitlement still being opened moves: a binding revoked in the
+    # meantime stays revoked, whatever the partner says about the open.
+    if ent is None or ent.state != ACTIVATING:
+        return
+    ent.state = state
+    ent.reason = reason
+    ent.update_time = utcnow()
+    await feed.record(session, notify, ent)

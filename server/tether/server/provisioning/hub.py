@@ -1,0 +1,259 @@
+"""The partner streams connected to this process, and what flows on them.
+
+Free of gRPC: a stream is an outgoing queue plus the set of instructions it
+holds unconfirmed. The servicer moves queue items to the wire and hands
+what the partner sends to `confirm` and `answer_usage`.
+
+Back-pressure: a stream is given at most max_in_flight unconfirmed
+instructions, and its outgoing queue is bounded, so a slow partner holds a
+bounded amount of the server's memory; everything else waits in the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, select
+
+from tether.server import errors, logs
+from tether.server.provisioning import confirmations, leasing, wakeup
+from tether.server.provisioning.tables import LEASED, PENDING, Instruction
+from tether.server.storage.base import utcnow
+from tether.server.storage.database import Database
+
+log = logs.get(__name__)
+
+# Confirmations of one stream applied at once; each is one transaction.
+CONFIRM_CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class ConfirmationReply:
+    instruction_id: str
+    outcome: confirmations.Outcome | None = None
+    error: errors.TetherError | None = None
+
+
+@dataclass(frozen=True)
+class UsageQueryOut:
+    query_id: str
+    binding_id: uuid.UUID
+    service_id: str
+    partner_reference: str
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class UsageReply:
+    figures: list[tuple[str, int]]
+    period: str = ""
+    error: str = ""
+
+
+class StreamClosed(Exception):
+    """Put on a stream's queue to end it."""
+
+
+Outgoing = Instruction | ConfirmationReply | UsageQueryOut | StreamClosed
+
+
+@dataclass(eq=False)
+class PartnerStream:
+    stream_id: str
+    partner_id: str
+    max_in_flight: int
+    label: str
+    outgoing: asyncio.Queue[Outgoing]
+    # instruction_id -> end of its lease: what this stream holds unconfirmed.
+    in_flight: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def owner(self) -> str:
+        return f"stream:{self.stream_id}"
+
+    def credit(self, now: datetime) -> int:
+        # A lease that ran out is no longer ours to count: it may be on
+        # another stream already.
+        for instruction_id, until in list(self.in_flight.items()):
+            if until <= now:
+                del self.in_flight[instruction_id]
+        return self.max_in_flight - len(self.in_flight)
+
+
+class Hub:
+    def __init__(
+        self, db: Database, notify: wakeup.Wakeup, timing: leasing.Timing, poll_seconds: float
+    ) -> None:
+        self._db = db
+        self._notify = notify
+        self._timing = timing
+        self._poll = poll_seconds
+        self._streams: dict[str, list[PartnerStream]] = {}
+        self._holder: dict[uuid.UUID, PartnerStream] = {}
+        self._queries: dict[str, tuple[str, asyncio.Future[UsageReply]]] = {}
+        self._round_robin = itertools.count()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # --- streams -------------------------------------------------------
+
+    def open(self, partner_id: str, max_in_flight: int, label: str) -> PartnerStream:
+        stream = PartnerStream(
+            stream_id=secrets.token_hex(8),
+            partner_id=partner_id,
+            max_in_flight=max_in_flight,
+            label=label,
+            # Instructions are bounded by credit; the rest (replies, usage
+            # queries) by how fast the partner reads them.
+            outgoing=asyncio.Queue(maxsize=2 * max_in_flight + 16),
+        )
+        self._streams.setdefault(partner_id, []).append(stream)
+        log.info("partner stream opened", partner_id=partner_id, stream_id=stream.stream_id)
+        return stream
+
+    def close(self, stream: PartnerStream) -> None:
+        """Forgets the stream and returns its leases to the pool at once.
+
+        Runs in its own task: the stream's handler is usually being
+        cancelled when this is called.
+        """
+        streams = self._streams.get(stream.partner_id, [])
+        if stream in streams:
+            streams.remove(stream)
+        if not streams:
+            self._streams.pop(stream.partner_id, None)
+        for instruction_id in stream.in_flight:
+            if self._holder.get(instruction_id) is stream:
+                del self._holder[instruction_id]
+        task = asyncio.create_task(self._release(stream))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _release(self, stream: PartnerStream) -> None:
+        async with self._db.transaction() as session:
+            partners = await leasing.release(session, stream.owner)
+            await self._notify.publish(session, *map(wakeup.instructions_topic, partners))
+        log.info("partner stream closed", partner_id=stream.partner_id, stream_id=stream.stream_id)
+
+    async def drain(self) -> None:
+        """Waits for closing streams to hand their leases back (at shutdown)."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def connected(self) -> dict[str, int]:
+        return {partner: len(streams) for partner, streams in self._streams.items()}
+
+    # --- delivery ------------------------------------------------------
+
+    async def dispatch(self, stream: PartnerStream) -> None:
+        """Leases instructions to the stream while it has credit; never returns."""
+        with self._notify.subscribe(wakeup.instructions_topic(stream.partner_id)) as woken:
+            stream.wake = woken
+            while True:
+                woken.clear()
+                now = utcnow()
+                credit = stream.credit(now)
+                wait = self._poll
+                if credit > 0:
+                    async with self._db.transaction() as session:
+                        rows = await leasing.lease(
+                            session,
+                            stream.partner_id,
+                            owner=stream.owner,
+                            limit=credit,
+                            timing=self._timing,
+                            now=now,
+                        )
+                    for row in rows:
+                        stream.in_flight[row.instruction_id] = row.due_time
+                        self._holder[row.instruction_id] = stream
+                        await stream.outgoing.put(row)
+                    if len(rows) < credit:
+                        wait = await self._until_next_due(stream.partner_id, now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), wait)
+
+    async def _until_next_due(self, partner_id: str, now: datetime) -> float:
+        """Seconds until the partner's next retry or lease expiry, capped by the poll."""
+        async with self._db.sessions() as session:
+            due = await session.scalar(
+                select(func.min(Instruction.due_time)).where(
+                    Instruction.partner_id == partner_id,
+                    Instruction.state.in_((PENDING, LEASED)),
+                )
+            )
+        if due is None:
+            return self._poll
+        if due.tzinfo is None:  # SQLite aggregates come back naive
+            due = due.replace(tzinfo=now.tzinfo)
+        return min(self._poll, max((due - now).total_seconds(), 0.0) + 0.01)
+
+    async def confirm(
+        self, partner_id: str, instruction_id: uuid.UUID, result: confirmations.Result
+    ) -> tuple[confirmations.Outcome, Instruction]:
+        """Applies a confirmation (from a stream or the unary path)."""
+        async with self._db.transaction() as session:
+            outcome, row = await confirmations.confirm(
+                session,
+                self._notify,
+                partner_id=partner_id,
+                instruction_id=instruction_id,
+                result=result,
+                timing=self._timing,
+            )
+            if outcome is confirmations.Outcome.RETRY_SCHEDULED:
+                await self._notify.publish(session, wakeup.instructions_topic(partner_id))
+        holder = self._holder.pop(instruction_id, None)
+        if holder is not None:
+            holder.in_flight.pop(instruction_id, None)
+            holder.wake.set()
+        return outcome, row
+
+    async def confirm_on_stream(
+        self, stream: PartnerStream, raw_id: str, result: confirmations.Result
+    ) -> None:
+        """A stream's confirmation: answered on the stream, refused ones too."""
+        try:
+            confirmations.check_result(result, "confirmation")
+            instruction_id = confirmations.parse_instruction_id(
+                raw_id, "confirmation.instruction_id"
+            )
+            outcome, _row = await self.confirm(stream.partner_id, instruction_id, result)
+            reply = ConfirmationReply(raw_id, outcome=outcome)
+        except errors.TetherError as exc:
+            reply = ConfirmationReply(raw_id, error=exc)
+        await stream.outgoing.put(reply)
+
+    # --- live usage queries --------------------------------------------
+
+    async def ask_usage(
+        self, partner_id: str, query: UsageQueryOut, wait_seconds: float
+    ) -> UsageReply:
+        """The partner's live answer. Raises LookupError when no stream of the
+        partner is connected here, TimeoutError when it does not answer in time."""
+        streams = self._streams.get(partner_id)
+        if not streams:
+            raise LookupError(partner_id)
+        stream = streams[next(self._round_robin) % len(streams)]
+        answer: asyncio.Future[UsageReply] = asyncio.get_running_loop().create_future()
+        self._queries[query.query_id] = (partner_id, answer)
+        try:
+            async with asyncio.timeout(wait_seconds):
+                await stream.outgoing.put(query)
+                return await answer
+        finally:
+            self._queries.pop(query.query_id, None)
+
+    def answer_usage(self, partner_id: str, query_id: str, reply: UsageReply) -> bool:
+        """Hands a partner's answer to the waiting query; False if none waits."""
+        waiting = self._queries.get(query_id)
+        if waiting is None or waiting[0] != partner_id or waiting[1].done():
+            return False
+        waiting[1].set_result(reply)
+        return True

@@ -1,0 +1,117 @@
+"""Leasing instructions to one deliverer (a partner stream or a fetch).
+
+A deliverable instruction is pending and due, or leased with its lease run
+out. Rows are claimed with SELECT ... FOR UPDATE SKIP LOCKED, so several
+Tether processes on one PostgreSQL never hand one instruction to two
+streams at once, and none waits for another's locks. (SQLite serializes
+writers instead; its FOR UPDATE is a no-op.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tether.server.provisioning.tables import DEAD, LEASED, PENDING, Instruction
+from tether.server.settings import Settings
+from tether.server.storage.base import utcnow
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The delivery knobs, taken from Settings once."""
+
+    ack_deadline: float
+    backoff_factor: float
+    max_backoff: float
+    retry_delay: float
+    max_attempts: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Timing:
+        return cls(
+            ack_deadline=settings.provisioning_ack_deadline_seconds,
+            backoff_factor=settings.provisioning_backoff_factor,
+            max_backoff=settings.provisioning_max_backoff_seconds,
+            retry_delay=settings.provisioning_retry_delay_seconds,
+            max_attempts=settings.provisioning_max_attempts,
+        )
+
+    def _grown(self, base: float, attempt: int) -> timedelta:
+        ceiling = max(self.max_backoff, base)
+        return timedelta(seconds=min(base * self.backoff_factor ** max(attempt - 1, 0), ceiling))
+
+    def lease_for(self, attempt: int) -> timedelta:
+        """How long delivery number `attempt` waits for its confirmation."""
+        return self._grown(self.ack_deadline, attempt)
+
+    def retry_after(self, attempt: int) -> timedelta:
+        """The wait after a retryable failure of delivery number `attempt`."""
+        return self._grown(self.retry_delay, attempt)
+
+
+async def lease(
+    session: AsyncSession,
+    partner_id: str,
+    *,
+    owner: str,
+    limit: int,
+    timing: Timing,
+    now: datetime | None = None,
+) -> list[Instruction]:
+    """Claims up to `limit` deliverable instructions of the partner for `owner`.
+
+    Instructions already delivered max_attempts times are parked as dead
+    instead. Returns the leased rows, oldest first.
+    """
+    if limit <= 0:
+        return []
+    now = now or utcnow()
+    rows = list(
+        await session.scalars(
+            select(Instruction)
+            .where(
+                Instruction.partner_id == partner_id,
+                Instruction.state.in_((PENDING, LEASED)),
+                Instruction.due_time <= now,
+            )
+            .order_by(Instruction.seq)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if not rows:
+        return []
+    leased = []
+    for row in rows:
+        row.update_time = now
+        if row.attempts >= timing.max_attempts:
+            row.state = DEAD
+            row.lease_owner = None
+            continue
+        row.attempts += 1
+        row.state = LEASED
+        row.lease_owner = owner
+        row.due_time = now + timing.lease_for(row.attempts)
+        leased.append(row)
+    # Same columns on every row: the flush sends one batched UPDATE.
+    await session.flush()
+    return leased
+
+
+async def release(session: AsyncSession, owner: str) -> list[str]:
+    """Returns every lease of a dropped deliverer to the pool at once.
+
+    Returns the partners concerned, so their other streams can be woken.
+    """
+    now = utcnow()
+    released = await session.execute(
+        update(Instruction)
+        .where(Instruction.lease_owner == owner, Instruction.state == LEASED)
+        .values(state=PENDING, lease_owner=None, due_time=now, update_time=now)
+        .returning(Instruction.partner_id)
+    )
+    return sorted({partner for (partner,) in released})

@@ -1,0 +1,150 @@
+"""Waking waiters the moment something they wait for commits.
+
+Topics name what changed: "i:<partner_id>" (instructions of a partner became
+deliverable) and "e:<device digest hex>" (a device's entitlement feed grew).
+Inside this process a commit wakes waiters directly; on PostgreSQL every
+commit also sends NOTIFY, which each Tether process receives on a dedicated
+asyncpg connection, so a dispatcher in another replica wakes too. Waiters
+still poll slowly, as a safety net for a lost notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tether.server import logs
+
+log = logs.get(__name__)
+
+CHANNEL = "tether_provisioning"
+_PENDING_KEY = "tether_wakeup_topics"
+
+
+def instructions_topic(partner_id: str) -> str:
+    return f"i:{partner_id}"
+
+
+def feed_topic(device_digest: bytes) -> str:
+    return f"e:{device_digest.hex()}"
+
+
+class Wakeup:
+    """Per-topic asyncio events, fed by local commits and PostgreSQL NOTIFY."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._postgres = not database_url.startswith("sqlite")
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+
+    # --- waiting -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def subscribe(self, *topics: str) -> Iterator[asyncio.Event]:
+        """An event set whenever one of the topics is woken; clear it before reading."""
+        flag = asyncio.Event()
+        for topic in topics:
+            self._waiters[topic].add(flag)
+        try:
+            yield flag
+        finally:
+            for topic in topics:
+                self._waiters[topic].discard(flag)
+                if not self._waiters[topic]:
+                    del self._waiters[topic]
+
+    def wake(self, *topics: str) -> None:
+        for topic in topics:
+            for flag in self._waiters.get(topic, ()):
+                flag.set()
+
+    # --- publishing from inside a transaction --------------------------
+
+    async def publish(self, session: AsyncSession, *topics: str) -> None:
+        """Wakes the topics' waiters once the session's transaction commits.
+
+        On PostgreSQL NOTIFY is transactional: other processes hear it only
+        on commit, and never after a rollback.
+        """
+        sync = session.sync_session
+        pending: set[str] | None = sync.info.get(_PENDING_KEY)
+        if pending is None:
+            pending = sync.info[_PENDING_KEY] = set()
+            event.listen(sync, "after_commit", self._after_commit)
+            event.listen(sync, "after_rollback", self._after_rollback)
+        new = set(topics) - pending
+        pending.update(new)
+        if self._postgres:
+            for topic in sorted(new):
+                await session.execute(
+                    text("SELECT pg_notify(:channel, :topic)"),
+                    {"channel": CHANNEL, "topic": topic},
+                )
+
+    def _after_commit(self, sync: Any) -> None:
+        topics: set[str] = sync.info.pop(_PENDING_KEY, set())
+        self._detach(sync)
+        self.wake(*topics)
+
+    def _after_rollback(self, sync: Any) -> None:
+        sync.info.pop(_PENDING_KEY, None)
+        self._detach(sync)
+
+    def _detach(self, sync: Any) -> None:
+        for name, fn in (
+            ("after_commit", self._after_commit),
+            ("after_rollback", self._after_rollback),
+        ):
+            if event.contains(sync, name, fn):
+                event.remove(sync, name, fn)
+
+    # --- the PostgreSQL listener ---------------------------------------
+
+    async def start(self) -> None:
+        if not self._postgres:
+            self.listening.set()
+            return
+        self._task = asyncio.create_task(self._listen_forever(), name="provisioning-listen")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.wake(payload)
+
+    async def _listen_forever(self) -> None:
+        dsn = make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(dsn)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("LISTEN connection failed; retrying", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                self.listening.set()
+                # Whatever was notified while we were away is found by the
+                # waiters' own reads: wake everyone once.
+                self.wake(*list(self._waiters))
+                await lost.wait()
+                log.warning("LISTEN connection lost; reconnecting")
+            finally:
+                self.listening.clear()
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=1)
