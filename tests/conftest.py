@@ -104,7 +104,7 @@ async def sqlite_server(
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
-async def any_server(request: pytest.FixtureRequest) -> RunningServer:
+def any_server(request: pytest.FixtureRequest) -> RunningServer:
     """Runs a test once on each supported database."""
     fixture = "pg_server" if request.param == "postgres" else "sqlite_server"
     server: RunningServer = request.getfixturevalue(fixture)

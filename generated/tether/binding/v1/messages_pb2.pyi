@@ -293,16 +293,25 @@ class GetBindingRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BINDING_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     binding_id: _builtins.str
     """The binding to read. Required."""
+    @_builtins.property
+    def device(self) -> _types_pb2.Device:
+        """For device callers: the device the binding belongs to. Required for
+        them (a binding of another device fails PERMISSION_DENIED /
+        ERROR_REASON_BINDING_OF_OTHER_DEVICE), ignored for others.
+        """
+
     def __init__(
         self,
         *,
         binding_id: _builtins.str = ...,
+        device: _types_pb2.Device | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_id", b"binding_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_id", b"binding_id", "device", b"device"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,9 +9,11 @@ description a caller can act on.
 from __future__ import annotations
 
 import re
+from functools import cache
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
+from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
 from stdnum import imei, meid
 
 ACCOUNT_KINDS = ("phone_number", "member_id", "email", "social_id", "login_id")
@@ -21,6 +23,9 @@ MAX_VALUE = 254
 _OPAQUE_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 _SERIAL = re.compile(r"^[A-Za-z0-9._:-]{4,64}$")
 _SEPARATORS = re.compile(r"[\s-]")
+# "+", a country code and a national number, digits only: the shape partners
+# usually send, and the one the fast path below understands.
+_E164_SHAPE = re.compile(r"^\+[1-9][0-9]{6,16}$")
 
 
 def normalize_account(kind: str, value: str, region_hint: str = "") -> str:
@@ -43,6 +48,10 @@ def _phone(value: str, region_hint: str) -> str:
     region = region_hint.upper() or None
     if region is not None and region not in phonenumbers.SUPPORTED_REGIONS:
         raise ValueError(f"unknown region_hint {region_hint!r}")
+    if _E164_SHAPE.match(value):
+        fast = _e164_fast(value)
+        if fast is not None:
+            return fast
     try:
         number = phonenumbers.parse(value, region)
     except phonenumbers.NumberParseException as exc:
@@ -52,6 +61,51 @@ def _phone(value: str, region_hint: str) -> str:
     if not phonenumbers.is_valid_number(number):
         raise ValueError("not a valid phone number for its region")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _e164_fast(value: str) -> str | None:
+    """The E.164 form of an already E.164-looking number, or None to take the slow path.
+
+    phonenumbers.parse spends most of its time on inputs this shape never
+    has (letters, extensions, national formats). Here the country code is
+    read directly and the number still goes through the full is_valid_number
+    check, so nothing invalid gets in. Whenever parse could read the digits
+    differently (a leading zero, a national prefix it might strip), or the
+    number looks invalid, we answer None and let parse decide, so both paths
+    always agree.
+    """
+    digits = value[1:]
+    for length in (1, 2, 3):
+        country_code = int(digits[:length])
+        if country_code in COUNTRY_CODE_TO_REGION_CODE:
+            national = digits[length:]
+            break
+    else:
+        return None
+    if not national or national[0] == "0" or _national_prefix(country_code, national):
+        return None
+    number = phonenumbers.PhoneNumber(country_code=country_code, national_number=int(national))
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return value
+
+
+def _national_prefix(country_code: int, national: str) -> bool:
+    return any(p.match(national) for p in _national_prefix_patterns(country_code))
+
+
+@cache
+def _national_prefix_patterns(country_code: int) -> tuple[re.Pattern[str], ...]:
+    """What parse may strip as a national prefix, for every region of the code."""
+    patterns = []
+    for region in COUNTRY_CODE_TO_REGION_CODE[country_code]:
+        metadata = PhoneMetadata.metadata_for_region_or_calling_code(country_code, region)
+        if metadata is None:
+            continue
+        for prefix in (metadata.national_prefix_for_parsing, metadata.national_prefix):
+            if prefix:
+                patterns.append(re.compile(prefix))
+    return tuple(patterns)
 
 
 def _email(value: str) -> str:

@@ -1,0 +1,51 @@
+"""Rate limit of ReportAccountUse per (credential, device): one Lua call.
+
+Without it, a caller could try account after account from one device and
+learn which accounts are on a partner's list. A fixed one-minute window is
+enough for that purpose and costs one round trip.
+
+If Redis does not answer, reports go through (fail open) and a warning is
+logged: binding is the device's first contact with Tether and must not
+depend on the counter store being up.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server import logs
+from tether.server.counters import keys, lua
+from tether.server.errors import ResourceExhausted
+
+log = logs.get(__name__)
+
+WINDOW_MS = 60_000
+
+
+class ReportRateLimiter:
+    def __init__(self, client: redis.Redis, per_minute: int) -> None:
+        self._script = client.register_script(lua.RATE_LIMIT)
+        self._limit = per_minute
+
+    async def check(self, credential_id: str, device_digest: bytes) -> None:
+        """Counts one report; RESOURCE_EXHAUSTED once the device is over its limit."""
+        if self._limit <= 0:
+            return
+        window = int(time.time() * 1000) // WINDOW_MS
+        key = keys.report_rate(credential_id, device_digest.hex(), window)
+        try:
+            allowed, _count, ttl_ms = await self._script(keys=[key], args=[self._limit, WINDOW_MS])
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("report rate limit skipped: Redis failed", error=str(exc))
+            return
+        if not allowed:
+            raise ResourceExhausted(
+                ErrorReason.ERROR_REASON_RATE_LIMITED,
+                f"at most {self._limit} reports per device per minute; retry later",
+                metadata={"limit_per_minute": str(self._limit)},
+                retry_after_seconds=max(int(ttl_ms), 1) / 1000,
+            )

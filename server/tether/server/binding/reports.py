@@ -1,0 +1,215 @@
+"""ReportAccountUse: bind an account to a device for every partner whose
+eligible list holds it (document A, steps 1-2).
+
+At most one active binding per (partner, account) is enforced by a partial
+unique index. New bindings are inserted with ON CONFLICT DO NOTHING on that
+index: under concurrent reports the database makes one insert win and the
+others see no row come back, look again and find the winner's binding (for
+the refuse policy they answer BOUND_TO_OTHER_DEVICE). With the move policy
+the reports of one account are serialized on its list entry's row lock, and
+the old binding is revoked with a conditional UPDATE, so concurrent moves
+still leave exactly one active binding.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server.admin.tables import Partner
+from tether.server.binding import dialects
+from tether.server.binding.events import BindingChange, BindingListener
+from tether.server.binding.subjects import Subject
+from tether.server.binding.tables import ACTIVE, REVOKED, Binding, EligibleAccount
+from tether.server.digests import Digester
+from tether.server.errors import NotFound, Unavailable
+from tether.server.storage.base import utcnow
+
+# Each lost race means another report committed; a handful of rounds is
+# plenty because moves of one account are serialized on a row lock.
+MAX_ROUNDS = 8
+
+
+class Outcome(enum.StrEnum):
+    BOUND = "bound"
+    ALREADY_BOUND = "already_bound"
+    NOT_ELIGIBLE = "not_eligible"
+    BOUND_TO_OTHER_DEVICE = "bound_to_other_device"
+    MOVED = "moved"
+
+
+@dataclass(frozen=True)
+class PartnerOutcome:
+    partner_id: str
+    outcome: Outcome
+    # The binding to the reporting device (BOUND, ALREADY_BOUND, MOVED).
+    binding: Binding | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    account: Subject
+    device: Subject
+    # Only these partners; empty: every partner whose list holds the account.
+    partner_ids: Sequence[str] = ()
+
+
+class Reporter:
+    def __init__(self, digester: Digester, listeners: Sequence[BindingListener]) -> None:
+        self._digester = digester
+        self._listeners = listeners
+
+    async def report(self, session: AsyncSession, report: Report) -> list[PartnerOutcome]:
+        named = sorted(set(report.partner_ids))
+        if named:
+            await _require_partners(session, named)
+        query = (
+            select(EligibleAccount, Partner.rebind_policy)
+            .join(Partner, Partner.partner_id == EligibleAccount.partner_id)
+            .where(EligibleAccount.account_digest.in_(report.account.candidates(self._digester)))
+            # The current key's entry first, should a rotation have left two.
+            .order_by(EligibleAccount.partner_id, EligibleAccount.entry_id.desc())
+        )
+        if named:
+            query = query.where(EligibleAccount.partner_id.in_(named))
+        eligible: dict[str, tuple[EligibleAccount, str]] = {}
+        for entry, policy in await session.execute(query):
+            eligible.setdefault(entry.partner_id, (entry, policy))
+
+        outcomes = []
+        # Sorted, so that two reports touching the same partners lock in one order.
+        for partner_id in sorted(set(named) | set(eligible)):
+            if partner_id not in eligible:
+                outcomes.append(PartnerOutcome(partner_id, Outcome.NOT_ELIGIBLE))
+                continue
+            entry, policy = eligible[partner_id]
+            outcomes.append(await self._bind(session, report, entry, policy))
+        return outcomes
+
+    async def _bind(
+        self, session: AsyncSession, report: Report, entry: EligibleAccount, policy: str
+    ) -> PartnerOutcome:
+        partner_id = entry.partner_id
+        accounts = report.account.candidates(self._digester)
+        devices = set(report.device.candidates(self._digester))
+        if policy == "move":
+            # Serializes the reports of this account with this partner
+            # (SQLite already runs one writer at a time).
+            await session.execute(
+                select(EligibleAccount.entry_id)
+                .where(EligibleAccount.entry_id == entry.entry_id)
+                .with_for_update()
+            )
+        for _ in range(MAX_ROUNDS):
+            active = await session.scalar(
+                select(Binding)
+                .where(
+                    Binding.partner_id == partner_id,
+                    Binding.account_digest.in_(accounts),
+                    Binding.state == ACTIVE,
+                )
+                .execution_options(populate_existing=True)
+            )
+            if active is None:
+                created = await self._create(session, report, entry)
+                if created is None:
+                    continue  # another device won the race; look at its binding
+                return PartnerOutcome(partner_id, Outcome.BOUND, created)
+            if active.device_digest in devices:
+                return PartnerOutcome(partner_id, Outcome.ALREADY_BOUND, active)
+            if policy != "move":
+                return PartnerOutcome(partner_id, Outcome.BOUND_TO_OTHER_DEVICE)
+            revoked = await revoke(session, active.binding_id, "moved", self._listeners)
+            if revoked is None:
+                continue  # someone else revoked or moved it meanwhile
+            created = await self._create(session, report, entry)
+            if created is None:
+                continue
+            return PartnerOutcome(partner_id, Outcome.MOVED, created)
+        raise Unavailable(
+            ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
+            "too many concurrent reports of this account; retry",
+            retry_after_seconds=0.1,
+        )
+
+    async def _create(
+        self, session: AsyncSession, report: Report, entry: EligibleAccount
+    ) -> Binding | None:
+        """The new active binding, or None when another one exists already."""
+        values = {
+            "binding_id": uuid.uuid4(),
+            "partner_id": entry.partner_id,
+            "account_kind": report.account.kind,
+            "account_digest": report.account.digest(self._digester),
+            "device_digest": report.device.digest(self._digester),
+            "key_id": self._digester.current.key_id,
+            # What goes back to the partner instead of the raw account.
+            "partner_reference": entry.partner_reference or str(entry.entry_id),
+            "state": ACTIVE,
+            "create_time": utcnow(),
+            "revoke_time": None,
+            "revoke_reason": None,
+        }
+        statement = (
+            dialects.insert(session, Binding)
+            .values(values)
+            .on_conflict_do_nothing(
+                index_elements=["partner_id", "account_digest"],
+                # Literal, so that PostgreSQL infers the partial index.
+                index_where=text("state = 'active'"),
+            )
+            .returning(Binding)
+        )
+        created = (
+            await session.scalars(statement, execution_options={"populate_existing": True})
+        ).one_or_none()
+        if created is not None:
+            await _tell(session, self._listeners, BindingChange("created", created))
+        return created
+
+
+async def revoke(
+    session: AsyncSession,
+    binding_id: uuid.UUID,
+    reason: str,
+    listeners: Sequence[BindingListener],
+) -> Binding | None:
+    """Revokes an active binding; None if it was not active (any more)."""
+    statement = (
+        update(Binding)
+        .where(Binding.binding_id == binding_id, Binding.state == ACTIVE)
+        .values(state=REVOKED, revoke_time=utcnow(), revoke_reason=reason)
+        .returning(Binding)
+    )
+    revoked = (
+        await session.scalars(statement, execution_options={"populate_existing": True})
+    ).one_or_none()
+    if revoked is not None:
+        await _tell(session, listeners, BindingChange("revoked", revoked, reason))
+    return revoked
+
+
+async def _tell(
+    session: AsyncSession, listeners: Sequence[BindingListener], change: BindingChange
+) -> None:
+    for listener in listeners:
+        await listener(session, change)
+
+
+async def _require_partners(session: AsyncSession, partner_ids: list[str]) -> None:
+    known = set(
+        await session.scalars(select(Partner.partner_id).where(Partner.partner_id.in_(partner_ids)))
+    )
+    missing = [p for p in partner_ids if p not in known]
+    if missing:
+        raise NotFound(
+            ErrorReason.ERROR_REASON_PARTNER_NOT_FOUND,
+            f"partner {missing[0]!r} not found",
+            metadata={"partner_id": missing[0]},
+        )

@@ -1,0 +1,85 @@
+"""Helpers of the binding tests: devices, accounts, stubs, database checks."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from stdnum import luhn
+
+from tests.support import RunningServer
+from tether.binding.v1 import messages_pb2 as pb
+from tether.binding.v1 import service_pb2_grpc
+from tether.common.v1 import types_pb2 as types
+from tether.server.binding.tables import ACTIVE, Binding, EligibleAccount
+
+
+def imei() -> str:
+    """A random IMEI with a correct check digit."""
+    body = "35" + "".join(str(secrets.randbelow(10)) for _ in range(12))
+    return body + luhn.calc_check_digit(body)
+
+
+def device(terminal_id: str | None = None) -> types.Device:
+    return types.Device(kind=types.TERMINAL_ID_KIND_IMEI, terminal_id=terminal_id or imei())
+
+
+def phone() -> str:
+    """A random valid German mobile number in E.164."""
+    return f"+49151{secrets.randbelow(10**8):08d}"
+
+
+def phone_account(value: str | None = None) -> types.Account:
+    return types.Account(kind=types.ACCOUNT_KIND_PHONE_NUMBER, value=value or phone())
+
+
+def member(value: str | None = None) -> types.Account:
+    return types.Account(kind=types.ACCOUNT_KIND_MEMBER_ID, value=value or secrets.token_hex(6))
+
+
+def stub(server: RunningServer, token: str) -> service_pb2_grpc.BindingAsyncStub:
+    return service_pb2_grpc.BindingStub(server.channel(token))
+
+
+async def add_accounts(
+    server: RunningServer,
+    partner_token: str,
+    accounts: Sequence[types.Account],
+    reference: str = "",
+) -> pb.AddEligibleAccountsResponse:
+    return await stub(server, partner_token).AddEligibleAccounts(
+        pb.AddEligibleAccountsRequest(
+            entries=[
+                pb.EligibleAccountEntry(account=a, partner_reference=reference) for a in accounts
+            ]
+        )
+    )
+
+
+def report_request(
+    dev: types.Device, account: types.Account, partner_ids: Sequence[str] = ()
+) -> pb.ReportAccountUseRequest:
+    return pb.ReportAccountUseRequest(
+        request_id=secrets.token_hex(8), device=dev, account=account, partner_ids=partner_ids
+    )
+
+
+async def count_bindings(
+    server: RunningServer, partner_id: str, *, active_only: bool = True
+) -> int:
+    query = select(func.count()).select_from(Binding).where(Binding.partner_id == partner_id)
+    if active_only:
+        query = query.where(Binding.state == ACTIVE)
+    async with server.app.runtime.db.sessions() as session:
+        return int(await session.scalar(query) or 0)
+
+
+async def count_entries(server: RunningServer, partner_id: str) -> int:
+    query = (
+        select(func.count())
+        .select_from(EligibleAccount)
+        .where(EligibleAccount.partner_id == partner_id)
+    )
+    async with server.app.runtime.db.sessions() as session:
+        return int(await session.scalar(query) or 0)
