@@ -157,7 +157,8 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
         else:
             partner_id = _list_partner(caller, request.partner_id, "partner_id")
         violations.raise_if_any()
-        scope = self._scope(caller, None, violations)
+        # A device caller's filter is its device already.
+        scope = bindings.Scope(partner_id=caller.partner_id)
         subject = device or account
         digest = subject.digest(self._digester).hex() if subject is not None else ""
         listing = f"bindings:{which}:{partner_id}:{digest}:{request.include_revoked}"

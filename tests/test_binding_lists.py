@@ -1,0 +1,335 @@
+"""Eligible lists: add, remove, list, and the streaming import."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+
+from tests import binding_support as bs
+from tests.support import RunningServer, expect_error
+from tether.binding.v1 import messages_pb2 as pb
+from tether.common.v1 import types_pb2 as types
+
+APPEND = pb.IMPORT_MODE_APPEND
+REPLACE = pb.IMPORT_MODE_REPLACE
+
+
+def entries(
+    accounts: Sequence[types.Account], reference: str = ""
+) -> list[pb.EligibleAccountEntry]:
+    return [pb.EligibleAccountEntry(account=a, partner_reference=reference) for a in accounts]
+
+
+def header(mode: pb.ImportMode.ValueType, **fields: object) -> pb.ImportEligibleAccountsRequest:
+    return pb.ImportEligibleAccountsRequest(header=pb.ImportHeader(mode=mode, **fields))  # type: ignore[arg-type]
+
+
+def batch(items: Sequence[pb.EligibleAccountEntry]) -> pb.ImportEligibleAccountsRequest:
+    return pb.ImportEligibleAccountsRequest(batch=pb.ImportBatch(entries=items))
+
+
+async def stream(
+    *messages: pb.ImportEligibleAccountsRequest,
+) -> AsyncIterator[pb.ImportEligibleAccountsRequest]:
+    for message in messages:
+        yield message
+
+
+async def all_entries(server: RunningServer, token: str) -> list[pb.EligibleAccount]:
+    found: list[pb.EligibleAccount] = []
+    page_token = ""
+    while True:
+        page = await bs.stub(server, token).ListEligibleAccounts(
+            pb.ListEligibleAccountsRequest(page_size=1000, page_token=page_token)
+        )
+        found.extend(page.entries)
+        page_token = page.next_page_token
+        if not page_token:
+            return found
+
+
+async def test_added_accounts_are_listed_and_updated_on_second_add(
+    any_server: RunningServer,
+) -> None:
+    _, token = await any_server.partner()
+    accounts = [
+        bs.phone_account(),
+        bs.member(),
+        types.Account(kind=types.ACCOUNT_KIND_EMAIL, value="Someone@Example.COM"),
+    ]
+    first = await bs.add_accounts(any_server, token, accounts, reference="ref-1")
+    assert (first.added_count, first.updated_count) == (3, 0)
+    second = await bs.add_accounts(any_server, token, accounts[:2], reference="ref-2")
+    assert (second.added_count, second.updated_count) == (0, 2)
+    listed = await all_entries(any_server, token)
+    assert sorted(e.partner_reference for e in listed) == ["ref-1", "ref-2", "ref-2"]
+    assert {e.account_kind for e in listed} == {
+        types.ACCOUNT_KIND_PHONE_NUMBER,
+        types.ACCOUNT_KIND_MEMBER_ID,
+        types.ACCOUNT_KIND_EMAIL,
+    }
+
+
+async def test_removed_accounts_leave_the_list(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    accounts = [bs.member() for _ in range(3)]
+    await bs.add_accounts(any_server, token, accounts)
+    removed = await bs.stub(any_server, token).RemoveEligibleAccounts(
+        pb.RemoveEligibleAccountsRequest(accounts=[accounts[0], bs.member()])
+    )
+    assert removed.removed_count == 1
+    assert await bs.count_entries(any_server, partner_id) == 2
+
+
+async def test_eligible_list_pages_cover_every_entry_once(any_server: RunningServer) -> None:
+    _, token = await any_server.partner()
+    await bs.add_accounts(any_server, token, [bs.member() for _ in range(25)])
+    seen: list[str] = []
+    page_token = ""
+    while True:
+        page = await bs.stub(any_server, token).ListEligibleAccounts(
+            pb.ListEligibleAccountsRequest(page_size=10, page_token=page_token)
+        )
+        seen.extend(e.entry_id for e in page.entries)
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    assert len(seen) == len(set(seen)) == 25
+    assert [int(s) for s in seen] == sorted(int(s) for s in seen)
+
+
+async def test_bad_entries_reject_the_whole_add(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    request = pb.AddEligibleAccountsRequest(
+        entries=[
+            *entries([bs.member()]),
+            pb.EligibleAccountEntry(
+                account=types.Account(kind=types.ACCOUNT_KIND_PHONE_NUMBER, value="+1")
+            ),
+            pb.EligibleAccountEntry(account=bs.member(), partner_reference="r" * 129),
+            pb.EligibleAccountEntry(account=types.Account(kind=types.ACCOUNT_KIND_LOGIN_ID)),
+        ]
+    )
+    detail = await expect_error(
+        bs.stub(any_server, token).AddEligibleAccounts(request),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {
+        "entries[1].account.value",
+        "entries[2].partner_reference",
+        "entries[3].account.value",
+    }
+    assert await bs.count_entries(any_server, partner_id) == 0
+    for bad in (
+        pb.AddEligibleAccountsRequest(),
+        pb.AddEligibleAccountsRequest(entries=entries([bs.member() for _ in range(1001)])),
+    ):
+        detail = await expect_error(
+            bs.stub(any_server, token).AddEligibleAccounts(bad),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "ERROR_REASON_INVALID_FIELD",
+        )
+        assert set(detail.violations) == {"entries"}
+    assert await bs.count_entries(any_server, partner_id) == 0
+
+
+async def test_another_partners_list_is_not_found(any_server: RunningServer) -> None:
+    other_id, _ = await any_server.partner()
+    _, token = await any_server.partner()
+    partners = bs.stub(any_server, token)
+    for call in (
+        partners.AddEligibleAccounts(
+            pb.AddEligibleAccountsRequest(partner_id=other_id, entries=entries([bs.member()]))
+        ),
+        partners.RemoveEligibleAccounts(
+            pb.RemoveEligibleAccountsRequest(partner_id=other_id, accounts=[bs.member()])
+        ),
+        partners.ListEligibleAccounts(pb.ListEligibleAccountsRequest(partner_id=other_id)),
+        partners.ImportEligibleAccounts(
+            stream(header(APPEND, partner_id=other_id), batch(entries([bs.member()])))
+        ),
+    ):
+        await expect_error(call, grpc.StatusCode.NOT_FOUND, "ERROR_REASON_PARTNER_NOT_FOUND")
+    assert await bs.count_entries(any_server, other_id) == 0
+
+
+async def test_admin_must_name_an_existing_partner(any_server: RunningServer) -> None:
+    partner_id, _ = await any_server.partner()
+    admin = bs.stub(any_server, any_server.admin_token)
+    detail = await expect_error(
+        admin.AddEligibleAccounts(pb.AddEligibleAccountsRequest(entries=entries([bs.member()]))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"partner_id"}
+    await expect_error(
+        admin.AddEligibleAccounts(
+            pb.AddEligibleAccountsRequest(
+                partner_id="no-such-partner", entries=entries([bs.member()])
+            )
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "ERROR_REASON_PARTNER_NOT_FOUND",
+    )
+    added = await admin.AddEligibleAccounts(
+        pb.AddEligibleAccountsRequest(partner_id=partner_id, entries=entries([bs.member()]))
+    )
+    assert added.added_count == 1
+
+
+async def test_device_credentials_cannot_touch_lists(any_server: RunningServer) -> None:
+    partner_id, _ = await any_server.partner()
+    device = bs.stub(any_server, await any_server.credential("device"))
+    await expect_error(
+        device.AddEligibleAccounts(
+            pb.AddEligibleAccountsRequest(partner_id=partner_id, entries=entries([bs.member()]))
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ERROR_REASON_CALLER_NOT_ALLOWED",
+    )
+    assert await bs.count_entries(any_server, partner_id) == 0
+
+
+async def test_import_appends_and_reports_rejected_entries(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    kept = bs.member()
+    await bs.add_accounts(any_server, token, [kept])
+    good = [bs.phone_account() for _ in range(30)]
+    bad = pb.EligibleAccountEntry(
+        account=types.Account(kind=types.ACCOUNT_KIND_PHONE_NUMBER, value="12")
+    )
+    response = await bs.stub(any_server, token).ImportEligibleAccounts(
+        stream(
+            header(APPEND),
+            batch(entries(good[:20])),
+            batch([*entries(good[20:]), bad, *entries(good[:1], "dup")]),
+        )
+    )
+    assert response.received_count == 32
+    assert response.imported_count == 30
+    assert response.rejected_count == 1
+    assert [(r.index, r.field) for r in response.rejected] == [(30, "account.value")]
+    assert response.removed_count == 0
+    assert await bs.count_entries(any_server, partner_id) == 31
+    listed = await all_entries(any_server, token)
+    assert sum(e.partner_reference == "dup" for e in listed) == 1  # the last entry wins
+
+
+async def test_import_replace_makes_the_list_exactly_the_stream(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    old = [bs.member() for _ in range(10)]
+    await bs.add_accounts(any_server, token, old, reference="old")
+    new = [bs.member() for _ in range(5)]
+    response = await bs.stub(any_server, token).ImportEligibleAccounts(
+        stream(header(REPLACE), batch(entries([*old[:3], *new], "new")))
+    )
+    assert (response.imported_count, response.removed_count) == (8, 7)
+    listed = await all_entries(any_server, token)
+    assert len(listed) == 8
+    assert {e.partner_reference for e in listed} == {"new"}
+    assert await bs.count_entries(any_server, partner_id) == 8
+
+
+async def test_failed_import_changes_nothing(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    await bs.add_accounts(any_server, token, [bs.member() for _ in range(5)])
+    before = await all_entries(any_server, token)
+    partners = bs.stub(any_server, token)
+    bad = pb.EligibleAccountEntry(account=types.Account(kind=types.ACCOUNT_KIND_MEMBER_ID))
+    # Too many rejections, found in the last batch.
+    detail = await expect_error(
+        partners.ImportEligibleAccounts(
+            stream(
+                header(REPLACE, max_rejected=1),
+                batch(entries([bs.member() for _ in range(50)])),
+                batch([bad, bad]),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"entries[50].account.value", "entries[51].account.value"}
+    # A second header mid-stream.
+    await expect_error(
+        partners.ImportEligibleAccounts(
+            stream(header(REPLACE), batch(entries([bs.member()])), header(REPLACE))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    # An oversized batch.
+    await expect_error(
+        partners.ImportEligibleAccounts(
+            stream(header(APPEND), batch(entries([bs.member()] * 10_001)))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert await all_entries(any_server, token) == before
+    assert await bs.count_entries(any_server, partner_id) == 5
+
+
+async def test_cancelled_import_changes_nothing(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    await bs.add_accounts(any_server, token, [bs.member() for _ in range(5)])
+    before = await all_entries(any_server, token)
+    sent = asyncio.Event()
+
+    async def then_hang() -> AsyncIterator[pb.ImportEligibleAccountsRequest]:
+        yield header(REPLACE)
+        for _ in range(3):
+            yield batch(entries([bs.member() for _ in range(100)]))
+        sent.set()
+        await asyncio.Event().wait()  # the caller gives up before the end
+
+    call = bs.stub(any_server, token).ImportEligibleAccounts(then_hang())
+    await sent.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # A later import of the same list works: nothing was left locked.
+    response = await bs.stub(any_server, token).ImportEligibleAccounts(
+        stream(header(APPEND), batch(entries([bs.member()])))
+    )
+    assert response.imported_count == 1
+    after = await all_entries(any_server, token)
+    assert after[:5] == before
+    assert len(after) == 6
+    assert await bs.count_entries(any_server, partner_id) == 6
+
+
+async def test_import_must_start_with_a_header(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    await expect_error(
+        bs.stub(any_server, token).ImportEligibleAccounts(stream(batch(entries([bs.member()])))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_IMPORT_HEADER_MISSING",
+    )
+    detail = await expect_error(
+        bs.stub(any_server, token).ImportEligibleAccounts(
+            stream(header(pb.IMPORT_MODE_UNSPECIFIED), batch(entries([bs.member()])))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"header.mode"}
+    assert await bs.count_entries(any_server, partner_id) == 0
+
+
+async def test_imported_accounts_bind(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    account = bs.phone_account()
+    await bs.stub(any_server, token).ImportEligibleAccounts(
+        stream(header(APPEND), batch(entries([account], "crm-7")))
+    )
+    device_token = await any_server.credential("device")
+    response = await bs.stub(any_server, device_token).ReportAccountUse(
+        bs.report_request(bs.device(), account)
+    )
+    assert [(o.partner_id, o.binding.partner_reference) for o in response.outcomes] == [
+        (partner_id, "crm-7")
+    ]
