@@ -199,15 +199,16 @@ class PartnerWorker:
             async for response in call:
                 self._take(response)
         except asyncio.CancelledError:
-            if self._dropping and not self._stopping:
-                # reconnect() cancelled the call: treat as a lost stream.
+            if not self._dropping:
+                raise  # our task was cancelled
+            if not self.stopping():
+                # reconnect() cancelled the call: like a lost stream.
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.CANCELLED,
                     grpc.aio.Metadata(),
                     grpc.aio.Metadata(),
                     "stream dropped by reconnect()",
                 ) from None
-            raise
         finally:
             self._dropping = False
             self.connected.clear()

@@ -1,4 +1,7 @@
-"""Translation between tether.provisioning.v1 messages and domain values."""
+"""Translation between tether.provisioning.v1 messages and domain values.
+
+Accounts and devices are read as the binding area reads them.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +12,11 @@ from google.protobuf.duration_pb2 import Duration
 
 from tether.common.v1 import types_pb2 as types
 from tether.provisioning.v1 import messages_pb2 as pb
-from tether.server.binding import subjects
-from tether.server.binding.subjects import Subject
+from tether.server.binding.messages import ACCOUNT_KINDS_PB
 from tether.server.errors import Violations
 from tether.server.provisioning import confirmations, tables
 from tether.server.provisioning.tables import EntitlementEvent, Instruction
 from tether.server.transport.convert import timestamp
-
-ACCOUNT_KINDS: dict[types.AccountKind.ValueType, str] = {
-    types.ACCOUNT_KIND_PHONE_NUMBER: "phone_number",
-    types.ACCOUNT_KIND_MEMBER_ID: "member_id",
-    types.ACCOUNT_KIND_EMAIL: "email",
-    types.ACCOUNT_KIND_SOCIAL_ID: "social_id",
-    types.ACCOUNT_KIND_LOGIN_ID: "login_id",
-}
-ACCOUNT_KINDS_PB = {v: k for k, v in ACCOUNT_KINDS.items()}
-TERMINAL_ID_KINDS: dict[types.TerminalIdKind.ValueType, str] = {
-    types.TERMINAL_ID_KIND_IMEI: "imei",
-    types.TERMINAL_ID_KIND_MEID: "meid",
-    types.TERMINAL_ID_KIND_SERIAL_NUMBER: "serial_number",
-}
 
 KINDS_PB = {tables.OPEN: pb.INSTRUCTION_KIND_OPEN, tables.CLOSE: pb.INSTRUCTION_KIND_CLOSE}
 STATES_PB = {
@@ -50,16 +38,6 @@ OUTCOMES_PB = {
     confirmations.Outcome.DUPLICATE: pb.CONFIRMATION_OUTCOME_DUPLICATE,
     confirmations.Outcome.RETRY_SCHEDULED: pb.CONFIRMATION_OUTCOME_RETRY_SCHEDULED,
 }
-
-
-def account(message: types.Account, path: str, violations: Violations) -> Subject | None:
-    kind = ACCOUNT_KINDS.get(message.kind, "")
-    return subjects.account(kind, message.value, message.region_hint, path, violations)
-
-
-def device(message: types.Device, path: str, violations: Violations) -> Subject | None:
-    kind = TERMINAL_ID_KINDS.get(message.kind, "")
-    return subjects.device(kind, message.terminal_id, path, violations)
 
 
 def uuid_of(value: str, path: str, violations: Violations) -> uuid.UUID | None:

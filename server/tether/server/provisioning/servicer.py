@@ -16,6 +16,7 @@ from tether.common.v1.errors_pb2 import ErrorReason
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.provisioning.v1 import service_pb2_grpc
 from tether.server import errors
+from tether.server.binding import messages as bm
 from tether.server.binding.subjects import Subject
 from tether.server.binding.tables import Binding
 from tether.server.components import Component
@@ -75,7 +76,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
 
     def _device(self, message: Any, path: str = "device") -> Subject:
         violations = Violations()
-        subject = m.device(message, path, violations)
+        subject = bm.device(message, path, violations)
         violations.raise_if_any()
         assert subject is not None
         return subject
@@ -290,8 +291,8 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
     ) -> pb.CheckEntitlementResponse:
         caller = require(CallerKind.DEVICE, CallerKind.PARTNER, CallerKind.INTERNAL)
         violations = Violations()
-        device = m.device(request.device, "device", violations)
-        account = m.account(request.account, "account", violations)
+        device = bm.device(request.device, "device", violations)
+        account = bm.account(request.account, "account", violations)
         if not request.service_id:
             violations.add("service_id", "required")
         partner_id = caller.partner_scope(request.partner_id)
@@ -472,10 +473,10 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         if not request.HasField("end_time"):
             violations.add("end_time", "required")
         device = (
-            m.device(request.device, "device", violations) if request.HasField("device") else None
+            bm.device(request.device, "device", violations) if request.HasField("device") else None
         )
         account = (
-            m.account(request.account, "account", violations)
+            bm.account(request.account, "account", violations)
             if request.HasField("account")
             else None
         )

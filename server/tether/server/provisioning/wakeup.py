@@ -20,6 +20,7 @@ import asyncpg
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from tether.server import logs
 
@@ -35,6 +36,18 @@ def instructions_topic(partner_id: str) -> str:
 
 def feed_topic(device_digest: bytes) -> str:
     return f"e:{device_digest.hex()}"
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    pending: dict[Wakeup, set[str]] = session.info.pop(_PENDING_KEY, {})
+    for wakeup, topics in pending.items():
+        wakeup.wake(*topics)
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop(_PENDING_KEY, None)
 
 
 class Wakeup:
@@ -76,37 +89,16 @@ class Wakeup:
         On PostgreSQL NOTIFY is transactional: other processes hear it only
         on commit, and never after a rollback.
         """
-        sync = session.sync_session
-        pending: set[str] | None = sync.info.get(_PENDING_KEY)
-        if pending is None:
-            pending = sync.info[_PENDING_KEY] = set()
-            event.listen(sync, "after_commit", self._after_commit)
-            event.listen(sync, "after_rollback", self._after_rollback)
-        new = set(topics) - pending
-        pending.update(new)
+        pending: dict[Wakeup, set[str]] = session.sync_session.info.setdefault(_PENDING_KEY, {})
+        mine = pending.setdefault(self, set())
+        new = set(topics) - mine
+        mine.update(new)
         if self._postgres:
             for topic in sorted(new):
                 await session.execute(
                     text("SELECT pg_notify(:channel, :topic)"),
                     {"channel": CHANNEL, "topic": topic},
                 )
-
-    def _after_commit(self, sync: Any) -> None:
-        topics: set[str] = sync.info.pop(_PENDING_KEY, set())
-        self._detach(sync)
-        self.wake(*topics)
-
-    def _after_rollback(self, sync: Any) -> None:
-        sync.info.pop(_PENDING_KEY, None)
-        self._detach(sync)
-
-    def _detach(self, sync: Any) -> None:
-        for name, fn in (
-            ("after_commit", self._after_commit),
-            ("after_rollback", self._after_rollback),
-        ):
-            if event.contains(sync, name, fn):
-                event.remove(sync, name, fn)
 
     # --- the PostgreSQL listener ---------------------------------------
 
