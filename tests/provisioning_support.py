@@ -208,14 +208,15 @@ class ServerProcess:
             "TETHER_LOG_LEVEL": "WARNING",
             **self.env,
         }
-        log = (self.data_dir / f"server-{self.port}.log").open("ab")
-        self.process = subprocess.Popen(  # noqa: ASYNC220 (started once, awaited via health)
-            [sys.executable, "-m", "tether.server"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with (self.data_dir / f"server-{self.port}.log").open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: ASYNC220 (started once, awaited via health)
+                [sys.executable, "-m", "tether.server"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         await self.wait_serving()
 
     async def wait_serving(self, within: float = 30.0) -> None:
