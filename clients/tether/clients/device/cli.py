@@ -11,10 +11,10 @@ from tether.clients import cli
 
 
 def command_modules() -> list[ModuleType]:
-    from tether.clients.device import provisioning_commands
+    from tether.clients.device import binding, provisioning_commands
 
     # Each area appends its module here.
-    return [provisioning_commands]
+    return [binding, provisioning_commands]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,27 +13,6 @@ from tether.common.v1 import types_pb2 as types
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.provisioning.v1.service_pb2_grpc import ProvisioningStub
 
-TERMINAL_ID_KINDS = {
-    "imei": types.TERMINAL_ID_KIND_IMEI,
-    "meid": types.TERMINAL_ID_KIND_MEID,
-    "serial_number": types.TERMINAL_ID_KIND_SERIAL_NUMBER,
-}
-ACCOUNT_KINDS = {
-    "phone_number": types.ACCOUNT_KIND_PHONE_NUMBER,
-    "member_id": types.ACCOUNT_KIND_MEMBER_ID,
-    "email": types.ACCOUNT_KIND_EMAIL,
-    "social_id": types.ACCOUNT_KIND_SOCIAL_ID,
-    "login_id": types.ACCOUNT_KIND_LOGIN_ID,
-}
-
-
-def device(terminal_id: str, kind: str = "imei") -> types.Device:
-    return types.Device(kind=TERMINAL_ID_KINDS[kind], terminal_id=terminal_id)
-
-
-def account(value: str, kind: str = "phone_number", region_hint: str = "") -> types.Account:
-    return types.Account(kind=ACCOUNT_KINDS[kind], value=value, region_hint=region_hint)
-
 
 class DeviceProvisioning:
     def __init__(self, channel: grpc.aio.Channel) -> None:

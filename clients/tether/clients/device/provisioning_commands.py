@@ -7,19 +7,13 @@ from typing import Any
 
 import grpc
 
+from tether.clients import accounts
 from tether.clients.cli import print_message
-from tether.clients.device.provisioning import (
-    ACCOUNT_KINDS,
-    TERMINAL_ID_KINDS,
-    DeviceProvisioning,
-    account,
-    device,
-)
 
-
-def _device_args(p: Any) -> None:
-    p.add_argument("terminal_id", help="the device's terminal id, e.g. its IMEI")
-    p.add_argument("--kind", choices=TERMINAL_ID_KINDS, default="imei", help="terminal id kind")
+# The device is named on the command line as the binding commands name it.
+from tether.clients.device.binding import _device as device_of
+from tether.clients.device.binding import _device_arguments as _device_args
+from tether.clients.device.provisioning import DeviceProvisioning
 
 
 def add_commands(sub: Any) -> None:
@@ -31,8 +25,8 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("check", help="may this account use this service on this device?")
     _device_args(p)
-    p.add_argument("--account", required=True, help="the account, e.g. +4915112345678")
-    p.add_argument("--account-kind", choices=ACCOUNT_KINDS, default="phone_number")
+    p.add_argument("account", help="the account, e.g. +4915112345678")
+    p.add_argument("--kind", choices=accounts.ACCOUNT_KINDS, default="phone_number")
     p.add_argument("--region", default="", help="region hint for national phone numbers")
     p.add_argument("--partner", required=True)
     p.add_argument("--service", required=True)
@@ -48,9 +42,7 @@ def add_commands(sub: Any) -> None:
 
 async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     seen = 0
-    async for event in DeviceProvisioning(channel).watch(
-        device(args.terminal_id, args.kind), args.after
-    ):
+    async for event in DeviceProvisioning(channel).watch(device_of(args), args.after):
         print_message(event)
         seen += 1
         if args.count and seen >= args.count:
@@ -59,8 +51,8 @@ async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
 
 async def check(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
     response = await DeviceProvisioning(channel).check(
-        device(args.terminal_id, args.kind),
-        account(args.account, args.account_kind, args.region),
+        device_of(args),
+        accounts.account(args.kind, args.account, args.region),
         args.partner,
         args.service,
     )
@@ -72,6 +64,6 @@ async def check(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
 async def usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     print_message(
         await DeviceProvisioning(channel).usage(
-            device(args.terminal_id, args.kind), args.binding, args.service, args.timeout
+            device_of(args), args.binding, args.service, args.timeout
         )
     )

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
+from tether.clients import accounts
 from tether.clients.cli import print_message
-from tether.clients.device.provisioning import ACCOUNT_KINDS, account, device
 from tether.clients.internal.provisioning import InternalProvisioning
 from tether.provisioning.v1 import messages_pb2 as pb
 
@@ -32,7 +32,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--service", default="")
     p.add_argument("--imei", default="", help="only this device")
     p.add_argument("--account", default="", help="only this account (with --partner)")
-    p.add_argument("--account-kind", choices=ACCOUNT_KINDS, default="phone_number")
+    p.add_argument("--account-kind", choices=accounts.ACCOUNT_KINDS, default="phone_number")
     p.add_argument("--binding", default="")
     p.add_argument("--since", type=_day, help="start day, YYYY-MM-DD (default: 30 days ago)")
     p.add_argument("--until", type=_day, help="end, exclusive (default: now)")
@@ -56,8 +56,8 @@ async def usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
         end,
         partner_id=args.partner,
         service_id=args.service,
-        device=device(args.imei) if args.imei else None,
-        account=account(args.account, args.account_kind) if args.account else None,
+        device=accounts.device("imei", args.imei) if args.imei else None,
+        account=accounts.account(args.account_kind, args.account) if args.account else None,
         binding_id=args.binding,
     ):
         print_message(page)
