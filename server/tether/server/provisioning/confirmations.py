@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.errors import FailedPrecondition, NotFound, invalid
+from tether.server.errors import FailedPrecondition, NotFound, TetherError, invalid
 from tether.server.provisioning import feed, wakeup
 from tether.server.provisioning.leasing import Timing
 from tether.server.provisioning.tables import (
@@ -81,52 +83,94 @@ def _not_found(instruction_id: uuid.UUID) -> NotFound:
     )
 
 
-async def confirm(
+@dataclass(frozen=True)
+class Applied:
+    """What one confirmation did: an outcome, or the error refusing it."""
+
+    instruction_id: uuid.UUID
+    outcome: Outcome | None = None
+    row: Instruction | None = None
+    error: TetherError | None = None
+
+
+async def confirm_many(
     session: AsyncSession,
     notify: wakeup.Wakeup,
     *,
     partner_id: str,
-    instruction_id: uuid.UUID,
+    items: Sequence[tuple[uuid.UUID, Result]],
+    timing: Timing,
+) -> list[Applied]:
+    """Applies confirmations in one transaction; one Applied per item, in order.
+
+    Rows are locked in delivery order (seq), so concurrent batches of one
+    partner cannot deadlock.
+    """
+    ids = sorted({instruction_id for instruction_id, _ in items})
+    rows = {
+        row.instruction_id: row
+        for row in await session.scalars(
+            select(Instruction)
+            .where(Instruction.instruction_id.in_(ids))
+            .order_by(Instruction.seq)
+            .with_for_update()
+        )
+    }
+    now = utcnow()
+    effects: list[tuple[Instruction, str, str]] = []
+    applied = []
+    for instruction_id, result in items:
+        row = rows.get(instruction_id)
+        # Another partner's instruction gets the same answer as a missing one.
+        if row is None or row.partner_id != partner_id:
+            applied.append(Applied(instruction_id, error=_not_found(instruction_id)))
+            continue
+        try:
+            outcome = _apply(row, result, timing, now, effects)
+        except TetherError as exc:
+            applied.append(Applied(instruction_id, row=row, error=exc))
+            continue
+        applied.append(Applied(instruction_id, outcome, row))
+    await _set_entitlements(session, notify, effects)
+    return applied
+
+
+def _apply(
+    row: Instruction,
     result: Result,
     timing: Timing,
-) -> tuple[Outcome, Instruction]:
-    """Applies a confirmation; raises NotFound or FailedPrecondition."""
-    row = await session.scalar(
-        select(Instruction).where(Instruction.instruction_id == instruction_id).with_for_update()
-    )
-    # Another partner's instruction gets the same answer as a missing one.
-    if row is None or row.partner_id != partner_id:
-        raise _not_found(instruction_id)
+    now: datetime,
+    effects: list[tuple[Instruction, str, str]],
+) -> Outcome:
     if row.state in (CONFIRMED, FAILED):
         if _same_final(row, result):
-            return Outcome.DUPLICATE, row
+            return Outcome.DUPLICATE
         raise FailedPrecondition(
             ErrorReason.ERROR_REASON_CONFIRMATION_CONFLICT,
-            f"instruction {instruction_id} was already confirmed {_final_text(row)}; "
+            f"instruction {row.instruction_id} was already confirmed {_final_text(row)}; "
             "the first result stands",
-            metadata={"instruction_id": str(instruction_id), "state": row.state},
+            metadata={"instruction_id": str(row.instruction_id), "state": row.state},
         )
-    now = utcnow()
     row.update_time = now
     row.lease_owner = None
     if isinstance(result, Done):
         row.state = CONFIRMED
         row.partner_service_reference = result.partner_service_reference
         if row.kind == OPEN:
-            await _set_entitlement(session, notify, row, ACTIVE, "")
-        return Outcome.ACCEPTED, row
+            effects.append((row, ACTIVE, ""))
+        return Outcome.ACCEPTED
     row.last_error = result.reason
     if not result.retryable:
         row.state = FAILED
         if row.kind == OPEN:
-            await _set_entitlement(session, notify, row, FAILED, result.reason)
-        return Outcome.ACCEPTED, row
+            effects.append((row, FAILED, result.reason))
+        return Outcome.ACCEPTED
     if row.attempts >= timing.max_attempts:
         row.state = DEAD
     else:
         row.state = PENDING
         row.due_time = now + timing.retry_after(max(row.attempts, 1))
-    return Outcome.RETRY_SCHEDULED, row
+    return Outcome.RETRY_SCHEDULED
 
 
 def _same_final(row: Instruction, result: Result) -> bool:
@@ -144,15 +188,31 @@ def _final_text(row: Instruction) -> str:
     return f"failed permanently ({row.last_error!r})"
 
 
-async def _set_entitlement(
-    session: AsyncSession, notify: wakeup.Wakeup, row: Instruction, state: str, reason: str
+async def _set_entitlements(
+    session: AsyncSession, notify: wakeup.Wakeup, effects: list[tuple[Instruction, str, str]]
 ) -> None:
-    ent = await session.get(Entitlement, (row.binding_id, row.service_id), with_for_update=True)
-    # Only an entitlement still being opened moves: a binding revoked in the
-    # meantime stays revoked, whatever the partner says about the open.
-    if ent is None or ent.state != ACTIVATING:
+    if not effects:
         return
-    ent.state = state
-    ent.reason = reason
-    ent.update_time = utcnow()
-    await feed.record(session, notify, ent)
+    binding_ids = sorted({row.binding_id for row, _, _ in effects})
+    entitlements = {
+        (ent.binding_id, ent.service_id): ent
+        for ent in await session.scalars(
+            select(Entitlement)
+            .where(Entitlement.binding_id.in_(binding_ids))
+            .order_by(Entitlement.binding_id, Entitlement.service_id)
+            .with_for_update()
+        )
+    }
+    changed = []
+    now = utcnow()
+    for row, state, reason in effects:
+        ent = entitlements.get((row.binding_id, row.service_id))
+        # Only an entitlement still being opened moves: a binding revoked in
+        # the meantime stays revoked, whatever the partner says of the open.
+        if ent is None or ent.state != ACTIVATING:
+            continue
+        ent.state = state
+        ent.reason = reason
+        ent.update_time = now
+        changed.append(ent)
+    await feed.record(session, notify, changed)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,35 +25,53 @@ from tether.server.storage.database import Database
 READ_BATCH = 500
 
 
-async def _next_position(session: AsyncSession, device_digest: bytes) -> int:
-    statement = dialects.insert(session, DeviceFeed).values(
-        device_digest=device_digest, last_position=1
+async def _reserve(session: AsyncSession, counts: dict[bytes, int]) -> dict[bytes, int]:
+    """Reserves counts[d] positions in each device's feed; returns each device's last.
+
+    One upsert for all devices, in digest order so concurrent writers lock
+    the counter rows in the same order and cannot deadlock.
+    """
+    table = DeviceFeed.__table__
+    statement = dialects.insert(session, table).values(
+        [{"device_digest": d, "last_position": counts[d]} for d in sorted(counts)]
     )
     statement = statement.on_conflict_do_update(
-        index_elements=[DeviceFeed.device_digest],
-        set_={"last_position": DeviceFeed.last_position + 1},
-    ).returning(DeviceFeed.last_position)
-    position: int = (await session.execute(statement)).scalar_one()
-    return position
+        index_elements=[table.c.device_digest],
+        set_={"last_position": table.c.last_position + statement.excluded.last_position},
+    ).returning(table.c.device_digest, table.c.last_position)
+    rows = (await session.execute(statement)).all()
+    return {bytes(device): int(last) for device, last in rows}
 
 
-async def record(session: AsyncSession, notify: wakeup.Wakeup, ent: Entitlement) -> None:
-    """Appends the entitlement's current state to its device's feed."""
-    session.add(
-        EntitlementEvent(
-            device_digest=ent.device_digest,
-            position=await _next_position(session, ent.device_digest),
-            binding_id=ent.binding_id,
-            partner_id=ent.partner_id,
-            service_id=ent.service_id,
-            account_kind=ent.account_kind,
-            account_digest=ent.account_digest,
-            state=ent.state,
-            reason=ent.reason,
-            event_time=utcnow(),
+async def record(
+    session: AsyncSession, notify: wakeup.Wakeup, entitlements: Sequence[Entitlement]
+) -> None:
+    """Appends the entitlements' current states to their devices' feeds, in order."""
+    if not entitlements:
+        return
+    counts = Counter(ent.device_digest for ent in entitlements)
+    last = await _reserve(session, counts)
+    # Positions of one device count up to its reserved last, in list order.
+    next_position = {d: last[d] - counts[d] + 1 for d in counts}
+    now = utcnow()
+    for ent in entitlements:
+        position = next_position[ent.device_digest]
+        next_position[ent.device_digest] += 1
+        session.add(
+            EntitlementEvent(
+                device_digest=ent.device_digest,
+                position=position,
+                binding_id=ent.binding_id,
+                partner_id=ent.partner_id,
+                service_id=ent.service_id,
+                account_kind=ent.account_kind,
+                account_digest=ent.account_digest,
+                state=ent.state,
+                reason=ent.reason,
+                event_time=now,
+            )
         )
-    )
-    await notify.publish(session, wakeup.feed_topic(ent.device_digest))
+    await notify.publish(session, *(wakeup.feed_topic(d) for d in sorted(counts)))
 
 
 async def read_after(

@@ -29,8 +29,8 @@ from tether.server.storage.database import Database
 
 log = logs.get(__name__)
 
-# Confirmations of one stream applied at once; each is one transaction.
-CONFIRM_CONCURRENCY = 16
+# Most confirmations of one stream applied in one transaction.
+CONFIRM_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class StreamClosed(Exception):
 
 
 Outgoing = Instruction | ConfirmationReply | UsageQueryOut | StreamClosed
+# A confirmation as it came off the wire: the raw instruction id and the result.
+Incoming = tuple[str, confirmations.Result]
 
 
 @dataclass(eq=False)
@@ -197,38 +199,68 @@ class Hub:
     async def confirm(
         self, partner_id: str, instruction_id: uuid.UUID, result: confirmations.Result
     ) -> tuple[confirmations.Outcome, Instruction]:
-        """Applies a confirmation (from a stream or the unary path)."""
-        async with self._db.transaction() as session:
-            outcome, row = await confirmations.confirm(
-                session,
-                self._notify,
-                partner_id=partner_id,
-                instruction_id=instruction_id,
-                result=result,
-                timing=self._timing,
-            )
-            if outcome is confirmations.Outcome.RETRY_SCHEDULED:
-                await self._notify.publish(session, wakeup.instructions_topic(partner_id))
-        holder = self._holder.pop(instruction_id, None)
-        if holder is not None:
-            holder.in_flight.pop(instruction_id, None)
-            holder.wake.set()
-        return outcome, row
+        """Applies one confirmation (the unary path); raises what refuses it."""
+        (applied,) = await self.confirm_batch(partner_id, [(instruction_id, result)])
+        if applied.error is not None:
+            raise applied.error
+        assert applied.outcome is not None and applied.row is not None
+        return applied.outcome, applied.row
 
-    async def confirm_on_stream(
-        self, stream: PartnerStream, raw_id: str, result: confirmations.Result
-    ) -> None:
-        """A stream's confirmation: answered on the stream, refused ones too."""
-        try:
-            confirmations.check_result(result, "confirmation")
-            instruction_id = confirmations.parse_instruction_id(
-                raw_id, "confirmation.instruction_id"
+    async def confirm_batch(
+        self, partner_id: str, items: list[tuple[uuid.UUID, confirmations.Result]]
+    ) -> list[confirmations.Applied]:
+        """Applies confirmations in one transaction and frees the streams' credit."""
+        async with self._db.transaction() as session:
+            applied = await confirmations.confirm_many(
+                session, self._notify, partner_id=partner_id, items=items, timing=self._timing
             )
-            outcome, _row = await self.confirm(stream.partner_id, instruction_id, result)
-            reply = ConfirmationReply(raw_id, outcome=outcome)
-        except errors.TetherError as exc:
-            reply = ConfirmationReply(raw_id, error=exc)
-        await stream.outgoing.put(reply)
+            if any(a.outcome is confirmations.Outcome.RETRY_SCHEDULED for a in applied):
+                await self._notify.publish(session, wakeup.instructions_topic(partner_id))
+        for a in applied:
+            holder = self._holder.pop(a.instruction_id, None)
+            if holder is not None:
+                holder.in_flight.pop(a.instruction_id, None)
+                holder.wake.set()
+        return applied
+
+    async def run_confirmations(
+        self, stream: PartnerStream, incoming: asyncio.Queue[Incoming | None]
+    ) -> None:
+        """Applies a stream's confirmations in batches of what has arrived
+        meanwhile, answering each on the stream; returns at the None marker."""
+        ending = False
+        while not ending:
+            batch = [await incoming.get()]
+            while len(batch) < CONFIRM_BATCH and not incoming.empty():
+                batch.append(incoming.get_nowait())
+            if batch[-1] is None:
+                ending = True
+            replies: list[ConfirmationReply] = []
+            items: list[tuple[uuid.UUID, confirmations.Result]] = []
+            raws: list[str] = []
+            for entry in batch:
+                if entry is None:
+                    continue
+                raw, result = entry
+                try:
+                    confirmations.check_result(result, "confirmation")
+                    items.append(
+                        (
+                            confirmations.parse_instruction_id(raw, "confirmation.instruction_id"),
+                            result,
+                        )
+                    )
+                    raws.append(raw)
+                except errors.TetherError as exc:
+                    replies.append(ConfirmationReply(raw, error=exc))
+            if items:
+                applied = await self.confirm_batch(stream.partner_id, items)
+                replies.extend(
+                    ConfirmationReply(raw, outcome=a.outcome, error=a.error)
+                    for raw, a in zip(raws, applied, strict=True)
+                )
+            for reply in replies:
+                await stream.outgoing.put(reply)
 
     # --- live usage queries --------------------------------------------
 

@@ -84,8 +84,7 @@ class BindingOutbox:
             )
             session.add(ent)
             entitlements.append(ent)
-        for ent in entitlements:
-            await feed.record(session, self._notify, ent)
+        await feed.record(session, self._notify, entitlements)
         await self._notify.publish(session, wakeup.instructions_topic(binding.partner_id))
 
     async def _revoked(self, session: AsyncSession, binding: Binding, reason: str) -> None:
@@ -104,6 +103,6 @@ class BindingOutbox:
             ent.state = REVOKED
             ent.reason = reason
             ent.update_time = utcnow()
-            await feed.record(session, self._notify, ent)
+        await feed.record(session, self._notify, entitlements)
         if entitlements:
             await self._notify.publish(session, wakeup.instructions_topic(binding.partner_id))

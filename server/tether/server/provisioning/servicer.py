@@ -160,16 +160,11 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         requests: AsyncIterator[pb.ConnectRequest],
         caller: Principal,
     ) -> None:
-        """Takes what the partner sends; confirmations run concurrently, bounded."""
-        limit = asyncio.Semaphore(hub.CONFIRM_CONCURRENCY)
-        running: set[asyncio.Task[None]] = set()
-
-        async def confirm(raw_id: str, result: Any) -> None:
-            try:
-                await self._hub.confirm_on_stream(stream, raw_id, result)
-            finally:
-                limit.release()
-
+        """Takes what the partner sends. Confirmations go to a batching task
+        through a bounded queue: a partner confirming faster than they can be
+        applied is slowed down by gRPC flow control, not buffered here."""
+        incoming: asyncio.Queue[hub.Incoming | None] = asyncio.Queue(maxsize=2 * hub.CONFIRM_BATCH)
+        confirming = asyncio.create_task(self._hub.run_confirmations(stream, incoming))
         ending: BaseException | None = None
         try:
             async for request in requests:
@@ -185,10 +180,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
                             )
                         )
                         continue
-                    await limit.acquire()
-                    task = asyncio.create_task(confirm(c.instruction_id, result))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                    await incoming.put((c.instruction_id, result))
                 elif which == "usage_answer":
                     a = request.usage_answer
                     self._hub.answer_usage(
@@ -206,11 +198,15 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         except errors.TetherError as exc:
             ending = exc
         except asyncio.CancelledError:
+            confirming.cancel()
             raise
         except Exception as exc:
             ending = exc
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        await incoming.put(None)
+        try:
+            await confirming
+        except Exception as exc:
+            ending = ending or exc
         await stream.outgoing.put(hub.StreamClosed(ending) if ending else hub.StreamClosed())
 
     # --- partners: the unary path --------------------------------------

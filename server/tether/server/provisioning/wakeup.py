@@ -28,6 +28,7 @@ log = logs.get(__name__)
 
 CHANNEL = "tether_provisioning"
 _PENDING_KEY = "tether_wakeup_topics"
+MAX_PAYLOAD = 7900
 
 
 def instructions_topic(partner_id: str) -> str:
@@ -36,6 +37,32 @@ def instructions_topic(partner_id: str) -> str:
 
 def feed_topic(device_digest: bytes) -> str:
     return f"e:{device_digest.hex()}"
+
+
+@event.listens_for(Session, "before_commit")
+def _before_commit(session: Session) -> None:
+    pending: dict[Wakeup, set[str]] = session.info.get(_PENDING_KEY, {})
+    topics = sorted({t for w, ts in pending.items() if w.postgres for t in ts})
+    # Runs inside the async session's greenlet: a plain execute is fine.
+    for payload in _payloads(topics):
+        session.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": CHANNEL, "payload": payload},
+        )
+
+
+def _payloads(topics: list[str]) -> list[str]:
+    """Space-separated topics, cut below PostgreSQL's 8000-byte NOTIFY limit."""
+    payloads: list[str] = []
+    current = ""
+    for topic in topics:
+        if current and len(current) + 1 + len(topic) > MAX_PAYLOAD:
+            payloads.append(current)
+            current = ""
+        current = f"{current} {topic}" if current else topic
+    if current:
+        payloads.append(current)
+    return payloads
 
 
 @event.listens_for(Session, "after_commit")
@@ -55,7 +82,7 @@ class Wakeup:
 
     def __init__(self, database_url: str) -> None:
         self._url = database_url
-        self._postgres = not database_url.startswith("sqlite")
+        self.postgres = not database_url.startswith("sqlite")
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
@@ -86,24 +113,17 @@ class Wakeup:
     async def publish(self, session: AsyncSession, *topics: str) -> None:
         """Wakes the topics' waiters once the session's transaction commits.
 
-        On PostgreSQL NOTIFY is transactional: other processes hear it only
-        on commit, and never after a rollback.
+        On PostgreSQL the topics also go out as one NOTIFY just before the
+        commit; NOTIFY is transactional, so other processes hear it only if
+        the transaction commits.
         """
         pending: dict[Wakeup, set[str]] = session.sync_session.info.setdefault(_PENDING_KEY, {})
-        mine = pending.setdefault(self, set())
-        new = set(topics) - mine
-        mine.update(new)
-        if self._postgres:
-            for topic in sorted(new):
-                await session.execute(
-                    text("SELECT pg_notify(:channel, :topic)"),
-                    {"channel": CHANNEL, "topic": topic},
-                )
+        pending.setdefault(self, set()).update(topics)
 
     # --- the PostgreSQL listener ---------------------------------------
 
     async def start(self) -> None:
-        if not self._postgres:
+        if not self.postgres:
             self.listening.set()
             return
         self._task = asyncio.create_task(self._listen_forever(), name="provisioning-listen")
@@ -115,7 +135,7 @@ class Wakeup:
                 await self._task
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self.wake(payload)
+        self.wake(*payload.split())
 
     async def _listen_forever(self) -> None:
         dsn = make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
