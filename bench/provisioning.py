@@ -51,7 +51,7 @@ from tether.server.binding.events import BindingChange
 from tether.server.binding.tables import Binding
 from tether.server.provisioning.outbox import BindingOutbox
 from tether.server.provisioning.tables import Instruction as Row
-from tether.server.provisioning.wakeup import Wakeup
+from tether.server.provisioning.wakeup import CHANNEL, Wakeup
 from tether.server.storage import migrate
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
@@ -105,7 +105,7 @@ async def baseline_notify_latency(dsn: str, count: int) -> tuple[list[float], fl
     heard_all = asyncio.Event()
 
     def heard(_c: object, _pid: int, _channel: str, token: str) -> None:
-        latencies.append(time.perf_counter() - committed.get(token, time.perf_counter()))
+        latencies.append(time.perf_counter() - committed[token])
         if len(latencies) == count:
             heard_all.set()
 
@@ -114,10 +114,12 @@ async def baseline_notify_latency(dsn: str, count: int) -> tuple[list[float], fl
 
     async def one(_i: int) -> None:
         token = secrets.token_hex(8)
-        async with pool.acquire() as c, c.transaction():
-            await c.execute("INSERT INTO bench_outbox (token) VALUES ($1)", token)
-            await c.execute("SELECT pg_notify('bench_outbox', $1)", token)
         committed[token] = time.perf_counter()
+        async with pool.acquire() as c:
+            await c.execute(
+                f"BEGIN; INSERT INTO bench_outbox (token) VALUES ('{token}'); "
+                f"SELECT pg_notify('bench_outbox', '{token}'); COMMIT;"
+            )
 
     rate = await _paced(count, RATE, one)
     await asyncio.wait_for(heard_all.wait(), 30)
@@ -176,11 +178,14 @@ async def baseline_throughput(dsn: str, count: int) -> float:
 
 
 class Bench:
-    def __init__(self, database_url: str, keys: str) -> None:
-        self.db = Database(database_url, PRODUCERS)
-        self.outbox = BindingOutbox(Wakeup(database_url))
+    def __init__(self, database_url: str, dsn: str, keys: str) -> None:
+        self.db = Database(database_url, 4)
+        self.dsn = dsn
         self.digester = digests.Digester(digests.parse_keys(keys))
         self.partner_id = "bench-" + secrets.token_hex(3)
+        self.pool: asyncpg.Pool | None = None
+        # Instructions written before the measured phases (the row check).
+        self.extra = 0
 
     async def setup(self) -> str:
         async with self.db.transaction() as session:
@@ -189,10 +194,12 @@ class Bench:
             minted = await admin.create_credential(
                 session, CallerKind.PARTNER, self.partner_id, "bench"
             )
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=PRODUCERS, max_size=PRODUCERS)
         return minted.token
 
-    async def bind(self) -> uuid.UUID:
-        """One binding and its outbox rows, in one transaction, as the binding area does."""
+    async def check_rows_match_the_outbox(self) -> None:
+        """The raw SQL below must write what the outbox listener writes:
+        compare one binding written each way, column by column."""
         binding_id = uuid.uuid4()
         async with self.db.transaction() as session:
             binding = Binding(
@@ -208,8 +215,87 @@ class Bench:
             )
             session.add(binding)
             await session.flush()
-            await self.outbox.on_change(session, BindingChange("created", binding))
+            await BindingOutbox(Wakeup(self.db.url)).on_change(
+                session, BindingChange("created", binding)
+            )
+        raw_id = await self.bind()
+        self.extra += 2
+        assert self.pool is not None
+        for table, key in (
+            ("provisioning_instructions", "binding_id"),
+            ("entitlements", "binding_id"),
+            ("entitlement_events", "binding_id"),
+        ):
+            ignore = {
+                "seq",
+                "instruction_id",
+                "binding_id",
+                "account_digest",
+                "device_digest",
+                "partner_reference",
+                "due_time",
+                "create_time",
+                "update_time",
+                "event_time",
+            }
+            rows = [
+                {
+                    k: v
+                    for k, v in dict(
+                        await self.pool.fetchrow(f"SELECT * FROM {table} WHERE {key} = $1", b)
+                    ).items()
+                    if k not in ignore
+                }
+                for b in (binding_id, raw_id)
+            ]
+            assert rows[0] == rows[1], (table, rows)
+
+    async def bind(self) -> uuid.UUID:
+        """One binding and its outbox rows in one transaction and one round trip.
+
+        The same rows the binding area and the outbox listener write (checked
+        by check_rows_match_the_outbox), as literal SQL so that this load
+        generator, not the server, is never the bottleneck.
+        """
+        assert self.pool is not None
+        binding_id = uuid.uuid4()
+        b = f"'{binding_id}'"
+        p = f"'{self.partner_id}'"
+        account = "'\\x" + self.digester.digest("member_id", binding_id.hex).hex() + "'"
+        device_hex = self.digester.digest("serial_number", binding_id.hex).hex()
+        device = "'\\x" + device_hex + "'"
+        ref = f"'{binding_id.hex[:12]}'"
+        key = f"'{self.digester.current.key_id}'"
+        sql = f"""
+BEGIN;
+INSERT INTO bindings (binding_id, partner_id, account_kind, account_digest, device_digest,
+  key_id, partner_reference, state, create_time)
+  VALUES ({b}, {p}, 'member_id', {account}, {device}, {key}, {ref}, 'active', now());
+INSERT INTO provisioning_instructions (instruction_id, partner_id, service_id, binding_id, kind,
+  partner_reference, account_kind, account_digest, state, attempts, due_time, last_error,
+  partner_service_reference, create_time, update_time)
+  VALUES ('{uuid.uuid4()}', {p}, 'free-data', {b}, 'open', {ref}, 'member_id', {account},
+  'pending', 0, now(), '', '', now(), now());
+INSERT INTO entitlements (binding_id, service_id, partner_id, account_kind, account_digest,
+  device_digest, state, reason, update_time)
+  VALUES ({b}, 'free-data', {p}, 'member_id', {account}, {device}, 'activating', '', now());
+WITH f AS (INSERT INTO entitlement_feeds (device_digest, last_position) VALUES ({device}, 1)
+  ON CONFLICT (device_digest) DO UPDATE
+  SET last_position = entitlement_feeds.last_position + 1 RETURNING last_position)
+INSERT INTO entitlement_events (device_digest, position, binding_id, partner_id, service_id,
+  account_kind, account_digest, state, reason, event_time)
+  SELECT {device}, f.last_position, {b}, {p}, 'free-data', 'member_id', {account},
+  'activating', '', now() FROM f;
+SELECT pg_notify('{CHANNEL}', 'e:{device_hex} i:{self.partner_id}');
+COMMIT;"""
+        async with self.pool.acquire() as conn:
+            await conn.execute(sql)
         return binding_id
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+        await self.db.close()
 
     async def confirmed_counts(self) -> tuple[int, int]:
         async with self.db.sessions() as session:
@@ -282,19 +368,21 @@ async def tether_latency(
     bench: Bench, address: str, token: str, count: int
 ) -> tuple[list[float], float]:
     recorder = Recorder()
-    recorder.expected = count
+    recorder.expected = count + bench.extra
     workers, tasks, channels = await _workers(address, token, recorder, 1)
     committed: dict[str, float] = {}
 
     async def one(_i: int) -> None:
+        started = time.perf_counter()
         binding_id = await bench.bind()
-        committed[str(binding_id)] = time.perf_counter()
+        committed[str(binding_id)] = started
 
     rate = await _paced(count, RATE, one)
     await asyncio.wait_for(recorder.all_in.wait(), 60)
-    await _wait_all_confirmed(bench, count)
+    await _wait_all_confirmed(bench, count + bench.extra)
     await _stop(workers, tasks, channels)
-    assert set(recorder.received) == set(committed), "an instruction was lost"
+    assert set(committed) <= set(recorder.received), "an instruction was lost"
+    assert len(recorder.received) == count + bench.extra
     latencies = [recorder.received[b] - committed[b] for b in committed]
     return latencies, rate
 
@@ -340,14 +428,17 @@ async def main() -> None:
                 env={"TETHER_DATABASE_POOL_SIZE": "40", "TETHER_LOG_LEVEL": "WARNING"},
             )
             await process.start()
-            bench = Bench(url, keys)
+            bench = Bench(url, dsn, keys)
             token = await bench.setup()
+            await bench.check_rows_match_the_outbox()
             lat, rate = await tether_latency(bench, process.address, token, count)
             _report_latency(base_lat, base_rate, lat, rate)
 
             print(f"\ndelivered + confirmed per second, backlog of {BACKLOG}, {STREAMS} streams")
             base_tp = await baseline_throughput(dsn, BACKLOG)
-            tp, deliveries = await tether_throughput(bench, process.address, token, BACKLOG, count)
+            tp, deliveries = await tether_throughput(
+                bench, process.address, token, BACKLOG, count + bench.extra
+            )
             print(f"  baseline (bare asyncpg claim + confirm) {base_tp:9.0f} /s")
             print(
                 f"  tether                                  {tp:9.0f} /s   "
@@ -357,7 +448,7 @@ async def main() -> None:
                 f"  deliveries {deliveries} for {BACKLOG} instructions; "
                 "every one confirmed exactly once, none lost"
             )
-            await bench.db.close()
+            await bench.close()
     finally:
         if process is not None:
             process.stop()

@@ -176,7 +176,7 @@ class Hub:
                         stream.in_flight[row.instruction_id] = row.due_time
                         self._holder[row.instruction_id] = stream
                         await stream.outgoing.put(row)
-                    if len(rows) < credit:
+                    if not rows:
                         wait = await self._until_next_due(stream.partner_id, now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), wait)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.server.provisioning.tables import DEAD, LEASED, PENDING, Instruction
@@ -70,36 +70,37 @@ async def lease(
     if limit <= 0:
         return []
     now = now or utcnow()
-    rows = list(
-        await session.scalars(
-            select(Instruction)
-            .where(
-                Instruction.partner_id == partner_id,
-                Instruction.state.in_((PENDING, LEASED)),
-                Instruction.due_time <= now,
-            )
-            .order_by(Instruction.seq)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+    i = Instruction
+    due = (
+        select(i.seq)
+        .where(i.partner_id == partner_id, i.state.in_((PENDING, LEASED)), i.due_time <= now)
+        .order_by(i.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
     )
-    if not rows:
-        return []
-    leased = []
-    for row in rows:
-        row.update_time = now
-        if row.attempts >= timing.max_attempts:
-            row.state = DEAD
-            row.lease_owner = None
-            continue
-        row.attempts += 1
-        row.state = LEASED
-        row.lease_owner = owner
-        row.due_time = now + timing.lease_for(row.attempts)
-        leased.append(row)
-    # Same columns on every row: the flush sends one batched UPDATE.
-    await session.flush()
-    return leased
+    spent = i.attempts >= timing.max_attempts
+    # The lease grows with each delivery; one CASE keeps it a single
+    # UPDATE ... RETURNING round trip on both databases.
+    lease_end = case(
+        *((i.attempts == n, now + timing.lease_for(n + 1)) for n in range(timing.max_attempts)),
+        else_=now + timing.lease_for(timing.max_attempts),
+    )
+    statement = (
+        update(i)
+        .where(i.seq.in_(due))
+        .values(
+            state=case((spent, DEAD), else_=LEASED),
+            attempts=case((spent, i.attempts), else_=i.attempts + 1),
+            lease_owner=case((spent, None), else_=owner),
+            due_time=case((spent, i.due_time), else_=lease_end),
+            update_time=now,
+        )
+        .returning(i)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    rows = list(await session.scalars(statement))
+    return sorted((r for r in rows if r.state == LEASED), key=lambda r: r.seq)
 
 
 async def release(session: AsyncSession, owner: str) -> list[str]:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -54,8 +55,17 @@ class Instruction(Base):
 
     __tablename__ = "provisioning_instructions"
     __table_args__ = (
-        # The dispatcher's lease query: a partner's deliverable rows by age.
-        Index("ix_provisioning_instructions_partner_state_due", "partner_id", "state", "due_time"),
+        # The lease query: a partner's deliverable rows in delivery order, so
+        # it stops after `limit` rows however large the backlog.
+        Index(
+            "ix_provisioning_instructions_deliverable",
+            "partner_id",
+            "seq",
+            postgresql_where=text("state IN ('pending', 'leased')"),
+            sqlite_where=text("state IN ('pending', 'leased')"),
+        ),
+        # The pipeline view counts per partner and state.
+        Index("ix_provisioning_instructions_partner_state", "partner_id", "state"),
         Index("ix_provisioning_instructions_binding_id", "binding_id"),
     )
 

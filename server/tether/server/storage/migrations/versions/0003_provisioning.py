@@ -77,9 +77,14 @@ def upgrade() -> None:
             "ix_provisioning_instructions_binding_id", ["binding_id"], unique=False
         )
         batch_op.create_index(
-            "ix_provisioning_instructions_partner_state_due",
-            ["partner_id", "state", "due_time"],
+            "ix_provisioning_instructions_deliverable",
+            ["partner_id", "seq"],
             unique=False,
+            postgresql_where=sa.text("state IN ('pending', 'leased')"),
+            sqlite_where=sa.text("state IN ('pending', 'leased')"),
+        )
+        batch_op.create_index(
+            "ix_provisioning_instructions_partner_state", ["partner_id", "state"], unique=False
         )
 
     op.create_table(
@@ -167,7 +172,12 @@ def downgrade() -> None:
 
     op.drop_table("usage_records")
     with op.batch_alter_table("provisioning_instructions", schema=None) as batch_op:
-        batch_op.drop_index("ix_provisioning_instructions_partner_state_due")
+        batch_op.drop_index("ix_provisioning_instructions_partner_state")
+        batch_op.drop_index(
+            "ix_provisioning_instructions_deliverable",
+            postgresql_where=sa.text("state IN ('pending', 'leased')"),
+            sqlite_where=sa.text("state IN ('pending', 'leased')"),
+        )
         batch_op.drop_index("ix_provisioning_instructions_binding_id")
 
     op.drop_table("provisioning_instructions")
