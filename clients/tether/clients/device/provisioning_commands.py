@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -39,6 +40,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the partner")
     p.set_defaults(handler=usage)
 
+    p = sub.add_parser("report-usage", help="record usage of a service measured on the device")
+    _device_args(p)
+    p.add_argument("--binding", required=True, help="binding id")
+    p.add_argument("--service", required=True)
+    p.add_argument("figures", nargs="+", help="metric=quantity, e.g. data_mb=30")
+    p.set_defaults(handler=report_usage)
+
 
 async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     seen = 0
@@ -67,3 +75,15 @@ async def usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
             device_of(args), args.binding, args.service, args.timeout
         )
     )
+
+
+async def report_usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    now = datetime.now(UTC)
+    events = []
+    for figure in args.figures:
+        metric, _, quantity = figure.partition("=")
+        events.append((now, metric, int(quantity or "0")))
+    recorded = await DeviceProvisioning(channel).report_usage(
+        device_of(args), args.binding, args.service, events
+    )
+    print(f"recorded {recorded} usage events")
