@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.errors import FailedPrecondition, NotFound, TetherError, invalid
+from tether.server.errors import FailedPrecondition, NotFound, TetherError, Violations, invalid
 from tether.server.provisioning import feed, wakeup
 from tether.server.provisioning.leasing import Timing
 from tether.server.provisioning.tables import (
@@ -59,11 +59,12 @@ class Failed:
 Result = Done | Failed
 
 
-def parse_instruction_id(value: str, path: str = "instruction_id") -> uuid.UUID:
+def instruction_id_of(value: str, path: str, violations: Violations) -> uuid.UUID | None:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise invalid(path, "required: a UUID in canonical text form") from None
+        violations.add(path, "required: an instruction id (a UUID in canonical text form)")
+        return None
 
 
 def check_result(result: Result, path: str) -> None:

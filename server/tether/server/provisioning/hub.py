@@ -242,17 +242,19 @@ class Hub:
                 if entry is None:
                     continue
                 raw, result = entry
+                violations = errors.Violations()
+                instruction_id = confirmations.instruction_id_of(
+                    raw, "confirmation.instruction_id", violations
+                )
                 try:
+                    violations.raise_if_any()
                     confirmations.check_result(result, "confirmation")
-                    items.append(
-                        (
-                            confirmations.parse_instruction_id(raw, "confirmation.instruction_id"),
-                            result,
-                        )
-                    )
-                    raws.append(raw)
                 except errors.TetherError as exc:
                     replies.append(ConfirmationReply(raw, error=exc))
+                    continue
+                assert instruction_id is not None
+                items.append((instruction_id, result))
+                raws.append(raw)
             if items:
                 applied = await self.confirm_batch(stream.partner_id, items)
                 replies.extend(

@@ -5,7 +5,6 @@ Accounts and devices are read as the binding area reads them.
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 from google.protobuf.duration_pb2 import Duration
@@ -13,7 +12,6 @@ from google.protobuf.duration_pb2 import Duration
 from tether.common.v1 import types_pb2 as types
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.server.binding.messages import ACCOUNT_KINDS_PB
-from tether.server.errors import Violations
 from tether.server.provisioning import confirmations, tables
 from tether.server.provisioning.tables import EntitlementEvent, Instruction
 from tether.server.transport.convert import timestamp
@@ -38,17 +36,6 @@ OUTCOMES_PB = {
     confirmations.Outcome.DUPLICATE: pb.CONFIRMATION_OUTCOME_DUPLICATE,
     confirmations.Outcome.RETRY_SCHEDULED: pb.CONFIRMATION_OUTCOME_RETRY_SCHEDULED,
 }
-
-
-def uuid_of(value: str, path: str, violations: Violations) -> uuid.UUID | None:
-    if not value:
-        violations.add(path, "required")
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        violations.add(path, "not a UUID")
-        return None
 
 
 def duration(value: timedelta) -> Duration:

@@ -248,7 +248,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         assert caller.partner_id is not None
         violations = Violations()
         idempotency.check_request_id(request.request_id, violations)
-        instruction_id = m.uuid_of(
+        instruction_id = confirmations.instruction_id_of(
             request.confirmation.instruction_id, "confirmation.instruction_id", violations
         )
         result = m.result_of(request.confirmation, "confirmation")
@@ -342,7 +342,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         self, caller: Principal, device: list[bytes], report: pb.UsageReport, session: Any
     ) -> int:
         violations = Violations()
-        binding_id = m.uuid_of(report.binding_id, "report.binding_id", violations)
+        binding_id = bm.binding_id(report.binding_id, "report.binding_id", violations)
         if not report.service_id:
             violations.add("report.service_id", "required")
         events = [
@@ -398,7 +398,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
     ) -> pb.QueryDeviceUsageResponse:
         caller = require(CallerKind.DEVICE, CallerKind.INTERNAL)
         violations = Violations()
-        binding_id = m.uuid_of(request.binding_id, "binding_id", violations)
+        binding_id = bm.binding_id(request.binding_id, "binding_id", violations)
         if not request.service_id:
             violations.add("service_id", "required")
         violations.raise_if_any()
@@ -479,7 +479,9 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         if account is not None and not partner_id:
             violations.add("partner_id", "required when filtering by account")
         binding_id = (
-            m.uuid_of(request.binding_id, "binding_id", violations) if request.binding_id else None
+            bm.binding_id(request.binding_id, "binding_id", violations)
+            if request.binding_id
+            else None
         )
         violations.raise_if_any()
         tz = utcnow().tzinfo
@@ -576,7 +578,9 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         caller = require(CallerKind.INTERNAL)
         violations = Violations()
         idempotency.check_request_id(request.request_id, violations)
-        instruction_id = m.uuid_of(request.instruction_id, "instruction_id", violations)
+        instruction_id = confirmations.instruction_id_of(
+            request.instruction_id, "instruction_id", violations
+        )
         violations.raise_if_any()
         assert instruction_id is not None
 
