@@ -44,7 +44,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def stub(server: RunningServer, token: str) -> service_pb2_grpc.ProvisioningAsyncStub:
-    return service_pb2_grpc.ProvisioningStub(server.channel(token))
+    return stub_at(server.channel(token))
+
+
+def stub_at(channel: grpc.aio.Channel) -> service_pb2_grpc.ProvisioningAsyncStub:
+    return service_pb2_grpc.ProvisioningStub(channel)
 
 
 @dataclass

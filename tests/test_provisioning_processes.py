@@ -16,6 +16,8 @@ from tests.support import RunningServer
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.binding.v1 import service_pb2_grpc as binding_grpc
 from tether.clients.connection import open_channel
+from tether.clients.partner.provisioning import PartnerProvisioning
+from tether.provisioning.v1 import messages_pb2 as pb
 
 FAST = {
     "TETHER_PROVISIONING_ACK_DEADLINE_SECONDS": "1",
@@ -25,14 +27,18 @@ FAST = {
 
 @contextlib.asynccontextmanager
 async def server_process(
-    pg_server: RunningServer, postgres_url: str, redis_url: str, data_dir: Path
+    pg_server: RunningServer,
+    postgres_url: str,
+    redis_url: str,
+    data_dir: Path,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[ps.ServerProcess]:
     process = ps.ServerProcess(
         database_url=postgres_url,
         redis_url=redis_url,
         digest_keys=pg_server.app.settings.digest_keys,
         data_dir=data_dir,
-        env=FAST,
+        env=FAST if env is None else env,
     )
     await process.start()
     try:
@@ -165,3 +171,35 @@ async def test_two_server_processes_and_two_streams_confirm_each_instruction_onc
     assert not set(partners[0].opened) & set(partners[1].opened)
     assert max(n for p in partners for n in p.opened.values()) == 1
     await _check_exactly_once(pg_server, partner_id, partners, 60)
+
+
+async def test_server_stopped_with_sigterm_hands_its_leases_back_at_once(
+    pg_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    _, partner_token = await pg_server.partner()
+    device_token = await pg_server.credential("device")
+    requests = await _listed(pg_server, partner_token, 5)
+    await _report_until_bound(pg_server.address, device_token, requests)
+    held: list[str] = []
+    # The default ack deadline (30 s): only a release can bring them back in time.
+    async with server_process(pg_server, postgres_url, redis_url, tmp_path, env={}) as process:
+        channel = open_channel(process.address, partner_token)
+        stream = ps.stub_at(channel).Connect(_hello_then_nothing())
+        try:
+            while len(held) < 5:
+                response = await asyncio.wait_for(stream.read(), 20)
+                assert isinstance(response, pb.ConnectResponse)
+                if response.WhichOneof("message") == "instruction":
+                    held.append(response.instruction.instruction_id)
+            process.stop()  # SIGTERM, then wait for the exit
+        finally:
+            stream.cancel()
+            await channel.close()
+    fetched = await PartnerProvisioning(pg_server.channel(partner_token)).fetch(10)
+    assert sorted(i.instruction_id for i in fetched) == sorted(held)
+    assert {i.attempt for i in fetched} == {2}
+
+
+async def _hello_then_nothing() -> AsyncIterator[pb.ConnectRequest]:
+    yield pb.ConnectRequest(hello=pb.StreamHello())
+    await asyncio.Event().wait()

@@ -102,6 +102,8 @@ class Hub:
         self._queries: dict[str, tuple[str, asyncio.Future[UsageReply]]] = {}
         self._round_robin = itertools.count()
         self._closing: set[asyncio.Task[None]] = set()
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
 
     # --- streams -------------------------------------------------------
 
@@ -116,6 +118,7 @@ class Hub:
             outgoing=asyncio.Queue(maxsize=2 * max_in_flight + 16),
         )
         self._streams.setdefault(partner_id, []).append(stream)
+        self._no_streams.clear()
         log.info("partner stream opened", partner_id=partner_id, stream_id=stream.stream_id)
         return stream
 
@@ -130,6 +133,8 @@ class Hub:
             streams.remove(stream)
         if not streams:
             self._streams.pop(stream.partner_id, None)
+        if not self._streams:
+            self._no_streams.set()
         for instruction_id in stream.in_flight:
             if self._holder.get(instruction_id) is stream:
                 del self._holder[instruction_id]
@@ -143,10 +148,19 @@ class Hub:
             await self._notify.publish(session, *map(wakeup.instructions_topic, partners))
         log.info("partner stream closed", partner_id=stream.partner_id, stream_id=stream.stream_id)
 
-    async def drain(self) -> None:
-        """Waits for closing streams to hand their leases back (at shutdown)."""
+    async def shutdown(self, grace: float = 2.0) -> None:
+        """Ends every stream and waits (up to `grace`) for their leases to go
+        back to the pool, so another replica delivers them at once."""
+        for streams in list(self._streams.values()):
+            for stream in streams:
+                # Whatever is queued is leased to this stream: released on close.
+                while stream.outgoing.full():
+                    stream.outgoing.get_nowait()
+                stream.outgoing.put_nowait(StreamClosed())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_streams.wait(), grace)
         if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            await asyncio.wait(self._closing, timeout=max(grace, 0.1))
 
     def connected(self) -> dict[str, int]:
         return {partner: len(streams) for partner, streams in self._streams.items()}

@@ -611,7 +611,7 @@ def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
     )
 
     async def stop() -> None:
-        await the_hub.drain()
+        await the_hub.shutdown()
         await notify.stop()
 
     return Component(
