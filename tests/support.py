@@ -98,9 +98,8 @@ async def start_server(
         database_url=database_url,
         redis_url=redis_url,
         data_dir=data_dir,
-        digest_keys=digests.new_key_spec("test"),
         credential_cache_seconds=0.0,
-        **overrides,
+        **{"digest_keys": digests.new_key_spec("test"), **overrides},
     )
     app = await build(settings)
     await app.start()

@@ -9,7 +9,6 @@ new rows use the first.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 import secrets
@@ -25,7 +24,8 @@ class DigestKey:
     secret: bytes
 
     def digest(self, kind: str, normalized: str) -> bytes:
-        return hmac.new(self.secret, f"{kind}:{normalized}".encode(), hashlib.sha256).digest()
+        # hmac.digest: the one-shot C implementation, several times faster than hmac.new.
+        return hmac.digest(self.secret, f"{kind}:{normalized}".encode(), "sha256")
 
 
 class Digester:

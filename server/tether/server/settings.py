@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     report_rate_per_minute: int = Field(
         60, description="ReportAccountUse calls allowed per device and credential per minute"
     )
+    import_workers: int = Field(
+        0,
+        description="worker processes that normalize bulk imports beside the server "
+        "(0: in the server process); about one per spare CPU core",
+    )
 
     # --- logs --------------------------------------------------------------
     log_format: Literal["console", "json"] = Field("console", description="log line format")

@@ -1,25 +1,32 @@
-"""Bulk import of an eligible list: staged as it streams in, merged at the end.
+"""Bulk import of an eligible list, inside one transaction per stream.
 
-Entries are normalized and digested batch by batch and loaded into a
-temporary staging table of the import's own transaction (COPY on
-PostgreSQL, executemany on SQLite). Only when the stream ends does one
-statement merge the staging table into the list (and, for REPLACE, one
-statement delete what the stream did not name). A stream that fails or is
+Each batch is normalized and digested, loaded into a temporary table (COPY
+on PostgreSQL, executemany on SQLite) and merged into the list with one
+INSERT ... ON CONFLICT, sorted by digest so that index inserts stay local.
+While PostgreSQL merges one batch, the next one is being normalized (in a
+worker process when TETHER_IMPORT_WORKERS > 0), so the two costs overlap.
+Every batch is also kept in a staging table: at the end, REPLACE deletes
+what the stream did not name, in one statement. A stream that fails or is
 cancelled rolls the transaction back, so it changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from sqlalchemy import (
     BigInteger,
     Column,
+    Executable,
     Index,
     LargeBinary,
     MetaData,
+    Select,
     String,
     Table,
     delete,
@@ -37,7 +44,7 @@ from tether.server.admin.service import get_partner
 from tether.server.binding import accounts, dialects
 from tether.server.binding.eligible import MAX_REFERENCE
 from tether.server.binding.tables import EligibleAccount
-from tether.server.digests import Digester
+from tether.server.digests import Digester, DigestKey
 from tether.server.errors import FieldViolation, InvalidArgument
 from tether.server.storage.base import UtcDateTime, utcnow
 
@@ -67,10 +74,12 @@ class ImportResult:
 
 
 def prepare(
-    digester: Digester, first_index: int, entries: Sequence[RawEntry]
+    key: DigestKey, first_index: int, entries: Sequence[RawEntry]
 ) -> tuple[list[StagedRow], list[Rejection]]:
-    """Normalizes and digests one batch: the hot loop of an import."""
-    key = digester.current
+    """Normalizes and digests one batch: the hot loop of an import.
+
+    A plain function of picklable values, so it can run in a worker process.
+    """
     normalize = accounts.normalize_account
     rows: list[StagedRow] = []
     rejections: list[Rejection] = []
@@ -98,7 +107,11 @@ def prepare(
 
 
 class Import:
-    """One import stream, inside the caller's transaction."""
+    """One import stream, inside the caller's transaction.
+
+    Call start(), add() per batch, then finish(); always close() (in a
+    finally) so that no write is left running when the transaction ends.
+    """
 
     def __init__(
         self,
@@ -108,30 +121,48 @@ class Import:
         *,
         replace: bool,
         max_rejected: int,
+        executor: Executor | None = None,
     ) -> None:
         self._session = session
-        self._digester = digester
+        self._key = digester.current
         self._partner_id = partner_id
         self._replace = replace
         self._max_rejected = max_rejected
+        self._executor = executor
         self._postgres = dialects.is_postgres(session)
-        self._staging = _staging_table()
+        # Every accepted row of the stream, and the rows of the batch being merged.
+        self._staging = _temporary_table("import_staging")
+        self._batch = _temporary_table("import_batch")
+        self._writing: asyncio.Task[None] | None = None
         self.result = ImportResult()
 
     async def start(self) -> None:
         await get_partner(self._session, self._partner_id)
         connection = await self._session.connection()
         await connection.run_sync(self._staging.create)
+        await connection.run_sync(self._batch.create)
+        if self._postgres:
+            # Sorting a batch by digest and REPLACE's anti-join stay in memory.
+            await self._session.execute(text("SET LOCAL work_mem = '64MB'"))
 
     async def add(self, entries: Sequence[RawEntry]) -> None:
-        rows, rejections = prepare(self._digester, self.result.received, entries)
-        self._note(len(entries), rejections)
+        first = self.result.received
+        self.result.received += len(entries)
+        if self._executor is None:
+            rows, rejections = prepare(self._key, first, entries)
+        else:
+            loop = asyncio.get_running_loop()
+            rows, rejections = await loop.run_in_executor(
+                self._executor, prepare, self._key, first, entries
+            )
+        self._note(rejections)
+        await self._wait_for_writing()
         if rows:
-            await self._load(rows)
+            # Runs while the caller receives and normalizes the next batch.
+            self._writing = asyncio.create_task(self._write(rows))
 
-    def _note(self, received: int, rejections: list[Rejection]) -> None:
+    def _note(self, rejections: list[Rejection]) -> None:
         result = self.result
-        result.received += received
         result.rejected += len(rejections)
         room = MAX_REPORTED_REJECTIONS - len(result.rejections)
         result.rejections.extend(rejections[: max(room, 0)])
@@ -145,29 +176,87 @@ class Import:
                 ],
             )
 
-    async def _load(self, rows: list[StagedRow]) -> None:
+    async def _wait_for_writing(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await writing
+
+    async def close(self) -> None:
+        """Lets a write still running (the stream failed) end before the rollback.
+
+        It is awaited, not cancelled: a statement cut off half-way can leave
+        the connection unusable for the rollback (and SQLite locked).
+        """
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(writing)
+
+    async def _write(self, rows: list[StagedRow]) -> None:
+        session, batch = self._session, self._batch
+        await self._load(batch, rows)
+        await session.execute(self._merge_statement())
+        await session.execute(self._staging.insert().from_select(STAGING_COLUMNS, select(batch)))
+        await session.execute(batch.delete())
+
+    async def _load(self, table: Table, rows: list[StagedRow]) -> None:
         if self._postgres:
             connection = await self._session.connection()
             raw = await connection.get_raw_connection()
             await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-                self._staging.name, records=rows, columns=STAGING_COLUMNS
+                table.name, records=rows, columns=STAGING_COLUMNS
             )
             return
         await self._session.execute(
-            self._staging.insert(), [dict(zip(STAGING_COLUMNS, row, strict=True)) for row in rows]
+            table.insert(), [dict(zip(STAGING_COLUMNS, row, strict=True)) for row in rows]
         )
 
+    def _latest_rows(self) -> Select[tuple[object, ...]]:
+        """The batch's rows, the last one per account only, in digest order."""
+        batch = self._batch
+        columns = (
+            literal(self._partner_id, String()),
+            batch.c.account_kind,
+            batch.c.account_digest,
+            literal(self._key.key_id, String()),
+            batch.c.partner_reference,
+            literal(utcnow(), UtcDateTime()),
+        )
+        latest = select(func.max(batch.c.seq)).group_by(batch.c.account_digest)
+        return select(*columns).where(batch.c.seq.in_(latest)).order_by(batch.c.account_digest)
+
+    def _merge_statement(self) -> Executable:
+        merge = dialects.insert(self._session, EligibleAccount).from_select(
+            [
+                "partner_id",
+                "account_kind",
+                "account_digest",
+                "key_id",
+                "partner_reference",
+                "create_time",
+            ],
+            self._latest_rows(),
+        )
+        # A later entry for an account wins, as with AddEligibleAccounts.
+        upsert: Executable = merge.on_conflict_do_update(
+            index_elements=["partner_id", "account_digest"],
+            set_={"partner_reference": merge.excluded.partner_reference},
+            where=EligibleAccount.partner_reference != merge.excluded.partner_reference,
+        )
+        return upsert
+
     async def finish(self) -> ImportResult:
-        """Merges the staged entries into the list; the caller then commits."""
+        """Completes the import; the caller then commits."""
+        await self._wait_for_writing()
         session, staging = self._session, self._staging
-        if self._postgres:
-            # Temporary tables get no automatic statistics; the merge plans need them.
-            await session.execute(text(f"ANALYZE {staging.name}"))
-        else:
-            # SQLite answers NOT EXISTS row by row; this makes each answer cheap.
-            connection = await session.connection()
-            await connection.run_sync(Index(None, staging.c.account_digest).create)
         if self._replace:
+            if self._postgres:
+                # Temporary tables get no automatic statistics; the anti-join needs them.
+                await session.execute(text(f"ANALYZE {staging.name}"))
+            else:
+                # SQLite answers NOT EXISTS row by row; this makes each answer cheap.
+                connection = await session.connection()
+                await connection.run_sync(Index(None, staging.c.account_digest).create)
             removed = await session.execute(
                 delete(EligibleAccount)
                 .where(
@@ -177,45 +266,19 @@ class Import:
                 .execution_options(synchronize_session=False)
             )
             self.result.removed = int(removed.rowcount)  # type: ignore[attr-defined]
-        # The last entry for an account wins, as with AddEligibleAccounts.
-        latest = select(func.max(staging.c.seq)).group_by(staging.c.account_digest)
-        rows = select(
-            literal(self._partner_id, String()),
-            staging.c.account_kind,
-            staging.c.account_digest,
-            literal(self._digester.current.key_id, String()),
-            staging.c.partner_reference,
-            literal(utcnow(), UtcDateTime()),
-        ).where(staging.c.seq.in_(latest))
-        merge = dialects.insert(session, EligibleAccount).from_select(
-            [
-                "partner_id",
-                "account_kind",
-                "account_digest",
-                "key_id",
-                "partner_reference",
-                "create_time",
-            ],
-            rows,
-        )
-        merge = merge.on_conflict_do_update(
-            index_elements=["partner_id", "account_digest"],
-            set_={"partner_reference": merge.excluded.partner_reference},
-            where=EligibleAccount.partner_reference != merge.excluded.partner_reference,
-        )
-        await session.execute(merge)
         counted = select(func.count(distinct(staging.c.account_digest)))
         self.result.imported = int(await session.scalar(counted) or 0)
         if not self._postgres:
             connection = await session.connection()
+            await connection.run_sync(self._batch.drop)
             await connection.run_sync(staging.drop)
         return self.result
 
 
-def _staging_table() -> Table:
+def _temporary_table(prefix: str) -> Table:
     """A temporary table of the import's own, gone with its transaction."""
     return Table(
-        f"import_staging_{secrets.token_hex(6)}",
+        f"{prefix}_{secrets.token_hex(6)}",
         MetaData(),
         Column("seq", BigInteger, nullable=False),
         Column("account_kind", String(16), nullable=False),

@@ -53,6 +53,16 @@ class PartnerOutcome:
 
 
 @dataclass(frozen=True)
+class _Entry:
+    """The list entry that makes an account eligible with one partner."""
+
+    entry_id: int
+    partner_id: str
+    reference: str
+    policy: str
+
+
+@dataclass(frozen=True)
 class Report:
     account: Subject
     device: Subject
@@ -69,8 +79,14 @@ class Reporter:
         named = sorted(set(report.partner_ids))
         if named:
             await _require_partners(session, named)
+        # Plain columns, not ORM entities: this runs on every report.
         query = (
-            select(EligibleAccount, Partner.rebind_policy)
+            select(
+                EligibleAccount.entry_id,
+                EligibleAccount.partner_id,
+                EligibleAccount.partner_reference,
+                Partner.rebind_policy,
+            )
             .join(Partner, Partner.partner_id == EligibleAccount.partner_id)
             .where(EligibleAccount.account_digest.in_(report.account.candidates(self._digester)))
             # The current key's entry first, should a rotation have left two.
@@ -78,9 +94,9 @@ class Reporter:
         )
         if named:
             query = query.where(EligibleAccount.partner_id.in_(named))
-        eligible: dict[str, tuple[EligibleAccount, str]] = {}
-        for entry, policy in await session.execute(query):
-            eligible.setdefault(entry.partner_id, (entry, policy))
+        eligible: dict[str, _Entry] = {}
+        for entry_id, partner_id, reference, policy in await session.execute(query):
+            eligible.setdefault(partner_id, _Entry(entry_id, partner_id, reference, policy))
 
         outcomes = []
         # Sorted, so that two reports touching the same partners lock in one order.
@@ -88,14 +104,11 @@ class Reporter:
             if partner_id not in eligible:
                 outcomes.append(PartnerOutcome(partner_id, Outcome.NOT_ELIGIBLE))
                 continue
-            entry, policy = eligible[partner_id]
-            outcomes.append(await self._bind(session, report, entry, policy))
+            outcomes.append(await self._bind(session, report, eligible[partner_id]))
         return outcomes
 
-    async def _bind(
-        self, session: AsyncSession, report: Report, entry: EligibleAccount, policy: str
-    ) -> PartnerOutcome:
-        partner_id = entry.partner_id
+    async def _bind(self, session: AsyncSession, report: Report, entry: _Entry) -> PartnerOutcome:
+        partner_id, policy = entry.partner_id, entry.policy
         accounts = report.account.candidates(self._digester)
         devices = set(report.device.candidates(self._digester))
         if policy == "move":
@@ -106,7 +119,15 @@ class Reporter:
                 .where(EligibleAccount.entry_id == entry.entry_id)
                 .with_for_update()
             )
+        # Insert first: a new binding, the common case, then costs one
+        # statement. While keys rotate, an active binding may carry an older
+        # key's digest that the index cannot see, so look first then.
+        insert_first = len(accounts) == 1
         for _ in range(MAX_ROUNDS):
+            if insert_first:
+                created = await self._create(session, report, entry)
+                if created is not None:
+                    return PartnerOutcome(partner_id, Outcome.BOUND, created)
             active = await session.scalar(
                 select(Binding)
                 .where(
@@ -117,10 +138,11 @@ class Reporter:
                 .execution_options(populate_existing=True)
             )
             if active is None:
-                created = await self._create(session, report, entry)
-                if created is None:
-                    continue  # another device won the race; look at its binding
-                return PartnerOutcome(partner_id, Outcome.BOUND, created)
+                if not insert_first:
+                    created = await self._create(session, report, entry)
+                    if created is not None:
+                        return PartnerOutcome(partner_id, Outcome.BOUND, created)
+                continue  # another report won or revoked meanwhile; look again
             if active.device_digest in devices:
                 return PartnerOutcome(partner_id, Outcome.ALREADY_BOUND, active)
             if policy != "move":
@@ -129,18 +151,15 @@ class Reporter:
             if revoked is None:
                 continue  # someone else revoked or moved it meanwhile
             created = await self._create(session, report, entry)
-            if created is None:
-                continue
-            return PartnerOutcome(partner_id, Outcome.MOVED, created)
+            if created is not None:
+                return PartnerOutcome(partner_id, Outcome.MOVED, created)
         raise Unavailable(
             ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
             "too many concurrent reports of this account; retry",
             retry_after_seconds=0.1,
         )
 
-    async def _create(
-        self, session: AsyncSession, report: Report, entry: EligibleAccount
-    ) -> Binding | None:
+    async def _create(self, session: AsyncSession, report: Report, entry: _Entry) -> Binding | None:
         """The new active binding, or None when another one exists already."""
         values = {
             "binding_id": uuid.uuid4(),
@@ -150,27 +169,27 @@ class Reporter:
             "device_digest": report.device.digest(self._digester),
             "key_id": self._digester.current.key_id,
             # What goes back to the partner instead of the raw account.
-            "partner_reference": entry.partner_reference or str(entry.entry_id),
+            "partner_reference": entry.reference or str(entry.entry_id),
             "state": ACTIVE,
             "create_time": utcnow(),
             "revoke_time": None,
             "revoke_reason": None,
         }
         statement = (
-            dialects.insert(session, Binding)
+            dialects.insert(session, Binding.__table__)
             .values(values)
             .on_conflict_do_nothing(
                 index_elements=["partner_id", "account_digest"],
                 # Literal, so that PostgreSQL infers the partial index.
                 index_where=text("state = 'active'"),
             )
-            .returning(Binding)
+            .returning(Binding.binding_id)
         )
-        created = (
-            await session.scalars(statement, execution_options={"populate_existing": True})
-        ).one_or_none()
-        if created is not None:
-            await _tell(session, self._listeners, BindingChange("created", created))
+        # A Core insert: the ORM's unit of work costs more than the insert itself.
+        if await session.scalar(statement) is None:
+            return None
+        created = Binding(**values)
+        await _tell(session, self._listeners, BindingChange("created", created))
         return created
 
 

@@ -18,6 +18,7 @@ from tether.server.binding import bindings, eligible, importer, messages
 from tether.server.binding.ratelimit import ReportRateLimiter
 from tether.server.binding.reports import Report, Reporter
 from tether.server.binding.subjects import Subject
+from tether.server.binding.workers import ImportWorkers
 from tether.server.components import Component
 from tether.server.errors import (
     FailedPrecondition,
@@ -68,13 +69,14 @@ def _entries(items: Any, path: str, violations: Violations, *, limit: int) -> li
 
 
 class BindingServicer(service_pb2_grpc.BindingServicer):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, import_workers: ImportWorkers) -> None:
         self._rt = runtime
         self._db = runtime.db
         self._digester = runtime.digester
         # The list object itself: provisioning appends its listener after us.
         self._reporter = Reporter(runtime.digester, runtime.binding_listeners)
         self._limiter = ReportRateLimiter(runtime.redis, runtime.settings.report_rate_per_minute)
+        self._import_workers = import_workers
 
     async def ReportAccountUse(
         self, request: pb.ReportAccountUseRequest, context: Context
@@ -263,26 +265,30 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
                 partner_id,
                 replace=header.mode == pb.IMPORT_MODE_REPLACE,
                 max_rejected=header.max_rejected,
+                executor=self._import_workers.get(),
             )
-            await job.start()
-            async for message in request_iterator:
-                if message.WhichOneof("item") != "batch":
-                    raise invalid("header", "only the first message may be a header")
-                items = message.batch.entries
-                if not items or len(items) > MAX_IMPORT_BATCH:
-                    raise invalid("batch.entries", f"1-{MAX_IMPORT_BATCH:,} entries per batch")
-                await job.add(
-                    [
-                        (
-                            kinds.get(e.account.kind, ""),
-                            e.account.value,
-                            e.account.region_hint,
-                            e.partner_reference,
-                        )
-                        for e in items
-                    ]
-                )
-            result = await job.finish()
+            try:
+                await job.start()
+                async for message in request_iterator:
+                    if message.WhichOneof("item") != "batch":
+                        raise invalid("header", "only the first message may be a header")
+                    items = message.batch.entries
+                    if not items or len(items) > MAX_IMPORT_BATCH:
+                        raise invalid("batch.entries", f"1-{MAX_IMPORT_BATCH:,} entries per batch")
+                    await job.add(
+                        [
+                            (
+                                kinds.get(e.account.kind, ""),
+                                e.account.value,
+                                e.account.region_hint,
+                                e.partner_reference,
+                            )
+                            for e in items
+                        ]
+                    )
+                result = await job.finish()
+            finally:
+                await job.close()
         return pb.ImportEligibleAccountsResponse(
             received_count=result.received,
             imported_count=result.imported,
@@ -331,5 +337,6 @@ def _page_token_invalid() -> InvalidArgument:
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
-    service_pb2_grpc.add_BindingServicer_to_server(BindingServicer(runtime), server)
-    return Component(services=[SERVICE_NAME])
+    workers = ImportWorkers(runtime.settings.import_workers)
+    service_pb2_grpc.add_BindingServicer_to_server(BindingServicer(runtime, workers), server)
+    return Component(services=[SERVICE_NAME], start=workers.warm_up, stop=workers.stop)
