@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
@@ -33,7 +33,7 @@ from tether.server.provisioning.tables import (
     Entitlement,
     Instruction,
 )
-from tether.server.storage.base import utcnow
+from tether.server.storage.base import Base, utcnow
 
 MAX_REASON = 500
 MAX_REFERENCE = 128
@@ -86,12 +86,37 @@ def _not_found(instruction_id: uuid.UUID) -> NotFound:
 
 @dataclass(frozen=True)
 class Applied:
-    """What one confirmation did: an outcome, or the error refusing it."""
+    """What one confirmation did: an outcome and the instruction's new state,
+    or the error refusing it."""
 
     instruction_id: uuid.UUID
     outcome: Outcome | None = None
-    row: Instruction | None = None
+    state: str = ""
     error: TetherError | None = None
+
+
+@dataclass
+class _Row:
+    """The columns of an instruction a confirmation reads and writes."""
+
+    seq: int
+    instruction_id: uuid.UUID
+    partner_id: str
+    kind: str
+    binding_id: uuid.UUID
+    service_id: str
+    state: str
+    attempts: int
+    due_time: datetime
+    lease_owner: str | None
+    last_error: str
+    partner_service_reference: str
+    changed: bool = False
+
+
+_I = Base.metadata.tables[Instruction.__tablename__]
+_E = Base.metadata.tables[Entitlement.__tablename__]
+_ROW_COLUMNS = [_I.c[name] for name in _Row.__dataclass_fields__ if name != "changed"]
 
 
 async def confirm_many(
@@ -105,20 +130,19 @@ async def confirm_many(
     """Applies confirmations in one transaction; one Applied per item, in order.
 
     Rows are locked in delivery order (seq), so concurrent batches of one
-    partner cannot deadlock.
+    partner cannot deadlock. Core statements, not ORM objects: this is the
+    hot path of every partner stream.
     """
     ids = sorted({instruction_id for instruction_id, _ in items})
-    rows = {
-        row.instruction_id: row
-        for row in await session.scalars(
-            select(Instruction)
-            .where(Instruction.instruction_id.in_(ids))
-            .order_by(Instruction.seq)
-            .with_for_update()
-        )
-    }
+    locked = await session.execute(
+        select(*_ROW_COLUMNS)
+        .where(_I.c.instruction_id.in_(ids))
+        .order_by(_I.c.seq)
+        .with_for_update()
+    )
+    rows = {r.instruction_id: _Row(*r) for r in locked}
     now = utcnow()
-    effects: list[tuple[Instruction, str, str]] = []
+    effects: list[tuple[_Row, str, str]] = []
     applied = []
     for instruction_id, result in items:
         row = rows.get(instruction_id)
@@ -129,19 +153,44 @@ async def confirm_many(
         try:
             outcome = _apply(row, result, timing, now, effects)
         except TetherError as exc:
-            applied.append(Applied(instruction_id, row=row, error=exc))
+            applied.append(Applied(instruction_id, state=row.state, error=exc))
             continue
-        applied.append(Applied(instruction_id, outcome, row))
-    await _set_entitlements(session, notify, effects)
+        applied.append(Applied(instruction_id, outcome, row.state))
+    changed = [r for r in rows.values() if r.changed]
+    if changed:
+        await session.execute(
+            update(_I)
+            .where(_I.c.seq == bindparam("b_seq"))
+            .values(
+                state=bindparam("b_state"),
+                due_time=bindparam("b_due"),
+                lease_owner=bindparam("b_owner"),
+                last_error=bindparam("b_error"),
+                partner_service_reference=bindparam("b_ref"),
+                update_time=now,
+            ),
+            [
+                {
+                    "b_seq": r.seq,
+                    "b_state": r.state,
+                    "b_due": r.due_time,
+                    "b_owner": r.lease_owner,
+                    "b_error": r.last_error,
+                    "b_ref": r.partner_service_reference,
+                }
+                for r in changed
+            ],
+        )
+    await _set_entitlements(session, notify, effects, now)
     return applied
 
 
 def _apply(
-    row: Instruction,
+    row: _Row,
     result: Result,
     timing: Timing,
     now: datetime,
-    effects: list[tuple[Instruction, str, str]],
+    effects: list[tuple[_Row, str, str]],
 ) -> Outcome:
     if row.state in (CONFIRMED, FAILED):
         if _same_final(row, result):
@@ -152,7 +201,7 @@ def _apply(
             "the first result stands",
             metadata={"instruction_id": str(row.instruction_id), "state": row.state},
         )
-    row.update_time = now
+    row.changed = True
     row.lease_owner = None
     if isinstance(result, Done):
         row.state = CONFIRMED
@@ -174,7 +223,7 @@ def _apply(
     return Outcome.RETRY_SCHEDULED
 
 
-def _same_final(row: Instruction, result: Result) -> bool:
+def _same_final(row: _Row, result: Result) -> bool:
     if isinstance(result, Done):
         return (
             row.state == CONFIRMED
@@ -183,37 +232,52 @@ def _same_final(row: Instruction, result: Result) -> bool:
     return row.state == FAILED and not result.retryable and row.last_error == result.reason
 
 
-def _final_text(row: Instruction) -> str:
+def _final_text(row: _Row) -> str:
     if row.state == CONFIRMED:
         return f"done (reference {row.partner_service_reference!r})"
     return f"failed permanently ({row.last_error!r})"
 
 
 async def _set_entitlements(
-    session: AsyncSession, notify: wakeup.Wakeup, effects: list[tuple[Instruction, str, str]]
+    session: AsyncSession,
+    notify: wakeup.Wakeup,
+    effects: list[tuple[_Row, str, str]],
+    now: datetime,
 ) -> None:
     if not effects:
         return
     binding_ids = sorted({row.binding_id for row, _, _ in effects})
-    entitlements = {
-        (ent.binding_id, ent.service_id): ent
-        for ent in await session.scalars(
-            select(Entitlement)
-            .where(Entitlement.binding_id.in_(binding_ids))
-            .order_by(Entitlement.binding_id, Entitlement.service_id)
-            .with_for_update()
-        )
-    }
+    locked = await session.execute(
+        select(*feed.ENTRY_COLUMNS)
+        .where(_E.c.binding_id.in_(binding_ids))
+        .order_by(_E.c.binding_id, _E.c.service_id)
+        .with_for_update()
+    )
+    entitlements = {(e.binding_id, e.service_id): feed.Entry(*e) for e in locked}
     changed = []
-    now = utcnow()
     for row, state, reason in effects:
-        ent = entitlements.get((row.binding_id, row.service_id))
+        entry = entitlements.get((row.binding_id, row.service_id))
         # Only an entitlement still being opened moves: a binding revoked in
         # the meantime stays revoked, whatever the partner says of the open.
-        if ent is None or ent.state != ACTIVATING:
+        if entry is None or entry.state != ACTIVATING:
             continue
-        ent.state = state
-        ent.reason = reason
-        ent.update_time = now
-        changed.append(ent)
+        entry.state = state
+        entry.reason = reason
+        changed.append(entry)
+    if not changed:
+        return
+    await session.execute(
+        update(_E)
+        .where(_E.c.binding_id == bindparam("b_binding"), _E.c.service_id == bindparam("b_service"))
+        .values(state=bindparam("b_state"), reason=bindparam("b_reason"), update_time=now),
+        [
+            {
+                "b_binding": e.binding_id,
+                "b_service": e.service_id,
+                "b_state": e.state,
+                "b_reason": e.reason,
+            }
+            for e in changed
+        ],
+    )
     await feed.record(session, notify, changed)

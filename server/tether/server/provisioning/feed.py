@@ -10,19 +10,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.server.binding import dialects
 from tether.server.provisioning import wakeup
 from tether.server.provisioning.tables import DeviceFeed, Entitlement, EntitlementEvent
-from tether.server.storage.base import utcnow
+from tether.server.storage.base import Base, utcnow
 from tether.server.storage.database import Database
 
 READ_BATCH = 500
+
+
+@dataclass
+class Entry:
+    """What a feed event records of an entitlement (its columns, as read)."""
+
+    binding_id: uuid.UUID
+    service_id: str
+    partner_id: str
+    account_kind: str
+    account_digest: bytes
+    device_digest: bytes
+    state: str
+    reason: str
+
+
+ENTRY_COLUMNS = [
+    Base.metadata.tables[Entitlement.__tablename__].c[name] for name in Entry.__dataclass_fields__
+]
+
+
+class HasFeedColumns(Protocol):
+    binding_id: uuid.UUID
+    service_id: str
+    partner_id: str
+    account_kind: str
+    account_digest: bytes
+    device_digest: bytes
+    state: str
+    reason: str
 
 
 async def _reserve(session: AsyncSession, counts: dict[bytes, int]) -> dict[bytes, int]:
@@ -44,7 +77,7 @@ async def _reserve(session: AsyncSession, counts: dict[bytes, int]) -> dict[byte
 
 
 async def record(
-    session: AsyncSession, notify: wakeup.Wakeup, entitlements: Sequence[Entitlement]
+    session: AsyncSession, notify: wakeup.Wakeup, entitlements: Sequence[HasFeedColumns]
 ) -> None:
     """Appends the entitlements' current states to their devices' feeds, in order."""
     if not entitlements:
@@ -54,23 +87,25 @@ async def record(
     # Positions of one device count up to its reserved last, in list order.
     next_position = {d: last[d] - counts[d] + 1 for d in counts}
     now = utcnow()
+    events = []
     for ent in entitlements:
         position = next_position[ent.device_digest]
         next_position[ent.device_digest] += 1
-        session.add(
-            EntitlementEvent(
-                device_digest=ent.device_digest,
-                position=position,
-                binding_id=ent.binding_id,
-                partner_id=ent.partner_id,
-                service_id=ent.service_id,
-                account_kind=ent.account_kind,
-                account_digest=ent.account_digest,
-                state=ent.state,
-                reason=ent.reason,
-                event_time=now,
-            )
+        events.append(
+            {
+                "device_digest": ent.device_digest,
+                "position": position,
+                "binding_id": ent.binding_id,
+                "partner_id": ent.partner_id,
+                "service_id": ent.service_id,
+                "account_kind": ent.account_kind,
+                "account_digest": ent.account_digest,
+                "state": ent.state,
+                "reason": ent.reason,
+                "event_time": now,
+            }
         )
+    await session.execute(insert(Base.metadata.tables[EntitlementEvent.__tablename__]), events)
     await notify.publish(session, *(wakeup.feed_topic(d) for d in sorted(counts)))
 
 

@@ -212,13 +212,14 @@ class Hub:
 
     async def confirm(
         self, partner_id: str, instruction_id: uuid.UUID, result: confirmations.Result
-    ) -> tuple[confirmations.Outcome, Instruction]:
-        """Applies one confirmation (the unary path); raises what refuses it."""
+    ) -> tuple[confirmations.Outcome, str]:
+        """Applies one confirmation (the unary path); returns the outcome and
+        the instruction's new state, or raises what refuses it."""
         (applied,) = await self.confirm_batch(partner_id, [(instruction_id, result)])
         if applied.error is not None:
             raise applied.error
-        assert applied.outcome is not None and applied.row is not None
-        return applied.outcome, applied.row
+        assert applied.outcome is not None
+        return applied.outcome, applied.state
 
     async def confirm_batch(
         self, partner_id: str, items: list[tuple[uuid.UUID, confirmations.Result]]

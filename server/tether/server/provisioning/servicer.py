@@ -259,9 +259,9 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         confirmations.check_result(result, "confirmation")
         # The confirmation itself is idempotent, so a retry needs no stored
         # answer: it is answered DUPLICATE.
-        outcome, row = await self._hub.confirm(caller.partner_id, instruction_id, result)
+        outcome, state = await self._hub.confirm(caller.partner_id, instruction_id, result)
         return pb.ConfirmInstructionResponse(
-            outcome=m.OUTCOMES_PB[outcome], state=m.STATES_PB[row.state]
+            outcome=m.OUTCOMES_PB[outcome], state=m.STATES_PB[state]
         )
 
     # --- devices -------------------------------------------------------
