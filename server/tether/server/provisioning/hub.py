@@ -60,7 +60,7 @@ class StreamClosed(Exception):
     """Put on a stream's queue to end it."""
 
 
-Outgoing = Instruction | ConfirmationReply | UsageQueryOut | StreamClosed
+Outgoing = leasing.Delivery | ConfirmationReply | UsageQueryOut | StreamClosed
 # A confirmation as it came off the wire: the raw instruction id and the result.
 Incoming = tuple[str, confirmations.Result]
 

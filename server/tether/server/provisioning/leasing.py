@@ -9,6 +9,7 @@ writers instead; its FOR UPDATE is a no-op.)
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -53,6 +54,25 @@ class Timing:
         return self._grown(self.retry_delay, attempt)
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What a lease hands to a deliverer: the instruction as it goes out."""
+
+    seq: int
+    instruction_id: uuid.UUID
+    kind: str
+    service_id: str
+    binding_id: uuid.UUID
+    partner_reference: str
+    account_kind: str
+    account_digest: bytes
+    state: str
+    attempts: int
+    create_time: datetime
+    # The end of the lease.
+    due_time: datetime
+
+
 async def lease(
     session: AsyncSession,
     partner_id: str,
@@ -61,7 +81,7 @@ async def lease(
     limit: int,
     timing: Timing,
     now: datetime | None = None,
-) -> list[Instruction]:
+) -> list[Delivery]:
     """Claims up to `limit` deliverable instructions of the partner for `owner`.
 
     Instructions already delivered max_attempts times are parked as dead
@@ -96,10 +116,10 @@ async def lease(
             due_time=case((spent, i.due_time), else_=lease_end),
             update_time=now,
         )
-        .returning(i)
-        .execution_options(synchronize_session=False, populate_existing=True)
+        .returning(*(getattr(i, name) for name in Delivery.__dataclass_fields__))
+        .execution_options(synchronize_session=False)
     )
-    rows = list(await session.scalars(statement))
+    rows = [Delivery(*row) for row in await session.execute(statement)]
     return sorted((r for r in rows if r.state == LEASED), key=lambda r: r.seq)
 
 

@@ -13,6 +13,7 @@ from tether.common.v1 import types_pb2 as types
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.server.binding.messages import ACCOUNT_KINDS_PB
 from tether.server.provisioning import confirmations, tables
+from tether.server.provisioning.leasing import Delivery
 from tether.server.provisioning.tables import EntitlementEvent, Instruction
 from tether.server.transport.convert import timestamp
 
@@ -53,7 +54,7 @@ def result_of(message: pb.Confirmation, path: str) -> confirmations.Result | Non
     return None
 
 
-def instruction_pb(row: Instruction) -> pb.Instruction:
+def instruction_pb(row: Instruction | Delivery) -> pb.Instruction:
     return pb.Instruction(
         instruction_id=str(row.instruction_id),
         kind=KINDS_PB[row.kind],
