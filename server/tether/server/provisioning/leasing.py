@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import case, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from tether.server.provisioning.tables import DEAD, LEASED, PENDING, Instruction
 from tether.server.settings import Settings
@@ -74,7 +74,7 @@ class Delivery:
 
 
 async def lease(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     partner_id: str,
     *,
     owner: str,
@@ -85,7 +85,8 @@ async def lease(
     """Claims up to `limit` deliverable instructions of the partner for `owner`.
 
     Instructions already delivered max_attempts times are parked as dead
-    instead. Returns the leased rows, oldest first.
+    instead. Returns the leased rows, oldest first. One statement, atomic
+    by itself: it may run on an autocommit connection.
     """
     if limit <= 0:
         return []
