@@ -369,7 +369,7 @@ async def tether_latency(
 ) -> tuple[list[float], float]:
     recorder = Recorder()
     recorder.expected = count + bench.extra
-    workers, tasks, channels = await _workers(address, token, recorder, 1)
+    workers, tasks, channels = await _workers(address, token, recorder, STREAMS)
     committed: dict[str, float] = {}
 
     async def one(_i: int) -> None:

@@ -65,6 +65,9 @@ class RawStream:
             response = await self.recv()
             if response.WhichOneof("message") == "instruction":
                 got.append(response.instruction)
+            elif response.WhichOneof("message") == "instructions":
+                got.extend(response.instructions.instructions)
+        assert len(got) == count, "more instructions than expected"
         return got
 
     async def results(self, count: int) -> list[pb.ConfirmationResult]:
@@ -73,6 +76,8 @@ class RawStream:
             response = await self.recv()
             if response.WhichOneof("message") == "confirmation_result":
                 got.append(response.confirmation_result)
+            elif response.WhichOneof("message") == "confirmation_results":
+                got.extend(response.confirmation_results.results)
         return got
 
     def confirm(self, instruction_id: str, reference: str = "ref") -> None:

@@ -191,6 +191,8 @@ async def test_server_stopped_with_sigterm_hands_its_leases_back_at_once(
                 assert isinstance(response, pb.ConnectResponse)
                 if response.WhichOneof("message") == "instruction":
                     held.append(response.instruction.instruction_id)
+                elif response.WhichOneof("message") == "instructions":
+                    held.extend(i.instruction_id for i in response.instructions.instructions)
             process.stop()  # SIGTERM, then wait for the exit
         finally:
             stream.cancel()

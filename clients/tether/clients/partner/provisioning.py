@@ -50,6 +50,8 @@ FATAL = {
 # Results remembered per instruction id, to answer redeliveries without
 # running the handler again.
 REMEMBERED = 100_000
+# Most confirmations sent in one stream message.
+BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,25 @@ class PartnerWorker:
         self, queue: asyncio.Queue[pb.ConnectRequest | None]
     ) -> AsyncIterator[pb.ConnectRequest]:
         while (item := await queue.get()) is not None:
-            yield item
+            # Confirmations waiting together go out as one message.
+            pending: list[pb.ConnectRequest | None] = [item]
+            while not queue.empty() and len(pending) < BATCH:
+                pending.append(queue.get_nowait())
+            ending = pending[-1] is None
+            confirmations = [
+                r.confirmation for r in pending if r is not None and r.HasField("confirmation")
+            ]
+            for request in pending:
+                if request is not None and not request.HasField("confirmation"):
+                    yield request
+            if len(confirmations) == 1:
+                yield pb.ConnectRequest(confirmation=confirmations[0])
+            elif confirmations:
+                yield pb.ConnectRequest(
+                    confirmations=pb.ConfirmationBatch(confirmations=confirmations)
+                )
+            if ending:
+                return
 
     async def _one_stream(self) -> None:
         queue: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
@@ -228,22 +248,30 @@ class PartnerWorker:
             self.connected.set()
         elif which == "instruction":
             self._received(response.instruction)
+        elif which == "instructions":
+            for instruction in response.instructions.instructions:
+                self._received(instruction)
         elif which == "confirmation_result":
-            result = response.confirmation_result
-            self._unacknowledged.pop(result.instruction_id, None)
-            if result.error_reason:
-                self.stats.confirmations_refused += 1
-                self.stats.refused.append(result)
-                log.warning(
-                    "confirmation of %s refused: %s %s",
-                    result.instruction_id,
-                    result.error_reason,
-                    result.error_message,
-                )
-            else:
-                self.stats.confirmations_acknowledged += 1
+            self._acknowledged(response.confirmation_result)
+        elif which == "confirmation_results":
+            for result in response.confirmation_results.results:
+                self._acknowledged(result)
         elif which == "usage_query":
             self._spawn(f"usage:{response.usage_query.query_id}", self._usage(response.usage_query))
+
+    def _acknowledged(self, result: pb.ConfirmationResult) -> None:
+        self._unacknowledged.pop(result.instruction_id, None)
+        if result.error_reason:
+            self.stats.confirmations_refused += 1
+            self.stats.refused.append(result)
+            log.warning(
+                "confirmation of %s refused: %s %s",
+                result.instruction_id,
+                result.error_reason,
+                result.error_message,
+            )
+        else:
+            self.stats.confirmations_acknowledged += 1
 
     def _received(self, instruction: Instruction) -> None:
         self.stats.instructions_received += 1

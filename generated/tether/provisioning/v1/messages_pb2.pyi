@@ -583,6 +583,7 @@ class ConnectRequest(_message.Message):
     CONFIRMATION_FIELD_NUMBER: _builtins.int
     USAGE_ANSWER_FIELD_NUMBER: _builtins.int
     USAGE_REPORT_FIELD_NUMBER: _builtins.int
+    CONFIRMATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___StreamHello:
         """Must be first, and only first."""
@@ -599,6 +600,12 @@ class ConnectRequest(_message.Message):
     def usage_report(self) -> Global___UsageReport:
         """Usage events measured by the partner (same as ReportUsage)."""
 
+    @_builtins.property
+    def confirmations(self) -> Global___ConfirmationBatch:
+        """Several results at once: the same as that many `confirmation`
+        messages, in one message (cheaper for both sides under load).
+        """
+
     def __init__(
         self,
         *,
@@ -606,16 +613,89 @@ class ConnectRequest(_message.Message):
         confirmation: Global___Confirmation | None = ...,
         usage_answer: Global___UsageAnswer | None = ...,
         usage_report: Global___UsageReport | None = ...,
+        confirmations: Global___ConfirmationBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "hello", b"hello", "message", b"message", "usage_answer", b"usage_answer", "usage_report", b"usage_report"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "confirmations", b"confirmations", "hello", b"hello", "message", b"message", "usage_answer", b"usage_answer", "usage_report", b"usage_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "hello", b"hello", "message", b"message", "usage_answer", b"usage_answer", "usage_report", b"usage_report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "confirmations", b"confirmations", "hello", b"hello", "message", b"message", "usage_answer", b"usage_answer", "usage_report", b"usage_report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "confirmation", "usage_answer", "usage_report"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "confirmation", "usage_answer", "usage_report", "confirmations"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmationBatch(_message.Message):
+    """Several confirmations in one stream message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIRMATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def confirmations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Confirmation]:
+        """1-1000 confirmations, each answered by its own ConfirmationResult."""
+
+    def __init__(
+        self,
+        *,
+        confirmations: _abc.Iterable[Global___Confirmation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmations", b"confirmations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmationBatch: _TypeAlias = ConfirmationBatch  # noqa: Y015
+
+@_typing.final
+class InstructionBatch(_message.Message):
+    """Several instructions in one stream message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def instructions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Instruction]:
+        """The instructions, oldest first; handle and confirm each one."""
+
+    def __init__(
+        self,
+        *,
+        instructions: _abc.Iterable[Global___Instruction] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instructions", b"instructions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstructionBatch: _TypeAlias = InstructionBatch  # noqa: Y015
+
+@_typing.final
+class ConfirmationResultBatch(_message.Message):
+    """Several confirmation results in one stream message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfirmationResult]:
+        """One result per confirmation, in the order they were applied."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ConfirmationResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmationResultBatch: _TypeAlias = ConfirmationResultBatch  # noqa: Y015
 
 @_typing.final
 class ConnectResponse(_message.Message):
@@ -627,6 +707,8 @@ class ConnectResponse(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _builtins.int
     CONFIRMATION_RESULT_FIELD_NUMBER: _builtins.int
     USAGE_QUERY_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ready(self) -> Global___StreamReady:
         """The first message."""
@@ -643,6 +725,18 @@ class ConnectResponse(_message.Message):
     def usage_query(self) -> Global___UsageQuery:
         """Answer this with a UsageAnswer before its deadline."""
 
+    @_builtins.property
+    def instructions(self) -> Global___InstructionBatch:
+        """Several instructions at once, when more than one is ready: the same as
+        that many `instruction` messages. Clients must accept both forms.
+        """
+
+    @_builtins.property
+    def confirmation_results(self) -> Global___ConfirmationResultBatch:
+        """Several confirmation results at once: the same as that many
+        `confirmation_result` messages. Clients must accept both forms.
+        """
+
     def __init__(
         self,
         *,
@@ -650,12 +744,14 @@ class ConnectResponse(_message.Message):
         instruction: Global___Instruction | None = ...,
         confirmation_result: Global___ConfirmationResult | None = ...,
         usage_query: Global___UsageQuery | None = ...,
+        instructions: Global___InstructionBatch | None = ...,
+        confirmation_results: Global___ConfirmationResultBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation_result", b"confirmation_result", "instruction", b"instruction", "message", b"message", "ready", b"ready", "usage_query", b"usage_query"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation_result", b"confirmation_result", "confirmation_results", b"confirmation_results", "instruction", b"instruction", "instructions", b"instructions", "message", b"message", "ready", b"ready", "usage_query", b"usage_query"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation_result", b"confirmation_result", "instruction", b"instruction", "message", b"message", "ready", b"ready", "usage_query", b"usage_query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation_result", b"confirmation_result", "confirmation_results", b"confirmation_results", "instruction", b"instruction", "instructions", b"instructions", "message", b"message", "ready", b"ready", "usage_query", b"usage_query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["ready", "instruction", "confirmation_result", "usage_query"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["ready", "instruction", "confirmation_result", "usage_query", "instructions", "confirmation_results"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

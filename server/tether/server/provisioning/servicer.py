@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -44,6 +44,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_FETCH = 100
 DEFAULT_FETCH = 10
 MAX_LABEL = 100
+# Most items put into one stream message.
+MAX_BATCH = 500
 
 
 def _scoped_binding(binding: Binding, caller: Principal, device: list[bytes]) -> None:
@@ -57,6 +59,55 @@ def _scoped_binding(binding: Binding, caller: Principal, device: list[bytes]) ->
             ErrorReason.ERROR_REASON_BINDING_OF_OTHER_DEVICE,
             "the binding belongs to another device than the one named in the request",
         )
+
+
+def _result_pb(reply: hub.ConfirmationReply) -> pb.ConfirmationResult:
+    result = pb.ConfirmationResult(instruction_id=reply.instruction_id)
+    if reply.outcome is not None:
+        result.outcome = m.OUTCOMES_PB[reply.outcome]
+    if reply.error is not None:
+        result.error_reason = ErrorReason.Name(reply.error.reason)
+        result.error_message = reply.error.message
+    return result
+
+
+def _batched(items: Iterable[hub.Outgoing]) -> list[pb.ConnectResponse]:
+    """Stream messages for what is ready: instructions and results each in
+    one message (a batch when there are several), usage queries one by one."""
+    instructions: list[pb.Instruction] = []
+    results: list[pb.ConfirmationResult] = []
+    queries: list[pb.ConnectResponse] = []
+    for item in items:
+        if isinstance(item, hub.ConfirmationReply):
+            results.append(_result_pb(item))
+        elif isinstance(item, hub.UsageQueryOut):
+            queries.append(
+                pb.ConnectResponse(
+                    usage_query=pb.UsageQuery(
+                        query_id=item.query_id,
+                        binding_id=str(item.binding_id),
+                        service_id=item.service_id,
+                        partner_reference=item.partner_reference,
+                        deadline=timestamp(item.deadline),
+                    )
+                )
+            )
+        elif not isinstance(item, hub.StreamClosed):
+            instructions.append(m.instruction_pb(item))
+    messages = []
+    if len(instructions) == 1:
+        messages.append(pb.ConnectResponse(instruction=instructions[0]))
+    elif instructions:
+        messages.append(
+            pb.ConnectResponse(instructions=pb.InstructionBatch(instructions=instructions))
+        )
+    if len(results) == 1:
+        messages.append(pb.ConnectResponse(confirmation_result=results[0]))
+    elif results:
+        messages.append(
+            pb.ConnectResponse(confirmation_results=pb.ConfirmationResultBatch(results=results))
+        )
+    return messages + queries
 
 
 def _hello_again() -> errors.TetherError:
@@ -114,12 +165,18 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
             tasks.append(asyncio.create_task(self._read(stream, request_iterator, caller)))
             tasks.append(asyncio.create_task(self._dispatch(stream)))
             while True:
-                item = await stream.outgoing.get()
-                if isinstance(item, hub.StreamClosed):
-                    if item.args and isinstance(item.args[0], BaseException):
-                        raise item.args[0]
+                # Whatever is ready goes out together: each stream message
+                # costs a round through gRPC's completion queue.
+                items = [await stream.outgoing.get()]
+                while len(items) < MAX_BATCH and not stream.outgoing.empty():
+                    items.append(stream.outgoing.get_nowait())
+                closed = next((i for i in items if isinstance(i, hub.StreamClosed)), None)
+                for message in _batched(i for i in items if not isinstance(i, hub.StreamClosed)):
+                    yield message
+                if closed is not None:
+                    if closed.args and isinstance(closed.args[0], BaseException):
+                        raise closed.args[0]
                     return
-                yield self._outgoing_pb(item)
         finally:
             for task in tasks:
                 task.cancel()
@@ -131,28 +188,6 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         except Exception as exc:
             await stream.outgoing.put(hub.StreamClosed(exc))
             raise
-
-    def _outgoing_pb(self, item: hub.Outgoing) -> pb.ConnectResponse:
-        if isinstance(item, hub.ConfirmationReply):
-            result = pb.ConfirmationResult(instruction_id=item.instruction_id)
-            if item.outcome is not None:
-                result.outcome = m.OUTCOMES_PB[item.outcome]
-            if item.error is not None:
-                result.error_reason = ErrorReason.Name(item.error.reason)
-                result.error_message = item.error.message
-            return pb.ConnectResponse(confirmation_result=result)
-        if isinstance(item, hub.UsageQueryOut):
-            return pb.ConnectResponse(
-                usage_query=pb.UsageQuery(
-                    query_id=item.query_id,
-                    binding_id=str(item.binding_id),
-                    service_id=item.service_id,
-                    partner_reference=item.partner_reference,
-                    deadline=timestamp(item.deadline),
-                )
-            )
-        assert not isinstance(item, hub.StreamClosed)
-        return pb.ConnectResponse(instruction=m.instruction_pb(item))
 
     async def _read(
         self,
@@ -169,18 +204,23 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         try:
             async for request in requests:
                 which = request.WhichOneof("message")
-                if which == "confirmation":
-                    c = request.confirmation
-                    result = m.result_of(c, "confirmation")
-                    if result is None:
-                        await stream.outgoing.put(
-                            hub.ConfirmationReply(
-                                c.instruction_id,
-                                error=errors.invalid("confirmation.result", "done or failed"),
+                if which in ("confirmation", "confirmations"):
+                    batch = (
+                        [request.confirmation]
+                        if which == "confirmation"
+                        else list(request.confirmations.confirmations)
+                    )
+                    for c in batch:
+                        result = m.result_of(c, "confirmation")
+                        if result is None:
+                            await stream.outgoing.put(
+                                hub.ConfirmationReply(
+                                    c.instruction_id,
+                                    error=errors.invalid("confirmation.result", "done or failed"),
+                                )
                             )
-                        )
-                        continue
-                    await incoming.put((c.instruction_id, result))
+                        else:
+                            await incoming.put((c.instruction_id, result))
                 elif which == "usage_answer":
                     a = request.usage_answer
                     self._hub.answer_usage(
