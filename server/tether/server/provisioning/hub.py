@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tether.server import errors, logs
 from tether.server.provisioning import confirmations, leasing, wakeup
@@ -104,6 +105,8 @@ class Hub:
         self._closing: set[asyncio.Task[None]] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
+        self._lease_lock = asyncio.Lock()
+        self._lease_connection: AsyncConnection | None = None
 
     # --- streams -------------------------------------------------------
 
@@ -161,6 +164,7 @@ class Hub:
             await asyncio.wait_for(self._no_streams.wait(), grace)
         if self._closing:
             await asyncio.wait(self._closing, timeout=max(grace, 0.1))
+        await self._drop_lease_connection()
 
     def connected(self) -> dict[str, int]:
         return {partner: len(streams) for partner, streams in self._streams.items()}
@@ -177,20 +181,7 @@ class Hub:
                 credit = stream.credit(now)
                 wait = self._poll
                 if credit > 0:
-                    # Autocommit: the lease is one atomic statement, and each
-                    # saved round trip (BEGIN, COMMIT) is latency saved.
-                    async with self._db.engine.connect() as connection:
-                        autocommit = await connection.execution_options(
-                            isolation_level="AUTOCOMMIT"
-                        )
-                        rows = await leasing.lease(
-                            autocommit,
-                            stream.partner_id,
-                            owner=stream.owner,
-                            limit=credit,
-                            timing=self._timing,
-                            now=now,
-                        )
+                    rows = await self._lease(stream, credit, now)
                     for row in rows:
                         stream.in_flight[row.instruction_id] = row.due_time
                         self._holder[row.instruction_id] = stream
@@ -199,6 +190,50 @@ class Hub:
                         wait = await self._until_next_due(stream.partner_id, now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), wait)
+
+    async def _lease(
+        self, stream: PartnerStream, credit: int, now: datetime
+    ) -> list[leasing.Delivery]:
+        """Leases on the hub's own autocommit connection: the lease is one
+        atomic statement, so it needs no BEGIN/COMMIT, and a connection kept
+        open needs no pool check-out (and its ping). Every saved round trip
+        is latency saved between a commit and the partner. (SQLite, where
+        every writer queues behind BEGIN IMMEDIATE, leases in a transaction.)"""
+        if self._db.is_sqlite:
+            async with self._db.transaction() as session:
+                return await leasing.lease(
+                    session,
+                    stream.partner_id,
+                    owner=stream.owner,
+                    limit=credit,
+                    timing=self._timing,
+                    now=now,
+                )
+        async with self._lease_lock:
+            if self._lease_connection is None:
+                connection = await self._db.engine.connect()
+                self._lease_connection = await connection.execution_options(
+                    isolation_level="AUTOCOMMIT"
+                )
+            try:
+                return await leasing.lease(
+                    self._lease_connection,
+                    stream.partner_id,
+                    owner=stream.owner,
+                    limit=credit,
+                    timing=self._timing,
+                    now=now,
+                )
+            except Exception:
+                # A broken connection is replaced on the next lease.
+                await self._drop_lease_connection()
+                raise
+
+    async def _drop_lease_connection(self) -> None:
+        connection, self._lease_connection = self._lease_connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
     async def _until_next_due(self, partner_id: str, now: datetime) -> float:
         """Seconds until the partner's next retry or lease expiry, capped by the poll."""
