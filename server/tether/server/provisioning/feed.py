@@ -14,7 +14,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -47,17 +46,6 @@ ENTRY_COLUMNS = [
 ]
 
 
-class HasFeedColumns(Protocol):
-    binding_id: uuid.UUID
-    service_id: str
-    partner_id: str
-    account_kind: str
-    account_digest: bytes
-    device_digest: bytes
-    state: str
-    reason: str
-
-
 async def _reserve(session: AsyncSession, counts: dict[bytes, int]) -> dict[bytes, int]:
     """Reserves counts[d] positions in each device's feed; returns each device's last.
 
@@ -77,7 +65,7 @@ async def _reserve(session: AsyncSession, counts: dict[bytes, int]) -> dict[byte
 
 
 async def record(
-    session: AsyncSession, notify: wakeup.Wakeup, entitlements: Sequence[HasFeedColumns]
+    session: AsyncSession, notify: wakeup.Wakeup, entitlements: Sequence[Entry | Entitlement]
 ) -> None:
     """Appends the entitlements' current states to their devices' feeds, in order."""
     if not entitlements:
