@@ -7,17 +7,19 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 
 from tests import binding_support as bs
 from tests import provisioning_support as ps
-from tests.support import RunningServer, expect_error
+from tests.support import RunningServer, expect_error, start_server
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.device.provisioning import DeviceProvisioning
 from tether.clients.internal.provisioning import InternalProvisioning
 from tether.clients.partner.provisioning import Usage
 from tether.provisioning.v1 import messages_pb2 as pb
+from tether.server.provisioning.wakeup import Wakeup
 
 ACTIVATING = pb.ENTITLEMENT_STATE_ACTIVATING
 ACTIVE = pb.ENTITLEMENT_STATE_ACTIVE
@@ -276,3 +278,27 @@ async def test_internal_usage_query_sums_per_day_in_pages(pg_server: RunningServ
             grpc.StatusCode.INVALID_ARGUMENT,
             "ERROR_REASON_INVALID_FIELD",
         )
+
+
+async def test_stopping_server_ends_device_watches_so_they_resume_elsewhere(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    server = await start_server(database_url=postgres_url, redis_url=redis_url, data_dir=tmp_path)
+    try:
+        device_token = await server.credential("device")
+        devices = DeviceProvisioning(server.channel(device_token))
+        seen: list[pb.EntitlementEvent] = []
+        watching = asyncio.create_task(_collect(devices.watch(bs.device()), seen, 1))
+        # The stream is open once the server has subscribed its wake-up topic.
+        wakeup = next(c.extra["wakeup"] for c in server.app.components if "wakeup" in c.extra)
+        assert isinstance(wakeup, Wakeup)
+
+        async def subscribed() -> bool:
+            return wakeup.subscribed_topics > 0
+
+        await ps.eventually(subscribed, what="watch subscribed")
+    finally:
+        # A long grace: only the server ending the watch lets this finish soon.
+        await asyncio.wait_for(server.app.stop(grace=60), 20)
+    await asyncio.wait_for(watching, 5)
+    assert seen == []

@@ -133,6 +133,8 @@ async def follow(
             for row in rows:
                 yield row
                 after = row.position
+            if notify.closing:
+                return  # the server stops: the device resumes elsewhere
             if len(rows) == READ_BATCH:
                 continue
             with contextlib.suppress(TimeoutError):

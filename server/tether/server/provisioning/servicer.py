@@ -651,6 +651,7 @@ def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
     )
 
     async def stop() -> None:
+        notify.close_waiters()
         await the_hub.shutdown()
         await notify.stop()
 

@@ -86,6 +86,9 @@ class Wakeup:
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
+        # Set at shutdown: long waits (device watches) end, so that the
+        # server's drain does not wait for them.
+        self.closing = False
 
     # --- waiting -------------------------------------------------------
 
@@ -102,6 +105,11 @@ class Wakeup:
                 self._waiters[topic].discard(flag)
                 if not self._waiters[topic]:
                     del self._waiters[topic]
+
+    @property
+    def subscribed_topics(self) -> int:
+        """How many topics someone waits on (for health views and tests)."""
+        return len(self._waiters)
 
     def wake(self, *topics: str) -> None:
         for topic in topics:
@@ -127,6 +135,10 @@ class Wakeup:
             self.listening.set()
             return
         self._task = asyncio.create_task(self._listen_forever(), name="provisioning-listen")
+
+    def close_waiters(self) -> None:
+        self.closing = True
+        self.wake(*list(self._waiters))
 
     async def stop(self) -> None:
         if self._task is not None:
