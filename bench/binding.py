@@ -5,10 +5,12 @@
 Each figure is printed next to a baseline measured in the same run, on the
 same machine and the same PostgreSQL:
 
-- ReportAccountUse against a bare grpc.aio server that answers the same RPC
-  with one equivalent SQL transaction (look the account up, insert the
-  binding, store the answer for retries) through a raw asyncpg pool, with
-  no authentication, validation, rate limit or ORM.
+- ReportAccountUse against bare grpc.aio servers that answer the same RPC
+  with one equivalent SQL transaction (look the request id up, look the
+  account up, insert the binding, store the answer for retries) and nothing
+  else (no authentication, validation, rate limit or ORM): one through a raw
+  asyncpg pool, one through Tether's own SQLAlchemy engine set-up with
+  plain SQL. Tether is measured first, then the two baselines.
 - Bulk import against a raw COPY of the same, already digested rows into a
   table shaped like the eligible list.
 
@@ -30,11 +32,11 @@ import secrets
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Event as EventType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -44,11 +46,15 @@ from stdnum import luhn
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.admin.v1.service_pb2_grpc import AdminStub
 from tether.binding.v1 import messages_pb2 as pb
-from tether.binding.v1.service_pb2_grpc import BindingAsyncStub, BindingStub
+from tether.binding.v1.service_pb2_grpc import BindingStub
 from tether.clients.connection import open_channel
 from tether.clients.partner.binding import PartnerBinding
 from tether.common.v1 import types_pb2 as types
 from tether.server import digests
+from tether.server.binding.accounts import normalize_account
+
+if TYPE_CHECKING:
+    from tether.binding.v1.service_pb2_grpc import BindingAsyncStub
 
 ADMIN_DSN = os.environ.get("TETHER_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TETHER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -57,7 +63,7 @@ CONCURRENCY = int(os.environ.get("TETHER_BENCH_CONCURRENCY", "64"))
 IMPORT_SIZE = int(os.environ.get("TETHER_BENCH_IMPORT", "200000"))
 # Shared PostgreSQL: stay well under its connection limit. Tether may overflow to
 # twice its pool, so the baseline gets the same ceiling.
-POOL_SIZE = 8
+POOL_SIZE = 6
 IMPORT_WORKERS = int(os.environ.get("TETHER_BENCH_IMPORT_WORKERS", "1"))
 
 
@@ -91,76 +97,105 @@ async def _serve_async(
         await asyncio.to_thread(stop.wait)
         await app.stop(grace=1)
         return
-    server, port, pool = await _baseline_server(database_url, keys)
+    server, port, close = await _baseline_server(kind, database_url, keys)
     await server.start()
     ready.put(port)
     await asyncio.to_thread(stop.wait)
     await server.stop(1)
-    await pool.close()
+    await close()
 
 
-async def _baseline_server(database_url: str, keys: str) -> tuple[grpc.aio.Server, int, Any]:
-    """One SQL transaction per ReportAccountUse, nothing else."""
-    key = digests.parse_keys(keys)[0]
-    pool = await asyncpg.create_pool(
-        database_url.replace("+asyncpg", ""), min_size=POOL_SIZE, max_size=2 * POOL_SIZE
+# Runs one SQL statement in the open transaction; returns the first row or None.
+FetchRow = Callable[..., Awaitable[Sequence[Any] | None]]
+
+
+async def _report_transaction(
+    fetchrow: FetchRow, key: digests.DigestKey, request: pb.ReportAccountUseRequest
+) -> pb.ReportAccountUseResponse:
+    """What Tether's report does in SQL: retry lookup, list lookup, insert, answer."""
+    account = key.digest("phone_number", request.account.value)
+    device = key.digest("imei", request.device.terminal_id)
+    earlier = await fetchrow(
+        "SELECT response FROM idempotency_records WHERE credential_id = 'baseline' "
+        "AND method = 'report' AND request_id = $1",
+        request.request_id,
     )
+    if earlier is not None:
+        return pb.ReportAccountUseResponse.FromString(earlier[0])
+    outcomes = []
+    entry = await fetchrow(
+        "SELECT partner_id, partner_reference FROM eligible_accounts WHERE account_digest = $1",
+        account,
+    )
+    if entry is not None:
+        row = await fetchrow(
+            "INSERT INTO bindings (binding_id, partner_id, account_kind, account_digest, "
+            "device_digest, key_id, partner_reference, state, create_time) "
+            "VALUES ($1, $2, 'phone_number', $3, $4, $5, $6, 'active', now()) "
+            "ON CONFLICT (partner_id, account_digest) WHERE state = 'active' "
+            "DO NOTHING RETURNING binding_id",
+            uuid.uuid4(),
+            entry[0],
+            account,
+            device,
+            key.key_id,
+            entry[1],
+        )
+        outcomes.append(
+            pb.PartnerOutcome(
+                partner_id=entry[0],
+                outcome=pb.REPORT_OUTCOME_BOUND if row else pb.REPORT_OUTCOME_BOUND_TO_OTHER_DEVICE,
+                binding=pb.AccountBinding(binding_id=str(row[0])) if row else None,
+            )
+        )
+    response = pb.ReportAccountUseResponse(outcomes=outcomes)
+    await fetchrow(
+        "INSERT INTO idempotency_records (credential_id, method, request_id, "
+        "request_hash, response, create_time) "
+        "VALUES ('baseline', 'report', $1, $2, $3, now()) RETURNING 1",
+        request.request_id,
+        b"0" * 32,
+        response.SerializeToString(),
+    )
+    return response
 
-    async def report(
-        request: pb.ReportAccountUseRequest, context: Any
-    ) -> pb.ReportAccountUseResponse:
-        account = key.digest("phone_number", request.account.value)
-        device = key.digest("imei", request.device.terminal_id)
-        outcomes = []
-        async with pool.acquire() as conn, conn.transaction():
-            # Retry safety, as Tether: has this request been answered before?
-            earlier = await conn.fetchval(
-                "SELECT response FROM idempotency_records WHERE credential_id = 'baseline' "
-                "AND method = 'report' AND request_id = $1",
-                request.request_id,
-            )
-            if earlier is not None:
-                return pb.ReportAccountUseResponse.FromString(earlier)
-            entry = await conn.fetchrow(
-                "SELECT entry_id, partner_id, partner_reference FROM eligible_accounts "
-                "WHERE account_digest = $1",
-                account,
-            )
-            if entry is not None:
-                row = await conn.fetchrow(
-                    "INSERT INTO bindings (binding_id, partner_id, account_kind, account_digest, "
-                    "device_digest, key_id, partner_reference, state, create_time) "
-                    "VALUES ($1, $2, 'phone_number', $3, $4, $5, $6, 'active', now()) "
-                    "ON CONFLICT (partner_id, account_digest) WHERE state = 'active' "
-                    "DO NOTHING RETURNING binding_id",
-                    uuid.uuid4(),
-                    entry["partner_id"],
-                    account,
-                    device,
-                    key.key_id,
-                    entry["partner_reference"],
-                )
-                outcomes.append(
-                    pb.PartnerOutcome(
-                        partner_id=entry["partner_id"],
-                        outcome=pb.REPORT_OUTCOME_BOUND
-                        if row
-                        else pb.REPORT_OUTCOME_BOUND_TO_OTHER_DEVICE,
-                        binding=pb.AccountBinding(binding_id=str(row["binding_id"]))
-                        if row
-                        else None,
-                    )
-                )
-            response = pb.ReportAccountUseResponse(outcomes=outcomes)
-            await conn.execute(
-                "INSERT INTO idempotency_records (credential_id, method, request_id, "
-                "request_hash, response, create_time) "
-                "VALUES ('baseline', 'report', $1, $2, $3, now())",
-                request.request_id,
-                b"0" * 32,
-                response.SerializeToString(),
-            )
-        return response
+
+async def _baseline_server(
+    kind: str, database_url: str, keys: str
+) -> tuple[grpc.aio.Server, int, Callable[[], Awaitable[None]]]:
+    """One SQL transaction per ReportAccountUse, nothing else.
+
+    kind "asyncpg": through a raw asyncpg pool. kind "sqlalchemy": through
+    Tether's own engine set-up (tether.server.storage.Database), with plain
+    SQL and no ORM: the storage stack Tether must use, without the service.
+    """
+    key = digests.parse_keys(keys)[0]
+    if kind == "asyncpg":
+        pool = await asyncpg.create_pool(
+            database_url.replace("+asyncpg", ""), min_size=POOL_SIZE, max_size=2 * POOL_SIZE
+        )
+
+        async def report(request: pb.ReportAccountUseRequest, context: Any) -> Any:
+            async with pool.acquire() as conn, conn.transaction():
+                return await _report_transaction(conn.fetchrow, key, request)
+
+        close: Callable[[], Awaitable[None]] = pool.close
+    else:
+        from tether.server.storage.database import Database
+
+        db = Database(database_url, POOL_SIZE)
+
+        async def report(request: pb.ReportAccountUseRequest, context: Any) -> Any:
+            async with db.transaction() as session:
+                conn = await session.connection()
+
+                async def fetchrow(sql: str, *args: Any) -> Sequence[Any] | None:
+                    result = await conn.exec_driver_sql(sql, args)
+                    return result.first()
+
+                return await _report_transaction(fetchrow, key, request)
+
+        close = db.close
 
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
@@ -178,7 +213,7 @@ async def _baseline_server(database_url: str, keys: str) -> tuple[grpc.aio.Serve
         ]
     )
     port = server.add_insecure_port("127.0.0.1:0")
-    return server, port, pool
+    return server, port, close
 
 
 @dataclass
@@ -223,9 +258,11 @@ def phone_numbers(count: int) -> list[str]:
     found: set[str] = set()
     while len(found) < count:
         template = random.choice(templates)
-        candidate = template[:-4] + f"{random.randrange(10_000):04d}"
-        if phonenumbers.is_valid_number(phonenumbers.parse(candidate)):
-            found.add(candidate)
+        candidate = template[:-6] + f"{random.randrange(1_000_000):06d}"
+        try:
+            found.add(normalize_account("phone_number", candidate))
+        except ValueError:
+            continue
     return list(found)
 
 
@@ -264,11 +301,12 @@ async def load(
 
 
 async def bench_reports(
-    tether: Served, baseline: Served, device_token: str, accounts: list[str]
-) -> tuple[LoadResult, LoadResult]:
-    half = len(accounts) // 2
+    servers: Sequence[Served], device_token: str, accounts: list[str]
+) -> list[LoadResult]:
+    share = len(accounts) // len(servers)
     results = []
-    for served, pool in ((baseline, accounts[:half]), (tether, accounts[half:])):
+    for n, served in enumerate(servers):
+        pool = accounts[n * share : (n + 1) * share]
         channel = open_channel(served.address, device_token)
         stub: BindingAsyncStub = BindingStub(channel)
 
@@ -286,7 +324,7 @@ async def bench_reports(
         await load(call, 1.0, CONCURRENCY, counter)  # warm-up: connections, caches
         results.append(await load(call, SECONDS, CONCURRENCY, counter))
         await channel.close()
-    return results[0], results[1]
+    return results
 
 
 # --- import ------------------------------------------------------------------
@@ -395,11 +433,12 @@ async def main() -> None:
 
     name, database_url = await create_database()
     keys = digests.new_key_spec("bench")
-    tether = baseline = None
+    servers: list[Served] = []
     try:
         await migrate.upgrade_async(database_url)
-        tether = start("tether", database_url, keys)
-        baseline = start("baseline", database_url, keys)
+        for kind in ("tether", "asyncpg", "sqlalchemy"):
+            servers.append(start(kind, database_url, keys))
+        tether = servers[0]
         _, partner_token, device_token = await setup(database_url, tether)
 
         print(f"import: {IMPORT_SIZE:,} accounts per kind, batches of 10,000")
@@ -422,20 +461,25 @@ async def main() -> None:
             f"ReportAccountUse: {CONCURRENCY} concurrent calls for {SECONDS:.0f} s each, "
             "every call binds a listed phone number to a new device"
         )
-        base, ours = await bench_reports(tether, baseline, device_token, phones)
-        for label, result in (("baseline", base), ("Tether", ours)):
+        ours, raw, core = await bench_reports(servers, device_token, phones)
+        for label, result in (
+            ("baseline, raw asyncpg", raw),
+            ("baseline, SQLAlchemy Core", core),
+            ("Tether", ours),
+        ):
             print(
-                f"  {label:<9} {result.rate:>8,.0f} calls/s   p50 {result.percentile(50):6.1f} ms"
-                f"   p99 {result.percentile(99):6.1f} ms"
+                f"  {label:<26} {result.rate:>7,.0f} calls/s   "
+                f"p50 {result.percentile(50):6.1f} ms   p99 {result.percentile(99):6.1f} ms"
             )
-        print(
-            f"  ratio {ours.rate / base.rate:.2f}x the baseline's throughput "
-            f"(target >= 0.8x: {'met' if ours.rate >= 0.8 * base.rate else 'NOT met'})"
-        )
+        for label, base in (("raw asyncpg", raw), ("SQLAlchemy Core", core)):
+            ratio = ours.rate / base.rate
+            print(
+                f"  Tether / {label} baseline: {ratio:.2f}x "
+                f"(target >= 0.8x: {'met' if ratio >= 0.8 else 'NOT met'})"
+            )
     finally:
-        for served in (tether, baseline):
-            if served is not None:
-                served.close()
+        for served in servers:
+            served.close()
         await drop_database(name)
 
 

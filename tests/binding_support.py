@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import sqlite3
+import time
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from stdnum import luhn
 
 from tests.support import RunningServer
@@ -83,3 +86,37 @@ async def count_entries(server: RunningServer, partner_id: str) -> int:
     )
     async with server.app.runtime.db.sessions() as session:
         return int(await session.scalar(query) or 0)
+
+
+async def wait_for_import_transaction(server: RunningServer, seconds: float = 10.0) -> None:
+    """Returns once an import holds its transaction open on the server.
+
+    Nothing can be awaited for this, so it polls, with a bound: PostgreSQL
+    shows the import's session in pg_stat_activity; on SQLite the import
+    holds the write lock.
+    """
+    db = server.app.runtime.db
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if db.is_sqlite:
+            path = db.url.split("///", 1)[1]
+            probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                return
+            finally:
+                probe.close()
+        else:
+            async with db.sessions() as session:
+                found = await session.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND state = 'idle in transaction' AND query ILIKE '%import_%'"
+                    )
+                )
+            if found:
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no import transaction started")

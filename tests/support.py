@@ -98,8 +98,11 @@ async def start_server(
         database_url=database_url,
         redis_url=redis_url,
         data_dir=data_dir,
-        credential_cache_seconds=0.0,
-        **{"digest_keys": digests.new_key_spec("test"), **overrides},
+        **{
+            "digest_keys": digests.new_key_spec("test"),
+            "credential_cache_seconds": 0.0,
+            **overrides,
+        },
     )
     app = await build(settings)
     await app.start()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
 
 from tests import binding_support as bs
-from tests.support import RunningServer, expect_error
+from tests.support import RunningServer, expect_error, start_server
 from tether.binding.v1 import messages_pb2 as pb
 from tether.common.v1 import types_pb2 as types
 
@@ -273,7 +274,32 @@ async def test_failed_import_changes_nothing(any_server: RunningServer) -> None:
     assert await bs.count_entries(any_server, partner_id) == 5
 
 
-async def test_cancelled_import_changes_nothing(any_server: RunningServer) -> None:
+@pytest.fixture(params=["postgres", "sqlite"])
+async def cached_server(
+    request: pytest.FixtureRequest, postgres_url: str, redis_url: str, tmp_path: Path
+) -> AsyncIterator[RunningServer]:
+    """A server that trusts a verified credential for a minute.
+
+    The cancellation test must cancel the import itself, not the credential
+    lookup in front of it (cancelling that is a separate matter).
+    """
+    database_url = (
+        postgres_url
+        if request.param == "postgres"
+        else f"sqlite+aiosqlite:///{tmp_path / 'tether.db'}"
+    )
+    server = await start_server(
+        database_url=database_url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        credential_cache_seconds=60.0,
+    )
+    yield server
+    await server.stop()
+
+
+async def test_cancelled_import_changes_nothing(cached_server: RunningServer) -> None:
+    any_server = cached_server
     partner_id, token = await any_server.partner()
     await bs.add_accounts(any_server, token, [bs.member() for _ in range(5)])
     before = await all_entries(any_server, token)
@@ -288,6 +314,8 @@ async def test_cancelled_import_changes_nothing(any_server: RunningServer) -> No
 
     call = bs.stub(any_server, token).ImportEligibleAccounts(then_hang())
     await sent.wait()
+    # Cancel mid-import, not while the call is still being authenticated.
+    await bs.wait_for_import_transaction(any_server)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call

@@ -7,6 +7,7 @@ passwords, which these are not), and verification costs microseconds.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -63,8 +64,9 @@ class CredentialVerifier:
         credential_id, sep, secret = token.partition(".")
         if not sep or not credential_id.startswith(ID_PREFIX) or len(credential_id) > 40:
             return None
-        async with self._db.sessions() as session:
-            row = await session.get(Credential, credential_id)
+        # Shielded: a call cancelled mid-lookup must not cut the session off
+        # half-way (on SQLite that left the write lock held).
+        row = await asyncio.shield(self._load(credential_id))
         if row is None or row.revoke_time is not None:
             return None
         if not hmac.compare_digest(row.secret_hash, _hash(secret)):
@@ -74,6 +76,10 @@ class CredentialVerifier:
             self._cache.clear()
         self._cache[token] = (now + self._ttl, principal)
         return principal
+
+    async def _load(self, credential_id: str) -> Credential | None:
+        async with self._db.sessions() as session:
+            return await session.get(Credential, credential_id)
 
     def forget(self, credential_id: str) -> None:
         """Drops a revoked credential from this process's cache at once."""

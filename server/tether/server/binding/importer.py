@@ -1,5 +1,7 @@
 """Bulk import of an eligible list, inside one transaction per stream.
 
+ImportRun keeps that transaction in a task of its own, fed by the stream.
+
 Each batch is normalized and digested, loaded into a temporary table (COPY
 on PostgreSQL, executemany on SQLite) and merged into the list with one
 INSERT ... ON CONFLICT, sorted by digest so that index inserts stay local.
@@ -47,6 +49,7 @@ from tether.server.binding.tables import EligibleAccount
 from tether.server.digests import Digester, DigestKey
 from tether.server.errors import FieldViolation, InvalidArgument
 from tether.server.storage.base import UtcDateTime, utcnow
+from tether.server.storage.database import Database
 
 MAX_REPORTED_REJECTIONS = 100
 
@@ -62,6 +65,17 @@ class Rejection:
     index: int
     field: str
     description: str
+
+
+@dataclass(frozen=True)
+class ImportSpec:
+    """What an import stream asked for, from its header."""
+
+    partner_id: str
+    # The list becomes exactly the stream (else: the stream is added).
+    replace: bool
+    # Fail beyond this many invalid entries; 0: report any number.
+    max_rejected: int = 0
 
 
 @dataclass
@@ -117,17 +131,14 @@ class Import:
         self,
         session: AsyncSession,
         digester: Digester,
-        partner_id: str,
-        *,
-        replace: bool,
-        max_rejected: int,
+        spec: ImportSpec,
         executor: Executor | None = None,
     ) -> None:
         self._session = session
         self._key = digester.current
-        self._partner_id = partner_id
-        self._replace = replace
-        self._max_rejected = max_rejected
+        self._partner_id = spec.partner_id
+        self._replace = spec.replace
+        self._max_rejected = spec.max_rejected
         self._executor = executor
         self._postgres = dialects.is_postgres(session)
         # Every accepted row of the stream, and the rows of the batch being merged.
@@ -177,9 +188,12 @@ class Import:
             )
 
     async def _wait_for_writing(self) -> None:
-        writing, self._writing = self._writing, None
+        writing = self._writing
         if writing is not None:
-            await writing
+            # Shielded: if the stream is cancelled now, the write must still end
+            # cleanly (close() awaits it) rather than stop half-way.
+            await asyncio.shield(writing)
+            self._writing = None
 
     async def close(self) -> None:
         """Lets a write still running (the stream failed) end before the rollback.
@@ -287,3 +301,72 @@ def _temporary_table(prefix: str) -> Table:
         prefixes=["TEMPORARY"],
         postgresql_on_commit="DROP",
     )
+
+
+class _Aborted(Exception):
+    """The stream failed or was cancelled: roll the import back."""
+
+
+_END = object()
+_ABORT = object()
+
+
+class ImportRun:
+    """An import in a task of its own, fed batch by batch by the stream.
+
+    The stream's handler can be cancelled at any await; database work must
+    not be (a statement cut off half-way can leave the connection unusable
+    and SQLite locked). So the transaction lives in this task: a failed or
+    cancelled stream tells it to roll back, and waits until it has.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        digester: Digester,
+        spec: ImportSpec,
+        executor: Executor | None = None,
+    ) -> None:
+        # Two batches in flight at most: memory stays bounded for any stream.
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=2)
+        self._task = asyncio.create_task(self._run(db, digester, spec, executor))
+
+    async def add(self, entries: Sequence[RawEntry]) -> None:
+        await self._put(entries)
+
+    async def finish(self) -> ImportResult:
+        await self._put(_END)
+        return await asyncio.shield(self._task)
+
+    async def abort(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(_ABORT)
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(self._task)
+
+    async def _put(self, item: object) -> None:
+        """Queues an item, or raises what ended the import early (a bad partner...)."""
+        put = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            self._task.result()  # the import failed: raise its error
+            raise AssertionError("import ended without a result")
+
+    async def _run(
+        self, db: Database, digester: Digester, spec: ImportSpec, executor: Executor | None
+    ) -> ImportResult:
+        async with db.transaction() as session:
+            job = Import(session, digester, spec, executor)
+            try:
+                await job.start()
+                while True:
+                    item = await self._queue.get()
+                    if item is _END:
+                        return await job.finish()
+                    if item is _ABORT:
+                        raise _Aborted
+                    await job.add(item)  # type: ignore[arg-type]
+            finally:
+                await job.close()

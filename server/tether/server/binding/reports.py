@@ -95,7 +95,9 @@ class Reporter:
         if named:
             query = query.where(EligibleAccount.partner_id.in_(named))
         eligible: dict[str, _Entry] = {}
-        for entry_id, partner_id, reference, policy in await session.execute(query):
+        # On the session's connection: plain rows, without the ORM's execution layers.
+        connection = await session.connection()
+        for entry_id, partner_id, reference, policy in await connection.execute(query):
             eligible.setdefault(partner_id, _Entry(entry_id, partner_id, reference, policy))
 
         outcomes = []
@@ -186,7 +188,8 @@ class Reporter:
             .returning(Binding.binding_id)
         )
         # A Core insert: the ORM's unit of work costs more than the insert itself.
-        if await session.scalar(statement) is None:
+        connection = await session.connection()
+        if await connection.scalar(statement) is None:
             return None
         created = Binding(**values)
         await _tell(session, self._listeners, BindingChange("created", created))

@@ -257,38 +257,20 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
         if header.max_rejected < 0:
             violations.add("header.max_rejected", "must be 0 or more")
         violations.raise_if_any()
-        kinds = messages.ACCOUNT_KINDS
-        async with self._db.transaction() as session:
-            job = importer.Import(
-                session,
-                self._digester,
-                partner_id,
-                replace=header.mode == pb.IMPORT_MODE_REPLACE,
-                max_rejected=header.max_rejected,
-                executor=self._import_workers.get(),
-            )
-            try:
-                await job.start()
-                async for message in request_iterator:
-                    if message.WhichOneof("item") != "batch":
-                        raise invalid("header", "only the first message may be a header")
-                    items = message.batch.entries
-                    if not items or len(items) > MAX_IMPORT_BATCH:
-                        raise invalid("batch.entries", f"1-{MAX_IMPORT_BATCH:,} entries per batch")
-                    await job.add(
-                        [
-                            (
-                                kinds.get(e.account.kind, ""),
-                                e.account.value,
-                                e.account.region_hint,
-                                e.partner_reference,
-                            )
-                            for e in items
-                        ]
-                    )
-                result = await job.finish()
-            finally:
-                await job.close()
+        spec = importer.ImportSpec(
+            partner_id,
+            replace=header.mode == pb.IMPORT_MODE_REPLACE,
+            max_rejected=header.max_rejected,
+        )
+        run = importer.ImportRun(self._db, self._digester, spec, self._import_workers.get())
+        try:
+            async for message in request_iterator:
+                await run.add(_import_batch(message))
+            result = await run.finish()
+        except BaseException:
+            # Failed or cancelled: the import rolls back before the call ends.
+            await run.abort()
+            raise
         return pb.ImportEligibleAccountsResponse(
             received_count=result.received,
             imported_count=result.imported,
@@ -316,6 +298,25 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
         return pb.ListEligibleAccountsResponse(
             entries=[messages.entry_pb(r) for r in rows[:size]], next_page_token=token
         )
+
+
+def _import_batch(message: pb.ImportEligibleAccountsRequest) -> list[importer.RawEntry]:
+    """The entries of one stream message after the header, as plain values."""
+    if message.WhichOneof("item") != "batch":
+        raise invalid("header", "only the first message may be a header")
+    items = message.batch.entries
+    if not items or len(items) > MAX_IMPORT_BATCH:
+        raise invalid("batch.entries", f"1-{MAX_IMPORT_BATCH:,} entries per batch")
+    kinds = messages.ACCOUNT_KINDS
+    return [
+        (
+            kinds.get(e.account.kind, ""),
+            e.account.value,
+            e.account.region_hint,
+            e.partner_reference,
+        )
+        for e in items
+    ]
 
 
 def _decode_binding_key(key: Any) -> bindings.PageKey | None:
