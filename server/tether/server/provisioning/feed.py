@@ -138,4 +138,5 @@ async def follow(
             if len(rows) == READ_BATCH:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken.wait(), poll_seconds)
+                async with asyncio.timeout(poll_seconds):
+                    await woken.wait()

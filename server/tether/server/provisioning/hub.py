@@ -76,6 +76,9 @@ class PartnerStream:
     # instruction_id -> end of its lease: what this stream holds unconfirmed.
     in_flight: dict[uuid.UUID, datetime] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the stream ends; its dispatcher stops after its current step.
+    closed: bool = False
+    dispatcher: asyncio.Task[None] | None = None
 
     @property
     def owner(self) -> str:
@@ -128,9 +131,13 @@ class Hub:
     def close(self, stream: PartnerStream) -> None:
         """Forgets the stream and returns its leases to the pool at once.
 
-        Runs in its own task: the stream's handler is usually being
-        cancelled when this is called.
+        The dispatcher is not cancelled (a cancelled lease statement may still
+        commit, leaving rows leased to nobody): it is told to stop, and the
+        release runs once it has, in its own task, since the stream's handler
+        is usually being cancelled when this is called.
         """
+        stream.closed = True
+        stream.wake.set()
         streams = self._streams.get(stream.partner_id, [])
         if stream in streams:
             streams.remove(stream)
@@ -146,6 +153,12 @@ class Hub:
         task.add_done_callback(self._closing.discard)
 
     async def _release(self, stream: PartnerStream) -> None:
+        dispatcher = stream.dispatcher
+        while dispatcher is not None and not dispatcher.done():
+            # Nobody reads the queue any more: make room for a pending put.
+            while not stream.outgoing.empty():
+                stream.outgoing.get_nowait()
+            await asyncio.wait({dispatcher}, timeout=0.05)
         async with self._db.transaction() as session:
             partners = await leasing.release(session, stream.owner)
             await self._notify.publish(session, *map(wakeup.instructions_topic, partners))
@@ -161,7 +174,8 @@ class Hub:
                     stream.outgoing.get_nowait()
                 stream.outgoing.put_nowait(StreamClosed())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._no_streams.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self._no_streams.wait()
         if self._closing:
             await asyncio.wait(self._closing, timeout=max(grace, 0.1))
         await self._drop_lease_connection()
@@ -171,11 +185,17 @@ class Hub:
 
     # --- delivery ------------------------------------------------------
 
-    async def dispatch(self, stream: PartnerStream) -> None:
-        """Leases instructions to the stream while it has credit; never returns."""
+    def start_dispatch(self, stream: PartnerStream) -> asyncio.Task[None]:
+        stream.dispatcher = asyncio.create_task(self._dispatch(stream))
+        return stream.dispatcher
+
+    async def _dispatch(self, stream: PartnerStream) -> None:
+        """Leases instructions to the stream while it has credit, until it closes."""
         with self._notify.subscribe(wakeup.instructions_topic(stream.partner_id)) as woken:
             stream.wake = woken
-            while True:
+            if stream.closed:
+                return
+            while not stream.closed:
                 woken.clear()
                 now = utcnow()
                 credit = stream.credit(now)
@@ -188,8 +208,12 @@ class Hub:
                         await stream.outgoing.put(row)
                     if not rows:
                         wait = await self._until_next_due(stream.partner_id, now)
+                # close() sets the event: the loop then ends at once.
+                # asyncio.timeout, not wait_for: in Python 3.11 wait_for can
+                # swallow a cancellation that races with the event.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await woken.wait()
 
     async def _lease(
         self, stream: PartnerStream, credit: int, now: datetime

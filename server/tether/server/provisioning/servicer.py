@@ -110,6 +110,16 @@ def _batched(items: Iterable[hub.Outgoing]) -> list[pb.ConnectResponse]:
     return messages + queries
 
 
+def _end_on_failure(stream: hub.PartnerStream, task: asyncio.Task[None]) -> None:
+    """A dispatcher that failed (say, the database went away) ends its stream
+    with the error; the partner reconnects."""
+    if task.cancelled() or task.exception() is None or stream.closed:
+        return
+    while stream.outgoing.full():
+        stream.outgoing.get_nowait()
+    stream.outgoing.put_nowait(hub.StreamClosed(task.exception()))
+
+
 def _hello_again() -> errors.TetherError:
     return errors.FailedPrecondition(
         ErrorReason.ERROR_REASON_STREAM_HELLO_MISSING, "StreamHello may only be the first message"
@@ -163,7 +173,8 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
                 )
             )
             tasks.append(asyncio.create_task(self._read(stream, request_iterator, caller)))
-            tasks.append(asyncio.create_task(self._dispatch(stream)))
+            dispatcher = self._hub.start_dispatch(stream)
+            dispatcher.add_done_callback(lambda task: _end_on_failure(stream, task))
             while True:
                 # Whatever is ready goes out together: each stream message
                 # costs a round through gRPC's completion queue.
@@ -181,13 +192,6 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
             for task in tasks:
                 task.cancel()
             self._hub.close(stream)
-
-    async def _dispatch(self, stream: hub.PartnerStream) -> None:
-        try:
-            await self._hub.dispatch(stream)
-        except Exception as exc:
-            await stream.outgoing.put(hub.StreamClosed(exc))
-            raise
 
     async def _read(
         self,
