@@ -68,6 +68,37 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="lowest level logged")
 
     # --- provisioning (owned by tether.server.provisioning) ----------------
+    provisioning_ack_deadline_seconds: float = Field(
+        30.0,
+        description="how long a delivered instruction waits for its confirmation before "
+        "it is delivered again; each further wait grows by provisioning_backoff_factor",
+    )
+    provisioning_backoff_factor: float = Field(
+        2.0, description="growth of the wait between deliveries of one instruction"
+    )
+    provisioning_max_backoff_seconds: float = Field(
+        600.0, description="longest wait between deliveries of one instruction"
+    )
+    provisioning_retry_delay_seconds: float = Field(
+        5.0,
+        description="first wait after a retryable failure; grows like the ack deadline",
+    )
+    provisioning_max_attempts: int = Field(
+        10, description="deliveries of an instruction before it is parked as dead"
+    )
+    provisioning_max_in_flight: int = Field(
+        100, description="unconfirmed instructions on one partner stream at most"
+    )
+    provisioning_poll_seconds: float = Field(
+        5.0,
+        description="safety-net poll of the instruction table; new instructions wake "
+        "dispatchers at once (PostgreSQL LISTEN/NOTIFY, or in-process on SQLite)",
+    )
+    provisioning_usage_query_seconds: float = Field(
+        5.0,
+        description="how long a device usage query waits for the partner when the "
+        "caller set no deadline",
+    )
 
     # --- fingerprint guard (owned by tether.server.guard) ------------------
 

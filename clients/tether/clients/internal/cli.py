@@ -11,8 +11,10 @@ from tether.clients import cli
 
 
 def command_modules() -> list[ModuleType]:
+    from tether.clients.internal import provisioning_commands
+
     # Each area appends its module here.
-    return []
+    return [provisioning_commands]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,10 +11,10 @@ from tether.clients import cli
 
 
 def command_modules() -> list[ModuleType]:
-    # Each area appends its module here.
-    from tether.clients.partner import binding
+    from tether.clients.partner import binding, provisioning_commands
 
-    return [binding]
+    # Each area appends its module here.
+    return [binding, provisioning_commands]
 
 
 def main(argv: list[str] | None = None) -> None:

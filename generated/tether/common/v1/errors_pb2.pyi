@@ -66,6 +66,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_IMPORT_HEADER_MISSING: _ErrorReason.ValueType  # 108
     """FAILED_PRECONDITION: the import stream did not start with a header."""
+    ERROR_REASON_INSTRUCTION_NOT_FOUND: _ErrorReason.ValueType  # 200
+    """NOT_FOUND: no such instruction, or one of another partner."""
+    ERROR_REASON_CONFIRMATION_CONFLICT: _ErrorReason.ValueType  # 201
+    """FAILED_PRECONDITION: the instruction already has a different final
+    result (e.g. done, then failed); the first result stands.
+    """
+    ERROR_REASON_INSTRUCTION_NOT_DEAD: _ErrorReason.ValueType  # 202
+    """FAILED_PRECONDITION: only dead instructions can be replayed."""
+    ERROR_REASON_STREAM_HELLO_MISSING: _ErrorReason.ValueType  # 203
+    """FAILED_PRECONDITION: a Connect stream must start with a StreamHello,
+    and send it only once.
+    """
+    ERROR_REASON_ENTITLEMENT_NOT_FOUND: _ErrorReason.ValueType  # 204
+    """NOT_FOUND: the binding has no such service (it is not one of the
+    partner's preset services).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reason of an error. Every non-OK status Tether returns carries
@@ -123,4 +139,20 @@ named in its request.
 """
 ERROR_REASON_IMPORT_HEADER_MISSING: ErrorReason.ValueType  # 108
 """FAILED_PRECONDITION: the import stream did not start with a header."""
+ERROR_REASON_INSTRUCTION_NOT_FOUND: ErrorReason.ValueType  # 200
+"""NOT_FOUND: no such instruction, or one of another partner."""
+ERROR_REASON_CONFIRMATION_CONFLICT: ErrorReason.ValueType  # 201
+"""FAILED_PRECONDITION: the instruction already has a different final
+result (e.g. done, then failed); the first result stands.
+"""
+ERROR_REASON_INSTRUCTION_NOT_DEAD: ErrorReason.ValueType  # 202
+"""FAILED_PRECONDITION: only dead instructions can be replayed."""
+ERROR_REASON_STREAM_HELLO_MISSING: ErrorReason.ValueType  # 203
+"""FAILED_PRECONDITION: a Connect stream must start with a StreamHello,
+and send it only once.
+"""
+ERROR_REASON_ENTITLEMENT_NOT_FOUND: ErrorReason.ValueType  # 204
+"""NOT_FOUND: the binding has no such service (it is not one of the
+partner's preset services).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

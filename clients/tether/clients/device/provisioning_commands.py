@@ -1,0 +1,89 @@
+"""tether-device commands of the provisioning area: watch, check, usage."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from tether.clients import accounts
+from tether.clients.cli import print_message
+
+# The device is named on the command line as the binding commands name it.
+from tether.clients.device.binding import _device as device_of
+from tether.clients.device.binding import _device_arguments as _device_args
+from tether.clients.device.provisioning import DeviceProvisioning
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("watch", help="stream the device's entitlement changes")
+    _device_args(p)
+    p.add_argument("--after", type=int, default=0, help="resume after this position")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.set_defaults(handler=watch)
+
+    p = sub.add_parser("check", help="may this account use this service on this device?")
+    _device_args(p)
+    p.add_argument("account", help="the account, e.g. +4915112345678")
+    p.add_argument("--kind", choices=accounts.ACCOUNT_KINDS, default="phone_number")
+    p.add_argument("--region", default="", help="region hint for national phone numbers")
+    p.add_argument("--partner", required=True)
+    p.add_argument("--service", required=True)
+    p.set_defaults(handler=check)
+
+    p = sub.add_parser("usage", help="ask the partner for the usage of a service")
+    _device_args(p)
+    p.add_argument("--binding", required=True, help="binding id")
+    p.add_argument("--service", required=True)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the partner")
+    p.set_defaults(handler=usage)
+
+    p = sub.add_parser("report-usage", help="record usage of a service measured on the device")
+    _device_args(p)
+    p.add_argument("--binding", required=True, help="binding id")
+    p.add_argument("--service", required=True)
+    p.add_argument("figures", nargs="+", help="metric=quantity, e.g. data_mb=30")
+    p.set_defaults(handler=report_usage)
+
+
+async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    seen = 0
+    async for event in DeviceProvisioning(channel).watch(device_of(args), args.after):
+        print_message(event)
+        seen += 1
+        if args.count and seen >= args.count:
+            return
+
+
+async def check(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
+    response = await DeviceProvisioning(channel).check(
+        device_of(args),
+        accounts.account(args.kind, args.account, args.region),
+        args.partner,
+        args.service,
+    )
+    print_message(response)
+    # Scripts can branch on the answer.
+    return 0 if response.entitled else 3
+
+
+async def usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    print_message(
+        await DeviceProvisioning(channel).usage(
+            device_of(args), args.binding, args.service, args.timeout
+        )
+    )
+
+
+async def report_usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    now = datetime.now(UTC)
+    events = []
+    for figure in args.figures:
+        metric, _, quantity = figure.partition("=")
+        events.append((now, metric, int(quantity or "0")))
+    recorded = await DeviceProvisioning(channel).report_usage(
+        device_of(args), args.binding, args.service, events
+    )
+    print(f"recorded {recorded} usage events")

@@ -1,0 +1,338 @@
+"""Delivery to partners: at least once, effect exactly once; leases,
+back-pressure, confirmations of every kind, dead-lettering and replay."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from tests import provisioning_support as ps
+from tests.support import RunningServer, expect_error, start_server
+from tether.clients.partner.provisioning import Done, Failed, PartnerProvisioning
+from tether.provisioning.v1 import messages_pb2 as pb
+
+PENDING = pb.INSTRUCTION_STATE_PENDING
+LEASED = pb.INSTRUCTION_STATE_LEASED
+CONFIRMED = pb.INSTRUCTION_STATE_CONFIRMED
+DEAD = pb.INSTRUCTION_STATE_DEAD
+ACCEPTED = pb.CONFIRMATION_OUTCOME_ACCEPTED
+DUPLICATE = pb.CONFIRMATION_OUTCOME_DUPLICATE
+
+
+@pytest.fixture(scope="module")
+async def fast_server(
+    postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    """Short deadlines and few attempts, so redelivery and dead-lettering show quickly."""
+    server = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path_factory.mktemp("fast-server"),
+        provisioning_ack_deadline_seconds=0.3,
+        provisioning_backoff_factor=1.0,
+        provisioning_retry_delay_seconds=0.1,
+        provisioning_max_attempts=2,
+        provisioning_poll_seconds=0.2,
+    )
+    yield server
+    await server.stop()
+
+
+class RawStream:
+    """A partner stream driven by hand, message by message."""
+
+    def __init__(self, server: RunningServer, token: str, max_in_flight: int = 0) -> None:
+        self._out: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
+        self._out.put_nowait(pb.ConnectRequest(hello=pb.StreamHello(max_in_flight=max_in_flight)))
+        self.call = ps.stub(server, token).Connect(self._requests())
+
+    async def _requests(self) -> AsyncIterator[pb.ConnectRequest]:
+        while (item := await self._out.get()) is not None:
+            yield item
+
+    async def recv(self) -> pb.ConnectResponse:
+        response = await asyncio.wait_for(self.call.read(), 20)
+        assert isinstance(response, pb.ConnectResponse), response
+        return response
+
+    async def instructions(self, count: int) -> list[pb.Instruction]:
+        got: list[pb.Instruction] = []
+        while len(got) < count:
+            response = await self.recv()
+            if response.WhichOneof("message") == "instruction":
+                got.append(response.instruction)
+            elif response.WhichOneof("message") == "instructions":
+                got.extend(response.instructions.instructions)
+        assert len(got) == count, "more instructions than expected"
+        return got
+
+    async def results(self, count: int) -> list[pb.ConfirmationResult]:
+        got: list[pb.ConfirmationResult] = []
+        while len(got) < count:
+            response = await self.recv()
+            if response.WhichOneof("message") == "confirmation_result":
+                got.append(response.confirmation_result)
+            elif response.WhichOneof("message") == "confirmation_results":
+                got.extend(response.confirmation_results.results)
+        return got
+
+    def confirm(self, instruction_id: str, reference: str = "ref") -> None:
+        self._out.put_nowait(
+            pb.ConnectRequest(
+                confirmation=pb.Confirmation(
+                    instruction_id=instruction_id,
+                    done=pb.Done(partner_service_reference=reference),
+                )
+            )
+        )
+
+    def cut(self) -> None:
+        self.call.cancel()
+
+
+async def _bind_many(server: RunningServer, partner_token: str, n: int) -> list[ps.Bound]:
+    device_token = await server.credential("device")
+    return list(
+        await asyncio.gather(*(ps.bind(server, device_token, partner_token) for _ in range(n)))
+    )
+
+
+async def test_stream_cut_mid_batch_redelivers_the_rest_and_effects_happen_once(
+    pg_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await pg_server.partner()
+    await _bind_many(pg_server, partner_token, 20)
+
+    first = RawStream(pg_server, partner_token, max_in_flight=50)
+    assert (await first.recv()).WhichOneof("message") == "ready"
+    batch = await first.instructions(20)
+    for instruction in batch[:10]:
+        first.confirm(instruction.instruction_id)
+    assert {r.outcome for r in await first.results(10)} == {ACCEPTED}
+    first.cut()
+
+    second = RawStream(pg_server, partner_token, max_in_flight=50)
+    await second.recv()
+    again = await second.instructions(10)
+    assert {i.instruction_id for i in again} == {i.instruction_id for i in batch[10:]}
+    assert {i.attempt for i in again} == {2}
+    # The partner, unsure what went through, confirms the whole batch again.
+    for instruction in batch:
+        second.confirm(instruction.instruction_id)
+    results = {r.instruction_id: r.outcome for r in await second.results(20)}
+    assert [results[i.instruction_id] for i in batch] == [DUPLICATE] * 10 + [ACCEPTED] * 10
+    second.cut()
+
+    db = pg_server.app.runtime.db
+    assert {r.state for r in await ps.instructions_of(db, partner_id)} == {"confirmed"}
+    activations = await ps.activations_per_binding(db, partner_id)
+    assert len(activations) == 20 and set(activations.values()) == {1}
+
+
+async def test_slow_partner_gets_no_more_than_its_in_flight_limit(
+    pg_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await pg_server.partner()
+    await _bind_many(pg_server, partner_token, 5)
+    stream = RawStream(pg_server, partner_token, max_in_flight=2)
+    ready = (await stream.recv()).ready
+    assert ready.max_in_flight == 2
+    held = await stream.instructions(2)
+    channel = pg_server.channel(await pg_server.credential("internal"))
+    assert await ps.pipeline_counts(channel, partner_id) == {LEASED: 2, PENDING: 3}
+    stream.confirm(held[0].instruction_id)
+    (third,) = await stream.instructions(1)
+    assert third.instruction_id not in {i.instruction_id for i in held}
+    stream.cut()
+
+
+async def test_two_streams_of_a_partner_share_the_work_without_overlap(
+    pg_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await pg_server.partner()
+    one, two = ps.RecordingPartner(), ps.RecordingPartner()
+    async with (
+        ps.running_worker(pg_server.channel(partner_token), one, max_in_flight=3),
+        ps.running_worker(pg_server.channel(partner_token), two, max_in_flight=3),
+    ):
+        bound = await _bind_many(pg_server, partner_token, 30)
+
+        async def all_confirmed() -> bool:
+            rows = await ps.instructions_of(pg_server.app.runtime.db, partner_id)
+            return len(rows) == 30 and all(r.state == "confirmed" for r in rows)
+
+        await ps.eventually(all_confirmed, what="30 instructions confirmed")
+    assert not set(one.opened) & set(two.opened)
+    assert len(one.opened) + len(two.opened) == len(bound)
+
+
+async def test_repeated_confirmation_is_ok_and_a_conflicting_one_refused(
+    pg_server: RunningServer,
+) -> None:
+    _partner_id, partner_token = await pg_server.partner()
+    await _bind_many(pg_server, partner_token, 2)
+    partner = PartnerProvisioning(pg_server.channel(partner_token))
+    done, failed = await partner.fetch(10)
+
+    first = await partner.confirm(done.instruction_id, Done("sub-1"))
+    again = await partner.confirm(done.instruction_id, Done("sub-1"))
+    assert (first.outcome, first.state) == (ACCEPTED, CONFIRMED)
+    assert (again.outcome, again.state) == (DUPLICATE, CONFIRMED)
+    await expect_error(
+        partner.confirm(done.instruction_id, Done("sub-2")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_CONFIRMATION_CONFLICT",
+    )
+    await expect_error(
+        partner.confirm(done.instruction_id, Failed("no", retryable=False)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_CONFIRMATION_CONFLICT",
+    )
+
+    refused = await partner.confirm(failed.instruction_id, Failed("closed account", False))
+    assert refused.state == pb.INSTRUCTION_STATE_FAILED
+    assert (
+        await partner.confirm(failed.instruction_id, Failed("closed account", False))
+    ).outcome == (DUPLICATE)
+
+
+async def test_unknown_and_foreign_instructions_are_not_found(pg_server: RunningServer) -> None:
+    _, owner_token = await pg_server.partner()
+    _, other_token = await pg_server.partner()
+    await _bind_many(pg_server, owner_token, 1)
+    (instruction,) = await PartnerProvisioning(pg_server.channel(owner_token)).fetch()
+    other = PartnerProvisioning(pg_server.channel(other_token))
+    for instruction_id in (instruction.instruction_id, str(uuid.uuid4())):
+        await expect_error(
+            other.confirm(instruction_id, Done()),
+            grpc.StatusCode.NOT_FOUND,
+            "ERROR_REASON_INSTRUCTION_NOT_FOUND",
+        )
+    detail = await expect_error(
+        other.confirm("not-an-id", Done()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"confirmation.instruction_id"}
+    # On the stream a refused confirmation is answered, and the stream goes on.
+    stream = RawStream(pg_server, other_token)
+    await stream.recv()
+    stream.confirm(instruction.instruction_id)
+    (result,) = await stream.results(1)
+    assert result.error_reason == "ERROR_REASON_INSTRUCTION_NOT_FOUND"
+    stream.confirm(str(uuid.uuid4()))
+    (result,) = await stream.results(1)
+    assert result.error_reason == "ERROR_REASON_INSTRUCTION_NOT_FOUND"
+    stream.cut()
+
+
+async def test_late_confirmation_after_redelivery_still_counts_once(
+    fast_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await fast_server.partner()
+    await _bind_many(fast_server, partner_token, 1)
+    partner = PartnerProvisioning(fast_server.channel(partner_token))
+    (first,) = await partner.fetch()
+    redelivered: list[pb.Instruction] = []
+
+    async def delivered_again() -> bool:
+        redelivered.extend(await partner.fetch())
+        return bool(redelivered)
+
+    await ps.eventually(delivered_again, what="redelivery after the ack deadline")
+    assert redelivered[0].instruction_id == first.instruction_id
+    assert redelivered[0].attempt == 2
+    late = await partner.confirm(first.instruction_id, Done("late"))
+    assert late.outcome == ACCEPTED
+    again = await partner.confirm(first.instruction_id, Done("late"))
+    assert again.outcome == DUPLICATE
+    activations = await ps.activations_per_binding(fast_server.app.runtime.db, partner_id)
+    assert list(activations.values()) == [1]
+
+
+async def test_instruction_never_confirmed_goes_dead_and_replay_revives_it(
+    fast_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await fast_server.partner()
+    await _bind_many(fast_server, partner_token, 1)
+    partner = PartnerProvisioning(fast_server.channel(partner_token))
+    internal_channel = fast_server.channel(await fast_server.credential("internal"))
+    internal = ps.stub(fast_server, await fast_server.credential("internal"))
+
+    async def is_dead() -> bool:
+        await partner.fetch()  # takes whatever is due, confirms nothing
+        return (await ps.pipeline_counts(internal_channel, partner_id)) == {DEAD: 1}
+
+    await ps.eventually(is_dead, what="dead after max attempts")
+    listed = await internal.ListInstructions(
+        pb.ListInstructionsRequest(partner_id=partner_id, state=DEAD)
+    )
+    (record,) = listed.instructions
+    assert record.attempts == 2
+
+    replayed = await internal.ReplayInstruction(
+        pb.ReplayInstructionRequest(
+            request_id="replay-1", instruction_id=record.instruction.instruction_id
+        )
+    )
+    assert replayed.instruction.state == PENDING
+    assert replayed.instruction.attempts == 0
+    await expect_error(
+        internal.ReplayInstruction(
+            pb.ReplayInstructionRequest(
+                request_id="replay-2", instruction_id=record.instruction.instruction_id
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_INSTRUCTION_NOT_DEAD",
+    )
+    (back,) = await partner.fetch()
+    assert back.instruction_id == record.instruction.instruction_id
+    assert (await partner.confirm(back.instruction_id, Done())).outcome == ACCEPTED
+
+
+async def test_retryable_failure_is_delivered_again(fast_server: RunningServer) -> None:
+    _, partner_token = await fast_server.partner()
+    await _bind_many(fast_server, partner_token, 1)
+    partner = PartnerProvisioning(fast_server.channel(partner_token))
+    (first,) = await partner.fetch()
+    retry = await partner.confirm(first.instruction_id, Failed("busy", retryable=True))
+    assert retry.outcome == pb.CONFIRMATION_OUTCOME_RETRY_SCHEDULED
+    got: list[pb.Instruction] = []
+
+    async def back() -> bool:
+        got.extend(await partner.fetch())
+        return bool(got)
+
+    await ps.eventually(back, what="redelivery after a retryable failure")
+    assert got[0].instruction_id == first.instruction_id
+
+
+async def test_stream_must_start_with_hello_and_only_partners_connect(
+    pg_server: RunningServer,
+) -> None:
+    _, partner_token = await pg_server.partner()
+
+    async def confirmation_first() -> AsyncIterator[pb.ConnectRequest]:
+        yield pb.ConnectRequest(confirmation=pb.Confirmation(instruction_id=str(uuid.uuid4())))
+
+    call = ps.stub(pg_server, partner_token).Connect(confirmation_first())
+    await expect_error(
+        call.read(), grpc.StatusCode.FAILED_PRECONDITION, "ERROR_REASON_STREAM_HELLO_MISSING"
+    )
+
+    async def hello() -> AsyncIterator[pb.ConnectRequest]:
+        yield pb.ConnectRequest(hello=pb.StreamHello())
+
+    device_call = ps.stub(pg_server, await pg_server.credential("device")).Connect(hello())
+    await expect_error(
+        device_call.read(), grpc.StatusCode.PERMISSION_DENIED, "ERROR_REASON_CALLER_NOT_ALLOWED"
+    )
+    foreign = ps.stub(pg_server, partner_token).GetPipeline(
+        pb.GetPipelineRequest(partner_id="somebody-else")
+    )
+    await expect_error(foreign, grpc.StatusCode.NOT_FOUND, "ERROR_REASON_PARTNER_NOT_FOUND")
