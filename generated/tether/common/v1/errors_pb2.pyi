@@ -66,6 +66,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_IMPORT_HEADER_MISSING: _ErrorReason.ValueType  # 108
     """FAILED_PRECONDITION: the import stream did not start with a header."""
+    ERROR_REASON_GUARD_SERVICE_NOT_FOUND: _ErrorReason.ValueType  # 300
+    """NOT_FOUND: no guard policy exists for this service_id; create one with
+    FingerprintGuard.SetPolicy.
+    """
+    ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE: _ErrorReason.ValueType  # 301
+    """UNAVAILABLE: Redis did not answer within the time bound and the
+    service's policy fails closed. Safe to retry.
+    """
+    ERROR_REASON_GUARD_LOGIN_NOT_FOUND: _ErrorReason.ValueType  # 302
+    """NOT_FOUND: no live login session for this identity and account (it
+    ended or expired); evaluate a new login.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reason of an error. Every non-OK status Tether returns carries
@@ -123,4 +135,16 @@ named in its request.
 """
 ERROR_REASON_IMPORT_HEADER_MISSING: ErrorReason.ValueType  # 108
 """FAILED_PRECONDITION: the import stream did not start with a header."""
+ERROR_REASON_GUARD_SERVICE_NOT_FOUND: ErrorReason.ValueType  # 300
+"""NOT_FOUND: no guard policy exists for this service_id; create one with
+FingerprintGuard.SetPolicy.
+"""
+ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE: ErrorReason.ValueType  # 301
+"""UNAVAILABLE: Redis did not answer within the time bound and the
+service's policy fails closed. Safe to retry.
+"""
+ERROR_REASON_GUARD_LOGIN_NOT_FOUND: ErrorReason.ValueType  # 302
+"""NOT_FOUND: no live login session for this identity and account (it
+ended or expired); evaluate a new login.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
