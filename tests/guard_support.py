@@ -19,6 +19,8 @@ import redis.asyncio as redis
 from tests.support import RunningServer
 from tether.clients.guard.client import GuardClient, components
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard.service import Guard
+from tether.server.guard.web import WebSide
 
 
 def fingerprint(seed: str = "a", **changes: Any) -> pb.FingerprintComponents:
@@ -51,6 +53,23 @@ async def new_service(client: GuardClient, **fields: Any) -> str:
     service_id = f"svc-{secrets.token_hex(5)}"
     await client.set_policy(pb.Policy(service_id=service_id, **fields))
     return service_id
+
+
+def guard_of(server: RunningServer) -> Guard:
+    """The server's guard domain object (to flush its written-behind record)."""
+    for component in server.app.components:
+        if "guard" in component.extra:
+            guard: Guard = component.extra["guard"]  # type: ignore[assignment]
+            return guard
+    raise AssertionError("the guard is not registered")
+
+
+def web_of(server: RunningServer) -> WebSide:
+    for component in server.app.components:
+        if "web" in component.extra:
+            web: WebSide = component.extra["web"]  # type: ignore[assignment]
+            return web
+    raise AssertionError("the guard is not registered")
 
 
 def free_port() -> int:

@@ -222,4 +222,6 @@ def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
         await web.stop()
         await guard.recorder.stop()
 
-    return Component(services=[SERVICE_NAME], start=start, stop=stop, extra={"web": web})
+    return Component(
+        services=[SERVICE_NAME], start=start, stop=stop, extra={"web": web, "guard": guard}
+    )
