@@ -12,7 +12,9 @@ from tether.clients import cli
 
 def command_modules() -> list[ModuleType]:
     # Each area appends its module here.
-    return []
+    from tether.clients.guard import commands as guard
+
+    return [guard]
 
 
 def main(argv: list[str] | None = None) -> None:
