@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import redis.asyncio as redis
 
 from tests.guard_support import fingerprint, guard_client, new_service
-from tests.support import RunningServer
+from tests.support import RunningServer, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.counters import keys
@@ -61,7 +62,8 @@ async def test_expired_login_session_frees_its_slot(
     client = redis.Redis.from_url(redis_url)
     try:
         # The key expires with its last session, so nothing lingers in Redis.
-        ttl = await client.pttl(keys.guard_logged_in(service, first.identity))
+        bucket = keys.guard_bucket(first.identity, pg_server.app.settings.guard_bucket_bits)
+        ttl = await client.pttl(keys.guard_logged_in(service, bucket))
         assert 0 < ttl <= 1000
     finally:
         await client.aclose()
@@ -86,7 +88,36 @@ async def test_registration_window_bounds_the_key_lifetime(
     first = await guard.evaluate(service, "register", account("w1"), fingerprint("w"), IP)
     client = redis.Redis.from_url(redis_url)
     try:
-        ttl = await client.pttl(keys.guard_registered(service, first.identity))
+        bucket = keys.guard_bucket(first.identity, pg_server.app.settings.guard_bucket_bits)
+        ttl = await client.pttl(keys.guard_registered(service, bucket))
         assert 0 < ttl <= 60_000
     finally:
         await client.aclose()
+
+
+async def test_fingerprints_sharing_one_bucket_are_counted_apart(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    server = await start_server(
+        database_url=postgres_url, redis_url=redis_url, data_dir=tmp_path, guard_bucket_bits=0
+    )
+    try:
+        guard = await guard_client(server)
+        service = await new_service(guard, register_limit=2)
+        for seed in ("a", "b", "c"):
+            verdicts = await asyncio.gather(
+                *(
+                    guard.evaluate(
+                        service, "register", account(f"{seed}{i}"), fingerprint(seed), IP
+                    )
+                    for i in range(50)
+                )
+            )
+            assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) == 2
+        client = redis.Redis.from_url(redis_url)
+        try:
+            assert await client.hlen(keys.guard_registered(service, "0")) == 6
+        finally:
+            await client.aclose()
+    finally:
+        await server.stop()

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
         description="guard service the web side's demo pages evaluate against; "
         "created with small limits when absent",
     )
+    guard_bucket_bits: int = Field(
+        16,
+        ge=0,
+        le=24,
+        description="fingerprints share Redis keys in 2^bits buckets per service and action; "
+        "pick about log2(expected fingerprints / 16); changing it needs a counter rebuild",
+    )
     guard_policy_cache_seconds: float = Field(
         2.0, description="how long a server trusts a guard policy before rereading SQL"
     )

@@ -60,25 +60,26 @@ class GuardCounters:
                 raise CountersDown(str(exc) or type(exc).__name__) from exc
 
     async def evaluate(
-        self, key: str, member: bytes, limit: int, life_ms: int, *, record_over: bool, extend: bool
+        self, key: str, field: bytes, limit: int, life_ms: int, *, record_over: bool, extend: bool
     ) -> Count:
+        """field: 16-byte identity followed by the 8-byte account member."""
         allowed, already, count, expire_ms = await self._call(
             self._evaluate(
                 keys=[key],
-                args=[member, limit, life_ms, int(record_over), int(extend)],
+                args=[field[:16], field[16:], limit, life_ms, int(record_over), int(extend)],
             )
         )
         return Count(bool(allowed), bool(already), int(count), int(expire_ms))
 
-    async def remove(self, key: str, member: bytes) -> bool:
-        return bool(await self._call(self._client.zrem(key, member)))
+    async def remove(self, key: str, field: bytes) -> bool:
+        return bool(await self._call(self._client.hdel(key, field)))
 
-    async def renew(self, key: str, member: bytes, life_ms: int) -> int:
-        """The new expiry in Unix ms, or 0 when the member is gone."""
-        return int(await self._call(self._renew(keys=[key], args=[member, life_ms])))
+    async def renew(self, key: str, field: bytes, life_ms: int) -> int:
+        """The new expiry in Unix ms, or 0 when the entry is gone."""
+        return int(await self._call(self._renew(keys=[key], args=[field, life_ms])))
 
     async def restore(self, key: str, entries: list[tuple[bytes, int]]) -> int:
         args: list[bytes | int] = []
-        for member, expire_ms in entries:
-            args += [member, expire_ms]
+        for field, expire_ms in entries:
+            args += [field, expire_ms]
         return int(await self._call(self._restore(keys=[key], args=args)))

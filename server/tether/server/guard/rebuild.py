@@ -12,8 +12,9 @@ from itertools import groupby
 
 from sqlalchemy import or_, select
 
+from tether.server.counters import keys
 from tether.server.guard.counters import FOREVER_MS
-from tether.server.guard.service import Action, Guard, counter_key
+from tether.server.guard.service import Action, Guard, counter_field, counter_key
 from tether.server.guard.tables import GuardEntry
 
 CHUNK = 5000
@@ -38,11 +39,18 @@ async def rebuild(guard: Guard, service_id: str = "") -> int:
     async with guard.db.sessions() as session:
         result = await session.stream_scalars(query.execution_options(yield_per=CHUNK))
         rows = [row async for row in result]
-    for (service, action, room, identity), group in groupby(
-        rows, key=lambda r: (r.service_id, r.action, r.room_id, r.identity)
+    # Rows come ordered by identity, hence by bucket (its leading bits).
+    for (service, action, room, bucket), group in groupby(
+        rows,
+        key=lambda r: (
+            r.service_id,
+            r.action,
+            r.room_id,
+            keys.guard_bucket(r.identity, guard.bucket_bits),
+        ),
     ):
-        key = counter_key(service, Action(action), room, identity)
+        key = counter_key(service, Action(action), room, bucket)
         restored += await guard.counters.restore(
-            key, [(row.member, _ms(row.expire_time)) for row in group]
+            key, [(counter_field(row.identity, row.member), _ms(row.expire_time)) for row in group]
         )
     return restored

@@ -99,12 +99,17 @@ class _Account:
         return self.digest[:8]
 
 
-def counter_key(service_id: str, action: Action, room_id: str, identity: str) -> str:
+def counter_key(service_id: str, action: Action, room_id: str, bucket: str) -> str:
     if action is Action.REGISTER:
-        return keys.guard_registered(service_id, identity)
+        return keys.guard_registered(service_id, bucket)
     if action is Action.LOGIN:
-        return keys.guard_logged_in(service_id, identity)
-    return keys.guard_room(service_id, room_id, identity)
+        return keys.guard_logged_in(service_id, bucket)
+    return keys.guard_room(service_id, room_id, bucket)
+
+
+def counter_field(identity: str, member: bytes) -> bytes:
+    """An entry's field in its bucket: the identity's 16 bytes, then the account's 8."""
+    return bytes.fromhex(identity) + member
 
 
 def _ms_to_time(ms: int) -> datetime | None:
@@ -124,6 +129,7 @@ class Guard:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self.db = runtime.db
+        self.bucket_bits = runtime.settings.guard_bucket_bits
         self.policies = PolicyCache(runtime.db, runtime.settings.guard_policy_cache_seconds)
         self.counters = GuardCounters(runtime.redis, runtime.settings.redis_timeout_seconds)
         self.recorder = Recorder(runtime.db)
@@ -152,9 +158,9 @@ class Guard:
         elif room_id:
             v.add("room_id", "only for the collaborate action")
 
-    @staticmethod
-    def _key(policy: Policy, action: Action, room_id: str, identity: str) -> str:
-        return counter_key(policy.service_id, action, room_id, identity)
+    def _key(self, policy: Policy, action: Action, room_id: str, identity: str) -> str:
+        bucket = keys.guard_bucket(identity, self.bucket_bits)
+        return counter_key(policy.service_id, action, room_id, bucket)
 
     @staticmethod
     def _rule(policy: Policy, action: Action) -> tuple[int, int]:
@@ -218,10 +224,11 @@ class Guard:
 
         limit, life = self._rule(policy, action)
         key = self._key(policy, action, call.room_id, identity)
+        field = counter_field(identity, acct.member)
         try:
             count = await self.counters.evaluate(
                 key,
-                acct.member,
+                field,
                 limit,
                 life * 1000,
                 record_over=policy.shadow,
@@ -246,23 +253,24 @@ class Guard:
         )
         entry = EntryKey(call.service_id, action.value, call.room_id, identity, acct.member)
         if count.already_counted:
-            if action is not Action.REGISTER:
-                self.recorder.later(Change(put={entry: expire_time}))
+            # Nothing new for SQL: a re-login's longer expiry reaches SQL only
+            # through RenewLogin, which keeps the hot path free of writes (a
+            # rebuild may then free such a session early, never late).
             return verdict
         seen = self._seen(call, action, acct, print_)
         seen.put[entry] = expire_time
         if action is Action.REGISTER:
-            await self._commit_registration(seen, key, acct.member)
+            await self._commit_registration(seen, key, field)
         else:
             self.recorder.later(seen)
         return verdict
 
-    async def _commit_registration(self, change: Change, key: str, member: bytes) -> None:
+    async def _commit_registration(self, change: Change, key: str, field: bytes) -> None:
         try:
             await self.recorder.commit(change)
         except Exception as exc:
             # Not durable, so not counted: give the slot back.
-            await self.counters.remove(key, member)
+            await self.counters.remove(key, field)
             raise errors.Unavailable(
                 ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
                 "the registration could not be recorded; retry",
@@ -301,11 +309,11 @@ class Guard:
         policy = await self.policies.get(service_id)
         key = self._key(policy, action, room_id, identity)
         entry = EntryKey(service_id, action.value, room_id, identity, acct.member)
-        return policy, key, acct.member, entry
+        return policy, key, counter_field(identity, acct.member), entry
 
-    async def _remove(self, key: str, member: bytes) -> bool:
+    async def _remove(self, key: str, field: bytes) -> bool:
         try:
-            return await self.counters.remove(key, member)
+            return await self.counters.remove(key, field)
         except CountersDown as exc:
             raise errors.Unavailable(
                 ErrorReason.ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE,
@@ -315,37 +323,37 @@ class Guard:
     async def cancel_registration(
         self, service_id: str, identity: str, account: AccountRef | None
     ) -> bool:
-        _, key, member, entry = await self._target(
+        _, key, field, entry = await self._target(
             service_id, Action.REGISTER, "", identity, account
         )
-        removed = await self._remove(key, member)
+        removed = await self._remove(key, field)
         await self.recorder.commit(Change(drop={entry}))
         return removed
 
     async def end_login(self, service_id: str, identity: str, account: AccountRef | None) -> bool:
-        _, key, member, entry = await self._target(service_id, Action.LOGIN, "", identity, account)
-        removed = await self._remove(key, member)
+        _, key, field, entry = await self._target(service_id, Action.LOGIN, "", identity, account)
+        removed = await self._remove(key, field)
         self.recorder.later(Change(drop={entry}))
         return removed
 
     async def leave_room(
         self, service_id: str, room_id: str, identity: str, account: AccountRef | None
     ) -> bool:
-        _, key, member, entry = await self._target(
+        _, key, field, entry = await self._target(
             service_id, Action.COLLABORATE, room_id, identity, account
         )
-        removed = await self._remove(key, member)
+        removed = await self._remove(key, field)
         self.recorder.later(Change(drop={entry}))
         return removed
 
     async def renew_login(
         self, service_id: str, identity: str, account: AccountRef | None
     ) -> datetime:
-        policy, key, member, entry = await self._target(
+        policy, key, field, entry = await self._target(
             service_id, Action.LOGIN, "", identity, account
         )
         try:
-            expire_ms = await self.counters.renew(key, member, policy.login_session_seconds * 1000)
+            expire_ms = await self.counters.renew(key, field, policy.login_session_seconds * 1000)
         except CountersDown as exc:
             raise errors.Unavailable(
                 ErrorReason.ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE,
