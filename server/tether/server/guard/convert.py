@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from tether.common.v1 import types_pb2
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.errors import Violations
@@ -71,6 +73,12 @@ def components(message: pb.FingerprintComponents, present: bool) -> Components |
         platform=message.platform,
         extra=dict(message.extra),
     )
+
+
+def components_key(message: pb.FingerprintComponents) -> bytes:
+    """What IdentityCache keys on: a digest of the deterministic serialization."""
+    serialized = message.SerializeToString(deterministic=True)
+    return hashlib.blake2b(serialized, digest_size=16).digest() if serialized else b""
 
 
 def verdict(value: Verdict) -> pb.EvaluateResponse:

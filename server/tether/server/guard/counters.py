@@ -55,7 +55,9 @@ class GuardCounters:
     async def _call(self, call: Any) -> Any:
         async with self._slots:
             try:
-                return await asyncio.wait_for(call, self._timeout)
+                # asyncio.timeout, unlike wait_for, starts no task per call.
+                async with asyncio.timeout(self._timeout):
+                    return await call
             except _DOWN as exc:
                 raise CountersDown(str(exc) or type(exc).__name__) from exc
 

@@ -21,7 +21,6 @@ from tether.server.errors import Violations
 
 IDENTITY = re.compile(r"^[0-9a-f]{32}$")
 _EXTRA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_SPACES = re.compile(r"\s+")
 
 MAX_TEXT = 128
 MAX_FONTS = 512
@@ -67,6 +66,10 @@ def _texts(
 ) -> None:
     if len(values) > max_count:
         violations.add(path, f"at most {max_count} entries")
+        return
+    # The common, valid case in one pass of C-level checks (this runs on
+    # every Evaluate); the per-entry loop only to say which entry is bad.
+    if all(0 < len(x) <= max_len and x.isprintable() and not x.isspace() for x in values):
         return
     for i, value in enumerate(values):
         _text(value, f"{path}[{i}]", violations, max_len, required=True)
@@ -116,7 +119,7 @@ def check_identity(value: str, path: str, violations: Violations) -> None:
 
 
 def _norm(value: str) -> str:
-    return _SPACES.sub(" ", value.strip().casefold())
+    return " ".join(value.casefold().split())
 
 
 def stable(c: Components) -> dict[str, str]:
@@ -143,19 +146,37 @@ def stable(c: Components) -> dict[str, str]:
     return parts
 
 
-@dataclass(frozen=True)
-class Fingerprint:
-    identity: str
-    # component name -> 16 hex characters of its own keyed digest.
-    sketch: dict[str, str]
+def identity(digester: Digester, c: Components) -> str:
+    """32 hex characters: the keyed hash of the stable components."""
+    canonical = json.dumps(stable(c), sort_keys=True, separators=(",", ":"))
+    return digester.digest("guard-fingerprint", canonical)[:16].hex()
 
 
-def fingerprint(digester: Digester, c: Components) -> Fingerprint:
-    parts = stable(c)
-    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
-    identity = digester.digest("guard-fingerprint", canonical)[:16].hex()
-    sketch = {
+def sketch(digester: Digester, c: Components) -> dict[str, str]:
+    """Component name -> 16 hex characters of its own keyed digest: what a
+    later drift linker compares (docs/guard.md). Computed only when an
+    identity is recorded, not on every call."""
+    return {
         name: digester.digest("guard-component", f"{name}={value}")[:8].hex()
-        for name, value in parts.items()
+        for name, value in stable(c).items()
     }
-    return Fingerprint(identity, sketch)
+
+
+class IdentityCache:
+    """Identities of recently seen, already validated component sets, keyed
+    by a digest of their serialized form: a browser that comes back with the
+    same components skips validation and hashing. Holds no raw component."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._entries: dict[bytes, str] = {}
+
+    def get(self, key: bytes) -> str | None:
+        return self._entries.get(key) if key else None
+
+    def put(self, key: bytes, value: str) -> None:
+        if not key:
+            return
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[key] = value

@@ -73,6 +73,9 @@ class EvaluateCall:
     room_id: str
     components: fp.Components | None
     client_ip: str
+    # A digest of the components as received (e.g. of their serialized
+    # message), letting a repeat skip validation and hashing; b"": none.
+    components_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class Guard:
         self.policies = PolicyCache(runtime.db, runtime.settings.guard_policy_cache_seconds)
         self.counters = GuardCounters(runtime.redis, runtime.settings.redis_timeout_seconds)
         self.recorder = Recorder(runtime.db)
+        self.identities = fp.IdentityCache()
 
     # --- validation ------------------------------------------------------
     def _account(self, account: AccountRef | None, path: str, v: Violations) -> _Account | None:
@@ -172,21 +176,31 @@ class Guard:
         return policy.collaborate_limit, policy.room_membership_seconds
 
     # --- evaluate --------------------------------------------------------
-    def _check(self, call: EvaluateCall) -> tuple[Action, _Account, fp.Components]:
+    def _check(self, call: EvaluateCall) -> tuple[Action, _Account, fp.Components, str]:
+        """The valid request's action, account, components and identity."""
         v = Violations()
         self._scope(call.service_id, call.action, call.room_id, v)
         acct = self._account(call.account, "account", v)
+        identity = self.identities.get(call.components_key)
         if call.components is None:
             v.add("components", "required: the fingerprint the page collected")
-        else:
+        elif identity is None:
             fp.check(call.components, "components", v)
         fp.check_ip(call.client_ip, "client_ip", v)
         v.raise_if_any()
         assert call.action is not None and acct is not None and call.components is not None
-        return call.action, acct, call.components
+        if identity is None:
+            identity = fp.identity(self._rt.digester, call.components)
+            self.identities.put(call.components_key, identity)
+        return call.action, acct, call.components, identity
 
     def _seen(
-        self, call: EvaluateCall, action: Action, acct: _Account, print_: fp.Fingerprint
+        self,
+        call: EvaluateCall,
+        action: Action,
+        acct: _Account,
+        identity: str,
+        components: fp.Components,
     ) -> Change:
         """The look-up link and the identity's sketch, for SQL."""
         ip_digest = self._rt.digester.digest(
@@ -195,7 +209,7 @@ class Guard:
         now = utcnow()
         link = {
             "service_id": call.service_id,
-            "identity": print_.identity,
+            "identity": identity,
             "account_digest": acct.digest,
             "key_id": acct.key_id,
             "last_action": action.value,
@@ -203,23 +217,24 @@ class Guard:
             "last_seen_time": now,
         }
         ident = {
-            "identity": print_.identity,
-            "sketch": {**print_.sketch, "ip_prefix": ip_digest[:8].hex()},
+            "identity": identity,
+            "sketch": {
+                **fp.sketch(self._rt.digester, components),
+                "ip_prefix": ip_digest[:8].hex(),
+            },
             "first_seen_time": now,
             "last_seen_time": now,
         }
         return Change(links=[link], identities=[ident])
 
     async def evaluate(self, call: EvaluateCall) -> Verdict:
-        action, acct, components = self._check(call)
+        action, acct, components, identity = self._check(call)
         policy = await self.policies.get(call.service_id)
-        print_ = fp.fingerprint(self._rt.digester, components)
-        identity = print_.identity
         if identity in policy.allowed_identities:
-            self.recorder.later(self._seen(call, action, acct, print_))
+            self.recorder.later(self._seen(call, action, acct, identity, components))
             return Verdict(True, Reason.IDENTITY_ALLOW_LISTED, identity)
         if acct.digest.hex() in policy.allowed_account_digests:
-            self.recorder.later(self._seen(call, action, acct, print_))
+            self.recorder.later(self._seen(call, action, acct, identity, components))
             return Verdict(True, Reason.ACCOUNT_ALLOW_LISTED, identity)
 
         limit, life = self._rule(policy, action)
@@ -257,7 +272,7 @@ class Guard:
             # through RenewLogin, which keeps the hot path free of writes (a
             # rebuild may then free such a session early, never late).
             return verdict
-        seen = self._seen(call, action, acct, print_)
+        seen = self._seen(call, action, acct, identity, components)
         seen.put[entry] = expire_time
         if action is Action.REGISTER:
             await self._commit_registration(seen, key, field)

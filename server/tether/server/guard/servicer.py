@@ -49,6 +49,7 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
                 request.room_id,
                 convert.components(request.components, request.HasField("components")),
                 request.client_ip,
+                convert.components_key(request.components),
             )
         )
         return convert.verdict(value)
