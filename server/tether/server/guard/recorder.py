@@ -10,6 +10,7 @@ joins and look-up links are written behind, a few milliseconds later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,9 @@ from tether.server.storage.database import Database
 log = logs.get(__name__)
 
 MAX_BATCH = 1000
+# How long written-behind changes wait for company: one transaction per
+# LINGER instead of one per call. A change someone awaits cuts it short.
+LINGER_SECONDS = 0.02
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Recorder:
         self._db = db
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._urgent = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="guard-recorder")
@@ -81,6 +86,7 @@ class Recorder:
         """Queues a change and returns once it is committed."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(change, done))
+        self._urgent.set()
         await done
 
     async def flush(self) -> None:
@@ -90,6 +96,11 @@ class Recorder:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if batch[0].done is None and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LINGER_SECONDS):
+                        await self._urgent.wait()
+            self._urgent.clear()
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
