@@ -7,6 +7,7 @@ time to live, so no restart is ever needed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
@@ -15,12 +16,15 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server import logs
 from tether.server.errors import NotFound, Violations
 from tether.server.guard.identity import check_identity
 from tether.server.guard.tables import GuardPolicy
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
 from tether.server.validation import check_slug
+
+log = logs.get(__name__)
 
 ENFORCE, SHADOW = "enforce", "shadow"
 FAIL_OPEN, FAIL_CLOSED = "fail_open", "fail_closed"
@@ -149,26 +153,68 @@ async def save(session: AsyncSession, policy: Policy) -> Policy:
 
 
 class PolicyCache:
-    """Policies by service, each trusted for ttl seconds."""
+    """Policies by service, each trusted for ttl seconds.
+
+    Past its ttl an entry is still served while one background read
+    refreshes it, so the many calls arriving at expiry neither wait for SQL
+    nor all read it at once; only a service never seen waits (for one
+    shared read).
+    """
+
+    MAX_ENTRIES = 10_000
 
     def __init__(self, db: Database, ttl: float) -> None:
         self._db = db
         self._ttl = ttl
         self._entries: dict[str, tuple[float, Policy | None]] = {}
+        self._reads: dict[str, asyncio.Task[Policy | None]] = {}
+        # Bumped by forget(), so a read that started before a change cannot
+        # store what it read after it.
+        self._changes = 0
 
     async def get(self, service_id: str) -> Policy:
-        now = time.monotonic()
         entry = self._entries.get(service_id)
-        if entry is None or now - entry[0] > self._ttl:
+        if entry is None:
+            policy = await self._read(service_id)
+        else:
+            if time.monotonic() - entry[0] > self._ttl:
+                self._read(service_id)
+            policy = entry[1]
+        if policy is None:
+            raise not_found(service_id)
+        return policy
+
+    def _read(self, service_id: str) -> asyncio.Task[Policy | None]:
+        """The one read of this service's policy in flight."""
+        task = self._reads.get(service_id)
+        if task is None:
+            task = asyncio.create_task(self._load(service_id))
+            task.add_done_callback(_log_failure)
+            self._reads[service_id] = task
+        return task
+
+    async def _load(self, service_id: str) -> Policy | None:
+        try:
+            started, changes = time.monotonic(), self._changes
             async with self._db.sessions() as session:
                 policy = await find(session, service_id)
             # Unknown services are cached too, so a flood of bad names costs
             # one read per name and ttl, not one per call.
-            entry = (now, policy)
-            self._entries[service_id] = entry
-        if entry[1] is None:
-            raise not_found(service_id)
-        return entry[1]
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            if changes == self._changes:
+                self._entries[service_id] = (started, policy)
+            return policy
+        finally:
+            if self._reads.get(service_id) is asyncio.current_task():
+                del self._reads[service_id]
 
     def forget(self, service_id: str) -> None:
+        self._changes += 1
         self._entries.pop(service_id, None)
+        self._reads.pop(service_id, None)
+
+
+def _log_failure(task: asyncio.Task[Policy | None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("guard policy not read", error=str(task.exception()))

@@ -135,6 +135,8 @@ class Recorder:
         drops = [tuple(key.__dict__.values()) for key, (keep, _) in final.items() if not keep]
         if not (puts or drops or links or identities):
             return
+        # Core statements on the tables: the ORM's bulk machinery would cost
+        # more than the writes themselves.
         async with self._db.transaction() as session:
             insert = _insert(session)
             if drops:
@@ -147,7 +149,7 @@ class Recorder:
                 )
                 await session.execute(delete(GuardEntry).where(tuple_(*columns).in_(drops)))
             if puts:
-                stmt = insert(GuardEntry)
+                stmt = insert(GuardEntry.__table__)
                 await session.execute(
                     stmt.on_conflict_do_update(
                         index_elements=["service_id", "action", "room_id", "identity", "member"],
@@ -156,7 +158,7 @@ class Recorder:
                     puts,
                 )
             if links:
-                stmt = insert(GuardLink)
+                stmt = insert(GuardLink.__table__)
                 await session.execute(
                     stmt.on_conflict_do_update(
                         index_elements=["service_id", "identity", "account_digest"],
@@ -169,7 +171,7 @@ class Recorder:
                     list(links.values()),
                 )
             if identities:
-                stmt = insert(GuardIdentity)
+                stmt = insert(GuardIdentity.__table__)
                 await session.execute(
                     stmt.on_conflict_do_update(
                         index_elements=["identity"],
