@@ -52,6 +52,7 @@ POSTGRES_DSN = os.environ.get(
 WARMUP = 300
 CALLS = {1: 2000, 32: 6000}
 FILL_CHUNK = 20_000
+ROUNDS = 5
 
 # A one-key script: the least one EVALSHA per call can cost.
 BASELINE_SCRIPT = "return redis.call('INCR', KEYS[1])"
@@ -173,30 +174,55 @@ class Result:
     p99_ms: float
 
 
-async def measure(
-    name: str, call: Callable[[int], Any], in_flight: int, calls: int, offset: int = 0
-) -> Result:
-    next_index = offset
-    latencies: list[float] = []
+class Sampler:
+    """Latencies and busy time of one target, gathered over several slices."""
 
-    async def worker(limit: int) -> None:
-        nonlocal next_index
-        while next_index < limit:
-            i = next_index
-            next_index += 1
-            start = time.perf_counter()
-            await call(i)
-            latencies.append(time.perf_counter() - start)
+    def __init__(self, name: str, call: Callable[[int], Any], in_flight: int) -> None:
+        self.name, self.call, self.in_flight = name, call, in_flight
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
 
-    await asyncio.gather(*(worker(offset + WARMUP) for _ in range(in_flight)))
-    latencies.clear()
-    begin = time.perf_counter()
-    await asyncio.gather(*(worker(offset + WARMUP + calls) for _ in range(in_flight)))
-    elapsed = time.perf_counter() - begin
-    quantiles = statistics.quantiles(latencies, n=100)
-    return Result(
-        name, in_flight, len(latencies) / elapsed, quantiles[49] * 1e3, quantiles[98] * 1e3
-    )
+    async def run(self, first: int, calls: int, *, record: bool = True) -> None:
+        next_index = first
+        latencies: list[float] = []
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < first + calls:
+                i = next_index
+                next_index += 1
+                start = time.perf_counter()
+                await self.call(i)
+                latencies.append(time.perf_counter() - start)
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(self.in_flight)))
+        if record:
+            self.elapsed += time.perf_counter() - begin
+            self.latencies += latencies
+
+    def result(self) -> Result:
+        q = statistics.quantiles(self.latencies, n=100)
+        return Result(
+            self.name, self.in_flight, len(self.latencies) / self.elapsed, q[49] * 1e3, q[98] * 1e3
+        )
+
+
+async def compare(
+    targets: list[tuple[str, Callable[[int], Any]]], in_flight: int, calls: int, offset: int
+) -> list[Result]:
+    """Runs the targets in alternating slices, so that a machine whose load
+    changes during the run (other jobs, CPU boost) weighs on each alike."""
+    samplers = [Sampler(name, call, in_flight) for name, call in targets]
+    for sampler in samplers:
+        await sampler.run(offset, WARMUP, record=False)
+        offset += WARMUP
+    slice_calls = calls // ROUNDS
+    for round_ in range(ROUNDS):
+        for sampler in samplers[round_ % len(samplers) :] + samplers[: round_ % len(samplers)]:
+            await sampler.run(offset, slice_calls)
+            offset += slice_calls
+    return [sampler.result() for sampler in samplers]
 
 
 class Server:
@@ -328,25 +354,17 @@ async def _run(servers: dict[str, Server], client: redis.Redis) -> None:
 
     results: dict[tuple[str, int], Result] = {}
     offset = 0
-    if os.environ.get("BENCH_GUARD_QUICK"):
-        for name, call in (
-            ("bare grpc.aio", constant(servers["bare"].stub)),
-            ("grpc.aio + EVALSHA", constant(servers["evalsha"].stub)),
-            ("tether repeat", repeat),
-        ):
-            print(_row(await measure(name, call, 1, 2000, offset)))
-            offset += WARMUP + 2000
-        return
+    targets = [
+        ("bare grpc.aio", constant(servers["bare"].stub)),
+        ("grpc.aio + EVALSHA", constant(servers["evalsha"].stub)),
+        ("tether repeat", repeat),
+        ("tether new", new),
+    ]
     for in_flight, calls in CALLS.items():
-        for name, call in (
-            ("bare grpc.aio", constant(servers["bare"].stub)),
-            ("grpc.aio + EVALSHA", constant(servers["evalsha"].stub)),
-            ("tether repeat", repeat),
-            ("tether new", new),
-        ):
-            results[(name, in_flight)] = await measure(name, call, in_flight, calls, offset)
-            offset += WARMUP + calls
-            print(_row(results[(name, in_flight)]), file=sys.stderr, flush=True)
+        for result in await compare(targets, in_flight, calls, offset):
+            results[(result.name, in_flight)] = result
+            print(_row(result), file=sys.stderr, flush=True)
+        offset += (WARMUP + calls) * len(targets)
 
     print("\nEvaluate throughput and latency (calls/s, ms)")
     print(f"  {'server':<22} {'in flight':>3} {'calls/s':>10} {'p50':>8} {'p99':>8}")
@@ -375,12 +393,12 @@ async def _run(servers: dict[str, Server], client: redis.Redis) -> None:
     before = (await client.info("memory"))["used_memory"]
     await _fill(client, 0, 10_000, bits)
     await asyncio.gather(*(tether.stub.Evaluate(r) for r in pool))  # the 256 repeat logins
-    small = await measure("tether repeat @1e4", repeat, 1, CALLS[1], offset)
+    [small] = await compare([("tether repeat @1e4", repeat)], 1, CALLS[1], offset)
     offset += WARMUP + CALLS[1]
     await _fill(client, 10_000, 1_000_000, bits)
     entries = 1_000_000
     used = (await client.info("memory"))["used_memory"] - before
-    large = await measure("tether repeat @1e6", repeat, 1, CALLS[1], offset)
+    [large] = await compare([("tether repeat @1e6", repeat)], 1, CALLS[1], offset)
     entries += 256
     keys_count = await client.dbsize()
     sample = [k async for k in client.scan_iter(f"tether:g:{SERVICE}:*", count=1000)][:200]

@@ -55,21 +55,23 @@ async def new_service(client: GuardClient, **fields: Any) -> str:
     return service_id
 
 
+def _extra(server: RunningServer, name: str) -> Any:
+    for component in server.app.components:
+        if name in component.extra:
+            return component.extra[name]
+    raise AssertionError("the guard is not registered")
+
+
 def guard_of(server: RunningServer) -> Guard:
     """The server's guard domain object (to flush its written-behind record)."""
-    for component in server.app.components:
-        if "guard" in component.extra:
-            guard: Guard = component.extra["guard"]  # type: ignore[assignment]
-            return guard
-    raise AssertionError("the guard is not registered")
+    guard: Guard = _extra(server, "guard")
+    return guard
 
 
 def web_of(server: RunningServer) -> WebSide:
-    for component in server.app.components:
-        if "web" in component.extra:
-            web: WebSide = component.extra["web"]  # type: ignore[assignment]
-            return web
-    raise AssertionError("the guard is not registered")
+    """The server's web side (for its URL)."""
+    web: WebSide = _extra(server, "web")
+    return web
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ tether.clients.errors.details_of)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -126,38 +126,41 @@ class GuardClient:
         )
         return response.policy
 
-    async def identity_accounts(
+    def identity_accounts(
         self, identity: str, service_id: str = ""
     ) -> AsyncIterator[pb.IdentityLink]:
-        token = ""
-        while True:
-            page = await self.stub.ListIdentityAccounts(
+        """Every link of an identity, newest first, page after page."""
+        return _links(
+            lambda token: self.stub.ListIdentityAccounts(
                 pb.ListIdentityAccountsRequest(
                     identity=identity, service_id=service_id, page_size=500, page_token=token
                 )
             )
-            for link in page.links:
-                yield link
-            token = page.next_page_token
-            if not token:
-                return
+        )
 
-    async def account_identities(
+    def account_identities(
         self, account: types_pb2.Account, service_id: str = ""
     ) -> AsyncIterator[pb.IdentityLink]:
-        token = ""
-        while True:
-            page = await self.stub.ListAccountIdentities(
+        """Every link of an account, newest first, page after page."""
+        return _links(
+            lambda token: self.stub.ListAccountIdentities(
                 pb.ListAccountIdentitiesRequest(
                     account=account, service_id=service_id, page_size=500, page_token=token
                 )
             )
-            for link in page.links:
-                yield link
-            token = page.next_page_token
-            if not token:
-                return
+        )
 
     async def rebuild(self, service_id: str = "") -> int:
         response = await self.stub.RebuildCounters(pb.RebuildCountersRequest(service_id=service_id))
         return response.entries_restored
+
+
+async def _links(page_of: Callable[[str], Awaitable[Any]]) -> AsyncIterator[pb.IdentityLink]:
+    token = ""
+    while True:
+        page = await page_of(token)
+        for link in page.links:
+            yield link
+        token = page.next_page_token
+        if not token:
+            return

@@ -121,6 +121,13 @@ def _ms_to_time(ms: int) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+def _unavailable() -> errors.Unavailable:
+    return errors.Unavailable(
+        ErrorReason.ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE,
+        "the guard's counters did not answer in time; retry",
+    )
+
+
 def _ip_prefix(client_ip: str) -> str:
     """The client's network (/24, /48): a weak drift-linking hint, never the identity."""
     ip = ipaddress.ip_address(client_ip)
@@ -300,11 +307,7 @@ class Guard:
         )
         if policy.fail_open:
             return Verdict(True, Reason.COUNTERS_UNAVAILABLE, identity, fail_open=True)
-        raise errors.Unavailable(
-            ErrorReason.ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE,
-            "the guard's counters did not answer in time; retry",
-            metadata={"service_id": policy.service_id},
-        ) from exc
+        raise _unavailable() from exc
 
     # --- freeing slots ---------------------------------------------------
     async def _target(
@@ -330,10 +333,7 @@ class Guard:
         try:
             return await self.counters.remove(key, field)
         except CountersDown as exc:
-            raise errors.Unavailable(
-                ErrorReason.ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE,
-                "the guard's counters did not answer in time; retry",
-            ) from exc
+            raise _unavailable() from exc
 
     async def cancel_registration(
         self, service_id: str, identity: str, account: AccountRef | None
@@ -370,10 +370,7 @@ class Guard:
         try:
             expire_ms = await self.counters.renew(key, field, policy.login_session_seconds * 1000)
         except CountersDown as exc:
-            raise errors.Unavailable(
-                ErrorReason.ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE,
-                "the guard's counters did not answer in time; retry",
-            ) from exc
+            raise _unavailable() from exc
         expire_time = _ms_to_time(expire_ms)
         if expire_time is None:
             raise errors.NotFound(
@@ -401,11 +398,6 @@ class Guard:
             v.add(path + ".value", str(exc))
             return []
         return self._rt.digester.candidates(account.kind, normalized)
-
-    async def rebuild(self, service_id: str = "") -> int:
-        from tether.server.guard.rebuild import rebuild
-
-        return await rebuild(self, service_id)
 
     async def set_policy(self, policy: Policy) -> Policy:
         policy = policies.check(policy)

@@ -12,7 +12,7 @@ from tether.guard.v1 import messages_pb2 as pb
 from tether.guard.v1 import service_pb2, service_pb2_grpc
 from tether.server.components import Component
 from tether.server.errors import Violations
-from tether.server.guard import convert, lookups, policies
+from tether.server.guard import convert, lookups, policies, rebuild
 from tether.server.guard.identity import check_identity
 from tether.server.guard.policies import Policy
 from tether.server.guard.service import EvaluateCall, Guard
@@ -206,7 +206,7 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
             v = Violations()
             check_slug(request.service_id, "service_id", v)
             v.raise_if_any()
-        restored = await self._guard.rebuild(request.service_id)
+        restored = await rebuild.rebuild(self._guard, request.service_id)
         return pb.RebuildCountersResponse(entries_restored=restored)
 
 
