@@ -3,6 +3,10 @@ PostgreSQL (or SQLite) and real Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
+
 import grpc
 
 from tests.guard_support import (
@@ -10,7 +14,7 @@ from tests.guard_support import (
     guard_client,
     new_service,
 )
-from tests.support import RunningServer, expect_error
+from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 
@@ -197,3 +201,31 @@ async def test_look_ups_link_identities_and_accounts(any_server: RunningServer) 
     assert {link.service_id for link in linked} == {service}
     identities = [link.identity async for link in guard.account_identities(account("me"))]
     assert set(identities) == {home.identity, work.identity}
+
+
+async def test_policy_change_reaches_another_server_without_restart(
+    pg_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    other = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        guard_policy_cache_seconds=0.1,
+    )
+    try:
+        here, there = await guard_client(pg_server), await guard_client(other)
+        service = await new_service(here, register_limit=1)
+        await there.evaluate(service, "register", account("o1"), fingerprint("o"), IP)
+        refused = await there.evaluate(service, "register", account("o2"), fingerprint("o"), IP)
+        assert refused.verdict == pb.VERDICT_DENY
+        await here.set_policy(pb.Policy(service_id=service, mode=pb.MODE_SHADOW), only=["mode"])
+        # The other server rereads within its cache time; poll, with a bound.
+        deadline = time.monotonic() + 10
+        while True:
+            verdict = await there.evaluate(service, "register", account("o2"), fingerprint("o"), IP)
+            if verdict.verdict == pb.VERDICT_ALLOW or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert verdict.would_deny
+    finally:
+        await other.stop()
