@@ -45,6 +45,10 @@ class RunningServer:
         self._channels.append(channel)
         return channel
 
+    def app_services(self) -> list[str]:
+        """Every Tether gRPC service the server registered."""
+        return [name for c in self.app.components for name in c.services]
+
     def admin(self) -> admin_grpc.AdminAsyncStub:
         return admin_grpc.AdminStub(self.channel(self.admin_token))
 

@@ -83,3 +83,7 @@ def main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None
         sys.exit(asyncio.run(_run(args)))
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # Output piped into `head` or similar: the reader has all it wanted.
+        sys.stderr.close()
+        sys.exit(0)

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from tether.server import digests, logs
 from tether.server.admin import credentials
@@ -88,6 +89,20 @@ async def _bootstrap_embedded_admin(settings: Settings, db: Database) -> None:
     log.warning("created an admin credential for the quick start", token_file=str(token_file))
 
 
+async def _check_schema(db: Database) -> None:
+    """Refuses to serve on a database this version cannot use, and says why."""
+    try:
+        current = await migrate.current_revision(db.engine)
+    except (OSError, SQLAlchemyError) as exc:
+        raise SystemExit(f"cannot reach the database: {exc}") from exc
+    head = migrate.head_revision()
+    if current != head:
+        raise SystemExit(
+            f"the database schema is at revision {current}, this server needs {head}: "
+            "run `tether-server migrate` (or set TETHER_MIGRATE_ON_START=true)"
+        )
+
+
 def _areas() -> list[object]:
     # Imported here so that each area's module is loaded only with the app.
     from tether.server.binding import servicer as binding
@@ -111,6 +126,7 @@ async def build(settings: Settings) -> App:
         await migrate.upgrade_async(settings.effective_database_url)
 
     db = Database(settings.effective_database_url, settings.database_pool_size)
+    await _check_schema(db)
     runtime = Runtime(
         settings=settings,
         db=db,

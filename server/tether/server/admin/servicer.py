@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.admin.v1 import messages_pb2 as pb
 from tether.admin.v1 import service_pb2_grpc
@@ -15,6 +18,7 @@ from tether.server.errors import Violations
 from tether.server.runtime import Runtime
 from tether.server.transport import idempotency, paging
 from tether.server.transport.convert import timestamp
+from tether.server.transport.idempotency import Response
 from tether.server.transport.principal import CallerKind, require
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -77,29 +81,39 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
         self._rt = runtime
         self._db = runtime.db
 
+    async def _once(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[Response],
+        work: Callable[[AsyncSession], Awaitable[Response]],
+    ) -> Response:
+        """An admin-only change, run at most once per request_id."""
+        caller = require(CallerKind.ADMIN)
+        violations = Violations()
+        idempotency.check_request_id(request.request_id, violations)  # type: ignore[attr-defined]
+        violations.raise_if_any()
+        return await idempotency.run_once(
+            self._db,
+            caller,
+            method=method,
+            request=request,
+            response_type=response_type,
+            work=work,
+        )
+
     async def CreatePartner(
         self, request: pb.CreatePartnerRequest, context: Context
     ) -> pb.CreatePartnerResponse:
-        caller = require(CallerKind.ADMIN)
-        violations = Violations()
-        idempotency.check_request_id(request.request_id, violations)
-        violations.raise_if_any()
         policy = _policy(request.rebind_policy, "rebind_policy")
 
-        async def work(session: Any) -> pb.CreatePartnerResponse:
+        async def work(session: AsyncSession) -> pb.CreatePartnerResponse:
             row = await service.create_partner(
                 session, request.partner_id, request.display_name, policy
             )
             return pb.CreatePartnerResponse(partner=partner_pb(row))
 
-        return await idempotency.run_once(
-            self._db,
-            caller,
-            method="CreatePartner",
-            request=request,
-            response_type=pb.CreatePartnerResponse,
-            work=work,
-        )
+        return await self._once("CreatePartner", request, pb.CreatePartnerResponse, work)
 
     async def GetPartner(
         self, request: pb.GetPartnerRequest, context: Context
@@ -140,12 +154,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
     async def CreateService(
         self, request: pb.CreateServiceRequest, context: Context
     ) -> pb.CreateServiceResponse:
-        caller = require(CallerKind.ADMIN)
-        violations = Violations()
-        idempotency.check_request_id(request.request_id, violations)
-        violations.raise_if_any()
-
-        async def work(session: Any) -> pb.CreateServiceResponse:
+        async def work(session: AsyncSession) -> pb.CreateServiceResponse:
             row = await service.create_service(
                 session,
                 request.partner_id,
@@ -155,14 +164,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
             )
             return pb.CreateServiceResponse(service=service_pb(row))
 
-        return await idempotency.run_once(
-            self._db,
-            caller,
-            method="CreateService",
-            request=request,
-            response_type=pb.CreateServiceResponse,
-            work=work,
-        )
+        return await self._once("CreateService", request, pb.CreateServiceResponse, work)
 
     async def ListServices(
         self, request: pb.ListServicesRequest, context: Context

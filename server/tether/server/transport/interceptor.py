@@ -7,6 +7,7 @@ one place and lets servicers raise domain errors freely.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -15,7 +16,7 @@ import grpc
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
 from tether.server.transport import principal as principals
-from tether.server.transport.status import abort
+from tether.server.transport.status import abort, code_of
 
 log = logs.get(__name__)
 
@@ -67,12 +68,25 @@ async def _enter(
     principals.set_current(principal)
 
 
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
 async def _fail(
-    context: grpc.aio.ServicerContext[Any, Any], method: str, exc: BaseException
+    context: grpc.aio.ServicerContext[Any, Any], method: str, exc: BaseException, started: float
 ) -> None:
+    elapsed_ms = _elapsed_ms(started)
     if isinstance(exc, errors.TetherError):
+        # A caller's mistake: worth a line, not an alarm.
+        log.info(
+            "rpc refused",
+            method=method,
+            code=code_of(exc).name,
+            reason=ErrorReason.Name(exc.reason),
+            ms=elapsed_ms,
+        )
         await abort(context, exc)
-    log.exception("unexpected error", method=method)
+    log.exception("rpc failed", method=method, ms=elapsed_ms)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
 
 
@@ -81,18 +95,23 @@ def _wrap(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     def unary_result(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
             try:
                 await _enter(context, token, auth)
-                return await behavior(request, context)
+                result = await behavior(request, context)
             except Exception as exc:
                 if _is_abort(exc):
                     raise
-                await _fail(context, method, exc)
+                await _fail(context, method, exc, started)
+            else:
+                log.debug("rpc", method=method, ms=_elapsed_ms(started))
+                return result
 
         return run
 
     def stream_result(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
             try:
                 await _enter(context, token, auth)
                 async for item in behavior(request, context):
@@ -100,7 +119,9 @@ def _wrap(
             except Exception as exc:
                 if _is_abort(exc):
                     raise
-                await _fail(context, method, exc)
+                await _fail(context, method, exc, started)
+            else:
+                log.debug("rpc", method=method, ms=_elapsed_ms(started))
 
         return run
 

@@ -1,0 +1,23 @@
+"""Start-up refuses what it cannot serve, with a message that says what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tether.server import digests
+from tether.server.app import build
+from tether.server.settings import Settings
+
+
+async def test_server_refuses_an_unmigrated_database(tmp_path: Path) -> None:
+    settings = Settings(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}",
+        redis_url="redis://127.0.0.1:6379/0",
+        digest_keys=digests.new_key_spec(),
+    )
+    with pytest.raises(SystemExit, match="tether-server migrate"):
+        await build(settings)
