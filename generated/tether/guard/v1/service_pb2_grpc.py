@@ -33,7 +33,7 @@ class FingerprintGuardStub:
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
-    credentials; policy changes and rebuilds also accept
+    credentials; policies, look-ups and rebuilds also accept
     CREDENTIAL_KIND_ADMIN. Device and partner credentials get
     PERMISSION_DENIED: a web front-end is not a device, and partners never
     see fingerprints.
@@ -114,7 +114,7 @@ class FingerprintGuardServicer:
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
-    credentials; policy changes and rebuilds also accept
+    credentials; policies, look-ups and rebuilds also accept
     CREDENTIAL_KIND_ADMIN. Device and partner credentials get
     PERMISSION_DENIED: a web front-end is not a device, and partners never
     see fingerprints.
@@ -295,7 +295,7 @@ class FingerprintGuard:
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
-    credentials; policy changes and rebuilds also accept
+    credentials; policies, look-ups and rebuilds also accept
     CREDENTIAL_KIND_ADMIN. Device and partner credentials get
     PERMISSION_DENIED: a web front-end is not a device, and partners never
     see fingerprints.

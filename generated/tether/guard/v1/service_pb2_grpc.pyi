@@ -34,7 +34,7 @@ class FingerprintGuardStub:
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
-    credentials; policy changes and rebuilds also accept
+    credentials; policies, look-ups and rebuilds also accept
     CREDENTIAL_KIND_ADMIN. Device and partner credentials get
     PERMISSION_DENIED: a web front-end is not a device, and partners never
     see fingerprints.
@@ -106,7 +106,7 @@ class FingerprintGuardAsyncStub(FingerprintGuardStub):
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
-    credentials; policy changes and rebuilds also accept
+    credentials; policies, look-ups and rebuilds also accept
     CREDENTIAL_KIND_ADMIN. Device and partner credentials get
     PERMISSION_DENIED: a web front-end is not a device, and partners never
     see fingerprints.
@@ -174,7 +174,7 @@ class FingerprintGuardServicer(metaclass=_abc_1.ABCMeta):
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
-    credentials; policy changes and rebuilds also accept
+    credentials; policies, look-ups and rebuilds also accept
     CREDENTIAL_KIND_ADMIN. Device and partner credentials get
     PERMISSION_DENIED: a web front-end is not a device, and partners never
     see fingerprints.
