@@ -155,9 +155,11 @@ async def _serve_tether(port: int, redis_url: str, data_dir: str, database_url: 
 
 
 def serve(kind: str, port: int, redis_url: str, data_dir: str, database_url: str) -> None:
-    import logging
+    from tether.server import logs
 
-    logging.disable(logging.WARNING)
+    # To stderr and only errors: stdout is the pipe that carries READY, and
+    # per-call logs would fill it and stall the server.
+    logs.configure("ERROR")
     if kind == "tether":
         asyncio.run(_serve_tether(port, redis_url, data_dir, database_url))
     else:
