@@ -22,6 +22,8 @@ POSTGRES_ADMIN_DSN = os.environ.get(
     "TETHER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_BASE_URL = os.environ.get("TETHER_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# Test servers serve the guard's web side on a free port, never on 8080.
+os.environ.setdefault("TETHER_HTTP_LISTEN", "127.0.0.1:0")
 
 
 async def create_database() -> tuple[str, str]:
@@ -105,7 +107,8 @@ async def sqlite_server(
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def any_server(request: pytest.FixtureRequest) -> RunningServer:
-    """Runs a test once on each supported database."""
+    """Runs a test once on each supported database. (Sync: an async fixture
+    cannot ask pytest-asyncio for other async fixtures.)"""
     fixture = "pg_server" if request.param == "postgres" else "sqlite_server"
     server: RunningServer = request.getfixturevalue(fixture)
     return server

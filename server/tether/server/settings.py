@@ -101,6 +101,31 @@ class Settings(BaseSettings):
     )
 
     # --- fingerprint guard (owned by tether.server.guard) ------------------
+    http_listen: str = Field(
+        "127.0.0.1:8080",
+        description="host:port of the guard's web side (collector script, demo pages); "
+        "port 0 picks a free port; empty turns the web side off",
+    )
+    guard_trusted_proxies: str = Field(
+        "",
+        description="comma-separated IPs/CIDRs of reverse proxies whose X-Forwarded-For "
+        "the web side believes; empty: the connection's address is the client IP",
+    )
+    guard_demo_service: str = Field(
+        "demo",
+        description="guard service the web side's demo pages evaluate against; "
+        "created with small limits when absent",
+    )
+    guard_bucket_bits: int = Field(
+        16,
+        ge=0,
+        le=24,
+        description="fingerprints share Redis keys in 2^bits buckets per service and action; "
+        "pick about log2(expected fingerprints / 16); changing it needs a counter rebuild",
+    )
+    guard_policy_cache_seconds: float = Field(
+        2.0, description="how long a server trusts a guard policy before rereading SQL"
+    )
 
     @cached_property
     def embedded_database(self) -> bool:

@@ -11,10 +11,11 @@ from tether.clients import cli
 
 
 def command_modules() -> list[ModuleType]:
+    from tether.clients.guard import commands as guard
     from tether.clients.internal import provisioning_commands
 
     # Each area appends its module here.
-    return [provisioning_commands]
+    return [provisioning_commands, guard]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,6 +82,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: the binding has no such service (it is not one of the
     partner's preset services).
     """
+    ERROR_REASON_GUARD_SERVICE_NOT_FOUND: _ErrorReason.ValueType  # 300
+    """NOT_FOUND: no guard policy exists for this service_id; create one with
+    FingerprintGuard.SetPolicy.
+    """
+    ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE: _ErrorReason.ValueType  # 301
+    """UNAVAILABLE: Redis did not answer within the time bound and the
+    service's policy fails closed. Safe to retry.
+    """
+    ERROR_REASON_GUARD_LOGIN_NOT_FOUND: _ErrorReason.ValueType  # 302
+    """NOT_FOUND: no live login session for this identity and account (it
+    ended or expired); evaluate a new login.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reason of an error. Every non-OK status Tether returns carries
@@ -154,5 +166,17 @@ and send it only once.
 ERROR_REASON_ENTITLEMENT_NOT_FOUND: ErrorReason.ValueType  # 204
 """NOT_FOUND: the binding has no such service (it is not one of the
 partner's preset services).
+"""
+ERROR_REASON_GUARD_SERVICE_NOT_FOUND: ErrorReason.ValueType  # 300
+"""NOT_FOUND: no guard policy exists for this service_id; create one with
+FingerprintGuard.SetPolicy.
+"""
+ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE: ErrorReason.ValueType  # 301
+"""UNAVAILABLE: Redis did not answer within the time bound and the
+service's policy fails closed. Safe to retry.
+"""
+ERROR_REASON_GUARD_LOGIN_NOT_FOUND: ErrorReason.ValueType  # 302
+"""NOT_FOUND: no live login session for this identity and account (it
+ended or expired); evaluate a new login.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

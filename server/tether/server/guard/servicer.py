@@ -1,12 +1,228 @@
-"""gRPC face of this area: not built yet, so nothing is registered."""
+"""gRPC face of tether.guard.v1.FingerprintGuard, and the area's component
+(which also runs the web side)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import grpc
 
+from tether.guard.v1 import messages_pb2 as pb
+from tether.guard.v1 import service_pb2, service_pb2_grpc
 from tether.server.components import Component
+from tether.server.errors import Violations
+from tether.server.guard import convert, lookups, policies, rebuild
+from tether.server.guard.identity import check_identity
+from tether.server.guard.policies import Policy
+from tether.server.guard.service import EvaluateCall, Guard
+from tether.server.guard.web import WebSide
 from tether.server.runtime import Runtime
+from tether.server.transport import paging
+from tether.server.transport.convert import timestamp
+from tether.server.transport.principal import CallerKind, require
+from tether.server.validation import check_slug
+
+Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["FingerprintGuard"].full_name
+
+# Web front-ends' back-ends and internal services; see service.proto.
+CALLERS = (CallerKind.INTERNAL,)
+OPERATORS = (CallerKind.INTERNAL, CallerKind.ADMIN)
+_MASKABLE = (policies.FIELD_NAMES - {"service_id", "allowed_account_digests"}) | {
+    "allowed_accounts"
+}
+
+
+class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
+    def __init__(self, runtime: Runtime, guard: Guard) -> None:
+        self._rt = runtime
+        self._guard = guard
+
+    async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
+        require(*CALLERS)
+        value = await self._guard.evaluate(
+            EvaluateCall(
+                request.service_id,
+                convert.ACTIONS.get(request.action),
+                convert.account(request.account, request.HasField("account")),
+                request.room_id,
+                convert.components(request.components, request.HasField("components")),
+                request.client_ip,
+                convert.components_key(request.components),
+            )
+        )
+        return convert.verdict(value)
+
+    async def CancelRegistration(
+        self, request: pb.CancelRegistrationRequest, context: Context
+    ) -> pb.CancelRegistrationResponse:
+        require(*CALLERS)
+        cancelled = await self._guard.cancel_registration(
+            request.service_id,
+            request.identity,
+            convert.account(request.account, request.HasField("account")),
+        )
+        return pb.CancelRegistrationResponse(cancelled=cancelled)
+
+    async def EndLogin(self, request: pb.EndLoginRequest, context: Context) -> pb.EndLoginResponse:
+        require(*CALLERS)
+        ended = await self._guard.end_login(
+            request.service_id,
+            request.identity,
+            convert.account(request.account, request.HasField("account")),
+        )
+        return pb.EndLoginResponse(ended=ended)
+
+    async def RenewLogin(
+        self, request: pb.RenewLoginRequest, context: Context
+    ) -> pb.RenewLoginResponse:
+        require(*CALLERS)
+        expire_time = await self._guard.renew_login(
+            request.service_id,
+            request.identity,
+            convert.account(request.account, request.HasField("account")),
+        )
+        return pb.RenewLoginResponse(expire_time=timestamp(expire_time))
+
+    async def LeaveRoom(
+        self, request: pb.LeaveRoomRequest, context: Context
+    ) -> pb.LeaveRoomResponse:
+        require(*CALLERS)
+        left = await self._guard.leave_room(
+            request.service_id,
+            request.room_id,
+            request.identity,
+            convert.account(request.account, request.HasField("account")),
+        )
+        return pb.LeaveRoomResponse(left=left)
+
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: Context
+    ) -> pb.GetPolicyResponse:
+        require(*OPERATORS)
+        v = Violations()
+        check_slug(request.service_id, "service_id", v)
+        v.raise_if_any()
+        async with self._rt.db.sessions() as session:
+            policy = await policies.get(session, request.service_id)
+        return pb.GetPolicyResponse(policy=convert.policy_pb(policy))
+
+    async def ListPolicies(
+        self, request: pb.ListPoliciesRequest, context: Context
+    ) -> pb.ListPoliciesResponse:
+        require(*OPERATORS)
+        size = paging.page_size(request.page_size)
+        after = paging.decode("guard-policies", request.page_token) or ""
+        async with self._rt.db.sessions() as session:
+            rows = await policies.list_after(session, str(after), size + 1)
+        token = (
+            paging.encode("guard-policies", rows[size - 1].service_id) if len(rows) > size else ""
+        )
+        return pb.ListPoliciesResponse(
+            policies=[convert.policy_pb(p) for p in rows[:size]], next_page_token=token
+        )
+
+    async def SetPolicy(
+        self, request: pb.SetPolicyRequest, context: Context
+    ) -> pb.SetPolicyResponse:
+        require(*OPERATORS)
+        v = Violations()
+        given = convert.policy_fields(request.policy, v)
+        mask = list(request.update_mask.paths)
+        for path in mask:
+            if path not in _MASKABLE:
+                v.add("update_mask", f"unknown or read-only field {path!r}")
+        digests: list[str] = []
+        for i, account in enumerate(request.allowed_accounts):
+            ref = convert.account(account, True)
+            assert ref is not None
+            digest = self._guard.account_digest(ref, f"allowed_accounts[{i}]", v)
+            if digest is not None:
+                digests.append(digest)
+        check_slug(request.policy.service_id, "policy.service_id", v)
+        v.raise_if_any()
+        if not mask:
+            policy = Policy(**given, allowed_account_digests=tuple(digests))  # type: ignore[arg-type]
+        else:
+            async with self._rt.db.sessions() as session:
+                current = await policies.find(session, request.policy.service_id)
+            changes = {k: given[k] for k in mask if k != "allowed_accounts"}
+            if "allowed_accounts" in mask:
+                changes["allowed_account_digests"] = tuple(digests)
+            base = current or Policy(request.policy.service_id)
+            policy = replace(base, **changes)  # type: ignore[arg-type]
+        stored = await self._guard.set_policy(policy)
+        return pb.SetPolicyResponse(policy=convert.policy_pb(stored))
+
+    async def ListIdentityAccounts(
+        self, request: pb.ListIdentityAccountsRequest, context: Context
+    ) -> pb.ListIdentityAccountsResponse:
+        require(*OPERATORS)
+        v = Violations()
+        check_identity(request.identity, "identity", v)
+        if request.service_id:
+            check_slug(request.service_id, "service_id", v)
+        v.raise_if_any()
+        size = paging.page_size(request.page_size)
+        scope = f"guard-identity:{request.identity}:{request.service_id}"
+        after = paging.decode(scope, request.page_token)
+        async with self._rt.db.sessions() as session:
+            rows, last = await lookups.identity_accounts(
+                session, request.identity, request.service_id, after, size
+            )
+        return pb.ListIdentityAccountsResponse(
+            links=[convert.link_pb(r) for r in rows],
+            next_page_token=paging.encode(scope, last) if last else "",
+        )
+
+    async def ListAccountIdentities(
+        self, request: pb.ListAccountIdentitiesRequest, context: Context
+    ) -> pb.ListAccountIdentitiesResponse:
+        require(*OPERATORS)
+        v = Violations()
+        ref = convert.account(request.account, request.HasField("account"))
+        digests = self._guard.account_candidates(ref, "account", v)
+        if request.service_id:
+            check_slug(request.service_id, "service_id", v)
+        v.raise_if_any()
+        size = paging.page_size(request.page_size)
+        scope = f"guard-account:{digests[0].hex()}:{request.service_id}"
+        after = paging.decode(scope, request.page_token)
+        async with self._rt.db.sessions() as session:
+            rows, last = await lookups.account_identities(
+                session, digests, request.service_id, after, size
+            )
+        return pb.ListAccountIdentitiesResponse(
+            links=[convert.link_pb(r) for r in rows],
+            next_page_token=paging.encode(scope, last) if last else "",
+        )
+
+    async def RebuildCounters(
+        self, request: pb.RebuildCountersRequest, context: Context
+    ) -> pb.RebuildCountersResponse:
+        require(*OPERATORS)
+        if request.service_id:
+            v = Violations()
+            check_slug(request.service_id, "service_id", v)
+            v.raise_if_any()
+        restored = await rebuild.rebuild(self._guard, request.service_id)
+        return pb.RebuildCountersResponse(entries_restored=restored)
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
-    return Component(services=[])
+    guard = Guard(runtime)
+    service_pb2_grpc.add_FingerprintGuardServicer_to_server(GuardServicer(runtime, guard), server)
+    web = WebSide(runtime.settings, guard)
+
+    async def start() -> None:
+        guard.recorder.start()
+        await web.start()
+
+    async def stop() -> None:
+        await web.stop()
+        await guard.recorder.stop()
+
+    return Component(
+        services=[SERVICE_NAME], start=start, stop=stop, extra={"web": web, "guard": guard}
+    )

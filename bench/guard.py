@@ -1,0 +1,426 @@
+"""FingerprintGuard.Evaluate against two baselines measured in the same run.
+
+    python -m bench.guard
+
+Baselines: a bare grpc.aio server answering Evaluate with a constant, and a
+bare grpc.aio server doing one Redis EVALSHA (a one-line INCR script) per
+call. Tether runs with its real interceptor (authentication), validation,
+identity hashing and the guard's script; SQL (PostgreSQL, a database of
+its own) is off the hot path. Every server runs in its own process; this process only sends calls.
+All Redis work happens on a private redis-server the benchmark starts.
+
+Workloads of Tether's Evaluate:
+- "repeat": logins of accounts already counted (the common case: pages
+  re-checking a user who is logged in); one script call, no SQL.
+- "new": each call a new fingerprint and account logging in; one script
+  call, and the SQL record written behind in batches.
+Then: Redis bytes per (identity, account) entry, and the "repeat" latency
+with 10^4 and with 10^6 fingerprints stored (its 256 fingerprints then sit
+in buckets holding ~0.15 and ~15 entries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import redis.asyncio as redis
+
+from tether.clients.connection import open_channel
+from tether.clients.guard.client import account, components
+from tether.guard.v1 import messages_pb2 as pb
+from tether.guard.v1 import service_pb2_grpc
+
+SERVICE = "bench"
+POSTGRES_DSN = os.environ.get(
+    "TETHER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+WARMUP = 300
+CALLS = {1: 2000, 32: 6000}
+FILL_CHUNK = 20_000
+ROUNDS = 5
+
+# A one-key script: the least one EVALSHA per call can cost.
+BASELINE_SCRIPT = "return redis.call('INCR', KEYS[1])"
+
+# Fills login buckets the way GUARD_EVALUATE writes them (16-byte identity ..
+# 8-byte account -> expiry ms), with identities derived from a counter.
+FILL_SCRIPT = """
+local prefix, bits, expiry = ARGV[1], tonumber(ARGV[4]), ARGV[5]
+local function bytes(hex)
+  return (hex:gsub('..', function(cc) return string.char(tonumber(cc, 16)) end))
+end
+for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
+  local h = redis.sha1hex('identity' .. i)
+  local bucket = string.format('%x', math.floor(tonumber(h:sub(1, 8), 16) / 2 ^ (32 - bits)))
+  local key = prefix .. '{' .. bucket .. '}:l'
+  redis.call('HSET', key, bytes(h:sub(1, 32)) .. bytes(redis.sha1hex('a' .. i):sub(1, 16)), expiry)
+  redis.call('PEXPIREAT', key, expiry)
+end
+return 0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def fingerprint_of(seed: str) -> pb.FingerprintComponents:
+    """A realistic payload: ~60 fonts, a few plugins."""
+    return components(
+        {
+            "browser_name": "Chrome",
+            "browser_version": "131.0.6778.85",
+            "os_name": "Windows",
+            "os_version": "10.0",
+            "screen_width": 1920,
+            "screen_height": 1080,
+            "pixel_ratio": 1.25,
+            "color_depth": 24,
+            "fonts": [f"Font Family {i}" for i in range(60)],
+            "plugins": [f"Plugin {i}: Portable Document Format" for i in range(5)],
+            "languages": ["de-DE", "de", "en-US", "en"],
+            "timezone": "Europe/Berlin",
+            "platform": "Win32",
+            "extra": {"canvas": seed, "webgl": "a1b2c3", "hardware_concurrency": "8"},
+        }
+    )
+
+
+# --- the servers (child processes) -------------------------------------------
+class _Bare(service_pb2_grpc.FingerprintGuardServicer):
+    def __init__(self, client: redis.Redis | None) -> None:
+        self._script = client.register_script(BASELINE_SCRIPT) if client else None
+        self._answer = pb.EvaluateResponse(verdict=pb.VERDICT_ALLOW, identity="0" * 32)
+
+    async def Evaluate(self, request: pb.EvaluateRequest, context: Any) -> pb.EvaluateResponse:
+        if self._script is not None:
+            await self._script(keys=["bench:baseline"], args=[])
+        return self._answer
+
+
+async def _serve_bare(port: int, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url) if redis_url else None
+    server = grpc.aio.server()
+    # The baselines implement Evaluate only.
+    servicer = _Bare(client)  # type: ignore[abstract]
+    service_pb2_grpc.add_FingerprintGuardServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("READY -", flush=True)
+    await server.wait_for_termination()
+
+
+async def _serve_tether(port: int, redis_url: str, data_dir: str, database_url: str) -> None:
+    from tether.server import digests
+    from tether.server.admin.credentials import mint
+    from tether.server.app import build
+    from tether.server.settings import Settings
+    from tether.server.transport.principal import CallerKind
+
+    settings = Settings(
+        listen=f"127.0.0.1:{port}",
+        database_url=database_url,
+        migrate_on_start=True,
+        redis_url=redis_url,
+        data_dir=Path(data_dir),
+        digest_keys=digests.new_key_spec("bench"),
+        http_listen="",
+        log_level="WARNING",
+    )
+    app = await build(settings)
+    await app.start()
+    minted = mint(CallerKind.INTERNAL, None, "bench")
+    async with app.runtime.db.transaction() as session:
+        session.add(minted.credential)
+    print("READY", minted.token, flush=True)
+    await app.server.wait_for_termination()
+
+
+def serve(kind: str, port: int, redis_url: str, data_dir: str, database_url: str) -> None:
+    from tether.server import logs
+
+    # To stderr and only errors: stdout is the pipe that carries READY, and
+    # per-call logs would fill it and stall the server.
+    logs.configure("ERROR")
+    if kind == "tether":
+        asyncio.run(_serve_tether(port, redis_url, data_dir, database_url))
+    else:
+        asyncio.run(_serve_bare(port, redis_url if kind == "evalsha" else ""))
+
+
+# --- the load ------------------------------------------------------------------
+@dataclass
+class Result:
+    name: str
+    in_flight: int
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+
+
+class Sampler:
+    """Latencies and busy time of one target, gathered over several slices."""
+
+    def __init__(self, name: str, call: Callable[[int], Any], in_flight: int) -> None:
+        self.name, self.call, self.in_flight = name, call, in_flight
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+
+    async def run(self, first: int, calls: int, *, record: bool = True) -> None:
+        next_index = first
+        latencies: list[float] = []
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < first + calls:
+                i = next_index
+                next_index += 1
+                start = time.perf_counter()
+                await self.call(i)
+                latencies.append(time.perf_counter() - start)
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(self.in_flight)))
+        if record:
+            self.elapsed += time.perf_counter() - begin
+            self.latencies += latencies
+
+    def result(self) -> Result:
+        q = statistics.quantiles(self.latencies, n=100)
+        return Result(
+            self.name, self.in_flight, len(self.latencies) / self.elapsed, q[49] * 1e3, q[98] * 1e3
+        )
+
+
+async def compare(
+    targets: list[tuple[str, Callable[[int], Any]]], in_flight: int, calls: int, offset: int
+) -> list[Result]:
+    """Runs the targets in alternating slices, so that a machine whose load
+    changes during the run (other jobs, CPU boost) weighs on each alike."""
+    samplers = [Sampler(name, call, in_flight) for name, call in targets]
+    for sampler in samplers:
+        await sampler.run(offset, WARMUP, record=False)
+        offset += WARMUP
+    slice_calls = calls // ROUNDS
+    for round_ in range(ROUNDS):
+        for sampler in samplers[round_ % len(samplers) :] + samplers[: round_ % len(samplers)]:
+            await sampler.run(offset, slice_calls)
+            offset += slice_calls
+    return [sampler.result() for sampler in samplers]
+
+
+class Server:
+    def __init__(self, kind: str, redis_url: str, data_dir: str, database_url: str = "") -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.guard",
+                "serve",
+                kind,
+                str(self.port),
+                redis_url,
+                data_dir,
+                database_url,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("READY "):
+                self.token = line.split()[1]
+                break
+        else:
+            raise RuntimeError(f"{kind} server did not start")
+        self.channel = open_channel(f"127.0.0.1:{self.port}", self.token)
+        self.stub = service_pb2_grpc.FingerprintGuardStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def _request(seed: str, name: str) -> pb.EvaluateRequest:
+    return pb.EvaluateRequest(
+        service_id=SERVICE,
+        action=pb.ACTION_LOGIN,
+        account=account(name),
+        components=fingerprint_of(seed),
+        client_ip="198.51.100.23",
+    )
+
+
+async def _fill(client: redis.Redis, start: int, stop: int, bits: int) -> None:
+    fill = client.register_script(FILL_SCRIPT)
+    expiry = int(time.time() * 1000) + 3_600_000
+    for first in range(start, stop, FILL_CHUNK):
+        last = min(first + FILL_CHUNK, stop) - 1
+        await fill(keys=[], args=[f"tether:g:{SERVICE}:", first, last, bits, expiry])
+
+
+def _row(r: Result) -> str:
+    return (
+        f"  {r.name:<22} {r.in_flight:>3} {r.per_second:>10.0f} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f}"
+    )
+
+
+async def main() -> None:
+    redis_bin = shutil.which("redis-server")
+    assert redis_bin, "redis-server is required"
+    redis_port = free_port()
+    data_dir = tempfile.mkdtemp(prefix="bench-guard-")
+    redis_process = subprocess.Popen(  # noqa: ASYNC220 - a daemon for the whole run
+        [
+            redis_bin,
+            "--port",
+            str(redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            data_dir,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)
+    for _ in range(100):
+        try:
+            await client.ping()
+            break
+        except (redis.ConnectionError, OSError):
+            await asyncio.sleep(0.05)
+    database = f"tether_bench_guard_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(POSTGRES_DSN)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    base = POSTGRES_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    servers = {
+        "bare": Server("bare", redis_url, data_dir),
+        "evalsha": Server("evalsha", redis_url, data_dir),
+        "tether": Server("tether", redis_url, data_dir, f"{base}/{database}"),
+    }
+    try:
+        await _run(servers, client)
+    finally:
+        for server in servers.values():
+            await server.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+        await client.aclose()
+        redis_process.terminate()
+        redis_process.wait(10)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _run(servers: dict[str, Server], client: redis.Redis) -> None:
+    tether = servers["tether"]
+    await tether.stub.SetPolicy(
+        pb.SetPolicyRequest(
+            policy=pb.Policy(service_id=SERVICE, login_limit=10_000, login_session_seconds=3600)
+        )
+    )
+    fixed = _request("fixed", "someone")
+    pool = [_request(f"repeat-{i % 256}", f"user{i % 256}") for i in range(256)]
+    run = secrets.token_hex(3)
+
+    def constant(stub: Any) -> Callable[[int], Any]:
+        return lambda i: stub.Evaluate(fixed)
+
+    def repeat(i: int) -> Any:
+        return tether.stub.Evaluate(pool[i % 256])
+
+    def new(i: int) -> Any:
+        return tether.stub.Evaluate(_request(f"{run}-{i}", f"new{i}"))
+
+    results: dict[tuple[str, int], Result] = {}
+    offset = 0
+    targets = [
+        ("bare grpc.aio", constant(servers["bare"].stub)),
+        ("grpc.aio + EVALSHA", constant(servers["evalsha"].stub)),
+        ("tether repeat", repeat),
+        ("tether new", new),
+    ]
+    for in_flight, calls in CALLS.items():
+        for result in await compare(targets, in_flight, calls, offset):
+            results[(result.name, in_flight)] = result
+            print(_row(result), file=sys.stderr, flush=True)
+        offset += (WARMUP + calls) * len(targets)
+
+    print("\nEvaluate throughput and latency (calls/s, ms)")
+    print(f"  {'server':<22} {'in flight':>3} {'calls/s':>10} {'p50':>8} {'p99':>8}")
+    for r in results.values():
+        print(_row(r))
+    print("\nRatios against the EVALSHA baseline (throughput: higher is better; p99: lower)")
+    for in_flight in CALLS:
+        base = results[("grpc.aio + EVALSHA", in_flight)]
+        bare = results[("bare grpc.aio", in_flight)]
+        for name in ("tether repeat", "tether new"):
+            r = results[(name, in_flight)]
+            print(
+                f"  {name:<14} @{in_flight:>2}: throughput {r.per_second / base.per_second:.2f}x "
+                f"EVALSHA, {r.per_second / bare.per_second:.2f}x bare; "
+                f"p99 {r.p99_ms / base.p99_ms:.2f}x EVALSHA"
+            )
+
+    # Memory and latency with many fingerprints stored.
+    bits = 16
+    await client.flushall()
+    await tether.stub.SetPolicy(
+        pb.SetPolicyRequest(
+            policy=pb.Policy(service_id=SERVICE, login_limit=10_000, login_session_seconds=3600)
+        )
+    )
+    before = (await client.info("memory"))["used_memory"]
+    await _fill(client, 0, 10_000, bits)
+    await asyncio.gather(*(tether.stub.Evaluate(r) for r in pool))  # the 256 repeat logins
+    [small] = await compare([("tether repeat @1e4", repeat)], 1, CALLS[1], offset)
+    offset += WARMUP + CALLS[1]
+    await _fill(client, 10_000, 1_000_000, bits)
+    entries = 1_000_000
+    used = (await client.info("memory"))["used_memory"] - before
+    [large] = await compare([("tether repeat @1e6", repeat)], 1, CALLS[1], offset)
+    entries += 256
+    keys_count = await client.dbsize()
+    sample = [k async for k in client.scan_iter(f"tether:g:{SERVICE}:*", count=1000)][:200]
+    usage = [await client.memory_usage(k, samples=0) or 0 for k in sample]
+    fields = [await client.hlen(k) for k in sample]
+    print(f"\nRedis memory ({entries:,} entries in {keys_count:,} keys, {2**bits} buckets)")
+    print(f"  used_memory delta per (identity, account) entry: {used / entries:.1f} bytes")
+    print(f"  MEMORY USAGE per entry (200 sampled keys): {sum(usage) / sum(fields):.1f} bytes")
+    print("\nLatency at 1 in flight with stored fingerprints (ms)")
+    print(_row(small))
+    print(_row(large))
+    print(
+        f"  p50 ratio 1e6/1e4: {large.p50_ms / small.p50_ms:.2f}x, "
+        f"p99 ratio: {large.p99_ms / small.p99_ms:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+    else:
+        os.environ.setdefault("PYTHONHASHSEED", "0")
+        asyncio.run(main())

@@ -1,0 +1,1 @@
+"""FingerprintGuard: the client library and tether-internal commands."""

@@ -1,0 +1,167 @@
+"""`tether-internal guard ...`: evaluate, policies, identity look-ups, rebuild."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tether.clients.cli import print_message
+from tether.clients.guard.client import ACCOUNT_KINDS, ACTIONS, GuardClient, account, components
+from tether.guard.v1 import messages_pb2 as pb
+
+MODES = {"enforce": pb.MODE_ENFORCE, "shadow": pb.MODE_SHADOW}
+FAILURES = {"open": pb.REDIS_FAILURE_FAIL_OPEN, "closed": pb.REDIS_FAILURE_FAIL_CLOSED}
+# --flag -> Policy field, for `policy set`.
+NUMBERS = {
+    "register_limit": "accounts registered per fingerprint (0: no limit)",
+    "register_window_seconds": "how long a registration counts (0: forever)",
+    "login_limit": "accounts logged in at once per fingerprint (0: no limit)",
+    "login_session_seconds": "login session lifetime without renewal",
+    "collaborate_limit": "accounts of one room per fingerprint (0: no limit)",
+    "room_membership_seconds": "how long a room join counts",
+}
+
+
+def _account_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("account", help="the account value")
+    p.add_argument("--kind", choices=ACCOUNT_KINDS, default="login_id", help="account kind")
+    p.add_argument("--region", default="", help="region hint for phone numbers")
+
+
+def add_commands(sub: Any) -> None:
+    guard = sub.add_parser("guard", help="FingerprintGuard: evaluate, policies, look-ups")
+    cmds = guard.add_subparsers(dest="guard_command", required=True)
+
+    p = cmds.add_parser("evaluate", help="evaluate an action from a fingerprint")
+    p.add_argument("service_id")
+    p.add_argument("action", choices=ACTIONS)
+    _account_args(p)
+    p.add_argument(
+        "--components",
+        required=True,
+        help="fingerprint components as JSON (proto field names), or @file, or - for stdin",
+    )
+    p.add_argument("--ip", required=True, help="the browser's IP address")
+    p.add_argument("--room", default="", help="room id, for collaborate")
+    p.set_defaults(handler=evaluate)
+
+    policy = cmds.add_parser("policy", help="read or change policies")
+    pcmds = policy.add_subparsers(dest="policy_command", required=True)
+    p = pcmds.add_parser("get", help="show a service's policy")
+    p.add_argument("service_id")
+    p.set_defaults(handler=get_policy)
+    p = pcmds.add_parser("list", help="list every policy")
+    p.set_defaults(handler=list_policies)
+    p = pcmds.add_parser(
+        "set", help="create a policy or change the given fields (others stay as they are)"
+    )
+    p.add_argument("service_id")
+    for name, help_text in NUMBERS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help=help_text)
+    p.add_argument("--mode", choices=MODES)
+    p.add_argument("--redis-failure", choices=FAILURES, dest="redis_failure")
+    p.add_argument(
+        "--allow-identity",
+        action="append",
+        dest="allowed_identities",
+        help="identity never limited; repeat; replaces the list ('' to clear)",
+    )
+    p.add_argument(
+        "--allow-account",
+        action="append",
+        dest="allowed_accounts",
+        help="login_id never limited; repeat; replaces the list ('' to clear)",
+    )
+    p.set_defaults(handler=set_policy)
+
+    p = cmds.add_parser("identity-accounts", help="accounts counted for an identity")
+    p.add_argument("identity")
+    p.add_argument("--service", default="")
+    p.set_defaults(handler=identity_accounts)
+
+    p = cmds.add_parser("account-identities", help="identities an account was counted from")
+    _account_args(p)
+    p.add_argument("--service", default="")
+    p.set_defaults(handler=account_identities)
+
+    p = cmds.add_parser("rebuild", help="rewrite the Redis counters from SQL")
+    p.add_argument("--service", default="", help="only this service")
+    p.set_defaults(handler=rebuild)
+
+
+def _components_arg(value: str) -> pb.FingerprintComponents:
+    if value == "-":
+        text = sys.stdin.read()
+    elif value.startswith("@"):
+        text = Path(value[1:]).read_text()
+    else:
+        text = value
+    return components(json.loads(text))
+
+
+async def evaluate(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
+    response = await GuardClient(channel).evaluate(
+        args.service_id,
+        args.action,
+        account(args.account, args.kind, args.region),
+        _components_arg(args.components),
+        args.ip,
+        room_id=args.room,
+    )
+    print_message(response)
+    return 0 if response.verdict == pb.VERDICT_ALLOW else 3
+
+
+async def get_policy(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    print_message(await GuardClient(channel).get_policy(args.service_id))
+
+
+async def list_policies(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    async for policy in GuardClient(channel).list_policies():
+        print_message(policy)
+
+
+async def set_policy(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    policy = pb.Policy(service_id=args.service_id)
+    only: list[str] = []
+    for name in NUMBERS:
+        if getattr(args, name) is not None:
+            setattr(policy, name, getattr(args, name))
+            only.append(name)
+    if args.mode:
+        policy.mode = MODES[args.mode]
+        only.append("mode")
+    if args.redis_failure:
+        policy.redis_failure = FAILURES[args.redis_failure]
+        only.append("redis_failure")
+    if args.allowed_identities is not None:
+        policy.allowed_identities.extend(i for i in args.allowed_identities if i)
+        only.append("allowed_identities")
+    allowed: list[Any] = []
+    if args.allowed_accounts is not None:
+        allowed = [account(a) for a in args.allowed_accounts if a]
+        only.append("allowed_accounts")
+    print_message(
+        await GuardClient(channel).set_policy(policy, only=only, allowed_accounts=allowed)
+    )
+
+
+async def identity_accounts(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    async for link in GuardClient(channel).identity_accounts(args.identity, args.service):
+        print_message(link)
+
+
+async def account_identities(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    ref = account(args.account, args.kind, args.region)
+    async for link in GuardClient(channel).account_identities(ref, args.service):
+        print_message(link)
+
+
+async def rebuild(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    restored = await GuardClient(channel).rebuild(args.service)
+    print(json.dumps({"entries_restored": restored}))

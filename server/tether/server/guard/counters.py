@@ -1,0 +1,87 @@
+"""The guard's Redis side: one script call per check, bounded in time.
+
+Every call either answers within the bound or raises CountersDown, which the
+service turns into the policy's fail mode. Only Redis trouble (refused or
+lost connections, timeouts, a loading replica) counts as down; a script
+error is a bug and propagates as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from redis import exceptions as redis_errors
+
+from tether.server.counters import lua
+
+FOREVER_MS = 9007199254740991
+# The shared client's pool refuses (rather than queues) calls beyond its
+# size, so the guard queues its own calls below that size.
+MAX_CONCURRENT = 128
+_DOWN = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    OSError,
+    TimeoutError,
+)
+
+
+class CountersDown(Exception):
+    """Redis did not answer within the bound."""
+
+
+@dataclass(frozen=True)
+class Count:
+    allowed: bool
+    already_counted: bool
+    count: int
+    # Unix ms; FOREVER_MS for no expiry; 0 when nothing was recorded.
+    expire_ms: int
+
+
+class GuardCounters:
+    def __init__(self, client: redis.Redis, timeout_seconds: float) -> None:
+        self._client = client
+        self._timeout = timeout_seconds
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        self._evaluate = client.register_script(lua.GUARD_EVALUATE)
+        self._renew = client.register_script(lua.GUARD_RENEW)
+        self._restore = client.register_script(lua.GUARD_RESTORE)
+
+    async def _call(self, call: Any) -> Any:
+        async with self._slots:
+            try:
+                # asyncio.timeout, unlike wait_for, starts no task per call.
+                async with asyncio.timeout(self._timeout):
+                    return await call
+            except _DOWN as exc:
+                raise CountersDown(str(exc) or type(exc).__name__) from exc
+
+    async def evaluate(
+        self, key: str, field: bytes, limit: int, life_ms: int, *, record_over: bool, extend: bool
+    ) -> Count:
+        """field: 16-byte identity followed by the 8-byte account member."""
+        allowed, already, count, expire_ms = await self._call(
+            self._evaluate(
+                keys=[key],
+                args=[field[:16], field[16:], limit, life_ms, int(record_over), int(extend)],
+            )
+        )
+        return Count(bool(allowed), bool(already), int(count), int(expire_ms))
+
+    async def remove(self, key: str, field: bytes) -> bool:
+        return bool(await self._call(self._client.hdel(key, field)))
+
+    async def renew(self, key: str, field: bytes, life_ms: int) -> int:
+        """The new expiry in Unix ms, or 0 when the entry is gone."""
+        return int(await self._call(self._renew(keys=[key], args=[field, life_ms])))
+
+    async def restore(self, key: str, entries: list[tuple[bytes, int]]) -> int:
+        args: list[bytes | int] = []
+        for field, expire_ms in entries:
+            args += [field, expire_ms]
+        return int(await self._call(self._restore(keys=[key], args=args)))

@@ -1,0 +1,199 @@
+"""The guard's web side: the page "carrying predetermined code" (document B).
+
+An aiohttp application in the server's own process and event loop serves the
+collector script, three demo pages (register, log in, join a room) and a
+JSON endpoint that runs the very same Guard.evaluate as the gRPC API, for
+the configured demo service only. Production front-ends keep their own pages
+and call Evaluate over gRPC with an internal credential; they can reuse
+collector.js as it is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tether.server import errors, logs
+from tether.server.guard import policies
+from tether.server.guard.service import EvaluateCall, Guard
+from tether.server.guard.web import payload
+from tether.server.settings import Settings
+
+log = logs.get(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 64 * 1024
+
+
+def demo_policy(service_id: str) -> policies.Policy:
+    """Small limits, so a newcomer sees a refusal after a few clicks."""
+    return policies.Policy(
+        service_id,
+        register_limit=3,
+        register_window_seconds=86_400,
+        login_limit=3,
+        login_session_seconds=1800,
+        collaborate_limit=2,
+        room_membership_seconds=3600,
+    )
+
+
+PAGES = {
+    "register": ("Create an account", "Register"),
+    "login": ("Log in", "Log in"),
+    "collaborate": ("Join a room", "Join"),
+}
+_STATUS = {
+    errors.InvalidArgument: 400,
+    errors.NotFound: 404,
+    errors.Unavailable: 503,
+}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(spec: str) -> list[Network]:
+    return [ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()]
+
+
+def client_ip(remote: str | None, forwarded_for: str, trusted: Iterable[Network]) -> str:
+    """The browser's address: the connection's, unless that is a trusted
+    proxy; then the right-most X-Forwarded-For hop that is not trusted."""
+    trusted = list(trusted)
+
+    def is_trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in trusted)
+
+    address = remote or ""
+    if not is_trusted(address):
+        return address
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        address = hop
+        if not is_trusted(hop):
+            break
+    return address
+
+
+class WebSide:
+    def __init__(self, settings: Settings, guard: Guard) -> None:
+        self._settings = settings
+        self._guard = guard
+        self._trusted = parse_networks(settings.guard_trusted_proxies)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        host = self._settings.http_listen.rsplit(":", 1)[0]
+        return f"http://{host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_get("/", self._index)
+        app.router.add_get("/demo/{action}", self._page)
+        app.router.add_post("/guard/evaluate", self._evaluate)
+        app.router.add_static("/guard/static/", STATIC)
+        return app
+
+    async def start(self) -> None:
+        if not self._settings.http_listen:
+            return
+        await self._ensure_demo_policy()
+        host, _, port = self._settings.http_listen.rpartition(":")
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, int(port))
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        log.info("guard web side listening", url=self.url, demo=self.url + "/demo/register")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _ensure_demo_policy(self) -> None:
+        service_id = self._settings.guard_demo_service
+        async with self._guard.db.sessions() as session:
+            existing = await policies.find(session, service_id)
+        if existing is None:
+            await self._guard.set_policy(demo_policy(service_id))
+
+    async def _index(self, request: web.Request) -> web.Response:
+        links = "".join(
+            f'<li><a href="/demo/{action}">{title}</a></li>' for action, (title, _) in PAGES.items()
+        )
+        return web.Response(
+            text=_shell("Tether guard demo", f"<ul>{links}</ul>"), content_type="text/html"
+        )
+
+    async def _page(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action not in PAGES:
+            raise web.HTTPNotFound()
+        title, button = PAGES[action]
+        room = (
+            '<label>Room <input id="room" name="room" value="room-1" required></label>'
+            if action == "collaborate"
+            else ""
+        )
+        body = f"""
+<form id="guard-form" data-action="{action}">
+  <label>Account <input id="account" name="account" required autocomplete="off"></label>
+  {room}
+  <button id="submit" type="submit">{button}</button>
+</form>
+<p id="result" role="status" hidden></p>
+<div id="refusal" role="alert" hidden>
+  <strong>Service refused.</strong>
+  <span id="refusal-text"></span>
+</div>
+<script src="/guard/static/fp.min.js"></script>
+<script src="/guard/static/collector.js"></script>"""
+        return web.Response(text=_shell(title, body), content_type="text/html")
+
+    async def _evaluate(self, request: web.Request) -> web.Response:
+        try:
+            data: Any = await request.json()
+        except ValueError:
+            return _problem(400, "the body must be a JSON object")
+        try:
+            call = payload.parse(data)
+            forwarded = request.headers.get("X-Forwarded-For", "")
+            verdict = await self._guard.evaluate(
+                EvaluateCall(
+                    self._settings.guard_demo_service,
+                    call.action,
+                    call.account,
+                    call.room_id,
+                    call.components,
+                    client_ip(request.remote, forwarded, self._trusted),
+                )
+            )
+        except errors.TetherError as exc:
+            status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+            return _problem(status, exc.message, {v.field: v.description for v in exc.violations})
+        return web.json_response(payload.verdict_json(verdict))
+
+
+def _problem(status: int, message: str, violations: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message, "violations": violations or {}}, status=status)
+
+
+def _shell(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title><link rel="stylesheet" href="/guard/static/demo.css"></head>
+<body><main><h1>{title}</h1>{body}
+<nav><a href="/demo/register">Register</a> · <a href="/demo/login">Log in</a> ·
+<a href="/demo/collaborate">Join a room</a></nav></main></body></html>"""

@@ -1,0 +1,145 @@
+"""Helpers of the guard's tests: fingerprints, a client, fresh services,
+and a private redis-server a test may stop and flush."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis
+
+from tests.support import RunningServer
+from tether.clients.guard.client import GuardClient, components
+from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard.service import Guard
+from tether.server.guard.web import WebSide
+
+
+def fingerprint(seed: str = "a", **changes: Any) -> pb.FingerprintComponents:
+    """A plausible desktop Chrome fingerprint; each seed is another browser."""
+    fields: dict[str, Any] = {
+        "browser_name": "Chrome",
+        "browser_version": "131.0.6778.85",
+        "os_name": "Linux",
+        "screen_width": 1920,
+        "screen_height": 1080,
+        "pixel_ratio": 1.0,
+        "color_depth": 24,
+        "fonts": ["DejaVu Sans", "Liberation Serif", f"Font {seed}"],
+        "plugins": ["PDF Viewer: Portable Document Format"],
+        "languages": ["en-US", "en"],
+        "timezone": "Europe/Berlin",
+        "platform": "Linux x86_64",
+        "extra": {"canvas": f"c-{seed}"},
+    }
+    fields.update(changes)
+    return components(fields)
+
+
+async def guard_client(server: RunningServer, kind: str = "internal") -> GuardClient:
+    return GuardClient(server.channel(await server.credential(kind)))
+
+
+async def new_service(client: GuardClient, **fields: Any) -> str:
+    """A service of its own, so tests never share counters."""
+    service_id = f"svc-{secrets.token_hex(5)}"
+    await client.set_policy(pb.Policy(service_id=service_id, **fields))
+    return service_id
+
+
+def _extra(server: RunningServer, name: str) -> Any:
+    for component in server.app.components:
+        if name in component.extra:
+            return component.extra[name]
+    raise AssertionError("the guard is not registered")
+
+
+def guard_of(server: RunningServer) -> Guard:
+    """The server's guard domain object (to flush its written-behind record)."""
+    guard: Guard = _extra(server, "guard")
+    return guard
+
+
+def web_of(server: RunningServer) -> WebSide:
+    """The server's web side (for its URL)."""
+    web: WebSide = _extra(server, "web")
+    return web
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of the test's own, which it may stop and flush."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server must be installed"
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - a daemon we keep running
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        try:
+            for _ in range(200):
+                try:
+                    if await client.ping():
+                        return
+                except (redis.ConnectionError, OSError):
+                    await asyncio.sleep(0.025)
+        finally:
+            await client.aclose()
+        raise RuntimeError("private redis-server did not start")
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            await asyncio.to_thread(self.process.wait, 10)
+            self.process = None
+
+    async def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@asynccontextmanager
+async def private_redis(workdir: Path) -> AsyncIterator[PrivateRedis]:
+    server = PrivateRedis(free_port(), workdir)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

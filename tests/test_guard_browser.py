@@ -1,0 +1,179 @@
+"""Document B end to end in real headless Chromium: the demo pages collect
+the fingerprint, the server refuses the account over the limit, the page
+shows the prompt, and another browser profile is still served.
+
+Selenium blocks, and the server runs in this test's event loop, so every
+browser step runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.guard_support import guard_client, web_of
+from tests.support import RunningServer, start_server
+from tether.guard.v1 import messages_pb2 as pb
+
+pytestmark = pytest.mark.browser
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+LIMIT = 2
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    window: str
+    language: str
+
+
+ONE = Profile("one", "1280,900", "en-US")
+# Another person's browser: other screen, other language.
+OTHER = Profile("other", "1024,768", "de-DE")
+
+
+def _chrome(profile: Profile, data_dir: Path) -> webdriver.Chrome:
+    chromium = shutil.which("chromium")
+    driver = shutil.which("chromedriver")
+    assert chromium and driver, "run scripts/ensure-chromium (Debian chromium, chromium-driver)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={data_dir / profile.name}",
+        f"--window-size={profile.window}",
+        f"--lang={profile.language}",
+    ):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"intl.accept_languages": profile.language})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@dataclass
+class Outcome:
+    state: str
+    identity: str
+    text: str
+
+
+def _submit(browser: webdriver.Chrome, url: str, account: str, room: str = "") -> Outcome:
+    browser.get(url)
+    browser.find_element(By.ID, "account").send_keys(account)
+    if room:
+        field = browser.find_element(By.ID, "room")
+        field.clear()
+        field.send_keys(room)
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 20).until(
+        lambda b: (
+            b.find_element(By.TAG_NAME, "body").get_attribute("data-guard-state")
+            in ("allow", "deny", "error")
+        )
+    )
+    body = browser.find_element(By.TAG_NAME, "body")
+    state = body.get_attribute("data-guard-state") or ""
+    shown = "refusal" if state != "allow" else "result"
+    element = browser.find_element(By.ID, shown)
+    assert element.is_displayed()
+    return Outcome(state, body.get_attribute("data-identity") or "", element.text)
+
+
+@dataclass
+class Demo:
+    server: RunningServer
+    tmp: Path
+
+    @property
+    def base(self) -> str:
+        return web_of(self.server).url
+
+    async def run(self, profile: Profile, steps: Callable[[webdriver.Chrome], Any]) -> Any:
+        def work() -> Any:
+            browser = _chrome(profile, self.tmp)
+            try:
+                return steps(browser)
+            finally:
+                browser.quit()
+
+        return await asyncio.to_thread(work)
+
+
+@pytest.fixture
+async def demo(postgres_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Demo]:
+    """A server whose demo pages use a service of this test alone."""
+    service = f"demo-{secrets.token_hex(4)}"
+    server = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path / "data",
+        guard_demo_service=service,
+    )
+    guard = await guard_client(server)
+    await guard.set_policy(
+        pb.Policy(
+            service_id=service,
+            register_limit=LIMIT,
+            login_limit=LIMIT,
+            collaborate_limit=LIMIT,
+        )
+    )
+    yield Demo(server, tmp_path)
+    await server.stop()
+
+
+async def _limit_per_browser(demo: Demo, page: str, room: str = "", shot: str = "") -> None:
+    url = f"{demo.base}/demo/{page}"
+    prefix = secrets.token_hex(3)
+
+    def one_browser(browser: webdriver.Chrome) -> list[Outcome]:
+        outcomes = [_submit(browser, url, f"{prefix}-{i}", room) for i in range(LIMIT + 1)]
+        if shot:
+            browser.save_screenshot(shot)
+        return outcomes
+
+    outcomes: list[Outcome] = await demo.run(ONE, one_browser)
+    assert [o.state for o in outcomes] == ["allow"] * LIMIT + ["deny"]
+    assert len({o.identity for o in outcomes}) == 1, "one browser, one identity"
+    assert "refused" in outcomes[-1].text.lower()
+
+    other: Outcome = await demo.run(OTHER, lambda b: _submit(b, url, f"{prefix}-x", room))
+    assert other.state == "allow"
+    assert other.identity != outcomes[0].identity
+
+
+async def test_one_browser_registers_up_to_the_limit_then_sees_the_prompt(
+    demo: Demo, tmp_path: Path
+) -> None:
+    shot = tmp_path / "guard-refusal.png"
+    await _limit_per_browser(demo, "register", shot=str(shot))
+    assert shot.read_bytes().startswith(b"\x89PNG")
+    if os.environ.get("TETHER_UPDATE_SCREENSHOTS"):
+        shutil.copyfile(shot, DOCS / "guard-refusal.png")
+
+
+async def test_one_browser_logs_in_up_to_the_limit_then_sees_the_prompt(demo: Demo) -> None:
+    await _limit_per_browser(demo, "login")
+
+
+async def test_one_browser_joins_a_room_up_to_the_limit_then_sees_the_prompt(
+    demo: Demo,
+) -> None:
+    await _limit_per_browser(demo, "collaborate", room="ktv-7")

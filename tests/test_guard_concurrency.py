@@ -1,0 +1,123 @@
+"""Exactness under concurrency, and expiry, through real gRPC and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import redis.asyncio as redis
+
+from tests.guard_support import fingerprint, guard_client, new_service
+from tests.support import RunningServer, start_server
+from tether.clients.guard.client import account
+from tether.guard.v1 import messages_pb2 as pb
+from tether.server.counters import keys
+
+IP = "198.51.100.7"
+
+
+async def test_a_thousand_simultaneous_registrations_admit_exactly_the_limit(
+    pg_server: RunningServer,
+) -> None:
+    guard = await guard_client(pg_server)
+    limit = 7
+    service = await new_service(guard, register_limit=limit)
+    browser = fingerprint("race")
+    verdicts = await asyncio.gather(
+        *(
+            guard.evaluate(service, "register", account(f"racer{i}"), browser, IP)
+            for i in range(1000)
+        )
+    )
+    allowed = [v for v in verdicts if v.verdict == pb.VERDICT_ALLOW]
+    assert len(allowed) == limit
+    assert all(v.reason == pb.VERDICT_REASON_WITHIN_LIMIT for v in allowed)
+    assert not any(v.fail_open for v in verdicts)
+    assert sorted(v.count for v in allowed) == list(range(1, limit + 1))
+    denied = [v for v in verdicts if v.verdict == pb.VERDICT_DENY]
+    assert len(denied) == 1000 - limit
+
+
+async def test_simultaneous_logins_admit_exactly_the_limit(pg_server: RunningServer) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, login_limit=3)
+    verdicts = await asyncio.gather(
+        *(
+            guard.evaluate(service, "login", account(f"l{i}"), fingerprint("l"), IP)
+            for i in range(300)
+        )
+    )
+    assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) == 3
+
+
+async def test_expired_login_session_frees_its_slot(
+    pg_server: RunningServer, redis_url: str
+) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, login_limit=1, login_session_seconds=1)
+    browser = fingerprint("expiry")
+    first = await guard.evaluate(service, "login", account("e1"), browser, IP)
+    assert first.verdict == pb.VERDICT_ALLOW
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # The key expires with its last session, so nothing lingers in Redis.
+        bucket = keys.guard_bucket(first.identity, pg_server.app.settings.guard_bucket_bits)
+        ttl = await client.pttl(keys.guard_logged_in(service, bucket))
+        assert 0 < ttl <= 1000
+    finally:
+        await client.aclose()
+    assert (await guard.evaluate(service, "login", account("e2"), browser, IP)).verdict == (
+        pb.VERDICT_DENY
+    )
+    # Nothing can be awaited for an expiry: poll, with a bound.
+    deadline = time.monotonic() + 10
+    while True:
+        verdict = await guard.evaluate(service, "login", account("e2"), browser, IP)
+        if verdict.verdict == pb.VERDICT_ALLOW or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert verdict.verdict == pb.VERDICT_ALLOW
+
+
+async def test_registration_window_bounds_the_key_lifetime(
+    pg_server: RunningServer, redis_url: str
+) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=2, register_window_seconds=60)
+    first = await guard.evaluate(service, "register", account("w1"), fingerprint("w"), IP)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        bucket = keys.guard_bucket(first.identity, pg_server.app.settings.guard_bucket_bits)
+        ttl = await client.pttl(keys.guard_registered(service, bucket))
+        assert 0 < ttl <= 60_000
+    finally:
+        await client.aclose()
+
+
+async def test_fingerprints_sharing_one_bucket_are_counted_apart(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    server = await start_server(
+        database_url=postgres_url, redis_url=redis_url, data_dir=tmp_path, guard_bucket_bits=0
+    )
+    try:
+        guard = await guard_client(server)
+        service = await new_service(guard, register_limit=2)
+        for seed in ("a", "b", "c"):
+            verdicts = await asyncio.gather(
+                *(
+                    guard.evaluate(
+                        service, "register", account(f"{seed}{i}"), fingerprint(seed), IP
+                    )
+                    for i in range(50)
+                )
+            )
+            assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) == 2
+        client = redis.Redis.from_url(redis_url)
+        try:
+            assert await client.hlen(keys.guard_registered(service, "0")) == 6
+        finally:
+            await client.aclose()
+    finally:
+        await server.stop()

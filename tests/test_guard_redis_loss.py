@@ -1,0 +1,163 @@
+"""Redis trouble: the policy's fail mode within the time bound, recovery,
+and rebuilding the counters from SQL. Each test runs its own redis-server,
+which it stops, freezes or flushes; the shared one is never touched."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.guard_support import PrivateRedis, fingerprint, guard_client, new_service, private_redis
+from tests.support import RunningServer, expect_error, start_server
+from tether.clients.guard.client import GuardClient, account
+from tether.guard.v1 import messages_pb2 as pb
+
+IP = "198.51.100.7"
+# Generous: the server decides within TETHER_REDIS_TIMEOUT_SECONDS (0.25 s);
+# this deadline only turns a hang into a failure instead of a stuck test.
+NO_HANG = 10.0
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    async with private_redis(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+async def server(
+    redis_server: PrivateRedis, postgres_url: str, tmp_path: Path
+) -> AsyncIterator[RunningServer]:
+    running = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_server.url,
+        data_dir=tmp_path / "data",
+        redis_timeout_seconds=0.25,
+    )
+    yield running
+    await running.stop()
+
+
+async def _evaluate(guard: GuardClient, service: str, name: str) -> pb.EvaluateResponse:
+    return await guard.stub.Evaluate(
+        pb.EvaluateRequest(
+            service_id=service,
+            action=pb.ACTION_REGISTER,
+            account=account(name),
+            components=fingerprint("loss"),
+            client_ip=IP,
+        ),
+        timeout=NO_HANG,
+    )
+
+
+async def _until_counted(guard: GuardClient, service: str, name: str) -> pb.EvaluateResponse:
+    """After Redis returns, the client reconnects; poll, with a bound."""
+    deadline = time.monotonic() + NO_HANG
+    while True:
+        verdict = await _evaluate(guard, service, name)
+        if not verdict.fail_open or time.monotonic() > deadline:
+            return verdict
+        await asyncio.sleep(0.05)
+
+
+async def test_stopped_redis_fails_open_with_flag_then_recovers(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=1, redis_failure=pb.REDIS_FAILURE_FAIL_OPEN)
+    assert (await _evaluate(guard, service, "before")).reason == pb.VERDICT_REASON_WITHIN_LIMIT
+    await redis_server.stop()
+    during = await _evaluate(guard, service, "during")
+    assert during.verdict == pb.VERDICT_ALLOW
+    assert during.fail_open
+    assert during.reason == pb.VERDICT_REASON_COUNTERS_UNAVAILABLE
+    await redis_server.start()
+    # Redis came back empty (no persistence): the limit returns once rebuilt.
+    await guard.rebuild(service)
+    after = await _until_counted(guard, service, "after")
+    assert not after.fail_open
+    assert after.verdict == pb.VERDICT_DENY
+
+
+async def test_stopped_redis_fails_closed_with_unavailable_then_recovers(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=1, redis_failure=pb.REDIS_FAILURE_FAIL_CLOSED)
+    await redis_server.stop()
+    await expect_error(
+        _evaluate(guard, service, "during"),
+        grpc.StatusCode.UNAVAILABLE,
+        "ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE",
+    )
+    await redis_server.start()
+    deadline = time.monotonic() + NO_HANG
+    while True:
+        try:
+            verdict = await _evaluate(guard, service, "after")
+            break
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+    assert verdict.verdict == pb.VERDICT_ALLOW
+    assert not verdict.fail_open
+
+
+async def test_frozen_redis_is_decided_within_the_bound_not_awaited(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=1)
+    await _evaluate(guard, service, "warm")  # a pooled connection that will hang
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        frozen = await _evaluate(guard, service, "frozen")
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert frozen.fail_open
+    assert (await _until_counted(guard, service, "thawed")).verdict == pb.VERDICT_DENY
+
+
+async def test_rebuild_after_flushall_restores_the_limits(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(
+        guard, register_limit=2, login_limit=1, collaborate_limit=1, login_session_seconds=600
+    )
+    browser = fingerprint("flush")
+    for name in ("f1", "f2"):
+        await guard.evaluate(service, "register", account(name), browser, IP)
+    await guard.evaluate(service, "login", account("f1"), browser, IP)
+    await guard.evaluate(service, "collaborate", account("f1"), browser, IP, room_id="k")
+    cancelled = await guard.evaluate(service, "register", account("f2"), browser, IP)
+    await guard.cancel_registration(service, cancelled.identity, account("f2"))
+    await guard.evaluate(service, "register", account("f3"), browser, IP)
+
+    client = await redis_server.client()
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    assert await guard.rebuild(service) == 4
+    assert await guard.rebuild(service) == 0  # idempotent
+
+    checks = [
+        ("register", "f4", ""),
+        ("login", "f2", ""),
+        ("collaborate", "f2", "k"),
+    ]
+    for action, name, room in checks:
+        verdict = await guard.evaluate(service, action, account(name), browser, IP, room_id=room)
+        assert verdict.verdict == pb.VERDICT_DENY, action
+    again = await guard.evaluate(service, "register", account("f3"), browser, IP)
+    assert again.reason == pb.VERDICT_REASON_ALREADY_COUNTED

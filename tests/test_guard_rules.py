@@ -1,0 +1,231 @@
+"""FingerprintGuard's three rules of document B through real gRPC, real
+PostgreSQL (or SQLite) and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+
+from tests.guard_support import (
+    fingerprint,
+    guard_client,
+    new_service,
+)
+from tests.support import RunningServer, expect_error, start_server
+from tether.clients.guard.client import account
+from tether.guard.v1 import messages_pb2 as pb
+
+IP = "198.51.100.7"
+
+
+async def test_register_limit_refuses_the_next_account_from_one_fingerprint(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    browser = fingerprint("one")
+    for i in range(3):
+        verdict = await guard.evaluate(service, "register", account(f"user{i}"), browser, IP)
+        assert verdict.verdict == pb.VERDICT_ALLOW
+        assert (verdict.count, verdict.limit) == (i + 1, 3)
+    refused = await guard.evaluate(service, "register", account("user3"), browser, IP)
+    assert refused.verdict == pb.VERDICT_DENY
+    assert refused.reason == pb.VERDICT_REASON_REGISTER_LIMIT
+    assert (refused.count, refused.limit) == (3, 3)
+    other = await guard.evaluate(service, "register", account("user3"), fingerprint("two"), IP)
+    assert other.verdict == pb.VERDICT_ALLOW
+    assert other.identity != refused.identity
+
+
+async def test_repeated_registration_of_one_account_counts_once(pg_server: RunningServer) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=2)
+    first = await guard.evaluate(service, "register", account("same"), fingerprint(), IP)
+    again = await guard.evaluate(service, "register", account("same"), fingerprint(), IP)
+    assert again.reason == pb.VERDICT_REASON_ALREADY_COUNTED
+    assert (first.count, again.count) == (1, 1)
+
+
+async def test_normalized_components_give_one_identity(pg_server: RunningServer) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=5)
+    a = await guard.evaluate(service, "register", account("n1"), fingerprint(), IP)
+    reordered = fingerprint(
+        fonts=["Font a", "liberation serif", "DejaVu Sans "], browser_version="132.0.1"
+    )
+    b = await guard.evaluate(service, "register", account("n2"), reordered, "203.0.113.9")
+    assert a.identity == b.identity
+
+
+async def test_cancelled_registration_frees_its_slot(pg_server: RunningServer) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=1)
+    first = await guard.evaluate(service, "register", account("c1"), fingerprint(), IP)
+    assert await guard.cancel_registration(service, first.identity, account("c1"))
+    assert not await guard.cancel_registration(service, first.identity, account("c1"))
+    second = await guard.evaluate(service, "register", account("c2"), fingerprint(), IP)
+    assert second.verdict == pb.VERDICT_ALLOW
+
+
+async def test_logout_frees_a_login_slot(any_server: RunningServer) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, login_limit=2, login_session_seconds=600)
+    browser = fingerprint()
+    a = await guard.evaluate(service, "login", account("a"), browser, IP)
+    await guard.evaluate(service, "login", account("b"), browser, IP)
+    refused = await guard.evaluate(service, "login", account("c"), browser, IP)
+    assert refused.verdict == pb.VERDICT_DENY
+    assert refused.reason == pb.VERDICT_REASON_LOGIN_LIMIT
+    relogin = await guard.evaluate(service, "login", account("a"), browser, IP)
+    assert relogin.reason == pb.VERDICT_REASON_ALREADY_COUNTED
+    assert await guard.end_login(service, a.identity, account("a"))
+    allowed = await guard.evaluate(service, "login", account("c"), browser, IP)
+    assert allowed.verdict == pb.VERDICT_ALLOW
+    assert allowed.expire_time.seconds > 0
+
+
+async def test_renewed_login_gets_a_later_expiry_and_ended_one_cannot_renew(
+    pg_server: RunningServer,
+) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, login_limit=1, login_session_seconds=300)
+    login = await guard.evaluate(service, "login", account("r"), fingerprint(), IP)
+    renewed = await guard.renew_login(service, login.identity, account("r"))
+    assert renewed.expire_time.ToMilliseconds() >= login.expire_time.ToMilliseconds()
+    await guard.end_login(service, login.identity, account("r"))
+    await expect_error(
+        guard.renew_login(service, login.identity, account("r")),
+        grpc.StatusCode.NOT_FOUND,
+        "ERROR_REASON_GUARD_LOGIN_NOT_FOUND",
+    )
+
+
+async def test_room_limit_counts_accounts_of_one_fingerprint_per_room(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, collaborate_limit=2)
+    browser = fingerprint()
+    for name in ("p1", "p2"):
+        ok = await guard.evaluate(
+            service, "collaborate", account(name), browser, IP, room_id="room-a"
+        )
+        assert ok.verdict == pb.VERDICT_ALLOW
+    refused = await guard.evaluate(
+        service, "collaborate", account("p3"), browser, IP, room_id="room-a"
+    )
+    assert refused.reason == pb.VERDICT_REASON_COLLABORATE_LIMIT
+    elsewhere = await guard.evaluate(
+        service, "collaborate", account("p3"), browser, IP, room_id="room-b"
+    )
+    assert elsewhere.verdict == pb.VERDICT_ALLOW
+    friend = await guard.evaluate(
+        service, "collaborate", account("p3"), fingerprint("friend"), IP, room_id="room-a"
+    )
+    assert friend.verdict == pb.VERDICT_ALLOW
+    assert await guard.leave_room(service, "room-a", refused.identity, account("p1"))
+    rejoin = await guard.evaluate(
+        service, "collaborate", account("p3"), browser, IP, room_id="room-a"
+    )
+    assert rejoin.verdict == pb.VERDICT_ALLOW
+
+
+async def test_shadow_mode_never_denies_but_reports(pg_server: RunningServer) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=1, mode=pb.MODE_SHADOW)
+    first = await guard.evaluate(service, "register", account("s1"), fingerprint(), IP)
+    assert (first.verdict, first.would_deny) == (pb.VERDICT_ALLOW, False)
+    for i, name in enumerate(("s2", "s3")):
+        over = await guard.evaluate(service, "register", account(name), fingerprint(), IP)
+        assert over.verdict == pb.VERDICT_ALLOW
+        assert over.would_deny
+        assert over.reason == pb.VERDICT_REASON_REGISTER_LIMIT
+        assert over.count == i + 2
+    await guard.set_policy(pb.Policy(service_id=service, mode=pb.MODE_ENFORCE), only=["mode"])
+    enforced = await guard.evaluate(service, "register", account("s4"), fingerprint(), IP)
+    assert enforced.verdict == pb.VERDICT_DENY
+
+
+async def test_allow_listed_accounts_and_identities_are_never_limited(
+    pg_server: RunningServer,
+) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=1)
+    cafe = fingerprint("cafe")
+    first = await guard.evaluate(service, "register", account("x1"), cafe, IP)
+    await guard.set_policy(
+        pb.Policy(service_id=service),
+        only=["allowed_accounts"],
+        allowed_accounts=[account("staff")],
+    )
+    staff = await guard.evaluate(service, "register", account("staff"), cafe, IP)
+    assert staff.reason == pb.VERDICT_REASON_ACCOUNT_ALLOW_LISTED
+    assert (await guard.evaluate(service, "register", account("x2"), cafe, IP)).verdict == (
+        pb.VERDICT_DENY
+    )
+    await guard.set_policy(
+        pb.Policy(service_id=service, allowed_identities=[first.identity]),
+        only=["allowed_identities"],
+    )
+    for name in ("x2", "x3", "x4"):
+        verdict = await guard.evaluate(service, "register", account(name), cafe, IP)
+        assert verdict.reason == pb.VERDICT_REASON_IDENTITY_ALLOW_LISTED
+    policy = await guard.get_policy(service)
+    assert policy.register_limit == 1
+    assert len(policy.allowed_account_digests) == 1
+
+
+async def test_policy_change_applies_without_restart(pg_server: RunningServer) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=1)
+    await guard.evaluate(service, "register", account("p1"), fingerprint(), IP)
+    await guard.set_policy(pb.Policy(service_id=service, register_limit=2), only=["register_limit"])
+    more = await guard.evaluate(service, "register", account("p2"), fingerprint(), IP)
+    assert more.verdict == pb.VERDICT_ALLOW
+    listed = [p.service_id async for p in guard.list_policies()]
+    assert service in listed
+
+
+async def test_look_ups_link_identities_and_accounts(any_server: RunningServer) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=5, login_limit=5)
+    home = await guard.evaluate(service, "register", account("me"), fingerprint("home"), IP)
+    await guard.evaluate(service, "register", account("alt"), fingerprint("home"), IP)
+    work = await guard.evaluate(service, "login", account("me"), fingerprint("work"), IP)
+    await guard.rebuild(service)  # also waits until the written-behind links are in SQL
+    linked = [link async for link in guard.identity_accounts(home.identity)]
+    assert len(linked) == 2
+    assert {link.service_id for link in linked} == {service}
+    identities = [link.identity async for link in guard.account_identities(account("me"))]
+    assert set(identities) == {home.identity, work.identity}
+
+
+async def test_policy_change_reaches_another_server_without_restart(
+    pg_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    other = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        guard_policy_cache_seconds=0.1,
+    )
+    try:
+        here, there = await guard_client(pg_server), await guard_client(other)
+        service = await new_service(here, register_limit=1)
+        await there.evaluate(service, "register", account("o1"), fingerprint("o"), IP)
+        refused = await there.evaluate(service, "register", account("o2"), fingerprint("o"), IP)
+        assert refused.verdict == pb.VERDICT_DENY
+        await here.set_policy(pb.Policy(service_id=service, mode=pb.MODE_SHADOW), only=["mode"])
+        # The other server rereads within its cache time; poll, with a bound.
+        deadline = time.monotonic() + 10
+        while True:
+            verdict = await there.evaluate(service, "register", account("o2"), fingerprint("o"), IP)
+            if verdict.verdict == pb.VERDICT_ALLOW or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert verdict.would_deny
+    finally:
+        await other.stop()

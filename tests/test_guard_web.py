@@ -1,0 +1,91 @@
+"""The web side's JSON endpoint: shape, types and size are checked; the
+client IP comes from the connection (or a trusted proxy), never the body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from google.protobuf import json_format
+
+from tests.guard_support import fingerprint, guard_client, guard_of, web_of
+from tests.support import RunningServer
+from tether.server.guard.web import client_ip, parse_networks
+
+
+def _components() -> dict[str, Any]:
+    return json_format.MessageToDict(fingerprint("web"), preserving_proto_field_name=True)
+
+
+async def _post(server: RunningServer, body: Any) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{web_of(server).url}/guard/evaluate", json=body) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_demo_endpoint_runs_the_same_guard_as_grpc(pg_server: RunningServer) -> None:
+    status, verdict = await _post(
+        pg_server, {"action": "register", "account": "web-1", "components": _components()}
+    )
+    assert status == 200
+    assert verdict["verdict"] == "allow"
+    guard = await guard_client(pg_server)
+    await guard_of(pg_server).recorder.flush()
+    links = [link async for link in guard.identity_accounts(verdict["identity"])]
+    assert [link.service_id for link in links] == [pg_server.app.settings.guard_demo_service]
+
+
+async def test_demo_endpoint_rejects_wrong_types_with_every_field(
+    pg_server: RunningServer,
+) -> None:
+    components = {**_components(), "screen_width": "wide", "fonts": "Arial", "client_ip": "1.2.3.4"}
+    status, problem = await _post(
+        pg_server, {"action": "register", "account": 7, "components": components}
+    )
+    assert status == 400
+    assert set(problem["violations"]) == {
+        "account",
+        "components.screen_width",
+        "components.fonts",
+        "components.client_ip",
+    }
+    status, problem = await _post(pg_server, {"action": "fly", "account": "a", "components": {}})
+    assert status == 400
+    assert "action" in problem["violations"]
+
+
+async def test_demo_endpoint_refuses_oversized_bodies(pg_server: RunningServer) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{web_of(pg_server).url}/guard/evaluate",
+            data=b"{" + b" " * 70_000 + b"}",
+            headers={"Content-Type": "application/json"},
+        ) as response,
+    ):
+        assert response.status == 413
+
+
+async def test_demo_pages_and_collector_are_served(pg_server: RunningServer) -> None:
+    base = web_of(pg_server).url
+    async with aiohttp.ClientSession() as session:
+        for path in ("/", "/demo/register", "/demo/login", "/demo/collaborate"):
+            async with session.get(base + path) as response:
+                assert response.status == 200
+                assert "<form" in await response.text() or path == "/"
+        for path in ("/guard/static/collector.js", "/guard/static/fp.min.js"):
+            async with session.get(base + path) as response:
+                assert response.status == 200
+        async with session.get(base + "/demo/nothing") as response:
+            assert response.status == 404
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
+    proxies = parse_networks("10.0.0.0/8, ::1")
+    assert client_ip("203.0.113.5", "198.51.100.1", proxies) == "203.0.113.5"
+    assert client_ip("10.1.2.3", "198.51.100.1, 10.9.9.9", proxies) == "198.51.100.1"
+    assert client_ip("10.1.2.3", "6.6.6.6, 198.51.100.1", proxies) == "198.51.100.1"
+    assert client_ip("10.1.2.3", "", proxies) == "10.1.2.3"
+    assert client_ip("10.1.2.3", "x", parse_networks("")) == "10.1.2.3"
