@@ -14,10 +14,16 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# buf, and FingerprintJS whose vendored copy a test checks; pinned by package-lock.json.
+# (`npm ci` trips over buf's per-platform optional packages.)
+node_modules/.installed: package.json package-lock.json
+	npm install --no-save --no-audit --no-fund --loglevel=error
+	touch $@
+
 run: $(BIN)/.installed
 	$(BIN)/tether-server serve
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed node_modules/.installed
 	scripts/ensure-chromium
 	$(BIN)/pytest
 

@@ -11,7 +11,7 @@ STATIC = ROOT / "server" / "tether" / "server" / "guard" / "web" / "static"
 
 
 def test_vendored_fingerprintjs_matches_the_pinned_package() -> None:
-    assert PACKAGE.is_dir(), "run `npm ci` (FingerprintJS is pinned in package-lock.json)"
+    assert PACKAGE.is_dir(), "run `make node_modules/.installed` (pinned in package-lock.json)"
     pinned = json.loads((ROOT / "package.json").read_text())["devDependencies"]
     installed = json.loads((PACKAGE / "package.json").read_text())
     assert installed["version"] == pinned["@fingerprintjs/fingerprintjs"]
