@@ -23,12 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.admin.tables import Partner
-from tether.server.binding import dialects
 from tether.server.binding.events import BindingChange, BindingListener
 from tether.server.binding.subjects import Subject
 from tether.server.binding.tables import ACTIVE, REVOKED, Binding, EligibleAccount
 from tether.server.digests import Digester
 from tether.server.errors import NotFound, Unavailable
+from tether.server.storage import dialects
 from tether.server.storage.base import utcnow
 
 # Each lost race means another report committed; a handful of rounds is

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.server import logs
 from tether.server.guard.tables import GuardEntry, GuardIdentity, GuardLink
+from tether.server.storage import dialects
 from tether.server.storage.database import Database
 
 log = logs.get(__name__)
@@ -55,11 +55,6 @@ class Change:
 class _Item:
     change: Change
     done: asyncio.Future[None] | None
-
-
-def _insert(session: AsyncSession) -> Any:
-    name = session.get_bind().dialect.name
-    return postgresql.insert if name == "postgresql" else sqlite.insert
 
 
 class Recorder:
@@ -138,7 +133,7 @@ class Recorder:
         # Core statements on the tables: the ORM's bulk machinery would cost
         # more than the writes themselves.
         async with self._db.transaction() as session:
-            insert = _insert(session)
+            insert = functools.partial(dialects.insert, session)
             if drops:
                 columns = (
                     GuardEntry.service_id,

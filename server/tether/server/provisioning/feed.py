@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tether.server.binding import dialects
 from tether.server.provisioning import wakeup
 from tether.server.provisioning.tables import DeviceFeed, Entitlement, EntitlementEvent
+from tether.server.storage import dialects
 from tether.server.storage.base import Base, utcnow
 from tether.server.storage.database import Database
 

@@ -13,13 +13,14 @@ from datetime import datetime
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import LargeBinary, String, select
+from sqlalchemy import LargeBinary, String
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.errors import AlreadyExists, Violations
+from tether.server.errors import AlreadyExists, TetherError, Violations
+from tether.server.storage import dialects
 from tether.server.storage.base import Base, UtcDateTime, utcnow
 from tether.server.storage.database import Database
 from tether.server.transport.principal import Principal
@@ -54,6 +55,36 @@ def _body_hash(request: Message) -> bytes:
     return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()
 
 
+class _AnsweredBefore(Exception):
+    """Raised inside the transaction to roll back a repeated request's work."""
+
+
+async def _store(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    method: str,
+    request_id: str,
+    digest: bytes,
+    response: Message,
+) -> None:
+    stored = await session.execute(
+        dialects.insert(session, IdempotencyRecord)
+        .values(
+            credential_id=principal.credential_id,
+            method=method,
+            request_id=request_id,
+            request_hash=digest,
+            response=response.SerializeToString(),
+            create_time=utcnow(),
+        )
+        .on_conflict_do_nothing()
+        .returning(IdempotencyRecord.request_id)
+    )
+    if stored.first() is None:
+        raise _AnsweredBefore
+
+
 async def run_once(
     db: Database,
     principal: Principal,
@@ -66,42 +97,37 @@ async def run_once(
     """Runs work(session) at most once per (caller, method, request_id).
 
     request must have a string field `request_id`, already validated.
+
+    Optimistic: first requests, the common case, do their work and store the
+    answer with no lookup first. A repeated request does its work again,
+    finds the answer stored (ON CONFLICT), rolls its work back and returns
+    the stored answer; so does one whose second run fails, e.g. an unbind of
+    a binding the first run revoked.
     """
     request_id: str = request.request_id  # type: ignore[attr-defined]
     digest = _body_hash(request)
-    for _attempt in range(2):
-        try:
-            async with db.transaction() as session:
-                key = (principal.credential_id, method, request_id)
-                earlier = await session.get(IdempotencyRecord, key)
-                if earlier is not None:
-                    return _replay(earlier, digest, response_type)
-                response = await work(session)
-                session.add(
-                    IdempotencyRecord(
-                        credential_id=principal.credential_id,
-                        method=method,
-                        request_id=request_id,
-                        request_hash=digest,
-                        response=response.SerializeToString(),
-                    )
-                )
-                await session.flush()
-                return response
-        except IntegrityError:
-            # A concurrent retry with the same id won the race: replay its answer.
-            async with db.sessions() as session:
-                found = await session.scalar(
-                    select(IdempotencyRecord).where(
-                        IdempotencyRecord.credential_id == principal.credential_id,
-                        IdempotencyRecord.method == method,
-                        IdempotencyRecord.request_id == request_id,
-                    )
-                )
-            if found is not None:
-                return _replay(found, digest, response_type)
+    try:
+        async with db.transaction() as session:
+            response = await work(session)
+            await _store(
+                session,
+                principal,
+                method=method,
+                request_id=request_id,
+                digest=digest,
+                response=response,
+            )
+            return response
+    except (_AnsweredBefore, IntegrityError, TetherError) as exc:
+        async with db.sessions() as session:
+            earlier = await session.get(
+                IdempotencyRecord, (principal.credential_id, method, request_id)
+            )
+        if earlier is None:
+            if isinstance(exc, _AnsweredBefore):
+                raise AssertionError("stored answer vanished") from exc
             raise
-    raise AssertionError("unreachable")
+        return _replay(earlier, digest, response_type)
 
 
 def _replay(record: IdempotencyRecord, digest: bytes, response_type: type[Response]) -> Response:

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
@@ -68,6 +70,13 @@ async def _enter(
     principals.set_current(principal)
 
 
+def _is_backend_outage(exc: BaseException) -> bool:
+    """The database or Redis went away: the caller should retry, not file a bug."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError)
+    return isinstance(exc, (ConnectionError, TimeoutError, RedisConnectionError))
+
+
 def _elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
@@ -76,6 +85,11 @@ async def _fail(
     context: grpc.aio.ServicerContext[Any, Any], method: str, exc: BaseException, started: float
 ) -> None:
     elapsed_ms = _elapsed_ms(started)
+    if _is_backend_outage(exc):
+        exc = errors.Unavailable(
+            ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
+            "a backing store did not answer; retry",
+        )
     if isinstance(exc, errors.TetherError):
         # A caller's mistake: worth a line, not an alarm.
         log.info(
