@@ -263,6 +263,9 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             max_rejected=header.max_rejected,
         )
         run = importer.ImportRun(self._db, self._digester, spec, self._import_workers.get())
+        # Tells the client the header was accepted: a long upload can start
+        # knowing that its partner and mode are right.
+        await context.send_initial_metadata(())
         try:
             async for message in request_iterator:
                 await run.add(_import_batch(message))
