@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from pathlib import Path
+from typing import Any
 
 import grpc
+from sqlalchemy import event
 
 from tests.support import RunningServer, expect_error
 from tether.admin.v1 import messages_pb2 as pb
 from tether.admin.v1 import service_pb2_grpc
+from tether.server.admin.credentials import CredentialVerifier, create_admin
+from tether.server.storage import migrate
+from tether.server.storage.database import Database
+from tether.server.transport.principal import CallerKind
 
 
 async def test_partner_is_created_once_and_readable(pg_server: RunningServer) -> None:
@@ -131,3 +139,26 @@ async def test_partners_page_through_in_order(pg_server: RunningServer) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "ERROR_REASON_PAGE_TOKEN_INVALID",
     )
+
+
+async def test_concurrent_calls_with_a_cold_cache_share_one_credential_read(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    await migrate.upgrade_async(url)
+    db = Database(url)
+    try:
+        token = await create_admin(db, "test")
+        reads = 0
+
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            nonlocal reads
+            reads += "FROM credentials" in statement
+
+        event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+        verifier = CredentialVerifier(db, cache_seconds=60)
+        principals = await asyncio.gather(*(verifier.authenticate(token) for _ in range(50)))
+        assert {p.kind if p else None for p in principals} == {CallerKind.ADMIN}
+        assert reads == 1
+    finally:
+        await db.close()

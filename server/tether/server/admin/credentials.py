@@ -14,8 +14,6 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import update
-
 from tether.server.admin.tables import Credential
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
@@ -55,6 +53,9 @@ class CredentialVerifier:
         self._db = db
         self._ttl = cache_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
+        # One database read per credential at a time: when the cache expires
+        # under load, concurrent calls share the read instead of stampeding.
+        self._loading: dict[str, asyncio.Task[Credential | None]] = {}
 
     async def authenticate(self, token: str) -> Principal | None:
         now = time.monotonic()
@@ -66,7 +67,7 @@ class CredentialVerifier:
             return None
         # Shielded: a call cancelled mid-lookup must not cut the session off
         # half-way (on SQLite that left the write lock held).
-        row = await asyncio.shield(self._load(credential_id))
+        row = await asyncio.shield(self._shared_load(credential_id))
         if row is None or row.revoke_time is not None:
             return None
         if not hmac.compare_digest(row.secret_hash, _hash(secret)):
@@ -76,6 +77,14 @@ class CredentialVerifier:
             self._cache.clear()
         self._cache[token] = (now + self._ttl, principal)
         return principal
+
+    def _shared_load(self, credential_id: str) -> asyncio.Task[Credential | None]:
+        task = self._loading.get(credential_id)
+        if task is None:
+            task = asyncio.ensure_future(self._load(credential_id))
+            self._loading[credential_id] = task
+            task.add_done_callback(lambda _t: self._loading.pop(credential_id, None))
+        return task
 
     async def _load(self, credential_id: str) -> Credential | None:
         async with self._db.sessions() as session:
@@ -96,12 +105,3 @@ async def create_admin(db: Database, label: str) -> str:
     async with db.transaction() as session:
         session.add(minted.credential)
     return minted.token
-
-
-async def revoke(db: Database, credential_id: str) -> None:
-    async with db.transaction() as session:
-        await session.execute(
-            update(Credential)
-            .where(Credential.credential_id == credential_id, Credential.revoke_time.is_(None))
-            .values(revoke_time=utcnow())
-        )
