@@ -4,6 +4,7 @@ reflection, and a graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import signal
 from dataclasses import dataclass, field
 
@@ -103,6 +104,18 @@ async def _check_schema(db: Database) -> None:
         )
 
 
+def _load_service_descriptors(names: list[str]) -> None:
+    """Imports each service's service_pb2 module, so reflection can describe it.
+
+    The generated *_pb2_grpc modules import only the messages; without this
+    the service descriptors never reach the default pool, and tools like
+    `buf curl` list the services but cannot call them.
+    """
+    for name in names:
+        package = name.rsplit(".", 1)[0]
+        importlib.import_module(f"{package}.service_pb2")
+
+
 def _areas() -> list[object]:
     # Imported here so that each area's module is loaded only with the app.
     from tether.server.binding import servicer as binding
@@ -149,9 +162,10 @@ async def build(settings: Settings) -> App:
         component: Component = area.register(server, runtime)  # type: ignore[attr-defined]
         components.append(component)
 
+    names = [name for c in components for name in c.services]
+    _load_service_descriptors(names)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = [name for c in components for name in c.services]
     reflection.enable_server_reflection(
         [
             *names,
