@@ -314,7 +314,9 @@ async def test_cancelled_import_changes_nothing(cached_server: RunningServer) ->
 
     call = bs.stub(any_server, token).ImportEligibleAccounts(then_hang())
     await sent.wait()
-    # Cancel mid-import, not while the call is still being authenticated.
+    # Cancel mid-import, not while the call is still being authenticated:
+    # the server sends its initial metadata once it has taken the header.
+    await call.initial_metadata()
     await bs.wait_for_import_transaction(any_server)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
