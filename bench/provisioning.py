@@ -8,8 +8,10 @@ partner:
 
 - Latency: a producer process commits bindings at a steady rate (default
   1,000/s), each in its own transaction with exactly the rows the outbox
-  listener writes (binding, instruction, entitlement, feed event, NOTIFY;
-  checked column by column against the listener at start). Partner
+  listener writes (binding, instruction, entitlement, feed event; checked
+  column by column against the listener at start), and after the commit
+  hands the wake-up topics to a Wakeup's notifier, which sends them as
+  coalesced NOTIFYs outside the transaction, as a Tether process does. Partner
   streams (the PartnerWorker client) confirm each instruction at once.
   Figure: time from the start of the binding's committing round trip to
   the partner receiving its instruction, p50/p99.
@@ -54,7 +56,7 @@ from tether.server.binding.events import BindingChange
 from tether.server.binding.tables import Binding
 from tether.server.provisioning.outbox import BindingOutbox
 from tether.server.provisioning.tables import Instruction as Row
-from tether.server.provisioning.wakeup import CHANNEL, Wakeup
+from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
 from tether.server.storage import migrate
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
@@ -188,6 +190,8 @@ class Bench:
         self.digester = digests.Digester(digests.parse_keys(keys))
         self.partner_id = "bench-" + secrets.token_hex(3)
         self.pool: asyncpg.Pool | None = None
+        # Sends the bindings' wake-ups after their commits, as Tether does.
+        self.wakeup = Wakeup(database_url)
         # Instructions written before the measured phases (the row check).
         self.extra = 0
 
@@ -198,8 +202,12 @@ class Bench:
             minted = await admin.create_credential(
                 session, CallerKind.PARTNER, self.partner_id, "bench"
             )
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=PRODUCERS, max_size=PRODUCERS)
+        await self.open()
         return minted.token
+
+    async def open(self) -> None:
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=PRODUCERS, max_size=PRODUCERS)
+        await self.wakeup.start()
 
     async def check_rows_match_the_outbox(self) -> None:
         """The raw SQL below must write what the outbox listener writes:
@@ -219,9 +227,7 @@ class Bench:
             )
             session.add(binding)
             await session.flush()
-            await BindingOutbox(Wakeup(self.db.url)).on_change(
-                session, BindingChange("created", binding)
-            )
+            await BindingOutbox(self.wakeup).on_change(session, BindingChange("created", binding))
         raw_id = await self.bind()
         self.extra += 2
         assert self.pool is not None
@@ -255,7 +261,8 @@ class Bench:
             assert rows[0] == rows[1], (table, rows)
 
     async def bind(self) -> uuid.UUID:
-        """One binding and its outbox rows in one transaction and one round trip.
+        """One binding and its outbox rows in one transaction and one round
+        trip, then its wake-up topics to the notifier (never in the transaction).
 
         The same rows the binding area and the outbox listener write (checked
         by check_rows_match_the_outbox), as literal SQL so that this load
@@ -266,7 +273,8 @@ class Bench:
         b = f"'{binding_id}'"
         p = f"'{self.partner_id}'"
         account = "'\\x" + self.digester.digest("member_id", binding_id.hex).hex() + "'"
-        device_hex = self.digester.digest("serial_number", binding_id.hex).hex()
+        device_digest = self.digester.digest("serial_number", binding_id.hex)
+        device_hex = device_digest.hex()
         device = "'\\x" + device_hex + "'"
         ref = f"'{binding_id.hex[:12]}'"
         key = f"'{self.digester.current.key_id}'"
@@ -290,13 +298,14 @@ INSERT INTO entitlement_events (device_digest, position, binding_id, partner_id,
   account_kind, account_digest, state, reason, event_time)
   SELECT {device}, f.last_position, {b}, {p}, 'free-data', 'member_id', {account},
   'activating', '', now() FROM f;
-SELECT pg_notify('{CHANNEL}', 'e:{device_hex} i:{self.partner_id}');
 COMMIT;"""
         async with self.pool.acquire() as conn:
             await conn.execute(sql)
+        self.wakeup.notify_later({feed_topic(device_digest), instructions_topic(self.partner_id)})
         return binding_id
 
     async def close(self) -> None:
+        await self.wakeup.stop()
         if self.pool is not None:
             await self.pool.close()
         await self.db.close()
@@ -377,7 +386,7 @@ def _produce(
     async def run() -> tuple[dict[str, float], dict[str, float], float]:
         producer = Bench(url, dsn, keys)
         producer.partner_id = partner_id
-        producer.pool = await asyncpg.create_pool(dsn, min_size=PRODUCERS, max_size=PRODUCERS)
+        await producer.open()
         committed: dict[str, float] = {}
         finished: dict[str, float] = {}
 
