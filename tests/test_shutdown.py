@@ -31,6 +31,12 @@ def _batch(first: int, count: int) -> pb.ImportEligibleAccountsRequest:
     )
 
 
+def _log(process: ps.ServerProcess) -> str:
+    """The server's own log, for a failure message."""
+    path = process.data_dir / f"server-{process.port}.log"
+    return path.read_text()[-3000:] if path.exists() else "(no log)"
+
+
 async def _not_serving(address: str) -> None:
     """Returns once health says NOT_SERVING or the port stops answering."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -65,10 +71,10 @@ async def test_sigterm_lets_an_in_flight_import_finish(
             await call.initial_metadata()  # the server is inside the call
             assert process.process is not None
             process.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(_not_serving(process.address), 10)
+            await asyncio.wait_for(_not_serving(process.address), 60)
             rest_may_go.set()
             response = await call
         assert response.imported_count == 200
-        assert await asyncio.to_thread(process.process.wait, 15) == 0
+        assert await asyncio.to_thread(process.process.wait, 60) == 0, _log(process)
     finally:
         process.stop()
