@@ -22,3 +22,6 @@ class Runtime:
     credentials: CredentialVerifier
     # Told of every binding change inside its transaction (provisioning's outbox).
     binding_listeners: list[BindingListener] = field(default_factory=list)
+    # Redis for hot paths that bound each call themselves (no socket_timeout,
+    # see counters.connection.connect); None: use `redis`.
+    redis_self_bounded: redis.Redis | None = None
