@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -71,7 +72,9 @@ class EvaluateCall:
     action: Action | None
     account: AccountRef | None
     room_id: str
-    components: fp.Components | None
+    # None: absent. A callable converts on demand: a browser the identity
+    # cache already knows needs no conversion unless its sketch is recorded.
+    components: fp.Components | Callable[[], fp.Components | None] | None
     client_ip: str
     # A digest of the components as received (e.g. of their serialized
     # message), letting a repeat skip validation and hashing; b"": none.
@@ -128,6 +131,28 @@ def _unavailable() -> errors.Unavailable:
     )
 
 
+class _LazyComponents:
+    """An EvaluateCall's components, converted at most once and only if used."""
+
+    __slots__ = ("_source", "_value")
+
+    def __init__(self, source: fp.Components | Callable[[], fp.Components | None] | None) -> None:
+        self._source = source
+        self._value: fp.Components | None = None
+
+    def get(self) -> fp.Components | None:
+        if self._value is None and self._source is not None:
+            source = self._source
+            self._value = source if isinstance(source, fp.Components) else source()
+            self._source = None
+        return self._value
+
+    def value(self) -> fp.Components:
+        value = self.get()
+        assert value is not None, "present: the call was validated"
+        return value
+
+
 def _ip_prefix(client_ip: str) -> str:
     """The client's network (/24, /48): a weak drift-linking hint, never the identity."""
     ip = ipaddress.ip_address(client_ip)
@@ -141,7 +166,11 @@ class Guard:
         self.db = runtime.db
         self.bucket_bits = runtime.settings.guard_bucket_bits
         self.policies = PolicyCache(runtime.db, runtime.settings.guard_policy_cache_seconds)
-        self.counters = GuardCounters(runtime.redis, runtime.settings.redis_timeout_seconds)
+        # GuardCounters bounds each script call with one asyncio.timeout, so it
+        # takes the client without a per-command socket_timeout when there is one.
+        self.counters = GuardCounters(
+            runtime.redis_self_bounded or runtime.redis, runtime.settings.redis_timeout_seconds
+        )
         self.recorder = Recorder(runtime.db)
         self.identities = fp.IdentityCache()
 
@@ -183,23 +212,28 @@ class Guard:
         return policy.collaborate_limit, policy.room_membership_seconds
 
     # --- evaluate --------------------------------------------------------
-    def _check(self, call: EvaluateCall) -> tuple[Action, _Account, fp.Components, str]:
+    def _check(self, call: EvaluateCall) -> tuple[Action, _Account, _LazyComponents, str]:
         """The valid request's action, account, components and identity."""
         v = Violations()
         self._scope(call.service_id, call.action, call.room_id, v)
         acct = self._account(call.account, "account", v)
+        components = _LazyComponents(call.components)
+        # A known key was validated when first seen (and is never the empty
+        # key of absent components), so it skips conversion and validation.
         identity = self.identities.get(call.components_key)
-        if call.components is None:
-            v.add("components", "required: the fingerprint the page collected")
-        elif identity is None:
-            fp.check(call.components, "components", v)
+        if identity is None:
+            value = components.get()
+            if value is None:
+                v.add("components", "required: the fingerprint the page collected")
+            else:
+                fp.check(value, "components", v)
         fp.check_ip(call.client_ip, "client_ip", v)
         v.raise_if_any()
-        assert call.action is not None and acct is not None and call.components is not None
+        assert call.action is not None and acct is not None
         if identity is None:
-            identity = fp.identity(self._rt.digester, call.components)
+            identity = fp.identity(self._rt.digester, components.value())
             self.identities.put(call.components_key, identity)
-        return call.action, acct, call.components, identity
+        return call.action, acct, components, identity
 
     def _seen(
         self,
@@ -207,7 +241,7 @@ class Guard:
         action: Action,
         acct: _Account,
         identity: str,
-        components: fp.Components,
+        components: _LazyComponents,
     ) -> Change:
         """The look-up link and the identity's sketch, for SQL."""
         ip_digest = self._rt.digester.digest(
@@ -226,7 +260,7 @@ class Guard:
         ident = {
             "identity": identity,
             "sketch": {
-                **fp.sketch(self._rt.digester, components),
+                **fp.sketch(self._rt.digester, components.value()),
                 "ip_prefix": ip_digest[:8].hex(),
             },
             "first_seen_time": now,

@@ -41,15 +41,18 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
         require(*CALLERS)
+        message = request.components
+        present = request.HasField("components")
         value = await self._guard.evaluate(
             EvaluateCall(
                 request.service_id,
                 convert.ACTIONS.get(request.action),
                 convert.account(request.account, request.HasField("account")),
                 request.room_id,
-                convert.components(request.components, request.HasField("components")),
+                # Converted only when the identity cache does not know them.
+                lambda: convert.components(message, present),
                 request.client_ip,
-                convert.components_key(request.components),
+                convert.components_key(message),
             )
         )
         return convert.verdict(value)
