@@ -63,8 +63,6 @@ class App:
                 await component.stop()
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self.runtime.redis.aclose()
-        if self.runtime.redis_self_bounded is not None:
-            await self.runtime.redis_self_bounded.aclose()
         await self.runtime.db.close()
         log.info("stopped")
 
@@ -148,11 +146,6 @@ async def build(settings: Settings) -> App:
         redis=connect_redis(settings.redis_url, settings.redis_timeout_seconds),
         digester=digests.Digester(_load_digest_keys(settings)),
         credentials=credentials.CredentialVerifier(db, settings.credential_cache_seconds),
-        redis_self_bounded=connect_redis(
-            settings.redis_url, settings.redis_timeout_seconds, per_command_timeout=False
-        )
-        if settings.redis_url
-        else None,
     )
     if settings.embedded_database:
         await _bootstrap_embedded_admin(settings, db)

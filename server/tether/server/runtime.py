@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import redis.asyncio as redis
-from redis.asyncio import Redis
 
 from tether.server.admin.credentials import CredentialVerifier
 from tether.server.binding.events import BindingListener
@@ -23,6 +22,3 @@ class Runtime:
     credentials: CredentialVerifier
     # Told of every binding change inside its transaction (provisioning's outbox).
     binding_listeners: list[BindingListener] = field(default_factory=list)
-    # Redis for hot paths that bound each call themselves (no socket_timeout,
-    # see counters.connection.connect); None: use `redis`.
-    redis_self_bounded: Redis | None = None

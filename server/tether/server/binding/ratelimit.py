@@ -11,6 +11,7 @@ depend on the counter store being up.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import redis.asyncio as redis
@@ -27,9 +28,10 @@ WINDOW_MS = 60_000
 
 
 class ReportRateLimiter:
-    def __init__(self, client: redis.Redis, per_minute: int) -> None:
+    def __init__(self, client: redis.Redis, per_minute: int, bound_seconds: float) -> None:
         self._script = client.register_script(lua.RATE_LIMIT)
         self._limit = per_minute
+        self._bound = bound_seconds
 
     async def check(self, credential_id: str, device_digest: bytes) -> None:
         """Counts one report; RESOURCE_EXHAUSTED once the device is over its limit."""
@@ -38,7 +40,10 @@ class ReportRateLimiter:
         window = int(time.time() * 1000) // WINDOW_MS
         key = keys.report_rate(credential_id, device_digest.hex(), window)
         try:
-            allowed, _count, ttl_ms = await self._script(keys=[key], args=[self._limit, WINDOW_MS])
+            async with asyncio.timeout(self._bound):
+                allowed, _count, ttl_ms = await self._script(
+                    keys=[key], args=[self._limit, WINDOW_MS]
+                )
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("report rate limit skipped: Redis failed", error=str(exc))
             return

@@ -75,7 +75,11 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
         self._digester = runtime.digester
         # The list object itself: provisioning appends its listener after us.
         self._reporter = Reporter(runtime.digester, runtime.binding_listeners)
-        self._limiter = ReportRateLimiter(runtime.redis, runtime.settings.report_rate_per_minute)
+        self._limiter = ReportRateLimiter(
+            runtime.redis,
+            runtime.settings.report_rate_per_minute,
+            runtime.settings.redis_timeout_seconds,
+        )
         self._import_workers = import_workers
 
     async def ReportAccountUse(

@@ -7,21 +7,24 @@ from typing import Any
 
 import redis.asyncio as redis
 
+# Pool size of both clients. The pool refuses ("Too many connections")
+# rather than queues calls beyond it, so busy callers queue their own below it.
+MAX_CONNECTIONS = 256
 
-def connect(url: str, timeout_seconds: float, *, per_command_timeout: bool = True) -> redis.Redis:
-    """per_command_timeout=False: no socket_timeout (redis-py would wrap every
-    send in asyncio.wait_for, a task per command); the caller must then bound
-    each call itself, e.g. with asyncio.timeout, which cancels the command and
+
+def connect(url: str, timeout_seconds: float) -> redis.Redis:
+    """No socket_timeout: redis-py would wrap every send in asyncio.wait_for (a
+    task per command). Each caller bounds its whole call with asyncio.timeout
+    and settings.redis_timeout_seconds instead, which cancels the command and
     makes redis-py drop the connection."""
     if not url:
         import fakeredis
 
-        client: Any = fakeredis.FakeAsyncRedis()
+        client: Any = fakeredis.FakeAsyncRedis(max_connections=MAX_CONNECTIONS)
         return client  # type: ignore[no-any-return]
     return redis.Redis.from_url(
         url,
-        socket_timeout=timeout_seconds if per_command_timeout else None,
         socket_connect_timeout=timeout_seconds,
         health_check_interval=30,
-        max_connections=256,
+        max_connections=MAX_CONNECTIONS,
     )

@@ -16,11 +16,12 @@ import redis.asyncio as redis
 from redis import exceptions as redis_errors
 
 from tether.server.counters import lua
+from tether.server.counters.connection import MAX_CONNECTIONS
 
 FOREVER_MS = 9007199254740991
-# The shared client's pool refuses (rather than queues) calls beyond its
-# size, so the guard queues its own calls below that size.
-MAX_CONCURRENT = 128
+# The shared pool refuses calls beyond its size: the guard queues its own
+# below it, leaving room for the other callers.
+MAX_CONCURRENT = MAX_CONNECTIONS // 2
 _DOWN = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,

@@ -28,8 +28,6 @@ from tether.server.runtime import Runtime
 from tether.server.storage.base import utcnow
 from tether.server.validation import check_slug
 
-EMBEDDED_REDIS_BOUND_SECONDS = 10.0
-
 log = logs.get(__name__)
 
 ROOM = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -168,15 +166,7 @@ class Guard:
         self.db = runtime.db
         self.bucket_bits = runtime.settings.guard_bucket_bits
         self.policies = PolicyCache(runtime.db, runtime.settings.guard_policy_cache_seconds)
-        # GuardCounters bounds each script call with one asyncio.timeout, so it
-        # takes the client without a per-command socket_timeout when there is one.
-        # The bound guards against a Redis server that stops answering. The
-        # embedded fakeredis lives in this process and runs scripts one at a
-        # time: a burst queues behind them, and must not be read as an outage.
-        bound = runtime.settings.redis_timeout_seconds
-        if runtime.settings.embedded_redis:
-            bound = max(bound, EMBEDDED_REDIS_BOUND_SECONDS)
-        self.counters = GuardCounters(runtime.redis_self_bounded or runtime.redis, bound)
+        self.counters = GuardCounters(runtime.redis, runtime.settings.redis_timeout_seconds)
         self.recorder = Recorder(runtime.db)
         self.identities = fp.IdentityCache()
 
