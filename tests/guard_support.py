@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from tests.support import RunningServer
+from tests.support import RunningServer, free_port
 from tether.clients.guard.client import GuardClient, components
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard.service import Guard
@@ -72,13 +71,6 @@ def web_of(server: RunningServer) -> WebSide:
     """The server's web side (for its URL)."""
     web: WebSide = _extra(server, "web")
     return web
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

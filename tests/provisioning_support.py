@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import func, select
 
 from tests import binding_support as bs
-from tests.support import RunningServer
+from tests.support import RunningServer, free_port
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.partner.provisioning import (
     Done,
@@ -174,13 +173,6 @@ async def activations_per_binding(db: Database, partner_id: str) -> Counter[str]
 
 
 # --- server processes -------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,14 @@ KINDS = {
     "internal": admin_pb.CREDENTIAL_KIND_INTERNAL,
     "admin": admin_pb.CREDENTIAL_KIND_ADMIN,
 }
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for a process the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
