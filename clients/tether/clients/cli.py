@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from types import ModuleType
-from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -52,10 +50,6 @@ def print_message(message: Message) -> None:
             message, always_print_fields_with_no_presence=True, indent=2, sort_keys=False
         )
     )
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
 
 
 async def _run(args: argparse.Namespace) -> int:
