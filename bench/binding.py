@@ -6,11 +6,19 @@ Each figure is printed next to a baseline measured in the same run, on the
 same machine and the same PostgreSQL:
 
 - ReportAccountUse against bare grpc.aio servers that answer the same RPC
-  with one equivalent SQL transaction (look the request id up, look the
-  account up, insert the binding, store the answer for retries) and nothing
-  else (no authentication, validation, rate limit or ORM): one through a raw
-  asyncpg pool, one through Tether's own SQLAlchemy engine set-up with
-  plain SQL. Tether is measured first, then the two baselines.
+  with one equivalent SQL transaction and nothing else (no authentication,
+  validation, rate limit, wake-ups or ORM): one through a raw asyncpg pool,
+  one through Tether's own SQLAlchemy engine set-up with plain SQL. The
+  transaction writes exactly the rows Tether writes, one plain statement
+  per kind of row: look the request id up, look the account up on the
+  list, insert the binding, read the partner's preset services, insert
+  their open instructions and activating entitlements, bump the device's
+  feed counter, insert the feed events, store the answer for retries.
+  (Before, the baselines wrote only the binding and the answer, and the
+  bench partner had no preset service, so neither side wrote the outbox
+  rows that every binding of a real partner causes.) The bench partner has
+  TETHER_BENCH_SERVICES preset services (default 1). Tether is measured
+  first, then the two baselines.
 - Bulk import against a raw COPY of the same, already digested rows into a
   table shaped like the eligible list.
 
@@ -19,7 +27,10 @@ share their event loop. A throwaway database is created and dropped.
 Environment: TETHER_BENCH_POSTGRES_DSN (default
 postgresql://postgres@127.0.0.1:5432/test), TETHER_BENCH_REDIS_URL (default
 redis://127.0.0.1:6379/0), TETHER_BENCH_SECONDS (default 10),
-TETHER_BENCH_CONCURRENCY (default 64), TETHER_BENCH_IMPORT (default 200000).
+TETHER_BENCH_CONCURRENCY (default 64), TETHER_BENCH_IMPORT (default 200000),
+TETHER_BENCH_PARTS (default "import,reports"; "reports" alone still loads the
+phone list the reports need, untimed), TETHER_BENCH_SERVICES (default 1).
+The Tether server logs at WARNING, as the bench's settings say.
 """
 
 from __future__ import annotations
@@ -65,6 +76,8 @@ IMPORT_SIZE = int(os.environ.get("TETHER_BENCH_IMPORT", "200000"))
 # twice its pool, so the baseline gets the same ceiling.
 POOL_SIZE = 6
 IMPORT_WORKERS = int(os.environ.get("TETHER_BENCH_IMPORT_WORKERS", "1"))
+SERVICES = int(os.environ.get("TETHER_BENCH_SERVICES", "1"))
+PARTS = set(os.environ.get("TETHER_BENCH_PARTS", "import,reports").split(","))
 
 
 # --- the servers, each in its own process ----------------------------------
@@ -78,6 +91,7 @@ async def _serve_async(
     kind: str, database_url: str, keys: str, ready: Any, stop: EventType
 ) -> None:
     if kind == "tether":
+        from tether.server import logs
         from tether.server.app import build
         from tether.server.settings import Settings
 
@@ -91,6 +105,7 @@ async def _serve_async(
             import_workers=IMPORT_WORKERS,
             log_level="WARNING",
         )
+        logs.configure(settings.log_level, settings.log_format)
         app = await build(settings)
         await app.start()
         ready.put(app.port)
@@ -112,7 +127,7 @@ FetchRow = Callable[..., Awaitable[Sequence[Any] | None]]
 async def _report_transaction(
     fetchrow: FetchRow, key: digests.DigestKey, request: pb.ReportAccountUseRequest
 ) -> pb.ReportAccountUseResponse:
-    """What Tether's report does in SQL: retry lookup, list lookup, insert, answer."""
+    """What Tether's report writes, one plain statement per kind of row."""
     account = key.digest("phone_number", request.account.value)
     device = key.digest("imei", request.device.terminal_id)
     earlier = await fetchrow(
@@ -128,6 +143,7 @@ async def _report_transaction(
         account,
     )
     if entry is not None:
+        partner_id, reference = entry
         row = await fetchrow(
             "INSERT INTO bindings (binding_id, partner_id, account_kind, account_digest, "
             "device_digest, key_id, partner_reference, state, create_time) "
@@ -135,15 +151,17 @@ async def _report_transaction(
             "ON CONFLICT (partner_id, account_digest) WHERE state = 'active' "
             "DO NOTHING RETURNING binding_id",
             uuid.uuid4(),
-            entry[0],
+            partner_id,
             account,
             device,
             key.key_id,
-            entry[1],
+            reference,
         )
+        if row is not None:
+            await _open_services(fetchrow, partner_id, row[0], reference, account, device)
         outcomes.append(
             pb.PartnerOutcome(
-                partner_id=entry[0],
+                partner_id=partner_id,
                 outcome=pb.REPORT_OUTCOME_BOUND if row else pb.REPORT_OUTCOME_BOUND_TO_OTHER_DEVICE,
                 binding=pb.AccountBinding(binding_id=str(row[0])) if row else None,
             )
@@ -158,6 +176,70 @@ async def _report_transaction(
         response.SerializeToString(),
     )
     return response
+
+
+async def _open_services(
+    fetchrow: FetchRow,
+    partner_id: str,
+    binding_id: uuid.UUID,
+    reference: str,
+    account: bytes,
+    device: bytes,
+) -> None:
+    """The outbox rows of a new binding: instructions, entitlements, feed events."""
+    found = await fetchrow(
+        "SELECT array_agg(service_id ORDER BY service_id) FROM preset_services "
+        "WHERE partner_id = $1",
+        partner_id,
+    )
+    services = list(found[0] or ()) if found else []
+    if not services:
+        return
+    await fetchrow(
+        "INSERT INTO provisioning_instructions (instruction_id, partner_id, service_id, "
+        "binding_id, kind, partner_reference, account_kind, account_digest, state, attempts, "
+        "due_time, last_error, partner_service_reference, create_time, update_time) "
+        "SELECT gen_random_uuid(), $1, s, $2, 'open', $3, 'phone_number', $4, 'pending', 0, "
+        "now(), '', '', now(), now() FROM unnest($5::text[]) AS s RETURNING 1",
+        partner_id,
+        binding_id,
+        reference,
+        account,
+        services,
+    )
+    await fetchrow(
+        "INSERT INTO entitlements (binding_id, service_id, partner_id, account_kind, "
+        "account_digest, device_digest, state, reason, update_time) "
+        "SELECT $1, s, $2, 'phone_number', $3, $4, 'activating', '', now() "
+        "FROM unnest($5::text[]) AS s RETURNING 1",
+        binding_id,
+        partner_id,
+        account,
+        device,
+        services,
+    )
+    last = await fetchrow(
+        "INSERT INTO entitlement_feeds (device_digest, last_position) VALUES ($1, $2) "
+        "ON CONFLICT (device_digest) DO UPDATE "
+        "SET last_position = entitlement_feeds.last_position + excluded.last_position "
+        "RETURNING last_position",
+        device,
+        len(services),
+    )
+    assert last is not None
+    await fetchrow(
+        "INSERT INTO entitlement_events (device_digest, position, binding_id, partner_id, "
+        "service_id, account_kind, account_digest, state, reason, event_time) "
+        "SELECT $1, $2::bigint - $3::bigint + n, $4, $5, s, 'phone_number', $6, 'activating', '', now() "
+        "FROM unnest($7::text[]) WITH ORDINALITY AS t(s, n) RETURNING 1",
+        device,
+        last[0],
+        len(services),
+        binding_id,
+        partner_id,
+        account,
+        services,
+    )
 
 
 async def _baseline_server(
@@ -424,6 +506,15 @@ async def setup(database_url: str, served: Served) -> tuple[str, str, str]:
     device = await admin.CreateCredential(
         admin_pb.CreateCredentialRequest(kind=admin_pb.CREDENTIAL_KIND_DEVICE, label="bench")
     )
+    for n in range(SERVICES):
+        await admin.CreateService(
+            admin_pb.CreateServiceRequest(
+                request_id=secrets.token_hex(8),
+                partner_id=partner_id,
+                service_id=f"service-{n}",
+                display_name=f"Service {n}",
+            )
+        )
     await channel.close()
     return partner_id, partner.token, device.token
 
@@ -441,13 +532,18 @@ async def main() -> None:
         tether = servers[0]
         _, partner_token, device_token = await setup(database_url, tether)
 
-        print(f"import: {IMPORT_SIZE:,} accounts per kind, batches of 10,000")
-        members = [f"member-{i:09d}" for i in range(IMPORT_SIZE)]
         phones = phone_numbers(IMPORT_SIZE)
+        if "import" not in PARTS:
+            await bench_import(tether, partner_token, "ACCOUNT_KIND_PHONE_NUMBER", phones)
+        else:
+            print(f"import: {IMPORT_SIZE:,} accounts per kind, batches of 10,000")
+        members = [f"member-{i:09d}" for i in range(IMPORT_SIZE)]
         for kind, values in (
             ("ACCOUNT_KIND_MEMBER_ID", members),
             ("ACCOUNT_KIND_PHONE_NUMBER", phones),
         ):
+            if "import" not in PARTS:
+                break
             rate = await bench_import(tether, partner_token, kind, values)
             short = kind.removeprefix("ACCOUNT_KIND_").lower()
             floor = await baseline_copy(database_url, keys, short, values)
@@ -457,9 +553,12 @@ async def main() -> None:
                 f"{'met' if rate >= 50_000 else 'NOT met'}"
             )
 
+        if "reports" not in PARTS:
+            return
         print(
             f"ReportAccountUse: {CONCURRENCY} concurrent calls for {SECONDS:.0f} s each, "
-            "every call binds a listed phone number to a new device"
+            "every call binds a listed phone number to a new device, "
+            f"opening {SERVICES} preset service(s)"
         )
         ours, raw, core = await bench_reports(servers, device_token, phones)
         for label, result in (
