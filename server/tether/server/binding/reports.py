@@ -9,6 +9,14 @@ the refuse policy they answer BOUND_TO_OTHER_DEVICE). With the move policy
 the reports of one account are serialized on its list entry's row lock, and
 the old binding is revoked with a conditional UPDATE, so concurrent moves
 still leave exactly one active binding.
+
+On PostgreSQL, with one digest key and listeners that can write in SQL
+(provisioning's outbox can), a report first tries everything in one
+statement: look the account up on the lists, insert a binding per partner
+(INSERT ... SELECT ... ON CONFLICT DO NOTHING) and every listener's rows for
+those bindings (data-modifying CTEs). A new account, the common case, then
+costs one round trip. Partners whose insert met an active binding go on the
+general path below, in the same transaction.
 """
 
 from __future__ import annotations
@@ -17,19 +25,36 @@ import enum
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import (
+    ARRAY,
+    LargeBinary,
+    String,
+    any_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.admin.tables import Partner
-from tether.server.binding.events import BindingChange, BindingListener
+from tether.server.binding.events import BindingChange, BindingListener, SqlBindingListener
 from tether.server.binding.subjects import Subject
 from tether.server.binding.tables import ACTIVE, REVOKED, Binding, EligibleAccount
 from tether.server.digests import Digester
 from tether.server.errors import NotFound, Unavailable
 from tether.server.storage import dialects
-from tether.server.storage.base import utcnow
+from tether.server.storage.base import UtcDateTime, utcnow
+from tether.server.storage.compiled import CompiledStatement
 
 # Each lost race means another report committed; a handful of rounds is
 # plenty because moves of one account are serialized on a row lock.
@@ -74,11 +99,20 @@ class Reporter:
     def __init__(self, digester: Digester, listeners: Sequence[BindingListener]) -> None:
         self._digester = digester
         self._listeners = listeners
+        # The one-statement report, per (listeners, partners named or not).
+        self._fused: dict[tuple[tuple[int, ...], bool], CompiledStatement] = {}
 
     async def report(self, session: AsyncSession, report: Report) -> list[PartnerOutcome]:
         named = sorted(set(report.partner_ids))
         if named:
             await _require_partners(session, named)
+        sql_listeners = [x for x in self._listeners if isinstance(x, SqlBindingListener)]
+        if (
+            len(self._digester.keys) == 1
+            and len(sql_listeners) == len(self._listeners)
+            and dialects.is_postgres(session)
+        ):
+            return await self._report_fused(session, report, named, sql_listeners)
         # Plain columns, not ORM entities: this runs on every report.
         query = (
             select(
@@ -109,7 +143,71 @@ class Reporter:
             outcomes.append(await self._bind(session, report, eligible[partner_id]))
         return outcomes
 
-    async def _bind(self, session: AsyncSession, report: Report, entry: _Entry) -> PartnerOutcome:
+    async def _report_fused(
+        self,
+        session: AsyncSession,
+        report: Report,
+        named: list[str],
+        listeners: list[SqlBindingListener],
+    ) -> list[PartnerOutcome]:
+        connection = await session.connection()
+        statement = self._fused_statement(connection.dialect, listeners, bool(named))
+        account = report.account.digest(self._digester)
+        device = report.device.digest(self._digester)
+        key_id = self._digester.current.key_id
+        now = utcnow()
+        rows = (
+            await statement.execute(
+                connection,
+                account=account,
+                account_kind=report.account.kind,
+                device=device,
+                key_id=key_id,
+                now=now,
+                named=named,
+            )
+        ).all()
+        outcomes = {p: PartnerOutcome(p, Outcome.NOT_ELIGIBLE) for p in named}
+        for row in rows:
+            entry_id, partner_id, reference, policy, binding_id, bound_reference = tuple(row)[:6]
+            markers: tuple[Any, ...] = tuple(row)[6:]
+            if binding_id is None:
+                # An active binding exists: the general path decides.
+                entry = _Entry(entry_id, partner_id, reference, policy)
+                outcomes[partner_id] = await self._bind(session, report, entry, tried=True)
+                continue
+            created = Binding(
+                binding_id=uuid.UUID(bytes=binding_id.bytes),
+                partner_id=partner_id,
+                account_kind=report.account.kind,
+                account_digest=account,
+                device_digest=device,
+                key_id=key_id,
+                partner_reference=bound_reference,
+                state=ACTIVE,
+                create_time=now,
+                revoke_time=None,
+                revoke_reason=None,
+            )
+            for listener, marker in zip(listeners, markers, strict=True):
+                await listener.created_done(session, created, marker)
+            outcomes[partner_id] = PartnerOutcome(partner_id, Outcome.BOUND, created)
+        return [outcomes[p] for p in sorted(outcomes)]
+
+    def _fused_statement(
+        self, dialect: Dialect, listeners: list[SqlBindingListener], named: bool
+    ) -> CompiledStatement:
+        key = (tuple(id(x) for x in listeners), named)
+        statement = self._fused.get(key)
+        if statement is None:
+            statement = CompiledStatement(_fused_report(listeners, named), dialect)
+            self._fused[key] = statement
+        return statement
+
+    async def _bind(
+        self, session: AsyncSession, report: Report, entry: _Entry, *, tried: bool = False
+    ) -> PartnerOutcome:
+        """tried: an insert of this report just met an active binding."""
         partner_id, policy = entry.partner_id, entry.policy
         accounts = report.account.candidates(self._digester)
         devices = set(report.device.candidates(self._digester))
@@ -124,7 +222,7 @@ class Reporter:
         # Insert first: a new binding, the common case, then costs one
         # statement. While keys rotate, an active binding may carry an older
         # key's digest that the index cannot see, so look first then.
-        insert_first = len(accounts) == 1
+        insert_first = len(accounts) == 1 and not tried
         for _ in range(MAX_ROUNDS):
             if insert_first:
                 created = await self._create(session, report, entry)
@@ -194,6 +292,83 @@ class Reporter:
         created = Binding(**values)
         await _tell(session, self._listeners, BindingChange("created", created))
         return created
+
+
+def _fused_report(listeners: Sequence[SqlBindingListener], named: bool) -> Any:
+    """The one-statement report (PostgreSQL, one digest key).
+
+    Per partner whose list holds the account (only those named, if any):
+    its entry, and the binding inserted for it with every listener's rows,
+    or a NULL binding when an active one exists already.
+    """
+    bindings = Binding.__table__
+    account = bindparam("account", type_=LargeBinary)
+    entries = (
+        select(
+            EligibleAccount.entry_id,
+            EligibleAccount.partner_id,
+            EligibleAccount.partner_reference,
+            Partner.rebind_policy,
+        )
+        .join(Partner, Partner.partner_id == EligibleAccount.partner_id)
+        .where(EligibleAccount.account_digest == account)
+    )
+    if named:
+        entries = entries.where(
+            EligibleAccount.partner_id == any_(bindparam("named", type_=ARRAY(String)))
+        )
+    listed = entries.cte("listed")
+    insert = postgresql.insert(Binding).from_select(
+        [
+            "binding_id",
+            "partner_id",
+            "account_kind",
+            "account_digest",
+            "device_digest",
+            "key_id",
+            "partner_reference",
+            "state",
+            "create_time",
+        ],
+        select(
+            func.gen_random_uuid(),
+            listed.c.partner_id,
+            bindparam("account_kind", type_=String),
+            account,
+            bindparam("device", type_=LargeBinary),
+            bindparam("key_id", type_=String),
+            # What goes back to the partner instead of the raw account.
+            case(
+                (listed.c.partner_reference == "", cast(listed.c.entry_id, String)),
+                else_=listed.c.partner_reference,
+            ),
+            literal(ACTIVE),
+            bindparam("now", type_=UtcDateTime),
+        ).order_by(listed.c.partner_id),
+    )
+    created = (
+        insert.on_conflict_do_nothing(
+            index_elements=["partner_id", "account_digest"],
+            index_where=text("state = 'active'"),
+        )
+        .returning(*bindings.c)
+        .cte("created")
+    )
+    writes = [listener.created_writes(created) for listener in listeners]
+    return (
+        select(
+            listed.c.entry_id,
+            listed.c.partner_id,
+            listed.c.partner_reference,
+            listed.c.rebind_policy,
+            created.c.binding_id,
+            created.c.partner_reference.label("bound_reference"),
+            *(w.marker.label(f"marker_{i}") for i, w in enumerate(writes)),
+        )
+        .select_from(listed.outerjoin(created, created.c.partner_id == listed.c.partner_id))
+        .order_by(listed.c.partner_id)
+        .add_cte(*(cte for w in writes for cte in w.ctes))
+    )
 
 
 async def revoke(

@@ -8,11 +8,14 @@ instructions, nor a revocation without its "close" ones.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from typing import Any
+
+from sqlalchemy import CTE, Integer, bindparam, cast, func, literal, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.server.admin.tables import PresetService
-from tether.server.binding.events import BindingChange
+from tether.server.binding.events import BindingChange, CreatedWrites
 from tether.server.binding.tables import Binding
 from tether.server.provisioning import feed, wakeup
 from tether.server.provisioning.tables import (
@@ -22,10 +25,12 @@ from tether.server.provisioning.tables import (
     OPEN,
     PENDING,
     REVOKED,
+    DeviceFeed,
     Entitlement,
+    EntitlementEvent,
     Instruction,
 )
-from tether.server.storage.base import utcnow
+from tether.server.storage.base import UtcDateTime, utcnow
 
 
 def new_instruction(binding: Binding, service_id: str, kind: str) -> Instruction:
@@ -47,10 +52,13 @@ def new_instruction(binding: Binding, service_id: str, kind: str) -> Instruction
 
 
 class BindingOutbox:
-    """The binding listener of the provisioning area."""
+    """The binding listener of the provisioning area (a SqlBindingListener)."""
 
     def __init__(self, notify: wakeup.Wakeup) -> None:
         self._notify = notify
+
+    async def __call__(self, session: AsyncSession, change: BindingChange) -> None:
+        await self.on_change(session, change)
 
     async def on_change(self, session: AsyncSession, change: BindingChange) -> None:
         if change.change == "created":
@@ -86,6 +94,165 @@ class BindingOutbox:
             entitlements.append(ent)
         await feed.record(session, self._notify, entitlements)
         await self._notify.publish(session, wakeup.instructions_topic(binding.partner_id))
+
+    def created_writes(self, created: CTE) -> CreatedWrites:
+        """What _opened writes, as CTEs of the binding's INSERT (PostgreSQL).
+
+        The same rows in the same order: per binding, one open instruction
+        and one activating entitlement per preset service (by service id),
+        and their events at the next positions of the device's feed, whose
+        counter row stays locked until commit as in feed.record.
+        """
+        now = bindparam("now", type_=UtcDateTime)
+        services = (
+            select(
+                created.c.binding_id,
+                created.c.partner_id,
+                created.c.partner_reference,
+                created.c.account_kind,
+                created.c.account_digest,
+                created.c.device_digest,
+                PresetService.service_id,
+            )
+            .join(PresetService, PresetService.partner_id == created.c.partner_id)
+            .cte("opened_services")
+        )
+        order = (services.c.partner_id, services.c.service_id)
+        instructions = Instruction.__table__
+        opened = (
+            postgresql.insert(Instruction)
+            .from_select(
+                [
+                    "instruction_id",
+                    "partner_id",
+                    "service_id",
+                    "binding_id",
+                    "kind",
+                    "partner_reference",
+                    "account_kind",
+                    "account_digest",
+                    "state",
+                    "attempts",
+                    "due_time",
+                    "last_error",
+                    "partner_service_reference",
+                    "create_time",
+                    "update_time",
+                ],
+                select(
+                    func.gen_random_uuid(),
+                    services.c.partner_id,
+                    services.c.service_id,
+                    services.c.binding_id,
+                    literal(OPEN),
+                    services.c.partner_reference,
+                    services.c.account_kind,
+                    services.c.account_digest,
+                    literal(PENDING),
+                    literal(0),
+                    now,
+                    literal(""),
+                    literal(""),
+                    now,
+                    now,
+                ).order_by(*order),
+            )
+            .returning(instructions.c.seq)
+            .cte("opened_instructions")
+        )
+        entitled = (
+            postgresql.insert(Entitlement)
+            .from_select(
+                [
+                    "binding_id",
+                    "service_id",
+                    "partner_id",
+                    "account_kind",
+                    "account_digest",
+                    "device_digest",
+                    "state",
+                    "reason",
+                    "update_time",
+                ],
+                select(
+                    services.c.binding_id,
+                    services.c.service_id,
+                    services.c.partner_id,
+                    services.c.account_kind,
+                    services.c.account_digest,
+                    services.c.device_digest,
+                    literal(ACTIVATING),
+                    literal(""),
+                    now,
+                ),
+            )
+            .returning(Entitlement.__table__.c.binding_id)
+            .cte("opened_entitlements")
+        )
+        feeds = DeviceFeed.__table__
+        reserve = postgresql.insert(DeviceFeed).from_select(
+            ["device_digest", "last_position"],
+            select(services.c.device_digest, func.count())
+            .group_by(services.c.device_digest)
+            .order_by(services.c.device_digest),
+        )
+        reserved = reserve.on_conflict_do_update(
+            index_elements=[feeds.c.device_digest],
+            set_={"last_position": feeds.c.last_position + reserve.excluded.last_position},
+        ).returning(feeds.c.device_digest, feeds.c.last_position)
+        reserved_cte = reserved.cte("opened_feeds")
+        # Positions of one device count up to its reserved last, in service order.
+        position = (
+            reserved_cte.c.last_position
+            - func.count().over(partition_by=services.c.device_digest)
+            + func.row_number().over(partition_by=services.c.device_digest, order_by=order)
+        )
+        events = (
+            postgresql.insert(EntitlementEvent)
+            .from_select(
+                [
+                    "device_digest",
+                    "position",
+                    "binding_id",
+                    "partner_id",
+                    "service_id",
+                    "account_kind",
+                    "account_digest",
+                    "state",
+                    "reason",
+                    "event_time",
+                ],
+                select(
+                    services.c.device_digest,
+                    cast(position, postgresql.BIGINT),
+                    services.c.binding_id,
+                    services.c.partner_id,
+                    services.c.service_id,
+                    services.c.account_kind,
+                    services.c.account_digest,
+                    literal(ACTIVATING),
+                    literal(""),
+                    now,
+                ).join(reserved_cte, reserved_cte.c.device_digest == services.c.device_digest),
+            )
+            .returning(EntitlementEvent.__table__.c.position)
+            .cte("opened_events")
+        )
+        written = (
+            select(cast(func.count(), Integer))
+            .where(services.c.binding_id == created.c.binding_id)
+            .scalar_subquery()
+        )
+        return CreatedWrites([opened, entitled, reserved_cte, events], written)
+
+    async def created_done(self, session: AsyncSession, binding: Binding, marker: Any) -> None:
+        """Wakes, on commit, whoever waits for what created_writes wrote."""
+        if marker:
+            await self._notify.publish(
+                session,
+                wakeup.feed_topic(binding.device_digest),
+                wakeup.instructions_topic(binding.partner_id),
+            )
 
     async def _revoked(self, session: AsyncSession, binding: Binding, reason: str) -> None:
         entitlements = list(

@@ -649,7 +649,7 @@ def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
     the_hub = hub.Hub(
         runtime.db, notify, leasing.Timing.of(settings), settings.provisioning_poll_seconds
     )
-    runtime.binding_listeners.append(outbox.BindingOutbox(notify).on_change)
+    runtime.binding_listeners.append(outbox.BindingOutbox(notify))
     service_pb2_grpc.add_ProvisioningServicer_to_server(
         ProvisioningServicer(runtime, notify, the_hub), server
     )
