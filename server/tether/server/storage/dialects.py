@@ -18,6 +18,11 @@ def is_postgres(session: AsyncSession) -> bool:
 
 def insert(session: AsyncSession, table: Any) -> Any:
     """postgresql.insert or sqlite.insert, whichever fits the session."""
-    if is_postgres(session):
+    return insert_for(session.get_bind().dialect.name, table)
+
+
+def insert_for(dialect_name: str, table: Any) -> Any:
+    """postgresql.insert or sqlite.insert, by dialect name."""
+    if dialect_name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)

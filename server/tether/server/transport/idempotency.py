@@ -13,7 +13,8 @@ from datetime import datetime
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import LargeBinary, String
+from sqlalchemy import LargeBinary, String, bindparam
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
@@ -22,6 +23,7 @@ from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.errors import AlreadyExists, TetherError, Violations
 from tether.server.storage import dialects
 from tether.server.storage.base import Base, UtcDateTime, utcnow
+from tether.server.storage.compiled import CompiledStatement
 from tether.server.storage.database import Database
 from tether.server.transport.principal import Principal
 
@@ -59,6 +61,36 @@ class _AnsweredBefore(Exception):
     """Raised inside the transaction to roll back a repeated request's work."""
 
 
+# The answer's INSERT, compiled once per dialect: it runs on every mutating call.
+_store_statements: dict[str, CompiledStatement] = {}
+
+
+def _store_statement(dialect: Dialect) -> CompiledStatement:
+    statement = _store_statements.get(dialect.name)
+    if statement is None:
+        insert = dialects.insert_for(dialect.name, IdempotencyRecord)
+        statement = CompiledStatement(
+            insert.values(
+                {
+                    name: bindparam(name)
+                    for name in (
+                        "credential_id",
+                        "method",
+                        "request_id",
+                        "request_hash",
+                        "response",
+                        "create_time",
+                    )
+                }
+            )
+            .on_conflict_do_nothing()
+            .returning(IdempotencyRecord.request_id),
+            dialect,
+        )
+        _store_statements[dialect.name] = statement
+    return statement
+
+
 async def _store(
     session: AsyncSession,
     principal: Principal,
@@ -68,18 +100,15 @@ async def _store(
     digest: bytes,
     response: Message,
 ) -> None:
-    stored = await session.execute(
-        dialects.insert(session, IdempotencyRecord)
-        .values(
-            credential_id=principal.credential_id,
-            method=method,
-            request_id=request_id,
-            request_hash=digest,
-            response=response.SerializeToString(),
-            create_time=utcnow(),
-        )
-        .on_conflict_do_nothing()
-        .returning(IdempotencyRecord.request_id)
+    connection = await session.connection()
+    stored = await _store_statement(connection.dialect).execute(
+        connection,
+        credential_id=principal.credential_id,
+        method=method,
+        request_id=request_id,
+        request_hash=digest,
+        response=response.SerializeToString(),
+        create_time=utcnow(),
     )
     if stored.first() is None:
         raise _AnsweredBefore
