@@ -230,8 +230,8 @@ async def _open_services(
     await fetchrow(
         "INSERT INTO entitlement_events (device_digest, position, binding_id, partner_id, "
         "service_id, account_kind, account_digest, state, reason, event_time) "
-        "SELECT $1, $2::bigint - $3::bigint + n, $4, $5, s, 'phone_number', $6, 'activating', '', now() "
-        "FROM unnest($7::text[]) WITH ORDINALITY AS t(s, n) RETURNING 1",
+        "SELECT $1, $2::bigint - $3::bigint + n, $4, $5, s, 'phone_number', $6, "
+        "'activating', '', now() FROM unnest($7::text[]) WITH ORDINALITY AS t(s, n) RETURNING 1",
         device,
         last[0],
         len(services),

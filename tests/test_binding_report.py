@@ -382,3 +382,24 @@ async def test_reports_of_one_device_are_rate_limited(
     assert 0 < detail.retry_after_seconds <= 60
     # Another device of the same credential is not affected.
     await devices.ReportAccountUse(bs.report_request(bs.device(), bs.member()))
+
+
+async def test_a_rate_limited_report_binds_nothing(pg_server: RunningServer) -> None:
+    partner_id, partner_token = await pg_server.partner()
+    account = bs.phone_account()
+    await bs.add_accounts(pg_server, partner_token, [account])
+    devices = bs.stub(pg_server, await pg_server.credential("device"))
+    dev = bs.device()
+    limit = pg_server.app.settings.report_rate_per_minute
+    # Use the device's window up (a window may end meanwhile: two windows' worth).
+    for _ in range(2 * limit + 1):
+        try:
+            await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
+        except grpc.aio.AioRpcError:
+            break
+    await expect_error(
+        devices.ReportAccountUse(bs.report_request(dev, account)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "ERROR_REASON_RATE_LIMITED",
+    )
+    assert await bs.count_bindings(pg_server, partner_id, active_only=False) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -101,11 +102,20 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
                 check_slug(partner_id, f"partner_ids[{i}]", violations)
         violations.raise_if_any()
         assert device is not None and account is not None
-        await self._limiter.check(caller.credential_id, device.digest(self._digester))
         report = Report(account, device, tuple(request.partner_ids))
+        # The rate limit's round trip overlaps the SQL work; it is awaited
+        # before the transaction commits, so a limited call writes nothing.
+        limit = asyncio.ensure_future(
+            self._limiter.check(caller.credential_id, device.digest(self._digester))
+        )
+        # Should the transaction fail before awaiting it, its outcome is moot.
+        limit.add_done_callback(lambda task: task.cancelled() or task.exception())
 
         async def work(session: AsyncSession) -> pb.ReportAccountUseResponse:
-            outcomes = await self._reporter.report(session, report)
+            try:
+                outcomes = await self._reporter.report(session, report)
+            finally:
+                await limit
             return pb.ReportAccountUseResponse(outcomes=[messages.outcome_pb(o) for o in outcomes])
 
         return await idempotency.run_once(
