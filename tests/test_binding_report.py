@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests import binding_support as bs
@@ -403,3 +405,53 @@ async def test_a_rate_limited_report_binds_nothing(pg_server: RunningServer) -> 
         "ERROR_REASON_RATE_LIMITED",
     )
     assert await bs.count_bindings(pg_server, partner_id, active_only=False) == 0
+
+
+async def _outbox_rows(server: RunningServer, binding_id: str) -> list[tuple[object, ...]]:
+    """What the outbox wrote for one binding, without generated ids and times."""
+    statement = text(
+        "SELECT 'instruction', i.service_id, i.kind, i.state, "
+        "i.partner_reference = (SELECT partner_reference FROM bindings WHERE binding_id = :b), "
+        "i.account_kind, i.attempts, i.last_error, NULL::bigint "
+        "FROM provisioning_instructions i WHERE i.binding_id = :b "
+        "UNION ALL SELECT 'entitlement', e.service_id, e.state, e.reason, "
+        "e.partner_id = (SELECT partner_id FROM bindings WHERE binding_id = :b), "
+        "e.account_kind, NULL, NULL, NULL FROM entitlements e WHERE e.binding_id = :b "
+        "UNION ALL SELECT 'event', v.service_id, v.state, v.reason, "
+        "v.partner_id = (SELECT partner_id FROM bindings WHERE binding_id = :b), "
+        "v.account_kind, NULL, NULL, v.position FROM entitlement_events v WHERE v.binding_id = :b "
+        "ORDER BY 1, 2"
+    )
+    async with server.app.runtime.db.sessions() as session:
+        rows = await session.execute(statement, {"b": uuid.UUID(binding_id)})
+        return [tuple(row) for row in rows]
+
+
+async def test_the_one_statement_report_writes_what_the_listeners_write(
+    pg_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await pg_server.partner(services=("b-service", "a-service"))
+    fused_account, general_account = bs.phone_account(), bs.phone_account()
+    await bs.add_accounts(pg_server, partner_token, [fused_account, general_account])
+    devices = bs.stub(pg_server, await pg_server.credential("device"))
+    device = bs.device()
+    fused = await devices.ReportAccountUse(bs.report_request(device, fused_account))
+    # A listener that is only a callable sends reports down the general path.
+    recorder = Recorder()
+    pg_server.app.runtime.binding_listeners.append(recorder)
+    try:
+        general = await devices.ReportAccountUse(bs.report_request(device, general_account))
+    finally:
+        pg_server.app.runtime.binding_listeners.remove(recorder)
+    assert recorder.changes, "the second report took the general path"
+
+    fused_rows = await _outbox_rows(pg_server, fused.outcomes[0].binding.binding_id)
+    general_rows = await _outbox_rows(pg_server, general.outcomes[0].binding.binding_id)
+    # The same rows; the device's feed goes on from one report to the next.
+    assert [r[:-1] for r in fused_rows] == [r[:-1] for r in general_rows]
+    assert [r[-1] for r in fused_rows if r[0] == "event"] == [1, 2]
+    assert [r[-1] for r in general_rows if r[0] == "event"] == [3, 4]
+    assert len(fused_rows) == 6
+    # Instructions carry the binding's reference, the other rows its partner.
+    assert all(r[4] for r in fused_rows)
+    assert partner_id == fused.outcomes[0].partner_id == general.outcomes[0].partner_id
