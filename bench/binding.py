@@ -17,7 +17,8 @@ same machine and the same PostgreSQL:
   (Before, the baselines wrote only the binding and the answer, and the
   bench partner had no preset service, so neither side wrote the outbox
   rows that every binding of a real partner causes.) The bench partner has
-  TETHER_BENCH_SERVICES preset services (default 1). Tether is measured
+  TETHER_BENCH_SERVICES preset services (default 1). After the loads the
+  database is vacuumed, analyzed and checkpointed; then Tether is measured
   first, then the two baselines.
 - Bulk import against a raw COPY of the same, already digested rows into a
   table shaped like the eligible list.
@@ -463,6 +464,17 @@ async def baseline_copy(database_url: str, keys: str, kind: str, values: list[st
 # --- setup -------------------------------------------------------------------
 
 
+async def settle(database_url: str) -> None:
+    """Statistics and a checkpoint after the bulk loads, so that no server's
+    run meets the autovacuum and checkpoint work the import left behind."""
+    conn = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        await conn.execute("VACUUM ANALYZE")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
 async def create_database() -> tuple[str, str]:
     name = f"tether_bench_{secrets.token_hex(4)}"
     conn = await asyncpg.connect(ADMIN_DSN)
@@ -555,6 +567,7 @@ async def main() -> None:
 
         if "reports" not in PARTS:
             return
+        await settle(database_url)
         print(
             f"ReportAccountUse: {CONCURRENCY} concurrent calls for {SECONDS:.0f} s each, "
             "every call binds a listed phone number to a new device, "
