@@ -100,7 +100,7 @@ class Reporter:
         self._digester = digester
         self._listeners = listeners
         # The one-statement report, per (listeners, partners named or not).
-        self._fused: dict[tuple[tuple[int, ...], bool], CompiledStatement] = {}
+        self._fused: dict[tuple[tuple[SqlBindingListener, ...], bool], CompiledStatement] = {}
 
     async def report(self, session: AsyncSession, report: Report) -> list[PartnerOutcome]:
         named = sorted(set(report.partner_ids))
@@ -197,7 +197,7 @@ class Reporter:
     def _fused_statement(
         self, dialect: Dialect, listeners: list[SqlBindingListener], named: bool
     ) -> CompiledStatement:
-        key = (tuple(id(x) for x in listeners), named)
+        key = (tuple(listeners), named)
         statement = self._fused.get(key)
         if statement is None:
             statement = CompiledStatement(_fused_report(listeners, named), dialect)
