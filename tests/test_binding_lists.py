@@ -220,6 +220,26 @@ async def test_import_appends_and_reports_rejected_entries(any_server: RunningSe
     assert sum(e.partner_reference == "dup" for e in listed) == 1  # the last entry wins
 
 
+async def test_import_keeps_the_last_entry_of_an_account_named_twice_in_a_batch(
+    any_server: RunningServer,
+) -> None:
+    partner_id, token = await any_server.partner()
+    twice = bs.member()
+    others = [bs.member() for _ in range(5)]
+    response = await bs.stub(any_server, token).ImportEligibleAccounts(
+        stream(
+            header(APPEND),
+            batch([*entries([twice], "first"), *entries(others), *entries([twice], "last")]),
+            batch(entries([bs.member() for _ in range(3)])),
+        )
+    )
+    assert (response.received_count, response.imported_count) == (10, 9)
+    assert await bs.count_entries(any_server, partner_id) == 9
+    listed = await all_entries(any_server, token)
+    assert [e.partner_reference for e in listed].count("last") == 1
+    assert "first" not in {e.partner_reference for e in listed}
+
+
 async def test_import_replace_makes_the_list_exactly_the_stream(any_server: RunningServer) -> None:
     partner_id, token = await any_server.partner()
     old = [bs.member() for _ in range(10)]

@@ -5,6 +5,10 @@ ImportRun keeps that transaction in a task of its own, fed by the stream.
 Each batch is normalized and digested, loaded into a temporary table (COPY
 on PostgreSQL, executemany on SQLite) and merged into the list with one
 INSERT ... ON CONFLICT, sorted by digest so that index inserts stay local.
+On PostgreSQL a batch whose accounts are all new (a first import, the
+common case) is instead copied straight into the list, about twice as fast
+as the merge: that COPY runs under a savepoint, and if an account turns out
+to be listed already, it is undone and the stream goes on with the merge.
 While PostgreSQL merges one batch, the next one is being normalized (in a
 worker process when TETHER_IMPORT_WORKERS > 0), so the two costs overlap.
 Every batch is also kept in a staging table: at the end, REPLACE deletes
@@ -16,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import secrets
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -59,6 +65,14 @@ RawEntry = tuple[str, str, str, str]
 # (position in the stream, account kind, digest, partner reference)
 StagedRow = tuple[int, str, bytes, str]
 STAGING_COLUMNS = ["seq", "account_kind", "account_digest", "partner_reference"]
+LIST_COLUMNS = [
+    "partner_id",
+    "account_kind",
+    "account_digest",
+    "key_id",
+    "partner_reference",
+    "create_time",
+]
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,8 @@ class Import:
         self._staging = _temporary_table("import_staging")
         self._batch = _temporary_table("import_batch")
         self._writing: asyncio.Task[None] | None = None
+        # Copy batches straight into the list until one meets a listed account.
+        self._direct = self._postgres
         self.result = ImportResult()
 
     async def start(self) -> None:
@@ -208,19 +224,58 @@ class Import:
                 await asyncio.shield(writing)
 
     async def _write(self, rows: list[StagedRow]) -> None:
+        if self._direct and await self._copy_into_list(rows):
+            await self._load(self._staging, rows)
+            return
         session, batch = self._session, self._batch
         await self._load(batch, rows)
         await session.execute(self._merge_statement())
         await session.execute(self._staging.insert().from_select(STAGING_COLUMNS, select(batch)))
         await session.execute(batch.delete())
 
+    async def _copy_into_list(self, rows: list[StagedRow]) -> bool:
+        """Copies a batch of new accounts straight into the list; False if it can't.
+
+        It can't when the batch names an account twice (the merge keeps the
+        last entry) or names one already listed (the unique index refuses the
+        COPY, and the savepoint undoes it). After one refusal the stream stays
+        on the merge: a list being re-imported would be refused every time.
+        """
+        digests = {row[2] for row in rows}
+        if len(digests) < len(rows):
+            self._direct = False
+            return False
+        now = utcnow()
+        records = sorted(
+            (
+                (self._partner_id, kind, digest, self._key.key_id, reference, now)
+                for _, kind, digest, reference in rows
+            ),
+            key=operator.itemgetter(2),  # digest order keeps index inserts local
+        )
+        session = self._session
+        await session.execute(text("SAVEPOINT import_direct"))
+        try:
+            await self._copy(EligibleAccount.__tablename__, records, LIST_COLUMNS)
+        except asyncpg.UniqueViolationError:
+            await session.execute(text("ROLLBACK TO SAVEPOINT import_direct"))
+            self._direct = False
+            return False
+        await session.execute(text("RELEASE SAVEPOINT import_direct"))
+        return True
+
+    async def _copy(
+        self, table: str, records: Sequence[tuple[object, ...]], columns: list[str]
+    ) -> None:
+        connection = await self._session.connection()
+        raw = await connection.get_raw_connection()
+        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+            table, records=records, columns=columns
+        )
+
     async def _load(self, table: Table, rows: list[StagedRow]) -> None:
         if self._postgres:
-            connection = await self._session.connection()
-            raw = await connection.get_raw_connection()
-            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-                table.name, records=rows, columns=STAGING_COLUMNS
-            )
+            await self._copy(table.name, rows, STAGING_COLUMNS)
             return
         await self._session.execute(
             table.insert(), [dict(zip(STAGING_COLUMNS, row, strict=True)) for row in rows]
@@ -242,15 +297,7 @@ class Import:
 
     def _merge_statement(self) -> Executable:
         merge = dialects.insert(self._session, EligibleAccount).from_select(
-            [
-                "partner_id",
-                "account_kind",
-                "account_digest",
-                "key_id",
-                "partner_reference",
-                "create_time",
-            ],
-            self._latest_rows(),
+            LIST_COLUMNS, self._latest_rows()
         )
         # A later entry for an account wins, as with AddEligibleAccounts.
         upsert: Executable = merge.on_conflict_do_update(
