@@ -16,14 +16,16 @@ statement: look the account up on the lists, insert a binding per partner
 (INSERT ... SELECT ... ON CONFLICT DO NOTHING) and every listener's rows for
 those bindings (data-modifying CTEs). A new account, the common case, then
 costs one round trip. Partners whose insert met an active binding go on the
-general path below, in the same transaction.
+general path below, in the same transaction. Reports that name no
+partners try that statement first on a bare connection (report_direct, no
+ORM session), falling back to all of this when a binding exists already.
 """
 
 from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.admin.tables import Partner
@@ -55,6 +57,7 @@ from tether.server.errors import NotFound, Unavailable
 from tether.server.storage import dialects
 from tether.server.storage.base import UtcDateTime, utcnow
 from tether.server.storage.compiled import CompiledStatement
+from tether.server.transport.idempotency import Fallback
 
 # Each lost race means another report committed; a handful of rounds is
 # plenty because moves of one account are serialized on a row lock.
@@ -101,15 +104,18 @@ class Reporter:
         self._listeners = listeners
         # The one-statement report, per (listeners, partners named or not).
         self._fused: dict[tuple[tuple[SqlBindingListener, ...], bool], CompiledStatement] = {}
+        # Whether every listener writes in SQL, checked once per set of listeners.
+        self._checked: tuple[BindingListener, ...] | None = None
+        self._all_sql: list[SqlBindingListener] | None = None
 
     async def report(self, session: AsyncSession, report: Report) -> list[PartnerOutcome]:
         named = sorted(set(report.partner_ids))
         if named:
             await _require_partners(session, named)
-        sql_listeners = [x for x in self._listeners if isinstance(x, SqlBindingListener)]
+        sql_listeners = self._sql_listeners
         if (
-            len(self._digester.keys) == 1
-            and len(sql_listeners) == len(self._listeners)
+            sql_listeners is not None
+            and len(self._digester.keys) == 1
             and dialects.is_postgres(session)
         ):
             return await self._report_fused(session, report, named, sql_listeners)
@@ -193,6 +199,82 @@ class Reporter:
                 await listener.created_done(session, created, marker)
             outcomes[partner_id] = PartnerOutcome(partner_id, Outcome.BOUND, created)
         return [outcomes[p] for p in sorted(outcomes)]
+
+    @property
+    def _sql_listeners(self) -> list[SqlBindingListener] | None:
+        """The listeners, if all can write in SQL (a protocol check is slow)."""
+        current = tuple(self._listeners)
+        if current != self._checked:
+            sql = [x for x in current if isinstance(x, SqlBindingListener)]
+            self._all_sql = sql if len(sql) == len(current) else None
+            self._checked = current
+        return self._all_sql
+
+    def runs_direct(self, report: Report, postgres: bool) -> bool:
+        """Whether report_direct can try this report (it may still fall back)."""
+        return (
+            postgres
+            and not report.partner_ids
+            and len(self._digester.keys) == 1
+            and self._sql_listeners is not None
+        )
+
+    async def report_direct(
+        self, connection: AsyncConnection, report: Report
+    ) -> tuple[list[PartnerOutcome], Callable[[], None]]:
+        """The one-statement report on a bare connection (no ORM session).
+
+        For new bindings only, the common case: the outcomes, and what to
+        run once the transaction has committed (the listeners' wake-ups).
+        Raises Fallback when an active binding exists for some partner; the
+        caller then rolls back and runs report() on a session.
+        """
+        listeners = self._sql_listeners
+        assert listeners is not None
+        statement = self._fused_statement(connection.dialect, listeners, False)
+        account = report.account.digest(self._digester)
+        device = report.device.digest(self._digester)
+        key_id = self._digester.current.key_id
+        now = utcnow()
+        rows = (
+            await statement.execute(
+                connection,
+                account=account,
+                account_kind=report.account.kind,
+                device=device,
+                key_id=key_id,
+                now=now,
+                named=[],
+            )
+        ).all()
+        outcomes = []
+        done: list[tuple[Binding, tuple[Any, ...]]] = []
+        for row in rows:
+            _entry_id, partner_id, _reference, _policy, binding_id, bound_reference = tuple(row)[:6]
+            if binding_id is None:
+                raise Fallback
+            created = Binding(
+                binding_id=uuid.UUID(bytes=binding_id.bytes),
+                partner_id=partner_id,
+                account_kind=report.account.kind,
+                account_digest=account,
+                device_digest=device,
+                key_id=key_id,
+                partner_reference=bound_reference,
+                state=ACTIVE,
+                create_time=now,
+                revoke_time=None,
+                revoke_reason=None,
+            )
+            done.append((created, tuple(row)[6:]))
+            outcomes.append(PartnerOutcome(partner_id, Outcome.BOUND, created))
+
+        def committed() -> None:
+            for created, markers in done:
+                for listener, marker in zip(listeners, markers, strict=True):
+                    listener.created_committed(created, marker)
+
+        return outcomes, committed
 
     def _fused_statement(
         self, dialect: Dialect, listeners: list[SqlBindingListener], named: bool

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from tether.binding.v1 import messages_pb2 as pb
 from tether.binding.v1 import service_pb2_grpc
@@ -118,13 +118,42 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
                 await limit
             return pb.ReportAccountUseResponse(outcomes=[messages.outcome_pb(o) for o in outcomes])
 
-        return await idempotency.run_once(
+        async def general() -> pb.ReportAccountUseResponse:
+            return await idempotency.run_once(
+                self._db,
+                caller,
+                method="binding.ReportAccountUse",
+                request=request,
+                response_type=pb.ReportAccountUseResponse,
+                work=work,
+            )
+
+        if not self._reporter.runs_direct(report, postgres=not self._db.is_sqlite):
+            return await general()
+
+        async def direct(
+            connection: AsyncConnection,
+        ) -> tuple[pb.ReportAccountUseResponse, Callable[[], None]]:
+            try:
+                outcomes, committed = await self._reporter.report_direct(connection, report)
+            finally:
+                # Also before falling back: a limited call goes no further.
+                await limit
+            response = pb.ReportAccountUseResponse(
+                outcomes=[messages.outcome_pb(o) for o in outcomes]
+            )
+            return response, committed
+
+        # The common case (new bindings) without an ORM session; anything
+        # else goes the general way.
+        return await idempotency.run_once_direct(
             self._db,
             caller,
             method="binding.ReportAccountUse",
             request=request,
             response_type=pb.ReportAccountUseResponse,
-            work=work,
+            work=direct,
+            general=general,
         )
 
     def _scope(self, caller: Principal, device_pb: Any, violations: Violations) -> bindings.Scope:

@@ -247,12 +247,25 @@ class BindingOutbox:
 
     async def created_done(self, session: AsyncSession, binding: Binding, marker: Any) -> None:
         """Wakes, on commit, whoever waits for what created_writes wrote."""
-        if marker:
-            await self._notify.publish(
-                session,
-                wakeup.feed_topic(binding.device_digest),
-                wakeup.instructions_topic(binding.partner_id),
-            )
+        topics = self._created_topics(binding, marker)
+        if topics:
+            await self._notify.publish(session, *topics)
+
+    def created_committed(self, binding: Binding, marker: Any) -> None:
+        """Wakes at once whoever waits for what created_writes wrote and
+        what has just committed outside a session."""
+        topics = self._created_topics(binding, marker)
+        if topics:
+            self._notify.committed(*topics)
+
+    @staticmethod
+    def _created_topics(binding: Binding, marker: Any) -> tuple[str, ...]:
+        if not marker:
+            return ()
+        return (
+            wakeup.feed_topic(binding.device_digest),
+            wakeup.instructions_topic(binding.partner_id),
+        )
 
     async def _revoked(self, session: AsyncSession, binding: Binding, reason: str) -> None:
         entitlements = list(

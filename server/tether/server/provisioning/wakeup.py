@@ -138,6 +138,12 @@ class Wakeup:
         pending: dict[Wakeup, set[str]] = session.sync_session.info.setdefault(_PENDING_KEY, {})
         pending.setdefault(self, set()).update(topics)
 
+    def committed(self, *topics: str) -> None:
+        """Wakes topics whose change has just committed without a session
+        (what the session's after-commit hook does for publish)."""
+        self.wake(*topics)
+        self.notify_later(set(topics))
+
     # --- telling the other processes ---------------------------------
 
     def notify_later(self, topics: set[str]) -> None:
