@@ -8,7 +8,7 @@ one place and lets servicers raise domain errors freely.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import grpc
@@ -30,7 +30,7 @@ class Authenticator(Protocol):
     async def authenticate(self, token: str) -> principals.Principal | None: ...
 
 
-def _bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
@@ -42,6 +42,11 @@ def _bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
+        # Per method: the servicer's handler and its wrapper, built once
+        # rather than on every call.
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     async def intercept_service(
         self,
@@ -54,13 +59,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        token = _bearer(handler_call_details.invocation_metadata)
-        return _wrap(handler, method, token, self._auth)
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _wrap(handler, method, self._auth))
+            self._wrapped[method] = cached
+        return cached[1]
 
 
-async def _enter(
-    context: grpc.aio.ServicerContext[Any, Any], token: str, auth: Authenticator
-) -> None:
+async def _enter(context: grpc.aio.ServicerContext[Any, Any], auth: Authenticator) -> None:
+    token = _bearer(context.invocation_metadata())
     principal = await auth.authenticate(token) if token else None
     if principal is None:
         raise errors.Unauthenticated(
@@ -105,13 +112,13 @@ async def _fail(
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, token: str, auth: Authenticator
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, auth: Authenticator
 ) -> grpc.RpcMethodHandler[Any, Any]:
     def unary_result(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             try:
-                await _enter(context, token, auth)
+                await _enter(context, auth)
                 result = await behavior(request, context)
             except Exception as exc:
                 if _is_abort(exc):
@@ -127,7 +134,7 @@ def _wrap(
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             try:
-                await _enter(context, token, auth)
+                await _enter(context, auth)
                 async for item in behavior(request, context):
                     yield item
             except Exception as exc:
