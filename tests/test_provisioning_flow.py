@@ -19,7 +19,7 @@ from tether.clients.device.provisioning import DeviceProvisioning
 from tether.clients.internal.provisioning import InternalProvisioning
 from tether.clients.partner.provisioning import Usage
 from tether.provisioning.v1 import messages_pb2 as pb
-from tether.server.provisioning.wakeup import Wakeup
+from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
 
 ACTIVATING = pb.ENTITLEMENT_STATE_ACTIVATING
 ACTIVE = pb.ENTITLEMENT_STATE_ACTIVE
@@ -302,3 +302,26 @@ async def test_stopping_server_ends_device_watches_so_they_resume_elsewhere(
         await asyncio.wait_for(server.app.stop(grace=60), 20)
     await asyncio.wait_for(watching, 5)
     assert seen == []
+
+
+async def test_a_new_binding_wakes_its_partner_and_device_when_the_report_returns(
+    any_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await any_server.partner(services=("wake-me",))
+    device_token = await any_server.credential("device")
+    wakeup = next(c.extra["wakeup"] for c in any_server.app.components if "wakeup" in c.extra)
+    assert isinstance(wakeup, Wakeup)
+    first, second, device = bs.phone_account(), bs.phone_account(), bs.device()
+    await bs.add_accounts(any_server, partner_token, [first, second])
+    reports = bs.stub(any_server, device_token)
+    with wakeup.subscribe(instructions_topic(partner_id)) as partner_woken:
+        response = await reports.ReportAccountUse(bs.report_request(device, first))
+        (outcome,) = response.outcomes
+        assert outcome.outcome == binding_pb.REPORT_OUTCOME_BOUND
+        # Woken in this process on commit, before the answer went out.
+        assert partner_woken.is_set()
+    device_topic = feed_topic(bytes.fromhex(outcome.binding.device_digest))
+    with wakeup.subscribe(device_topic) as device_woken:
+        another = await reports.ReportAccountUse(bs.report_request(device, second))
+        assert another.outcomes[0].outcome == binding_pb.REPORT_OUTCOME_BOUND
+        assert device_woken.is_set()
