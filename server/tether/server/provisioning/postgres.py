@@ -38,12 +38,6 @@ MAX_CONFIRMATIONS = 1000
 
 # RETURNING lists the fields of Delivery in order (a test checks them).
 _LEASE_SQL = """
-WITH due AS (
-    SELECT seq FROM provisioning_instructions
-    WHERE partner_id = $1 AND state IN ('pending', 'leased') AND due_time <= $2
-    ORDER BY seq LIMIT $3
-    FOR UPDATE SKIP LOCKED
-)
 UPDATE provisioning_instructions AS i SET
     state = CASE WHEN i.attempts >= $4 THEN 'dead' ELSE 'leased' END,
     attempts = CASE WHEN i.attempts >= $4 THEN i.attempts ELSE i.attempts + 1 END,
@@ -51,7 +45,12 @@ UPDATE provisioning_instructions AS i SET
     due_time = CASE WHEN i.attempts >= $4 THEN i.due_time
                     ELSE ($6::timestamptz[])[i.attempts + 1] END,
     update_time = $2
-FROM due WHERE i.seq = due.seq
+WHERE i.seq = ANY(ARRAY(
+    SELECT seq FROM provisioning_instructions
+    WHERE partner_id = $1 AND state IN ('pending', 'leased') AND due_time <= $2
+    ORDER BY seq LIMIT $3
+    FOR UPDATE SKIP LOCKED
+))
 RETURNING i.seq, i.instruction_id, i.kind, i.service_id, i.binding_id, i.partner_reference,
     i.account_kind, i.account_digest, i.state, i.attempts, i.create_time, i.due_time
 """
@@ -75,7 +74,7 @@ UPDATE provisioning_instructions AS i SET
     last_error = v.last_error, partner_service_reference = v.reference, update_time = $7
 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])
     AS v(seq, state, due_time, lease_owner, last_error, reference)
-WHERE i.seq = v.seq
+WHERE i.seq = ANY($1::bigint[]) AND i.seq = v.seq
 """
 
 # In the order every writer of entitlements locks them.
@@ -142,7 +141,14 @@ class _KeptConnection:
             held = await self._db.engine.connect()
             try:
                 fairy = await held.get_raw_connection()
-                self._raw = fairy.driver_connection
+                raw = fairy.driver_connection
+                # Every statement here reaches a few rows by key; a plan
+                # that scans a whole table (which PostgreSQL picks for
+                # cached generic plans of array parameters, and while the
+                # tables are small) costs more with every row the outbox
+                # keeps. Never returned to the pool, so this stays here.
+                await raw.execute("SET enable_seqscan = off")
+                self._raw = raw
             except BaseException:
                 await held.close()
                 raise
