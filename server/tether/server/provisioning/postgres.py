@@ -141,7 +141,7 @@ class _KeptConnection:
             held = await self._db.engine.connect()
             try:
                 fairy = await held.get_raw_connection()
-                raw = fairy.driver_connection
+                raw: Any = fairy.driver_connection
                 # Every statement here reaches a few rows by key; a plan
                 # that scans a whole table (which PostgreSQL picks for
                 # cached generic plans of array parameters, and while the
