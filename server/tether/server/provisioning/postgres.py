@@ -131,8 +131,9 @@ class _KeptConnection:
     """One connection of the engine's pool, held open and used as a bare
     asyncpg connection; replaced after any failure."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, durable: bool) -> None:
         self._db = db
+        self._durable = durable
         self._held: AsyncConnection | None = None
         self._raw: Any = None
 
@@ -148,6 +149,13 @@ class _KeptConnection:
                 # tables are small) costs more with every row the outbox
                 # keeps. Never returned to the pool, so this stays here.
                 await raw.execute("SET enable_seqscan = off")
+                if not self._durable:
+                    # A lease that a database crash forgets only means the
+                    # instruction is delivered again (at least once, and the
+                    # partner answers a redelivery from its results); its
+                    # commit need not wait for the WAL flush, which is most
+                    # of the time between a wake-up and the partner.
+                    await raw.execute("SET synchronous_commit = off")
                 self._raw = raw
             except BaseException:
                 await held.close()
@@ -172,9 +180,10 @@ class PostgresDelivery:
     def __init__(self, db: Database, notify: wakeup.Wakeup, timing: Timing) -> None:
         self._notify = notify
         self._timing = timing
-        self._lease_connection = _KeptConnection(db)
+        self._lease_connection = _KeptConnection(db, durable=False)
         self._lease_lock = asyncio.Lock()
-        self._confirm_connection = _KeptConnection(db)
+        # Confirmations stay durable: once acknowledged, the partner forgets them.
+        self._confirm_connection = _KeptConnection(db, durable=True)
         self._waiting: list[tuple[list[Item], asyncio.Future[list[confirmations.Applied]]]] = []
         self._arrived = asyncio.Event()
         self._applier: asyncio.Task[None] | None = None
