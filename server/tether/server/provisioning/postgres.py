@@ -234,6 +234,7 @@ class PostgresDelivery:
             except BaseException as exc:
                 await self._lease_connection.drop()
                 if _is_outage(exc):
+                    log.warning("lease failed", error=str(exc))
                     raise _unavailable(exc) from exc
                 raise
 
