@@ -9,7 +9,8 @@ partner:
 - Latency: a producer process commits bindings at a steady rate (default
   1,000/s), each in its own transaction with exactly the rows the outbox
   listener writes (binding, instruction, entitlement, feed event; checked
-  column by column against the listener at start), and after the commit
+  column by column against the listener at start; ids, digests and SQL
+  text are made before the paced run), and after the commit
   hands the wake-up topics to a Wakeup's notifier, which sends them as
   coalesced NOTIFYs outside the transaction, as a Tether process does. Partner
   streams (the PartnerWorker client) confirm each instruction at once.
@@ -33,6 +34,7 @@ TETHER_BENCH_STREAMS (default 2).
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import secrets
@@ -42,6 +44,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -95,6 +98,18 @@ async def _paced(count: int, rate: float, one: Callable[[int], Awaitable[None]])
     return count / (time.perf_counter() - start)
 
 
+async def _unchanged(_connection: asyncpg.Connection) -> None:
+    """Nothing to reset: these connections only run whole transactions."""
+
+
+async def _pool(dsn: str, size: int) -> asyncpg.Pool:
+    """A connection pool that hands a connection back without a reset query
+    (asyncpg's default sends one more statement on every release, which
+    Tether's pool does not: that would load PostgreSQL with work neither
+    side does)."""
+    return await asyncpg.create_pool(dsn, min_size=size, max_size=size, reset=_unchanged)
+
+
 # --- baselines -------------------------------------------------------------
 
 
@@ -115,7 +130,7 @@ async def baseline_notify_latency(dsn: str, count: int) -> tuple[list[float], fl
             heard_all.set()
 
     await listener.add_listener("bench_outbox", heard)
-    pool = await asyncpg.create_pool(dsn, min_size=PRODUCERS, max_size=PRODUCERS)
+    pool = await _pool(dsn, PRODUCERS)
 
     async def one(_i: int) -> None:
         token = secrets.token_hex(8)
@@ -140,7 +155,7 @@ async def baseline_throughput(dsn: str, count: int) -> float:
     await conn.executemany(
         "INSERT INTO bench_outbox (token) VALUES ($1)", [(str(i),) for i in range(count)]
     )
-    pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16)
+    pool = await _pool(dsn, 16)
     confirmed = 0
 
     async def worker() -> None:
@@ -182,6 +197,15 @@ async def baseline_throughput(dsn: str, count: int) -> float:
 # --- Tether ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One binding's transaction, ready to commit."""
+
+    binding_id: uuid.UUID
+    sql: str
+    topics: set[str]
+
+
 class Bench:
     def __init__(self, database_url: str, dsn: str, keys: str) -> None:
         self.db = Database(database_url, 4)
@@ -206,7 +230,7 @@ class Bench:
         return minted.token
 
     async def open(self) -> None:
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=PRODUCERS, max_size=PRODUCERS)
+        self.pool = await _pool(self.dsn, PRODUCERS)
         await self.wakeup.start()
 
     async def check_rows_match_the_outbox(self) -> None:
@@ -262,13 +286,16 @@ class Bench:
 
     async def bind(self) -> uuid.UUID:
         """One binding and its outbox rows in one transaction and one round
-        trip, then its wake-up topics to the notifier (never in the transaction).
+        trip, then its wake-up topics to the notifier (never in the transaction)."""
+        prepared = self.prepare()
+        await self.commit(prepared)
+        return prepared.binding_id
 
-        The same rows the binding area and the outbox listener write (checked
-        by check_rows_match_the_outbox), as literal SQL so that this load
-        generator, not the server, is never the bottleneck.
-        """
-        assert self.pool is not None
+    def prepare(self) -> Prepared:
+        """A new binding's transaction as literal SQL: the same rows the
+        binding area and the outbox listener write (checked by
+        check_rows_match_the_outbox), with its ids and digests computed, so
+        that this load generator, not the server, is never the bottleneck."""
         binding_id = uuid.uuid4()
         b = f"'{binding_id}'"
         p = f"'{self.partner_id}'"
@@ -299,10 +326,16 @@ INSERT INTO entitlement_events (device_digest, position, binding_id, partner_id,
   SELECT {device}, f.last_position, {b}, {p}, 'free-data', 'member_id', {account},
   'activating', '', now() FROM f;
 COMMIT;"""
+        topics = {feed_topic(device_digest), instructions_topic(self.partner_id)}
+        return Prepared(binding_id, sql, topics)
+
+    async def commit(self, prepared: Prepared) -> None:
+        """Commits a prepared binding in one round trip, then hands its
+        wake-up topics to the notifier, as a Tether process does."""
+        assert self.pool is not None
         async with self.pool.acquire() as conn:
-            await conn.execute(sql)
-        self.wakeup.notify_later({feed_topic(device_digest), instructions_topic(self.partner_id)})
-        return binding_id
+            await conn.execute(prepared.sql)
+        self.wakeup.notify_later(prepared.topics)
 
     async def close(self) -> None:
         await self.wakeup.stop()
@@ -389,12 +422,18 @@ def _produce(
         await producer.open()
         committed: dict[str, float] = {}
         finished: dict[str, float] = {}
+        # Ids, digests and SQL text first: during the paced run this
+        # process only commits, and leaves the CPU to what is measured.
+        bindings = [producer.prepare() for _ in range(count)]
+        # They live until the end: no full collection walks them during it.
+        gc.freeze()
 
-        async def one(_i: int) -> None:
+        async def one(i: int) -> None:
             started = time.perf_counter()
-            binding_id = await producer.bind()
-            committed[str(binding_id)] = started
-            finished[str(binding_id)] = time.perf_counter()
+            await producer.commit(bindings[i])
+            binding_id = str(bindings[i].binding_id)
+            committed[binding_id] = started
+            finished[binding_id] = time.perf_counter()
 
         rate = await _paced(count, RATE, one)
         await producer.close()

@@ -4,6 +4,7 @@ reflection, and a graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import signal
 from dataclasses import dataclass, field
@@ -183,6 +184,11 @@ async def build(settings: Settings) -> App:
 async def serve(settings: Settings) -> None:
     app = await build(settings)
     await app.start()
+    # What startup made (modules, SQL metadata, compiled statements) lives
+    # as long as the process: out of the collector's sight, a full
+    # collection no longer walks it, which otherwise paused every request
+    # for 100+ ms at a time.
+    gc.freeze()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -96,7 +96,7 @@ class Applied:
 
 
 @dataclass
-class _Row:
+class Row:
     """The columns of an instruction a confirmation reads and writes."""
 
     seq: int
@@ -116,7 +116,37 @@ class _Row:
 
 _I = Base.metadata.tables[Instruction.__tablename__]
 _E = Base.metadata.tables[Entitlement.__tablename__]
-_ROW_COLUMNS = [_I.c[name] for name in _Row.__dataclass_fields__ if name != "changed"]
+ROW_COLUMNS = [name for name in Row.__dataclass_fields__ if name != "changed"]
+_ROW_COLUMNS = [_I.c[name] for name in ROW_COLUMNS]
+# An entitlement change a confirmation causes: the instruction's row, the
+# new state, the reason.
+Effect = tuple[Row, str, str]
+
+
+def decide(
+    rows: dict[uuid.UUID, Row],
+    items: Sequence[tuple[str, uuid.UUID, Result]],
+    timing: Timing,
+    now: datetime,
+) -> tuple[list[Applied], list[Effect]]:
+    """What each (partner, instruction, result) does to the locked rows, in
+    order: one Applied per item, and the entitlement changes to make. Marks
+    the rows it changes (Row.changed)."""
+    effects: list[Effect] = []
+    applied = []
+    for partner_id, instruction_id, result in items:
+        row = rows.get(instruction_id)
+        # Another partner's instruction gets the same answer as a missing one.
+        if row is None or row.partner_id != partner_id:
+            applied.append(Applied(instruction_id, error=_not_found(instruction_id)))
+            continue
+        try:
+            outcome = _apply(row, result, timing, now, effects)
+        except TetherError as exc:
+            applied.append(Applied(instruction_id, state=row.state, error=exc))
+            continue
+        applied.append(Applied(instruction_id, outcome, row.state))
+    return applied, effects
 
 
 async def confirm_many(
@@ -130,8 +160,8 @@ async def confirm_many(
     """Applies confirmations in one transaction; one Applied per item, in order.
 
     Rows are locked in delivery order (seq), so concurrent batches of one
-    partner cannot deadlock. Core statements, not ORM objects: this is the
-    hot path of every partner stream.
+    partner cannot deadlock. Core statements, not ORM objects. (On
+    PostgreSQL the partner streams take the set-based path in `postgres`.)
     """
     ids = sorted({instruction_id for instruction_id, _ in items})
     locked = await session.execute(
@@ -140,22 +170,9 @@ async def confirm_many(
         .order_by(_I.c.seq)
         .with_for_update()
     )
-    rows = {r.instruction_id: _Row(*r) for r in locked}
+    rows = {r.instruction_id: Row(*r) for r in locked}
     now = utcnow()
-    effects: list[tuple[_Row, str, str]] = []
-    applied = []
-    for instruction_id, result in items:
-        row = rows.get(instruction_id)
-        # Another partner's instruction gets the same answer as a missing one.
-        if row is None or row.partner_id != partner_id:
-            applied.append(Applied(instruction_id, error=_not_found(instruction_id)))
-            continue
-        try:
-            outcome = _apply(row, result, timing, now, effects)
-        except TetherError as exc:
-            applied.append(Applied(instruction_id, state=row.state, error=exc))
-            continue
-        applied.append(Applied(instruction_id, outcome, row.state))
+    applied, effects = decide(rows, [(partner_id, i, result) for i, result in items], timing, now)
     changed = [r for r in rows.values() if r.changed]
     if changed:
         await session.execute(
@@ -186,11 +203,11 @@ async def confirm_many(
 
 
 def _apply(
-    row: _Row,
+    row: Row,
     result: Result,
     timing: Timing,
     now: datetime,
-    effects: list[tuple[_Row, str, str]],
+    effects: list[Effect],
 ) -> Outcome:
     if row.state in (CONFIRMED, FAILED):
         if _same_final(row, result):
@@ -223,7 +240,7 @@ def _apply(
     return Outcome.RETRY_SCHEDULED
 
 
-def _same_final(row: _Row, result: Result) -> bool:
+def _same_final(row: Row, result: Result) -> bool:
     if isinstance(result, Done):
         return (
             row.state == CONFIRMED
@@ -232,7 +249,7 @@ def _same_final(row: _Row, result: Result) -> bool:
     return row.state == FAILED and not result.retryable and row.last_error == result.reason
 
 
-def _final_text(row: _Row) -> str:
+def _final_text(row: Row) -> str:
     if row.state == CONFIRMED:
         return f"done (reference {row.partner_service_reference!r})"
     return f"failed permanently ({row.last_error!r})"
@@ -241,7 +258,7 @@ def _final_text(row: _Row) -> str:
 async def _set_entitlements(
     session: AsyncSession,
     notify: wakeup.Wakeup,
-    effects: list[tuple[_Row, str, str]],
+    effects: list[Effect],
     now: datetime,
 ) -> None:
     if not effects:

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tether.server import errors, logs
-from tether.server.provisioning import confirmations, leasing, wakeup
+from tether.server.provisioning import confirmations, leasing, postgres, wakeup
 from tether.server.provisioning.tables import LEASED, PENDING, Instruction
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
@@ -108,8 +107,8 @@ class Hub:
         self._closing: set[asyncio.Task[None]] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
-        self._lease_lock = asyncio.Lock()
-        self._lease_connection: AsyncConnection | None = None
+        # PostgreSQL: the streams' leases and confirmations on kept connections.
+        self._postgres = None if db.is_sqlite else postgres.PostgresDelivery(db, notify, timing)
 
     # --- streams -------------------------------------------------------
 
@@ -178,7 +177,8 @@ class Hub:
                 await self._no_streams.wait()
         if self._closing:
             await asyncio.wait(self._closing, timeout=max(grace, 0.1))
-        await self._drop_lease_connection()
+        if self._postgres is not None:
+            await self._postgres.close()
 
     def connected(self) -> dict[str, int]:
         return {partner: len(streams) for partner, streams in self._streams.items()}
@@ -218,56 +218,32 @@ class Hub:
     async def _lease(
         self, stream: PartnerStream, credit: int, now: datetime
     ) -> list[leasing.Delivery]:
-        """Leases on the hub's own autocommit connection: the lease is one
-        atomic statement, so it needs no BEGIN/COMMIT, and a connection kept
-        open needs no pool check-out (and its ping). Every saved round trip
-        is latency saved between a commit and the partner. (SQLite, where
-        every writer queues behind BEGIN IMMEDIATE, leases in a transaction.)"""
-        if self._db.is_sqlite:
-            async with self._db.transaction() as session:
-                return await leasing.lease(
-                    session,
-                    stream.partner_id,
-                    owner=stream.owner,
-                    limit=credit,
-                    timing=self._timing,
-                    now=now,
-                )
-        async with self._lease_lock:
-            if self._lease_connection is None:
-                connection = await self._db.engine.connect()
-                self._lease_connection = await connection.execution_options(
-                    isolation_level="AUTOCOMMIT"
-                )
-            try:
-                return await leasing.lease(
-                    self._lease_connection,
-                    stream.partner_id,
-                    owner=stream.owner,
-                    limit=credit,
-                    timing=self._timing,
-                    now=now,
-                )
-            except Exception:
-                # A broken connection is replaced on the next lease.
-                await self._drop_lease_connection()
-                raise
-
-    async def _drop_lease_connection(self) -> None:
-        connection, self._lease_connection = self._lease_connection, None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+        if self._postgres is not None:
+            return await self._postgres.lease(
+                stream.partner_id, owner=stream.owner, limit=credit, now=now
+            )
+        async with self._db.transaction() as session:
+            return await leasing.lease(
+                session,
+                stream.partner_id,
+                owner=stream.owner,
+                limit=credit,
+                timing=self._timing,
+                now=now,
+            )
 
     async def _until_next_due(self, partner_id: str, now: datetime) -> float:
         """Seconds until the partner's next retry or lease expiry, capped by the poll."""
-        async with self._db.sessions() as session:
-            due = await session.scalar(
-                select(func.min(Instruction.due_time)).where(
-                    Instruction.partner_id == partner_id,
-                    Instruction.state.in_((PENDING, LEASED)),
+        if self._postgres is not None:
+            due = await self._postgres.next_due(partner_id)
+        else:
+            async with self._db.sessions() as session:
+                due = await session.scalar(
+                    select(func.min(Instruction.due_time)).where(
+                        Instruction.partner_id == partner_id,
+                        Instruction.state.in_((PENDING, LEASED)),
+                    )
                 )
-            )
         if due is None:
             return self._poll
         if due.tzinfo is None:  # SQLite aggregates come back naive
@@ -289,12 +265,15 @@ class Hub:
         self, partner_id: str, items: list[tuple[uuid.UUID, confirmations.Result]]
     ) -> list[confirmations.Applied]:
         """Applies confirmations in one transaction and frees the streams' credit."""
-        async with self._db.transaction() as session:
-            applied = await confirmations.confirm_many(
-                session, self._notify, partner_id=partner_id, items=items, timing=self._timing
-            )
-            if any(a.outcome is confirmations.Outcome.RETRY_SCHEDULED for a in applied):
-                await self._notify.publish(session, wakeup.instructions_topic(partner_id))
+        if self._postgres is not None:
+            applied = await self._postgres.confirm(partner_id, items)
+        else:
+            async with self._db.transaction() as session:
+                applied = await confirmations.confirm_many(
+                    session, self._notify, partner_id=partner_id, items=items, timing=self._timing
+                )
+                if any(a.outcome is confirmations.Outcome.RETRY_SCHEDULED for a in applied):
+                    await self._notify.publish(session, wakeup.instructions_topic(partner_id))
         for a in applied:
             holder = self._holder.pop(a.instruction_id, None)
             if holder is not None:

@@ -1,0 +1,348 @@
+"""The partner streams' hot path on PostgreSQL: leases and confirmations as
+fixed, set-based statements on asyncpg connections the hub keeps open.
+
+Every delivered instruction costs a lease and a confirmation, so each costs
+as few round trips and as little CPU as possible: the SQL is fixed text
+(prepared once per connection by asyncpg, arrays instead of one parameter
+per row), no SQLAlchemy statement is built, and no pool check-out or ping
+stands between a wake-up and the partner. Confirmations of all streams are
+applied by one task, everything that arrived meanwhile in one transaction
+(group commit). The general path (`leasing`, `confirmations`, `feed`) stays
+in use on SQLite and for the unary calls; both make the same decisions
+(`confirmations.decide`) and write the same rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server import errors, logs
+from tether.server.provisioning import confirmations, wakeup
+from tether.server.provisioning.leasing import Delivery, Timing
+from tether.server.storage.base import utcnow
+from tether.server.storage.database import Database
+
+log = logs.get(__name__)
+
+# Most confirmations applied in one transaction.
+MAX_CONFIRMATIONS = 1000
+
+# RETURNING lists the fields of Delivery in order (a test checks them).
+_LEASE_SQL = """
+UPDATE provisioning_instructions AS i SET
+    state = CASE WHEN i.attempts >= $4 THEN 'dead' ELSE 'leased' END,
+    attempts = CASE WHEN i.attempts >= $4 THEN i.attempts ELSE i.attempts + 1 END,
+    lease_owner = CASE WHEN i.attempts >= $4 THEN NULL ELSE $5 END,
+    due_time = CASE WHEN i.attempts >= $4 THEN i.due_time
+                    ELSE ($6::timestamptz[])[i.attempts + 1] END,
+    update_time = $2
+WHERE i.seq = ANY(ARRAY(
+    SELECT seq FROM provisioning_instructions
+    WHERE partner_id = $1 AND state IN ('pending', 'leased') AND due_time <= $2
+    ORDER BY seq LIMIT $3
+    FOR UPDATE SKIP LOCKED
+))
+RETURNING i.seq, i.instruction_id, i.kind, i.service_id, i.binding_id, i.partner_reference,
+    i.account_kind, i.account_digest, i.state, i.attempts, i.create_time, i.due_time
+"""
+
+_NEXT_DUE_SQL = """
+SELECT min(due_time) FROM provisioning_instructions
+WHERE partner_id = $1 AND state IN ('pending', 'leased')
+"""
+
+# The fields of confirmations.Row in order (a test checks them).
+_LOCK_INSTRUCTIONS_SQL = """
+SELECT seq, instruction_id, partner_id, kind, binding_id, service_id, state, attempts, due_time,
+    lease_owner, last_error, partner_service_reference
+FROM provisioning_instructions
+WHERE instruction_id = ANY($1::uuid[]) ORDER BY seq FOR UPDATE
+"""
+
+_UPDATE_INSTRUCTIONS_SQL = """
+UPDATE provisioning_instructions AS i SET
+    state = v.state, due_time = v.due_time, lease_owner = v.lease_owner,
+    last_error = v.last_error, partner_service_reference = v.reference, update_time = $7
+FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])
+    AS v(seq, state, due_time, lease_owner, last_error, reference)
+WHERE i.seq = ANY($1::bigint[]) AND i.seq = v.seq
+"""
+
+# In the order every writer of entitlements locks them.
+_LOCK_ENTITLEMENTS_SQL = """
+SELECT 1 FROM entitlements WHERE binding_id = ANY($1::uuid[])
+ORDER BY binding_id, service_id FOR UPDATE
+"""
+
+# The entitlements still being opened move; each change is appended to its
+# device's feed at the positions reserved by bumping the feed's counter
+# (in digest order, as every feed writer does), in the order given.
+_SET_ENTITLEMENTS_SQL = """
+WITH changed AS (
+    UPDATE entitlements AS e SET state = v.state, reason = v.reason, update_time = $5
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+        WITH ORDINALITY AS v(binding_id, service_id, state, reason, ord)
+    WHERE e.binding_id = v.binding_id AND e.service_id = v.service_id
+        AND e.state = 'activating'
+    RETURNING e.device_digest, e.binding_id, e.partner_id, e.service_id, e.account_kind,
+        e.account_digest, e.state, e.reason, v.ord
+), feeds AS (
+    INSERT INTO entitlement_feeds AS f (device_digest, last_position)
+    SELECT device_digest, count(*) FROM changed GROUP BY device_digest ORDER BY device_digest
+    ON CONFLICT (device_digest)
+    DO UPDATE SET last_position = f.last_position + excluded.last_position
+    RETURNING f.device_digest, f.last_position
+)
+INSERT INTO entitlement_events (device_digest, position, binding_id, partner_id, service_id,
+    account_kind, account_digest, state, reason, event_time)
+SELECT c.device_digest,
+    feeds.last_position - count(*) OVER w + row_number() OVER (w ORDER BY c.ord),
+    c.binding_id, c.partner_id, c.service_id, c.account_kind, c.account_digest, c.state,
+    c.reason, $5
+FROM changed AS c JOIN feeds USING (device_digest)
+WINDOW w AS (PARTITION BY c.device_digest)
+RETURNING device_digest
+"""
+
+# One confirmation as the applier takes it: partner, instruction, result.
+Item = tuple[str, uuid.UUID, confirmations.Result]
+
+
+def _unavailable(exc: BaseException) -> errors.TetherError:
+    return errors.Unavailable(
+        ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE, f"the database did not answer: {exc}"
+    )
+
+
+def _is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError)
+
+
+class _KeptConnection:
+    """One connection of the engine's pool, held open and used as a bare
+    asyncpg connection; replaced after any failure."""
+
+    def __init__(self, db: Database, *, durable: bool) -> None:
+        self._db = db
+        self._durable = durable
+        self._held: AsyncConnection | None = None
+        self._raw: Any = None
+
+    async def get(self) -> Any:
+        if self._raw is None:
+            held = await self._db.engine.connect()
+            try:
+                fairy = await held.get_raw_connection()
+                raw: Any = fairy.driver_connection
+                # Every statement here reaches a few rows by key; a plan
+                # that scans a whole table (which PostgreSQL picks for
+                # cached generic plans of array parameters, and while the
+                # tables are small) costs more with every row the outbox
+                # keeps. Never returned to the pool, so this stays here.
+                await raw.execute("SET enable_seqscan = off")
+                if not self._durable:
+                    # A lease that a database crash forgets only means the
+                    # instruction is delivered again (at least once, and the
+                    # partner answers a redelivery from its results); its
+                    # commit need not wait for the WAL flush, which is most
+                    # of the time between a wake-up and the partner.
+                    await raw.execute("SET synchronous_commit = off")
+                self._raw = raw
+            except BaseException:
+                await held.close()
+                raise
+            self._held = held
+        return self._raw
+
+    async def drop(self) -> None:
+        """Forgets the connection; it is closed, not returned to the pool
+        (it may be mid-transaction or broken)."""
+        held, self._held, self._raw = self._held, None, None
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held.invalidate()
+            with contextlib.suppress(Exception):
+                await held.close()
+
+
+class PostgresDelivery:
+    """Leases and confirmations of this process's partner streams."""
+
+    def __init__(self, db: Database, notify: wakeup.Wakeup, timing: Timing) -> None:
+        self._notify = notify
+        self._timing = timing
+        self._lease_connection = _KeptConnection(db, durable=False)
+        self._lease_lock = asyncio.Lock()
+        # Confirmations stay durable: once acknowledged, the partner forgets them.
+        self._confirm_connection = _KeptConnection(db, durable=True)
+        self._waiting: list[tuple[list[Item], asyncio.Future[list[confirmations.Applied]]]] = []
+        self._arrived = asyncio.Event()
+        self._applier: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._applier is not None:
+            self._applier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._applier
+            self._applier = None
+        for _, future in self._waiting:
+            if not future.done():
+                future.set_exception(_unavailable(RuntimeError("the server is stopping")))
+        self._waiting.clear()
+        await self._lease_connection.drop()
+        await self._confirm_connection.drop()
+
+    # --- leases --------------------------------------------------------
+
+    async def lease(
+        self, partner_id: str, *, owner: str, limit: int, now: datetime
+    ) -> list[Delivery]:
+        """As leasing.lease: claims up to `limit` deliverable instructions
+        (parking spent ones as dead), in one autocommit statement."""
+        if limit <= 0:
+            return []
+        timing = self._timing
+        ends = [now + timing.lease_for(n + 1) for n in range(timing.max_attempts)]
+        records = await self._on_lease_connection(
+            "fetch", _LEASE_SQL, partner_id, now, limit, timing.max_attempts, owner, ends
+        )
+        rows = [Delivery(*r) for r in records]
+        return sorted((r for r in rows if r.state == "leased"), key=lambda r: r.seq)
+
+    async def next_due(self, partner_id: str) -> datetime | None:
+        """The partner's next retry or lease expiry."""
+        due: datetime | None
+        due = await self._on_lease_connection("fetchval", _NEXT_DUE_SQL, partner_id)
+        return due
+
+    async def _on_lease_connection(self, method: str, sql: str, *args: Any) -> Any:
+        async with self._lease_lock:
+            try:
+                conn = await self._lease_connection.get()
+                return await getattr(conn, method)(sql, *args)
+            except BaseException as exc:
+                await self._lease_connection.drop()
+                if _is_outage(exc):
+                    log.warning("lease failed", error=str(exc))
+                    raise _unavailable(exc) from exc
+                raise
+
+    # --- confirmations -------------------------------------------------
+
+    async def confirm(
+        self, partner_id: str, items: Sequence[tuple[uuid.UUID, confirmations.Result]]
+    ) -> list[confirmations.Applied]:
+        """Applies the confirmations (with whatever other streams confirmed
+        meanwhile) in one transaction; one Applied per item, in order. A
+        caller that gives up does not stop the transaction."""
+        if self._closed:
+            raise _unavailable(RuntimeError("the server is stopping"))
+        future: asyncio.Future[list[confirmations.Applied]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiting.append(([(partner_id, i, r) for i, r in items], future))
+        self._arrived.set()
+        if self._applier is None or self._applier.done():
+            self._applier = asyncio.create_task(self._apply_forever(), name="confirmations")
+        return await future
+
+    async def _apply_forever(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._waiting:
+                taken: list[tuple[list[Item], asyncio.Future[list[confirmations.Applied]]]] = []
+                count = 0
+                while self._waiting and (not taken or count < MAX_CONFIRMATIONS):
+                    entry = self._waiting.pop(0)
+                    taken.append(entry)
+                    count += len(entry[0])
+                await self._apply_taken(taken)
+
+    async def _apply_taken(
+        self, taken: list[tuple[list[Item], asyncio.Future[list[confirmations.Applied]]]]
+    ) -> None:
+        items = [item for entry, _ in taken for item in entry]
+        try:
+            applied = await self._apply(items)
+        except asyncio.CancelledError:
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(_unavailable(RuntimeError("the server is stopping")))
+            raise
+        except Exception as exc:
+            failure = _unavailable(exc) if _is_outage(exc) else exc
+            log.warning("confirmations failed", error=str(exc), confirmations=len(items))
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(failure)
+            return
+        start = 0
+        for entry, future in taken:
+            if not future.done():
+                future.set_result(applied[start : start + len(entry)])
+            start += len(entry)
+
+    async def _apply(self, items: list[Item]) -> list[confirmations.Applied]:
+        try:
+            conn = await self._confirm_connection.get()
+            async with conn.transaction():
+                applied, topics = await self._apply_in_transaction(conn, items)
+        except BaseException:
+            await self._confirm_connection.drop()
+            raise
+        self._notify.wake(*topics)
+        self._notify.notify_later(topics)
+        return applied
+
+    async def _apply_in_transaction(
+        self, conn: Any, items: list[Item]
+    ) -> tuple[list[confirmations.Applied], set[str]]:
+        ids = sorted({instruction_id for _, instruction_id, _ in items})
+        rows = {r[1]: confirmations.Row(*r) for r in await conn.fetch(_LOCK_INSTRUCTIONS_SQL, ids)}
+        now = utcnow()
+        applied, effects = confirmations.decide(rows, items, self._timing, now)
+        topics: set[str] = set()
+        changed = [r for r in rows.values() if r.changed]
+        if changed:
+            await conn.execute(
+                _UPDATE_INSTRUCTIONS_SQL,
+                [r.seq for r in changed],
+                [r.state for r in changed],
+                [r.due_time for r in changed],
+                [r.lease_owner for r in changed],
+                [r.last_error for r in changed],
+                [r.partner_service_reference for r in changed],
+                now,
+            )
+        # A retry's dispatchers learn when it is due.
+        topics.update(
+            wakeup.instructions_topic(partner_id)
+            for (partner_id, _, _), a in zip(items, applied, strict=True)
+            if a.outcome is confirmations.Outcome.RETRY_SCHEDULED
+        )
+        if effects:
+            await conn.execute(
+                _LOCK_ENTITLEMENTS_SQL, sorted({row.binding_id for row, _, _ in effects})
+            )
+            devices = await conn.fetch(
+                _SET_ENTITLEMENTS_SQL,
+                [row.binding_id for row, _, _ in effects],
+                [row.service_id for row, _, _ in effects],
+                [state for _, state, _ in effects],
+                [reason for _, _, reason in effects],
+                now,
+            )
+            topics.update(wakeup.feed_topic(bytes(d[0])) for d in devices)
+        return applied, topics
