@@ -27,6 +27,7 @@ from tether.server.settings import Settings
 from tether.server.storage import migrate
 from tether.server.storage.database import Database
 from tether.server.transport.interceptor import ServerInterceptor
+from tether.server.transport.registration import GenericHandlersOnly
 
 log = logs.get(__name__)
 
@@ -158,22 +159,23 @@ async def build(settings: Settings) -> App:
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
+    services = GenericHandlersOnly(server)
     components: list[Component] = []
     for area in _areas():
-        component: Component = area.register(server, runtime)  # type: ignore[attr-defined]
+        component: Component = area.register(services, runtime)  # type: ignore[attr-defined]
         components.append(component)
 
     names = [name for c in components for name in c.services]
     _load_service_descriptors(names)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, services)
     reflection.enable_server_reflection(
         [
             *names,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
-        server,
+        services,
     )
     port = server.add_insecure_port(settings.listen)
     if port == 0:

@@ -13,10 +13,11 @@ MAX_CONNECTIONS = 256
 
 
 def connect(url: str, timeout_seconds: float) -> redis.Redis:
-    """No socket_timeout: redis-py would wrap every send in asyncio.wait_for (a
-    task per command). Each caller bounds its whole call with asyncio.timeout
-    and settings.redis_timeout_seconds instead, which cancels the command and
-    makes redis-py drop the connection."""
+    """No socket_timeout (redis-py's default is 5 s, so it is turned off by
+    name): with one, redis-py wraps every send in asyncio.wait_for (a task per
+    command) and every read in a timeout. Each caller bounds its whole call
+    with asyncio.timeout and settings.redis_timeout_seconds instead, which
+    cancels the command and makes redis-py drop the connection."""
     if not url:
         import fakeredis
 
@@ -24,6 +25,7 @@ def connect(url: str, timeout_seconds: float) -> redis.Redis:
         return client  # type: ignore[no-any-return]
     return redis.Redis.from_url(
         url,
+        socket_timeout=None,
         socket_connect_timeout=timeout_seconds,
         health_check_interval=30,
         max_connections=MAX_CONNECTIONS,
