@@ -29,6 +29,7 @@ from tether.server.provisioning import (
     leasing,
     outbox,
     pipeline,
+    relay,
     usage,
     wakeup,
 )
@@ -127,12 +128,15 @@ def _hello_again() -> errors.TetherError:
 
 
 class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
-    def __init__(self, runtime: Runtime, notify: wakeup.Wakeup, hub_: hub.Hub) -> None:
+    def __init__(
+        self, runtime: Runtime, notify: wakeup.Wakeup, hub_: hub.Hub, relay_: relay.UsageRelay
+    ) -> None:
         self._rt = runtime
         self._db = runtime.db
         self._settings = runtime.settings
         self._notify = notify
         self._hub = hub_
+        self._relay = relay_
         self._timing = leasing.Timing.of(runtime.settings)
 
     def _device(self, message: Any, path: str = "device") -> Subject:
@@ -165,6 +169,8 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         stream = self._hub.open(partner_id, in_flight, hello.label)
         tasks: list[asyncio.Task[None]] = []
         try:
+            # Other processes can relay usage queries here once it returns.
+            await self._relay.stream_opened(partner_id)
             yield pb.ConnectResponse(
                 ready=pb.StreamReady(
                     stream_id=stream.stream_id,
@@ -192,6 +198,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
             for task in tasks:
                 task.cancel()
             self._hub.close(stream)
+            self._relay.stream_closed(partner_id)
 
     async def _read(
         self,
@@ -470,7 +477,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         source = pb.USAGE_ANSWER_SOURCE_PARTNER
         partner_error = ""
         try:
-            reply = await self._hub.ask_usage(binding.partner_id, query, timeout)
+            reply = await self._relay.ask_usage(binding.partner_id, query, timeout)
         except LookupError:
             source = pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NOT_CONNECTED
         except TimeoutError:
@@ -649,19 +656,27 @@ def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
     the_hub = hub.Hub(
         runtime.db, notify, leasing.Timing.of(settings), settings.provisioning_poll_seconds
     )
+    the_relay = relay.UsageRelay(settings.effective_database_url, the_hub)
     runtime.binding_listeners.append(outbox.BindingOutbox(notify))
     service_pb2_grpc.add_ProvisioningServicer_to_server(
-        ProvisioningServicer(runtime, notify, the_hub), server
+        ProvisioningServicer(runtime, notify, the_hub, the_relay), server
     )
+
+    async def start() -> None:
+        await notify.start()
+        await the_relay.start()
 
     async def stop() -> None:
         notify.close_waiters()
+        # First: this process's presence goes at once, so other processes
+        # stop relaying usage queries to streams about to end.
+        await the_relay.stop()
         await the_hub.shutdown()
         await notify.stop()
 
     return Component(
         services=["tether.provisioning.v1.Provisioning"],
-        start=notify.start,
+        start=start,
         stop=stop,
-        extra={"hub": the_hub, "wakeup": notify},
+        extra={"hub": the_hub, "wakeup": notify, "relay": the_relay},
     )
