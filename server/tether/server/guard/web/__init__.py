@@ -125,7 +125,15 @@ class WebSide:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, int(port))
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            # Say which setting to change (e.g. 8080 taken), not a traceback.
+            await self.stop()
+            raise SystemExit(
+                f"cannot listen on {self._settings.http_listen} for the guard's web side: "
+                f"{exc.strerror}; set TETHER_HTTP_LISTEN"
+            ) from exc
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
