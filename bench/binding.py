@@ -64,6 +64,7 @@ from tether.clients.partner.binding import PartnerBinding
 from tether.common.v1 import types_pb2 as types
 from tether.server import digests
 from tether.server.binding.accounts import normalize_account
+from tether.server.binding.importer import LIST_COLUMNS
 
 if TYPE_CHECKING:
     from tether.binding.v1.service_pb2_grpc import BindingAsyncStub
@@ -447,14 +448,7 @@ async def baseline_copy(database_url: str, keys: str, kind: str, values: list[st
             await conn.copy_records_to_table(
                 table,
                 records=rows,
-                columns=[
-                    "partner_id",
-                    "account_kind",
-                    "account_digest",
-                    "key_id",
-                    "partner_reference",
-                    "create_time",
-                ],
+                columns=LIST_COLUMNS,
             )
         return len(values) / (time.perf_counter() - began)
     finally:

@@ -13,6 +13,7 @@ from sqlalchemy import event
 from tests.support import RunningServer, expect_error
 from tether.admin.v1 import messages_pb2 as pb
 from tether.admin.v1 import service_pb2_grpc
+from tether.clients.paging import every
 from tether.server.admin.credentials import CredentialVerifier, create_admin
 from tether.server.storage import migrate
 from tether.server.storage.database import Database
@@ -124,14 +125,13 @@ async def test_partners_page_through_in_order(pg_server: RunningServer) -> None:
     for _ in range(3):
         await pg_server.partner(services=())
     admin = pg_server.admin()
-    seen: list[str] = []
-    token = ""
-    while True:
-        page = await admin.ListPartners(pb.ListPartnersRequest(page_size=2, page_token=token))
-        seen.extend(p.partner_id for p in page.partners)
-        token = page.next_page_token
-        if not token:
-            break
+    seen = [
+        partner.partner_id
+        async for partner in every(
+            lambda token: admin.ListPartners(pb.ListPartnersRequest(page_size=2, page_token=token)),
+            lambda page: page.partners,
+        )
+    ]
     assert seen == sorted(seen)
     assert len(seen) == len(set(seen)) >= 3
     await expect_error(

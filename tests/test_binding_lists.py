@@ -12,6 +12,7 @@ import pytest
 from tests import binding_support as bs
 from tests.support import RunningServer, expect_error, start_server
 from tether.binding.v1 import messages_pb2 as pb
+from tether.clients.paging import every
 from tether.common.v1 import types_pb2 as types
 
 APPEND = pb.IMPORT_MODE_APPEND
@@ -39,17 +40,19 @@ async def stream(
         yield message
 
 
+def entries_paged(
+    server: RunningServer, token: str, page_size: int
+) -> AsyncIterator[pb.EligibleAccount]:
+    return every(
+        lambda page_token: bs.stub(server, token).ListEligibleAccounts(
+            pb.ListEligibleAccountsRequest(page_size=page_size, page_token=page_token)
+        ),
+        lambda page: page.entries,
+    )
+
+
 async def all_entries(server: RunningServer, token: str) -> list[pb.EligibleAccount]:
-    found: list[pb.EligibleAccount] = []
-    page_token = ""
-    while True:
-        page = await bs.stub(server, token).ListEligibleAccounts(
-            pb.ListEligibleAccountsRequest(page_size=1000, page_token=page_token)
-        )
-        found.extend(page.entries)
-        page_token = page.next_page_token
-        if not page_token:
-            return found
+    return [entry async for entry in entries_paged(server, token, 1000)]
 
 
 async def test_added_accounts_are_listed_and_updated_on_second_add(
@@ -88,16 +91,7 @@ async def test_removed_accounts_leave_the_list(any_server: RunningServer) -> Non
 async def test_eligible_list_pages_cover_every_entry_once(any_server: RunningServer) -> None:
     _, token = await any_server.partner()
     await bs.add_accounts(any_server, token, [bs.member() for _ in range(25)])
-    seen: list[str] = []
-    page_token = ""
-    while True:
-        page = await bs.stub(any_server, token).ListEligibleAccounts(
-            pb.ListEligibleAccountsRequest(page_size=10, page_token=page_token)
-        )
-        seen.extend(e.entry_id for e in page.entries)
-        page_token = page.next_page_token
-        if not page_token:
-            break
+    seen = [e.entry_id async for e in entries_paged(any_server, token, 10)]
     assert len(seen) == len(set(seen)) == 25
     assert [int(s) for s in seen] == sorted(int(s) for s in seen)
 

@@ -10,6 +10,7 @@ import pytest
 from tests import binding_support as bs
 from tests.support import RunningServer, expect_error
 from tether.binding.v1 import messages_pb2 as pb
+from tether.clients.paging import pages
 from tether.common.v1 import types_pb2 as types
 
 
@@ -148,19 +149,16 @@ async def test_bindings_of_a_device_are_listed_newest_first_page_by_page(
     for _, partner_token in partners:
         made.append(await bind(any_server, device_token, partner_token, dev))
     devices = bs.stub(any_server, device_token)
-    seen: list[pb.AccountBinding] = []
-    token = ""
-    pages = 0
-    while True:
-        page = await devices.ListBindings(
-            pb.ListBindingsRequest(device=dev, page_size=2, page_token=token)
+    listed = [
+        page
+        async for page in pages(
+            lambda token: devices.ListBindings(
+                pb.ListBindingsRequest(device=dev, page_size=2, page_token=token)
+            )
         )
-        seen.extend(page.bindings)
-        pages += 1
-        token = page.next_page_token
-        if not token:
-            break
-    assert pages == 3
+    ]
+    assert len(listed) == 3
+    seen = [binding for page in listed for binding in page.bindings]
     assert [b.binding_id for b in seen] == [b.binding_id for b in reversed(made)]
 
     # The partner sees only its own binding of the device.

@@ -1,6 +1,7 @@
 """Document B end to end in real headless Chromium: the demo pages collect
 the fingerprint, the server refuses the account over the limit, the page
-shows the prompt, and another browser profile is still served.
+shows the prompt, and another browser profile is still served. Logging out
+or leaving the room frees a slot, and the refused account is then admitted.
 
 Selenium blocks, and the server runs in this test's event loop, so every
 browser step runs in a worker thread."""
@@ -74,26 +75,39 @@ class Outcome:
     text: str
 
 
-def _submit(browser: webdriver.Chrome, url: str, account: str, room: str = "") -> Outcome:
+def _fill(browser: webdriver.Chrome, url: str, account: str, room: str) -> None:
     browser.get(url)
     browser.find_element(By.ID, "account").send_keys(account)
     if room:
         field = browser.find_element(By.ID, "room")
         field.clear()
         field.send_keys(room)
-    browser.find_element(By.ID, "submit").click()
+
+
+def _outcome(browser: webdriver.Chrome, states: tuple[str, ...]) -> Outcome:
+    """Waits until the page settles in one of states; what it then shows."""
     WebDriverWait(browser, 20).until(
-        lambda b: (
-            b.find_element(By.TAG_NAME, "body").get_attribute("data-guard-state")
-            in ("allow", "deny", "error")
-        )
+        lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-guard-state") in states
     )
     body = browser.find_element(By.TAG_NAME, "body")
     state = body.get_attribute("data-guard-state") or ""
-    shown = "refusal" if state != "allow" else "result"
+    shown = "refusal" if state in ("deny", "error") else "result"
     element = browser.find_element(By.ID, shown)
     assert element.is_displayed()
     return Outcome(state, body.get_attribute("data-identity") or "", element.text)
+
+
+def _submit(browser: webdriver.Chrome, url: str, account: str, room: str = "") -> Outcome:
+    _fill(browser, url, account, room)
+    browser.find_element(By.ID, "submit").click()
+    return _outcome(browser, ("allow", "deny", "error"))
+
+
+def _release(browser: webdriver.Chrome, url: str, account: str, room: str = "") -> Outcome:
+    """Log out, or leave the room: the page's second button."""
+    _fill(browser, url, account, room)
+    browser.find_element(By.ID, "release").click()
+    return _outcome(browser, ("released", "not-held", "error"))
 
 
 @dataclass
@@ -139,20 +153,36 @@ async def demo(postgres_url: str, redis_url: str, tmp_path: Path) -> AsyncIterat
     await server.stop()
 
 
-async def _limit_per_browser(demo: Demo, page: str, room: str = "", shot: str = "") -> None:
+async def _limit_per_browser(
+    demo: Demo, page: str, room: str = "", shot: str = "", freed: str = ""
+) -> None:
+    """LIMIT accounts are admitted, the next is refused; with freed (what the
+    page says once a slot is freed), one account then logs out or leaves, a
+    second try frees nothing, and the refused account is admitted."""
     url = f"{demo.base}/demo/{page}"
     prefix = secrets.token_hex(3)
+    refused = f"{prefix}-{LIMIT}"
 
     def one_browser(browser: webdriver.Chrome) -> list[Outcome]:
         outcomes = [_submit(browser, url, f"{prefix}-{i}", room) for i in range(LIMIT + 1)]
         if shot:
             browser.save_screenshot(shot)
+        if freed:
+            outcomes.append(_release(browser, url, f"{prefix}-0", room))
+            outcomes.append(_release(browser, url, f"{prefix}-0", room))
+            outcomes.append(_submit(browser, url, refused, room))
         return outcomes
 
     outcomes: list[Outcome] = await demo.run(ONE, one_browser)
-    assert [o.state for o in outcomes] == ["allow"] * LIMIT + ["deny"]
+    limited = ["allow"] * LIMIT + ["deny"]
+    assert [o.state for o in outcomes] == limited + (
+        ["released", "not-held", "allow"] * bool(freed)
+    )
     assert len({o.identity for o in outcomes}) == 1, "one browser, one identity"
-    assert "refused" in outcomes[-1].text.lower()
+    assert "refused" in outcomes[LIMIT].text.lower()
+    if freed:
+        assert freed in outcomes[LIMIT + 1].text
+        assert outcomes[-1].text.startswith(f"{refused}: ")
 
     other: Outcome = await demo.run(OTHER, lambda b: _submit(b, url, f"{prefix}-x", room))
     assert other.state == "allow"
@@ -169,11 +199,13 @@ async def test_one_browser_registers_up_to_the_limit_then_sees_the_prompt(
         shutil.copyfile(shot, DOCS / "guard-refusal.png")
 
 
-async def test_one_browser_logs_in_up_to_the_limit_then_sees_the_prompt(demo: Demo) -> None:
-    await _limit_per_browser(demo, "login")
-
-
-async def test_one_browser_joins_a_room_up_to_the_limit_then_sees_the_prompt(
+async def test_one_browser_logs_in_up_to_the_limit_and_logging_out_admits_the_next(
     demo: Demo,
 ) -> None:
-    await _limit_per_browser(demo, "collaborate", room="ktv-7")
+    await _limit_per_browser(demo, "login", freed="logged out")
+
+
+async def test_one_browser_joins_a_room_up_to_the_limit_and_leaving_admits_the_next(
+    demo: Demo,
+) -> None:
+    await _limit_per_browser(demo, "collaborate", room="ktv-7", freed="left the room")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as redis
@@ -15,6 +16,23 @@ from tether.guard.v1 import messages_pb2 as pb
 from tether.server.counters import keys
 
 IP = "198.51.100.7"
+
+
+async def _ttl_ms(
+    server: RunningServer,
+    redis_url: str,
+    key_of: Callable[[str, str], str],
+    service: str,
+    identity: str,
+) -> int:
+    """What is left of the lifetime of identity's counter key, in ms."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        bucket = keys.guard_bucket(identity, server.app.settings.guard_bucket_bits)
+        ttl: int = await client.pttl(key_of(service, bucket))
+        return ttl
+    finally:
+        await client.aclose()
 
 
 async def test_a_thousand_simultaneous_registrations_admit_exactly_the_limit(
@@ -59,14 +77,9 @@ async def test_expired_login_session_frees_its_slot(
     browser = fingerprint("expiry")
     first = await guard.evaluate(service, "login", account("e1"), browser, IP)
     assert first.verdict == pb.VERDICT_ALLOW
-    client = redis.Redis.from_url(redis_url)
-    try:
-        # The key expires with its last session, so nothing lingers in Redis.
-        bucket = keys.guard_bucket(first.identity, pg_server.app.settings.guard_bucket_bits)
-        ttl = await client.pttl(keys.guard_logged_in(service, bucket))
-        assert 0 < ttl <= 1000
-    finally:
-        await client.aclose()
+    # The key expires with its last session, so nothing lingers in Redis.
+    ttl = await _ttl_ms(pg_server, redis_url, keys.guard_logged_in, service, first.identity)
+    assert 0 < ttl <= 1000
     assert (await guard.evaluate(service, "login", account("e2"), browser, IP)).verdict == (
         pb.VERDICT_DENY
     )
@@ -86,13 +99,8 @@ async def test_registration_window_bounds_the_key_lifetime(
     guard = await guard_client(pg_server)
     service = await new_service(guard, register_limit=2, register_window_seconds=60)
     first = await guard.evaluate(service, "register", account("w1"), fingerprint("w"), IP)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        bucket = keys.guard_bucket(first.identity, pg_server.app.settings.guard_bucket_bits)
-        ttl = await client.pttl(keys.guard_registered(service, bucket))
-        assert 0 < ttl <= 60_000
-    finally:
-        await client.aclose()
+    ttl = await _ttl_ms(pg_server, redis_url, keys.guard_registered, service, first.identity)
+    assert 0 < ttl <= 60_000
 
 
 async def test_fingerprints_sharing_one_bucket_are_counted_apart(

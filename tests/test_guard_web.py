@@ -1,5 +1,6 @@
-"""The web side's JSON endpoint: shape, types and size are checked; the
-client IP comes from the connection (or a trusted proxy), never the body."""
+"""The web side's JSON endpoints: shape, types and size are checked; the
+client IP comes from the connection (or a trusted proxy), never the body;
+logging out and leaving a room free the very slots the gRPC API counts."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ from google.protobuf import json_format
 
 from tests.guard_support import fingerprint, guard_client, guard_of, web_of
 from tests.support import RunningServer
+from tether.clients.guard.client import account
+from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard.web import client_ip, parse_networks
+
+IP = "198.51.100.7"
 
 
 def _components() -> dict[str, Any]:
     return json_format.MessageToDict(fingerprint("web"), preserving_proto_field_name=True)
 
 
-async def _post(server: RunningServer, body: Any) -> tuple[int, dict[str, Any]]:
+async def _post(
+    server: RunningServer, body: Any, path: str = "/guard/evaluate"
+) -> tuple[int, dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{web_of(server).url}/guard/evaluate", json=body) as response,
+        session.post(f"{web_of(server).url}{path}", json=body) as response,
     ):
         return response.status, await response.json()
 
@@ -56,6 +63,50 @@ async def test_demo_endpoint_rejects_wrong_types_with_every_field(
     assert "action" in problem["violations"]
 
 
+async def test_demo_logout_frees_the_login_slot_that_grpc_counted(
+    pg_server: RunningServer,
+) -> None:
+    guard = await guard_client(pg_server)
+    service = pg_server.app.settings.guard_demo_service
+    login = await guard.evaluate(service, "login", account("web-out"), fingerprint("out"), IP)
+    assert login.verdict == pb.VERDICT_ALLOW
+    body = {"account": "web-out", "identity": login.identity}
+    assert await _post(pg_server, body, "/guard/logout") == (200, {"ended": True})
+    assert await _post(pg_server, body, "/guard/logout") == (200, {"ended": False})
+    assert not await guard.end_login(service, login.identity, account("web-out"))
+
+
+async def test_demo_leave_frees_the_room_slot_that_grpc_counted(pg_server: RunningServer) -> None:
+    guard = await guard_client(pg_server)
+    service = pg_server.app.settings.guard_demo_service
+    join = await guard.evaluate(
+        service, "collaborate", account("web-in"), fingerprint("in"), IP, room_id="web-room"
+    )
+    assert join.verdict == pb.VERDICT_ALLOW
+    body = {"account": "web-in", "identity": join.identity, "room_id": "web-room"}
+    assert await _post(pg_server, body, "/guard/leave") == (200, {"left": True})
+    assert not await guard.leave_room(service, "web-room", join.identity, account("web-in"))
+
+
+async def test_demo_logout_and_leave_reject_bad_fields_with_every_field(
+    pg_server: RunningServer,
+) -> None:
+    status, problem = await _post(pg_server, {"account": 7, "identity": 5}, "/guard/logout")
+    assert status == 400
+    assert set(problem["violations"]) == {"account", "identity"}
+    # Content is the guard's to check, as for gRPC's EndLogin and LeaveRoom.
+    status, problem = await _post(
+        pg_server, {"account": "a", "identity": "not-an-identity"}, "/guard/logout"
+    )
+    assert status == 400
+    assert set(problem["violations"]) == {"identity"}
+    status, problem = await _post(pg_server, {"identity": "0" * 32}, "/guard/leave")
+    assert status == 400
+    assert set(problem["violations"]) == {"account", "room_id"}
+    status, problem = await _post(pg_server, ["not", "an", "object"], "/guard/leave")
+    assert status == 400
+
+
 async def test_demo_endpoint_refuses_oversized_bodies(pg_server: RunningServer) -> None:
     async with (
         aiohttp.ClientSession() as session,
@@ -71,10 +122,18 @@ async def test_demo_endpoint_refuses_oversized_bodies(pg_server: RunningServer) 
 async def test_demo_pages_and_collector_are_served(pg_server: RunningServer) -> None:
     base = web_of(pg_server).url
     async with aiohttp.ClientSession() as session:
-        for path in ("/", "/demo/register", "/demo/login", "/demo/collaborate"):
+        for path, release in (
+            ("/", ""),
+            ("/demo/register", ""),
+            ("/demo/login", "/guard/logout"),
+            ("/demo/collaborate", "/guard/leave"),
+        ):
             async with session.get(base + path) as response:
                 assert response.status == 200
-                assert "<form" in await response.text() or path == "/"
+                page = await response.text()
+                assert "<form" in page or path == "/"
+                assert ('id="release"' in page) == bool(release)
+                assert release in page
         for path in ("/guard/static/collector.js", "/guard/static/fp.min.js"):
             async with session.get(base + path) as response:
                 assert response.status == 200

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from tether.server import digests
-from tether.server.app import build
+from tether.server.app import build, serve
 from tether.server.settings import Settings
 
 
@@ -21,3 +22,14 @@ async def test_server_refuses_an_unmigrated_database(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit, match="tether-server migrate"):
         await build(settings)
+
+
+async def test_server_names_the_setting_when_the_web_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        # Embedded defaults, as `make run` starts them, but with 8080 taken.
+        settings = Settings(listen="127.0.0.1:0", data_dir=tmp_path, http_listen=f"{host}:{port}")
+        with pytest.raises(SystemExit, match="TETHER_HTTP_LISTEN"):
+            await serve(settings)

@@ -185,7 +185,13 @@ async def build(settings: Settings) -> App:
 
 async def serve(settings: Settings) -> None:
     app = await build(settings)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        # Half started (a port taken, say): the gRPC server must stop while
+        # the loop runs, or its finalizer prints a traceback after the error.
+        await app.server.stop(0)
+        raise
     # What startup made (modules, SQL metadata, compiled statements) lives
     # as long as the process: out of the collector's sight, a full
     # collection no longer walks it, which otherwise paused every request

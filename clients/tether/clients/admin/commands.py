@@ -11,6 +11,7 @@ import grpc
 from tether.admin.v1 import messages_pb2 as pb
 from tether.admin.v1.service_pb2_grpc import AdminStub
 from tether.clients.cli import print_message
+from tether.clients.paging import every
 
 POLICIES = {"refuse": pb.REBIND_POLICY_REFUSE, "move": pb.REBIND_POLICY_MOVE}
 KINDS = {
@@ -73,14 +74,11 @@ async def create_partner(args: argparse.Namespace, channel: grpc.aio.Channel) ->
 
 async def list_partners(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     stub = AdminStub(channel)
-    token = ""
-    while True:
-        page = await stub.ListPartners(pb.ListPartnersRequest(page_size=500, page_token=token))
-        for partner in page.partners:
-            print_message(partner)
-        token = page.next_page_token
-        if not token:
-            return
+    async for partner in every(
+        lambda token: stub.ListPartners(pb.ListPartnersRequest(page_size=500, page_token=token)),
+        lambda page: page.partners,
+    ):
+        print_message(partner)
 
 
 async def set_rebind(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
@@ -115,16 +113,13 @@ async def create_credential(args: argparse.Namespace, channel: grpc.aio.Channel)
 
 async def list_credentials(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     stub = AdminStub(channel)
-    token = ""
-    while True:
-        page = await stub.ListCredentials(
+    async for credential in every(
+        lambda token: stub.ListCredentials(
             pb.ListCredentialsRequest(partner_id=args.partner, page_size=500, page_token=token)
-        )
-        for credential in page.credentials:
-            print_message(credential)
-        token = page.next_page_token
-        if not token:
-            return
+        ),
+        lambda page: page.credentials,
+    ):
+        print_message(credential)
 
 
 async def revoke_credential(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:

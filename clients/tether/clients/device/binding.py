@@ -19,6 +19,7 @@ from tether.binding.v1 import messages_pb2 as pb
 from tether.binding.v1.service_pb2_grpc import BindingStub
 from tether.clients import accounts
 from tether.clients.cli import print_message
+from tether.clients.paging import every
 from tether.common.v1 import types_pb2 as types
 
 
@@ -46,23 +47,19 @@ class DeviceBinding:
         )
         return response
 
-    async def bindings(self, include_revoked: bool = False) -> AsyncIterator[pb.AccountBinding]:
+    def bindings(self, include_revoked: bool = False) -> AsyncIterator[pb.AccountBinding]:
         """Every binding of this device, newest first, fetched page by page."""
-        token = ""
-        while True:
-            page: pb.ListBindingsResponse = await self._stub.ListBindings(
+        return every(
+            lambda token: self._stub.ListBindings(
                 pb.ListBindingsRequest(
                     device=self.device,
                     include_revoked=include_revoked,
                     page_size=500,
                     page_token=token,
                 )
-            )
-            for binding in page.bindings:
-                yield binding
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.bindings,
+        )
 
     async def unbind(self, binding_id: str, request_id: str | None = None) -> pb.AccountBinding:
         response: pb.UnbindResponse = await self._stub.Unbind(

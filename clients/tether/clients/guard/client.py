@@ -5,12 +5,13 @@ tether.clients.errors.details_of)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format
 
+from tether.clients.paging import every
 from tether.common.v1 import types_pb2
 from tether.guard.v1 import messages_pb2 as pb
 from tether.guard.v1.service_pb2_grpc import FingerprintGuardStub
@@ -97,17 +98,13 @@ class GuardClient:
     async def get_policy(self, service_id: str) -> pb.Policy:
         return (await self.stub.GetPolicy(pb.GetPolicyRequest(service_id=service_id))).policy
 
-    async def list_policies(self) -> AsyncIterator[pb.Policy]:
-        token = ""
-        while True:
-            page = await self.stub.ListPolicies(
+    def list_policies(self) -> AsyncIterator[pb.Policy]:
+        return every(
+            lambda token: self.stub.ListPolicies(
                 pb.ListPoliciesRequest(page_size=500, page_token=token)
-            )
-            for policy in page.policies:
-                yield policy
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.policies,
+        )
 
     async def set_policy(
         self,
@@ -130,37 +127,28 @@ class GuardClient:
         self, identity: str, service_id: str = ""
     ) -> AsyncIterator[pb.IdentityLink]:
         """Every link of an identity, newest first, page after page."""
-        return _links(
+        return every(
             lambda token: self.stub.ListIdentityAccounts(
                 pb.ListIdentityAccountsRequest(
                     identity=identity, service_id=service_id, page_size=500, page_token=token
                 )
-            )
+            ),
+            lambda page: page.links,
         )
 
     def account_identities(
         self, account: types_pb2.Account, service_id: str = ""
     ) -> AsyncIterator[pb.IdentityLink]:
         """Every link of an account, newest first, page after page."""
-        return _links(
+        return every(
             lambda token: self.stub.ListAccountIdentities(
                 pb.ListAccountIdentitiesRequest(
                     account=account, service_id=service_id, page_size=500, page_token=token
                 )
-            )
+            ),
+            lambda page: page.links,
         )
 
     async def rebuild(self, service_id: str = "") -> int:
         response = await self.stub.RebuildCounters(pb.RebuildCountersRequest(service_id=service_id))
         return response.entries_restored
-
-
-async def _links(page_of: Callable[[str], Awaitable[Any]]) -> AsyncIterator[pb.IdentityLink]:
-    token = ""
-    while True:
-        page = await page_of(token)
-        for link in page.links:
-            yield link
-        token = page.next_page_token
-        if not token:
-            return

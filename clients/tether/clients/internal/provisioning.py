@@ -4,11 +4,12 @@ replay of dead instructions."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime
 
 import grpc
 
+from tether.clients.paging import every, pages
 from tether.common.v1 import types_pb2 as types
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.provisioning.v1.service_pb2_grpc import ProvisioningStub
@@ -18,7 +19,7 @@ class InternalProvisioning:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.stub = ProvisioningStub(channel)
 
-    async def usage(
+    def usage(
         self,
         start: datetime,
         end: datetime,
@@ -41,33 +42,29 @@ class InternalProvisioning:
         )
         request.start_time.FromDatetime(start)
         request.end_time.FromDatetime(end)
-        while True:
-            page = await self.stub.QueryUsage(request)
-            yield page
-            if not page.next_page_token:
-                return
-            request.page_token = page.next_page_token
+
+        def fetch(token: str) -> Awaitable[pb.QueryUsageResponse]:
+            request.page_token = token
+            return self.stub.QueryUsage(request)
+
+        return pages(fetch)
 
     async def pipeline(self, partner_id: str = "") -> pb.GetPipelineResponse:
         return await self.stub.GetPipeline(pb.GetPipelineRequest(partner_id=partner_id))
 
-    async def instructions(
+    def instructions(
         self,
         partner_id: str,
         state: pb.InstructionState.ValueType = pb.INSTRUCTION_STATE_UNSPECIFIED,
     ) -> AsyncIterator[pb.InstructionRecord]:
-        token = ""
-        while True:
-            page = await self.stub.ListInstructions(
+        return every(
+            lambda token: self.stub.ListInstructions(
                 pb.ListInstructionsRequest(
                     partner_id=partner_id, state=state, page_size=500, page_token=token
                 )
-            )
-            for record in page.instructions:
-                yield record
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.instructions,
+        )
 
     async def replay(self, instruction_id: str) -> pb.InstructionRecord:
         response = await self.stub.ReplayInstruction(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from tether.binding.v1 import messages_pb2 as pb
 from tether.binding.v1.service_pb2_grpc import BindingStub
 from tether.clients import accounts
 from tether.clients.cli import print_message
+from tether.clients.paging import every
 from tether.common.v1 import types_pb2 as types
 
 DEFAULT_BATCH = 5000
@@ -91,41 +92,31 @@ class PartnerBinding:
         )
         return response
 
-    async def entries(self, page_size: int = 1000) -> AsyncIterator[pb.EligibleAccount]:
-        token = ""
-        while True:
-            page: pb.ListEligibleAccountsResponse = await self._stub.ListEligibleAccounts(
+    def entries(self, page_size: int = 1000) -> AsyncIterator[pb.EligibleAccount]:
+        return every(
+            lambda token: self._stub.ListEligibleAccounts(
                 pb.ListEligibleAccountsRequest(
                     partner_id=self.partner_id, page_size=page_size, page_token=token
                 )
-            )
-            for entry in page.entries:
-                yield entry
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.entries,
+        )
 
-    async def bindings(
+    def bindings(
         self, account: types.Account | None = None, include_revoked: bool = False
     ) -> AsyncIterator[pb.AccountBinding]:
         """The partner's bindings (of one account, if given), newest first."""
-        token = ""
-        while True:
-            request = pb.ListBindingsRequest(
-                include_revoked=include_revoked, page_size=500, page_token=token
-            )
-            if account is not None:
-                request.account.CopyFrom(
-                    pb.PartnerAccount(partner_id=self.partner_id, account=account)
-                )
-            else:
-                request.partner_id = self.partner_id
-            page: pb.ListBindingsResponse = await self._stub.ListBindings(request)
-            for binding in page.bindings:
-                yield binding
-            token = page.next_page_token
-            if not token:
-                return
+        request = pb.ListBindingsRequest(include_revoked=include_revoked, page_size=500)
+        if account is not None:
+            request.account.CopyFrom(pb.PartnerAccount(partner_id=self.partner_id, account=account))
+        else:
+            request.partner_id = self.partner_id
+
+        def fetch(token: str) -> Awaitable[pb.ListBindingsResponse]:
+            request.page_token = token
+            return self._stub.ListBindings(request)
+
+        return every(fetch, lambda page: page.bindings)
 
 
 def _batches(

@@ -93,14 +93,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
         violations = Violations()
         idempotency.check_request_id(request.request_id, violations)  # type: ignore[attr-defined]
         violations.raise_if_any()
-        return await idempotency.run_once(
-            self._db,
-            caller,
-            method=method,
-            request=request,
-            response_type=response_type,
-            work=work,
-        )
+        return await idempotency.Once(self._db, caller, method, request, response_type).run(work)
 
     async def CreatePartner(
         self, request: pb.CreatePartnerRequest, context: Context

@@ -118,18 +118,11 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
                 await limit
             return pb.ReportAccountUseResponse(outcomes=[messages.outcome_pb(o) for o in outcomes])
 
-        async def general() -> pb.ReportAccountUseResponse:
-            return await idempotency.run_once(
-                self._db,
-                caller,
-                method="binding.ReportAccountUse",
-                request=request,
-                response_type=pb.ReportAccountUseResponse,
-                work=work,
-            )
-
+        once = idempotency.Once(
+            self._db, caller, "binding.ReportAccountUse", request, pb.ReportAccountUseResponse
+        )
         if not self._reporter.runs_direct(report, postgres=not self._db.is_sqlite):
-            return await general()
+            return await once.run(work)
 
         async def direct(
             connection: AsyncConnection,
@@ -146,15 +139,7 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
 
         # The common case (new bindings) without an ORM session; anything
         # else goes the general way.
-        return await idempotency.run_once_direct(
-            self._db,
-            caller,
-            method="binding.ReportAccountUse",
-            request=request,
-            response_type=pb.ReportAccountUseResponse,
-            work=direct,
-            general=general,
-        )
+        return await once.run_direct(direct, general=lambda: once.run(work))
 
     def _scope(self, caller: Principal, device_pb: Any, violations: Violations) -> bindings.Scope:
         """What a caller may see: its partner, or the device it names."""
@@ -238,14 +223,8 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             )
             return pb.UnbindResponse(binding=messages.binding_pb(row))
 
-        return await idempotency.run_once(
-            self._db,
-            caller,
-            method="binding.Unbind",
-            request=request,
-            response_type=pb.UnbindResponse,
-            work=work,
-        )
+        once = idempotency.Once(self._db, caller, "binding.Unbind", request, pb.UnbindResponse)
+        return await once.run(work)
 
     async def AddEligibleAccounts(
         self, request: pb.AddEligibleAccountsRequest, context: Context

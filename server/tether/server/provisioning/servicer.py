@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from typing import Any
@@ -283,14 +282,10 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
             )
             return pb.FetchInstructionsResponse(instructions=[m.instruction_pb(r) for r in rows])
 
-        return await idempotency.run_once(
-            self._db,
-            caller,
-            method="FetchInstructions",
-            request=request,
-            response_type=pb.FetchInstructionsResponse,
-            work=work,
+        once = idempotency.Once(
+            self._db, caller, "FetchInstructions", request, pb.FetchInstructionsResponse
         )
+        return await once.run(work)
 
     async def ConfirmInstruction(
         self, request: pb.ConfirmInstructionRequest, context: Context
@@ -380,14 +375,8 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
             count = await self._report_usage(caller, device, request.report, session)
             return pb.ReportUsageResponse(recorded_count=count)
 
-        return await idempotency.run_once(
-            self._db,
-            caller,
-            method="ReportUsage",
-            request=request,
-            response_type=pb.ReportUsageResponse,
-            work=work,
-        )
+        once = idempotency.Once(self._db, caller, "ReportUsage", request, pb.ReportUsageResponse)
+        return await once.run(work)
 
     async def _report_usage(
         self, caller: Principal, device: list[bytes], report: pb.UsageReport, session: Any
@@ -408,41 +397,16 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         violations.raise_if_any()
         assert binding_id is not None
         source = "device" if caller.kind is CallerKind.DEVICE else "partner"
+
+        async def record(into: Any) -> int:
+            binding, _ = await entitlements.of_binding(into, binding_id, report.service_id)
+            _scoped_binding(binding, caller, device)
+            return await usage.record(into, binding, report.service_id, source, events)
+
         if session is None:
             async with self._db.transaction() as own:
-                return await self._record(
-                    own,
-                    caller=caller,
-                    device=device,
-                    binding_id=binding_id,
-                    report=report,
-                    source=source,
-                    events=events,
-                )
-        return await self._record(
-            session,
-            caller=caller,
-            device=device,
-            binding_id=binding_id,
-            report=report,
-            source=source,
-            events=events,
-        )
-
-    async def _record(
-        self,
-        session: Any,
-        *,
-        caller: Principal,
-        device: list[bytes],
-        binding_id: uuid.UUID,
-        report: pb.UsageReport,
-        source: str,
-        events: list[usage.Event],
-    ) -> int:
-        binding, _ = await entitlements.of_binding(session, binding_id, report.service_id)
-        _scoped_binding(binding, caller, device)
-        return await usage.record(session, binding, report.service_id, source, events)
+                return await record(own)
+        return await record(session)
 
     async def QueryDeviceUsage(
         self, request: pb.QueryDeviceUsageRequest, context: Context
@@ -640,14 +604,10 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
             await session.flush()
             return pb.ReplayInstructionResponse(instruction=m.record_pb(row))
 
-        return await idempotency.run_once(
-            self._db,
-            caller,
-            method="ReplayInstruction",
-            request=request,
-            response_type=pb.ReplayInstructionResponse,
-            work=work,
+        once = idempotency.Once(
+            self._db, caller, "ReplayInstruction", request, pb.ReplayInstructionResponse
         )
+        return await once.run(work)
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Component:

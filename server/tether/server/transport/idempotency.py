@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import LargeBinary, String, bindparam
@@ -91,40 +91,17 @@ def _store_statement(dialect: Dialect) -> CompiledStatement:
     return statement
 
 
-async def _store(
-    connection: AsyncConnection,
-    principal: Principal,
-    *,
-    method: str,
-    request_id: str,
-    digest: bytes,
-    response: Message,
-) -> None:
-    stored = await _store_statement(connection.dialect).execute(
-        connection,
-        credential_id=principal.credential_id,
-        method=method,
-        request_id=request_id,
-        request_hash=digest,
-        response=response.SerializeToString(),
-        create_time=utcnow(),
-    )
-    if stored.first() is None:
-        raise _AnsweredBefore
+class Fallback(Exception):
+    """Raised by the work of Once.run_direct: run the call on the general path."""
 
 
-async def run_once(
-    db: Database,
-    principal: Principal,
-    *,
-    method: str,
-    request: Message,
-    response_type: type[Response],
-    work: Callable[[AsyncSession], Awaitable[Response]],
-) -> Response:
-    """Runs work(session) at most once per (caller, method, request_id).
+# What direct work returns: the answer, and what to do once it has committed.
+DirectWork = Callable[[AsyncConnection], Awaitable[tuple[Response, Callable[[], None]]]]
 
-    request must have a string field `request_id`, already validated.
+
+class Once(Generic[Response]):
+    """One mutating call made safe to retry: who calls, which method, which
+    request (its request_id already validated), and the answer's type.
 
     Optimistic: first requests, the common case, do their work and store the
     answer with no lookup first. A repeated request does its work again,
@@ -132,107 +109,81 @@ async def run_once(
     the stored answer; so does one whose second run fails, e.g. an unbind of
     a binding the first run revoked.
     """
-    request_id: str = request.request_id  # type: ignore[attr-defined]
-    digest = _body_hash(request)
-    try:
-        async with db.transaction() as session:
-            response = await work(session)
-            await _store(
-                await session.connection(),
-                principal,
-                method=method,
-                request_id=request_id,
-                digest=digest,
-                response=response,
-            )
-            return response
-    except (_AnsweredBefore, IntegrityError, TetherError) as exc:
-        return await _earlier_answer(
-            exc,
-            db,
-            principal,
-            method=method,
-            request_id=request_id,
-            digest=digest,
-            response_type=response_type,
+
+    __slots__ = ("_db", "_digest", "_method", "_principal", "_request_id", "_response_type")
+
+    def __init__(
+        self,
+        db: Database,
+        principal: Principal,
+        method: str,
+        request: Message,
+        response_type: type[Response],
+    ) -> None:
+        self._db = db
+        self._principal = principal
+        # Stored with each answer: renaming a method forgets its answers.
+        self._method = method
+        self._request_id: str = request.request_id  # type: ignore[attr-defined]
+        self._digest = _body_hash(request)
+        self._response_type = response_type
+
+    async def run(self, work: Callable[[AsyncSession], Awaitable[Response]]) -> Response:
+        """Runs work(session) at most once per (caller, method, request_id)."""
+        try:
+            async with self._db.transaction() as session:
+                response = await work(session)
+                await self._store(await session.connection(), response)
+                return response
+        except (_AnsweredBefore, IntegrityError, TetherError) as exc:
+            return await self._earlier_answer(exc)
+
+    async def run_direct(
+        self, work: DirectWork[Response], general: Callable[[], Awaitable[Response]]
+    ) -> Response:
+        """run for a hot call's fast path, on a bare connection.
+
+        No ORM session: its set-up, flush checks and events cost more CPU than
+        a one-statement call's own work. work(connection) raises Fallback when
+        it cannot finish without a session; its transaction then rolls back and
+        general() (which should use run) runs the call instead. The guarantees
+        are run's: the answer is stored in the transaction of the change, and a
+        repeat gets the first answer back.
+        """
+        try:
+            async with self._db.engine.begin() as connection:
+                response, committed = await work(connection)
+                await self._store(connection, response)
+        except Fallback:
+            return await general()
+        except (_AnsweredBefore, IntegrityError, TetherError) as exc:
+            return await self._earlier_answer(exc)
+        committed()
+        return response
+
+    async def _store(self, connection: AsyncConnection, response: Message) -> None:
+        stored = await _store_statement(connection.dialect).execute(
+            connection,
+            credential_id=self._principal.credential_id,
+            method=self._method,
+            request_id=self._request_id,
+            request_hash=self._digest,
+            response=response.SerializeToString(),
+            create_time=utcnow(),
         )
+        if stored.first() is None:
+            raise _AnsweredBefore
 
-
-class Fallback(Exception):
-    """Raised by the work of run_once_direct: run the call on the general path."""
-
-
-# What direct work returns: the answer, and what to do once it has committed.
-DirectWork = Callable[[AsyncConnection], Awaitable[tuple[Response, Callable[[], None]]]]
-
-
-async def run_once_direct(
-    db: Database,
-    principal: Principal,
-    *,
-    method: str,
-    request: Message,
-    response_type: type[Response],
-    work: DirectWork[Response],
-    general: Callable[[], Awaitable[Response]],
-) -> Response:
-    """run_once for a hot call's fast path, on a bare connection.
-
-    No ORM session: its set-up, flush checks and events cost more CPU than
-    a one-statement call's own work. work(connection) raises Fallback when
-    it cannot finish without a session; its transaction then rolls back and
-    general() (which should use run_once) runs the call instead. The
-    guarantees are run_once's: the answer is stored in the transaction of
-    the change, and a repeat gets the first answer back.
-    """
-    request_id: str = request.request_id  # type: ignore[attr-defined]
-    digest = _body_hash(request)
-    try:
-        async with db.engine.begin() as connection:
-            response, committed = await work(connection)
-            await _store(
-                connection,
-                principal,
-                method=method,
-                request_id=request_id,
-                digest=digest,
-                response=response,
-            )
-    except Fallback:
-        return await general()
-    except (_AnsweredBefore, IntegrityError, TetherError) as exc:
-        return await _earlier_answer(
-            exc,
-            db,
-            principal,
-            method=method,
-            request_id=request_id,
-            digest=digest,
-            response_type=response_type,
-        )
-    committed()
-    return response
-
-
-async def _earlier_answer(
-    exc: Exception,
-    db: Database,
-    principal: Principal,
-    *,
-    method: str,
-    request_id: str,
-    digest: bytes,
-    response_type: type[Response],
-) -> Response:
-    """The stored answer of a repeated request; else exc raised again."""
-    async with db.sessions() as session:
-        key = (principal.credential_id, method, request_id)
-        earlier = await session.get(IdempotencyRecord, key)
-    if earlier is None:
-        if isinstance(exc, _AnsweredBefore):
-            raise AssertionError("stored answer vanished") from exc
-        raise exc
-    return _replay(earlier, digest, response_type)
+    async def _earlier_answer(self, exc: Exception) -> Response:
+        """The stored answer of a repeated request; else exc raised again."""
+        async with self._db.sessions() as session:
+            key = (self._principal.credential_id, self._method, self._request_id)
+            earlier = await session.get(IdempotencyRecord, key)
+        if earlier is None:
+            if isinstance(exc, _AnsweredBefore):
+                raise AssertionError("stored answer vanished") from exc
+            raise exc
+        return _replay(earlier, self._digest, self._response_type)
 
 
 def _replay(record: IdempotencyRecord, digest: bytes, response_type: type[Response]) -> Response:

@@ -1,17 +1,18 @@
 """The guard's web side: the page "carrying predetermined code" (document B).
 
 An aiohttp application in the server's own process and event loop serves the
-collector script, three demo pages (register, log in, join a room) and a
-JSON endpoint that runs the very same Guard.evaluate as the gRPC API, for
-the configured demo service only. Production front-ends keep their own pages
-and call Evaluate over gRPC with an internal credential; they can reuse
-collector.js as it is.
+collector script, three demo pages (register, log in, join a room) and JSON
+endpoints that run the very same Guard calls as the gRPC API (Evaluate,
+EndLogin, LeaveRoom), for the configured demo service only. Production
+front-ends keep their own pages and call the gRPC API with an internal
+credential; they can reuse collector.js as it is.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +43,27 @@ def demo_policy(service_id: str) -> policies.Policy:
     )
 
 
+@dataclass(frozen=True)
+class Page:
+    title: str
+    button: str
+    # The button that frees the slot again, and the endpoint it posts to.
+    release: tuple[str, str] | None = None
+
+
 PAGES = {
-    "register": ("Create an account", "Register"),
-    "login": ("Log in", "Log in"),
-    "collaborate": ("Join a room", "Join"),
+    "register": Page("Create an account", "Register"),
+    "login": Page("Log in", "Log in", ("Log out", "/guard/logout")),
+    "collaborate": Page("Join a room", "Join", ("Leave room", "/guard/leave")),
 }
 _STATUS = {
     errors.InvalidArgument: 400,
     errors.NotFound: 404,
     errors.Unavailable: 503,
 }
+
+# A JSON endpoint's work: the parsed body and the request in, the answer out.
+JsonWork = Callable[[Any, web.Request], Awaitable[dict[str, Any]]]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -99,7 +111,9 @@ class WebSide:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_get("/", self._index)
         app.router.add_get("/demo/{action}", self._page)
-        app.router.add_post("/guard/evaluate", self._evaluate)
+        app.router.add_post("/guard/evaluate", _json_endpoint(self._evaluate))
+        app.router.add_post("/guard/logout", _json_endpoint(self._logout))
+        app.router.add_post("/guard/leave", _json_endpoint(self._leave))
         app.router.add_static("/guard/static/", STATIC)
         return app
 
@@ -111,7 +125,15 @@ class WebSide:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, int(port))
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            # Say which setting to change (e.g. 8080 taken), not a traceback.
+            await self.stop()
+            raise SystemExit(
+                f"cannot listen on {self._settings.http_listen} for the guard's web side: "
+                f"{exc.strerror}; set TETHER_HTTP_LISTEN"
+            ) from exc
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
@@ -130,7 +152,7 @@ class WebSide:
 
     async def _index(self, request: web.Request) -> web.Response:
         links = "".join(
-            f'<li><a href="/demo/{action}">{title}</a></li>' for action, (title, _) in PAGES.items()
+            f'<li><a href="/demo/{action}">{page.title}</a></li>' for action, page in PAGES.items()
         )
         return web.Response(
             text=_shell("Tether guard demo", f"<ul>{links}</ul>"), content_type="text/html"
@@ -140,17 +162,24 @@ class WebSide:
         action = request.match_info["action"]
         if action not in PAGES:
             raise web.HTTPNotFound()
-        title, button = PAGES[action]
+        page = PAGES[action]
         room = (
             '<label>Room <input id="room" name="room" value="room-1" required></label>'
             if action == "collaborate"
+            else ""
+        )
+        release = (
+            f'<button id="release" type="button" data-endpoint="{page.release[1]}">'
+            f"{page.release[0]}</button>"
+            if page.release
             else ""
         )
         body = f"""
 <form id="guard-form" data-action="{action}">
   <label>Account <input id="account" name="account" required autocomplete="off"></label>
   {room}
-  <button id="submit" type="submit">{button}</button>
+  <button id="submit" type="submit">{page.button}</button>
+  {release}
 </form>
 <p id="result" role="status" hidden></p>
 <div id="refusal" role="alert" hidden>
@@ -159,30 +188,55 @@ class WebSide:
 </div>
 <script src="/guard/static/fp.min.js"></script>
 <script src="/guard/static/collector.js"></script>"""
-        return web.Response(text=_shell(title, body), content_type="text/html")
+        return web.Response(text=_shell(page.title, body), content_type="text/html")
 
-    async def _evaluate(self, request: web.Request) -> web.Response:
+    async def _evaluate(self, data: Any, request: web.Request) -> dict[str, Any]:
+        call = payload.parse(data)
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        verdict = await self._guard.evaluate(
+            EvaluateCall(
+                self._settings.guard_demo_service,
+                call.action,
+                call.account,
+                call.room_id,
+                call.components,
+                client_ip(request.remote, forwarded, self._trusted),
+            )
+        )
+        return payload.verdict_json(verdict)
+
+    async def _logout(self, data: Any, request: web.Request) -> dict[str, Any]:
+        slot = payload.parse_slot(data, room=False)
+        ended = await self._guard.end_login(
+            self._settings.guard_demo_service, slot.identity, slot.account
+        )
+        return {"ended": ended}
+
+    async def _leave(self, data: Any, request: web.Request) -> dict[str, Any]:
+        slot = payload.parse_slot(data, room=True)
+        left = await self._guard.leave_room(
+            self._settings.guard_demo_service, slot.room_id, slot.identity, slot.account
+        )
+        return {"left": left}
+
+
+def _json_endpoint(work: JsonWork) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A JSON POST handler: the body must be JSON; the guard's errors become
+    problems (an HTTP status, the message, every field violation)."""
+
+    async def handle(request: web.Request) -> web.Response:
         try:
             data: Any = await request.json()
         except ValueError:
             return _problem(400, "the body must be a JSON object")
         try:
-            call = payload.parse(data)
-            forwarded = request.headers.get("X-Forwarded-For", "")
-            verdict = await self._guard.evaluate(
-                EvaluateCall(
-                    self._settings.guard_demo_service,
-                    call.action,
-                    call.account,
-                    call.room_id,
-                    call.components,
-                    client_ip(request.remote, forwarded, self._trusted),
-                )
-            )
+            answer = await work(data, request)
         except errors.TetherError as exc:
             status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
             return _problem(status, exc.message, {v.field: v.description for v in exc.violations})
-        return web.json_response(payload.verdict_json(verdict))
+        return web.json_response(answer)
+
+    return handle
 
 
 def _problem(status: int, message: str, violations: dict[str, str] | None = None) -> web.Response:

@@ -1,15 +1,18 @@
 """The web side's JSON: checked for shape and types here, for content by
 the same validation as gRPC (Guard.evaluate).
 
-Request: {"action": "register" | "login" | "collaborate", "account": str,
-"room_id": str (collaborate only), "components": {FingerprintComponents'
+/guard/evaluate: {"action": "register" | "login" | "collaborate", "account":
+str, "room_id": str (collaborate only), "components": {FingerprintComponents'
 fields by their proto names}}. The client IP never comes from the body.
+
+/guard/logout and /guard/leave free a slot: {"account": str, "identity": str
+(the verdict's identity), "room_id": str (leave only)}.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 from tether.server.errors import Violations
 from tether.server.guard.identity import Components
@@ -35,6 +38,15 @@ class Call:
     account: AccountRef | None
     room_id: str
     components: Components | None
+
+
+@dataclass
+class Slot:
+    """What a log-out or a leave frees: one account's place for one identity."""
+
+    account: AccountRef | None
+    room_id: str
+    identity: str
 
 
 def _components(raw: Any, v: Violations) -> Components | None:
@@ -67,24 +79,51 @@ def _components(raw: Any, v: Violations) -> Components | None:
     return c
 
 
-def parse(data: Any) -> Call:
-    v = Violations()
+def _body(data: Any, v: Violations) -> dict[str, Any]:
     if not isinstance(data, dict):
         v.add("", "the body must be a JSON object")
         v.raise_if_any()
-    action_raw = data.get("action")
-    action = Action(action_raw) if action_raw in Action.__members__.values() else None
-    account_raw = data.get("account")
-    if account_raw is not None and not isinstance(account_raw, str):
+    return cast(dict[str, Any], data)
+
+
+def _text(data: dict[str, Any], name: str, v: Violations) -> str:
+    value = data.get(name, "")
+    if not isinstance(value, str):
+        v.add(name, "must be a string")
+        return ""
+    return value
+
+
+def _account(data: dict[str, Any], v: Violations) -> AccountRef | None:
+    """The demo's accounts are login ids; absent or empty: None (the guard
+    says it is required)."""
+    value = data.get("account")
+    if value is not None and not isinstance(value, str):
         v.add("account", "must be a string")
-    room_id = data.get("room_id", "")
-    if not isinstance(room_id, str):
-        v.add("room_id", "must be a string")
-        room_id = ""
-    components = _components(data.get("components"), v)
+    return AccountRef("login_id", value) if value and isinstance(value, str) else None
+
+
+def parse(data: Any) -> Call:
+    v = Violations()
+    body = _body(data, v)
+    action_raw: Any = body.get("action")
+    action = Action(action_raw) if action_raw in Action.__members__.values() else None
+    account = _account(body, v)
+    room_id = _text(body, "room_id", v)
+    components = _components(body.get("components"), v)
     v.raise_if_any()
-    account = AccountRef("login_id", account_raw) if account_raw else None
     return Call(action, account, room_id, components)
+
+
+def parse_slot(data: Any, *, room: bool) -> Slot:
+    """room: whether the slot is a room's (leave) or a log-in's (logout)."""
+    v = Violations()
+    body = _body(data, v)
+    account = _account(body, v)
+    room_id = _text(body, "room_id", v) if room else ""
+    identity = _text(body, "identity", v)
+    v.raise_if_any()
+    return Slot(account, room_id, identity)
 
 
 def verdict_json(verdict: Verdict) -> dict[str, Any]:

@@ -87,47 +87,96 @@
     target.textContent = text;
   }
 
+  // The identity of this browser's last verdict: logging out and leaving a
+  // room free the slot of that identity. Kept across page loads.
+  var IDENTITY_KEY = "tether.guard.identity";
+
+  function remember(identity) {
+    document.body.dataset.identity = identity;
+    try { localStorage.setItem(IDENTITY_KEY, identity); } catch (ignored) { /* private mode */ }
+  }
+
+  function remembered() {
+    try { return localStorage.getItem(IDENTITY_KEY) || ""; } catch (ignored) { return ""; }
+  }
+
+  // Posts body as JSON; the answer's JSON, or null after showing the problem.
+  async function post(url, body) {
+    document.body.dataset.guardState = "pending";
+    try {
+      var response = await fetch(url, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body)
+      });
+      var data = await response.json();
+      if (response.ok) return data;
+      show("refusal", data.error || "The request was not accepted.");
+    } catch (error) {
+      show("refusal", "Could not reach the server: " + error);
+    }
+    document.body.dataset.guardState = "error";
+    return null;
+  }
+
   var form = document.getElementById("guard-form");
   if (!form) return;
   var fingerprint = collect();
   window.tetherFingerprint = fingerprint;
+  var action = form.dataset.action;
+  var known = remembered();
+  if (known) document.body.dataset.identity = known;
+
+  function account() {
+    return document.getElementById("account").value;
+  }
+
+  function roomId() {
+    var room = document.getElementById("room");
+    return room ? room.value : "";
+  }
 
   form.addEventListener("submit", async function (event) {
     event.preventDefault();
-    var action = form.dataset.action;
-    var account = document.getElementById("account").value;
-    var room = document.getElementById("room");
-    document.body.dataset.guardState = "pending";
-    try {
-      var response = await fetch("/guard/evaluate", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({
-          action: action,
-          account: account,
-          room_id: room ? room.value : "",
-          components: await fingerprint
-        })
-      });
-      var data = await response.json();
-      if (!response.ok) {
-        show("refusal", data.error || "The request was not accepted.");
-        document.body.dataset.guardState = "error";
-        return;
-      }
-      if (data.verdict === "allow") {
-        var done = { register: "registered", login: "logged in", collaborate: "joined the room" };
-        var note = data.limit ? " (" + data.count + " of " + data.limit + " for this browser)" : "";
-        show("result", account + ": " + done[action] + note + ".");
-        document.body.dataset.guardState = "allow";
-      } else {
-        show("refusal", data.prompt);
-        document.body.dataset.guardState = "deny";
-      }
-      document.body.dataset.identity = data.identity;
-    } catch (error) {
-      show("refusal", "Could not reach the server: " + error);
-      document.body.dataset.guardState = "error";
+    var name = account();
+    var data = await post("/guard/evaluate", {
+      action: action,
+      account: name,
+      room_id: roomId(),
+      components: await fingerprint
+    });
+    if (!data) return;
+    if (data.verdict === "allow") {
+      var done = { register: "registered", login: "logged in", collaborate: "joined the room" };
+      var note = data.limit ? " (" + data.count + " of " + data.limit + " for this browser)" : "";
+      show("result", name + ": " + done[action] + note + ".");
+      document.body.dataset.guardState = "allow";
+    } else {
+      show("refusal", data.prompt);
+      document.body.dataset.guardState = "deny";
     }
+    remember(data.identity);
+  });
+
+  // Log out / leave the room: frees the account's slot for this browser.
+  var release = document.getElementById("release");
+  if (!release) return;
+  release.addEventListener("click", async function () {
+    var name = account();
+    var identity = document.body.dataset.identity;
+    if (!identity) {
+      show("result", "Nothing to free: this browser has not been admitted yet.");
+      document.body.dataset.guardState = "not-held";
+      return;
+    }
+    var body = { account: name, identity: identity };
+    if (action === "collaborate") body.room_id = roomId();
+    var data = await post(release.dataset.endpoint, body);
+    if (!data) return;
+    var freed = action === "collaborate" ? data.left : data.ended;
+    var done = { login: "logged out", collaborate: "left the room" };
+    var none = { login: "not logged in from this browser", collaborate: "not in the room" };
+    show("result", name + ": " + (freed ? done[action] : none[action]) + ".");
+    document.body.dataset.guardState = freed ? "released" : "not-held";
   });
 })();
