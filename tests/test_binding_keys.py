@@ -1,7 +1,9 @@
-"""Digest key rotation and import worker processes, each on a server of its own."""
+"""Digests, digest key rotation and import worker processes (each on a server of its own)."""
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +14,17 @@ from tests.support import RunningServer, start_server
 from tether.binding.v1 import messages_pb2 as pb
 from tether.common.v1 import types_pb2 as types
 from tether.server import digests
+
+
+@pytest.mark.parametrize("key_bytes", [32, 63, 64, 65, 200])
+def test_digests_are_hmac_sha256_of_kind_and_value(key_bytes: int) -> None:
+    """Stored digests stay findable: the digest is exactly HMAC-SHA256 under the key."""
+    key = digests.DigestKey("k", secrets.token_bytes(key_bytes))
+    for value in ("+4915112345678", "member-1", "", "ünïcode@example.com"):
+        expected = hmac.new(key.secret, f"phone_number:{value}".encode(), "sha256").digest()
+        assert key.digest("phone_number", value) == expected
+        # Twice: the precomputed key states must not carry one message into the next.
+        assert key.digest("phone_number", value) == expected
 
 
 @pytest.fixture

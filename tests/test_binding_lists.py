@@ -214,6 +214,16 @@ async def test_import_appends_and_reports_rejected_entries(any_server: RunningSe
     assert sum(e.partner_reference == "dup" for e in listed) == 1  # the last entry wins
 
 
+async def test_import_of_new_accounts_counts_every_batch(any_server: RunningServer) -> None:
+    partner_id, token = await any_server.partner()
+    await bs.add_accounts(any_server, token, [bs.member()])
+    response = await bs.stub(any_server, token).ImportEligibleAccounts(
+        stream(header(APPEND), *(batch(entries([bs.member() for _ in range(7)])) for _ in range(3)))
+    )
+    assert (response.received_count, response.imported_count) == (21, 21)
+    assert await bs.count_entries(any_server, partner_id) == 22
+
+
 async def test_import_keeps_the_last_entry_of_an_account_named_twice_in_a_batch(
     any_server: RunningServer,
 ) -> None:

@@ -16,6 +16,8 @@ from email_validator import EmailNotValidError, validate_email
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
 from stdnum import imei, meid
 
+from tether.server.binding import phone_validity
+
 ACCOUNT_KINDS = ("phone_number", "member_id", "email", "social_id", "login_id")
 TERMINAL_ID_KINDS = ("imei", "meid", "serial_number")
 
@@ -69,10 +71,12 @@ def _e164_fast(value: str) -> str | None:
     phonenumbers.parse spends most of its time on inputs this shape never
     has (letters, extensions, national formats). Here the country code is
     read directly and the number still goes through the full is_valid_number
-    check, so nothing invalid gets in. Whenever parse could read the digits
-    differently (a leading zero, a national prefix it might strip), or the
-    number looks invalid, we answer None and let parse decide, so both paths
-    always agree.
+    check (phone_validity's faster equivalent), so nothing invalid gets in.
+    Whenever parse could read the digits differently (a national prefix it
+    might strip), or the number looks invalid, we answer None and let parse
+    decide, so both paths always agree. Leading zeros (Italian numbers) need
+    no care: parse keeps them as "italian leading zero" state, and both
+    validation and E.164 formatting put them back in front of the digits.
     """
     digits = value[1:]
     for length in (1, 2, 3):
@@ -82,10 +86,9 @@ def _e164_fast(value: str) -> str | None:
             break
     else:
         return None
-    if not national or national[0] == "0" or _national_prefix(country_code, national):
+    if not national or _national_prefix(country_code, national):
         return None
-    number = phonenumbers.PhoneNumber(country_code=country_code, national_number=int(national))
-    if not phonenumbers.is_valid_number(number):
+    if not phone_validity.is_valid(country_code, national):
         return None
     return value
 
@@ -97,15 +100,15 @@ def _national_prefix(country_code: int, national: str) -> bool:
 @cache
 def _national_prefix_patterns(country_code: int) -> tuple[re.Pattern[str], ...]:
     """What parse may strip as a national prefix, for every region of the code."""
-    patterns = []
+    patterns: dict[str, None] = {}  # the distinct ones, in order: +1 has 25 regions of "1"
     for region in COUNTRY_CODE_TO_REGION_CODE[country_code]:
         metadata = PhoneMetadata.metadata_for_region_or_calling_code(country_code, region)
         if metadata is None:
             continue
         for prefix in (metadata.national_prefix_for_parsing, metadata.national_prefix):
             if prefix:
-                patterns.append(re.compile(prefix))
-    return tuple(patterns)
+                patterns[prefix] = None
+    return tuple(re.compile(prefix) for prefix in patterns)
 
 
 def _email(value: str) -> str:
