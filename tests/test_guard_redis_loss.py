@@ -1,5 +1,5 @@
 """Redis trouble: the policy's fail mode within the time bound, recovery,
-and rebuilding the counters from SQL. Each test runs its own redis-server,
+lost scripts, and rebuilding the counters from SQL. Each test runs its own redis-server,
 which it stops, freezes or flushes; the shared one is never touched."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio as redis
 
 from tests.guard_support import PrivateRedis, fingerprint, guard_client, new_service, private_redis
 from tests.support import RunningServer, expect_error, start_server
@@ -161,3 +162,45 @@ async def test_rebuild_after_flushall_restores_the_limits(
         assert verdict.verdict == pb.VERDICT_DENY, action
     again = await guard.evaluate(service, "register", account("f3"), browser, IP)
     assert again.reason == pb.VERDICT_REASON_ALREADY_COUNTED
+
+
+async def test_flushed_scripts_are_loaded_again_and_counting_goes_on(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=2)
+    assert (await _evaluate(guard, service, "s1")).count == 1
+    client = await redis_server.client()
+    try:
+        await client.script_flush()  # as after a restart or a failover
+    finally:
+        await client.aclose()
+    second = await _evaluate(guard, service, "s2")
+    assert (second.verdict, second.count, second.fail_open) == (pb.VERDICT_ALLOW, 2, False)
+    assert (await _evaluate(guard, service, "s3")).verdict == pb.VERDICT_DENY
+
+
+async def test_counters_use_the_urls_password_and_database(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with private_redis(tmp_path, password="s3cret", db=3) as redis_server:
+        running = await start_server(
+            database_url=postgres_url, redis_url=redis_server.url, data_dir=tmp_path / "data"
+        )
+        try:
+            guard = await guard_client(running)
+            service = await new_service(guard, register_limit=1)
+            first = await _evaluate(guard, service, "p1")
+            assert (first.verdict, first.fail_open) == (pb.VERDICT_ALLOW, False)
+            assert (await _evaluate(guard, service, "p2")).verdict == pb.VERDICT_DENY
+            pattern = f"tether:g:{service}:*"
+            in_3 = await redis_server.client()
+            in_0 = redis.Redis(port=redis_server.port, password="s3cret", db=0)
+            try:
+                assert await in_3.keys(pattern)
+                assert not await in_0.keys(pattern)
+            finally:
+                await in_3.aclose()
+                await in_0.aclose()
+        finally:
+            await running.stop()
