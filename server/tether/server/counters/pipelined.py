@@ -7,10 +7,11 @@ path's way to Redis: redis-py's client takes a pooled connection per command
 more per call than the script itself. The rest (rare calls, embedded mode's
 fakeredis, TLS and Unix sockets) keeps using redis-py.
 
-Callers bound each call themselves (asyncio.timeout). A call that is
-cancelled leaves the connection in doubt (its reply may still come), so the
-connection is dropped, failing the calls queued behind it, as redis-py does;
-the next call connects again.
+Callers bound each call themselves (asyncio.timeout). A cancelled call's
+reply is read and discarded when it comes, so one caller giving up (a
+client's deadline) disturbs no other. A caller whose bound passed drops the
+connection (drop()): a Redis that does not answer in time, or a network
+that went silent, leaves it in doubt; the next call connects again.
 """
 
 from __future__ import annotations
@@ -143,11 +144,7 @@ class PipelinedConnection:
         replies = self._replies
         if replies is None or replies.closed:
             replies = await self._open()
-        try:
-            return await replies.send(_pack(command))
-        except asyncio.CancelledError:
-            replies.close("a call was cancelled; its reply is in doubt")
-            raise
+        return await replies.send(_pack(command))
 
     async def _open(self) -> _Replies:
         async with self._opening:
@@ -166,10 +163,15 @@ class PipelinedConnection:
             self._replies = replies
             return replies
 
-    def close(self) -> None:
+    def drop(self, why: str) -> None:
+        """Closes the connection, failing the calls that wait on it; the
+        next call opens a new one."""
         if self._replies is not None:
-            self._replies.close("closed")
+            self._replies.close(why)
             self._replies = None
+
+    def close(self) -> None:
+        self.drop("closed")
 
 
 def _check_setup(reply: Any) -> None:

@@ -73,6 +73,10 @@ class GuardCounters:
             # One connection, no pool: no slots to queue for.
             async with asyncio.timeout(self._timeout):
                 return await self._pipelined.run_script(self._evaluate_script, keys, args)
+        except TimeoutError as exc:
+            # No answer within the bound: the connection is in doubt.
+            self._pipelined.drop("no answer within the time bound")
+            raise CountersDown("no answer within the time bound") from exc
         except _DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
 
