@@ -14,15 +14,25 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
-from tests.guard_support import PrivateRedis, fingerprint, guard_client, new_service, private_redis
+from tests.guard_support import (
+    PrivateRedis,
+    fingerprint,
+    guard_client,
+    guard_of,
+    new_service,
+    private_redis,
+)
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard.convert import components
+from tether.server.guard.service import AccountRef, Action, EvaluateCall
 
 IP = "198.51.100.7"
 # Generous: the server decides within TETHER_REDIS_TIMEOUT_SECONDS (0.25 s);
 # this deadline only turns a hang into a failure instead of a stuck test.
 NO_HANG = 10.0
+COMPONENTS = components(fingerprint("loss"), present=True)
 
 
 @pytest.fixture
@@ -204,3 +214,40 @@ async def test_counters_use_the_urls_password_and_database(
                 await in_0.aclose()
         finally:
             await running.stop()
+
+
+async def test_a_call_its_caller_gave_up_disturbs_no_other_call(
+    redis_server: PrivateRedis, postgres_url: str, tmp_path: Path
+) -> None:
+    running = await start_server(
+        database_url=postgres_url, redis_url=redis_server.url, data_dir=tmp_path / "data"
+    )
+    try:
+        guard = await guard_client(running)
+        service = await new_service(guard, register_limit=5)
+        await _evaluate(guard, service, "warm")  # the connection is open
+        domain = guard_of(running)
+        pipelined = domain.counters.pipelined
+        assert pipelined is not None
+
+        def call(name: str) -> EvaluateCall:
+            return EvaluateCall(
+                service, Action.REGISTER, AccountRef("login_id", name), "", COMPONENTS, IP
+            )
+
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            given_up = asyncio.create_task(domain.evaluate(call("given-up")))
+            waiting = asyncio.create_task(domain.evaluate(call("waiting")))
+            while pipelined.waiting < 2:  # both sent, on the one connection
+                await asyncio.sleep(0)
+            given_up.cancel()  # as a client's deadline does
+            with pytest.raises(asyncio.CancelledError):
+                await given_up
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        verdict = await asyncio.wait_for(waiting, NO_HANG)
+        assert (verdict.allowed, verdict.fail_open) == (True, False)
+    finally:
+        await running.stop()

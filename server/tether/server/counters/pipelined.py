@@ -47,7 +47,7 @@ class _Replies(asyncio.Protocol):
     def __init__(self) -> None:
         # Error replies come back as values (ResponseError), not raised.
         self._reader = hiredis.Reader(replyError=redis_errors.ResponseError)
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -60,7 +60,7 @@ class _Replies(asyncio.Protocol):
         reader.feed(data)
         try:
             while (reply := reader.gets()) is not False:
-                waiter = self._waiting.popleft()
+                waiter = self.waiting.popleft()
                 if not waiter.done():
                     waiter.set_result(reply)
         except (hiredis.ProtocolError, IndexError):
@@ -79,7 +79,7 @@ class _Replies(asyncio.Protocol):
         assert self._transport is not None
         waiter = asyncio.get_running_loop().create_future()
         self._transport.write(command)
-        self._waiting.append(waiter)
+        self.waiting.append(waiter)
         return waiter
 
     def close(self, why: str) -> None:
@@ -89,8 +89,8 @@ class _Replies(asyncio.Protocol):
 
     def _fail(self, why: str) -> None:
         self.closed = True
-        while self._waiting:
-            waiter = self._waiting.popleft()
+        while self.waiting:
+            waiter = self.waiting.popleft()
             if not waiter.done():
                 waiter.set_exception(redis_errors.ConnectionError(why))
 
@@ -162,6 +162,11 @@ class PipelinedConnection:
                 raise
             self._replies = replies
             return replies
+
+    @property
+    def waiting(self) -> int:
+        """Calls sent and not yet answered (or given up)."""
+        return 0 if self._replies is None else len(self._replies.waiting)
 
     def drop(self, why: str) -> None:
         """Closes the connection, failing the calls that wait on it; the

@@ -52,7 +52,7 @@ class GuardCounters:
         self._client = client
         self._timeout = timeout_seconds
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
-        self._pipelined = pipelined
+        self.pipelined = pipelined
         self._evaluate_script = Script(lua.GUARD_EVALUATE)
         self._evaluate = client.register_script(lua.GUARD_EVALUATE)
         self._renew = client.register_script(lua.GUARD_RENEW)
@@ -68,14 +68,14 @@ class GuardCounters:
                 raise CountersDown(str(exc) or type(exc).__name__) from exc
 
     async def _call_pipelined(self, keys: list[str], args: list[bytes | int]) -> Any:
-        assert self._pipelined is not None
+        assert self.pipelined is not None
         try:
             # One connection, no pool: no slots to queue for.
             async with asyncio.timeout(self._timeout):
-                return await self._pipelined.run_script(self._evaluate_script, keys, args)
+                return await self.pipelined.run_script(self._evaluate_script, keys, args)
         except TimeoutError as exc:
             # No answer within the bound: the connection is in doubt.
-            self._pipelined.drop("no answer within the time bound")
+            self.pipelined.drop("no answer within the time bound")
             raise CountersDown("no answer within the time bound") from exc
         except _DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
@@ -93,7 +93,7 @@ class GuardCounters:
             int(record_over),
             int(extend),
         ]
-        if self._pipelined is not None:
+        if self.pipelined is not None:
             reply = await self._call_pipelined(keys, args)
         else:
             reply = await self._call(self._evaluate(keys=keys, args=args))
@@ -101,8 +101,8 @@ class GuardCounters:
         return Count(allowed == 1, already == 1, int(count), int(expire_ms))
 
     def close(self) -> None:
-        if self._pipelined is not None:
-            self._pipelined.close()
+        if self.pipelined is not None:
+            self.pipelined.close()
 
     async def remove(self, key: str, field: bytes) -> bool:
         return bool(await self._call(self._client.hdel(key, field)))
