@@ -80,10 +80,13 @@ class PrivateRedis:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    password: str = ""
+    db: int = 0
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{self.db}"
 
     async def start(self) -> None:
         binary = shutil.which("redis-server")
@@ -101,6 +104,7 @@ class PrivateRedis:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -128,8 +132,10 @@ class PrivateRedis:
 
 
 @asynccontextmanager
-async def private_redis(workdir: Path) -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis(free_port(), workdir)
+async def private_redis(
+    workdir: Path, password: str = "", db: int = 0
+) -> AsyncIterator[PrivateRedis]:
+    server = PrivateRedis(free_port(), workdir, password=password, db=db)
     await server.start()
     try:
         yield server

@@ -1,5 +1,5 @@
 """Redis trouble: the policy's fail mode within the time bound, recovery,
-and rebuilding the counters from SQL. Each test runs its own redis-server,
+lost scripts, and rebuilding the counters from SQL. Each test runs its own redis-server,
 which it stops, freezes or flushes; the shared one is never touched."""
 
 from __future__ import annotations
@@ -12,16 +12,27 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio as redis
 
-from tests.guard_support import PrivateRedis, fingerprint, guard_client, new_service, private_redis
+from tests.guard_support import (
+    PrivateRedis,
+    fingerprint,
+    guard_client,
+    guard_of,
+    new_service,
+    private_redis,
+)
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard.convert import components
+from tether.server.guard.service import AccountRef, Action, EvaluateCall
 
 IP = "198.51.100.7"
 # Generous: the server decides within TETHER_REDIS_TIMEOUT_SECONDS (0.25 s);
 # this deadline only turns a hang into a failure instead of a stuck test.
 NO_HANG = 10.0
+COMPONENTS = components(fingerprint("loss"), present=True)
 
 
 @pytest.fixture
@@ -161,3 +172,83 @@ async def test_rebuild_after_flushall_restores_the_limits(
         assert verdict.verdict == pb.VERDICT_DENY, action
     again = await guard.evaluate(service, "register", account("f3"), browser, IP)
     assert again.reason == pb.VERDICT_REASON_ALREADY_COUNTED
+
+
+async def test_flushed_scripts_are_loaded_again_and_counting_goes_on(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=2)
+    assert (await _evaluate(guard, service, "s1")).count == 1
+    client = await redis_server.client()
+    try:
+        await client.script_flush()  # as after a restart or a failover
+    finally:
+        await client.aclose()
+    second = await _evaluate(guard, service, "s2")
+    assert (second.verdict, second.count, second.fail_open) == (pb.VERDICT_ALLOW, 2, False)
+    assert (await _evaluate(guard, service, "s3")).verdict == pb.VERDICT_DENY
+
+
+async def test_counters_use_the_urls_password_and_database(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with private_redis(tmp_path, password="s3cret", db=3) as redis_server:
+        running = await start_server(
+            database_url=postgres_url, redis_url=redis_server.url, data_dir=tmp_path / "data"
+        )
+        try:
+            guard = await guard_client(running)
+            service = await new_service(guard, register_limit=1)
+            first = await _evaluate(guard, service, "p1")
+            assert (first.verdict, first.fail_open) == (pb.VERDICT_ALLOW, False)
+            assert (await _evaluate(guard, service, "p2")).verdict == pb.VERDICT_DENY
+            pattern = f"tether:g:{service}:*"
+            in_3 = await redis_server.client()
+            in_0 = redis.Redis(port=redis_server.port, password="s3cret", db=0)
+            try:
+                assert await in_3.keys(pattern)
+                assert not await in_0.keys(pattern)
+            finally:
+                await in_3.aclose()
+                await in_0.aclose()
+        finally:
+            await running.stop()
+
+
+async def test_a_call_its_caller_gave_up_disturbs_no_other_call(
+    redis_server: PrivateRedis, postgres_url: str, tmp_path: Path
+) -> None:
+    running = await start_server(
+        database_url=postgres_url, redis_url=redis_server.url, data_dir=tmp_path / "data"
+    )
+    try:
+        guard = await guard_client(running)
+        service = await new_service(guard, register_limit=5)
+        await _evaluate(guard, service, "warm")  # the connection is open
+        domain = guard_of(running)
+        pipelined = domain.counters.pipelined
+        assert pipelined is not None
+
+        def call(name: str) -> EvaluateCall:
+            return EvaluateCall(
+                service, Action.REGISTER, AccountRef("login_id", name), "", COMPONENTS, IP
+            )
+
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            given_up = asyncio.create_task(domain.evaluate(call("given-up")))
+            waiting = asyncio.create_task(domain.evaluate(call("waiting")))
+            # Each task runs until it awaits its reply: one turn of the loop.
+            await asyncio.sleep(0)
+            assert pipelined.waiting == 2  # both sent, on the one connection
+            given_up.cancel()  # as a client's deadline does
+            with pytest.raises(asyncio.CancelledError):
+                await given_up
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        verdict = await asyncio.wait_for(waiting, NO_HANG)
+        assert (verdict.allowed, verdict.fail_open) == (True, False)
+    finally:
+        await running.stop()

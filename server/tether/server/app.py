@@ -26,7 +26,6 @@ from tether.server.runtime import Runtime
 from tether.server.settings import Settings
 from tether.server.storage import migrate
 from tether.server.storage.database import Database
-from tether.server.transport.interceptor import ServerInterceptor
 from tether.server.transport.registration import GenericHandlersOnly
 
 log = logs.get(__name__)
@@ -153,13 +152,13 @@ async def build(settings: Settings) -> App:
         await _bootstrap_embedded_admin(settings, db)
 
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(runtime.credentials)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
-    services = GenericHandlersOnly(server)
+    # Every call is authenticated by the handler GenericHandlersOnly puts in front.
+    services = GenericHandlersOnly(server, runtime.credentials)
     components: list[Component] = []
     for area in _areas():
         component: Component = area.register(services, runtime)  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from tether.server.guard.identity import Components
 from tether.server.guard.policies import ENFORCE, FAIL_CLOSED, FAIL_OPEN, SHADOW, Policy
 from tether.server.guard.service import AccountRef, Action, Reason, Verdict
 from tether.server.guard.tables import GuardLink
-from tether.server.transport.convert import timestamp
+from tether.server.transport.convert import timestamp, timestamp_of_ms
 
 _ACCOUNT_KINDS = {
     types_pb2.ACCOUNT_KIND_PHONE_NUMBER: "phone_number",
@@ -86,11 +86,11 @@ def verdict(value: Verdict) -> pb.EvaluateResponse:
         verdict=pb.VERDICT_ALLOW if value.allowed else pb.VERDICT_DENY,
         reason=_REASONS[value.reason],
         identity=value.identity,
-        count=value.count,
+        count=value.counted,
         limit=value.limit,
         would_deny=value.would_deny,
         fail_open=value.fail_open,
-        expire_time=timestamp(value.expire_time),
+        expire_time=timestamp_of_ms(value.expire_ms),
     )
 
 

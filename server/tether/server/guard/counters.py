@@ -9,14 +9,14 @@ error is a bug and propagates as one.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as redis
 from redis import exceptions as redis_errors
 
 from tether.server.counters import lua
 from tether.server.counters.connection import MAX_CONNECTIONS
+from tether.server.counters.pipelined import PipelinedConnection, Script
 
 FOREVER_MS = 9007199254740991
 # The shared pool refuses calls beyond its size: the guard queues its own
@@ -35,20 +35,25 @@ class CountersDown(Exception):
     """Redis did not answer within the bound."""
 
 
-@dataclass(frozen=True)
-class Count:
+class Count(NamedTuple):
     allowed: bool
     already_counted: bool
-    count: int
+    # Accounts counted for the identity (NamedTuple keeps `count` for tuple.count).
+    counted: int
     # Unix ms; FOREVER_MS for no expiry; 0 when nothing was recorded.
     expire_ms: int
 
 
 class GuardCounters:
-    def __init__(self, client: redis.Redis, timeout_seconds: float) -> None:
+    def __init__(
+        self, client: redis.Redis, timeout_seconds: float, pipelined: PipelinedConnection | None
+    ) -> None:
+        """pipelined: the evaluate script's connection; None: through client."""
         self._client = client
         self._timeout = timeout_seconds
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        self.pipelined = pipelined
+        self._evaluate_script = Script(lua.GUARD_EVALUATE)
         self._evaluate = client.register_script(lua.GUARD_EVALUATE)
         self._renew = client.register_script(lua.GUARD_RENEW)
         self._restore = client.register_script(lua.GUARD_RESTORE)
@@ -62,17 +67,42 @@ class GuardCounters:
             except _DOWN as exc:
                 raise CountersDown(str(exc) or type(exc).__name__) from exc
 
+    async def _call_pipelined(self, keys: list[str], args: list[bytes | int]) -> Any:
+        assert self.pipelined is not None
+        try:
+            # One connection, no pool: no slots to queue for.
+            async with asyncio.timeout(self._timeout):
+                return await self.pipelined.run_script(self._evaluate_script, keys, args)
+        except TimeoutError as exc:
+            # No answer within the bound: the connection is in doubt.
+            self.pipelined.drop("no answer within the time bound")
+            raise CountersDown("no answer within the time bound") from exc
+        except _DOWN as exc:
+            raise CountersDown(str(exc) or type(exc).__name__) from exc
+
     async def evaluate(
         self, key: str, field: bytes, limit: int, life_ms: int, *, record_over: bool, extend: bool
     ) -> Count:
         """field: 16-byte identity followed by the 8-byte account member."""
-        allowed, already, count, expire_ms = await self._call(
-            self._evaluate(
-                keys=[key],
-                args=[field[:16], field[16:], limit, life_ms, int(record_over), int(extend)],
-            )
-        )
-        return Count(bool(allowed), bool(already), int(count), int(expire_ms))
+        keys = [key]
+        args: list[bytes | int] = [
+            field[:16],
+            field[16:],
+            limit,
+            life_ms,
+            int(record_over),
+            int(extend),
+        ]
+        if self.pipelined is not None:
+            reply = await self._call_pipelined(keys, args)
+        else:
+            reply = await self._call(self._evaluate(keys=keys, args=args))
+        allowed, already, count, expire_ms = reply
+        return Count(allowed == 1, already == 1, int(count), int(expire_ms))
+
+    def close(self) -> None:
+        if self.pipelined is not None:
+            self.pipelined.close()
 
     async def remove(self, key: str, field: bytes) -> bool:
         return bool(await self._call(self._client.hdel(key, field)))

@@ -11,13 +11,14 @@ import enum
 import ipaddress
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
 from tether.server.binding.accounts import normalize_account
 from tether.server.counters import keys
+from tether.server.counters.pipelined import PipelinedConnection
 from tether.server.errors import Violations
 from tether.server.guard import identity as fp
 from tether.server.guard import policies
@@ -57,15 +58,15 @@ _LIMIT_REASON = {
 }
 
 
-@dataclass(frozen=True)
-class AccountRef:
+# Plain immutable records (NamedTuple): built several times per Evaluate, where
+# a frozen dataclass's field-by-field object.__setattr__ showed in profiles.
+class AccountRef(NamedTuple):
     kind: str
     value: str
     region_hint: str = ""
 
 
-@dataclass(frozen=True)
-class EvaluateCall:
+class EvaluateCall(NamedTuple):
     """One Evaluate, as the transports hand it over (not yet validated)."""
 
     service_id: str
@@ -81,20 +82,24 @@ class EvaluateCall:
     components_key: bytes = b""
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     allowed: bool
     reason: Reason
     identity: str
-    count: int = 0
+    # Accounts counted for the identity (NamedTuple keeps `count` for tuple.count).
+    counted: int = 0
     limit: int = 0
     would_deny: bool = False
     fail_open: bool = False
-    expire_time: datetime | None = None
+    # The counted entry's expiry in Unix ms; 0: none, or forever.
+    expire_ms: int = 0
+
+    @property
+    def expire_time(self) -> datetime | None:
+        return _ms_to_time(self.expire_ms)
 
 
-@dataclass(frozen=True)
-class _Account:
+class _Account(NamedTuple):
     digest: bytes
     key_id: str
 
@@ -166,7 +171,12 @@ class Guard:
         self.db = runtime.db
         self.bucket_bits = runtime.settings.guard_bucket_bits
         self.policies = PolicyCache(runtime.db, runtime.settings.guard_policy_cache_seconds)
-        self.counters = GuardCounters(runtime.redis, runtime.settings.redis_timeout_seconds)
+        settings = runtime.settings
+        self.counters = GuardCounters(
+            runtime.redis,
+            settings.redis_timeout_seconds,
+            PipelinedConnection.from_url(settings.redis_url),
+        )
         self.recorder = Recorder(runtime.db)
         self.identities = fp.IdentityCache()
 
@@ -270,7 +280,7 @@ class Guard:
         if identity in policy.allowed_identities:
             self.recorder.later(self._seen(call, action, acct, identity, components))
             return Verdict(True, Reason.IDENTITY_ALLOW_LISTED, identity)
-        if acct.digest.hex() in policy.allowed_account_digests:
+        if policy.allowed_account_digests and acct.digest.hex() in policy.allowed_account_digests:
             self.recorder.later(self._seen(call, action, acct, identity, components))
             return Verdict(True, Reason.ACCOUNT_ALLOW_LISTED, identity)
 
@@ -289,28 +299,29 @@ class Guard:
         except CountersDown as exc:
             return self._counters_down(policy, identity, exc)
         if not count.allowed:
-            return Verdict(False, _LIMIT_REASON[action], identity, count.count, limit)
+            return Verdict(False, _LIMIT_REASON[action], identity, count.counted, limit)
 
-        over = limit > 0 and count.count > limit and not count.already_counted
-        reason = Reason.ALREADY_COUNTED if count.already_counted else Reason.WITHIN_LIMIT
-        expire_time = _ms_to_time(count.expire_ms)
-        verdict = Verdict(
-            True,
-            _LIMIT_REASON[action] if over else reason,
-            identity,
-            count.count,
-            limit,
-            would_deny=over,
-            expire_time=expire_time,
-        )
-        entry = EntryKey(call.service_id, action.value, call.room_id, identity, acct.member)
+        expire_ms = count.expire_ms if 0 < count.expire_ms < FOREVER_MS else 0
         if count.already_counted:
             # Nothing new for SQL: a re-login's longer expiry reaches SQL only
             # through RenewLogin, which keeps the hot path free of writes (a
             # rebuild may then free such a session early, never late).
-            return verdict
+            return Verdict(
+                True, Reason.ALREADY_COUNTED, identity, count.counted, limit, expire_ms=expire_ms
+            )
+        over = limit > 0 and count.counted > limit
+        verdict = Verdict(
+            True,
+            _LIMIT_REASON[action] if over else Reason.WITHIN_LIMIT,
+            identity,
+            count.counted,
+            limit,
+            would_deny=over,
+            expire_ms=expire_ms,
+        )
+        entry = EntryKey(call.service_id, action.value, call.room_id, identity, acct.member)
         seen = self._seen(call, action, acct, identity, components)
-        seen.put[entry] = expire_time
+        seen.put[entry] = verdict.expire_time
         if action is Action.REGISTER:
             await self._commit_registration(seen, key, field)
         else:

@@ -225,6 +225,7 @@ def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
     async def stop() -> None:
         await web.stop()
         await guard.recorder.stop()
+        guard.counters.close()
 
     return Component(
         services=[SERVICE_NAME], start=start, stop=stop, extra={"web": web, "guard": guard}

@@ -19,3 +19,11 @@ def timestamp(value: datetime | None) -> Timestamp | None:
         value = value.replace(tzinfo=UTC)
     seconds, micros = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
     return Timestamp(seconds=seconds, nanos=micros * 1000)
+
+
+def timestamp_of_ms(ms: int) -> Timestamp | None:
+    """Unix milliseconds (0: none) as a Timestamp, without a datetime between."""
+    if not ms:
+        return None
+    seconds, millis = divmod(ms, 1000)
+    return Timestamp(seconds=seconds, nanos=millis * 1_000_000)

@@ -1,4 +1,5 @@
-"""Who is calling: set by the interceptor for the duration of one call."""
+"""Who is calling: set by the authenticating handler (transport/interceptor.py)
+for the duration of one call."""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ bookkeeping cost more per call than a whole Evaluate handler. Generic
 handlers are served by one request task and a dictionary look-up per
 service, so registration goes through GenericHandlersOnly, which passes the
 generic handlers on and drops the (identical) registered ones.
+
+The generic handlers reach the server behind one AuthenticatingHandler,
+which authenticates every call (see transport/interceptor.py).
 """
 
 from __future__ import annotations
@@ -17,17 +20,21 @@ from typing import Any
 
 import grpc
 
+from tether.server.transport.interceptor import AuthenticatingHandler, Authenticator
+
 
 class GenericHandlersOnly(grpc.aio.Server):
     """The server as the areas register on it; everything else is delegated."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, authenticator: Authenticator) -> None:
         self._server = server
+        self._handler = AuthenticatingHandler(authenticator)
+        server.add_generic_rpc_handlers([self._handler])
 
     def add_generic_rpc_handlers(
         self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
     ) -> None:
-        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+        self._handler.add(list(generic_rpc_handlers))
 
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]

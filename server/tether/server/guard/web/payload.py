@@ -131,7 +131,7 @@ def verdict_json(verdict: Verdict) -> dict[str, Any]:
         "verdict": "allow" if verdict.allowed else "deny",
         "reason": verdict.reason.value,
         "identity": verdict.identity,
-        "count": verdict.count,
+        "count": verdict.counted,
         "limit": verdict.limit,
         "would_deny": verdict.would_deny,
         "fail_open": verdict.fail_open,

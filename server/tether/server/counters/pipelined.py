@@ -1,0 +1,192 @@
+"""One Redis connection that many concurrent script calls share.
+
+Each call writes its command and awaits its own reply; Redis answers in
+order, so replies are matched to calls first in, first out. This is the hot
+path's way to Redis: redis-py's client takes a pooled connection per command
+(two lock round trips, observability hooks, a retry wrapper), which cost
+more per call than the script itself. The rest (rare calls, embedded mode's
+fakeredis, TLS and Unix sockets) keeps using redis-py.
+
+Callers bound each call themselves (asyncio.timeout). A cancelled call's
+reply is read and discarded when it comes, so one caller giving up (a
+client's deadline) disturbs no other. A caller whose bound passed drops the
+connection (drop()): a Redis that does not answer in time, or a network
+that went silent, leaves it in doubt; the next call connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import hiredis
+from redis import exceptions as redis_errors
+from redis.asyncio.connection import parse_url
+
+# hiredis's stub types the command as a 1-tuple; it takes any length.
+_pack = cast(Callable[[tuple[str | bytes | int, ...]], bytes], hiredis.pack_command)
+
+
+class Script:
+    """A Lua script and its SHA1, as EVALSHA names it."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        # SHA1 is what Redis names scripts by; no security rests on it.
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+class _Replies(asyncio.Protocol):
+    """The socket's side: parses replies and hands each to the oldest waiting call."""
+
+    def __init__(self) -> None:
+        # Error replies come back as values (ResponseError), not raised.
+        self._reader = hiredis.Reader(replyError=redis_errors.ResponseError)
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        try:
+            while (reply := reader.gets()) is not False:
+                waiter = self.waiting.popleft()
+                if not waiter.done():
+                    waiter.set_result(reply)
+        except (hiredis.ProtocolError, IndexError):
+            self.close("unreadable reply from Redis")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(
+            "connection to Redis lost" if exc is None else f"connection to Redis lost: {exc}"
+        )
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        """The future of command's reply. The write and the queueing happen
+        together (no await between), which keeps replies in step."""
+        if self.closed:
+            raise redis_errors.ConnectionError("connection to Redis closed")
+        assert self._transport is not None
+        waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(command)
+        self.waiting.append(waiter)
+        return waiter
+
+    def close(self, why: str) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._fail(why)
+
+    def _fail(self, why: str) -> None:
+        self.closed = True
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(redis_errors.ConnectionError(why))
+
+
+class PipelinedConnection:
+    def __init__(
+        self, host: str, port: int, db: int = 0, username: str = "", password: str = ""
+    ) -> None:
+        self._address = (host, port)
+        # Sent ahead of the first command of every connection.
+        setup: list[tuple[str | bytes | int, ...]] = []
+        if password:
+            setup.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            setup.append(("SELECT", db))
+        self._setup = [_pack(command) for command in setup]
+        self._replies: _Replies | None = None
+        self._opening = asyncio.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> PipelinedConnection | None:
+        """None for what this connection does not speak (TLS, Unix sockets,
+        no URL: the embedded fakeredis); those callers keep redis-py."""
+        if not url:
+            return None
+        options = parse_url(url)
+        if "connection_class" in options or "host" not in options:
+            return None
+        return cls(
+            options["host"],
+            int(options.get("port", 6379)),
+            int(options.get("db", 0)),
+            options.get("username") or "",
+            options.get("password") or "",
+        )
+
+    async def run_script(
+        self, script: Script, keys: Sequence[str], args: Sequence[bytes | int | str]
+    ) -> Any:
+        """The script's reply; loads the script when Redis does not know it."""
+        reply = await self._call(("EVALSHA", script.sha, len(keys), *keys, *args))
+        if isinstance(reply, redis_errors.ResponseError):
+            if str(reply).startswith("NOSCRIPT"):
+                # EVAL runs it and caches it for the next EVALSHA.
+                reply = await self._call(("EVAL", script.source, len(keys), *keys, *args))
+            if isinstance(reply, redis_errors.ResponseError):
+                raise _raised(reply)
+        return reply
+
+    async def _call(self, command: tuple[str | bytes | int, ...]) -> Any:
+        replies = self._replies
+        if replies is None or replies.closed:
+            replies = await self._open()
+        return await replies.send(_pack(command))
+
+    async def _open(self) -> _Replies:
+        async with self._opening:
+            replies = self._replies
+            if replies is not None and not replies.closed:
+                return replies  # another call opened it meanwhile
+            _, replies = await asyncio.get_running_loop().create_connection(
+                _Replies, *self._address
+            )
+            try:
+                for command in self._setup:
+                    _check_setup(await replies.send(command))
+            except BaseException:
+                replies.close("setup failed")
+                raise
+            self._replies = replies
+            return replies
+
+    @property
+    def waiting(self) -> int:
+        """Calls sent and not yet answered (or given up)."""
+        return 0 if self._replies is None else len(self._replies.waiting)
+
+    def drop(self, why: str) -> None:
+        """Closes the connection, failing the calls that wait on it; the
+        next call opens a new one."""
+        if self._replies is not None:
+            self._replies.close(why)
+            self._replies = None
+
+    def close(self) -> None:
+        self.drop("closed")
+
+
+def _check_setup(reply: Any) -> None:
+    if isinstance(reply, redis_errors.ResponseError):
+        # A wrong password or database: redis-py also calls it a connection error.
+        raise redis_errors.AuthenticationError(str(reply))
+
+
+def _raised(reply: redis_errors.ResponseError) -> redis_errors.RedisError:
+    """The exception redis-py would raise for an error reply."""
+    if str(reply).startswith("LOADING"):
+        return redis_errors.BusyLoadingError(str(reply))
+    return reply
