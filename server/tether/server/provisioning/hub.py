@@ -150,10 +150,11 @@ class Hub:
     def close(self, stream: PartnerStream) -> None:
         """Forgets the stream and returns its leases to the pool at once.
 
-        The dispatcher is not cancelled (a cancelled lease statement may still
-        commit, leaving rows leased to nobody): it is told to stop, and the
-        release runs once it has, in its own task, since the stream's handler
-        is usually being cancelled when this is called.
+        The partner's dispatcher is not cancelled (a cancelled lease statement
+        may still commit, leaving rows leased to nobody): no later lease names
+        the stream, and the release runs once a lease under way has handed
+        out its rows, in its own task, since the stream's handler is usually
+        being cancelled when this is called.
         """
         stream.closed = True
         self._wake(stream.partner_id)
