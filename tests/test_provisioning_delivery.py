@@ -150,6 +150,29 @@ async def test_slow_partner_gets_no_more_than_its_in_flight_limit(
     stream.cut()
 
 
+async def test_one_lease_for_two_streams_gives_each_its_credit_and_no_more(
+    pg_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await pg_server.partner()
+    await _bind_many(pg_server, partner_token, 8)
+    small = RawStream(pg_server, partner_token, max_in_flight=2)
+    await small.recv()
+    large = RawStream(pg_server, partner_token, max_in_flight=3)
+    await large.recv()
+    held_small = await small.instructions(2)
+    held_large = await large.instructions(3)
+    assert not {i.instruction_id for i in held_small} & {i.instruction_id for i in held_large}
+    channel = pg_server.channel(await pg_server.credential("internal"))
+    assert await ps.pipeline_counts(channel, partner_id) == {LEASED: 5, PENDING: 3}
+    # A confirmation frees credit on its own stream only.
+    small.confirm(held_small[0].instruction_id)
+    (third,) = await small.instructions(1)
+    assert third.instruction_id not in {i.instruction_id for i in held_small + held_large}
+    assert await ps.pipeline_counts(channel, partner_id) == {LEASED: 5, PENDING: 2, CONFIRMED: 1}
+    small.cut()
+    large.cut()
+
+
 async def test_two_streams_of_a_partner_share_the_work_without_overlap(
     pg_server: RunningServer,
 ) -> None:

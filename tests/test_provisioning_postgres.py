@@ -113,7 +113,7 @@ async def test_hot_path_writes_what_the_general_path_writes(
     try:
         async with db.transaction() as session:
             leased = await leasing.lease(session, general, owner="g", limit=10, timing=TIMING)
-        fast_leased = await delivery.lease(fast, owner="f", limit=10, now=utcnow())
+        fast_leased = await delivery.lease(fast, owners=["f"] * 10, now=utcnow())
         assert [(d.service_id, d.attempts, d.state) for d in leased] == [
             (d.service_id, d.attempts, d.state) for d in fast_leased
         ]
@@ -139,5 +139,22 @@ async def test_hot_path_writes_what_the_general_path_writes(
                 (a.outcome, a.state, a.error and a.error.reason) for a in fast_applied
             ]
         assert await _rows(db, general_binding) == await _rows(db, fast_binding)
+    finally:
+        await delivery.close()
+
+
+async def test_one_lease_hands_each_owner_its_slots_in_delivery_order(db: Database) -> None:
+    notify = Wakeup(db.url)
+    partner_id = await _partner(db)
+    await _bind(db, notify, partner_id)
+    await _bind(db, notify, partner_id)  # four instructions: two services each
+    delivery = PostgresDelivery(db, notify, TIMING)
+    try:
+        leased = await delivery.lease(partner_id, owners=["a", "b", "a"], now=utcnow())
+        assert [d.lease_owner for d in leased] == ["a", "b", "a"]
+        assert [d.seq for d in leased] == sorted(d.seq for d in leased)
+        (last,) = await delivery.lease(partner_id, owners=["b", "b"], now=utcnow())
+        assert last.lease_owner == "b" and last.seq > leased[-1].seq
+        assert await delivery.lease(partner_id, owners=["a"], now=utcnow()) == []
     finally:
         await delivery.close()

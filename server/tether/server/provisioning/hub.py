@@ -31,6 +31,8 @@ log = logs.get(__name__)
 
 # Most confirmations of one stream applied in one transaction.
 CONFIRM_BATCH = 200
+# Most instructions one lease statement claims (the rest wait for the next).
+MAX_LEASE = 1000
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,8 @@ class PartnerStream:
     outgoing: asyncio.Queue[Outgoing]
     # instruction_id -> end of its lease: what this stream holds unconfirmed.
     in_flight: dict[uuid.UUID, datetime] = field(default_factory=dict)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set when the stream ends; its dispatcher stops after its current step.
+    # Set when the stream ends; no lease names it any more.
     closed: bool = False
-    dispatcher: asyncio.Task[None] | None = None
 
     @property
     def owner(self) -> str:
@@ -92,6 +92,25 @@ class PartnerStream:
         return self.max_in_flight - len(self.in_flight)
 
 
+@dataclass(eq=False)
+class PartnerDispatch:
+    """The one task that leases a partner's instructions to all of its
+    streams in this process: one lease statement per wake-up, however many
+    streams, instead of one per stream (most of which found nothing)."""
+
+    partner_id: str
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+    # Held while a lease's rows are being handed to the streams; a closing
+    # stream's release waits for it, so no row leased to it is left behind.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The last lease used all the credit: a confirmation freeing credit is
+    # worth a new lease. Otherwise new work comes with its own wake-up.
+    starved: bool = False
+    task: asyncio.Task[None] | None = None
+    # Rotates which stream gets the first of the next lease's rows.
+    turn: int = 0
+
+
 class Hub:
     def __init__(
         self, db: Database, notify: wakeup.Wakeup, timing: leasing.Timing, poll_seconds: float
@@ -104,6 +123,7 @@ class Hub:
         self._holder: dict[uuid.UUID, PartnerStream] = {}
         self._queries: dict[str, tuple[str, asyncio.Future[UsageReply]]] = {}
         self._round_robin = itertools.count()
+        self._dispatch: dict[str, PartnerDispatch] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
@@ -130,13 +150,14 @@ class Hub:
     def close(self, stream: PartnerStream) -> None:
         """Forgets the stream and returns its leases to the pool at once.
 
-        The dispatcher is not cancelled (a cancelled lease statement may still
-        commit, leaving rows leased to nobody): it is told to stop, and the
-        release runs once it has, in its own task, since the stream's handler
-        is usually being cancelled when this is called.
+        The partner's dispatcher is not cancelled (a cancelled lease statement
+        may still commit, leaving rows leased to nobody): no later lease names
+        the stream, and the release runs once a lease under way has handed
+        out its rows, in its own task, since the stream's handler is usually
+        being cancelled when this is called.
         """
         stream.closed = True
-        stream.wake.set()
+        self._wake(stream.partner_id)
         streams = self._streams.get(stream.partner_id, [])
         if stream in streams:
             streams.remove(stream)
@@ -152,12 +173,17 @@ class Hub:
         task.add_done_callback(self._closing.discard)
 
     async def _release(self, stream: PartnerStream) -> None:
-        dispatcher = stream.dispatcher
-        while dispatcher is not None and not dispatcher.done():
-            # Nobody reads the queue any more: make room for a pending put.
-            while not stream.outgoing.empty():
-                stream.outgoing.get_nowait()
-            await asyncio.wait({dispatcher}, timeout=0.05)
+        dispatch = self._dispatch.get(stream.partner_id)
+        if dispatch is not None:
+            # A lease under way may still name this stream: wait for its
+            # rows to be handed out (the next one will not name it).
+            acquiring = asyncio.ensure_future(dispatch.lock.acquire())
+            while not acquiring.done():
+                # Nobody reads the queue any more: make room for a pending put.
+                while not stream.outgoing.empty():
+                    stream.outgoing.get_nowait()
+                await asyncio.wait({acquiring}, timeout=0.05)
+            dispatch.lock.release()
         async with self._db.transaction() as session:
             partners = await leasing.release(session, stream.owner)
             await self._notify.publish(session, *map(wakeup.instructions_topic, partners))
@@ -186,51 +212,111 @@ class Hub:
     # --- delivery ------------------------------------------------------
 
     def start_dispatch(self, stream: PartnerStream) -> asyncio.Task[None]:
-        stream.dispatcher = asyncio.create_task(self._dispatch(stream))
-        return stream.dispatcher
+        """The task leasing to the stream's partner (shared by its streams
+        here); it ends when the partner's last stream has."""
+        dispatch = self._dispatch.get(stream.partner_id)
+        if dispatch is None or dispatch.task is None or dispatch.task.done():
+            dispatch = PartnerDispatch(stream.partner_id)
+            self._dispatch[stream.partner_id] = dispatch
+            dispatch.task = asyncio.create_task(self._dispatch_forever(dispatch))
+        dispatch.woken.set()
+        return dispatch.task
 
-    async def _dispatch(self, stream: PartnerStream) -> None:
-        """Leases instructions to the stream while it has credit, until it closes."""
-        with self._notify.subscribe(wakeup.instructions_topic(stream.partner_id)) as woken:
-            stream.wake = woken
-            if stream.closed:
+    def _wake(self, partner_id: str) -> None:
+        dispatch = self._dispatch.get(partner_id)
+        if dispatch is not None:
+            dispatch.woken.set()
+
+    async def _dispatch_forever(self, dispatch: PartnerDispatch) -> None:
+        """Leases instructions to the partner's streams while they have
+        credit, until the partner has no stream here."""
+        topic = wakeup.instructions_topic(dispatch.partner_id)
+        try:
+            with self._notify.subscribe(topic) as woken:
+                # From here on, commits and confirmations set this event;
+                # the loop's first lease covers anything set before.
+                dispatch.woken = woken
+                await self._dispatch_loop(dispatch)
+        finally:
+            if self._dispatch.get(dispatch.partner_id) is dispatch:
+                del self._dispatch[dispatch.partner_id]
+
+    async def _dispatch_loop(self, dispatch: PartnerDispatch) -> None:
+        woken = dispatch.woken
+        while True:
+            woken.clear()
+            streams = [s for s in self._streams.get(dispatch.partner_id, []) if not s.closed]
+            if not streams:
                 return
-            while not stream.closed:
-                woken.clear()
-                now = utcnow()
-                credit = stream.credit(now)
-                wait = self._poll
-                if credit > 0:
-                    rows = await self._lease(stream, credit, now)
-                    for row in rows:
-                        stream.in_flight[row.instruction_id] = row.due_time
-                        self._holder[row.instruction_id] = stream
-                        await stream.outgoing.put(row)
-                    if not rows:
-                        wait = await self._until_next_due(stream.partner_id, now)
-                # close() sets the event: the loop then ends at once.
-                # asyncio.timeout, not wait_for: in Python 3.11 wait_for can
-                # swallow a cancellation that races with the event.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await woken.wait()
+            now = utcnow()
+            owners = self._owners(dispatch, streams, now)
+            wait = self._poll
+            dispatch.starved = not owners
+            if owners:
+                async with dispatch.lock:
+                    rows = await self._lease(dispatch.partner_id, streams, owners, now)
+                    await self._hand_out(streams, rows)
+                if len(rows) >= len(owners):
+                    # All the credit used: there may be more right away.
+                    dispatch.starved = True
+                    continue
+                if not rows:
+                    wait = await self._until_next_due(dispatch.partner_id, now)
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can
+            # swallow a cancellation that races with the event.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await woken.wait()
+
+    @staticmethod
+    def _owners(
+        dispatch: PartnerDispatch, streams: list[PartnerStream], now: datetime
+    ) -> list[str]:
+        """One lease slot per unit of credit, the streams taking turns, so
+        a lease of a few rows spreads them over the streams."""
+        credits = {s.owner: s.credit(now) for s in streams}
+        order = [s.owner for s in streams]
+        dispatch.turn = (dispatch.turn + 1) % len(order)
+        order = order[dispatch.turn :] + order[: dispatch.turn]
+        owners: list[str] = []
+        while len(owners) < MAX_LEASE:
+            round_ = [o for o in order if credits[o] > 0]
+            if not round_:
+                break
+            for owner in round_:
+                credits[owner] -= 1
+            owners.extend(round_)
+        return owners[:MAX_LEASE]
+
+    async def _hand_out(self, streams: list[PartnerStream], rows: list[leasing.Delivery]) -> None:
+        by_owner = {s.owner: s for s in streams}
+        for row in rows:
+            stream = by_owner.get(row.lease_owner or "")
+            if stream is None or stream.closed:
+                # Its stream ended during the lease: its release returns it.
+                continue
+            stream.in_flight[row.instruction_id] = row.due_time
+            self._holder[row.instruction_id] = stream
+            await stream.outgoing.put(row)
 
     async def _lease(
-        self, stream: PartnerStream, credit: int, now: datetime
+        self, partner_id: str, streams: list[PartnerStream], owners: list[str], now: datetime
     ) -> list[leasing.Delivery]:
         if self._postgres is not None:
-            return await self._postgres.lease(
-                stream.partner_id, owner=stream.owner, limit=credit, now=now
-            )
-        async with self._db.transaction() as session:
-            return await leasing.lease(
-                session,
-                stream.partner_id,
-                owner=stream.owner,
-                limit=credit,
-                timing=self._timing,
-                now=now,
-            )
+            return await self._postgres.lease(partner_id, owners=owners, now=now)
+        # SQLite serializes writers anyway: one lease per stream.
+        rows: list[leasing.Delivery] = []
+        for stream in streams:
+            async with self._db.transaction() as session:
+                rows += await leasing.lease(
+                    session,
+                    partner_id,
+                    owner=stream.owner,
+                    limit=owners.count(stream.owner),
+                    timing=self._timing,
+                    now=now,
+                )
+        return rows
 
     async def _until_next_due(self, partner_id: str, now: datetime) -> float:
         """Seconds until the partner's next retry or lease expiry, capped by the poll."""
@@ -274,11 +360,16 @@ class Hub:
                 )
                 if any(a.outcome is confirmations.Outcome.RETRY_SCHEDULED for a in applied):
                     await self._notify.publish(session, wakeup.instructions_topic(partner_id))
+        freed: set[str] = set()
         for a in applied:
             holder = self._holder.pop(a.instruction_id, None)
             if holder is not None:
                 holder.in_flight.pop(a.instruction_id, None)
-                holder.wake.set()
+                freed.add(holder.partner_id)
+        for partner in freed:
+            dispatch = self._dispatch.get(partner)
+            if dispatch is not None and dispatch.starved:
+                dispatch.woken.set()
         return applied
 
     async def run_confirmations(

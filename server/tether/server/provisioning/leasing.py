@@ -71,6 +71,8 @@ class Delivery:
     create_time: datetime
     # The end of the lease.
     due_time: datetime
+    # Who holds it: a stream ("stream:<id>") or a fetch ("fetch:<credential>").
+    lease_owner: str | None
 
 
 async def lease(

@@ -36,23 +36,32 @@ log = logs.get(__name__)
 # Most confirmations applied in one transaction.
 MAX_CONFIRMATIONS = 1000
 
-# RETURNING lists the fields of Delivery in order (a test checks them).
+# One lease for all of a partner's streams in this process: row n (in seq
+# order) goes to owner n of $4, so each stream gets at most its credit. The
+# picked rows are an InitPlan array, so the update reaches them by key
+# (= ANY(array)), whatever plan is cached. RETURNING lists the fields of
+# Delivery in order (a test checks them).
 _LEASE_SQL = """
+WITH picked AS MATERIALIZED (
+    SELECT ARRAY(
+        SELECT seq FROM provisioning_instructions
+        WHERE partner_id = $1 AND state IN ('pending', 'leased') AND due_time <= $2
+        ORDER BY seq LIMIT cardinality($4::text[])
+        FOR UPDATE SKIP LOCKED
+    ) AS seqs
+)
 UPDATE provisioning_instructions AS i SET
-    state = CASE WHEN i.attempts >= $4 THEN 'dead' ELSE 'leased' END,
-    attempts = CASE WHEN i.attempts >= $4 THEN i.attempts ELSE i.attempts + 1 END,
-    lease_owner = CASE WHEN i.attempts >= $4 THEN NULL ELSE $5 END,
-    due_time = CASE WHEN i.attempts >= $4 THEN i.due_time
-                    ELSE ($6::timestamptz[])[i.attempts + 1] END,
+    state = CASE WHEN i.attempts >= $3 THEN 'dead' ELSE 'leased' END,
+    attempts = CASE WHEN i.attempts >= $3 THEN i.attempts ELSE i.attempts + 1 END,
+    lease_owner = CASE WHEN i.attempts >= $3 THEN NULL
+        ELSE ($4::text[])[array_position((SELECT seqs FROM picked), i.seq)] END,
+    due_time = CASE WHEN i.attempts >= $3 THEN i.due_time
+                    ELSE ($5::timestamptz[])[i.attempts + 1] END,
     update_time = $2
-WHERE i.seq = ANY(ARRAY(
-    SELECT seq FROM provisioning_instructions
-    WHERE partner_id = $1 AND state IN ('pending', 'leased') AND due_time <= $2
-    ORDER BY seq LIMIT $3
-    FOR UPDATE SKIP LOCKED
-))
+WHERE i.seq = ANY((SELECT seqs FROM picked)::bigint[])
 RETURNING i.seq, i.instruction_id, i.kind, i.service_id, i.binding_id, i.partner_reference,
-    i.account_kind, i.account_digest, i.state, i.attempts, i.create_time, i.due_time
+    i.account_kind, i.account_digest, i.state, i.attempts, i.create_time, i.due_time,
+    i.lease_owner
 """
 
 _NEXT_DUE_SQL = """
@@ -206,16 +215,18 @@ class PostgresDelivery:
     # --- leases --------------------------------------------------------
 
     async def lease(
-        self, partner_id: str, *, owner: str, limit: int, now: datetime
+        self, partner_id: str, *, owners: Sequence[str], now: datetime
     ) -> list[Delivery]:
-        """As leasing.lease: claims up to `limit` deliverable instructions
-        (parking spent ones as dead), in one autocommit statement."""
-        if limit <= 0:
+        """As leasing.lease, for several deliverers in one autocommit
+        statement: the n-th deliverable instruction (oldest first) is leased
+        to owners[n], so an owner named k times gets at most k; spent ones
+        are parked as dead."""
+        if not owners:
             return []
         timing = self._timing
         ends = [now + timing.lease_for(n + 1) for n in range(timing.max_attempts)]
         records = await self._on_lease_connection(
-            "fetch", _LEASE_SQL, partner_id, now, limit, timing.max_attempts, owner, ends
+            "fetch", _LEASE_SQL, partner_id, now, timing.max_attempts, list(owners), ends
         )
         rows = [Delivery(*r) for r in records]
         return sorted((r for r in rows if r.state == "leased"), key=lambda r: r.seq)
