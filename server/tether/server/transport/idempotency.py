@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TypeVar
 
+import asyncpg
 from google.protobuf.message import Message
 from sqlalchemy import LargeBinary, String, bindparam
 from sqlalchemy.engine import Dialect
@@ -23,7 +24,7 @@ from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.errors import AlreadyExists, TetherError, Violations
 from tether.server.storage import dialects
 from tether.server.storage.base import Base, UtcDateTime, utcnow
-from tether.server.storage.compiled import CompiledStatement
+from tether.server.storage.compiled import CompiledStatement, DriverConnection
 from tether.server.storage.database import Database
 from tether.server.transport.principal import Principal
 
@@ -92,7 +93,8 @@ def _store_statement(dialect: Dialect) -> CompiledStatement:
 
 
 async def _store(
-    connection: AsyncConnection,
+    connection: AsyncConnection | DriverConnection,
+    dialect: Dialect,
     principal: Principal,
     *,
     method: str,
@@ -100,7 +102,7 @@ async def _store(
     digest: bytes,
     response: Message,
 ) -> None:
-    stored = await _store_statement(connection.dialect).execute(
+    stored = await _store_statement(dialect).rows(
         connection,
         credential_id=principal.credential_id,
         method=method,
@@ -109,7 +111,7 @@ async def _store(
         response=response.SerializeToString(),
         create_time=utcnow(),
     )
-    if stored.first() is None:
+    if not stored:
         raise _AnsweredBefore
 
 
@@ -137,8 +139,10 @@ async def run_once(
     try:
         async with db.transaction() as session:
             response = await work(session)
+            connection = await session.connection()
             await _store(
-                await session.connection(),
+                connection,
+                connection.dialect,
                 principal,
                 method=method,
                 request_id=request_id,
@@ -163,7 +167,7 @@ class Fallback(Exception):
 
 
 # What direct work returns: the answer, and what to do once it has committed.
-DirectWork = Callable[[AsyncConnection], Awaitable[tuple[Response, Callable[[], None]]]]
+DirectWork = Callable[[DriverConnection], Awaitable[tuple[Response, Callable[[], None]]]]
 
 
 async def run_once_direct(
@@ -176,10 +180,12 @@ async def run_once_direct(
     work: DirectWork[Response],
     general: Callable[[], Awaitable[Response]],
 ) -> Response:
-    """run_once for a hot call's fast path, on a bare connection.
+    """run_once for a hot call's fast path, on a bare asyncpg connection
+    (PostgreSQL only; see Database.driver_transaction).
 
-    No ORM session: its set-up, flush checks and events cost more CPU than
-    a one-statement call's own work. work(connection) raises Fallback when
+    No ORM session nor SQLAlchemy connection: their set-up, flush checks,
+    events and greenlet hops cost more CPU than a one-statement call's own
+    work. work(connection) raises Fallback when
     it cannot finish without a session; its transaction then rolls back and
     general() (which should use run_once) runs the call instead. The
     guarantees are run_once's: the answer is stored in the transaction of
@@ -188,10 +194,11 @@ async def run_once_direct(
     request_id: str = request.request_id  # type: ignore[attr-defined]
     digest = _body_hash(request)
     try:
-        async with db.engine.begin() as connection:
+        async with db.driver_transaction() as connection:
             response, committed = await work(connection)
             await _store(
                 connection,
+                db.engine.dialect,
                 principal,
                 method=method,
                 request_id=request_id,
@@ -200,7 +207,7 @@ async def run_once_direct(
             )
     except Fallback:
         return await general()
-    except (_AnsweredBefore, IntegrityError, TetherError) as exc:
+    except (_AnsweredBefore, asyncpg.IntegrityConstraintViolationError, TetherError) as exc:
         return await _earlier_answer(
             exc,
             db,
