@@ -32,7 +32,9 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL, e.g. postgresql+asyncpg://user@host/db; "
         "empty: SQLite in data_dir (embedded)",
     )
-    database_pool_size: int = Field(20, description="PostgreSQL connections per process")
+    database_pool_size: int = Field(
+        20, description="PostgreSQL connections per pool (engine, report fast path) per process"
+    )
     migrate_on_start: bool = Field(
         False, description="apply migrations at start-up (always on in embedded mode)"
     )

@@ -17,8 +17,9 @@ statement: look the account up on the lists, insert a binding per partner
 those bindings (data-modifying CTEs). A new account, the common case, then
 costs one round trip. Partners whose insert met an active binding go on the
 general path below, in the same transaction. Reports that name no
-partners try that statement first on a bare connection (report_direct, no
-ORM session), falling back to all of this when a binding exists already.
+partners try that statement first on a bare asyncpg connection
+(report_direct: no ORM session, no SQLAlchemy connection), falling back to
+all of this when a binding exists already.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from tether.server.digests import Digester
 from tether.server.errors import NotFound, Unavailable
 from tether.server.storage import dialects
 from tether.server.storage.base import UtcDateTime, utcnow
-from tether.server.storage.compiled import CompiledStatement
+from tether.server.storage.compiled import CompiledStatement, DriverConnection
 from tether.server.transport.idempotency import Fallback
 
 # Each lost race means another report committed; a handful of rounds is
@@ -157,48 +158,66 @@ class Reporter:
         listeners: list[SqlBindingListener],
     ) -> list[PartnerOutcome]:
         connection = await session.connection()
-        statement = self._fused_statement(connection.dialect, listeners, bool(named))
+        inserted = await self._insert_fused(
+            connection, connection.dialect, report, named, listeners
+        )
+        outcomes = {p: PartnerOutcome(p, Outcome.NOT_ELIGIBLE) for p in named}
+        for entry, created, markers in inserted:
+            if created is None:
+                # An active binding exists: the general path decides.
+                outcomes[entry.partner_id] = await self._bind(session, report, entry, tried=True)
+                continue
+            for listener, marker in zip(listeners, markers, strict=True):
+                await listener.created_done(session, created, marker)
+            outcomes[entry.partner_id] = PartnerOutcome(entry.partner_id, Outcome.BOUND, created)
+        return [outcomes[p] for p in sorted(outcomes)]
+
+    async def _insert_fused(
+        self,
+        connection: AsyncConnection | DriverConnection,
+        dialect: Dialect,
+        report: Report,
+        named: list[str],
+        listeners: list[SqlBindingListener],
+    ) -> list[tuple[_Entry, Binding | None, tuple[Any, ...]]]:
+        """Runs the one-statement report: per partner listing the account,
+        its entry, the binding inserted (None: an active one exists) and
+        the listeners' markers for it."""
+        statement = self._fused_statement(dialect, listeners, bool(named))
         account = report.account.digest(self._digester)
         device = report.device.digest(self._digester)
         key_id = self._digester.current.key_id
         now = utcnow()
-        rows = (
-            await statement.execute(
-                connection,
-                account=account,
-                account_kind=report.account.kind,
-                device=device,
-                key_id=key_id,
-                now=now,
-                named=named,
-            )
-        ).all()
-        outcomes = {p: PartnerOutcome(p, Outcome.NOT_ELIGIBLE) for p in named}
+        rows = await statement.rows(
+            connection,
+            account=account,
+            account_kind=report.account.kind,
+            device=device,
+            key_id=key_id,
+            now=now,
+            named=named,
+        )
+        inserted = []
         for row in rows:
-            entry_id, partner_id, reference, policy, binding_id, bound_reference = tuple(row)[:6]
-            markers: tuple[Any, ...] = tuple(row)[6:]
-            if binding_id is None:
-                # An active binding exists: the general path decides.
-                entry = _Entry(entry_id, partner_id, reference, policy)
-                outcomes[partner_id] = await self._bind(session, report, entry, tried=True)
-                continue
-            created = Binding(
-                binding_id=uuid.UUID(bytes=binding_id.bytes),
-                partner_id=partner_id,
-                account_kind=report.account.kind,
-                account_digest=account,
-                device_digest=device,
-                key_id=key_id,
-                partner_reference=bound_reference,
-                state=ACTIVE,
-                create_time=now,
-                revoke_time=None,
-                revoke_reason=None,
-            )
-            for listener, marker in zip(listeners, markers, strict=True):
-                await listener.created_done(session, created, marker)
-            outcomes[partner_id] = PartnerOutcome(partner_id, Outcome.BOUND, created)
-        return [outcomes[p] for p in sorted(outcomes)]
+            entry_id, partner_id, reference, policy, binding_id, bound_reference, *markers = row
+            created = None
+            if binding_id is not None:
+                created = Binding(
+                    binding_id=uuid.UUID(bytes=binding_id.bytes),
+                    partner_id=partner_id,
+                    account_kind=report.account.kind,
+                    account_digest=account,
+                    device_digest=device,
+                    key_id=key_id,
+                    partner_reference=bound_reference,
+                    state=ACTIVE,
+                    create_time=now,
+                    revoke_time=None,
+                    revoke_reason=None,
+                )
+            entry = _Entry(entry_id, partner_id, reference, policy)
+            inserted.append((entry, created, tuple(markers)))
+        return inserted
 
     @property
     def _sql_listeners(self) -> list[SqlBindingListener] | None:
@@ -220,9 +239,10 @@ class Reporter:
         )
 
     async def report_direct(
-        self, connection: AsyncConnection, report: Report
+        self, connection: DriverConnection, dialect: Dialect, report: Report
     ) -> tuple[list[PartnerOutcome], Callable[[], None]]:
-        """The one-statement report on a bare connection (no ORM session).
+        """The one-statement report on a bare asyncpg connection, in its
+        transaction (no ORM session, no SQLAlchemy connection).
 
         For new bindings only, the common case: the outcomes, and what to
         run once the transaction has committed (the listeners' wake-ups).
@@ -231,46 +251,17 @@ class Reporter:
         """
         listeners = self._sql_listeners
         assert listeners is not None
-        statement = self._fused_statement(connection.dialect, listeners, False)
-        account = report.account.digest(self._digester)
-        device = report.device.digest(self._digester)
-        key_id = self._digester.current.key_id
-        now = utcnow()
-        rows = (
-            await statement.execute(
-                connection,
-                account=account,
-                account_kind=report.account.kind,
-                device=device,
-                key_id=key_id,
-                now=now,
-                named=[],
-            )
-        ).all()
-        outcomes = []
-        done: list[tuple[Binding, tuple[Any, ...]]] = []
-        for row in rows:
-            _entry_id, partner_id, _reference, _policy, binding_id, bound_reference = tuple(row)[:6]
-            if binding_id is None:
-                raise Fallback
-            created = Binding(
-                binding_id=uuid.UUID(bytes=binding_id.bytes),
-                partner_id=partner_id,
-                account_kind=report.account.kind,
-                account_digest=account,
-                device_digest=device,
-                key_id=key_id,
-                partner_reference=bound_reference,
-                state=ACTIVE,
-                create_time=now,
-                revoke_time=None,
-                revoke_reason=None,
-            )
-            done.append((created, tuple(row)[6:]))
-            outcomes.append(PartnerOutcome(partner_id, Outcome.BOUND, created))
+        inserted = await self._insert_fused(connection, dialect, report, [], listeners)
+        if any(created is None for _, created, _ in inserted):
+            raise Fallback
+        outcomes = [
+            PartnerOutcome(entry.partner_id, Outcome.BOUND, created)
+            for entry, created, _ in inserted
+        ]
 
         def committed() -> None:
-            for created, markers in done:
+            for _, created, markers in inserted:
+                assert created is not None
                 for listener, marker in zip(listeners, markers, strict=True):
                     listener.created_committed(created, marker)
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.binding.v1 import messages_pb2 as pb
 from tether.binding.v1 import service_pb2_grpc
@@ -30,6 +30,7 @@ from tether.server.errors import (
     invalid,
 )
 from tether.server.runtime import Runtime
+from tether.server.storage.compiled import DriverConnection
 from tether.server.transport import idempotency, paging
 from tether.server.transport.principal import CallerKind, Principal, require
 from tether.server.validation import check_slug
@@ -125,10 +126,12 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             return await once.run(work)
 
         async def direct(
-            connection: AsyncConnection,
+            connection: DriverConnection,
         ) -> tuple[pb.ReportAccountUseResponse, Callable[[], None]]:
             try:
-                outcomes, committed = await self._reporter.report_direct(connection, report)
+                outcomes, committed = await self._reporter.report_direct(
+                    connection, self._db.engine.dialect, report
+                )
             finally:
                 # Also before falling back: a limited call goes no further.
                 await limit

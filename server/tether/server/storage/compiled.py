@@ -10,7 +10,7 @@ processing), so callers read plain values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import CursorResult
@@ -18,6 +18,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
+
+# An asyncpg connection (asyncpg ships no type hints).
+DriverConnection = Any
 
 
 class CompiledStatement:
@@ -43,3 +46,14 @@ class CompiledStatement:
 
     async def execute(self, connection: AsyncConnection, **values: Any) -> CursorResult[Any]:
         return await connection.exec_driver_sql(self.sql, self.parameters(values))
+
+    async def rows(
+        self, connection: AsyncConnection | DriverConnection, **values: Any
+    ) -> Sequence[Sequence[Any]]:
+        """The result's rows, on a SQLAlchemy connection or a bare asyncpg
+        one (Database.driver_transaction)."""
+        args = self.parameters(values)
+        if isinstance(connection, AsyncConnection):
+            return (await connection.exec_driver_sql(self.sql, args)).all()
+        rows: Sequence[Sequence[Any]] = await connection.fetch(self.sql, *args)
+        return rows

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Generic, TypeVar
 
+import asyncpg
 from google.protobuf.message import Message
 from sqlalchemy import LargeBinary, String, bindparam
 from sqlalchemy.engine import Dialect
@@ -23,7 +24,7 @@ from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.errors import AlreadyExists, TetherError, Violations
 from tether.server.storage import dialects
 from tether.server.storage.base import Base, UtcDateTime, utcnow
-from tether.server.storage.compiled import CompiledStatement
+from tether.server.storage.compiled import CompiledStatement, DriverConnection
 from tether.server.storage.database import Database
 from tether.server.transport.principal import Principal
 
@@ -96,7 +97,7 @@ class Fallback(Exception):
 
 
 # What direct work returns: the answer, and what to do once it has committed.
-DirectWork = Callable[[AsyncConnection], Awaitable[tuple[Response, Callable[[], None]]]]
+DirectWork = Callable[[DriverConnection], Awaitable[tuple[Response, Callable[[], None]]]]
 
 
 class Once(Generic[Response]):
@@ -133,7 +134,8 @@ class Once(Generic[Response]):
         try:
             async with self._db.transaction() as session:
                 response = await work(session)
-                await self._store(await session.connection(), response)
+                connection = await session.connection()
+                await self._store(connection, connection.dialect, response)
                 return response
         except (_AnsweredBefore, IntegrityError, TetherError) as exc:
             return await self._earlier_answer(exc)
@@ -141,28 +143,32 @@ class Once(Generic[Response]):
     async def run_direct(
         self, work: DirectWork[Response], general: Callable[[], Awaitable[Response]]
     ) -> Response:
-        """run for a hot call's fast path, on a bare connection.
+        """run for a hot call's fast path, on a bare asyncpg connection
+        (PostgreSQL only; see Database.driver_transaction).
 
-        No ORM session: its set-up, flush checks and events cost more CPU than
-        a one-statement call's own work. work(connection) raises Fallback when
+        No ORM session nor SQLAlchemy connection: their set-up, flush checks,
+        events and greenlet hops cost more CPU than a one-statement call's own
+        work. work(connection) raises Fallback when
         it cannot finish without a session; its transaction then rolls back and
         general() (which should use run) runs the call instead. The guarantees
         are run's: the answer is stored in the transaction of the change, and a
         repeat gets the first answer back.
         """
         try:
-            async with self._db.engine.begin() as connection:
+            async with self._db.driver_transaction() as connection:
                 response, committed = await work(connection)
-                await self._store(connection, response)
+                await self._store(connection, self._db.engine.dialect, response)
         except Fallback:
             return await general()
-        except (_AnsweredBefore, IntegrityError, TetherError) as exc:
+        except (_AnsweredBefore, asyncpg.IntegrityConstraintViolationError, TetherError) as exc:
             return await self._earlier_answer(exc)
         committed()
         return response
 
-    async def _store(self, connection: AsyncConnection, response: Message) -> None:
-        stored = await _store_statement(connection.dialect).execute(
+    async def _store(
+        self, connection: AsyncConnection | DriverConnection, dialect: Dialect, response: Message
+    ) -> None:
+        stored = await _store_statement(dialect).rows(
             connection,
             credential_id=self._principal.credential_id,
             method=self._method,
@@ -171,7 +177,7 @@ class Once(Generic[Response]):
             response=response.SerializeToString(),
             create_time=utcnow(),
         )
-        if stored.first() is None:
+        if not stored:
             raise _AnsweredBefore
 
     async def _earlier_answer(self, exc: Exception) -> Response:
