@@ -30,7 +30,8 @@ postgresql://postgres@127.0.0.1:5432/test), TETHER_BENCH_REDIS_URL (default
 redis://127.0.0.1:6379/0), TETHER_BENCH_SECONDS (default 10),
 TETHER_BENCH_CONCURRENCY (default 64), TETHER_BENCH_IMPORT (default 200000),
 TETHER_BENCH_PARTS (default "import,reports"; "reports" alone still loads the
-phone list the reports need, untimed), TETHER_BENCH_SERVICES (default 1).
+phone list the reports need, untimed), TETHER_BENCH_SERVICES (default 1),
+TETHER_BENCH_ROUNDS (default 5: the alternating slices of the report load).
 The Tether server logs at WARNING, as the bench's settings say.
 """
 
@@ -79,6 +80,7 @@ IMPORT_SIZE = int(os.environ.get("TETHER_BENCH_IMPORT", "200000"))
 POOL_SIZE = 6
 IMPORT_WORKERS = int(os.environ.get("TETHER_BENCH_IMPORT_WORKERS", "1"))
 SERVICES = int(os.environ.get("TETHER_BENCH_SERVICES", "1"))
+ROUNDS = int(os.environ.get("TETHER_BENCH_ROUNDS", "5"))
 PARTS = set(os.environ.get("TETHER_BENCH_PARTS", "import,reports").split(","))
 
 
@@ -387,11 +389,17 @@ async def load(
 async def bench_reports(
     servers: Sequence[Served], device_token: str, accounts: list[str]
 ) -> list[LoadResult]:
+    """Each server's calls, measured in ROUNDS alternating slices (the order
+    rotating every round), so load that changes during the run weighs on
+    every server alike."""
     share = len(accounts) // len(servers)
-    results = []
+    calls: list[Callable[[int], Awaitable[Any]]] = []
+    counters: list[Iterator[int]] = []
+    channels = []
     for n, served in enumerate(servers):
         pool = accounts[n * share : (n + 1) * share]
         channel = open_channel(served.address, device_token)
+        channels.append(channel)
         stub: BindingAsyncStub = BindingStub(channel)
 
         async def call(i: int, stub: BindingAsyncStub = stub, pool: list[str] = pool) -> Any:
@@ -403,10 +411,23 @@ async def bench_reports(
                 )
             )
 
-        # One counter for warm-up and measurement: each call binds a fresh account.
-        counter = iter(range(len(pool)))
-        await load(call, 1.0, CONCURRENCY, counter)  # warm-up: connections, caches
-        results.append(await load(call, SECONDS, CONCURRENCY, counter))
+        calls.append(call)
+        # One counter per server for warm-up and every slice: each call binds a fresh account.
+        counters.append(iter(range(len(pool))))
+    for each, counter in zip(calls, counters, strict=True):
+        await load(each, 1.0, CONCURRENCY, counter)  # warm-up: connections, caches
+    results = [LoadResult(0, 0.0, []) for _ in servers]
+    for round_ in range(ROUNDS):
+        for offset in range(len(servers)):
+            n = (round_ + offset) % len(servers)
+            part = await load(calls[n], SECONDS / ROUNDS, CONCURRENCY, counters[n])
+            total = results[n]
+            results[n] = LoadResult(
+                total.calls + part.calls,
+                total.seconds + part.seconds,
+                total.latencies + part.latencies,
+            )
+    for channel in channels:
         await channel.close()
     return results
 
@@ -563,7 +584,8 @@ async def main() -> None:
             return
         await settle(database_url)
         print(
-            f"ReportAccountUse: {CONCURRENCY} concurrent calls for {SECONDS:.0f} s each, "
+            f"ReportAccountUse: {CONCURRENCY} concurrent calls for {SECONDS:.0f} s each "
+            f"(in {ROUNDS} alternating slices), "
             "every call binds a listed phone number to a new device, "
             f"opening {SERVICES} preset service(s)"
         )
