@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import sqlite3
 import time
@@ -28,9 +29,15 @@ def device(terminal_id: str | None = None) -> types.Device:
     return types.Device(kind=types.TERMINAL_ID_KIND_IMEI, terminal_id=terminal_id or imei())
 
 
+# Unique within the test session, not merely random: every test shares the
+# session's database, and a number that two tests' partners both listed by
+# chance would give a report an outcome from each.
+_phone_suffixes = itertools.count(secrets.randbelow(10**7))
+
+
 def phone() -> str:
-    """A random valid German mobile number in E.164."""
-    return f"+49151{secrets.randbelow(10**8):08d}"
+    """A valid German mobile number in E.164, new in this test session."""
+    return f"+49151{next(_phone_suffixes):08d}"
 
 
 def phone_account(value: str | None = None) -> types.Account:
