@@ -4,7 +4,11 @@ device asks one process, the partner's only stream is on another."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+import grpc
 
 from tests import provisioning_support as ps
 from tests.support import RunningServer
@@ -29,6 +33,25 @@ async def _streams_on(address: str, token: str, partner_id: str) -> int:
     return response.connected_streams[partner_id]
 
 
+@asynccontextmanager
+async def _device_on_a_partner_on_b(
+    pg_server: RunningServer,
+    postgres_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    device_token: str,
+    partner_token: str,
+) -> AsyncIterator[tuple[ps.ServerProcess, ps.ServerProcess, DeviceProvisioning, grpc.aio.Channel]]:
+    """Two server processes, a and b: the device talks to a, the partner to b."""
+    async with (
+        server_process(pg_server, postgres_url, redis_url, tmp_path / "a", env={}) as a,
+        server_process(pg_server, postgres_url, redis_url, tmp_path / "b", env={}) as b,
+        open_channel(a.address, device_token) as device_channel,
+        open_channel(b.address, partner_token) as partner_channel,
+    ):
+        yield a, b, DeviceProvisioning(device_channel), partner_channel
+
+
 async def test_device_asking_one_process_gets_the_answer_of_a_stream_on_another(
     pg_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -40,13 +63,9 @@ async def test_device_asking_one_process_gets_the_answer_of_a_stream_on_another(
     lonely = await ps.bind(pg_server, device_token, lonely_token)
     partner = ps.RecordingPartner(figures={"data_mb": 640, "sessions": 7})
 
-    async with (
-        server_process(pg_server, postgres_url, redis_url, tmp_path / "a", env={}) as a,
-        server_process(pg_server, postgres_url, redis_url, tmp_path / "b", env={}) as b,
-        open_channel(a.address, device_token) as device_channel,
-        open_channel(b.address, partner_token) as partner_channel,
-    ):
-        devices = DeviceProvisioning(device_channel)
+    async with _device_on_a_partner_on_b(
+        pg_server, postgres_url, redis_url, tmp_path, device_token, partner_token
+    ) as (a, b, devices, partner_channel):
         async with ps.running_worker(partner_channel, partner):
             assert await _streams_on(a.address, internal_token, partner_id) == 0
             live = await devices.usage(
@@ -108,27 +127,25 @@ async def test_holder_process_dying_mid_query_costs_only_that_query(
 
     partner.on_usage = stuck  # type: ignore[method-assign]
     async with (
-        server_process(pg_server, postgres_url, redis_url, tmp_path / "a", env={}) as a,
-        server_process(pg_server, postgres_url, redis_url, tmp_path / "b", env={}) as b,
-        open_channel(a.address, device_token) as device_channel,
-        open_channel(b.address, partner_token) as partner_channel,
+        _device_on_a_partner_on_b(
+            pg_server, postgres_url, redis_url, tmp_path, device_token, partner_token
+        ) as (_, b, devices, partner_channel),
+        ps.running_worker(partner_channel, partner),
     ):
-        devices = DeviceProvisioning(device_channel)
-        async with ps.running_worker(partner_channel, partner):
-            asking = asyncio.create_task(
-                devices.usage(bound.device, bound.binding.binding_id, "free-data", timeout=4)
+        asking = asyncio.create_task(
+            devices.usage(bound.device, bound.binding.binding_id, "free-data", timeout=4)
+        )
+        await asyncio.wait_for(asked.wait(), 10)
+        b.kill()
+        # The caller's deadline ends the wait: last known figures.
+        response = await asking
+        assert response.source == pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NO_ANSWER
+
+        async def not_connected() -> bool:
+            again = await devices.usage(
+                bound.device, bound.binding.binding_id, "free-data", timeout=4
             )
-            await asyncio.wait_for(asked.wait(), 10)
-            b.kill()
-            # The caller's deadline ends the wait: last known figures.
-            response = await asking
-            assert response.source == pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NO_ANSWER
+            return again.source == NOT_CONNECTED
 
-            async def not_connected() -> bool:
-                again = await devices.usage(
-                    bound.device, bound.binding.binding_id, "free-data", timeout=4
-                )
-                return again.source == NOT_CONNECTED
-
-            # b's presence went with its connection; a itself serves on.
-            await ps.eventually(not_connected, what="b no longer present")
+        # b's presence went with its connection; a itself serves on.
+        await ps.eventually(not_connected, what="b no longer present")
