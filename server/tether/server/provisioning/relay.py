@@ -42,10 +42,10 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
 from tether.server import logs
 from tether.server.provisioning import hub
+from tether.server.storage import listener
 
 log = logs.get(__name__)
 
@@ -68,7 +68,7 @@ WHERE locktype = 'advisory' AND granted AND objsubid = 2
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND pid <> pg_backend_pid()
 """
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_CONNECTION_ERRORS = listener.CONNECTION_ERRORS
 _LOCK_SQL = "SELECT pg_try_advisory_lock_shared($1, k) FROM unnest($2::int[]) AS k"
 _UNLOCK_SQL = "SELECT pg_advisory_unlock_shared($1, k) FROM unnest($2::int[]) AS k"
 
@@ -173,38 +173,26 @@ class UsageRelay:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=1)
 
-    def _dsn(self) -> str:
-        return (
-            make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
+    async def _connect_forever(self) -> None:
+        await listener.listen_forever(
+            listener.asyncpg_dsn(self._url),
+            CHANNEL,
+            self._on_notify,
+            connected=self._connected,
+            disconnected=self._disconnected,
+            what="usage relay",
         )
 
-    async def _connect_forever(self) -> None:
-        while True:
-            lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._dsn())
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("usage relay connection failed; retrying", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
-                async with self._conn_lock:
-                    self._conn, self._pid, self._lost = conn, conn.get_server_pid(), lost
-                    self._held = set()
-                await self._sync()
-                self._ready.set()
-                await lost.wait()
-                log.warning("usage relay connection lost; reconnecting")
-            except _CONNECTION_ERRORS as exc:
-                log.warning("usage relay connection failed; reconnecting", error=str(exc))
-            finally:
-                self._ready.clear()
-                self._conn = None
-                with contextlib.suppress(Exception):
-                    await conn.close(timeout=1)
-            await asyncio.sleep(0.1)
+    async def _connected(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        async with self._conn_lock:
+            self._conn, self._pid, self._lost = conn, conn.get_server_pid(), lost
+            self._held = set()
+        await self._sync()
+        self._ready.set()
+
+    def _disconnected(self) -> None:
+        self._ready.clear()
+        self._conn = None
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)

@@ -27,11 +27,11 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from tether.server import logs
+from tether.server.storage import listener
 
 log = logs.get(__name__)
 
@@ -169,7 +169,8 @@ class Wakeup:
                     # need not wait for the WAL flush; it is still delivered
                     # at once (visibility does not wait for the flush).
                     conn = await asyncpg.connect(
-                        self._dsn(), server_settings={"synchronous_commit": "off"}
+                        listener.asyncpg_dsn(self._url),
+                        server_settings={"synchronous_commit": "off"},
                     )
                 except (OSError, asyncpg.PostgresError) as exc:
                     log.warning("NOTIFY connection failed; retrying", error=str(exc))
@@ -211,11 +212,6 @@ class Wakeup:
 
     # --- the PostgreSQL listener ---------------------------------------
 
-    def _dsn(self) -> str:
-        return (
-            make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
-        )
-
     async def start(self) -> None:
         if not self.postgres:
             self.listening.set()
@@ -238,25 +234,17 @@ class Wakeup:
         self.wake(*payload.split())
 
     async def _listen_forever(self) -> None:
-        dsn = self._dsn()
-        while True:
-            lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(dsn)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("LISTEN connection failed; retrying", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
-                self.listening.set()
-                # Whatever was notified while we were away is found by the
-                # waiters' own reads: wake everyone once.
-                self.wake(*list(self._waiters))
-                await lost.wait()
-                log.warning("LISTEN connection lost; reconnecting")
-            finally:
-                self.listening.clear()
-                with contextlib.suppress(Exception):
-                    await conn.close(timeout=1)
+        await listener.listen_forever(
+            listener.asyncpg_dsn(self._url),
+            CHANNEL,
+            self._on_notify,
+            connected=self._listening,
+            disconnected=self.listening.clear,
+            what="LISTEN",
+        )
+
+    async def _listening(self, _conn: Any, _lost: asyncio.Event) -> None:
+        self.listening.set()
+        # Whatever was notified while we were away is found by the waiters'
+        # own reads: wake everyone once.
+        self.wake(*list(self._waiters))
