@@ -17,9 +17,9 @@ same machine and the same PostgreSQL:
   (Before, the baselines wrote only the binding and the answer, and the
   bench partner had no preset service, so neither side wrote the outbox
   rows that every binding of a real partner causes.) The bench partner has
-  TETHER_BENCH_SERVICES preset services (default 1). After the loads the
-  database is vacuumed, analyzed and checkpointed; then Tether is measured
-  first, then the two baselines.
+  TETHER_BENCH_SERVICES preset services (default 1). Every server warms
+  up (1 s of load each); then the database is vacuumed, analyzed and
+  checkpointed, and the servers are measured in alternating slices.
 - Bulk import against a raw COPY of the same, already digested rows into a
   table shaped like the eligible list.
 
@@ -387,11 +387,14 @@ async def load(
 
 
 async def bench_reports(
-    servers: Sequence[Served], device_token: str, accounts: list[str]
+    servers: Sequence[Served],
+    device_token: str,
+    accounts: list[str],
+    settled: Callable[[], Awaitable[None]],
 ) -> list[LoadResult]:
     """Each server's calls, measured in ROUNDS alternating slices (the order
     rotating every round), so load that changes during the run weighs on
-    every server alike."""
+    every server alike. settled runs between the warm-ups and the slices."""
     share = len(accounts) // len(servers)
     calls: list[Callable[[int], Awaitable[Any]]] = []
     counters: list[Iterator[int]] = []
@@ -416,6 +419,12 @@ async def bench_reports(
         counters.append(iter(range(len(pool))))
     for each, counter in zip(calls, counters, strict=True):
         await load(each, 1.0, CONCURRENCY, counter)  # warm-up: connections, caches
+    # Statistics taken after every warm-up: a server's cached plans are then
+    # made for the tables as they are, not as they were when it warmed up.
+    # (Made while the bindings table was still empty, the foreign-key check
+    # of the server warmed up first kept a sequential scan of that table,
+    # which cost it more with every binding.)
+    await settled()
     results = [LoadResult(0, 0.0, []) for _ in servers]
     for round_ in range(ROUNDS):
         for offset in range(len(servers)):
@@ -582,14 +591,15 @@ async def main() -> None:
 
         if "reports" not in PARTS:
             return
-        await settle(database_url)
         print(
             f"ReportAccountUse: {CONCURRENCY} concurrent calls for {SECONDS:.0f} s each "
             f"(in {ROUNDS} alternating slices), "
             "every call binds a listed phone number to a new device, "
             f"opening {SERVICES} preset service(s)"
         )
-        ours, raw, core = await bench_reports(servers, device_token, phones)
+        ours, raw, core = await bench_reports(
+            servers, device_token, phones, lambda: settle(database_url)
+        )
         for label, result in (
             ("baseline, raw asyncpg", raw),
             ("baseline, SQLAlchemy Core", core),
