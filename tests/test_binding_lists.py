@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import text
 
 from tests import binding_support as bs
 from tests.support import RunningServer, expect_error, start_server
 from tether.binding.v1 import messages_pb2 as pb
 from tether.clients.paging import every
 from tether.common.v1 import types_pb2 as types
+from tether.server.binding import importer
 
 APPEND = pb.IMPORT_MODE_APPEND
 REPLACE = pb.IMPORT_MODE_REPLACE
@@ -387,3 +390,37 @@ async def test_imported_accounts_bind(any_server: RunningServer) -> None:
     assert [(o.partner_id, o.binding.partner_reference) for o in response.outcomes] == [
         (partner_id, "crm-7")
     ]
+
+
+async def _list_statistics(server: RunningServer) -> tuple[int, float]:
+    """How often the eligible list was analyzed by hand, and its row estimate."""
+    async with server.app.runtime.db.sessions() as session:
+        row = (
+            await session.execute(
+                text(
+                    "SELECT s.analyze_count, c.reltuples FROM pg_stat_user_tables s "
+                    "JOIN pg_class c ON c.oid = s.relid WHERE s.relname = 'eligible_accounts'"
+                )
+            )
+        ).one()
+    return int(row[0]), float(row[1])
+
+
+async def test_a_large_import_refreshes_the_lists_statistics(pg_server: RunningServer) -> None:
+    _, token = await pg_server.partner()
+    partners = bs.stub(pg_server, token)
+    analyzed, _ = await _list_statistics(pg_server)
+    await partners.ImportEligibleAccounts(
+        stream(header(APPEND), batch(entries([bs.member() for _ in range(10)])))
+    )
+    again, estimate = await _list_statistics(pg_server)
+    assert again == analyzed  # a small import leaves it to autovacuum
+
+    # Large: at least the minimum, and the share of the list as last estimated.
+    size = max(importer.STATISTICS_MIN_ROWS, math.ceil(importer.STATISTICS_SHARE * estimate) + 1)
+    await partners.ImportEligibleAccounts(
+        stream(header(APPEND), batch(entries([bs.member() for _ in range(size)])))
+    )
+    after, new_estimate = await _list_statistics(pg_server)
+    assert after == analyzed + 1
+    assert new_estimate >= size

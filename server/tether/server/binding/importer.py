@@ -48,6 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server import logs
 from tether.server.admin.service import get_partner
 from tether.server.binding import accounts
 from tether.server.binding.eligible import MAX_REFERENCE
@@ -57,6 +58,8 @@ from tether.server.errors import FieldViolation, InvalidArgument
 from tether.server.storage import dialects
 from tether.server.storage.base import UtcDateTime, utcnow
 from tether.server.storage.database import Database
+
+log = logs.get(__name__)
 
 MAX_REPORTED_REJECTIONS = 100
 
@@ -412,6 +415,13 @@ class ImportRun:
     async def _run(
         self, db: Database, digester: Digester, spec: ImportSpec, executor: Executor | None
     ) -> ImportResult:
+        result = await self._import(db, digester, spec, executor)
+        await refresh_statistics(db, result.imported + result.removed)
+        return result
+
+    async def _import(
+        self, db: Database, digester: Digester, spec: ImportSpec, executor: Executor | None
+    ) -> ImportResult:
         async with db.transaction() as session:
             job = Import(session, digester, spec, executor)
             try:
@@ -425,3 +435,36 @@ class ImportRun:
                     await job.add(item)  # type: ignore[arg-type]
             finally:
                 await job.close()
+
+
+# An import that changes at least this share of the list (and this many
+# entries) has the list's planner statistics taken at once, after it commits.
+STATISTICS_SHARE = 0.1
+STATISTICS_MIN_ROWS = 1_000
+
+
+async def refresh_statistics(db: Database, changed: int) -> None:
+    """ANALYZE the eligible list after an import that changed much of it.
+
+    PostgreSQL connections keep the plans they made while the list was
+    small: a sequential scan chosen for a nearly empty list would stay, and
+    every report would read the whole list of millions, until autovacuum's
+    next analyze (a minute or more later). Fresh statistics make every
+    connection plan again. Autovacuum's own rule (10 % of the table) decides
+    what is "much". The import has committed by now, so a failure here is
+    logged, never the caller's error.
+    """
+    if db.is_sqlite or changed < STATISTICS_MIN_ROWS:
+        return
+    table = EligibleAccount.__tablename__
+    try:
+        async with db.transaction() as session:
+            estimate = await session.scalar(
+                text("SELECT reltuples FROM pg_class WHERE oid = CAST(:name AS regclass)"),
+                {"name": table},
+            )
+            # reltuples is -1 for a table never analyzed.
+            if changed >= STATISTICS_SHARE * max(float(estimate or 0), 0.0):
+                await session.execute(text(f"ANALYZE {table}"))
+    except Exception as exc:  # the import itself has succeeded
+        log.warning("could not refresh the eligible list's statistics", error=str(exc))
