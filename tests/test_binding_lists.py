@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from tests import binding_support as bs
 from tests.support import RunningServer, expect_error, start_server
@@ -424,3 +426,68 @@ async def test_a_large_import_refreshes_the_lists_statistics(pg_server: RunningS
     after, new_estimate = await _list_statistics(pg_server)
     assert after == analyzed + 1
     assert new_estimate >= size
+
+
+async def test_list_entries_need_their_partner_on_both_databases(any_server: RunningServer) -> None:
+    # A foreign key on SQLite, triggers on PostgreSQL (migration 0005). The
+    # partner is a bare row, so that only its list refers to it.
+    partner_id = f"p-{secrets.token_hex(5)}"
+    db = any_server.app.runtime.db
+    insert = text(
+        "INSERT INTO eligible_accounts (partner_id, account_kind, account_digest, key_id, "
+        "partner_reference, create_time) VALUES (:partner, 'member_id', :digest, 'k', '', "
+        "CURRENT_TIMESTAMP)"
+    )
+    async with db.transaction() as session:
+        await session.execute(
+            text(
+                "INSERT INTO partners (partner_id, display_name, rebind_policy, create_time) "
+                "VALUES (:p, 'bare', 'refuse', CURRENT_TIMESTAMP)"
+            ),
+            {"p": partner_id},
+        )
+        for n in range(2):
+            await session.execute(insert, {"partner": partner_id, "digest": bytes([n]) * 32})
+
+    refused = [
+        (insert, {"partner": "p-nobody", "digest": b"\x09" * 32}),
+        (
+            text("UPDATE eligible_accounts SET partner_id = 'p-nobody' WHERE partner_id = :p"),
+            {"p": partner_id},
+        ),
+        (
+            text("UPDATE partners SET partner_id = 'p-renamed' WHERE partner_id = :p"),
+            {"p": partner_id},
+        ),
+    ]
+    for statement, values in refused:
+        with pytest.raises(IntegrityError):
+            async with db.transaction() as session:
+                await session.execute(statement, values)
+    assert await bs.count_entries(any_server, partner_id) == 2
+
+    async with db.transaction() as session:
+        await session.execute(text("DELETE FROM partners WHERE partner_id = :p"), {"p": partner_id})
+    assert await bs.count_entries(any_server, partner_id) == 0
+
+
+async def test_writing_list_entries_keeps_their_partner_from_being_deleted(
+    pg_server: RunningServer,
+) -> None:
+    partner_id, token = await pg_server.partner()
+    await bs.add_accounts(pg_server, token, [bs.member()])
+    db = pg_server.app.runtime.db
+    async with db.transaction() as writing:
+        await writing.execute(
+            text("UPDATE eligible_accounts SET partner_reference = 'x' WHERE partner_id = :p"),
+            {"p": partner_id},
+        )
+        # The writer holds the partner row (FOR KEY SHARE, as a foreign key
+        # would): a delete must wait for it; the lock timeout makes it give up.
+        with pytest.raises(DBAPIError, match="lock timeout"):
+            async with db.transaction() as deleting:
+                await deleting.execute(text("SET LOCAL lock_timeout = '100ms'"))
+                await deleting.execute(
+                    text("DELETE FROM partners WHERE partner_id = :p"), {"p": partner_id}
+                )
+    assert await bs.count_entries(pg_server, partner_id) == 1

@@ -11,11 +11,12 @@ from sqlalchemy.engine import Connection
 
 from tether.server.storage import migrate
 from tether.server.storage.database import create_engine
-from tether.server.storage.schema import metadata
+from tether.server.storage.schema import compared, metadata
 
 
 def _differences(connection: Connection) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    opts = {"compare_type": True, "include_object": compared(connection.dialect.name)}
+    context = MigrationContext.configure(connection, opts=opts)
     return list(compare_metadata(context, metadata))
 
 

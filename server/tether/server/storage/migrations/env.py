@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 
 from tether.server.storage.base import UtcDateTime
 from tether.server.storage.database import create_engine
-from tether.server.storage.schema import metadata
+from tether.server.storage.schema import compared, metadata
 
 
 def _render_item(kind: str, obj: Any, _context: AutogenContext) -> str | Literal[False]:
@@ -27,6 +27,7 @@ def _run(connection: Connection) -> None:
         target_metadata=metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_object=compared(connection.dialect.name),
         render_item=_render_item,
     )
     with context.begin_transaction():
