@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from tests import binding_support as bs
@@ -449,7 +449,7 @@ async def test_list_entries_need_their_partner_on_both_databases(any_server: Run
         for n in range(2):
             await session.execute(insert, {"partner": partner_id, "digest": bytes([n]) * 32})
 
-    refused = [
+    refused: list[tuple[TextClause, dict[str, object]]] = [
         (insert, {"partner": "p-nobody", "digest": b"\x09" * 32}),
         (
             text("UPDATE eligible_accounts SET partner_id = 'p-nobody' WHERE partner_id = :p"),
