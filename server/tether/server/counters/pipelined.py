@@ -7,11 +7,18 @@ path's way to Redis: redis-py's client takes a pooled connection per command
 more per call than the script itself. The rest (rare calls, embedded mode's
 fakeredis, TLS and Unix sockets) keeps using redis-py.
 
-Callers bound each call themselves (asyncio.timeout). A cancelled call's
-reply is read and discarded when it comes, so one caller giving up (a
-client's deadline) disturbs no other. A caller whose bound passed drops the
-connection (drop()): a Redis that does not answer in time, or a network
-that went silent, leaves it in doubt; the next call connects again.
+Every call is bounded in time by the connection (timeout_seconds), with one
+timer for all of them rather than an asyncio.timeout per call (a Timeout
+object, a timer handle made and cancelled, and a cancellation scope per
+call, on the hot path of every call). The timer is armed at the oldest
+waiting call's deadline and, when it fires, re-armed at the next one's, so
+it is set a few times a second, not per call. A call whose bound passes
+drops the connection: a Redis that does not answer in time, or a network
+that went silent, leaves it in doubt, so every call waiting on it fails
+(ConnectionError) and the next call connects again. A cancelled call's
+reply is read and discarded when it comes, and its deadline no longer
+counts, so one caller giving up (a client's deadline) disturbs no other.
+Connecting (rare) is bounded by the same deadline with asyncio.timeout_at.
 """
 
 from __future__ import annotations
@@ -41,13 +48,20 @@ class Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
+TIMED_OUT = "no answer within the time bound"
+
+
 class _Replies(asyncio.Protocol):
     """The socket's side: parses replies and hands each to the oldest waiting call."""
 
     def __init__(self) -> None:
         # Error replies come back as values (ResponseError), not raised.
         self._reader = hiredis.Reader(replyError=redis_errors.ResponseError)
+        self._loop = asyncio.get_running_loop()
         self.waiting: deque[asyncio.Future[Any]] = deque()
+        # Each waiting call's deadline (loop time), in the same order.
+        self._deadlines: deque[float] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -61,6 +75,7 @@ class _Replies(asyncio.Protocol):
         try:
             while (reply := reader.gets()) is not False:
                 waiter = self.waiting.popleft()
+                self._deadlines.popleft()
                 if not waiter.done():
                     waiter.set_result(reply)
         except (hiredis.ProtocolError, IndexError):
@@ -71,16 +86,33 @@ class _Replies(asyncio.Protocol):
             "connection to Redis lost" if exc is None else f"connection to Redis lost: {exc}"
         )
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
-        """The future of command's reply. The write and the queueing happen
-        together (no await between), which keeps replies in step."""
+    def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
+        """The future of command's reply, failed if no reply came by deadline
+        (loop time). The write and the queueing happen together (no await
+        between), which keeps replies in step."""
         if self.closed:
             raise redis_errors.ConnectionError("connection to Redis closed")
         assert self._transport is not None
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self._loop.create_future()
         self._transport.write(command)
         self.waiting.append(waiter)
+        self._deadlines.append(deadline)
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._expire)
         return waiter
+
+    def _expire(self) -> None:
+        """The timer: drops the connection if the oldest call still waited
+        for (not given up) is past its deadline, else waits for that one's."""
+        self._timer = None
+        for waiter, deadline in zip(self.waiting, self._deadlines, strict=True):
+            if waiter.done():
+                continue  # given up: its deadline no longer counts
+            if deadline <= self._loop.time():
+                self.close(TIMED_OUT)
+            else:
+                self._timer = self._loop.call_at(deadline, self._expire)
+            return
 
     def close(self, why: str) -> None:
         if self._transport is not None:
@@ -89,6 +121,10 @@ class _Replies(asyncio.Protocol):
 
     def _fail(self, why: str) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
         while self.waiting:
             waiter = self.waiting.popleft()
             if not waiter.done():
@@ -97,9 +133,18 @@ class _Replies(asyncio.Protocol):
 
 class PipelinedConnection:
     def __init__(
-        self, host: str, port: int, db: int = 0, username: str = "", password: str = ""
+        self,
+        host: str,
+        port: int,
+        timeout_seconds: float,
+        *,
+        db: int = 0,
+        username: str = "",
+        password: str = "",
     ) -> None:
+        """timeout_seconds bounds every call, connecting included."""
         self._address = (host, port)
+        self._timeout = timeout_seconds
         # Sent ahead of the first command of every connection.
         setup: list[tuple[str | bytes | int, ...]] = []
         if password:
@@ -111,7 +156,7 @@ class PipelinedConnection:
         self._opening = asyncio.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> PipelinedConnection | None:
+    def from_url(cls, url: str, timeout_seconds: float) -> PipelinedConnection | None:
         """None for what this connection does not speak (TLS, Unix sockets,
         no URL: the embedded fakeredis); those callers keep redis-py."""
         if not url:
@@ -122,31 +167,37 @@ class PipelinedConnection:
         return cls(
             options["host"],
             int(options.get("port", 6379)),
-            int(options.get("db", 0)),
-            options.get("username") or "",
-            options.get("password") or "",
+            timeout_seconds,
+            db=int(options.get("db", 0)),
+            username=options.get("username") or "",
+            password=options.get("password") or "",
         )
 
     async def run_script(
         self, script: Script, keys: Sequence[str], args: Sequence[bytes | int | str]
     ) -> Any:
-        """The script's reply; loads the script when Redis does not know it."""
-        reply = await self._call(("EVALSHA", script.sha, len(keys), *keys, *args))
+        """The script's reply; loads the script when Redis does not know it.
+        Raises ConnectionError (or TimeoutError while connecting) when Redis
+        does not answer within the time bound."""
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        reply = await self._call(("EVALSHA", script.sha, len(keys), *keys, *args), deadline)
         if isinstance(reply, redis_errors.ResponseError):
             if str(reply).startswith("NOSCRIPT"):
-                # EVAL runs it and caches it for the next EVALSHA.
-                reply = await self._call(("EVAL", script.source, len(keys), *keys, *args))
+                # EVAL runs it and caches it for the next EVALSHA (within the same bound).
+                command = ("EVAL", script.source, len(keys), *keys, *args)
+                reply = await self._call(command, deadline)
             if isinstance(reply, redis_errors.ResponseError):
                 raise _raised(reply)
         return reply
 
-    async def _call(self, command: tuple[str | bytes | int, ...]) -> Any:
+    async def _call(self, command: tuple[str | bytes | int, ...], deadline: float) -> Any:
         replies = self._replies
         if replies is None or replies.closed:
-            replies = await self._open()
-        return await replies.send(_pack(command))
+            async with asyncio.timeout_at(deadline):
+                replies = await self._open(deadline)
+        return await replies.send(_pack(command), deadline)
 
-    async def _open(self) -> _Replies:
+    async def _open(self, deadline: float) -> _Replies:
         async with self._opening:
             replies = self._replies
             if replies is not None and not replies.closed:
@@ -156,7 +207,7 @@ class PipelinedConnection:
             )
             try:
                 for command in self._setup:
-                    _check_setup(await replies.send(command))
+                    _check_setup(await replies.send(command, deadline))
             except BaseException:
                 replies.close("setup failed")
                 raise

@@ -70,13 +70,10 @@ class GuardCounters:
     async def _call_pipelined(self, keys: list[str], args: list[bytes | int]) -> Any:
         assert self.pipelined is not None
         try:
+            # Bounded by the connection itself (one timer for all calls; a
+            # call past its bound drops the connection, which is in doubt).
             # One connection, no pool: no slots to queue for.
-            async with asyncio.timeout(self._timeout):
-                return await self.pipelined.run_script(self._evaluate_script, keys, args)
-        except TimeoutError as exc:
-            # No answer within the bound: the connection is in doubt.
-            self.pipelined.drop("no answer within the time bound")
-            raise CountersDown("no answer within the time bound") from exc
+            return await self.pipelined.run_script(self._evaluate_script, keys, args)
         except _DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
 

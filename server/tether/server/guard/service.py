@@ -175,7 +175,7 @@ class Guard:
         self.counters = GuardCounters(
             runtime.redis,
             settings.redis_timeout_seconds,
-            PipelinedConnection.from_url(settings.redis_url),
+            PipelinedConnection.from_url(settings.redis_url, settings.redis_timeout_seconds),
         )
         self.recorder = Recorder(runtime.db)
         self.identities = fp.IdentityCache()
