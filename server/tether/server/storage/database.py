@@ -119,9 +119,18 @@ class Database:
         error; a lost database raises Unavailable (the pool replaces the
         connection).
         """
+        async with self.driver_connection() as raw, raw.transaction():
+            yield raw
+
+    @asynccontextmanager
+    async def driver_connection(self) -> AsyncIterator[Any]:
+        """A bare asyncpg connection of driver_transaction's pool, outside a
+        transaction: each statement on it commits on its own, which saves
+        the BEGIN and COMMIT round trips of a one-statement change. A lost
+        database raises Unavailable (the pool replaces the connection)."""
         pool = self._driver_pool or await self._open_driver_pool()
         try:
-            async with pool.acquire() as raw, raw.transaction():
+            async with pool.acquire() as raw:
                 yield raw
         except BaseException as exc:
             if isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
