@@ -136,7 +136,8 @@ def stable(c: Components) -> dict[str, str]:
 
     Sets (fonts, plugins) are sorted and deduplicated: their order depends on
     the browser's enumeration, not on the user. Language order is kept: it is
-    the user's preference.
+    the user's preference. (Fonts and plugins spell out _norm inline: a
+    call per entry of a ~60-font list showed in a new browser's cost.)
     """
     parts = {
         "browser": _norm(c.browser_name),
@@ -144,8 +145,8 @@ def stable(c: Components) -> dict[str, str]:
         "screen": f"{c.screen_width}x{c.screen_height}",
         "pixel_ratio": f"{round(c.pixel_ratio, 2):g}",
         "color_depth": str(c.color_depth),
-        "fonts": "\n".join(sorted({_norm(f) for f in c.fonts})),
-        "plugins": "\n".join(sorted({_norm(p) for p in c.plugins})),
+        "fonts": "\n".join(sorted({" ".join(f.casefold().split()) for f in c.fonts})),
+        "plugins": "\n".join(sorted({" ".join(p.casefold().split()) for p in c.plugins})),
         "languages": ",".join(_norm(x) for x in c.languages),
         "timezone": _norm(c.timezone),
         "platform": _norm(c.platform),
@@ -157,7 +158,12 @@ def stable(c: Components) -> dict[str, str]:
 
 def identity(digester: Digester, c: Components) -> str:
     """32 hex characters: the keyed hash of the stable components."""
-    canonical = json.dumps(stable(c), sort_keys=True, separators=(",", ":"))
+    return identity_of(digester, stable(c))
+
+
+def identity_of(digester: Digester, parts: dict[str, str]) -> str:
+    """identity() of components already made stable()."""
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return digester.digest("guard-fingerprint", canonical)[:16].hex()
 
 
@@ -165,9 +171,15 @@ def sketch(digester: Digester, c: Components) -> dict[str, str]:
     """Component name -> 16 hex characters of its own keyed digest: what a
     later drift linker compares (docs/guard.md). Computed only when an
     identity is recorded, not on every call."""
+    return sketch_of(digester, stable(c))
+
+
+def sketch_of(digester: Digester, parts: dict[str, str]) -> dict[str, str]:
+    """sketch() of components already made stable()."""
+    digest = digester.current.digest
     return {
-        name: digester.digest("guard-component", f"{name}={value}")[:8].hex()
-        for name, value in stable(c).items()
+        name: digest("guard-component", f"{name}={value}")[:8].hex()
+        for name, value in parts.items()
     }
 
 
