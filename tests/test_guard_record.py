@@ -3,6 +3,7 @@ what each call leaves in guard_entries, guard_links and guard_identities."""
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -56,7 +57,8 @@ def _expected_sketch(server: RunningServer, browser: pb.FingerprintComponents) -
 async def test_a_registration_is_in_sql_before_it_is_allowed(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)
-    verdict = await guard.evaluate(service, "register", account("r1"), fingerprint("r"), IP)
+    browser = fingerprint(secrets.token_hex(4))
+    verdict = await guard.evaluate(service, "register", account("r1"), browser, IP)
     assert verdict.verdict == pb.VERDICT_ALLOW
     # No flush: the caller hears "allow" only once the entry is committed.
     entries = await _entries(any_server, service)
@@ -68,7 +70,8 @@ async def test_log_ins_joins_and_log_outs_are_written_behind_with_links_and_sket
 ) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, login_limit=5, collaborate_limit=5)
-    home, other = fingerprint("home"), fingerprint("other")
+    # Browsers of this test only: identities (and their links) span services.
+    home, other = fingerprint(secrets.token_hex(4)), fingerprint(secrets.token_hex(4))
     a = await guard.evaluate(service, "login", account("a"), home, IP)
     b = await guard.evaluate(service, "login", account("b"), home, IP)
     c = await guard.evaluate(service, "collaborate", account("c"), other, IP, room_id="room-1")
