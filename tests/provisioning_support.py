@@ -98,6 +98,10 @@ class RecordingPartner:
     usage_queries: list[UsageQuery] = field(default_factory=list)
     figures: dict[str, int] = field(default_factory=lambda: {"data_mb": 42})
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # Usage queries never get an answer (a partner backend that hangs);
+    # usage_asked is set when one arrives.
+    hangs_on_usage: bool = False
+    usage_asked: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def on_open(self, instruction: Instruction) -> Result:
         self.arrived.set()
@@ -112,6 +116,9 @@ class RecordingPartner:
 
     async def on_usage(self, query: UsageQuery) -> Usage:
         self.usage_queries.append(query)
+        self.usage_asked.set()
+        if self.hangs_on_usage:
+            await asyncio.Event().wait()
         return Usage(dict(self.figures), period="this month")
 
 

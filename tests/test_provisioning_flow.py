@@ -17,7 +17,6 @@ from tests.support import RunningServer, expect_error, start_server
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.device.provisioning import DeviceProvisioning
 from tether.clients.internal.provisioning import InternalProvisioning
-from tether.clients.partner.provisioning import Usage
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
 
@@ -178,20 +177,12 @@ async def test_usage_from_a_silent_partner_returns_within_the_deadline(
     device_token = await pg_server.credential("device")
     devices = DeviceProvisioning(pg_server.channel(device_token))
     bound = await ps.bind(pg_server, device_token, partner_token)
-    partner = ps.RecordingPartner()
-    answered = asyncio.Event()
-
-    async def never(query: object) -> Usage:
-        answered.set()
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    partner.on_usage = never  # type: ignore[method-assign]
+    partner = ps.RecordingPartner(hangs_on_usage=True)
     async with ps.running_worker(pg_server.channel(partner_token), partner):
         response = await devices.usage(
             bound.device, bound.binding.binding_id, "free-data", timeout=1.0
         )
-    assert answered.is_set()
+    assert partner.usage_asked.is_set()
     assert response.source == pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NO_ANSWER
 
 

@@ -15,7 +15,6 @@ from tests.support import RunningServer
 from tests.test_provisioning_processes import server_process
 from tether.clients.connection import open_channel
 from tether.clients.device.provisioning import DeviceProvisioning
-from tether.clients.partner.provisioning import Usage
 from tether.provisioning.v1 import messages_pb2 as pb
 
 NOT_CONNECTED = pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NOT_CONNECTED
@@ -117,15 +116,7 @@ async def test_holder_process_dying_mid_query_costs_only_that_query(
     _, partner_token = await pg_server.partner(services=("free-data",))
     device_token = await pg_server.credential("device")
     bound = await ps.bind(pg_server, device_token, partner_token)
-    partner = ps.RecordingPartner()
-    asked = asyncio.Event()
-
-    async def stuck(query: object) -> Usage:
-        asked.set()
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    partner.on_usage = stuck  # type: ignore[method-assign]
+    partner = ps.RecordingPartner(hangs_on_usage=True)
     async with (
         _device_on_a_partner_on_b(
             pg_server, postgres_url, redis_url, tmp_path, device_token, partner_token
@@ -135,7 +126,7 @@ async def test_holder_process_dying_mid_query_costs_only_that_query(
         asking = asyncio.create_task(
             devices.usage(bound.device, bound.binding.binding_id, "free-data", timeout=4)
         )
-        await asyncio.wait_for(asked.wait(), 10)
+        await asyncio.wait_for(partner.usage_asked.wait(), 10)
         b.kill()
         # The caller's deadline ends the wait: last known figures.
         response = await asking
