@@ -219,15 +219,12 @@ class PipelinedConnection:
         """Calls sent and not yet answered (or given up)."""
         return 0 if self._replies is None else len(self._replies.waiting)
 
-    def drop(self, why: str) -> None:
-        """Closes the connection, failing the calls that wait on it; the
-        next call opens a new one."""
-        if self._replies is not None:
-            self._replies.close(why)
-            self._replies = None
-
     def close(self) -> None:
-        self.drop("closed")
+        """Closes the connection, failing the calls that wait on it; a later
+        call opens a new one."""
+        if self._replies is not None:
+            self._replies.close("closed")
+            self._replies = None
 
 
 def _check_setup(reply: Any) -> None:
