@@ -63,8 +63,8 @@ from tether.binding.v1.service_pb2_grpc import BindingStub
 from tether.clients.connection import open_channel
 from tether.clients.partner.binding import PartnerBinding
 from tether.common.v1 import types_pb2 as types
-from tether.server import digests
-from tether.server.binding.accounts import normalize_account
+from tether.server.shared import digests
+from tether.server.shared.accounts import normalize_account
 from tether.server.binding.importer import LIST_COLUMNS
 
 if TYPE_CHECKING:
@@ -520,7 +520,7 @@ async def drop_database(name: str) -> None:
 
 async def setup(database_url: str, served: Served) -> tuple[str, str, str]:
     """A partner with a credential, a device credential; returns (partner_id, tokens)."""
-    from tether.server.admin.credentials import create_admin
+    from tether.server.transport.credentials import create_admin
     from tether.server.storage.database import Database
 
     db = Database(database_url, 2)

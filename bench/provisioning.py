@@ -53,9 +53,9 @@ from sqlalchemy import func, select
 from tests.provisioning_support import ServerProcess
 from tether.clients.connection import open_channel
 from tether.clients.partner.provisioning import Done, Instruction, PartnerWorker, Result
-from tether.server import digests
+from tether.server.shared import digests
 from tether.server.admin import service as admin
-from tether.server.binding.events import BindingChange
+from tether.server.shared.bindings import BindingChange
 from tether.server.binding.tables import Binding
 from tether.server.provisioning.outbox import BindingOutbox
 from tether.server.provisioning.tables import Instruction as Row

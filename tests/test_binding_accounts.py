@@ -7,8 +7,8 @@ import random
 import phonenumbers
 import pytest
 
-from tether.server.binding import phone_validity
-from tether.server.binding.accounts import normalize_account
+from tether.server.shared import phone_validity
+from tether.server.shared.accounts import normalize_account
 
 
 def _slow(value: str) -> str | None:

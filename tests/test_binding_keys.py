@@ -13,7 +13,7 @@ from tests import binding_support as bs
 from tests.support import RunningServer, start_server
 from tether.binding.v1 import messages_pb2 as pb
 from tether.common.v1 import types_pb2 as types
-from tether.server import digests
+from tether.server.shared import digests
 
 
 @pytest.mark.parametrize("key_bytes", [32, 63, 64, 65, 200])

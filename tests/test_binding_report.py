@@ -16,7 +16,7 @@ from tests.support import RunningServer, expect_error
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as pb
 from tether.common.v1 import types_pb2 as types
-from tether.server.binding.events import BindingChange
+from tether.server.shared.bindings import BindingChange
 
 BOUND = pb.REPORT_OUTCOME_BOUND
 ALREADY = pb.REPORT_OUTCOME_ALREADY_BOUND

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from tether.server import digests
+from tether.server.shared import digests
 from tether.server.guard import identity as fp
 from tether.server.guard.service import _ip_prefix
 

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import text
 
 from tests.support import RunningServer
-from tether.server import digests
+from tether.server.shared import digests
 from tether.server.admin import service as admin
-from tether.server.binding.events import BindingChange
+from tether.server.shared.bindings import BindingChange
 from tether.server.binding.tables import Binding
 from tether.server.provisioning import confirmations, leasing
 from tether.server.provisioning.outbox import BindingOutbox

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tether.server import digests
+from tether.server.shared import digests
 from tether.server.app import build, serve
 from tether.server.settings import Settings
 

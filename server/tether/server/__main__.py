@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _create_admin(settings: Settings, label: str) -> None:
-    from tether.server.admin.credentials import create_admin
+    from tether.server.transport.credentials import create_admin
     from tether.server.storage.database import Database
 
     db = Database(settings.effective_database_url, 1)

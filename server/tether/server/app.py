@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from tether.server import digests, logs
-from tether.server.admin import credentials
+from tether.server.transport import credentials
 from tether.server.admin import servicer as admin_servicer
 from tether.server.admin.tables import Credential
 from tether.server.components import Component

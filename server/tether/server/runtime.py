@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 
-from tether.server.admin.credentials import CredentialVerifier
-from tether.server.binding.events import BindingListener
-from tether.server.digests import Digester
+from tether.server.transport.credentials import CredentialVerifier
+from tether.server.shared.bindings import BindingListener
+from tether.server.shared.digests import Digester
 from tether.server.settings import Settings
 from tether.server.storage.database import Database
 

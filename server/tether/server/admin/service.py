@@ -6,7 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.admin import credentials
+from tether.server.transport import credentials
 from tether.server.admin.tables import Credential, Partner, PresetService
 from tether.server.errors import AlreadyExists, NotFound, Violations
 from tether.server.storage.base import utcnow

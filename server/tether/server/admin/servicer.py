@@ -18,7 +18,7 @@ from tether.server.errors import Violations
 from tether.server.runtime import Runtime
 from tether.server.transport import idempotency, paging
 from tether.server.transport.convert import timestamp
-from tether.server.transport.idempotency import Response
+from tether.server.storage.idempotency import Response
 from tether.server.transport.principal import CallerKind, require
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -12,9 +12,9 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.server.admin.service import get_partner
-from tether.server.binding.subjects import Subject
+from tether.server.shared.subjects import Subject
 from tether.server.binding.tables import EligibleAccount
-from tether.server.digests import Digester
+from tether.server.shared.digests import Digester
 from tether.server.errors import Violations
 from tether.server.storage import dialects
 from tether.server.storage.base import utcnow

@@ -50,10 +50,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import logs
 from tether.server.admin.service import get_partner
-from tether.server.binding import accounts
+from tether.server.shared import accounts
 from tether.server.binding.eligible import MAX_REFERENCE
 from tether.server.binding.tables import EligibleAccount
-from tether.server.digests import Digester, DigestKey
+from tether.server.shared.digests import Digester, DigestKey
 from tether.server.errors import FieldViolation, InvalidArgument
 from tether.server.storage import dialects
 from tether.server.storage.base import UtcDateTime, utcnow

@@ -50,15 +50,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.admin.tables import Partner
-from tether.server.binding.events import BindingChange, BindingListener, SqlBindingListener
-from tether.server.binding.subjects import Subject
+from tether.server.shared.bindings import BindingChange, BindingListener, SqlBindingListener
+from tether.server.shared.subjects import Subject
 from tether.server.binding.tables import ACTIVE, REVOKED, Binding, EligibleAccount
-from tether.server.digests import Digester
+from tether.server.shared.digests import Digester
 from tether.server.errors import NotFound, Unavailable
 from tether.server.storage import dialects
 from tether.server.storage.base import UtcDateTime, utcnow
 from tether.server.storage.compiled import CompiledStatement, DriverConnection
-from tether.server.transport.idempotency import Fallback
+from tether.server.storage.idempotency import Fallback
 
 # Each lost race means another report committed; a handful of rounds is
 # plenty because moves of one account are serialized on a row lock.

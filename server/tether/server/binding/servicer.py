@@ -18,7 +18,7 @@ from tether.server.admin.service import get_partner
 from tether.server.binding import bindings, eligible, importer, messages
 from tether.server.binding.ratelimit import ReportRateLimiter
 from tether.server.binding.reports import Report, Reporter
-from tether.server.binding.subjects import Subject
+from tether.server.shared.subjects import Subject
 from tether.server.binding.workers import ImportWorkers
 from tether.server.components import Component
 from tether.server.errors import (

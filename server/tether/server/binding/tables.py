@@ -1,6 +1,6 @@
 """SQL tables of eligible-account lists and bindings.
 
-Accounts and devices appear only as keyed digests (see tether.server.digests).
+Accounts and devices appear only as keyed digests (see tether.server.shared.digests).
 """
 
 from __future__ import annotations

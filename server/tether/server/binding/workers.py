@@ -12,7 +12,7 @@ import multiprocessing
 from concurrent.futures import Executor, ProcessPoolExecutor
 
 from tether.server.binding.importer import prepare
-from tether.server.digests import DigestKey
+from tether.server.shared.digests import DigestKey
 
 
 class ImportWorkers:

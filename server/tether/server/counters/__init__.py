@@ -1,2 +1,2 @@
-"""Redis: fast, atomic counters. Every key format lives in keys.py and every
-Lua script in lua.py."""
+"""Redis: the connection and the pipelined client for hot script calls.
+Key formats and scripts live with the area that owns them."""

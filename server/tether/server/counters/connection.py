@@ -7,6 +7,13 @@ from typing import Any
 
 import redis.asyncio as redis
 
+# Every key starts with this. Each area keeps its own key formats and Lua
+# scripts beside its code (binding/rate_limit.py, guard/keys.py and
+# guard/scripts.py); keys that one script touches together share a hash tag
+# {...}, so they live in one Redis Cluster slot. Deployments that share a
+# Redis server use separate Redis databases.
+KEY_PREFIX = "tether"
+
 # Pool size of both clients. The pool refuses ("Too many connections")
 # rather than queues calls beyond it, so busy callers queue their own below it.
 MAX_CONNECTIONS = 256

@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.server.admin.tables import PresetService
-from tether.server.binding.events import BindingChange, CreatedWrites
+from tether.server.shared.bindings import BindingChange, CreatedWrites
 from tether.server.binding.tables import Binding
 from tether.server.provisioning import feed, wakeup
 from tether.server.provisioning.tables import (

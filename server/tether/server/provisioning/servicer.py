@@ -16,7 +16,7 @@ from tether.provisioning.v1 import messages_pb2 as pb
 from tether.provisioning.v1 import service_pb2_grpc
 from tether.server import errors
 from tether.server.binding import messages as bm
-from tether.server.binding.subjects import Subject
+from tether.server.shared.subjects import Subject
 from tether.server.binding.tables import Binding
 from tether.server.components import Component
 from tether.server.errors import Violations

@@ -1,12 +1,19 @@
-"""SQL tables of partners, preset services and credentials."""
+"""Partners and their preset services: the vocabulary of every area.
+
+Admin creates and edits them; binding checks lists and rebind policies
+against them, provisioning opens their preset services.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, LargeBinary, String, Text
+from sqlalchemy import ForeignKey, String, Text
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server.errors import NotFound
 from tether.server.storage.base import Base, UtcDateTime, utcnow
 
 
@@ -32,17 +39,10 @@ class PresetService(Base):
     create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
-class Credential(Base):
-    __tablename__ = "credentials"
-
-    credential_id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    # device, partner, internal or admin.
-    kind: Mapped[str] = mapped_column(String(16))
-    partner_id: Mapped[str | None] = mapped_column(
-        ForeignKey("partners.partner_id", ondelete="CASCADE"), index=True
-    )
-    label: Mapped[str] = mapped_column(String(200), default="")
-    # SHA-256 of the token's secret part; the token itself is never stored.
-    secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
-    create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-    revoke_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
+async def get_partner(session: AsyncSession, partner_id: str) -> Partner:
+    partner = await session.get(Partner, partner_id) if partner_id else None
+    if partner is None:
+        raise NotFound(
+            ErrorReason.ERROR_REASON_PARTNER_NOT_FOUND, f"partner {partner_id!r} not found"
+        )
+    return partner

@@ -8,7 +8,7 @@ from tether.binding.v1 import messages_pb2 as pb
 from tether.common.v1 import types_pb2 as types
 from tether.server.binding import subjects
 from tether.server.binding.reports import Outcome, PartnerOutcome
-from tether.server.binding.subjects import Subject
+from tether.server.shared.subjects import Subject
 from tether.server.binding.tables import ACTIVE, Binding, EligibleAccount
 from tether.server.errors import Violations
 from tether.server.transport.convert import timestamp

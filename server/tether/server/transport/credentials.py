@@ -3,6 +3,10 @@
 A token is "<credential_id>.<secret>". The secret has 256 bits of entropy,
 so one SHA-256 is enough to store it safely (a slow hash protects guessable
 passwords, which these are not), and verification costs microseconds.
+
+Who may call is transport's concern, so the credentials and their table
+live here, next to the principal they become; the admin area issues and
+revokes them through this module.
 """
 
 from __future__ import annotations
@@ -13,13 +17,32 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
-from tether.server.admin.tables import Credential
-from tether.server.storage.base import utcnow
+from sqlalchemy import ForeignKey, LargeBinary, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from tether.server.storage.base import Base, UtcDateTime, utcnow
 from tether.server.storage.database import Database
 from tether.server.transport.principal import CallerKind, Principal
 
 ID_PREFIX = "cred_"
+
+
+class Credential(Base):
+    __tablename__ = "credentials"
+
+    credential_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # device, partner, internal or admin.
+    kind: Mapped[str] = mapped_column(String(16))
+    partner_id: Mapped[str | None] = mapped_column(
+        ForeignKey("partners.partner_id", ondelete="CASCADE"), index=True
+    )
+    label: Mapped[str] = mapped_column(String(200), default="")
+    # SHA-256 of the token's secret part; the token itself is never stored.
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoke_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 @dataclass(frozen=True)

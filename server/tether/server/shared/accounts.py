@@ -16,7 +16,7 @@ from email_validator import EmailNotValidError, validate_email
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
 from stdnum import imei, meid
 
-from tether.server.binding import phone_validity
+from tether.server.shared import phone_validity
 
 ACCOUNT_KINDS = ("phone_number", "member_id", "email", "social_id", "login_id")
 TERMINAL_ID_KINDS = ("imei", "meid", "serial_number")

@@ -1,7 +1,10 @@
-"""What the binding area tells others, inside the transaction that made it.
+"""What other areas may know of a binding, and the hooks through which
+they learn of it. The binding area implements them; app.py hands them to
+whoever listens (provisioning), so neither area imports the other.
 
-Provisioning listens to write its outbox row in that same transaction: a
-binding can never exist without its service instruction, nor the reverse.
+The change hook runs inside the transaction that made the change:
+provisioning writes its outbox row in that same transaction, so a binding
+can never exist without its service instruction, nor the reverse.
 
 A listener may also offer its writes for new bindings as SQL (see
 SqlBindingListener): on PostgreSQL a report then inserts its bindings and
@@ -11,6 +14,7 @@ one per row.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -18,14 +22,35 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from sqlalchemy import CTE, ColumnElement
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tether.server.binding.tables import Binding
+
+class BindingFacts(Protocol):
+    """A binding as other areas see it (the binding area's row satisfies it)."""
+
+    @property
+    def binding_id(self) -> uuid.UUID: ...
+    @property
+    def partner_id(self) -> str: ...
+    @property
+    def account_kind(self) -> str: ...
+    @property
+    def account_digest(self) -> bytes: ...
+    @property
+    def device_digest(self) -> bytes: ...
+    # The partner's reference from its list, else the list entry's id: what
+    # instructions to the partner carry instead of the raw account.
+    @property
+    def partner_reference(self) -> str: ...
+
+
+# Reads one binding in the caller's session; None if there is none.
+BindingReader = Callable[[AsyncSession, uuid.UUID], Awaitable[BindingFacts | None]]
 
 
 @dataclass(frozen=True)
 class BindingChange:
     # "created": a new active binding; "revoked": an active binding ended.
     change: Literal["created", "revoked"]
-    binding: Binding
+    binding: BindingFacts
     # For "revoked": "unbound" or "moved".
     reason: str = ""
 
@@ -60,8 +85,10 @@ class SqlBindingListener(Protocol):
 
     def created_writes(self, created: CTE) -> CreatedWrites: ...
 
-    async def created_done(self, session: AsyncSession, binding: Binding, marker: Any) -> None: ...
+    async def created_done(
+        self, session: AsyncSession, binding: BindingFacts, marker: Any
+    ) -> None: ...
 
     # What created_done does after commit, for a report that ran on a bare
     # connection (no session) and has just committed.
-    def created_committed(self, binding: Binding, marker: Any) -> None: ...
+    def created_committed(self, binding: BindingFacts, marker: Any) -> None: ...

@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from tether.common.v1 import types_pb2 as types
 from tether.provisioning.v1 import messages_pb2 as pb
-from tether.server.binding.messages import ACCOUNT_KINDS_PB
+from tether.server.binding.convert import ACCOUNT_KINDS_PB
 from tether.server.provisioning import confirmations, tables
 from tether.server.provisioning.leasing import Delivery
 from tether.server.provisioning.tables import EntitlementEvent, Instruction

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tether.server.binding import accounts
-from tether.server.digests import Digester
+from tether.server.shared import accounts
+from tether.server.shared.digests import Digester
 from tether.server.errors import Violations
 
 

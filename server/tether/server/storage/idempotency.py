@@ -21,14 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.errors import AlreadyExists, TetherError, Violations
+from tether.server.errors import AlreadyExists, TetherError
 from tether.server.storage import dialects
 from tether.server.storage.base import Base, UtcDateTime, utcnow
 from tether.server.storage.compiled import CompiledStatement, DriverConnection
 from tether.server.storage.database import Database
 from tether.server.transport.principal import Principal
-
-MAX_REQUEST_ID = 64
+from tether.server.transport.request_ids import MAX_REQUEST_ID
 
 Response = TypeVar("Response", bound=Message)
 
@@ -42,13 +41,6 @@ class IdempotencyRecord(Base):
     request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     response: Mapped[bytes] = mapped_column(LargeBinary)
     create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-
-
-def check_request_id(request_id: str, violations: Violations) -> None:
-    if not request_id:
-        violations.add("request_id", "required: a caller-chosen id that makes retries safe")
-    elif len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
-        violations.add("request_id", f"at most {MAX_REQUEST_ID} printable characters")
 
 
 def _body_hash(request: Message) -> bytes:
@@ -93,7 +85,8 @@ def _store_statement(dialect: Dialect) -> CompiledStatement:
 
 
 class Fallback(Exception):
-    """Raised by the work of Once.run_direct: run the call on the general path."""
+    """Raised by the work of Once.run_direct: run the call on the general path
+    (a store's fast path raises it when the call needs more than it does)."""
 
 
 # What direct work returns: the answer, and what to do once it has committed.

@@ -19,17 +19,37 @@ from redis.exceptions import RedisError
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import logs
-from tether.server.counters import keys, lua
+from tether.server.counters.connection import KEY_PREFIX
 from tether.server.errors import ResourceExhausted
 
 log = logs.get(__name__)
 
 WINDOW_MS = 60_000
 
+# KEYS[1]: window counter. ARGV[1]: limit, ARGV[2]: window length in ms.
+# Returns {allowed (1/0), count, ms until the window ends}.
+RATE_LIMIT_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if count > tonumber(ARGV[1]) then
+  return {0, count, ttl}
+end
+return {1, count, ttl}
+"""
+
+
+def window_key(credential_id: str, device_digest_hex: str, window: int) -> str:
+    """Fixed-window counter of ReportAccountUse calls of one device; the hash
+    tag keeps a device's windows in one Redis Cluster slot."""
+    return f"{KEY_PREFIX}:rate:report:{{{credential_id}:{device_digest_hex}}}:{window}"
+
 
 class ReportRateLimiter:
     def __init__(self, client: redis.Redis, per_minute: int, bound_seconds: float) -> None:
-        self._script = client.register_script(lua.RATE_LIMIT)
+        self._script = client.register_script(RATE_LIMIT_SCRIPT)
         self._limit = per_minute
         self._bound = bound_seconds
 
@@ -38,7 +58,7 @@ class ReportRateLimiter:
         if self._limit <= 0:
             return
         window = int(time.time() * 1000) // WINDOW_MS
-        key = keys.report_rate(credential_id, device_digest.hex(), window)
+        key = window_key(credential_id, device_digest.hex(), window)
         try:
             async with asyncio.timeout(self._bound):
                 allowed, _count, ttl_ms = await self._script(
