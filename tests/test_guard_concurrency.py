@@ -13,7 +13,7 @@ from tests.guard_support import fingerprint, guard_client, new_service
 from tests.support import RunningServer, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.counters import keys
+from tether.server.guard import keys
 
 IP = "198.51.100.7"
 
@@ -28,7 +28,7 @@ async def _ttl_ms(
     """What is left of the lifetime of identity's counter key, in ms."""
     client = redis.Redis.from_url(redis_url)
     try:
-        bucket = keys.guard_bucket(identity, server.app.settings.guard_bucket_bits)
+        bucket = keys.bucket(identity, server.app.settings.guard_bucket_bits)
         ttl: int = await client.pttl(key_of(service, bucket))
         return ttl
     finally:
@@ -78,7 +78,7 @@ async def test_expired_login_session_frees_its_slot(
     first = await guard.evaluate(service, "login", account("e1"), browser, IP)
     assert first.verdict == pb.VERDICT_ALLOW
     # The key expires with its last session, so nothing lingers in Redis.
-    ttl = await _ttl_ms(pg_server, redis_url, keys.guard_logged_in, service, first.identity)
+    ttl = await _ttl_ms(pg_server, redis_url, keys.logged_in, service, first.identity)
     assert 0 < ttl <= 1000
     assert (await guard.evaluate(service, "login", account("e2"), browser, IP)).verdict == (
         pb.VERDICT_DENY
@@ -99,7 +99,7 @@ async def test_registration_window_bounds_the_key_lifetime(
     guard = await guard_client(pg_server)
     service = await new_service(guard, register_limit=2, register_window_seconds=60)
     first = await guard.evaluate(service, "register", account("w1"), fingerprint("w"), IP)
-    ttl = await _ttl_ms(pg_server, redis_url, keys.guard_registered, service, first.identity)
+    ttl = await _ttl_ms(pg_server, redis_url, keys.registered, service, first.identity)
     assert 0 < ttl <= 60_000
 
 
@@ -124,7 +124,7 @@ async def test_fingerprints_sharing_one_bucket_are_counted_apart(
             assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) == 2
         client = redis.Redis.from_url(redis_url)
         try:
-            assert await client.hlen(keys.guard_registered(service, "0")) == 6
+            assert await client.hlen(keys.registered(service, "0")) == 6
         finally:
             await client.aclose()
     finally:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as redis
 from redis import exceptions as redis_errors
 
-from tether.server.counters import lua
+from tether.server.guard import scripts
 from tether.server.counters.connection import MAX_CONNECTIONS
 from tether.server.counters.pipelined import PipelinedConnection, Script
 
@@ -53,10 +53,10 @@ class GuardCounters:
         self._timeout = timeout_seconds
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
         self.pipelined = pipelined
-        self._evaluate_script = Script(lua.GUARD_EVALUATE)
-        self._evaluate = client.register_script(lua.GUARD_EVALUATE)
-        self._renew = client.register_script(lua.GUARD_RENEW)
-        self._restore = client.register_script(lua.GUARD_RESTORE)
+        self._evaluate_script = Script(scripts.EVALUATE)
+        self._evaluate = client.register_script(scripts.EVALUATE)
+        self._renew = client.register_script(scripts.RENEW)
+        self._restore = client.register_script(scripts.RESTORE)
 
     async def _call(self, call: Any) -> Any:
         async with self._slots:

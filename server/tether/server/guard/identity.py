@@ -17,7 +17,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from tether.server.digests import Digester
+from tether.server.shared.digests import Digester
 from tether.server.errors import Violations
 
 IDENTITY = re.compile(r"^[0-9a-f]{32}$")

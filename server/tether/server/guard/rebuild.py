@@ -12,7 +12,7 @@ from itertools import groupby
 
 from sqlalchemy import or_, select
 
-from tether.server.counters import keys
+from tether.server.guard import keys
 from tether.server.guard.counters import FOREVER_MS
 from tether.server.guard.service import Action, Guard, counter_field, counter_key
 from tether.server.guard.tables import GuardEntry
@@ -46,7 +46,7 @@ async def rebuild(guard: Guard, service_id: str = "") -> int:
             r.service_id,
             r.action,
             r.room_id,
-            keys.guard_bucket(r.identity, guard.bucket_bits),
+            keys.bucket(r.identity, guard.bucket_bits),
         ),
     ):
         key = counter_key(service, Action(action), room, bucket)

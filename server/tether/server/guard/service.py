@@ -18,8 +18,8 @@ from typing import NamedTuple
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
-from tether.server.binding.accounts import normalize_account
-from tether.server.counters import keys
+from tether.server.shared.accounts import normalize_account
+from tether.server.guard import keys
 from tether.server.counters.pipelined import PipelinedConnection
 from tether.server.errors import Violations
 from tether.server.guard import identity as fp
@@ -114,10 +114,10 @@ class _Account(NamedTuple):
 
 def counter_key(service_id: str, action: Action, room_id: str, bucket: str) -> str:
     if action is Action.REGISTER:
-        return keys.guard_registered(service_id, bucket)
+        return keys.registered(service_id, bucket)
     if action is Action.LOGIN:
-        return keys.guard_logged_in(service_id, bucket)
-    return keys.guard_room(service_id, room_id, bucket)
+        return keys.logged_in(service_id, bucket)
+    return keys.room(service_id, room_id, bucket)
 
 
 def counter_field(identity: str, member: bytes) -> bytes:
@@ -219,7 +219,7 @@ class Guard:
             v.add("room_id", "only for the collaborate action")
 
     def _key(self, policy: Policy, action: Action, room_id: str, identity: str) -> str:
-        bucket = keys.guard_bucket(identity, self.bucket_bits)
+        bucket = keys.bucket(identity, self.bucket_bits)
         return counter_key(policy.service_id, action, room_id, bucket)
 
     @staticmethod
