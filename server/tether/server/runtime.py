@@ -1,24 +1,22 @@
-"""What every servicer shares: settings, the database, Redis, the digester."""
+"""What every area shares: settings, the database, Redis, the digester,
+and the credential verifier."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as redis
 
-from tether.server.transport.credentials import CredentialVerifier
-from tether.server.shared.bindings import BindingListener
-from tether.server.shared.digests import Digester
 from tether.server.settings import Settings
+from tether.server.shared.digests import Digester
 from tether.server.storage.database import Database
+from tether.server.transport.credentials import CredentialVerifier
 
 
-@dataclass
+@dataclass(frozen=True)
 class Runtime:
     settings: Settings
     db: Database
     redis: redis.Redis
     digester: Digester
     credentials: CredentialVerifier
-    # Told of every binding change inside its transaction (provisioning's outbox).
-    binding_listeners: list[BindingListener] = field(default_factory=list)

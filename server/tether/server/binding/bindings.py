@@ -36,6 +36,11 @@ def _not_found(binding_id: str) -> NotFound:
     return NotFound(ErrorReason.ERROR_REASON_BINDING_NOT_FOUND, f"binding {binding_id!r} not found")
 
 
+async def find(session: AsyncSession, binding_id: uuid.UUID) -> Binding | None:
+    """A binding by id, whoever asks: the read other areas get (a BindingReader)."""
+    return await session.get(Binding, binding_id)
+
+
 async def get(
     session: AsyncSession,
     digester: Digester,

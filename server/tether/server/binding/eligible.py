@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tether.server.admin.service import get_partner
+from tether.server.shared.partners import get_partner
 from tether.server.shared.subjects import Subject
 from tether.server.binding.tables import EligibleAccount
 from tether.server.shared.digests import Digester

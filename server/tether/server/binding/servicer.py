@@ -1,10 +1,11 @@
-"""gRPC face of tether.binding.v1.Binding: messages in, domain calls, messages out."""
+"""gRPC face of tether.binding.v1.Binding: checks the caller, translates
+messages (convert.py, shared/convert.py), calls the domain."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -12,15 +13,14 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.binding.v1 import messages_pb2 as pb
-from tether.binding.v1 import service_pb2_grpc
+from tether.binding.v1 import service_pb2, service_pb2_grpc
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.admin.service import get_partner
-from tether.server.binding import bindings, eligible, importer, messages
-from tether.server.binding.ratelimit import ReportRateLimiter
+from tether.server.binding import bindings, convert, eligible, importer
+from tether.server.binding.changes import BindingChanges
+from tether.server.binding.import_workers import ImportWorkers
+from tether.server.binding.rate_limit import ReportRateLimiter
 from tether.server.binding.reports import Report, Reporter
-from tether.server.shared.subjects import Subject
-from tether.server.binding.workers import ImportWorkers
-from tether.server.components import Component
+from tether.server.binding.store import BindingStore
 from tether.server.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -30,9 +30,13 @@ from tether.server.errors import (
     invalid,
 )
 from tether.server.runtime import Runtime
-from tether.server.storage.compiled import DriverConnection
-from tether.server.transport import idempotency, paging
+from tether.server.shared import convert as shared_convert
+from tether.server.shared.partners import get_partner
+from tether.server.shared.subjects import Subject
+from tether.server.storage.idempotency import Once
+from tether.server.transport import paging
 from tether.server.transport.principal import CallerKind, Principal, require
+from tether.server.transport.request_ids import check_request_id
 from tether.server.validation import check_slug
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -40,7 +44,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_NAMED_PARTNERS = 100
 MAX_ENTRIES_PER_CALL = 1000
 MAX_IMPORT_BATCH = 10_000
-SERVICE_NAME = "tether.binding.v1.Binding"
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Binding"].full_name
 
 
 def _list_partner(caller: Principal, requested: str, path: str) -> str:
@@ -61,7 +65,7 @@ def _entries(items: Any, path: str, violations: Violations, *, limit: int) -> li
         return []
     entries = []
     for i, item in enumerate(items):
-        account = messages.account(item.account, f"{path}[{i}].account", violations)
+        account = shared_convert.account(item.account, f"{path}[{i}].account", violations)
         eligible.check_reference(
             item.partner_reference, f"{path}[{i}].partner_reference", violations
         )
@@ -71,12 +75,18 @@ def _entries(items: Any, path: str, violations: Violations, *, limit: int) -> li
 
 
 class BindingServicer(service_pb2_grpc.BindingServicer):
-    def __init__(self, runtime: Runtime, import_workers: ImportWorkers) -> None:
-        self._rt = runtime
+    def __init__(
+        self,
+        runtime: Runtime,
+        store: BindingStore,
+        changes: BindingChanges,
+        import_workers: ImportWorkers,
+    ) -> None:
         self._db = runtime.db
+        self._store = store
+        self._changes = changes
         self._digester = runtime.digester
-        # The list object itself: provisioning appends its listener after us.
-        self._reporter = Reporter(runtime.digester, runtime.binding_listeners)
+        self._reporter = Reporter(runtime.digester, changes)
         self._limiter = ReportRateLimiter(
             runtime.redis,
             runtime.settings.report_rate_per_minute,
@@ -89,13 +99,13 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
     ) -> pb.ReportAccountUseResponse:
         caller = require(CallerKind.DEVICE)
         violations = Violations()
-        idempotency.check_request_id(request.request_id, violations)
-        device = messages.device(request.device, "device", violations)
+        check_request_id(request.request_id, violations)
+        device = shared_convert.device(request.device, "device", violations)
         account = None
         if not request.HasField("account"):
             violations.add("account", "required")
         else:
-            account = messages.account(request.account, "account", violations)
+            account = shared_convert.account(request.account, "account", violations)
         if len(request.partner_ids) > MAX_NAMED_PARTNERS:
             violations.add("partner_ids", f"at most {MAX_NAMED_PARTNERS}")
         else:
@@ -112,44 +122,22 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
         # Should the transaction fail before awaiting it, its outcome is moot.
         limit.add_done_callback(lambda task: task.cancelled() or task.exception())
 
-        async def work(session: AsyncSession) -> pb.ReportAccountUseResponse:
-            try:
-                outcomes = await self._reporter.report(session, report)
-            finally:
-                await limit
-            return pb.ReportAccountUseResponse(outcomes=[messages.outcome_pb(o) for o in outcomes])
-
-        once = idempotency.Once(
-            self._db, caller, "binding.ReportAccountUse", request, pb.ReportAccountUseResponse
+        once = Once(self._db, caller, "binding.ReportAccountUse", request, pb.ReportAccountUseResponse)
+        return await self._store.report(
+            once,
+            self._reporter,
+            report,
+            # Awaited before the commit, also on failure: a limited call writes nothing.
+            settle=lambda: limit,
+            respond=convert.report_response,
         )
-        if not self._reporter.runs_direct(report, postgres=not self._db.is_sqlite):
-            return await once.run(work)
-
-        async def direct(
-            connection: DriverConnection,
-        ) -> tuple[pb.ReportAccountUseResponse, Callable[[], None]]:
-            try:
-                outcomes, committed = await self._reporter.report_direct(
-                    connection, self._db.engine.dialect, report
-                )
-            finally:
-                # Also before falling back: a limited call goes no further.
-                await limit
-            response = pb.ReportAccountUseResponse(
-                outcomes=[messages.outcome_pb(o) for o in outcomes]
-            )
-            return response, committed
-
-        # The common case (new bindings) without an ORM session; anything
-        # else goes the general way.
-        return await once.run_direct(direct, general=lambda: once.run(work))
 
     def _scope(self, caller: Principal, device_pb: Any, violations: Violations) -> bindings.Scope:
         """What a caller may see: its partner, or the device it names."""
         if caller.kind is CallerKind.PARTNER:
             return bindings.Scope(partner_id=caller.partner_id)
         if caller.kind is CallerKind.DEVICE:
-            return bindings.Scope(device=messages.device(device_pb, "device", violations))
+            return bindings.Scope(device=shared_convert.device(device_pb, "device", violations))
         return bindings.Scope()
 
     async def GetBinding(
@@ -157,13 +145,13 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
     ) -> pb.GetBindingResponse:
         caller = require(CallerKind.DEVICE, CallerKind.PARTNER, CallerKind.INTERNAL)
         violations = Violations()
-        binding_id = messages.binding_id(request.binding_id, "binding_id", violations)
+        binding_id = shared_convert.binding_id(request.binding_id, "binding_id", violations)
         scope = self._scope(caller, request.device, violations)
         violations.raise_if_any()
         assert binding_id is not None
         async with self._db.sessions() as session:
             row = await bindings.get(session, self._digester, binding_id, scope)
-        return pb.GetBindingResponse(binding=messages.binding_pb(row))
+        return pb.GetBindingResponse(binding=convert.binding_pb(row))
 
     async def ListBindings(
         self, request: pb.ListBindingsRequest, context: Context
@@ -183,10 +171,10 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
         if which is None:
             violations.add("filter", "set one of device, account or partner_id")
         elif which == "device":
-            device = messages.device(request.device, "device", violations)
+            device = shared_convert.device(request.device, "device", violations)
         elif which == "account":
             partner_id = caller.partner_scope(request.account.partner_id)
-            account = messages.account(request.account.account, "account.account", violations)
+            account = shared_convert.account(request.account.account, "account.account", violations)
         else:
             partner_id = _list_partner(caller, request.partner_id, "partner_id")
         violations.raise_if_any()
@@ -208,25 +196,25 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             last = rows[size - 1]
             token = paging.encode(listing, [last.create_time.isoformat(), str(last.binding_id)])
         return pb.ListBindingsResponse(
-            bindings=[messages.binding_pb(r) for r in rows[:size]], next_page_token=token
+            bindings=[convert.binding_pb(r) for r in rows[:size]], next_page_token=token
         )
 
     async def Unbind(self, request: pb.UnbindRequest, context: Context) -> pb.UnbindResponse:
         caller = require(CallerKind.DEVICE, CallerKind.PARTNER, CallerKind.INTERNAL)
         violations = Violations()
-        idempotency.check_request_id(request.request_id, violations)
-        binding_id = messages.binding_id(request.binding_id, "binding_id", violations)
+        check_request_id(request.request_id, violations)
+        binding_id = shared_convert.binding_id(request.binding_id, "binding_id", violations)
         scope = self._scope(caller, request.device, violations)
         violations.raise_if_any()
         assert binding_id is not None
 
         async def work(session: AsyncSession) -> pb.UnbindResponse:
             row = await bindings.unbind(
-                session, self._digester, binding_id, scope, self._rt.binding_listeners
+                session, self._digester, binding_id, scope, self._changes.listeners
             )
-            return pb.UnbindResponse(binding=messages.binding_pb(row))
+            return pb.UnbindResponse(binding=convert.binding_pb(row))
 
-        once = idempotency.Once(self._db, caller, "binding.Unbind", request, pb.UnbindResponse)
+        once = Once(self._db, caller, "binding.Unbind", request, pb.UnbindResponse)
         return await once.run(work)
 
     async def AddEligibleAccounts(
@@ -256,7 +244,7 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             violations.add("accounts", f"at most {MAX_ENTRIES_PER_CALL} per call")
         else:
             for i, item in enumerate(request.accounts):
-                account = messages.account(item, f"accounts[{i}]", violations)
+                account = shared_convert.account(item, f"accounts[{i}]", violations)
                 if account is not None:
                     accounts.append(account)
         violations.raise_if_any()
@@ -287,7 +275,9 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             replace=header.mode == pb.IMPORT_MODE_REPLACE,
             max_rejected=header.max_rejected,
         )
-        run = importer.ImportRun(self._db, self._digester, spec, self._import_workers.get())
+        run = importer.ImportRun(
+            self._db, self._store, self._digester, spec, self._import_workers.get()
+        )
         # Tells the client the header was accepted: a long upload can start
         # knowing that its partner and mode are right.
         await context.send_initial_metadata(())
@@ -324,7 +314,7 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             rows = await eligible.list_entries(session, partner_id, after, size + 1)
         token = paging.encode(listing, rows[size - 1].entry_id) if len(rows) > size else ""
         return pb.ListEligibleAccountsResponse(
-            entries=[messages.entry_pb(r) for r in rows[:size]], next_page_token=token
+            entries=[convert.entry_pb(r) for r in rows[:size]], next_page_token=token
         )
 
 
@@ -335,16 +325,7 @@ def _import_batch(message: pb.ImportEligibleAccountsRequest) -> list[importer.Ra
     items = message.batch.entries
     if not items or len(items) > MAX_IMPORT_BATCH:
         raise invalid("batch.entries", f"1-{MAX_IMPORT_BATCH:,} entries per batch")
-    kinds = messages.ACCOUNT_KINDS
-    return [
-        (
-            kinds.get(e.account.kind, ""),
-            e.account.value,
-            e.account.region_hint,
-            e.partner_reference,
-        )
-        for e in items
-    ]
+    return convert.import_batch(items)
 
 
 def _decode_binding_key(key: Any) -> bindings.PageKey | None:
@@ -363,9 +344,3 @@ def _page_token_invalid() -> InvalidArgument:
         "page_token does not belong to this listing; start again without it",
         violations=[FieldViolation("page_token", "not a token of this listing")],
     )
-
-
-def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
-    workers = ImportWorkers(runtime.settings.import_workers)
-    service_pb2_grpc.add_BindingServicer_to_server(BindingServicer(runtime, workers), server)
-    return Component(services=[SERVICE_NAME], start=workers.warm_up, stop=workers.stop)
