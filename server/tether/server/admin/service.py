@@ -6,23 +6,15 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.transport import credentials
-from tether.server.admin.tables import Credential, Partner, PresetService
 from tether.server.errors import AlreadyExists, NotFound, Violations
+from tether.server.shared.partners import Partner, PresetService, get_partner
 from tether.server.storage.base import utcnow
+from tether.server.transport import credentials
+from tether.server.transport.credentials import Credential
 from tether.server.transport.principal import CallerKind
 from tether.server.validation import check_slug, check_text
 
 REBIND_POLICIES = ("refuse", "move")
-
-
-async def get_partner(session: AsyncSession, partner_id: str) -> Partner:
-    partner = await session.get(Partner, partner_id) if partner_id else None
-    if partner is None:
-        raise NotFound(
-            ErrorReason.ERROR_REASON_PARTNER_NOT_FOUND, f"partner {partner_id!r} not found"
-        )
-    return partner
 
 
 async def create_partner(

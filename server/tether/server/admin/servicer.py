@@ -1,4 +1,5 @@
-"""gRPC face of tether.admin.v1.Admin: messages in, domain calls, messages out."""
+"""gRPC face of tether.admin.v1.Admin: checks the caller, translates
+messages (convert.py), calls the domain."""
 
 from __future__ import annotations
 
@@ -10,76 +11,22 @@ from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.admin.v1 import messages_pb2 as pb
-from tether.admin.v1 import service_pb2_grpc
-from tether.server.admin import service
-from tether.server.admin.tables import Credential, Partner, PresetService
-from tether.server.components import Component
+from tether.admin.v1 import service_pb2, service_pb2_grpc
+from tether.server.admin import convert, service
 from tether.server.errors import Violations
 from tether.server.runtime import Runtime
-from tether.server.transport import idempotency, paging
-from tether.server.transport.convert import timestamp
-from tether.server.storage.idempotency import Response
+from tether.server.storage.idempotency import Once, Response
+from tether.server.transport import paging
 from tether.server.transport.principal import CallerKind, require
+from tether.server.transport.request_ids import check_request_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-_POLICY_TO_PB = {"refuse": pb.REBIND_POLICY_REFUSE, "move": pb.REBIND_POLICY_MOVE}
-_POLICY_FROM_PB = {
-    pb.REBIND_POLICY_UNSPECIFIED: "refuse",
-    pb.REBIND_POLICY_REFUSE: "refuse",
-    pb.REBIND_POLICY_MOVE: "move",
-}
-_KIND_FROM_PB = {
-    pb.CREDENTIAL_KIND_DEVICE: CallerKind.DEVICE,
-    pb.CREDENTIAL_KIND_PARTNER: CallerKind.PARTNER,
-    pb.CREDENTIAL_KIND_INTERNAL: CallerKind.INTERNAL,
-    pb.CREDENTIAL_KIND_ADMIN: CallerKind.ADMIN,
-}
-_KIND_TO_PB = {v: k for k, v in _KIND_FROM_PB.items()}
-
-
-def partner_pb(row: Partner) -> pb.Partner:
-    return pb.Partner(
-        partner_id=row.partner_id,
-        display_name=row.display_name,
-        rebind_policy=_POLICY_TO_PB[row.rebind_policy],
-        create_time=timestamp(row.create_time),
-    )
-
-
-def service_pb(row: PresetService) -> pb.Service:
-    return pb.Service(
-        partner_id=row.partner_id,
-        service_id=row.service_id,
-        display_name=row.display_name,
-        description=row.description,
-        create_time=timestamp(row.create_time),
-    )
-
-
-def credential_pb(row: Credential) -> pb.Credential:
-    return pb.Credential(
-        credential_id=row.credential_id,
-        kind=_KIND_TO_PB[CallerKind(row.kind)],
-        partner_id=row.partner_id or "",
-        label=row.label,
-        create_time=timestamp(row.create_time),
-        revoke_time=timestamp(row.revoke_time),
-    )
-
-
-def _policy(value: int, path: str) -> str:
-    if value not in _POLICY_FROM_PB:
-        violations = Violations()
-        violations.add(path, "unknown rebind policy")
-        violations.raise_if_any()
-    return _POLICY_FROM_PB[value]  # type: ignore[index]
-
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 class AdminServicer(service_pb2_grpc.AdminServicer):
     def __init__(self, runtime: Runtime) -> None:
-        self._rt = runtime
         self._db = runtime.db
+        self._credentials = runtime.credentials
 
     async def _once(
         self,
@@ -91,20 +38,20 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
         """An admin-only change, run at most once per request_id."""
         caller = require(CallerKind.ADMIN)
         violations = Violations()
-        idempotency.check_request_id(request.request_id, violations)  # type: ignore[attr-defined]
+        check_request_id(request.request_id, violations)  # type: ignore[attr-defined]
         violations.raise_if_any()
-        return await idempotency.Once(self._db, caller, method, request, response_type).run(work)
+        return await Once(self._db, caller, method, request, response_type).run(work)
 
     async def CreatePartner(
         self, request: pb.CreatePartnerRequest, context: Context
     ) -> pb.CreatePartnerResponse:
-        policy = _policy(request.rebind_policy, "rebind_policy")
+        policy = convert.policy(request.rebind_policy, "rebind_policy")
 
         async def work(session: AsyncSession) -> pb.CreatePartnerResponse:
             row = await service.create_partner(
                 session, request.partner_id, request.display_name, policy
             )
-            return pb.CreatePartnerResponse(partner=partner_pb(row))
+            return pb.CreatePartnerResponse(partner=convert.partner_pb(row))
 
         return await self._once("CreatePartner", request, pb.CreatePartnerResponse, work)
 
@@ -115,7 +62,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
         partner_id = caller.partner_scope(request.partner_id)
         async with self._db.sessions() as session:
             row = await service.get_partner(session, partner_id)
-        return pb.GetPartnerResponse(partner=partner_pb(row))
+        return pb.GetPartnerResponse(partner=convert.partner_pb(row))
 
     async def ListPartners(
         self, request: pb.ListPartnersRequest, context: Context
@@ -127,7 +74,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
             rows = await service.list_partners(session, after, size + 1)
         token = paging.encode("partners", rows[size - 1].partner_id) if len(rows) > size else ""
         return pb.ListPartnersResponse(
-            partners=[partner_pb(r) for r in rows[:size]], next_page_token=token
+            partners=[convert.partner_pb(r) for r in rows[:size]], next_page_token=token
         )
 
     async def UpdatePartner(
@@ -136,13 +83,13 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
         require(CallerKind.ADMIN)
         display_name = request.display_name if request.HasField("display_name") else None
         policy = (
-            _policy(request.rebind_policy, "rebind_policy")
+            convert.policy(request.rebind_policy, "rebind_policy")
             if request.HasField("rebind_policy")
             else None
         )
         async with self._db.transaction() as session:
             row = await service.update_partner(session, request.partner_id, display_name, policy)
-            return pb.UpdatePartnerResponse(partner=partner_pb(row))
+            return pb.UpdatePartnerResponse(partner=convert.partner_pb(row))
 
     async def CreateService(
         self, request: pb.CreateServiceRequest, context: Context
@@ -155,7 +102,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
                 request.display_name,
                 request.description,
             )
-            return pb.CreateServiceResponse(service=service_pb(row))
+            return pb.CreateServiceResponse(service=convert.service_pb(row))
 
         return await self._once("CreateService", request, pb.CreateServiceResponse, work)
 
@@ -166,13 +113,13 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
         partner_id = caller.partner_scope(request.partner_id)
         async with self._db.sessions() as session:
             rows = await service.list_services(session, partner_id)
-        return pb.ListServicesResponse(services=[service_pb(r) for r in rows])
+        return pb.ListServicesResponse(services=[convert.service_pb(r) for r in rows])
 
     async def CreateCredential(
         self, request: pb.CreateCredentialRequest, context: Context
     ) -> pb.CreateCredentialResponse:
         require(CallerKind.ADMIN)
-        kind = _KIND_FROM_PB.get(request.kind)
+        kind = convert.KINDS.get(request.kind)
         if kind is None:
             violations = Violations()
             violations.add("kind", "required: device, partner, internal or admin")
@@ -183,7 +130,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
                 session, kind, request.partner_id, request.label
             )
             return pb.CreateCredentialResponse(
-                credential=credential_pb(minted.credential), token=minted.token
+                credential=convert.credential_pb(minted.credential), token=minted.token
             )
 
     async def ListCredentials(
@@ -197,7 +144,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
             rows = await service.list_credentials(session, request.partner_id, after, size + 1)
         token = paging.encode(scope, rows[size - 1].credential_id) if len(rows) > size else ""
         return pb.ListCredentialsResponse(
-            credentials=[credential_pb(r) for r in rows[:size]], next_page_token=token
+            credentials=[convert.credential_pb(r) for r in rows[:size]], next_page_token=token
         )
 
     async def RevokeCredential(
@@ -206,10 +153,5 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
         require(CallerKind.ADMIN)
         async with self._db.transaction() as session:
             row = await service.revoke_credential(session, request.credential_id)
-        self._rt.credentials.forget(row.credential_id)
-        return pb.RevokeCredentialResponse(credential=credential_pb(row))
-
-
-def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
-    service_pb2_grpc.add_AdminServicer_to_server(AdminServicer(runtime), server)
-    return Component(services=["tether.admin.v1.Admin"])
+        self._credentials.forget(row.credential_id)
+        return pb.RevokeCredentialResponse(credential=convert.credential_pb(row))
