@@ -5,6 +5,9 @@ The instruction row is locked, its state decides: the first final result
 same result again changes nothing; a different final result is refused. A
 late confirmation (after the lease ran out, after a redelivery, even after
 the instruction was parked as dead) is still the partner's truth and counts.
+
+`decide` is that rule, on rows the store has locked; the stores
+(store_sqlalchemy.py, store_postgres.py) lock, read and write.
 """
 
 from __future__ import annotations
@@ -15,12 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.errors import FailedPrecondition, NotFound, TetherError, Violations, invalid
-from tether.server.provisioning import feed, wakeup
 from tether.server.provisioning.leasing import Timing
 from tether.server.provisioning.tables import (
     ACTIVATING,
@@ -30,10 +29,8 @@ from tether.server.provisioning.tables import (
     FAILED,
     OPEN,
     PENDING,
-    Entitlement,
-    Instruction,
 )
-from tether.server.storage.base import Base, utcnow
+
 
 MAX_REASON = 500
 MAX_REFERENCE = 128
@@ -114,10 +111,7 @@ class Row:
     changed: bool = False
 
 
-_I = Base.metadata.tables[Instruction.__tablename__]
-_E = Base.metadata.tables[Entitlement.__tablename__]
 ROW_COLUMNS = [name for name in Row.__dataclass_fields__ if name != "changed"]
-_ROW_COLUMNS = [_I.c[name] for name in ROW_COLUMNS]
 # An entitlement change a confirmation causes: the instruction's row, the
 # new state, the reason.
 Effect = tuple[Row, str, str]
@@ -147,59 +141,6 @@ def decide(
             continue
         applied.append(Applied(instruction_id, outcome, row.state))
     return applied, effects
-
-
-async def confirm_many(
-    session: AsyncSession,
-    notify: wakeup.Wakeup,
-    *,
-    partner_id: str,
-    items: Sequence[tuple[uuid.UUID, Result]],
-    timing: Timing,
-) -> list[Applied]:
-    """Applies confirmations in one transaction; one Applied per item, in order.
-
-    Rows are locked in delivery order (seq), so concurrent batches of one
-    partner cannot deadlock. Core statements, not ORM objects. (On
-    PostgreSQL the partner streams take the set-based path in `postgres`.)
-    """
-    ids = sorted({instruction_id for instruction_id, _ in items})
-    locked = await session.execute(
-        select(*_ROW_COLUMNS)
-        .where(_I.c.instruction_id.in_(ids))
-        .order_by(_I.c.seq)
-        .with_for_update()
-    )
-    rows = {r.instruction_id: Row(*r) for r in locked}
-    now = utcnow()
-    applied, effects = decide(rows, [(partner_id, i, result) for i, result in items], timing, now)
-    changed = [r for r in rows.values() if r.changed]
-    if changed:
-        await session.execute(
-            update(_I)
-            .where(_I.c.seq == bindparam("b_seq"))
-            .values(
-                state=bindparam("b_state"),
-                due_time=bindparam("b_due"),
-                lease_owner=bindparam("b_owner"),
-                last_error=bindparam("b_error"),
-                partner_service_reference=bindparam("b_ref"),
-                update_time=now,
-            ),
-            [
-                {
-                    "b_seq": r.seq,
-                    "b_state": r.state,
-                    "b_due": r.due_time,
-                    "b_owner": r.lease_owner,
-                    "b_error": r.last_error,
-                    "b_ref": r.partner_service_reference,
-                }
-                for r in changed
-            ],
-        )
-    await _set_entitlements(session, notify, effects, now)
-    return applied
 
 
 def _apply(
@@ -253,48 +194,3 @@ def _final_text(row: Row) -> str:
     if row.state == CONFIRMED:
         return f"done (reference {row.partner_service_reference!r})"
     return f"failed permanently ({row.last_error!r})"
-
-
-async def _set_entitlements(
-    session: AsyncSession,
-    notify: wakeup.Wakeup,
-    effects: list[Effect],
-    now: datetime,
-) -> None:
-    if not effects:
-        return
-    binding_ids = sorted({row.binding_id for row, _, _ in effects})
-    locked = await session.execute(
-        select(*feed.ENTRY_COLUMNS)
-        .where(_E.c.binding_id.in_(binding_ids))
-        .order_by(_E.c.binding_id, _E.c.service_id)
-        .with_for_update()
-    )
-    entitlements = {(e.binding_id, e.service_id): feed.Entry(*e) for e in locked}
-    changed = []
-    for row, state, reason in effects:
-        entry = entitlements.get((row.binding_id, row.service_id))
-        # Only an entitlement still being opened moves: a binding revoked in
-        # the meantime stays revoked, whatever the partner says of the open.
-        if entry is None or entry.state != ACTIVATING:
-            continue
-        entry.state = state
-        entry.reason = reason
-        changed.append(entry)
-    if not changed:
-        return
-    await session.execute(
-        update(_E)
-        .where(_E.c.binding_id == bindparam("b_binding"), _E.c.service_id == bindparam("b_service"))
-        .values(state=bindparam("b_state"), reason=bindparam("b_reason"), update_time=now),
-        [
-            {
-                "b_binding": e.binding_id,
-                "b_service": e.service_id,
-                "b_state": e.state,
-                "b_reason": e.reason,
-            }
-            for e in changed
-        ],
-    )
-    await feed.record(session, notify, changed)

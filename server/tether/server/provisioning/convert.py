@@ -1,20 +1,35 @@
 """Translation between tether.provisioning.v1 messages and domain values.
 
-Accounts and devices are read as the binding area reads them.
+Accounts, devices and binding ids are read as every area reads them
+(tether.server.shared.convert).
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, timedelta
 
 from google.protobuf.duration_pb2 import Duration
 
-from tether.common.v1 import types_pb2 as types
+from tether.common.v1.errors_pb2 import ErrorReason
 from tether.provisioning.v1 import messages_pb2 as pb
-from tether.server.binding.convert import ACCOUNT_KINDS_PB
-from tether.server.provisioning import confirmations, tables
+from tether.server.errors import Violations
+from tether.server.provisioning import confirmations, tables, usage
 from tether.server.provisioning.leasing import Delivery
+from tether.server.provisioning.stream_protocol import (
+    ConfirmationIn,
+    FromPartner,
+    Hello,
+    HelloAgain,
+    Ready,
+    UsageAnswerIn,
+    UsageReportIn,
+)
+from tether.server.provisioning.streams import ConfirmationReply, Outgoing
 from tether.server.provisioning.tables import EntitlementEvent, Instruction
+from tether.server.provisioning.usage_queries import DeviceUsage, Source, UsageQueryOut, UsageReply
+from tether.server.shared import convert as shared_convert
+from tether.server.shared.convert import account_kind_pb
 from tether.server.transport.convert import timestamp
 
 KINDS_PB = {tables.OPEN: pb.INSTRUCTION_KIND_OPEN, tables.CLOSE: pb.INSTRUCTION_KIND_CLOSE}
@@ -45,7 +60,7 @@ def duration(value: timedelta) -> Duration:
     return result
 
 
-def result_of(message: pb.Confirmation, path: str) -> confirmations.Result | None:
+def result_of(message: pb.Confirmation) -> confirmations.Result | None:
     which = message.WhichOneof("result")
     if which == "done":
         return confirmations.Done(message.done.partner_service_reference)
@@ -61,7 +76,7 @@ def instruction_pb(row: Instruction | Delivery) -> pb.Instruction:
         service_id=row.service_id,
         binding_id=str(row.binding_id),
         partner_reference=row.partner_reference,
-        account_kind=ACCOUNT_KINDS_PB.get(row.account_kind, types.ACCOUNT_KIND_UNSPECIFIED),
+        account_kind=account_kind_pb(row.account_kind),
         account_digest=row.account_digest.hex(),
         attempt=row.attempts,
         create_time=timestamp(row.create_time),
@@ -87,9 +102,138 @@ def event_pb(row: EntitlementEvent) -> pb.EntitlementEvent:
         partner_id=row.partner_id,
         service_id=row.service_id,
         binding_id=str(row.binding_id),
-        account_kind=ACCOUNT_KINDS_PB.get(row.account_kind, types.ACCOUNT_KIND_UNSPECIFIED),
+        account_kind=account_kind_pb(row.account_kind),
         account_digest=row.account_digest.hex(),
         state=ENTITLEMENTS_PB[row.state],
         reason=row.reason,
         event_time=timestamp(row.event_time),
     )
+
+
+SOURCES_PB = {
+    Source.PARTNER: pb.USAGE_ANSWER_SOURCE_PARTNER,
+    Source.LAST_KNOWN_PARTNER_NOT_CONNECTED: pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NOT_CONNECTED,
+    Source.LAST_KNOWN_PARTNER_NO_ANSWER: pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NO_ANSWER,
+}
+
+
+def device_usage_pb(answer: DeviceUsage) -> pb.QueryDeviceUsageResponse:
+    return pb.QueryDeviceUsageResponse(
+        source=SOURCES_PB[answer.source],
+        figures=[pb.UsageFigure(metric=k, quantity=q) for k, q in answer.figures],
+        period=answer.period,
+        as_of_time=timestamp(answer.as_of),
+        partner_error=answer.partner_error,
+    )
+
+
+def usage_report(message: pb.UsageReport, path: str) -> usage.Report:
+    """A usage report, checked; InvalidArgument with every bad field."""
+    violations = Violations()
+    binding_id = shared_convert.binding_id(message.binding_id, f"{path}.binding_id", violations)
+    report = usage.Report(
+        binding_id,
+        message.service_id,
+        [
+            usage.Event(
+                e.occur_time.ToDatetime(tzinfo=UTC), e.figure.metric, e.figure.quantity
+            )
+            for e in message.events
+        ],
+    )
+    report.check(path, violations)
+    violations.raise_if_any()
+    return report
+
+
+# --- the partner stream ------------------------------------------------------
+
+
+def hello(message: pb.ConnectRequest) -> Hello | None:
+    """The stream's first message as a Hello; None if it is not one."""
+    if message.WhichOneof("message") != "hello":
+        return None
+    return Hello(message.hello.partner_id, message.hello.max_in_flight, message.hello.label)
+
+
+async def from_partner(requests: AsyncIterator[pb.ConnectRequest]) -> AsyncIterator[FromPartner]:
+    """What the partner sends after its hello, one item per confirmation.
+    A malformed usage report raises (InvalidArgument), which ends the stream."""
+    async for request in requests:
+        which = request.WhichOneof("message")
+        if which in ("confirmation", "confirmations"):
+            batch = (
+                [request.confirmation]
+                if which == "confirmation"
+                else list(request.confirmations.confirmations)
+            )
+            for c in batch:
+                yield ConfirmationIn(c.instruction_id, result_of(c))
+        elif which == "usage_answer":
+            a = request.usage_answer
+            reply = UsageReply([(f.metric, f.quantity) for f in a.figures], a.period, a.error)
+            yield UsageAnswerIn(a.query_id, reply)
+        elif which == "usage_report":
+            yield UsageReportIn(usage_report(request.usage_report, "report"))
+        else:
+            yield HelloAgain()
+            return
+
+
+def ready_pb(ready: Ready) -> pb.ConnectResponse:
+    return pb.ConnectResponse(
+        ready=pb.StreamReady(
+            stream_id=ready.stream_id,
+            max_in_flight=ready.max_in_flight,
+            ack_deadline=duration(ready.ack_deadline),
+        )
+    )
+
+
+def _result_pb(reply: ConfirmationReply) -> pb.ConfirmationResult:
+    result = pb.ConfirmationResult(instruction_id=reply.instruction_id)
+    if reply.outcome is not None:
+        result.outcome = OUTCOMES_PB[reply.outcome]
+    if reply.error is not None:
+        result.error_reason = ErrorReason.Name(reply.error.reason)
+        result.error_message = reply.error.message
+    return result
+
+
+def to_partner(items: Iterable[Outgoing]) -> list[pb.ConnectResponse]:
+    """Stream messages for what is ready: instructions and results each in
+    one message (a batch when there are several), usage queries one by one."""
+    instructions: list[pb.Instruction] = []
+    results: list[pb.ConfirmationResult] = []
+    queries: list[pb.ConnectResponse] = []
+    for item in items:
+        if isinstance(item, ConfirmationReply):
+            results.append(_result_pb(item))
+        elif isinstance(item, UsageQueryOut):
+            queries.append(
+                pb.ConnectResponse(
+                    usage_query=pb.UsageQuery(
+                        query_id=item.query_id,
+                        binding_id=str(item.binding_id),
+                        service_id=item.service_id,
+                        partner_reference=item.partner_reference,
+                        deadline=timestamp(item.deadline),
+                    )
+                )
+            )
+        elif isinstance(item, Delivery):
+            instructions.append(instruction_pb(item))
+    messages = []
+    if len(instructions) == 1:
+        messages.append(pb.ConnectResponse(instruction=instructions[0]))
+    elif instructions:
+        messages.append(
+            pb.ConnectResponse(instructions=pb.InstructionBatch(instructions=instructions))
+        )
+    if len(results) == 1:
+        messages.append(pb.ConnectResponse(confirmation_result=results[0]))
+    elif results:
+        messages.append(
+            pb.ConnectResponse(confirmation_results=pb.ConfirmationResultBatch(results=results))
+        )
+    return messages + queries

@@ -9,9 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.binding.tables import Binding
 from tether.server.errors import NotFound
 from tether.server.provisioning.tables import ACTIVE, Entitlement
+from tether.server.shared.bindings import BindingFacts, BindingReader
 
 
 async def find(
@@ -41,10 +41,11 @@ def is_usable(entitlement: Entitlement | None) -> bool:
 
 
 async def of_binding(
-    session: AsyncSession, binding_id: uuid.UUID, service_id: str
-) -> tuple[Binding, Entitlement]:
-    """The binding and its entitlement to the service; NotFound if either is missing."""
-    binding = await session.get(Binding, binding_id)
+    session: AsyncSession, bindings: BindingReader, binding_id: uuid.UUID, service_id: str
+) -> tuple[BindingFacts, Entitlement]:
+    """The binding (read through the binding area's reader) and its
+    entitlement to the service; NotFound if either is missing."""
+    binding = await bindings(session, binding_id)
     if binding is None:
         raise NotFound(
             ErrorReason.ERROR_REASON_BINDING_NOT_FOUND, f"binding {binding_id} not found"

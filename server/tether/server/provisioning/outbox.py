@@ -1,7 +1,8 @@
 """The transactional outbox: instructions written with the binding change.
 
-The binding area calls `BindingOutbox.on_change` inside the transaction of
-every created and revoked binding. Everything written here commits or rolls
+The binding area calls `BindingOutbox.on_change` (its change hook, which
+app.py hands the outbox to) inside the transaction of every created and
+revoked binding. Everything written here commits or rolls
 back with the binding itself: a binding never exists without its "open"
 instructions, nor a revocation without its "close" ones.
 """
@@ -14,10 +15,7 @@ from sqlalchemy import CTE, Integer, bindparam, cast, func, literal, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tether.server.admin.tables import PresetService
-from tether.server.shared.bindings import BindingChange, CreatedWrites
-from tether.server.binding.tables import Binding
-from tether.server.provisioning import feed, wakeup
+from tether.server.provisioning import entitlement_feed
 from tether.server.provisioning.tables import (
     ACTIVATING,
     CLOSE,
@@ -30,10 +28,13 @@ from tether.server.provisioning.tables import (
     EntitlementEvent,
     Instruction,
 )
+from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
+from tether.server.shared.bindings import BindingChange, BindingFacts, CreatedWrites
+from tether.server.shared.partners import PresetService
 from tether.server.storage.base import UtcDateTime, utcnow
 
 
-def new_instruction(binding: Binding, service_id: str, kind: str) -> Instruction:
+def new_instruction(binding: BindingFacts, service_id: str, kind: str) -> Instruction:
     now = utcnow()
     return Instruction(
         partner_id=binding.partner_id,
@@ -54,7 +55,7 @@ def new_instruction(binding: Binding, service_id: str, kind: str) -> Instruction
 class BindingOutbox:
     """The binding listener of the provisioning area (a SqlBindingListener)."""
 
-    def __init__(self, notify: wakeup.Wakeup) -> None:
+    def __init__(self, notify: Wakeup) -> None:
         self._notify = notify
 
     async def __call__(self, session: AsyncSession, change: BindingChange) -> None:
@@ -66,7 +67,7 @@ class BindingOutbox:
         else:
             await self._revoked(session, change.binding, change.reason or "unbound")
 
-    async def _opened(self, session: AsyncSession, binding: Binding) -> None:
+    async def _opened(self, session: AsyncSession, binding: BindingFacts) -> None:
         service_ids = list(
             await session.scalars(
                 select(PresetService.service_id)
@@ -92,8 +93,8 @@ class BindingOutbox:
             )
             session.add(ent)
             entitlements.append(ent)
-        await feed.record(session, self._notify, entitlements)
-        await self._notify.publish(session, wakeup.instructions_topic(binding.partner_id))
+        await entitlement_feed.record(session, self._notify, entitlements)
+        await self._notify.publish(session, instructions_topic(binding.partner_id))
 
     def created_writes(self, created: CTE) -> CreatedWrites:
         """What _opened writes, as CTEs of the binding's INSERT (PostgreSQL).
@@ -101,7 +102,7 @@ class BindingOutbox:
         The same rows in the same order: per binding, one open instruction
         and one activating entitlement per preset service (by service id),
         and their events at the next positions of the device's feed, whose
-        counter row stays locked until commit as in feed.record.
+        counter row stays locked until commit as in entitlement_feed.record.
         """
         now = bindparam("now", type_=UtcDateTime)
         services = (
@@ -245,13 +246,13 @@ class BindingOutbox:
         )
         return CreatedWrites([opened, entitled, reserved_cte, events], written)
 
-    async def created_done(self, session: AsyncSession, binding: Binding, marker: Any) -> None:
+    async def created_done(self, session: AsyncSession, binding: BindingFacts, marker: Any) -> None:
         """Wakes, on commit, whoever waits for what created_writes wrote."""
         topics = self._created_topics(binding, marker)
         if topics:
             await self._notify.publish(session, *topics)
 
-    def created_committed(self, binding: Binding, marker: Any) -> None:
+    def created_committed(self, binding: BindingFacts, marker: Any) -> None:
         """Wakes at once whoever waits for what created_writes wrote and
         what has just committed outside a session."""
         topics = self._created_topics(binding, marker)
@@ -259,15 +260,15 @@ class BindingOutbox:
             self._notify.committed(*topics)
 
     @staticmethod
-    def _created_topics(binding: Binding, marker: Any) -> tuple[str, ...]:
+    def _created_topics(binding: BindingFacts, marker: Any) -> tuple[str, ...]:
         if not marker:
             return ()
         return (
-            wakeup.feed_topic(binding.device_digest),
-            wakeup.instructions_topic(binding.partner_id),
+            feed_topic(binding.device_digest),
+            instructions_topic(binding.partner_id),
         )
 
-    async def _revoked(self, session: AsyncSession, binding: Binding, reason: str) -> None:
+    async def _revoked(self, session: AsyncSession, binding: BindingFacts, reason: str) -> None:
         entitlements = list(
             await session.scalars(
                 select(Entitlement)
@@ -283,6 +284,6 @@ class BindingOutbox:
             ent.state = REVOKED
             ent.reason = reason
             ent.update_time = utcnow()
-        await feed.record(session, self._notify, entitlements)
+        await entitlement_feed.record(session, self._notify, entitlements)
         if entitlements:
-            await self._notify.publish(session, wakeup.instructions_topic(binding.partner_id))
+            await self._notify.publish(session, instructions_topic(binding.partner_id))

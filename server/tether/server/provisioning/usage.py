@@ -13,10 +13,14 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tether.server.binding.tables import Binding
+from tether.common.v1.errors_pb2 import ErrorReason
+from tether.server import errors
 from tether.server.errors import Violations
+from tether.server.provisioning import entitlements
 from tether.server.provisioning.tables import UsageAnswer, UsageRecord
+from tether.server.shared.bindings import BindingFacts, BindingReader
 from tether.server.storage.base import utcnow
+from tether.server.transport.principal import CallerKind, Principal
 
 _S = TypeVar("_S", bound=Select)  # type: ignore[type-arg]
 
@@ -51,8 +55,56 @@ def check_events(events: list[Event], path: str, violations: Violations) -> None
             violations.add(f"{path}[{i}].occur_time", "more than 5 minutes in the future")
 
 
+@dataclass(frozen=True)
+class Report:
+    """Usage a device or partner reports for one service of one binding."""
+
+    # None when the request's binding_id was not a UUID (reported by check).
+    binding_id: uuid.UUID | None
+    service_id: str
+    events: list[Event]
+
+    def check(self, path: str, violations: Violations) -> None:
+        """Adds the report's bad fields; binding_id was parsed (and its
+        violation added) when the report was made."""
+        if not self.service_id:
+            violations.add(f"{path}.service_id", "required")
+        check_events(self.events, f"{path}.events", violations)
+
+
+def check_scope(binding: BindingFacts, caller: Principal, device: list[bytes]) -> None:
+    """A partner sees only its bindings; a device only the ones of the device it names."""
+    if caller.kind is CallerKind.PARTNER and binding.partner_id != caller.partner_id:
+        raise errors.NotFound(
+            ErrorReason.ERROR_REASON_BINDING_NOT_FOUND, f"binding {binding.binding_id} not found"
+        )
+    if caller.kind is CallerKind.DEVICE and binding.device_digest not in device:
+        raise errors.PermissionDenied(
+            ErrorReason.ERROR_REASON_BINDING_OF_OTHER_DEVICE,
+            "the binding belongs to another device than the one named in the request",
+        )
+
+
+async def record_report(
+    session: AsyncSession,
+    bindings: BindingReader,
+    report: Report,
+    caller: Principal,
+    device: list[bytes],
+) -> int:
+    """Records a checked report of the caller (a device naming `device`, or a
+    partner); returns how many events were recorded."""
+    assert report.binding_id is not None
+    binding, _ = await entitlements.of_binding(
+        session, bindings, report.binding_id, report.service_id
+    )
+    check_scope(binding, caller, device)
+    source = "device" if caller.kind is CallerKind.DEVICE else "partner"
+    return await record(session, binding, report.service_id, source, report.events)
+
+
 async def record(
-    session: AsyncSession, binding: Binding, service_id: str, source: str, events: list[Event]
+    session: AsyncSession, binding: BindingFacts, service_id: str, source: str, events: list[Event]
 ) -> int:
     session.add_all(
         UsageRecord(

@@ -1,5 +1,7 @@
-"""The partner streams' hot path on PostgreSQL: leases and confirmations as
-fixed, set-based statements on asyncpg connections the hub keeps open.
+"""The provisioning store on PostgreSQL.
+
+Deliveries. The partner streams' hot path: leases and confirmations as
+fixed, set-based statements on asyncpg connections kept open.
 
 Every delivered instruction costs a lease and a confirmation, so each costs
 as few round trips and as little CPU as possible: the SQL is fixed text
@@ -7,9 +9,20 @@ as few round trips and as little CPU as possible: the SQL is fixed text
 per row), no SQLAlchemy statement is built, and no pool check-out or ping
 stands between a wake-up and the partner. Confirmations of all streams are
 applied by one task, everything that arrived meanwhile in one transaction
-(group commit). The general path (`leasing`, `confirmations`, `feed`) stays
-in use on SQLite and for the unary calls; both make the same decisions
+(group commit). The general path (`leasing`, store_sqlalchemy.py) stays in
+use on SQLite and for the unary calls; both make the same decisions
 (`confirmations.decide`) and write the same rows.
+
+Broadcast. Committed wake-up topics are handed to a notifier task, which
+sends them as NOTIFY on a connection of its own, after the commit and
+outside any writing transaction: PostgreSQL serializes the commits of all
+transactions that issued NOTIFY (the notify queue lock is held through the
+commit's WAL flush), which capped binding commits at ~450/s when each
+binding transaction sent its own. Topics that pile up while a send is in
+flight go out together in the next one. Each Tether process receives them
+on a dedicated LISTEN connection.
+
+Usage queries between processes: store_postgres_relay.py.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -26,12 +39,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
-from tether.server.provisioning import confirmations, wakeup
+from tether.server.provisioning import confirmations
 from tether.server.provisioning.leasing import Delivery, Timing
+from tether.server.provisioning.store import AskHere, Broadcast, DeliveryStore, UsageRelay
+from tether.server.provisioning.store_postgres_relay import PostgresUsageRelay
+from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
+from tether.server.storage import listener
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
 
 log = logs.get(__name__)
+
+CHANNEL = "tether_provisioning"
+MAX_PAYLOAD = 7900
+# Topics waiting for the notifier. One per partner or device changed since
+# the last send, so this is reached only if PostgreSQL stops answering the
+# notifier while commits still succeed; past it the topics are dropped and
+# the waiters' slow poll finds the work.
+MAX_UNSENT = 100_000
+# One statement, one round trip and one (tiny) transaction per send.
+_NOTIFY_SQL = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 
 # Most confirmations applied in one transaction.
 MAX_CONFIRMATIONS = 1000
@@ -183,10 +210,24 @@ class _KeptConnection:
                 await held.close()
 
 
+class PostgresProvisioningStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def broadcast(self) -> Broadcast:
+        return PostgresBroadcast(self._db.url)
+
+    def delivery(self, wakeup: Wakeup, timing: Timing) -> DeliveryStore:
+        return PostgresDelivery(self._db, wakeup, timing)
+
+    def usage_relay(self, ask_here: AskHere) -> UsageRelay:
+        return PostgresUsageRelay(self._db.url, ask_here)
+
+
 class PostgresDelivery:
     """Leases and confirmations of this process's partner streams."""
 
-    def __init__(self, db: Database, notify: wakeup.Wakeup, timing: Timing) -> None:
+    def __init__(self, db: Database, notify: Wakeup, timing: Timing) -> None:
         self._notify = notify
         self._timing = timing
         self._lease_connection = _KeptConnection(db, durable=False)
@@ -218,9 +259,7 @@ class PostgresDelivery:
         self, partner_id: str, *, owners: Sequence[str], now: datetime
     ) -> list[Delivery]:
         """As leasing.lease, for several deliverers in one autocommit
-        statement: the n-th deliverable instruction (oldest first) is leased
-        to owners[n], so an owner named k times gets at most k; spent ones
-        are parked as dead."""
+        statement (see DeliveryStore.lease)."""
         if not owners:
             return []
         timing = self._timing
@@ -339,7 +378,7 @@ class PostgresDelivery:
             )
         # A retry's dispatchers learn when it is due.
         topics.update(
-            wakeup.instructions_topic(partner_id)
+            instructions_topic(partner_id)
             for (partner_id, _, _), a in zip(items, applied, strict=True)
             if a.outcome is confirmations.Outcome.RETRY_SCHEDULED
         )
@@ -355,5 +394,136 @@ class PostgresDelivery:
                 [reason for _, _, reason in effects],
                 now,
             )
-            topics.update(wakeup.feed_topic(bytes(d[0])) for d in devices)
+            topics.update(feed_topic(bytes(d[0])) for d in devices)
         return applied, topics
+
+
+class PostgresBroadcast:
+    """Wake-ups between processes: NOTIFY after commit, heard on LISTEN."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._listening = asyncio.Event()
+        self._heard: Callable[[Sequence[str]], None] = lambda _topics: None
+        self._reconnected: Callable[[], None] = lambda: None
+        self._task: asyncio.Task[None] | None = None
+        # Committed topics not yet sent as NOTIFY, and the notifier's state.
+        self._unsent: set[str] = set()
+        self._unsent_ready = asyncio.Event()
+        self._notifier: asyncio.Task[None] | None = None
+        self._notify_conn: asyncpg.Connection | None = None
+
+    @property
+    def listening(self) -> asyncio.Event:
+        return self._listening
+
+    def send(self, topics: set[str]) -> None:
+        """Queues committed topics for the notifier; never waits."""
+        if not topics:
+            return
+        if len(self._unsent) + len(topics) > MAX_UNSENT:
+            log.warning("NOTIFY backlog full; dropping it", topics=len(self._unsent))
+            self._unsent.clear()
+        self._unsent.update(topics)
+        self._unsent_ready.set()
+
+    async def start(
+        self, heard: Callable[[Sequence[str]], None], reconnected: Callable[[], None]
+    ) -> None:
+        self._heard, self._reconnected = heard, reconnected
+        self._task = asyncio.create_task(self._listen_forever(), name="provisioning-listen")
+        self._notifier = asyncio.create_task(self._notify_forever(), name="provisioning-notify")
+
+    async def stop(self) -> None:
+        await self._stop_notifier()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _send(self, conn: asyncpg.Connection, topics: set[str]) -> None:
+        await conn.execute(_NOTIFY_SQL, CHANNEL, _payloads(sorted(topics)))
+
+    async def _notify_forever(self) -> None:
+        while True:
+            await self._unsent_ready.wait()
+            conn = self._notify_conn
+            if conn is None or conn.is_closed():
+                try:
+                    # Losing a NOTIFY costs only a wake-up, so its commit
+                    # need not wait for the WAL flush; it is still delivered
+                    # at once (visibility does not wait for the flush).
+                    conn = await asyncpg.connect(
+                        listener.asyncpg_dsn(self._url),
+                        server_settings={"synchronous_commit": "off"},
+                    )
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log.warning("NOTIFY connection failed; retrying", error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                self._notify_conn = conn
+            self._unsent_ready.clear()
+            topics, self._unsent = self._unsent, set()
+            try:
+                await self._send(conn, topics)
+            except asyncio.CancelledError:
+                self._unsent |= topics
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("NOTIFY failed; reconnecting", error=str(exc))
+                self.send(topics)
+                self._notify_conn = None
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=1)
+                await asyncio.sleep(1.0)
+
+    async def _stop_notifier(self) -> None:
+        """Stops the notifier after one last, bounded, send of what is left."""
+        if self._notifier is not None:
+            self._notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._notifier
+            self._notifier = None
+        conn, self._notify_conn = self._notify_conn, None
+        if conn is None:
+            return
+        if self._unsent and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self._send(conn, self._unsent)
+            self._unsent.clear()
+        with contextlib.suppress(Exception):
+            await conn.close(timeout=1)
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._heard(payload.split())
+
+    async def _listen_forever(self) -> None:
+        await listener.listen_forever(
+            listener.asyncpg_dsn(self._url),
+            CHANNEL,
+            self._on_notify,
+            connected=self._connected,
+            disconnected=self._listening.clear,
+            what="LISTEN",
+        )
+
+    async def _connected(self, _conn: Any, _lost: asyncio.Event) -> None:
+        self._listening.set()
+        # Whatever was notified while we were away is found by the waiters'
+        # own reads.
+        self._reconnected()
+
+
+def _payloads(topics: list[str]) -> list[str]:
+    """Space-separated topics, cut below PostgreSQL's 8000-byte NOTIFY limit."""
+    payloads: list[str] = []
+    current = ""
+    for topic in topics:
+        if current and len(current) + 1 + len(topic) > MAX_PAYLOAD:
+            payloads.append(current)
+            current = ""
+        current = f"{current} {topic}" if current else topic
+    if current:
+        payloads.append(current)
+    return payloads

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tether.server.provisioning import wakeup
+from tether.server.provisioning.wakeup import Wakeup, feed_topic
 from tether.server.provisioning.tables import DeviceFeed, Entitlement, EntitlementEvent
 from tether.server.storage import dialects
 from tether.server.storage.base import Base, utcnow
@@ -65,7 +65,7 @@ async def _reserve(session: AsyncSession, counts: dict[bytes, int]) -> dict[byte
 
 
 async def record(
-    session: AsyncSession, notify: wakeup.Wakeup, entitlements: Sequence[Entry | Entitlement]
+    session: AsyncSession, notify: Wakeup, entitlements: Sequence[Entry | Entitlement]
 ) -> None:
     """Appends the entitlements' current states to their devices' feeds, in order."""
     if not entitlements:
@@ -94,7 +94,7 @@ async def record(
             }
         )
     await session.execute(insert(Base.metadata.tables[EntitlementEvent.__tablename__]), events)
-    await notify.publish(session, *(wakeup.feed_topic(d) for d in sorted(counts)))
+    await notify.publish(session, *(feed_topic(d) for d in sorted(counts)))
 
 
 async def read_after(
@@ -115,7 +115,7 @@ async def read_after(
 
 async def follow(
     db: Database,
-    notify: wakeup.Wakeup,
+    notify: Wakeup,
     device_digests: list[bytes],
     after: int,
     poll_seconds: float,
@@ -125,7 +125,7 @@ async def follow(
     device_digests: the device under each configured digest key (rows
     written before a key rotation carry the old one).
     """
-    topics = [wakeup.feed_topic(d) for d in device_digests]
+    topics = [feed_topic(d) for d in device_digests]
     with notify.subscribe(*topics) as woken:
         while True:
             woken.clear()

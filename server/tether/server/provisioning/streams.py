@@ -1,8 +1,9 @@
 """The partner streams connected to this process, and what flows on them.
 
 Free of gRPC: a stream is an outgoing queue plus the set of instructions it
-holds unconfirmed. The servicer moves queue items to the wire and hands
-what the partner sends to `confirm` and `answer_usage`.
+holds unconfirmed. stream_protocol.py moves queue items to the wire and
+hands what the partner sends to `run_confirmations` and `answer_usage`.
+Leases and confirmations go through the store's DeliveryStore.
 
 Back-pressure: a stream is given at most max_in_flight unconfirmed
 instructions, and its outgoing queue is bounded, so a slow partner holds a
@@ -19,11 +20,11 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, select
-
 from tether.server import errors, logs
-from tether.server.provisioning import confirmations, leasing, postgres, wakeup
-from tether.server.provisioning.tables import LEASED, PENDING, Instruction
+from tether.server.provisioning import confirmations, leasing
+from tether.server.provisioning.store import DeliveryStore
+from tether.server.provisioning.usage_queries import UsageQueryOut, UsageReply
+from tether.server.provisioning.wakeup import Wakeup, instructions_topic
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
 
@@ -40,22 +41,6 @@ class ConfirmationReply:
     instruction_id: str
     outcome: confirmations.Outcome | None = None
     error: errors.TetherError | None = None
-
-
-@dataclass(frozen=True)
-class UsageQueryOut:
-    query_id: str
-    binding_id: uuid.UUID
-    service_id: str
-    partner_reference: str
-    deadline: datetime
-
-
-@dataclass(frozen=True)
-class UsageReply:
-    figures: list[tuple[str, int]]
-    period: str = ""
-    error: str = ""
 
 
 class StreamClosed(Exception):
@@ -111,13 +96,13 @@ class PartnerDispatch:
     turn: int = 0
 
 
-class Hub:
+class PartnerStreams:
     def __init__(
-        self, db: Database, notify: wakeup.Wakeup, timing: leasing.Timing, poll_seconds: float
+        self, db: Database, notify: Wakeup, delivery: DeliveryStore, poll_seconds: float
     ) -> None:
         self._db = db
         self._notify = notify
-        self._timing = timing
+        self._delivery = delivery
         self._poll = poll_seconds
         self._streams: dict[str, list[PartnerStream]] = {}
         self._holder: dict[uuid.UUID, PartnerStream] = {}
@@ -127,8 +112,6 @@ class Hub:
         self._closing: set[asyncio.Task[None]] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
-        # PostgreSQL: the streams' leases and confirmations on kept connections.
-        self._postgres = None if db.is_sqlite else postgres.PostgresDelivery(db, notify, timing)
 
     # --- streams -------------------------------------------------------
 
@@ -186,7 +169,7 @@ class Hub:
             dispatch.lock.release()
         async with self._db.transaction() as session:
             partners = await leasing.release(session, stream.owner)
-            await self._notify.publish(session, *map(wakeup.instructions_topic, partners))
+            await self._notify.publish(session, *map(instructions_topic, partners))
         log.info("partner stream closed", partner_id=stream.partner_id, stream_id=stream.stream_id)
 
     async def shutdown(self, grace: float = 2.0) -> None:
@@ -203,8 +186,7 @@ class Hub:
                 await self._no_streams.wait()
         if self._closing:
             await asyncio.wait(self._closing, timeout=max(grace, 0.1))
-        if self._postgres is not None:
-            await self._postgres.close()
+        await self._delivery.close()
 
     def connected(self) -> dict[str, int]:
         return {partner: len(streams) for partner, streams in self._streams.items()}
@@ -230,7 +212,7 @@ class Hub:
     async def _dispatch_forever(self, dispatch: PartnerDispatch) -> None:
         """Leases instructions to the partner's streams while they have
         credit, until the partner has no stream here."""
-        topic = wakeup.instructions_topic(dispatch.partner_id)
+        topic = instructions_topic(dispatch.partner_id)
         try:
             with self._notify.subscribe(topic) as woken:
                 # From here on, commits and confirmations set this event;
@@ -254,7 +236,7 @@ class Hub:
             dispatch.starved = not owners
             if owners:
                 async with dispatch.lock:
-                    rows = await self._lease(dispatch.partner_id, streams, owners, now)
+                    rows = await self._delivery.lease(dispatch.partner_id, owners=owners, now=now)
                     await self._hand_out(streams, rows)
                 if len(rows) >= len(owners):
                     # All the credit used: there may be more right away.
@@ -299,41 +281,11 @@ class Hub:
             self._holder[row.instruction_id] = stream
             await stream.outgoing.put(row)
 
-    async def _lease(
-        self, partner_id: str, streams: list[PartnerStream], owners: list[str], now: datetime
-    ) -> list[leasing.Delivery]:
-        if self._postgres is not None:
-            return await self._postgres.lease(partner_id, owners=owners, now=now)
-        # SQLite serializes writers anyway: one lease per stream.
-        rows: list[leasing.Delivery] = []
-        for stream in streams:
-            async with self._db.transaction() as session:
-                rows += await leasing.lease(
-                    session,
-                    partner_id,
-                    owner=stream.owner,
-                    limit=owners.count(stream.owner),
-                    timing=self._timing,
-                    now=now,
-                )
-        return rows
-
     async def _until_next_due(self, partner_id: str, now: datetime) -> float:
         """Seconds until the partner's next retry or lease expiry, capped by the poll."""
-        if self._postgres is not None:
-            due = await self._postgres.next_due(partner_id)
-        else:
-            async with self._db.sessions() as session:
-                due = await session.scalar(
-                    select(func.min(Instruction.due_time)).where(
-                        Instruction.partner_id == partner_id,
-                        Instruction.state.in_((PENDING, LEASED)),
-                    )
-                )
+        due = await self._delivery.next_due(partner_id)
         if due is None:
             return self._poll
-        if due.tzinfo is None:  # SQLite aggregates come back naive
-            due = due.replace(tzinfo=now.tzinfo)
         return min(self._poll, max((due - now).total_seconds(), 0.0) + 0.01)
 
     async def confirm(
@@ -351,15 +303,7 @@ class Hub:
         self, partner_id: str, items: list[tuple[uuid.UUID, confirmations.Result]]
     ) -> list[confirmations.Applied]:
         """Applies confirmations in one transaction and frees the streams' credit."""
-        if self._postgres is not None:
-            applied = await self._postgres.confirm(partner_id, items)
-        else:
-            async with self._db.transaction() as session:
-                applied = await confirmations.confirm_many(
-                    session, self._notify, partner_id=partner_id, items=items, timing=self._timing
-                )
-                if any(a.outcome is confirmations.Outcome.RETRY_SCHEDULED for a in applied):
-                    await self._notify.publish(session, wakeup.instructions_topic(partner_id))
+        applied = await self._delivery.confirm(partner_id, items)
         freed: set[str] = set()
         for a in applied:
             holder = self._holder.pop(a.instruction_id, None)

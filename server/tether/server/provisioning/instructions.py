@@ -1,5 +1,5 @@
-"""What internal services see of the pipeline, and the replay of dead
-instructions."""
+"""The instructions as internal services see them: counts per partner and
+state (the pipeline), the listing, and the replay of dead ones."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.errors import FailedPrecondition, NotFound
-from tether.server.provisioning import wakeup
+from tether.server.provisioning.wakeup import Wakeup, instructions_topic
 from tether.server.provisioning.tables import DEAD, INSTRUCTION_STATES, PENDING, Instruction
 from tether.server.storage.base import utcnow
 
@@ -26,11 +26,16 @@ class Stage:
 
 
 async def stages(session: AsyncSession, partner_id: str = "") -> list[Stage]:
-    i = Instruction
-    statement = select(i.partner_id, i.state, func.count(), func.min(i.create_time))
+    statement = select(
+        Instruction.partner_id,
+        Instruction.state,
+        func.count(),
+        func.min(Instruction.create_time),
+    )
     if partner_id:
-        statement = statement.where(i.partner_id == partner_id)
-    rows = (await session.execute(statement.group_by(i.partner_id, i.state))).all()
+        statement = statement.where(Instruction.partner_id == partner_id)
+    grouped = statement.group_by(Instruction.partner_id, Instruction.state)
+    rows = (await session.execute(grouped)).all()
     now = utcnow()
     result = []
     for partner, state, count, oldest in rows:
@@ -53,7 +58,7 @@ async def listing(
 
 
 async def replay(
-    session: AsyncSession, notify: wakeup.Wakeup, instruction_id: uuid.UUID
+    session: AsyncSession, notify: Wakeup, instruction_id: uuid.UUID
 ) -> Instruction:
     row = await session.scalar(
         select(Instruction).where(Instruction.instruction_id == instruction_id).with_for_update()
@@ -75,5 +80,5 @@ async def replay(
     row.lease_owner = None
     row.due_time = now
     row.update_time = now
-    await notify.publish(session, wakeup.instructions_topic(row.partner_id))
+    await notify.publish(session, instructions_topic(row.partner_id))
     return row

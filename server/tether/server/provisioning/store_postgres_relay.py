@@ -13,19 +13,20 @@ question, that process relays the query to a process holding one:
   connected nowhere is known as such without waiting for the deadline.
 - Query and answer. The asker sends the query with NOTIFY on
   `tether_usage_relay`, addressed to one holder's backend pid; the holder
-  puts it on a stream of that partner (Hub.ask_usage) and sends the answer
+  puts it on a stream of that partner (PartnerStreams.ask_usage) and sends the answer
   back the same way, addressed to the asker's process token. A holder whose
   last stream closed meanwhile answers "gone" and the asker tries the next
   holder. Payloads stay below NOTIFY's 8000-byte limit: an answer too large
   to relay comes back as a partner error.
 - Isolation. A holder only ever forwards a query to a stream of the
-  query's partner, the hub accepts only that partner's answer to it, and the
+  query's partner, the streams accept only that partner's answer to it, and the
   asker accepts an answer only for a query of the same id and partner.
 - Failure. A holder that dies mid-query costs that query only: the asker
   stops waiting at the caller's deadline and answers with the last known
   figures, as for a partner that does not answer.
 
-On SQLite (one embedded process) only the local streams exist.
+On SQLite (one embedded process) only the local streams exist
+(store_sqlalchemy.LocalUsageRelay).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from typing import Any
 import asyncpg
 
 from tether.server import logs
-from tether.server.provisioning import hub
+from tether.server.provisioning.store import AskHere
+from tether.server.provisioning.usage_queries import UsageQueryOut, UsageReply
 from tether.server.storage import listener
 
 log = logs.get(__name__)
@@ -85,7 +87,7 @@ def _encode(message: dict[str, Any]) -> str:
 
 
 def _query_message(
-    partner_id: str, query: hub.UsageQueryOut, to: int, reply_to: str, wait: float
+    partner_id: str, query: UsageQueryOut, to: int, reply_to: str, wait: float
 ) -> dict[str, Any]:
     return {
         "k": "q",
@@ -101,7 +103,7 @@ def _query_message(
     }
 
 
-def _answer_payload(to: str, query_id: str, partner_id: str, reply: hub.UsageReply | None) -> str:
+def _answer_payload(to: str, query_id: str, partner_id: str, reply: UsageReply | None) -> str:
     """The answer message; "gone" when reply is None; a partner error when
     the figures do not fit in one NOTIFY."""
     message: dict[str, Any] = {"k": "a", "to": to, "id": query_id, "p": partner_id}
@@ -117,23 +119,22 @@ def _answer_payload(to: str, query_id: str, partner_id: str, reply: hub.UsageRep
     return _encode(message)
 
 
-def _reply_of(message: dict[str, Any]) -> hub.UsageReply | None:
+def _reply_of(message: dict[str, Any]) -> UsageReply | None:
     if message.get("gone"):
         return None
-    return hub.UsageReply(
+    return UsageReply(
         [(str(m), int(q)) for m, q in message.get("f", [])],
         str(message.get("per", "")),
         str(message.get("e", "")),
     )
 
 
-class UsageRelay:
+class PostgresUsageRelay:
     """Asks the partner on a local stream, else on another process's stream."""
 
-    def __init__(self, database_url: str, hub_: hub.Hub) -> None:
+    def __init__(self, database_url: str, ask_here: AskHere) -> None:
         self._url = database_url
-        self._hub = hub_
-        self.postgres = not database_url.startswith("sqlite")
+        self._ask_here = ask_here
         # Answers are addressed to this token: it outlives reconnections.
         self._token = secrets.token_hex(8)
         self._conn: asyncpg.Connection | None = None
@@ -148,13 +149,11 @@ class UsageRelay:
         self._local: Counter[str] = Counter()
         self._held: set[str] = set()
         # query_id -> (partner_id, future of the answer; None means "gone").
-        self._pending: dict[str, tuple[str, asyncio.Future[hub.UsageReply | None]]] = {}
+        self._pending: dict[str, tuple[str, asyncio.Future[UsageReply | None]]] = {}
 
     # --- lifecycle -----------------------------------------------------
 
     async def start(self) -> None:
-        if not self.postgres:
-            return
         self._task = asyncio.create_task(self._connect_forever(), name="usage-relay")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(START_WAIT_SECONDS):
@@ -205,7 +204,7 @@ class UsageRelay:
         """Registers a stream; returns once other processes can see it (or
         after OPEN_WAIT_SECONDS when PostgreSQL is out of reach)."""
         self._local[partner_id] += 1
-        if not self.postgres or self._stopped or partner_id in self._held:
+        if self._stopped or partner_id in self._held:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(OPEN_WAIT_SECONDS):
@@ -216,7 +215,7 @@ class UsageRelay:
         self._local[partner_id] -= 1
         if self._local[partner_id] <= 0:
             del self._local[partner_id]
-            if self.postgres and not self._stopped:
+            if not self._stopped:
                 self._spawn(self._sync())
 
     async def _sync(self) -> None:
@@ -250,18 +249,17 @@ class UsageRelay:
     # --- asking --------------------------------------------------------
 
     async def ask_usage(
-        self, partner_id: str, query: hub.UsageQueryOut, wait_seconds: float
-    ) -> hub.UsageReply:
+        self, partner_id: str, query: UsageQueryOut, wait_seconds: float
+    ) -> UsageReply:
         """The partner's live answer, from a stream here or in another process.
         Raises LookupError when no process holds a stream of the partner,
         TimeoutError when no answer arrives within wait_seconds."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_seconds
         try:
-            return await self._hub.ask_usage(partner_id, query, wait_seconds)
+            return await self._ask_here(partner_id, query, wait_seconds)
         except LookupError:
-            if not self.postgres:
-                raise
+            pass
         try:
             async with asyncio.timeout_at(until):
                 holders = await self._holders(partner_id)
@@ -278,10 +276,10 @@ class UsageRelay:
         raise LookupError(partner_id)
 
     async def _ask_holder(
-        self, pid: int, partner_id: str, query: hub.UsageQueryOut, until: float
-    ) -> hub.UsageReply | None:
+        self, pid: int, partner_id: str, query: UsageQueryOut, until: float
+    ) -> UsageReply | None:
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[hub.UsageReply | None] = loop.create_future()
+        answer: asyncio.Future[UsageReply | None] = loop.create_future()
         self._pending[query.query_id] = (partner_id, answer)
         try:
             wait = max(until - loop.time() - RETURN_MARGIN_SECONDS, 0.0)
@@ -310,7 +308,7 @@ class UsageRelay:
         try:
             message = json.loads(payload)
             if message.get("k") == "q" and message.get("to") == self._pid:
-                query = hub.UsageQueryOut(
+                query = UsageQueryOut(
                     query_id=str(message["id"]),
                     binding_id=uuid.UUID(str(message["b"])),
                     service_id=str(message["s"]),
@@ -328,14 +326,14 @@ class UsageRelay:
             log.warning("usage relay message ignored", error=str(exc))
 
     async def _answer(
-        self, reply_to: str, partner_id: str, query: hub.UsageQueryOut, wait: float
+        self, reply_to: str, partner_id: str, query: UsageQueryOut, wait: float
     ) -> None:
         """Puts a relayed query on a stream of its partner here and sends the
         answer back; nothing when the partner stays silent (the asker's own
         deadline ends its wait)."""
-        reply: hub.UsageReply | None
+        reply: UsageReply | None
         try:
-            reply = await self._hub.ask_usage(partner_id, query, wait)
+            reply = await self._ask_here(partner_id, query, wait)
         except LookupError:
             reply = None
         except TimeoutError:
