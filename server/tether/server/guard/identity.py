@@ -1,4 +1,5 @@
-"""A fingerprint's identity (document B, step 203a).
+"""A fingerprint's identity: the one person behind a browser, as the guard
+counts accounts per person.
 
 The identity is a keyed hash of the fingerprint's *stable* components,
 normalized so that trivial differences (case, order of fonts, spacing) do not

@@ -1,4 +1,5 @@
-"""The guard's rules (document B), free of gRPC and HTTP.
+"""The guard's rules, free of gRPC and HTTP: a bounded number of accounts
+may register, log in, or join one room from one browser.
 
 Both the gRPC servicer and the web side call Guard; neither knows how the
 counting is done. One account is counted at most once per (service,
@@ -27,6 +28,7 @@ from tether.server.guard import policies
 from tether.server.guard.counters import FOREVER_MS, CountersDown, GuardCounters
 from tether.server.guard.policies import Policy, PolicyCache
 from tether.server.guard.recorder import Change, EntryKey, Recorder
+from tether.server.guard.store import GuardStore
 from tether.server.runtime import Runtime
 from tether.server.storage.base import utcnow
 from tether.server.validation import check_slug
@@ -180,7 +182,7 @@ def _ip_prefix(client_ip: str) -> str:
 
 
 class Guard:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, store: GuardStore) -> None:
         self._rt = runtime
         self.db = runtime.db
         self.bucket_bits = runtime.settings.guard_bucket_bits
@@ -191,7 +193,7 @@ class Guard:
             settings.redis_timeout_seconds,
             PipelinedConnection.from_url(settings.redis_url, settings.redis_timeout_seconds),
         )
-        self.recorder = Recorder(runtime.db)
+        self.recorder = Recorder(store)
         self.identities = fp.IdentityCache()
 
     # --- validation ------------------------------------------------------

@@ -1,5 +1,5 @@
-"""gRPC face of tether.guard.v1.FingerprintGuard, and the area's component
-(which also runs the web side)."""
+"""gRPC face of tether.guard.v1.FingerprintGuard: checks the caller,
+translates messages (convert.py), calls the Guard."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ import grpc
 
 from tether.guard.v1 import messages_pb2 as pb
 from tether.guard.v1 import service_pb2, service_pb2_grpc
-from tether.server.components import Component
 from tether.server.errors import Violations
-from tether.server.guard import convert, lookups, policies, rebuild
+from tether.server.guard import convert, links, policies, rebuild
 from tether.server.guard.identity import check_identity
 from tether.server.guard.policies import Policy
 from tether.server.guard.service import EvaluateCall, Guard
-from tether.server.guard.web import WebSide
 from tether.server.runtime import Runtime
 from tether.server.transport import paging
 from tether.server.transport.convert import timestamp
@@ -171,7 +169,7 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         scope = f"guard-identity:{request.identity}:{request.service_id}"
         after = paging.decode(scope, request.page_token)
         async with self._rt.db.sessions() as session:
-            rows, last = await lookups.identity_accounts(
+            rows, last = await links.identity_accounts(
                 session, request.identity, request.service_id, after, size
             )
         return pb.ListIdentityAccountsResponse(
@@ -193,7 +191,7 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         scope = f"guard-account:{digests[0].hex()}:{request.service_id}"
         after = paging.decode(scope, request.page_token)
         async with self._rt.db.sessions() as session:
-            rows, last = await lookups.account_identities(
+            rows, last = await links.account_identities(
                 session, digests, request.service_id, after, size
             )
         return pb.ListAccountIdentitiesResponse(
@@ -211,22 +209,3 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
             v.raise_if_any()
         restored = await rebuild.rebuild(self._guard, request.service_id)
         return pb.RebuildCountersResponse(entries_restored=restored)
-
-
-def register(server: grpc.aio.Server, runtime: Runtime) -> Component:
-    guard = Guard(runtime)
-    service_pb2_grpc.add_FingerprintGuardServicer_to_server(GuardServicer(runtime, guard), server)
-    web = WebSide(runtime.settings, guard)
-
-    async def start() -> None:
-        guard.recorder.start()
-        await web.start()
-
-    async def stop() -> None:
-        await web.stop()
-        await guard.recorder.stop()
-        guard.counters.close()
-
-    return Component(
-        services=[SERVICE_NAME], start=start, stop=stop, extra={"web": web, "guard": guard}
-    )

@@ -1,4 +1,5 @@
-"""The guard's web side: the page "carrying predetermined code" (document B).
+"""The guard's web side: pages that carry the collector script, which reports
+the browser's fingerprint with each action the page asks the guard about.
 
 An aiohttp application in the server's own process and event loop serves the
 collector script, three demo pages (register, log in, join a room) and JSON

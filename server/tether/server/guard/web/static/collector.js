@@ -1,5 +1,5 @@
 /*
- * Tether guard collector: gathers the browser fingerprint (document B:
+ * Tether guard collector: gathers the browser fingerprint (the
  * browser type and version, operating system, screen size and resolution,
  * fonts, plugins, language) with FingerprintJS (MIT, vendored as fp.min.js)
  * plus the user agent, sends it with the action, and shows the verdict.

@@ -1,4 +1,5 @@
-"""Which accounts an identity was counted for, and the reverse."""
+"""The links between identities and accounts: which accounts an identity
+was counted for, and the reverse."""
 
 from __future__ import annotations
 

@@ -1,0 +1,38 @@
+"""The guard area's wiring: the Guard, its servicer, and the web side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from tether.guard.v1 import service_pb2_grpc
+from tether.server.components import Component
+from tether.server.guard.servicer import SERVICE_NAME, GuardServicer
+from tether.server.guard.service import Guard
+from tether.server.guard.store import GuardStore
+from tether.server.guard.web import WebSide
+from tether.server.runtime import Runtime
+
+
+@dataclass(kw_only=True)
+class GuardArea(Component):
+    guard: Guard
+    web: WebSide
+
+
+def build(server: grpc.aio.Server, runtime: Runtime, store: GuardStore) -> GuardArea:
+    guard = Guard(runtime, store)
+    service_pb2_grpc.add_FingerprintGuardServicer_to_server(GuardServicer(runtime, guard), server)
+    web = WebSide(runtime.settings, guard)
+
+    async def start() -> None:
+        guard.recorder.start()
+        await web.start()
+
+    async def stop() -> None:
+        await web.stop()
+        await guard.recorder.stop()
+        guard.counters.close()
+
+    return GuardArea(services=[SERVICE_NAME], start=start, stop=stop, guard=guard, web=web)

@@ -1,0 +1,75 @@
+"""The guard store on SQLAlchemy (SQLite, embedded mode): the record's
+Core upserts, built once, in one transaction per batch."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import delete, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tether.server.guard.recorder import ENTRY_COLUMNS, Batch
+from tether.server.guard.tables import GuardEntry, GuardIdentity, GuardLink
+from tether.server.storage import dialects
+from tether.server.storage.database import Database
+
+
+class SqlAlchemyGuardStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._core: _CoreStatements | None = None
+
+    async def write(self, batch: Batch) -> None:
+        statements = self._core
+        async with self._db.transaction() as session:
+            if statements is None:
+                statements = self._core = _CoreStatements(session)
+            if batch.drops:
+                await session.execute(statements.drop(batch.drops))
+            if batch.puts:
+                await session.execute(
+                    statements.put,
+                    [
+                        dict(zip((*ENTRY_COLUMNS, "expire_time"), put, strict=True))
+                        for put in batch.puts
+                    ],
+                )
+            if batch.links:
+                await session.execute(statements.links, batch.links)
+            if batch.identities:
+                await session.execute(statements.identities, batch.identities)
+
+
+
+class _CoreStatements:
+    """The Core statements of _write_core, for the session's dialect."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        insert = functools.partial(dialects.insert, session)
+        self._key = tuple_(*(getattr(GuardEntry, name) for name in ENTRY_COLUMNS))
+        stmt = insert(GuardEntry.__table__)
+        self.put = stmt.on_conflict_do_update(
+            index_elements=list(ENTRY_COLUMNS),
+            set_={"expire_time": stmt.excluded.expire_time},
+        )
+        stmt = insert(GuardLink.__table__)
+        self.links = stmt.on_conflict_do_update(
+            index_elements=["service_id", "identity", "account_digest"],
+            set_={
+                "key_id": stmt.excluded.key_id,
+                "last_action": stmt.excluded.last_action,
+                "last_seen_time": stmt.excluded.last_seen_time,
+            },
+        )
+        stmt = insert(GuardIdentity.__table__)
+        self.identities = stmt.on_conflict_do_update(
+            index_elements=["identity"],
+            set_={
+                "sketch": stmt.excluded.sketch,
+                "last_seen_time": stmt.excluded.last_seen_time,
+            },
+        )
+
+    def drop(self, keys: list[tuple[Any, ...]]) -> Any:
+        return delete(GuardEntry).where(self._key.in_(keys))
