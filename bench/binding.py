@@ -63,9 +63,9 @@ from tether.binding.v1.service_pb2_grpc import BindingStub
 from tether.clients.connection import open_channel
 from tether.clients.partner.binding import PartnerBinding
 from tether.common.v1 import types_pb2 as types
+from tether.server.binding.store import LIST_COLUMNS
 from tether.server.shared import digests
 from tether.server.shared.accounts import normalize_account
-from tether.server.binding.importer import LIST_COLUMNS
 
 if TYPE_CHECKING:
     from tether.binding.v1.service_pb2_grpc import BindingAsyncStub
@@ -520,8 +520,8 @@ async def drop_database(name: str) -> None:
 
 async def setup(database_url: str, served: Served) -> tuple[str, str, str]:
     """A partner with a credential, a device credential; returns (partner_id, tokens)."""
-    from tether.server.transport.credentials import create_admin
     from tether.server.storage.database import Database
+    from tether.server.transport.credentials import create_admin
 
     db = Database(database_url, 2)
     admin_token = await create_admin(db, "bench")

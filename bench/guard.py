@@ -144,10 +144,10 @@ async def _serve_bare(port: int, redis_url: str) -> None:
 
 
 async def _serve_tether(port: int, redis_url: str, data_dir: str, database_url: str) -> None:
-    from tether.server.shared import digests
-    from tether.server.transport.credentials import mint
     from tether.server.app import build
     from tether.server.settings import Settings
+    from tether.server.shared import digests
+    from tether.server.transport.credentials import mint
     from tether.server.transport.principal import CallerKind
 
     settings = Settings(

@@ -53,13 +53,14 @@ from sqlalchemy import func, select
 from tests.provisioning_support import ServerProcess
 from tether.clients.connection import open_channel
 from tether.clients.partner.provisioning import Done, Instruction, PartnerWorker, Result
-from tether.server.shared import digests
 from tether.server.admin import service as admin
-from tether.server.shared.bindings import BindingChange
 from tether.server.binding.tables import Binding
 from tether.server.provisioning.outbox import BindingOutbox
+from tether.server.provisioning.store_postgres import PostgresBroadcast
 from tether.server.provisioning.tables import Instruction as Row
 from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
+from tether.server.shared import digests
+from tether.server.shared.bindings import BindingChange
 from tether.server.storage import migrate
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
@@ -215,7 +216,7 @@ class Bench:
         self.partner_id = "bench-" + secrets.token_hex(3)
         self.pool: asyncpg.Pool | None = None
         # Sends the bindings' wake-ups after their commits, as Tether does.
-        self.wakeup = Wakeup(database_url)
+        self.wakeup = Wakeup(PostgresBroadcast(database_url))
         # Instructions written before the measured phases (the row check).
         self.extra = 0
 

@@ -17,6 +17,7 @@ from tether.binding.v1 import messages_pb2 as pb
 from tether.binding.v1 import service_pb2_grpc
 from tether.common.v1 import types_pb2 as types
 from tether.server.binding.tables import ACTIVE, Binding, EligibleAccount
+from tether.server.storage import database
 
 
 def imei() -> str:
@@ -105,7 +106,7 @@ async def wait_for_import_transaction(server: RunningServer, seconds: float = 10
     db = server.app.runtime.db
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if db.is_sqlite:
+        if database.is_sqlite(db.url):
             path = db.url.split("///", 1)[1]
             probe = sqlite3.connect(path, timeout=0, isolation_level=None)
             try:

@@ -54,23 +54,14 @@ async def new_service(client: GuardClient, **fields: Any) -> str:
     return service_id
 
 
-def _extra(server: RunningServer, name: str) -> Any:
-    for component in server.app.components:
-        if name in component.extra:
-            return component.extra[name]
-    raise AssertionError("the guard is not registered")
-
-
 def guard_of(server: RunningServer) -> Guard:
     """The server's guard domain object (to flush its written-behind record)."""
-    guard: Guard = _extra(server, "guard")
-    return guard
+    return server.app.areas.guard.guard
 
 
 def web_of(server: RunningServer) -> WebSide:
     """The server's web side (for its URL)."""
-    web: WebSide = _extra(server, "web")
-    return web
+    return server.app.areas.guard.web
 
 
 @dataclass

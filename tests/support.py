@@ -16,11 +16,11 @@ from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.admin.v1 import service_pb2_grpc as admin_grpc
 from tether.clients.connection import open_channel
 from tether.clients.errors import ErrorDetail, details_of
-from tether.server.shared import digests
-from tether.server.transport.credentials import create_admin
 from tether.server.app import App, build
 from tether.server.settings import Settings
+from tether.server.shared import digests
 from tether.server.storage import migrate
+from tether.server.transport.credentials import create_admin
 
 KINDS = {
     "device": admin_pb.CREDENTIAL_KIND_DEVICE,

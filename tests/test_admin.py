@@ -14,9 +14,9 @@ from tests.support import RunningServer, expect_error
 from tether.admin.v1 import messages_pb2 as pb
 from tether.admin.v1 import service_pb2_grpc
 from tether.clients.paging import every
-from tether.server.transport.credentials import CredentialVerifier, create_admin
 from tether.server.storage import migrate
 from tether.server.storage.database import Database
+from tether.server.transport.credentials import CredentialVerifier, create_admin
 from tether.server.transport.principal import CallerKind
 
 

@@ -18,7 +18,7 @@ from tests.support import RunningServer, expect_error, start_server
 from tether.binding.v1 import messages_pb2 as pb
 from tether.clients.paging import every
 from tether.common.v1 import types_pb2 as types
-from tether.server.binding import importer
+from tether.server.binding import store_postgres
 
 APPEND = pb.IMPORT_MODE_APPEND
 REPLACE = pb.IMPORT_MODE_REPLACE
@@ -419,7 +419,10 @@ async def test_a_large_import_refreshes_the_lists_statistics(pg_server: RunningS
     assert again == analyzed  # a small import leaves it to autovacuum
 
     # Large: at least the minimum, and the share of the list as last estimated.
-    size = max(importer.STATISTICS_MIN_ROWS, math.ceil(importer.STATISTICS_SHARE * estimate) + 1)
+    size = max(
+        store_postgres.STATISTICS_MIN_ROWS,
+        math.ceil(store_postgres.STATISTICS_SHARE * estimate) + 1,
+    )
     await partners.ImportEligibleAccounts(
         stream(header(APPEND), batch(entries([bs.member() for _ in range(size)])))
     )

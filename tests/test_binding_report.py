@@ -129,9 +129,9 @@ class Recorder:
 @pytest.fixture
 async def recorder(any_server: RunningServer) -> AsyncIterator[Recorder]:
     recorder = Recorder()
-    any_server.app.runtime.binding_listeners.append(recorder)
+    any_server.app.areas.binding.changes.listen(recorder)
     yield recorder
-    any_server.app.runtime.binding_listeners.remove(recorder)
+    any_server.app.areas.binding.changes.forget(recorder)
 
 
 async def test_move_policy_revokes_the_old_binding_and_tells_the_listeners(
@@ -173,8 +173,8 @@ async def test_a_failing_listener_rolls_the_binding_back(
     async def failing(session: AsyncSession, change: BindingChange) -> None:
         raise RuntimeError("outbox unavailable")
 
-    listeners = any_server.app.runtime.binding_listeners
-    listeners.append(failing)
+    changes = any_server.app.areas.binding.changes
+    changes.listen(failing)
     try:
         await expect_error(
             bs.stub(any_server, device_token).ReportAccountUse(
@@ -183,7 +183,7 @@ async def test_a_failing_listener_rolls_the_binding_back(
             grpc.StatusCode.INTERNAL,
         )
     finally:
-        listeners.remove(failing)
+        changes.forget(failing)
     assert await bs.count_bindings(any_server, partner_id, active_only=False) == 0
 
 
@@ -438,11 +438,11 @@ async def test_the_one_statement_report_writes_what_the_listeners_write(
     fused = await devices.ReportAccountUse(bs.report_request(device, fused_account))
     # A listener that is only a callable sends reports down the general path.
     recorder = Recorder()
-    pg_server.app.runtime.binding_listeners.append(recorder)
+    pg_server.app.areas.binding.changes.listen(recorder)
     try:
         general = await devices.ReportAccountUse(bs.report_request(device, general_account))
     finally:
-        pg_server.app.runtime.binding_listeners.remove(recorder)
+        pg_server.app.areas.binding.changes.forget(recorder)
     assert recorder.changes, "the second report took the general path"
 
     fused_rows = await _outbox_rows(pg_server, fused.outcomes[0].binding.binding_id)

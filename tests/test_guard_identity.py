@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from tether.server.shared import digests
 from tether.server.guard import identity as fp
 from tether.server.guard.service import _ip_prefix
+from tether.server.shared import digests
 
 KEY = digests.Digester([digests.DigestKey("k1", bytes(range(32)))])
 BROWSER = fp.Components(

@@ -9,9 +9,26 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
-from tether.server.storage import migrate
+from tether.server.binding import tables as binding_tables
+from tether.server.guard import tables as guard_tables
+from tether.server.provisioning import tables as provisioning_tables
+from tether.server.shared import partners
+from tether.server.storage import idempotency, migrate
+from tether.server.storage.base import Base
 from tether.server.storage.database import create_engine
-from tether.server.storage.schema import compared, metadata
+from tether.server.storage.schema import compared
+from tether.server.transport import credentials
+
+# Every module that defines tables (as the migrations' env.py imports them).
+TABLE_MODULES = (
+    binding_tables,
+    credentials,
+    guard_tables,
+    idempotency,
+    partners,
+    provisioning_tables,
+)
+metadata = Base.metadata
 
 
 def _differences(connection: Connection) -> list[Any]:

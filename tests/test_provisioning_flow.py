@@ -18,7 +18,7 @@ from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.device.provisioning import DeviceProvisioning
 from tether.clients.internal.provisioning import InternalProvisioning
 from tether.provisioning.v1 import messages_pb2 as pb
-from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
+from tether.server.provisioning.wakeup import feed_topic, instructions_topic
 
 ACTIVATING = pb.ENTITLEMENT_STATE_ACTIVATING
 ACTIVE = pb.ENTITLEMENT_STATE_ACTIVE
@@ -281,8 +281,7 @@ async def test_stopping_server_ends_device_watches_so_they_resume_elsewhere(
         seen: list[pb.EntitlementEvent] = []
         watching = asyncio.create_task(_collect(devices.watch(bs.device()), seen, 1))
         # The stream is open once the server has subscribed its wake-up topic.
-        wakeup = next(c.extra["wakeup"] for c in server.app.components if "wakeup" in c.extra)
-        assert isinstance(wakeup, Wakeup)
+        wakeup = server.app.areas.provisioning.wakeup
 
         async def subscribed() -> bool:
             return wakeup.subscribed_topics > 0
@@ -300,8 +299,7 @@ async def test_a_new_binding_wakes_its_partner_and_device_when_the_report_return
 ) -> None:
     partner_id, partner_token = await any_server.partner(services=("wake-me",))
     device_token = await any_server.credential("device")
-    wakeup = next(c.extra["wakeup"] for c in any_server.app.components if "wakeup" in c.extra)
-    assert isinstance(wakeup, Wakeup)
+    wakeup = any_server.app.areas.provisioning.wakeup
     first, second, device = bs.phone_account(), bs.phone_account(), bs.device()
     await bs.add_accounts(any_server, partner_token, [first, second])
     reports = bs.stub(any_server, device_token)

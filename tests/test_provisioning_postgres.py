@@ -1,6 +1,8 @@
-"""The PostgreSQL hot path (`provisioning.postgres`) writes exactly what the
-general path (`leasing`, `confirmations`, `feed`) writes: the same outcomes,
-instruction rows, entitlements and feed events, for each kind of result."""
+"""The PostgreSQL store's deliveries (`provisioning.store_postgres`) write
+exactly what the SQLAlchemy store's general path (`leasing`,
+`confirmations.decide`, `entitlement_feed`) writes, both on PostgreSQL: the
+same outcomes, instruction rows, entitlements and feed events, for each
+kind of result."""
 
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ import pytest
 from sqlalchemy import text
 
 from tests.support import RunningServer
-from tether.server.shared import digests
 from tether.server.admin import service as admin
-from tether.server.shared.bindings import BindingChange
 from tether.server.binding.tables import Binding
 from tether.server.provisioning import confirmations, leasing
 from tether.server.provisioning.outbox import BindingOutbox
-from tether.server.provisioning.postgres import PostgresDelivery
+from tether.server.provisioning.store_postgres import PostgresBroadcast, PostgresDelivery
+from tether.server.provisioning.store_sqlalchemy import SqlAlchemyDelivery
 from tether.server.provisioning.wakeup import Wakeup
+from tether.server.shared import digests
+from tether.server.shared.bindings import BindingChange
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
 
@@ -105,14 +108,14 @@ async def _rows(db: Database, binding_id: uuid.UUID) -> dict[str, list[dict[str,
 async def test_hot_path_writes_what_the_general_path_writes(
     db: Database, results: tuple[confirmations.Result, ...]
 ) -> None:
-    notify = Wakeup(db.url)
+    notify = Wakeup(PostgresBroadcast(db.url))
     general, fast = await _partner(db), await _partner(db)
     general_binding = await _bind(db, notify, general)
     fast_binding = await _bind(db, notify, fast)
+    general_delivery = SqlAlchemyDelivery(db, notify, TIMING)
     delivery = PostgresDelivery(db, notify, TIMING)
     try:
-        async with db.transaction() as session:
-            leased = await leasing.lease(session, general, owner="g", limit=10, timing=TIMING)
+        leased = await general_delivery.lease(general, owners=["g"] * 10, now=utcnow())
         fast_leased = await delivery.lease(fast, owners=["f"] * 10, now=utcnow())
         assert [(d.service_id, d.attempts, d.state) for d in leased] == [
             (d.service_id, d.attempts, d.state) for d in fast_leased
@@ -124,14 +127,9 @@ async def test_hot_path_writes_what_the_general_path_writes(
         items = [(d.instruction_id, r) for d, r in zip(leased, results, strict=True)]
         fast_items = [(d.instruction_id, r) for d, r in zip(fast_leased, results, strict=True)]
         for _ in range(2):
-            async with db.transaction() as session:
-                applied = await confirmations.confirm_many(
-                    session,
-                    notify,
-                    partner_id=general,
-                    items=[*items, (unknown, confirmations.Done())],
-                    timing=TIMING,
-                )
+            applied = await general_delivery.confirm(
+                general, [*items, (unknown, confirmations.Done())]
+            )
             fast_applied = await delivery.confirm(
                 fast, [*fast_items, (unknown, confirmations.Done())]
             )
@@ -144,7 +142,7 @@ async def test_hot_path_writes_what_the_general_path_writes(
 
 
 async def test_one_lease_hands_each_owner_its_slots_in_delivery_order(db: Database) -> None:
-    notify = Wakeup(db.url)
+    notify = Wakeup(PostgresBroadcast(db.url))
     partner_id = await _partner(db)
     await _bind(db, notify, partner_id)
     await _bind(db, notify, partner_id)  # four instructions: two services each

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import text
 
+from tether.server.provisioning.store_postgres import PostgresBroadcast
 from tether.server.provisioning.wakeup import Wakeup, feed_topic
 from tether.server.storage.database import Database
 
@@ -18,7 +19,8 @@ from tether.server.storage.database import Database
 async def pair(postgres_url: str) -> AsyncIterator[tuple[Database, Wakeup, Wakeup]]:
     """A database and two started Wakeups on it, as two processes would hold."""
     db = Database(postgres_url, 2)
-    sender, receiver = Wakeup(postgres_url), Wakeup(postgres_url)
+    sender = Wakeup(PostgresBroadcast(postgres_url))
+    receiver = Wakeup(PostgresBroadcast(postgres_url))
     await sender.start()
     await receiver.start()
     await asyncio.wait_for(receiver.listening.wait(), 10)

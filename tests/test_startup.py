@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tether.server.shared import digests
 from tether.server.app import build, serve
 from tether.server.settings import Settings
+from tether.server.shared import digests
 
 
 async def test_server_refuses_an_unmigrated_database(tmp_path: Path) -> None:

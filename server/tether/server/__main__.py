@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _create_admin(settings: Settings, label: str) -> None:
-    from tether.server.transport.credentials import create_admin
     from tether.server.storage.database import Database
+    from tether.server.transport.credentials import create_admin
 
     db = Database(settings.effective_database_url, 1)
     try:

@@ -1,5 +1,6 @@
-"""Assembles the server: storage, Redis, the areas' servicers, health,
-reflection, and a graceful stop."""
+"""Assembles the server: storage, Redis, each area's store (picked here,
+once, for the database in the settings), the areas and the hooks between
+them, health, reflection, and a graceful stop."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import gc
 import importlib
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,19 +17,45 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from tether.server import digests, logs
-from tether.server.transport import credentials
-from tether.server.admin import servicer as admin_servicer
-from tether.server.admin.tables import Credential
+from tether.server import logs
+from tether.server.admin import area as admin_area
+from tether.server.admin.area import AdminArea
+from tether.server.binding import area as binding_area
+from tether.server.binding.area import BindingArea
+from tether.server.binding.store_postgres import PostgresBindingStore
+from tether.server.binding.store_sqlalchemy import SqlAlchemyBindingStore
 from tether.server.components import Component
 from tether.server.counters.connection import connect as connect_redis
+from tether.server.guard import area as guard_area
+from tether.server.guard.area import GuardArea
+from tether.server.guard.store_postgres import PostgresGuardStore
+from tether.server.guard.store_sqlalchemy import SqlAlchemyGuardStore
+from tether.server.provisioning import area as provisioning_area
+from tether.server.provisioning.area import ProvisioningArea
+from tether.server.provisioning.store_postgres import PostgresProvisioningStore
+from tether.server.provisioning.store_sqlalchemy import SqlAlchemyProvisioningStore
 from tether.server.runtime import Runtime
 from tether.server.settings import Settings
-from tether.server.storage import migrate
+from tether.server.shared import digests
+from tether.server.storage import database, migrate
 from tether.server.storage.database import Database
+from tether.server.transport import credentials
+from tether.server.transport.credentials import Credential
 from tether.server.transport.registration import GenericHandlersOnly
 
 log = logs.get(__name__)
+
+
+@dataclass(frozen=True)
+class Areas:
+    admin: AdminArea
+    binding: BindingArea
+    provisioning: ProvisioningArea
+    guard: GuardArea
+
+    def components(self) -> list[Component]:
+        """In start order; they stop in the reverse."""
+        return [self.admin, self.binding, self.provisioning, self.guard]
 
 
 @dataclass
@@ -38,7 +65,11 @@ class App:
     server: grpc.aio.Server
     port: int
     health: health_aio.HealthServicer
-    components: list[Component] = field(default_factory=list)
+    areas: Areas
+
+    @property
+    def components(self) -> list[Component]:
+        return self.areas.components()
 
     @property
     def address(self) -> str:
@@ -117,13 +148,28 @@ def _load_service_descriptors(names: list[str]) -> None:
         importlib.import_module(f"{package}.service_pb2")
 
 
-def _areas() -> list[object]:
-    # Imported here so that each area's module is loaded only with the app.
-    from tether.server.binding import servicer as binding
-    from tether.server.guard import servicer as guard
-    from tether.server.provisioning import servicer as provisioning
-
-    return [admin_servicer, binding, provisioning, guard]
+def _build_areas(services: grpc.aio.Server, runtime: Runtime) -> Areas:
+    """Every area on the stores of the configured database, and the hooks
+    between areas: provisioning reads bindings and hangs its outbox on
+    binding's change hook."""
+    db = runtime.db
+    postgres = not database.is_sqlite(db.url)
+    binding = binding_area.build(
+        services,
+        runtime,
+        PostgresBindingStore(db) if postgres else SqlAlchemyBindingStore(db),
+    )
+    provisioning = provisioning_area.build(
+        services,
+        runtime,
+        PostgresProvisioningStore(db) if postgres else SqlAlchemyProvisioningStore(db),
+        bindings=binding.bindings,
+    )
+    binding.changes.listen(provisioning.outbox)
+    guard = guard_area.build(
+        services, runtime, PostgresGuardStore(db) if postgres else SqlAlchemyGuardStore(db)
+    )
+    return Areas(admin_area.build(services, runtime), binding, provisioning, guard)
 
 
 async def build(settings: Settings) -> App:
@@ -159,12 +205,9 @@ async def build(settings: Settings) -> App:
     )
     # Every call is authenticated by the handler GenericHandlersOnly puts in front.
     services = GenericHandlersOnly(server, runtime.credentials)
-    components: list[Component] = []
-    for area in _areas():
-        component: Component = area.register(services, runtime)  # type: ignore[attr-defined]
-        components.append(component)
+    areas = _build_areas(services, runtime)
 
-    names = [name for c in components for name in c.services]
+    names = [name for c in areas.components() for name in c.services]
     _load_service_descriptors(names)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, services)
@@ -179,7 +222,7 @@ async def build(settings: Settings) -> App:
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
-    return App(settings, runtime, server, port, health, components)
+    return App(settings, runtime, server, port, health, areas)
 
 
 async def serve(settings: Settings) -> None:

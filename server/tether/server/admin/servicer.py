@@ -15,6 +15,7 @@ from tether.admin.v1 import service_pb2, service_pb2_grpc
 from tether.server.admin import convert, service
 from tether.server.errors import Violations
 from tether.server.runtime import Runtime
+from tether.server.shared.partners import get_partner
 from tether.server.storage.idempotency import Once, Response
 from tether.server.transport import paging
 from tether.server.transport.principal import CallerKind, require
@@ -22,6 +23,7 @@ from tether.server.transport.request_ids import check_request_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
 
 class AdminServicer(service_pb2_grpc.AdminServicer):
     def __init__(self, runtime: Runtime) -> None:
@@ -61,7 +63,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
         caller = require(CallerKind.ADMIN, CallerKind.INTERNAL, CallerKind.PARTNER)
         partner_id = caller.partner_scope(request.partner_id)
         async with self._db.sessions() as session:
-            row = await service.get_partner(session, partner_id)
+            row = await get_partner(session, partner_id)
         return pb.GetPartnerResponse(partner=convert.partner_pb(row))
 
     async def ListPartners(

@@ -16,12 +16,12 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
-from tether.server.shared.bindings import BindingListener
 from tether.server.binding.reports import revoke
-from tether.server.shared.subjects import Subject
 from tether.server.binding.tables import ACTIVE, Binding
-from tether.server.shared.digests import Digester
 from tether.server.errors import FailedPrecondition, NotFound, PermissionDenied
+from tether.server.shared.bindings import BindingListener
+from tether.server.shared.digests import Digester
+from tether.server.shared.subjects import Subject
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ class BindingChanges:
         """Adds a listener, told after those added before it."""
         self._listeners = (*self._listeners, listener)
 
+    def forget(self, listener: BindingListener) -> None:
+        """Removes a listener; later changes no longer reach it."""
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+
     @property
     def listeners(self) -> tuple[BindingListener, ...]:
         return self._listeners

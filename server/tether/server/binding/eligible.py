@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tether.server.binding.tables import EligibleAccount
+from tether.server.errors import Violations
+from tether.server.shared.digests import Digester
 from tether.server.shared.partners import get_partner
 from tether.server.shared.subjects import Subject
-from tether.server.binding.tables import EligibleAccount
-from tether.server.shared.digests import Digester
-from tether.server.errors import Violations
 from tether.server.storage import dialects
 from tether.server.storage.base import utcnow
 from tether.server.validation import check_text

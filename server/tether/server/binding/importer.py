@@ -30,6 +30,8 @@ MAX_REPORTED_REJECTIONS = 100
 
 # (account kind or "" when unknown, value, region hint, partner reference)
 RawEntry = tuple[str, str, str, str]
+
+
 @dataclass(frozen=True)
 class Rejection:
     index: int

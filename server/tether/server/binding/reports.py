@@ -210,7 +210,6 @@ class Reporter:
         return created
 
 
-
 async def revoke(
     session: AsyncSession,
     binding_id: uuid.UUID,

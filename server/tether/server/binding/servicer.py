@@ -122,7 +122,9 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
         # Should the transaction fail before awaiting it, its outcome is moot.
         limit.add_done_callback(lambda task: task.cancelled() or task.exception())
 
-        once = Once(self._db, caller, "binding.ReportAccountUse", request, pb.ReportAccountUseResponse)
+        once = Once(
+            self._db, caller, "binding.ReportAccountUse", request, pb.ReportAccountUseResponse
+        )
         return await self._store.report(
             once,
             self._reporter,

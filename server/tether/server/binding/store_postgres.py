@@ -31,13 +31,13 @@ from sqlalchemy import (
     ARRAY,
     LargeBinary,
     String,
+    Table,
     any_,
     bindparam,
     case,
     cast,
     func,
     literal,
-    Table,
     select,
     text,
 )
@@ -146,15 +146,13 @@ class PostgresBindingStore(SqlAlchemyBindingStore):
             await require_partners(session, named)
         connection = await session.connection()
         inserted = await self._insert_fused(
-            connection, connection.dialect, reporter, report, named, listeners
+            connection, connection.dialect, reporter, report, named=named, listeners=listeners
         )
         outcomes = {p: PartnerOutcome(p, Outcome.NOT_ELIGIBLE) for p in named}
         for entry, created, markers in inserted:
             if created is None:
                 # An active binding exists: the general path decides.
-                outcomes[entry.partner_id] = await reporter.bind(
-                    session, report, entry, tried=True
-                )
+                outcomes[entry.partner_id] = await reporter.bind(session, report, entry, tried=True)
                 continue
             for listener, marker in zip(listeners, markers, strict=True):
                 await listener.created_done(session, created, marker)
@@ -177,7 +175,9 @@ class PostgresBindingStore(SqlAlchemyBindingStore):
         caller then rolls back and runs the report on a session.
         """
         dialect = self._db.engine.dialect
-        inserted = await self._insert_fused(connection, dialect, reporter, report, [], listeners)
+        inserted = await self._insert_fused(
+            connection, dialect, reporter, report, named=[], listeners=listeners
+        )
         if any(created is None for _, created, _ in inserted):
             raise Fallback
         outcomes = [
@@ -199,6 +199,7 @@ class PostgresBindingStore(SqlAlchemyBindingStore):
         dialect: Dialect,
         reporter: Reporter,
         report: Report,
+        *,
         named: list[str],
         listeners: list[SqlBindingListener],
     ) -> Inserted:

@@ -8,8 +8,8 @@ import grpc
 
 from tether.guard.v1 import service_pb2_grpc
 from tether.server.components import Component
-from tether.server.guard.servicer import SERVICE_NAME, GuardServicer
 from tether.server.guard.service import Guard
+from tether.server.guard.servicer import SERVICE_NAME, GuardServicer
 from tether.server.guard.store import GuardStore
 from tether.server.guard.web import WebSide
 from tether.server.runtime import Runtime

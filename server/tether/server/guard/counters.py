@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 import redis.asyncio as redis
 from redis import exceptions as redis_errors
 
-from tether.server.guard import scripts
 from tether.server.counters.connection import MAX_CONNECTIONS
 from tether.server.counters.pipelined import PipelinedConnection, Script
+from tether.server.guard import scripts
 
 FOREVER_MS = 9007199254740991
 # The shared pool refuses calls beyond its size: the guard queues its own

@@ -18,8 +18,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from tether.server.shared.digests import Digester
 from tether.server.errors import Violations
+from tether.server.shared.digests import Digester
 
 IDENTITY = re.compile(r"^[0-9a-f]{32}$")
 _EXTRA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

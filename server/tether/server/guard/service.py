@@ -19,17 +19,16 @@ from typing import NamedTuple
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
-from tether.server.shared.accounts import normalize_account
-from tether.server.guard import keys
 from tether.server.counters.pipelined import PipelinedConnection
 from tether.server.errors import Violations
 from tether.server.guard import identity as fp
-from tether.server.guard import policies
+from tether.server.guard import keys, policies
 from tether.server.guard.counters import FOREVER_MS, CountersDown, GuardCounters
 from tether.server.guard.policies import Policy, PolicyCache
 from tether.server.guard.recorder import Change, EntryKey, Recorder
 from tether.server.guard.store import GuardStore
 from tether.server.runtime import Runtime
+from tether.server.shared.accounts import normalize_account
 from tether.server.storage.base import utcnow
 from tether.server.validation import check_slug
 

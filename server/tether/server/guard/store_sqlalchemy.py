@@ -41,7 +41,6 @@ class SqlAlchemyGuardStore:
                 await session.execute(statements.identities, batch.identities)
 
 
-
 class _CoreStatements:
     """The Core statements of _write_core, for the session's dialect."""
 

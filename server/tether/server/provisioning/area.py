@@ -55,7 +55,15 @@ def build(
     )
     usage_queries = UsageQueries(runtime.db, relay, bindings)
     service_pb2_grpc.add_ProvisioningServicer_to_server(
-        ProvisioningServicer(runtime, wakeup, streams, protocol, usage_queries, bindings), server
+        ProvisioningServicer(
+            runtime,
+            notify=wakeup,
+            streams=streams,
+            protocol=protocol,
+            usage_queries=usage_queries,
+            bindings=bindings,
+        ),
+        server,
     )
 
     async def start() -> None:

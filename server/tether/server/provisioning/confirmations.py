@@ -22,7 +22,6 @@ from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.errors import FailedPrecondition, NotFound, TetherError, Violations, invalid
 from tether.server.provisioning.leasing import Timing
 from tether.server.provisioning.tables import (
-    ACTIVATING,
     ACTIVE,
     CONFIRMED,
     DEAD,
@@ -30,7 +29,6 @@ from tether.server.provisioning.tables import (
     OPEN,
     PENDING,
 )
-
 
 MAX_REASON = 500
 MAX_REFERENCE = 128

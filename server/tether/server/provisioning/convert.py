@@ -25,7 +25,7 @@ from tether.server.provisioning.stream_protocol import (
     UsageAnswerIn,
     UsageReportIn,
 )
-from tether.server.provisioning.streams import ConfirmationReply, Outgoing
+from tether.server.provisioning.streams import ConfirmationReply, ToPartner
 from tether.server.provisioning.tables import EntitlementEvent, Instruction
 from tether.server.provisioning.usage_queries import DeviceUsage, Source, UsageQueryOut, UsageReply
 from tether.server.shared import convert as shared_convert
@@ -112,8 +112,8 @@ def event_pb(row: EntitlementEvent) -> pb.EntitlementEvent:
 
 SOURCES_PB = {
     Source.PARTNER: pb.USAGE_ANSWER_SOURCE_PARTNER,
-    Source.LAST_KNOWN_PARTNER_NOT_CONNECTED: pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NOT_CONNECTED,
-    Source.LAST_KNOWN_PARTNER_NO_ANSWER: pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NO_ANSWER,
+    Source.NOT_CONNECTED: pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NOT_CONNECTED,
+    Source.NO_ANSWER: pb.USAGE_ANSWER_SOURCE_LAST_KNOWN_PARTNER_NO_ANSWER,
 }
 
 
@@ -135,9 +135,7 @@ def usage_report(message: pb.UsageReport, path: str) -> usage.Report:
         binding_id,
         message.service_id,
         [
-            usage.Event(
-                e.occur_time.ToDatetime(tzinfo=UTC), e.figure.metric, e.figure.quantity
-            )
+            usage.Event(e.occur_time.ToDatetime(tzinfo=UTC), e.figure.metric, e.figure.quantity)
             for e in message.events
         ],
     )
@@ -200,7 +198,7 @@ def _result_pb(reply: ConfirmationReply) -> pb.ConfirmationResult:
     return result
 
 
-def to_partner(items: Iterable[Outgoing]) -> list[pb.ConnectResponse]:
+def to_partner(items: Iterable[ToPartner]) -> list[pb.ConnectResponse]:
     """Stream messages for what is ready: instructions and results each in
     one message (a batch when there are several), usage queries one by one."""
     instructions: list[pb.Instruction] = []

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tether.server.provisioning.wakeup import Wakeup, feed_topic
 from tether.server.provisioning.tables import DeviceFeed, Entitlement, EntitlementEvent
+from tether.server.provisioning.wakeup import Wakeup, feed_topic
 from tether.server.storage import dialects
 from tether.server.storage.base import Base, utcnow
 from tether.server.storage.database import Database

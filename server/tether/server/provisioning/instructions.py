@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.errors import FailedPrecondition, NotFound
-from tether.server.provisioning.wakeup import Wakeup, instructions_topic
 from tether.server.provisioning.tables import DEAD, INSTRUCTION_STATES, PENDING, Instruction
+from tether.server.provisioning.wakeup import Wakeup, instructions_topic
 from tether.server.storage.base import utcnow
 
 
@@ -57,9 +57,7 @@ async def listing(
     return list(await session.scalars(statement.order_by(Instruction.seq).limit(limit)))
 
 
-async def replay(
-    session: AsyncSession, notify: Wakeup, instruction_id: uuid.UUID
-) -> Instruction:
+async def replay(session: AsyncSession, notify: Wakeup, instruction_id: uuid.UUID) -> Instruction:
     row = await session.scalar(
         select(Instruction).where(Instruction.instruction_id == instruction_id).with_for_update()
     )

@@ -49,6 +49,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
     def __init__(
         self,
         runtime: Runtime,
+        *,
         notify: Wakeup,
         streams: PartnerStreams,
         protocol: StreamProtocol,
@@ -82,9 +83,7 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         hello = convert.hello(first) if first is not None else None
         if hello is None:
             raise hello_missing()
-        async for out in self._protocol.run(
-            caller, hello, convert.from_partner(request_iterator)
-        ):
+        async for out in self._protocol.run(caller, hello, convert.from_partner(request_iterator)):
             if isinstance(out, Ready):
                 yield convert.ready_pb(out)
             else:
@@ -112,11 +111,11 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
                 limit=request.max_count or DEFAULT_FETCH,
                 timing=self._timing,
             )
-            return pb.FetchInstructionsResponse(instructions=[convert.instruction_pb(r) for r in rows])
+            return pb.FetchInstructionsResponse(
+                instructions=[convert.instruction_pb(r) for r in rows]
+            )
 
-        once = Once(
-            self._db, caller, "FetchInstructions", request, pb.FetchInstructionsResponse
-        )
+        once = Once(self._db, caller, "FetchInstructions", request, pb.FetchInstructionsResponse)
         return await once.run(work)
 
     async def ConfirmInstruction(
@@ -247,7 +246,9 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
         if not request.HasField("end_time"):
             violations.add("end_time", "required")
         device = (
-            shared_convert.device(request.device, "device", violations) if request.HasField("device") else None
+            shared_convert.device(request.device, "device", violations)
+            if request.HasField("device")
+            else None
         )
         account = (
             shared_convert.account(request.account, "account", violations)
@@ -367,7 +368,5 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
             await session.flush()
             return pb.ReplayInstructionResponse(instruction=convert.record_pb(row))
 
-        once = Once(
-            self._db, caller, "ReplayInstruction", request, pb.ReplayInstructionResponse
-        )
+        once = Once(self._db, caller, "ReplayInstruction", request, pb.ReplayInstructionResponse)
         return await once.run(work)

@@ -143,7 +143,7 @@ async def _confirm(
     *,
     partner_id: str,
     items: Sequence[tuple[uuid.UUID, confirmations.Result]],
-    timing: Timing,
+    timing: leasing.Timing,
 ) -> list[confirmations.Applied]:
     """Applies confirmations in the session's transaction; one Applied per
     item, in order.
@@ -160,7 +160,9 @@ async def _confirm(
     )
     rows = {r.instruction_id: confirmations.Row(*r) for r in locked}
     now = utcnow()
-    applied, effects = confirmations.decide(rows, [(partner_id, i, result) for i, result in items], timing, now)
+    applied, effects = confirmations.decide(
+        rows, [(partner_id, i, result) for i, result in items], timing, now
+    )
     changed = [r for r in rows.values() if r.changed]
     if changed:
         await session.execute(
@@ -188,8 +190,6 @@ async def _confirm(
         )
     await _set_entitlements(session, notify, effects, now)
     return applied
-
-
 
 
 async def _set_entitlements(

@@ -22,10 +22,10 @@ from tether.server.provisioning.streams import (
     CONFIRM_BATCH,
     ConfirmationReply,
     Incoming,
-    Outgoing,
     PartnerStream,
     PartnerStreams,
     StreamClosed,
+    ToPartner,
 )
 from tether.server.provisioning.usage_queries import UsageReply
 from tether.server.shared.bindings import BindingReader
@@ -122,7 +122,7 @@ class StreamProtocol:
 
     async def run(
         self, caller: Principal, hello: Hello, incoming: AsyncIterator[FromPartner]
-    ) -> AsyncIterator[Ready | list[Outgoing]]:
+    ) -> AsyncIterator[Ready | list[ToPartner]]:
         """Ready, then batches of what goes out, until the stream ends (the
         partner hung up, the server stops, or an error, which is raised)."""
         partner_id = caller.partner_scope(hello.partner_id)
@@ -167,9 +167,7 @@ class StreamProtocol:
         through a bounded queue: a partner confirming faster than they can be
         applied is slowed down by gRPC flow control, not buffered here."""
         confirming_queue: asyncio.Queue[Incoming | None] = asyncio.Queue(maxsize=2 * CONFIRM_BATCH)
-        confirming = asyncio.create_task(
-            self._streams.run_confirmations(stream, confirming_queue)
-        )
+        confirming = asyncio.create_task(self._streams.run_confirmations(stream, confirming_queue))
         ending: BaseException | None = None
         try:
             async for item in incoming:

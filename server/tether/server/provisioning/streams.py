@@ -47,7 +47,9 @@ class StreamClosed(Exception):
     """Put on a stream's queue to end it."""
 
 
-Outgoing = leasing.Delivery | ConfirmationReply | UsageQueryOut | StreamClosed
+# What the partner gets; StreamClosed ends the stream instead.
+ToPartner = leasing.Delivery | ConfirmationReply | UsageQueryOut
+Outgoing = ToPartner | StreamClosed
 # A confirmation as it came off the wire: the raw instruction id and the result.
 Incoming = tuple[str, confirmations.Result]
 

@@ -47,9 +47,12 @@ class UsageReply:
 
 
 class Source(enum.Enum):
+    """Where the figures come from: the partner live, or the last known
+    figures because the partner is not connected or did not answer."""
+
     PARTNER = "partner"
-    LAST_KNOWN_PARTNER_NOT_CONNECTED = "last_known_partner_not_connected"
-    LAST_KNOWN_PARTNER_NO_ANSWER = "last_known_partner_no_answer"
+    NOT_CONNECTED = "not_connected"
+    NO_ANSWER = "no_answer"
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,12 @@ class UsageQueries:
         try:
             reply = await self._relay.ask_usage(binding.partner_id, query, wait_seconds)
         except LookupError:
-            source = Source.LAST_KNOWN_PARTNER_NOT_CONNECTED
+            source = Source.NOT_CONNECTED
         except TimeoutError:
-            source = Source.LAST_KNOWN_PARTNER_NO_ANSWER
+            source = Source.NO_ANSWER
         else:
             if reply.error:
-                source = Source.LAST_KNOWN_PARTNER_NO_ANSWER
+                source = Source.NO_ANSWER
                 partner_error = reply.error
             else:
                 async with self._db.transaction() as session:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tether.server.errors import Violations
 from tether.server.shared import accounts
 from tether.server.shared.digests import Digester
-from tether.server.errors import Violations
 
 
 @dataclass(frozen=True)

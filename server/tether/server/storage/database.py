@@ -95,10 +95,6 @@ class Database:
         self._driver_pool: Any = None
         self._driver_pool_lock = asyncio.Lock()
 
-    @property
-    def is_sqlite(self) -> bool:
-        return is_sqlite(self.url)
-
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error."""

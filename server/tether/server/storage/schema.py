@@ -1,15 +1,11 @@
-"""Imports every area's tables so Base.metadata holds the whole schema."""
+"""How Alembic compares the migrated schema with the tables.
+
+The tables register themselves on Base.metadata when their modules are
+imported; the migrations' env.py imports every one of them (storage itself
+imports no area).
+"""
 
 from typing import Any
-
-from tether.server.admin import tables as admin_tables
-from tether.server.binding import tables as binding_tables
-from tether.server.guard import tables as guard_tables
-from tether.server.provisioning import tables as provisioning_tables
-from tether.server.storage.base import Base
-from tether.server.transport import idempotency
-
-metadata = Base.metadata
 
 # Foreign keys that PostgreSQL enforces with triggers instead (migration
 # 0005): checked per statement rather than per row, they cost a bulk import
@@ -29,14 +25,3 @@ def compared(dialect: str) -> Any:
         )
 
     return include
-
-
-__all__ = [
-    "admin_tables",
-    "binding_tables",
-    "compared",
-    "guard_tables",
-    "idempotency",
-    "metadata",
-    "provisioning_tables",
-]

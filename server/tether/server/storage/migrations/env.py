@@ -9,9 +9,20 @@ from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy.engine import Connection
 
-from tether.server.storage.base import UtcDateTime
+# The whole schema: every module that defines tables. The one place below
+# app.py that names the areas (tests/test_layers.py allows it): Alembic
+# compares one metadata with one database.
+from tether.server.binding import tables as _binding  # noqa: F401
+from tether.server.guard import tables as _guard  # noqa: F401
+from tether.server.provisioning import tables as _provisioning  # noqa: F401
+from tether.server.shared import partners as _partners  # noqa: F401
+from tether.server.storage import idempotency as _idempotency  # noqa: F401
+from tether.server.storage.base import Base, UtcDateTime
 from tether.server.storage.database import create_engine
-from tether.server.storage.schema import compared, metadata
+from tether.server.storage.schema import compared
+from tether.server.transport import credentials as _credentials  # noqa: F401
+
+metadata = Base.metadata
 
 
 def _render_item(kind: str, obj: Any, _context: AutogenContext) -> str | Literal[False]:
