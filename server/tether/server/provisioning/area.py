@@ -10,7 +10,6 @@ import grpc
 from tether.provisioning.v1 import service_pb2_grpc
 from tether.server.components import Component
 from tether.server.provisioning.leasing import Timing
-from tether.server.provisioning.outbox import BindingOutbox
 from tether.server.provisioning.servicer import SERVICE_NAME, ProvisioningServicer
 from tether.server.provisioning.store import ProvisioningStore, UsageRelay
 from tether.server.provisioning.stream_protocol import StreamProtocol
@@ -85,5 +84,5 @@ def build(
         wakeup=wakeup,
         streams=streams,
         relay=relay,
-        outbox=BindingOutbox(wakeup),
+        outbox=store.outbox(wakeup),
     )

@@ -7,6 +7,8 @@
   per call. Both make the same decisions and write the same rows.
 - Broadcast: wake-ups between the Tether processes of one database
   (PostgreSQL NOTIFY/LISTEN; nothing to tell on SQLite, one process).
+- outbox: the binding listener; on PostgreSQL it also offers its writes
+  as CTEs of a report's one statement.
 - UsageRelay: a device's live usage question reaches the partner's stream
   in whichever process holds one (PostgreSQL advisory locks and NOTIFY; on
   SQLite only this process's streams exist).
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from tether.server.provisioning.confirmations import Applied, Result
 from tether.server.provisioning.leasing import Delivery, Timing
+from tether.server.shared.bindings import BindingListener
 
 if TYPE_CHECKING:
     from tether.server.provisioning.usage_queries import UsageQueryOut, UsageReply
@@ -101,3 +104,8 @@ class ProvisioningStore(Protocol):
     def delivery(self, wakeup: Wakeup, timing: Timing) -> DeliveryStore: ...
 
     def usage_relay(self, ask_here: AskHere) -> UsageRelay: ...
+
+    def outbox(self, wakeup: Wakeup) -> BindingListener:
+        """The binding listener that writes the outbox (app.py hangs it on
+        binding's change hook); on PostgreSQL it also writes as part of a
+        report's one statement."""

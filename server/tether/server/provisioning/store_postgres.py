@@ -22,6 +22,10 @@ binding transaction sent its own. Topics that pile up while a send is in
 flight go out together in the next one. Each Tether process receives them
 on a dedicated LISTEN connection.
 
+Outbox. PostgresBindingOutbox writes what the outbox writes for new
+bindings as CTEs of the binding's own INSERT, so a report costs one round
+trip (binding/store_postgres.py runs it).
+
 Usage queries between processes: store_postgres_relay.py.
 """
 
@@ -35,17 +39,31 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import CTE, Integer, bindparam, cast, func, literal, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
 from tether.server.provisioning import confirmations
 from tether.server.provisioning.leasing import Delivery, Timing
+from tether.server.provisioning.outbox import BindingOutbox
 from tether.server.provisioning.store import AskHere, Broadcast, DeliveryStore, UsageRelay
 from tether.server.provisioning.store_postgres_relay import PostgresUsageRelay
+from tether.server.provisioning.tables import (
+    ACTIVATING,
+    OPEN,
+    PENDING,
+    DeviceFeed,
+    Entitlement,
+    EntitlementEvent,
+    Instruction,
+)
 from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
+from tether.server.shared.bindings import BindingFacts, BindingListener, CreatedWrites
+from tether.server.shared.partners import PresetService
 from tether.server.storage import listener
-from tether.server.storage.base import utcnow
+from tether.server.storage.base import UtcDateTime, utcnow
 from tether.server.storage.database import Database
 
 log = logs.get(__name__)
@@ -222,6 +240,9 @@ class PostgresProvisioningStore:
 
     def usage_relay(self, ask_here: AskHere) -> UsageRelay:
         return PostgresUsageRelay(self._db.url, ask_here)
+
+    def outbox(self, wakeup: Wakeup) -> BindingListener:
+        return PostgresBindingOutbox(wakeup)
 
 
 class PostgresDelivery:
@@ -513,6 +534,182 @@ class PostgresBroadcast:
         # Whatever was notified while we were away is found by the waiters'
         # own reads.
         self._reconnected()
+
+
+class PostgresBindingOutbox(BindingOutbox):
+    """The outbox, also as CTEs of a report's one statement (a SqlBindingListener)."""
+
+    def created_writes(self, created: CTE) -> CreatedWrites:
+        """What _opened writes, as CTEs of the binding's INSERT (PostgreSQL).
+
+        The same rows in the same order: per binding, one open instruction
+        and one activating entitlement per preset service (by service id),
+        and their events at the next positions of the device's feed, whose
+        counter row stays locked until commit as in entitlement_feed.record.
+        """
+        now = bindparam("now", type_=UtcDateTime)
+        services = (
+            select(
+                created.c.binding_id,
+                created.c.partner_id,
+                created.c.partner_reference,
+                created.c.account_kind,
+                created.c.account_digest,
+                created.c.device_digest,
+                PresetService.service_id,
+            )
+            .join(PresetService, PresetService.partner_id == created.c.partner_id)
+            .cte("opened_services")
+        )
+        order = (services.c.partner_id, services.c.service_id)
+        instructions = Instruction.__table__
+        opened = (
+            postgresql.insert(Instruction)
+            .from_select(
+                [
+                    "instruction_id",
+                    "partner_id",
+                    "service_id",
+                    "binding_id",
+                    "kind",
+                    "partner_reference",
+                    "account_kind",
+                    "account_digest",
+                    "state",
+                    "attempts",
+                    "due_time",
+                    "last_error",
+                    "partner_service_reference",
+                    "create_time",
+                    "update_time",
+                ],
+                select(
+                    func.gen_random_uuid(),
+                    services.c.partner_id,
+                    services.c.service_id,
+                    services.c.binding_id,
+                    literal(OPEN),
+                    services.c.partner_reference,
+                    services.c.account_kind,
+                    services.c.account_digest,
+                    literal(PENDING),
+                    literal(0),
+                    now,
+                    literal(""),
+                    literal(""),
+                    now,
+                    now,
+                ).order_by(*order),
+            )
+            .returning(instructions.c.seq)
+            .cte("opened_instructions")
+        )
+        entitled = (
+            postgresql.insert(Entitlement)
+            .from_select(
+                [
+                    "binding_id",
+                    "service_id",
+                    "partner_id",
+                    "account_kind",
+                    "account_digest",
+                    "device_digest",
+                    "state",
+                    "reason",
+                    "update_time",
+                ],
+                select(
+                    services.c.binding_id,
+                    services.c.service_id,
+                    services.c.partner_id,
+                    services.c.account_kind,
+                    services.c.account_digest,
+                    services.c.device_digest,
+                    literal(ACTIVATING),
+                    literal(""),
+                    now,
+                ),
+            )
+            .returning(Entitlement.__table__.c.binding_id)
+            .cte("opened_entitlements")
+        )
+        feeds = DeviceFeed.__table__
+        reserve = postgresql.insert(DeviceFeed).from_select(
+            ["device_digest", "last_position"],
+            select(services.c.device_digest, func.count())
+            .group_by(services.c.device_digest)
+            .order_by(services.c.device_digest),
+        )
+        reserved = reserve.on_conflict_do_update(
+            index_elements=[feeds.c.device_digest],
+            set_={"last_position": feeds.c.last_position + reserve.excluded.last_position},
+        ).returning(feeds.c.device_digest, feeds.c.last_position)
+        reserved_cte = reserved.cte("opened_feeds")
+        # Positions of one device count up to its reserved last, in service order.
+        position = (
+            reserved_cte.c.last_position
+            - func.count().over(partition_by=services.c.device_digest)
+            + func.row_number().over(partition_by=services.c.device_digest, order_by=order)
+        )
+        events = (
+            postgresql.insert(EntitlementEvent)
+            .from_select(
+                [
+                    "device_digest",
+                    "position",
+                    "binding_id",
+                    "partner_id",
+                    "service_id",
+                    "account_kind",
+                    "account_digest",
+                    "state",
+                    "reason",
+                    "event_time",
+                ],
+                select(
+                    services.c.device_digest,
+                    cast(position, postgresql.BIGINT),
+                    services.c.binding_id,
+                    services.c.partner_id,
+                    services.c.service_id,
+                    services.c.account_kind,
+                    services.c.account_digest,
+                    literal(ACTIVATING),
+                    literal(""),
+                    now,
+                ).join(reserved_cte, reserved_cte.c.device_digest == services.c.device_digest),
+            )
+            .returning(EntitlementEvent.__table__.c.position)
+            .cte("opened_events")
+        )
+        written = (
+            select(cast(func.count(), Integer))
+            .where(services.c.binding_id == created.c.binding_id)
+            .scalar_subquery()
+        )
+        return CreatedWrites([opened, entitled, reserved_cte, events], written)
+
+    async def created_done(self, session: AsyncSession, binding: BindingFacts, marker: Any) -> None:
+        """Wakes, on commit, whoever waits for what created_writes wrote."""
+        topics = self._created_topics(binding, marker)
+        if topics:
+            await self._notify.publish(session, *topics)
+
+    def created_committed(self, binding: BindingFacts, marker: Any) -> None:
+        """Wakes at once whoever waits for what created_writes wrote and
+        what has just committed outside a session."""
+        topics = self._created_topics(binding, marker)
+        if topics:
+            self._notify.committed(*topics)
+
+    @staticmethod
+    def _created_topics(binding: BindingFacts, marker: Any) -> tuple[str, ...]:
+        if not marker:
+            return ()
+        return (
+            feed_topic(binding.device_digest),
+            instructions_topic(binding.partner_id),
+        )
 
 
 def _payloads(topics: list[str]) -> list[str]:

@@ -15,10 +15,12 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.server.provisioning import confirmations, entitlement_feed, leasing
+from tether.server.provisioning.outbox import BindingOutbox
 from tether.server.provisioning.store import AskHere, Broadcast, DeliveryStore, UsageRelay
 from tether.server.provisioning.tables import ACTIVATING, LEASED, PENDING, Entitlement, Instruction
 from tether.server.provisioning.usage_queries import UsageQueryOut, UsageReply
 from tether.server.provisioning.wakeup import Wakeup, instructions_topic
+from tether.server.shared.bindings import BindingListener
 from tether.server.storage.base import Base, utcnow
 from tether.server.storage.database import Database
 
@@ -39,6 +41,9 @@ class SqlAlchemyProvisioningStore:
 
     def usage_relay(self, ask_here: AskHere) -> UsageRelay:
         return LocalUsageRelay(ask_here)
+
+    def outbox(self, wakeup: Wakeup) -> BindingListener:
+        return BindingOutbox(wakeup)
 
 
 class SqlAlchemyDelivery:
