@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from tether.server.guard import identity as fp
+from tether.server.guard import identity as fingerprint
 from tether.server.guard.service import _ip_prefix
 from tether.server.shared import digests
 
 KEY = digests.Digester([digests.DigestKey("k1", bytes(range(32)))])
-BROWSER = fp.Components(
+BROWSER = fingerprint.Components(
     browser_name=" Chrome ",
     browser_version="131.0",
     os_name="Windows  NT",
@@ -29,8 +29,8 @@ BROWSER = fp.Components(
 
 def test_identity_and_sketch_keep_their_values() -> None:
     # Computed by the first release's code (identity.py before any speed-up).
-    assert fp.identity(KEY, BROWSER) == "e9602cb75178c91a7573051d066a51ca"
-    assert fp.sketch(KEY, BROWSER) == {
+    assert fingerprint.identity(KEY, BROWSER) == "e9602cb75178c91a7573051d066a51ca"
+    assert fingerprint.sketch(KEY, BROWSER) == {
         "browser": "cae92dbcf9fab195",
         "os": "58881f62b69cf466",
         "screen": "322bb54f0ea01bce",
@@ -44,9 +44,9 @@ def test_identity_and_sketch_keep_their_values() -> None:
         "x.canvas": "148c10621ef9a646",
         "x.webgl": "b8eb9e0d9b72e7ad",
     }
-    parts = fp.stable(BROWSER)
-    assert fp.identity_of(KEY, parts) == fp.identity(KEY, BROWSER)
-    assert fp.sketch_of(KEY, parts) == fp.sketch(KEY, BROWSER)
+    parts = fingerprint.stable(BROWSER)
+    assert fingerprint.identity_of(KEY, parts) == fingerprint.identity(KEY, BROWSER)
+    assert fingerprint.sketch_of(KEY, parts) == fingerprint.sketch(KEY, BROWSER)
 
 
 def test_network_prefix_is_what_ipaddress_says() -> None:

@@ -13,7 +13,7 @@ from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import convert
-from tether.server.guard import identity as fp
+from tether.server.guard.identity import sketch
 from tether.server.guard.tables import GuardEntry, GuardIdentity, GuardLink
 
 IP = "198.51.100.7"
@@ -49,7 +49,7 @@ def _expected_sketch(server: RunningServer, browser: pb.FingerprintComponents) -
     value = convert.components(browser, True)
     assert value is not None
     return {
-        **fp.sketch(digester, value),
+        **sketch(digester, value),
         "ip_prefix": digester.digest("guard-component", "ip_prefix=198.51.100.0/24")[:8].hex(),
     }
 

@@ -64,24 +64,24 @@ FIELD_NAMES = frozenset(f.name for f in fields(Policy)) - {"update_time"}
 
 def check(policy: Policy) -> Policy:
     """Validates every field (reporting all problems) and fills defaults."""
-    v = Violations()
+    violations = Violations()
     p = "policy."
-    check_slug(policy.service_id, p + "service_id", v)
+    check_slug(policy.service_id, p + "service_id", violations)
     for name in ("register_limit", "login_limit", "collaborate_limit"):
         if not 0 <= getattr(policy, name) <= MAX_LIMIT:
-            v.add(p + name, f"0-{MAX_LIMIT}; 0 turns the rule off")
+            violations.add(p + name, f"0-{MAX_LIMIT}; 0 turns the rule off")
     if not 0 <= policy.register_window_seconds <= MAX_WINDOW:
-        v.add(p + "register_window_seconds", f"0-{MAX_WINDOW} seconds; 0: forever")
+        violations.add(p + "register_window_seconds", f"0-{MAX_WINDOW} seconds; 0: forever")
     for name in ("login_session_seconds", "room_membership_seconds"):
         if not 0 <= getattr(policy, name) <= MAX_LIFETIME:
-            v.add(p + name, f"1-{MAX_LIFETIME} seconds; 0: {DEFAULT_LIFETIME}")
+            violations.add(p + name, f"1-{MAX_LIFETIME} seconds; 0: {DEFAULT_LIFETIME}")
     if len(policy.allowed_identities) > MAX_ALLOWED:
-        v.add(p + "allowed_identities", f"at most {MAX_ALLOWED}")
+        violations.add(p + "allowed_identities", f"at most {MAX_ALLOWED}")
     for i, identity in enumerate(policy.allowed_identities):
-        check_identity(identity, f"{p}allowed_identities[{i}]", v)
+        check_identity(identity, f"{p}allowed_identities[{i}]", violations)
     if len(policy.allowed_account_digests) > MAX_ALLOWED:
-        v.add("allowed_accounts", f"at most {MAX_ALLOWED}")
-    v.raise_if_any()
+        violations.add("allowed_accounts", f"at most {MAX_ALLOWED}")
+    violations.raise_if_any()
     return replace(
         policy,
         login_session_seconds=policy.login_session_seconds or DEFAULT_LIFETIME,

@@ -21,7 +21,7 @@ from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
 from tether.server.counters.pipelined import PipelinedConnection
 from tether.server.errors import Violations
-from tether.server.guard import identity as fp
+from tether.server.guard import identity as fingerprint
 from tether.server.guard import keys, policies
 from tether.server.guard.counters import FOREVER_MS, CountersDown, GuardCounters
 from tether.server.guard.policies import Policy, PolicyCache
@@ -78,7 +78,7 @@ class EvaluateCall(NamedTuple):
     room_id: str
     # None: absent. A callable converts on demand: a browser the identity
     # cache already knows needs no conversion unless its sketch is recorded.
-    components: fp.Components | Callable[[], fp.Components | None] | None
+    components: fingerprint.Components | Callable[[], fingerprint.Components | None] | None
     client_ip: str
     # A digest of the components as received (e.g. of their serialized
     # message), letting a repeat skip validation and hashing; b"": none.
@@ -145,26 +145,28 @@ class _LazyComponents:
 
     __slots__ = ("_source", "_stable", "_value")
 
-    def __init__(self, source: fp.Components | Callable[[], fp.Components | None] | None) -> None:
+    def __init__(
+        self, source: fingerprint.Components | Callable[[], fingerprint.Components | None] | None
+    ) -> None:
         self._source = source
-        self._value: fp.Components | None = None
+        self._value: fingerprint.Components | None = None
         self._stable: dict[str, str] | None = None
 
-    def get(self) -> fp.Components | None:
+    def get(self) -> fingerprint.Components | None:
         if self._value is None and self._source is not None:
             source = self._source
-            self._value = source if isinstance(source, fp.Components) else source()
+            self._value = source if isinstance(source, fingerprint.Components) else source()
             self._source = None
         return self._value
 
-    def value(self) -> fp.Components:
+    def value(self) -> fingerprint.Components:
         value = self.get()
         assert value is not None, "present: the call was validated"
         return value
 
     def stable(self) -> dict[str, str]:
         if self._stable is None:
-            self._stable = fp.stable(self.value())
+            self._stable = fingerprint.stable(self.value())
         return self._stable
 
 
@@ -182,7 +184,7 @@ def _ip_prefix(client_ip: str) -> str:
 
 class Guard:
     def __init__(self, runtime: Runtime, store: GuardStore) -> None:
-        self._rt = runtime
+        self._digester = runtime.digester
         self.db = runtime.db
         self.bucket_bits = runtime.settings.guard_bucket_bits
         self.policies = PolicyCache(runtime.db, runtime.settings.guard_policy_cache_seconds)
@@ -193,31 +195,35 @@ class Guard:
             PipelinedConnection.from_url(settings.redis_url, settings.redis_timeout_seconds),
         )
         self.recorder = Recorder(store)
-        self.identities = fp.IdentityCache()
+        self.identities = fingerprint.IdentityCache()
 
     # --- validation ------------------------------------------------------
-    def _account(self, account: AccountRef | None, path: str, v: Violations) -> _Account | None:
+    def _account(
+        self, account: AccountRef | None, path: str, violations: Violations
+    ) -> _Account | None:
         if account is None:
-            v.add(path, "required")
+            violations.add(path, "required")
             return None
         try:
             normalized = normalize_account(account.kind, account.value, account.region_hint)
         except ValueError as exc:
-            v.add(path + ".value", str(exc))
+            violations.add(path + ".value", str(exc))
             return None
-        digester = self._rt.digester
+        digester = self._digester
         return _Account(digester.digest(account.kind, normalized), digester.current.key_id)
 
     @staticmethod
-    def _scope(service_id: str, action: Action | None, room_id: str, v: Violations) -> None:
-        check_slug(service_id, "service_id", v)
+    def _scope(
+        service_id: str, action: Action | None, room_id: str, violations: Violations
+    ) -> None:
+        check_slug(service_id, "service_id", violations)
         if action is None:
-            v.add("action", "required: register, login or collaborate")
+            violations.add("action", "required: register, login or collaborate")
         elif action is Action.COLLABORATE:
             if not ROOM.match(room_id):
-                v.add("room_id", "required: 1-128 characters of A-Z, a-z, 0-9 and . _ : -")
+                violations.add("room_id", "required: 1-128 characters of A-Z, a-z, 0-9 and . _ : -")
         elif room_id:
-            v.add("room_id", "only for the collaborate action")
+            violations.add("room_id", "only for the collaborate action")
 
     def _key(self, policy: Policy, action: Action, room_id: str, identity: str) -> str:
         bucket = keys.bucket(identity, self.bucket_bits)
@@ -235,9 +241,9 @@ class Guard:
     # --- evaluate --------------------------------------------------------
     def _check(self, call: EvaluateCall) -> tuple[Action, _Account, _LazyComponents, str]:
         """The valid request's action, account, components and identity."""
-        v = Violations()
-        self._scope(call.service_id, call.action, call.room_id, v)
-        acct = self._account(call.account, "account", v)
+        violations = Violations()
+        self._scope(call.service_id, call.action, call.room_id, violations)
+        acct = self._account(call.account, "account", violations)
         components = _LazyComponents(call.components)
         # A known key was validated when first seen (and is never the empty
         # key of absent components), so it skips conversion and validation.
@@ -245,14 +251,14 @@ class Guard:
         if identity is None:
             value = components.get()
             if value is None:
-                v.add("components", "required: the fingerprint the page collected")
+                violations.add("components", "required: the fingerprint the page collected")
             else:
-                fp.check(value, "components", v)
-        fp.check_ip(call.client_ip, "client_ip", v)
-        v.raise_if_any()
+                fingerprint.check(value, "components", violations)
+        fingerprint.check_ip(call.client_ip, "client_ip", violations)
+        violations.raise_if_any()
         assert call.action is not None and acct is not None
         if identity is None:
-            identity = fp.identity_of(self._rt.digester, components.stable())
+            identity = fingerprint.identity_of(self._digester, components.stable())
             self.identities.put(call.components_key, identity)
         return call.action, acct, components, identity
 
@@ -265,7 +271,7 @@ class Guard:
         components: _LazyComponents,
     ) -> Change:
         """The look-up link and the identity's sketch, for SQL."""
-        ip_digest = self._rt.digester.digest(
+        ip_digest = self._digester.digest(
             "guard-component", "ip_prefix=" + _ip_prefix(call.client_ip)
         )
         now = utcnow()
@@ -281,7 +287,7 @@ class Guard:
         ident = {
             "identity": identity,
             "sketch": {
-                **fp.sketch_of(self._rt.digester, components.stable()),
+                **fingerprint.sketch_of(self._digester, components.stable()),
                 "ip_prefix": ip_digest[:8].hex(),
             },
             "first_seen_time": now,
@@ -374,11 +380,11 @@ class Guard:
         identity: str,
         account: AccountRef | None,
     ) -> tuple[Policy, str, bytes, EntryKey]:
-        v = Violations()
-        self._scope(service_id, action, room_id, v)
-        fp.check_identity(identity, "identity", v)
-        acct = self._account(account, "account", v)
-        v.raise_if_any()
+        violations = Violations()
+        self._scope(service_id, action, room_id, violations)
+        fingerprint.check_identity(identity, "identity", violations)
+        acct = self._account(account, "account", violations)
+        violations.raise_if_any()
         assert acct is not None
         policy = await self.policies.get(service_id)
         key = self._key(policy, action, room_id, identity)
@@ -437,27 +443,27 @@ class Guard:
         return expire_time
 
     # --- policies --------------------------------------------------------
-    def account_digest(self, account: AccountRef, path: str, v: Violations) -> str | None:
-        acct = self._account(account, path, v)
+    def account_digest(self, account: AccountRef, path: str, violations: Violations) -> str | None:
+        acct = self._account(account, path, violations)
         return None if acct is None else acct.digest.hex()
 
     def account_candidates(
-        self, account: AccountRef | None, path: str, v: Violations
+        self, account: AccountRef | None, path: str, violations: Violations
     ) -> list[bytes]:
         """Every digest the account may be stored under (one per digest key)."""
         if account is None:
-            v.add(path, "required")
+            violations.add(path, "required")
             return []
         try:
             normalized = normalize_account(account.kind, account.value, account.region_hint)
         except ValueError as exc:
-            v.add(path + ".value", str(exc))
+            violations.add(path + ".value", str(exc))
             return []
-        return self._rt.digester.candidates(account.kind, normalized)
+        return self._digester.candidates(account.kind, normalized)
 
     async def set_policy(self, policy: Policy) -> Policy:
         policy = policies.check(policy)
-        async with self._rt.db.transaction() as session:
+        async with self.db.transaction() as session:
             stored = await policies.save(session, policy)
         self.policies.forget(policy.service_id)
         return stored

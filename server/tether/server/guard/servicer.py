@@ -34,7 +34,7 @@ _MASKABLE = (policies.FIELD_NAMES - {"service_id", "allowed_account_digests"}) |
 
 class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
     def __init__(self, runtime: Runtime, guard: Guard) -> None:
-        self._rt = runtime
+        self._db = runtime.db
         self._guard = guard
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
@@ -102,10 +102,10 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         self, request: pb.GetPolicyRequest, context: Context
     ) -> pb.GetPolicyResponse:
         require(*OPERATORS)
-        v = Violations()
-        check_slug(request.service_id, "service_id", v)
-        v.raise_if_any()
-        async with self._rt.db.sessions() as session:
+        violations = Violations()
+        check_slug(request.service_id, "service_id", violations)
+        violations.raise_if_any()
+        async with self._db.sessions() as session:
             policy = await policies.get(session, request.service_id)
         return pb.GetPolicyResponse(policy=convert.policy_pb(policy))
 
@@ -115,7 +115,7 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         require(*OPERATORS)
         size = paging.page_size(request.page_size)
         after = paging.decode("guard-policies", request.page_token) or ""
-        async with self._rt.db.sessions() as session:
+        async with self._db.sessions() as session:
             rows = await policies.list_after(session, str(after), size + 1)
         token = (
             paging.encode("guard-policies", rows[size - 1].service_id) if len(rows) > size else ""
@@ -128,25 +128,25 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         self, request: pb.SetPolicyRequest, context: Context
     ) -> pb.SetPolicyResponse:
         require(*OPERATORS)
-        v = Violations()
-        given = convert.policy_fields(request.policy, v)
+        violations = Violations()
+        given = convert.policy_fields(request.policy, violations)
         mask = list(request.update_mask.paths)
         for path in mask:
             if path not in _MASKABLE:
-                v.add("update_mask", f"unknown or read-only field {path!r}")
+                violations.add("update_mask", f"unknown or read-only field {path!r}")
         digests: list[str] = []
         for i, account in enumerate(request.allowed_accounts):
             ref = convert.account(account, True)
             assert ref is not None
-            digest = self._guard.account_digest(ref, f"allowed_accounts[{i}]", v)
+            digest = self._guard.account_digest(ref, f"allowed_accounts[{i}]", violations)
             if digest is not None:
                 digests.append(digest)
-        check_slug(request.policy.service_id, "policy.service_id", v)
-        v.raise_if_any()
+        check_slug(request.policy.service_id, "policy.service_id", violations)
+        violations.raise_if_any()
         if not mask:
             policy = Policy(**given, allowed_account_digests=tuple(digests))  # type: ignore[arg-type]
         else:
-            async with self._rt.db.sessions() as session:
+            async with self._db.sessions() as session:
                 current = await policies.find(session, request.policy.service_id)
             changes = {k: given[k] for k in mask if k != "allowed_accounts"}
             if "allowed_accounts" in mask:
@@ -160,15 +160,15 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         self, request: pb.ListIdentityAccountsRequest, context: Context
     ) -> pb.ListIdentityAccountsResponse:
         require(*OPERATORS)
-        v = Violations()
-        check_identity(request.identity, "identity", v)
+        violations = Violations()
+        check_identity(request.identity, "identity", violations)
         if request.service_id:
-            check_slug(request.service_id, "service_id", v)
-        v.raise_if_any()
+            check_slug(request.service_id, "service_id", violations)
+        violations.raise_if_any()
         size = paging.page_size(request.page_size)
         scope = f"guard-identity:{request.identity}:{request.service_id}"
         after = paging.decode(scope, request.page_token)
-        async with self._rt.db.sessions() as session:
+        async with self._db.sessions() as session:
             rows, last = await links.identity_accounts(
                 session, request.identity, request.service_id, after, size
             )
@@ -181,16 +181,16 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         self, request: pb.ListAccountIdentitiesRequest, context: Context
     ) -> pb.ListAccountIdentitiesResponse:
         require(*OPERATORS)
-        v = Violations()
+        violations = Violations()
         ref = convert.account(request.account, request.HasField("account"))
-        digests = self._guard.account_candidates(ref, "account", v)
+        digests = self._guard.account_candidates(ref, "account", violations)
         if request.service_id:
-            check_slug(request.service_id, "service_id", v)
-        v.raise_if_any()
+            check_slug(request.service_id, "service_id", violations)
+        violations.raise_if_any()
         size = paging.page_size(request.page_size)
         scope = f"guard-account:{digests[0].hex()}:{request.service_id}"
         after = paging.decode(scope, request.page_token)
-        async with self._rt.db.sessions() as session:
+        async with self._db.sessions() as session:
             rows, last = await links.account_identities(
                 session, digests, request.service_id, after, size
             )
@@ -204,8 +204,8 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
     ) -> pb.RebuildCountersResponse:
         require(*OPERATORS)
         if request.service_id:
-            v = Violations()
-            check_slug(request.service_id, "service_id", v)
-            v.raise_if_any()
+            violations = Violations()
+            check_slug(request.service_id, "service_id", violations)
+            violations.raise_if_any()
         restored = await rebuild.rebuild(self._guard, request.service_id)
         return pb.RebuildCountersResponse(entries_restored=restored)

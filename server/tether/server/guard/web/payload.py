@@ -49,80 +49,80 @@ class Slot:
     identity: str
 
 
-def _components(raw: Any, v: Violations) -> Components | None:
+def _components(raw: Any, violations: Violations) -> Components | None:
     if not isinstance(raw, dict):
-        v.add("components", "required: an object")
+        violations.add("components", "required: an object")
         return None
     c = Components()
     for name, value in raw.items():
         path = f"components.{name}"
         if name not in _KNOWN:
-            v.add(path, "unknown component")
+            violations.add(path, "unknown component")
         elif name in _TEXT and not isinstance(value, str):
-            v.add(path, "must be a string")
+            violations.add(path, "must be a string")
         elif name in _INTS and (not isinstance(value, int) or isinstance(value, bool)):
-            v.add(path, "must be an integer")
+            violations.add(path, "must be an integer")
         elif name == "pixel_ratio" and (
             not isinstance(value, int | float) or isinstance(value, bool)
         ):
-            v.add(path, "must be a number")
+            violations.add(path, "must be a number")
         elif name in _LISTS and not (
             isinstance(value, list) and all(isinstance(x, str) for x in value)
         ):
-            v.add(path, "must be a list of strings")
+            violations.add(path, "must be a list of strings")
         elif name == "extra" and not (
             isinstance(value, dict) and all(isinstance(x, str) for x in value.values())
         ):
-            v.add(path, "must be an object of strings")
+            violations.add(path, "must be an object of strings")
         else:
             setattr(c, name, float(value) if name == "pixel_ratio" else value)
     return c
 
 
-def _body(data: Any, v: Violations) -> dict[str, Any]:
+def _body(data: Any, violations: Violations) -> dict[str, Any]:
     if not isinstance(data, dict):
-        v.add("", "the body must be a JSON object")
-        v.raise_if_any()
+        violations.add("", "the body must be a JSON object")
+        violations.raise_if_any()
     return cast(dict[str, Any], data)
 
 
-def _text(data: dict[str, Any], name: str, v: Violations) -> str:
+def _text(data: dict[str, Any], name: str, violations: Violations) -> str:
     value = data.get(name, "")
     if not isinstance(value, str):
-        v.add(name, "must be a string")
+        violations.add(name, "must be a string")
         return ""
     return value
 
 
-def _account(data: dict[str, Any], v: Violations) -> AccountRef | None:
+def _account(data: dict[str, Any], violations: Violations) -> AccountRef | None:
     """The demo's accounts are login ids; absent or empty: None (the guard
     says it is required)."""
     value = data.get("account")
     if value is not None and not isinstance(value, str):
-        v.add("account", "must be a string")
+        violations.add("account", "must be a string")
     return AccountRef("login_id", value) if value and isinstance(value, str) else None
 
 
 def parse(data: Any) -> Call:
-    v = Violations()
-    body = _body(data, v)
+    violations = Violations()
+    body = _body(data, violations)
     action_raw: Any = body.get("action")
     action = Action(action_raw) if action_raw in Action.__members__.values() else None
-    account = _account(body, v)
-    room_id = _text(body, "room_id", v)
-    components = _components(body.get("components"), v)
-    v.raise_if_any()
+    account = _account(body, violations)
+    room_id = _text(body, "room_id", violations)
+    components = _components(body.get("components"), violations)
+    violations.raise_if_any()
     return Call(action, account, room_id, components)
 
 
 def parse_slot(data: Any, *, room: bool) -> Slot:
     """room: whether the slot is a room's (leave) or a log-in's (logout)."""
-    v = Violations()
-    body = _body(data, v)
-    account = _account(body, v)
-    room_id = _text(body, "room_id", v) if room else ""
-    identity = _text(body, "identity", v)
-    v.raise_if_any()
+    violations = Violations()
+    body = _body(data, violations)
+    account = _account(body, violations)
+    room_id = _text(body, "room_id", violations) if room else ""
+    identity = _text(body, "identity", violations)
+    violations.raise_if_any()
     return Slot(account, room_id, identity)
 
 
