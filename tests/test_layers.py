@@ -55,7 +55,7 @@ def _area_of(module: str) -> str | None:
 
 
 def test_no_area_imports_another_area() -> None:
-    crossings = []
+    crossings: list[str] = []
     for path in _modules():
         name = _name(path)
         home = name.split("/")[0]
@@ -69,7 +69,7 @@ def test_no_area_imports_another_area() -> None:
 
 
 def test_shared_layers_import_no_area() -> None:
-    crossings = []
+    crossings: list[str] = []
     for path in _modules():
         name = _name(path)
         if name.split("/")[0] in AREAS or name in WIRING:
@@ -100,14 +100,14 @@ def _may_know_the_engine(name: str) -> bool:
 
 
 def test_only_storage_and_the_stores_know_the_database_engine() -> None:
-    found = []
+    found: list[str] = []
     for path in _modules():
         name = _name(path)
         if _may_know_the_engine(name):
             continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            names = []
+            names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
