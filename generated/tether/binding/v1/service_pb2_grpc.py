@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class BindingStub:
-    """Binds third-party accounts to devices (document A, steps 1-2) and lets
-    partners keep the lists of accounts eligible for binding.
+    """Binds a partner's account to the device it is used on, when the account
+    is on that partner's list of eligible accounts (an account on no list is
+    bound to nothing), and lets partners keep those lists.
     """
 
     def __init__(self, channel):
@@ -79,8 +80,9 @@ class BindingStub:
 
 
 class BindingServicer:
-    """Binds third-party accounts to devices (document A, steps 1-2) and lets
-    partners keep the lists of accounts eligible for binding.
+    """Binds a partner's account to the device it is used on, when the account
+    is on that partner's list of eligible accounts (an account on no list is
+    bound to nothing), and lets partners keep those lists.
     """
 
     def ReportAccountUse(self, request, context):
@@ -207,8 +209,9 @@ def add_BindingServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Binding:
-    """Binds third-party accounts to devices (document A, steps 1-2) and lets
-    partners keep the lists of accounts eligible for binding.
+    """Binds a partner's account to the device it is used on, when the account
+    is on that partner's list of eligible accounts (an account on no list is
+    bound to nothing), and lets partners keep those lists.
     """
 
     @staticmethod

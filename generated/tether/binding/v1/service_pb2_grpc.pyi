@@ -27,8 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class BindingStub:
-    """Binds third-party accounts to devices (document A, steps 1-2) and lets
-    partners keep the lists of accounts eligible for binding.
+    """Binds a partner's account to the device it is used on, when the account
+    is on that partner's list of eligible accounts (an account on no list is
+    bound to nothing), and lets partners keep those lists.
     """
 
     @_typing.overload
@@ -77,8 +78,9 @@ class BindingStub:
 
 @_typing.type_check_only
 class BindingAsyncStub(BindingStub):
-    """Binds third-party accounts to devices (document A, steps 1-2) and lets
-    partners keep the lists of accounts eligible for binding.
+    """Binds a partner's account to the device it is used on, when the account
+    is on that partner's list of eligible accounts (an account on no list is
+    bound to nothing), and lets partners keep those lists.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -123,8 +125,9 @@ class BindingAsyncStub(BindingStub):
     """
 
 class BindingServicer(metaclass=_abc_1.ABCMeta):
-    """Binds third-party accounts to devices (document A, steps 1-2) and lets
-    partners keep the lists of accounts eligible for binding.
+    """Binds a partner's account to the device it is used on, when the account
+    is on that partner's list of eligible accounts (an account on no list is
+    bound to nothing), and lets partners keep those lists.
     """
 
     @_abc_1.abstractmethod

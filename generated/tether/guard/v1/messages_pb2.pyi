@@ -208,9 +208,9 @@ Global___RedisFailure: _TypeAlias = RedisFailure  # noqa: Y015
 
 @_typing.final
 class FingerprintComponents(_message.Message):
-    """The browser fingerprint as the page's collector reports it (document B:
-    browser type and version, operating system, screen size and resolution,
-    fonts, plugins, language). Strings are free text as the browser reports
+    """The browser fingerprint as the page's collector reports it (browser type
+    and version, operating system, screen size and resolution, fonts,
+    plugins, language). Strings are free text as the browser reports
     them, at most 128 characters unless stated; lists keep the browser's
     order. The identity is derived from the stable ones (see docs/guard.md);
     raw values are not stored.

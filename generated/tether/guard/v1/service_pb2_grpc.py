@@ -27,9 +27,8 @@ if _version_not_supported:
 
 class FingerprintGuardStub:
     """Guards a service against one person farming many accounts from one
-    browser (document B): a bounded number of accounts per browser
-    fingerprint for registration, for concurrent log-ins, and per
-    collaborative room.
+    browser: a bounded number of accounts per browser fingerprint for
+    registration, for concurrent log-ins, and per collaborative room.
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
@@ -108,9 +107,8 @@ class FingerprintGuardStub:
 
 class FingerprintGuardServicer:
     """Guards a service against one person farming many accounts from one
-    browser (document B): a bounded number of accounts per browser
-    fingerprint for registration, for concurrent log-ins, and per
-    collaborative room.
+    browser: a bounded number of accounts per browser fingerprint for
+    registration, for concurrent log-ins, and per collaborative room.
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
@@ -289,9 +287,8 @@ def add_FingerprintGuardServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class FingerprintGuard:
     """Guards a service against one person farming many accounts from one
-    browser (document B): a bounded number of accounts per browser
-    fingerprint for registration, for concurrent log-ins, and per
-    collaborative room.
+    browser: a bounded number of accounts per browser fingerprint for
+    registration, for concurrent log-ins, and per collaborative room.
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL

@@ -28,9 +28,8 @@ GRPC_VERSION: str
 
 class FingerprintGuardStub:
     """Guards a service against one person farming many accounts from one
-    browser (document B): a bounded number of accounts per browser
-    fingerprint for registration, for concurrent log-ins, and per
-    collaborative room.
+    browser: a bounded number of accounts per browser fingerprint for
+    registration, for concurrent log-ins, and per collaborative room.
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
@@ -100,9 +99,8 @@ class FingerprintGuardStub:
 @_typing.type_check_only
 class FingerprintGuardAsyncStub(FingerprintGuardStub):
     """Guards a service against one person farming many accounts from one
-    browser (document B): a bounded number of accounts per browser
-    fingerprint for registration, for concurrent log-ins, and per
-    collaborative room.
+    browser: a bounded number of accounts per browser fingerprint for
+    registration, for concurrent log-ins, and per collaborative room.
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL
@@ -168,9 +166,8 @@ class FingerprintGuardAsyncStub(FingerprintGuardStub):
 
 class FingerprintGuardServicer(metaclass=_abc_1.ABCMeta):
     """Guards a service against one person farming many accounts from one
-    browser (document B): a bounded number of accounts per browser
-    fingerprint for registration, for concurrent log-ins, and per
-    collaborative room.
+    browser: a bounded number of accounts per browser fingerprint for
+    registration, for concurrent log-ins, and per collaborative room.
 
     Callers: the operator's web front-ends (their back-ends, not the
     browsers) and internal services use CREDENTIAL_KIND_INTERNAL

@@ -27,8 +27,9 @@ if _version_not_supported:
 
 class ProvisioningStub:
     """Opens a partner's preset services for bound accounts, learns that it
-    worked, tells the device, keeps each service usable on its device only and
-    answers usage questions (document A, steps 3-7).
+    worked, tells the device, keeps each service usable on its bound device
+    only, and answers usage questions about it for the device and internal
+    services.
 
     Delivery to partners is at least once, effect exactly once: every
     instruction has a stable instruction_id and is delivered again until it is
@@ -100,8 +101,9 @@ class ProvisioningStub:
 
 class ProvisioningServicer:
     """Opens a partner's preset services for bound accounts, learns that it
-    worked, tells the device, keeps each service usable on its device only and
-    answers usage questions (document A, steps 3-7).
+    worked, tells the device, keeps each service usable on its bound device
+    only, and answers usage questions about it for the device and internal
+    services.
 
     Delivery to partners is at least once, effect exactly once: every
     instruction has a stable instruction_id and is delivered again until it is
@@ -287,8 +289,9 @@ def add_ProvisioningServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Provisioning:
     """Opens a partner's preset services for bound accounts, learns that it
-    worked, tells the device, keeps each service usable on its device only and
-    answers usage questions (document A, steps 3-7).
+    worked, tells the device, keeps each service usable on its bound device
+    only, and answers usage questions about it for the device and internal
+    services.
 
     Delivery to partners is at least once, effect exactly once: every
     instruction has a stable instruction_id and is delivered again until it is

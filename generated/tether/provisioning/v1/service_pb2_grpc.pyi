@@ -28,8 +28,9 @@ GRPC_VERSION: str
 
 class ProvisioningStub:
     """Opens a partner's preset services for bound accounts, learns that it
-    worked, tells the device, keeps each service usable on its device only and
-    answers usage questions (document A, steps 3-7).
+    worked, tells the device, keeps each service usable on its bound device
+    only, and answers usage questions about it for the device and internal
+    services.
 
     Delivery to partners is at least once, effect exactly once: every
     instruction has a stable instruction_id and is delivered again until it is
@@ -111,8 +112,9 @@ class ProvisioningStub:
 @_typing.type_check_only
 class ProvisioningAsyncStub(ProvisioningStub):
     """Opens a partner's preset services for bound accounts, learns that it
-    worked, tells the device, keeps each service usable on its device only and
-    answers usage questions (document A, steps 3-7).
+    worked, tells the device, keeps each service usable on its bound device
+    only, and answers usage questions about it for the device and internal
+    services.
 
     Delivery to partners is at least once, effect exactly once: every
     instruction has a stable instruction_id and is delivered again until it is
@@ -190,8 +192,9 @@ class ProvisioningAsyncStub(ProvisioningStub):
 
 class ProvisioningServicer(metaclass=_abc_1.ABCMeta):
     """Opens a partner's preset services for bound accounts, learns that it
-    worked, tells the device, keeps each service usable on its device only and
-    answers usage questions (document A, steps 3-7).
+    worked, tells the device, keeps each service usable on its bound device
+    only, and answers usage questions about it for the device and internal
+    services.
 
     Delivery to partners is at least once, effect exactly once: every
     instruction has a stable instruction_id and is delivered again until it is
