@@ -1,4 +1,4 @@
-"""Document B end to end in real headless Chromium: the demo pages collect
+"""The guard end to end in real headless Chromium: the demo pages collect
 the fingerprint, the server refuses the account over the limit, the page
 shows the prompt, and another browser profile is still served. Logging out
 or leaving the room frees a slot, and the refused account is then admitted.

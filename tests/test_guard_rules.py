@@ -1,5 +1,5 @@
-"""FingerprintGuard's three rules of document B through real gRPC, real
-PostgreSQL (or SQLite) and real Redis."""
+"""FingerprintGuard's three rules (register, log in, collaborate) through
+real gRPC, real PostgreSQL (or SQLite) and real Redis."""
 
 from __future__ import annotations
 

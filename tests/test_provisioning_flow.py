@@ -1,5 +1,5 @@
-"""Document A end to end, and what devices see: the watch feed, entitlement
-checks, usage."""
+"""From a report to an open service, end to end, and what devices see: the
+watch feed, entitlement checks, usage."""
 
 from __future__ import annotations
 
