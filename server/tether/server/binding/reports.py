@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select, text, update
+from sqlalchemy import Select, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
@@ -68,6 +68,17 @@ class Entry:
     policy: str
 
 
+def entries_query() -> Select[int, str, str, str]:
+    """The columns of an Entry: list entries with their partner's rebind
+    policy (the caller says which accounts and partners)."""
+    return select(
+        EligibleAccount.entry_id,
+        EligibleAccount.partner_id,
+        EligibleAccount.partner_reference,
+        Partner.rebind_policy,
+    ).join(Partner, Partner.partner_id == EligibleAccount.partner_id)
+
+
 @dataclass(frozen=True)
 class Report:
     account: Subject
@@ -92,13 +103,7 @@ class Reporter:
             await require_partners(session, named)
         # Plain columns, not ORM entities: this runs on every report.
         query = (
-            select(
-                EligibleAccount.entry_id,
-                EligibleAccount.partner_id,
-                EligibleAccount.partner_reference,
-                Partner.rebind_policy,
-            )
-            .join(Partner, Partner.partner_id == EligibleAccount.partner_id)
+            entries_query()
             .where(EligibleAccount.account_digest.in_(report.account.candidates(self.digester)))
             # The current key's entry first, should a rotation have left two.
             .order_by(EligibleAccount.partner_id, EligibleAccount.entry_id.desc())

@@ -52,6 +52,7 @@ from tether.server.binding.reports import (
     PartnerOutcome,
     Report,
     Reporter,
+    entries_query,
     require_partners,
 )
 from tether.server.binding.store import (
@@ -65,7 +66,6 @@ from tether.server.binding.store_sqlalchemy import SqlAlchemyBindingStore, SqlAl
 from tether.server.binding.tables import ACTIVE, Binding, EligibleAccount
 from tether.server.shared.bindings import BindingListener, SqlBindingListener
 from tether.server.shared.digests import DigestKey
-from tether.server.shared.partners import Partner
 from tether.server.storage.base import UtcDateTime, utcnow
 from tether.server.storage.compiled import CompiledStatement, DriverConnection
 from tether.server.storage.database import Database
@@ -373,16 +373,7 @@ def _fused_report(listeners: Sequence[SqlBindingListener], named: bool) -> Any:
     """
     bindings = Binding.__table__
     account = bindparam("account", type_=LargeBinary)
-    entries = (
-        select(
-            EligibleAccount.entry_id,
-            EligibleAccount.partner_id,
-            EligibleAccount.partner_reference,
-            Partner.rebind_policy,
-        )
-        .join(Partner, Partner.partner_id == EligibleAccount.partner_id)
-        .where(EligibleAccount.account_digest == account)
-    )
+    entries = entries_query().where(EligibleAccount.account_digest == account)
     if named:
         entries = entries.where(
             EligibleAccount.partner_id == any_(bindparam("named", type_=ARRAY(String)))
