@@ -1,1 +1,2 @@
-"""SQL storage: what must not be lost lives here."""
+"""SQL storage: engine and sessions, migrations, idempotent answers; what
+must not be lost lives here."""

@@ -1,1 +1,2 @@
-"""gRPC wiring shared by every service: auth, error mapping, idempotency, paging."""
+"""gRPC concerns shared by every service: who calls (credentials, principal),
+the authenticating handler and error mapping, request ids, paging."""
