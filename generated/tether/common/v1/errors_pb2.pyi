@@ -94,6 +94,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: no live login session for this identity and account (it
     ended or expired); evaluate a new login.
     """
+    ERROR_REASON_GUARD_IDENTITY_NOT_FOUND: _ErrorReason.ValueType  # 303
+    """NOT_FOUND: the guard has never seen this identity or fingerprint."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reason of an error. Every non-OK status Tether returns carries
@@ -179,4 +181,6 @@ ERROR_REASON_GUARD_LOGIN_NOT_FOUND: ErrorReason.ValueType  # 302
 """NOT_FOUND: no live login session for this identity and account (it
 ended or expired); evaluate a new login.
 """
+ERROR_REASON_GUARD_IDENTITY_NOT_FOUND: ErrorReason.ValueType  # 303
+"""NOT_FOUND: the guard has never seen this identity or fingerprint."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

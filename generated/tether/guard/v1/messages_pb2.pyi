@@ -206,14 +206,129 @@ REDIS_FAILURE_FAIL_CLOSED: RedisFailure.ValueType  # 2
 """Fail the call with UNAVAILABLE / GUARD_COUNTERS_UNAVAILABLE."""
 Global___RedisFailure: _TypeAlias = RedisFailure  # noqa: Y015
 
+class _LinkKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LinkKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LinkKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LINK_KIND_UNSPECIFIED: _LinkKind.ValueType  # 0
+    """Never sent."""
+    LINK_KIND_DRIFT_SAME_NETWORK: _LinkKind.ValueType  # 1
+    """The browser drifted (an update, a resize, another language, a few
+    fonts) and came back from the same home network.
+    """
+    LINK_KIND_DRIFT_BURST: _LinkKind.ValueType  # 2
+    """The browser drifted within minutes of its last visit, from another
+    network, and few other people could match what stayed the same.
+    """
+    LINK_KIND_PROFILE: _LinkKind.ValueType  # 3
+    """Several components changed at once, but each matches what this
+    browser showed recently (an anti-detect browser cycling its
+    settings).
+    """
+    LINK_KIND_MERGE: _LinkKind.ValueType  # 4
+    """Two identities were joined because one fingerprint linked to both."""
+    LINK_KIND_OPERATOR_MERGE: _LinkKind.ValueType  # 5
+    """An operator joined the identities (MergeIdentities)."""
+
+class LinkKind(_LinkKind, metaclass=_LinkKindEnumTypeWrapper):
+    """How one fingerprint came to count against an identity."""
+
+LINK_KIND_UNSPECIFIED: LinkKind.ValueType  # 0
+"""Never sent."""
+LINK_KIND_DRIFT_SAME_NETWORK: LinkKind.ValueType  # 1
+"""The browser drifted (an update, a resize, another language, a few
+fonts) and came back from the same home network.
+"""
+LINK_KIND_DRIFT_BURST: LinkKind.ValueType  # 2
+"""The browser drifted within minutes of its last visit, from another
+network, and few other people could match what stayed the same.
+"""
+LINK_KIND_PROFILE: LinkKind.ValueType  # 3
+"""Several components changed at once, but each matches what this
+browser showed recently (an anti-detect browser cycling its
+settings).
+"""
+LINK_KIND_MERGE: LinkKind.ValueType  # 4
+"""Two identities were joined because one fingerprint linked to both."""
+LINK_KIND_OPERATOR_MERGE: LinkKind.ValueType  # 5
+"""An operator joined the identities (MergeIdentities)."""
+Global___LinkKind: _TypeAlias = LinkKind  # noqa: Y015
+
+class _Scope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCOPE_UNSPECIFIED: _Scope.ValueType  # 0
+    """Never sent."""
+    SCOPE_BROWSER: _Scope.ValueType  # 1
+    """Every account counted for the identity: a rarely seen browser is one
+    person wherever it connects from.
+    """
+    SCOPE_NETWORK: _Scope.ValueType  # 2
+    """The accounts counted for the identity on the same network: a
+    fingerprint that many people share counts per network.
+    """
+    SCOPE_VELOCITY: _Scope.ValueType  # 3
+    """The accounts counted for the identity in a recent window, over what
+    its popularity explains (a burst through rotating networks).
+    """
+
+class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
+    """Which count decided."""
+
+SCOPE_UNSPECIFIED: Scope.ValueType  # 0
+"""Never sent."""
+SCOPE_BROWSER: Scope.ValueType  # 1
+"""Every account counted for the identity: a rarely seen browser is one
+person wherever it connects from.
+"""
+SCOPE_NETWORK: Scope.ValueType  # 2
+"""The accounts counted for the identity on the same network: a
+fingerprint that many people share counts per network.
+"""
+SCOPE_VELOCITY: Scope.ValueType  # 3
+"""The accounts counted for the identity in a recent window, over what
+its popularity explains (a burst through rotating networks).
+"""
+Global___Scope: _TypeAlias = Scope  # noqa: Y015
+
+class _Label:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LabelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Label.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LABEL_UNSPECIFIED: _Label.ValueType  # 0
+    """Unknown: counted in allowed and refused only."""
+    LABEL_LEGITIMATE: _Label.ValueType  # 1
+    """A real person's own account."""
+    LABEL_ABUSIVE: _Label.ValueType  # 2
+    """One of a farm's accounts."""
+
+class Label(_Label, metaclass=_LabelEnumTypeWrapper):
+    """What an event of a backtest was, when the caller knows."""
+
+LABEL_UNSPECIFIED: Label.ValueType  # 0
+"""Unknown: counted in allowed and refused only."""
+LABEL_LEGITIMATE: Label.ValueType  # 1
+"""A real person's own account."""
+LABEL_ABUSIVE: Label.ValueType  # 2
+"""One of a farm's accounts."""
+Global___Label: _TypeAlias = Label  # noqa: Y015
+
 @_typing.final
 class FingerprintComponents(_message.Message):
     """The browser fingerprint as the page's collector reports it (browser type
     and version, operating system, screen size and resolution, fonts,
     plugins, language). Strings are free text as the browser reports
     them, at most 128 characters unless stated; lists keep the browser's
-    order. The identity is derived from the stable ones (see docs/guard.md);
-    raw values are not stored.
+    order. Every component is part of the fingerprint; the identity a
+    fingerprint is counted against may join several fingerprints of one
+    browser as it drifts (see docs/guard.md). Raw values are not stored.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -255,8 +370,9 @@ class FingerprintComponents(_message.Message):
     browser_name: _builtins.str
     """Browser family, e.g. "Chrome", "Firefox". Required."""
     browser_version: _builtins.str
-    """Browser version, e.g. "131.0.6778.85". Required. Not part of the
-    identity (it changes with every update).
+    """Browser version, e.g. "131.0.6778.85". Required. An update gives a
+    new fingerprint, which is linked to the browser's earlier one when the
+    evidence allows (versions only move forward).
     """
     os_name: _builtins.str
     """Operating system, e.g. "Linux", "Windows", "Android". Required."""
@@ -348,8 +464,9 @@ class EvaluateRequest(_message.Message):
     client_ip: _builtins.str
     """The browser's IP address (IPv4 or IPv6 text) as the front-end saw it
     on the connection, or from its trusted proxy's header. Required. Not
-    part of the identity (it changes with networks; many users share one
-    behind NAT) and not stored raw.
+    part of the fingerprint and not stored raw; its network (the IPv4
+    address, or the IPv6 /64) tells identical devices on different
+    networks apart and shows IP rotation.
     """
     @_builtins.property
     def account(self) -> _types_pb2.Account:
@@ -393,6 +510,7 @@ class EvaluateResponse(_message.Message):
     WOULD_DENY_FIELD_NUMBER: _builtins.int
     FAIL_OPEN_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     """Allow or deny. Shadow mode and fail-open always allow."""
     reason: Global___VerdictReason.ValueType
@@ -424,6 +542,12 @@ class EvaluateResponse(_message.Message):
         window and when nothing was counted.
         """
 
+    @_builtins.property
+    def explanation(self) -> Global___Explanation:
+        """Why: the fingerprint, the links that tied it to identity, the rule
+        that decided and the signals behind it.
+        """
+
     def __init__(
         self,
         *,
@@ -435,14 +559,154 @@ class EvaluateResponse(_message.Message):
         would_deny: _builtins.bool = ...,
         fail_open: _builtins.bool = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        explanation: Global___Explanation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "explanation", b"explanation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "expire_time", b"expire_time", "fail_open", b"fail_open", "identity", b"identity", "limit", b"limit", "reason", b"reason", "verdict", b"verdict", "would_deny", b"would_deny"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "expire_time", b"expire_time", "explanation", b"explanation", "fail_open", b"fail_open", "identity", b"identity", "limit", b"limit", "reason", b"reason", "verdict", b"verdict", "would_deny", b"would_deny"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluateResponse: _TypeAlias = EvaluateResponse  # noqa: Y015
+
+@_typing.final
+class FingerprintLink(_message.Message):
+    """One link followed from a fingerprint to the identity it counts against."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    FROM_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___LinkKind.ValueType
+    """What tied them."""
+    to: _builtins.str
+    """The identity it was tied to."""
+    confidence: _builtins.float
+    """How sure the link is, 0-1: one minus the expected number of other
+    people who would match as well, at the time it was made.
+    """
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The component groups that differed: "version", "screen", "language",
+        "software" (fonts, plugins, rendering).
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the link was made."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___LinkKind.ValueType = ...,
+        to: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        changed: _abc.Iterable[_builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "confidence", b"confidence", "create_time", b"create_time", "from", b"from", "kind", b"kind", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FingerprintLink: _TypeAlias = FingerprintLink  # noqa: Y015
+
+@_typing.final
+class Signal(_message.Message):
+    """One signal behind a verdict."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    FIRED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """What was measured, e.g. "popularity", "network_crowd", "velocity_1h"."""
+    value: _builtins.float
+    """Its value."""
+    threshold: _builtins.float
+    """The value at which it changes the decision; 0 when it only informs."""
+    fired: _builtins.bool
+    """Whether it fired (changed the decision or the scope)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        fired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fired", b"fired", "name", b"name", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Signal: _TypeAlias = Signal  # noqa: Y015
+
+@_typing.final
+class Explanation(_message.Message):
+    """Why a verdict is what it is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SCOPE_COUNT_FIELD_NUMBER: _builtins.int
+    SCOPE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    SIGNALS_FIELD_NUMBER: _builtins.int
+    RISK_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    """The fingerprint's own identity: a keyed digest of all its components,
+    32 lower-case hex characters. Equals EvaluateResponse.identity when
+    nothing linked it to another.
+    """
+    scope: Global___Scope.ValueType
+    """The count that decided, or for an allow the one nearest its limit."""
+    scope_count: _builtins.int
+    """The accounts counted in that scope (before this call) and the
+    threshold that applies there (the limit plus what the fingerprint's
+    popularity explains).
+    """
+    scope_threshold: _builtins.int
+    """See scope_count."""
+    risk: _builtins.float
+    """0-1: how close the call came to a refusal (scope_count over
+    scope_threshold), 1 when refused.
+    """
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___FingerprintLink]:
+        """The links followed from fingerprint to the counted identity."""
+
+    @_builtins.property
+    def signals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Signal]:
+        """Every signal measured for this call."""
+
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        links: _abc.Iterable[Global___FingerprintLink] | None = ...,
+        scope: Global___Scope.ValueType = ...,
+        scope_count: _builtins.int = ...,
+        scope_threshold: _builtins.int = ...,
+        signals: _abc.Iterable[Global___Signal] | None = ...,
+        risk: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "links", b"links", "risk", b"risk", "scope", b"scope", "scope_count", b"scope_count", "scope_threshold", b"scope_threshold", "signals", b"signals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Explanation: _TypeAlias = Explanation  # noqa: Y015
 
 @_typing.final
 class CancelRegistrationRequest(_message.Message):
@@ -1133,3 +1397,543 @@ class RebuildCountersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RebuildCountersResponse: _TypeAlias = RebuildCountersResponse  # noqa: Y015
+
+@_typing.final
+class ExplainIdentityRequest(_message.Message):
+    """Request of FingerprintGuard.ExplainIdentity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    """EvaluateResponse.identity (or any fingerprint)."""
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainIdentityRequest: _TypeAlias = ExplainIdentityRequest  # noqa: Y015
+
+@_typing.final
+class IdentityFingerprint(_message.Message):
+    """One fingerprint of an identity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    """The fingerprint."""
+    @_builtins.property
+    def link(self) -> Global___FingerprintLink:
+        """How it joined the identity; unset for the identity's first one."""
+
+    @_builtins.property
+    def first_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """First and last time it was seen."""
+
+    @_builtins.property
+    def last_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """See first_seen_time."""
+
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        link: Global___FingerprintLink | None = ...,
+        first_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen_time", b"first_seen_time", "last_seen_time", b"last_seen_time", "link", b"link"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "first_seen_time", b"first_seen_time", "last_seen_time", b"last_seen_time", "link", b"link"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentityFingerprint: _TypeAlias = IdentityFingerprint  # noqa: Y015
+
+@_typing.final
+class ExplainIdentityResponse(_message.Message):
+    """Response of FingerprintGuard.ExplainIdentity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    FINGERPRINTS_FIELD_NUMBER: _builtins.int
+    MERGES_FIELD_NUMBER: _builtins.int
+    POPULARITY_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    """The identity the request named resolves to (after merges)."""
+    popularity: _builtins.int
+    """How many other people its fingerprints look shared with: distinct
+    networks seen, in separate episodes.
+    """
+    @_builtins.property
+    def fingerprints(self) -> _containers.RepeatedCompositeFieldContainer[Global___IdentityFingerprint]:
+        """Its fingerprints, oldest first."""
+
+    @_builtins.property
+    def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___FingerprintLink]:
+        """Identities merged into it."""
+
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        fingerprints: _abc.Iterable[Global___IdentityFingerprint] | None = ...,
+        merges: _abc.Iterable[Global___FingerprintLink] | None = ...,
+        popularity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprints", b"fingerprints", "identity", b"identity", "merges", b"merges", "popularity", b"popularity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainIdentityResponse: _TypeAlias = ExplainIdentityResponse  # noqa: Y015
+
+@_typing.final
+class UnlinkFingerprintRequest(_message.Message):
+    """Request of FingerprintGuard.UnlinkFingerprint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    """The fingerprint to split from its identity (see
+    Explanation.fingerprint, IdentityFingerprint.fingerprint).
+    """
+    reason: _builtins.str
+    """Why, for the record; at most 512 characters."""
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlinkFingerprintRequest: _TypeAlias = UnlinkFingerprintRequest  # noqa: Y015
+
+@_typing.final
+class UnlinkFingerprintResponse(_message.Message):
+    """Response of FingerprintGuard.UnlinkFingerprint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    PREVIOUS_IDENTITY_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    """The identity the fingerprint now counts against: its own."""
+    previous_identity: _builtins.str
+    """The identity it was split from."""
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        previous_identity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "previous_identity", b"previous_identity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlinkFingerprintResponse: _TypeAlias = UnlinkFingerprintResponse  # noqa: Y015
+
+@_typing.final
+class MergeIdentitiesRequest(_message.Message):
+    """Request of FingerprintGuard.MergeIdentities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    OTHER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    """The identity that stays."""
+    other: _builtins.str
+    """The identity joined into it; its counted accounts count for identity
+    from now on.
+    """
+    reason: _builtins.str
+    """Why, for the record; at most 512 characters."""
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        other: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "other", b"other", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeIdentitiesRequest: _TypeAlias = MergeIdentitiesRequest  # noqa: Y015
+
+@_typing.final
+class MergeIdentitiesResponse(_message.Message):
+    """Response of FingerprintGuard.MergeIdentities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    """The identity both resolve to."""
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeIdentitiesResponse: _TypeAlias = MergeIdentitiesResponse  # noqa: Y015
+
+@_typing.final
+class BacktestStart(_message.Message):
+    """The first message of a Backtest stream: the policy to try."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    VERDICTS_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    verdicts: _builtins.bool
+    """Send a BacktestVerdict per event (off: only the summary)."""
+    @_builtins.property
+    def policy(self) -> Global___Policy:
+        """The policy, as SetPolicy takes it; service_id names the events'
+        service. Nothing is stored.
+        """
+
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Attribute names to break the summary down by (e.g. "strategy"); at
+        most 8.
+        """
+
+    def __init__(
+        self,
+        *,
+        policy: Global___Policy | None = ...,
+        verdicts: _builtins.bool = ...,
+        group_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_by", b"group_by", "policy", b"policy", "verdicts", b"verdicts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestStart: _TypeAlias = BacktestStart  # noqa: Y015
+
+@_typing.final
+class BacktestEvent(_message.Message):
+    """One historical event of a Backtest stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    label: Global___Label.ValueType
+    """What it was, when known."""
+    actor: _builtins.str
+    """Who did it, when known (a person or a farm): with labels, a farm's
+    accounts beyond the limit are the excess a policy should refuse.
+    """
+    @_builtins.property
+    def request(self) -> Global___EvaluateRequest:
+        """The action, account, room, components and client IP, as Evaluate
+        takes them; service_id may be empty (the start's policy applies).
+        """
+
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened. Required; events must come in time order (windows,
+        expiries and velocity run on these times).
+        """
+
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Any attributes to break the summary down by (see group_by); at most
+        16, keys and values at most 64 characters.
+        """
+
+    def __init__(
+        self,
+        *,
+        request: Global___EvaluateRequest | None = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        label: Global___Label.ValueType = ...,
+        actor: _builtins.str = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attributes", b"attributes", "event_time", b"event_time", "label", b"label", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestEvent: _TypeAlias = BacktestEvent  # noqa: Y015
+
+@_typing.final
+class BacktestRequest(_message.Message):
+    """A message of a Backtest stream: a start, then events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___BacktestStart:
+        """First."""
+
+    @_builtins.property
+    def event(self) -> Global___BacktestEvent:
+        """Then these, in time order."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___BacktestStart | None = ...,
+        event: Global___BacktestEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "event"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___BacktestRequest: _TypeAlias = BacktestRequest  # noqa: Y015
+
+@_typing.final
+class BacktestVerdict(_message.Message):
+    """One event's verdict in a backtest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The event's position in the stream, from 0."""
+    error_message: _builtins.str
+    """Why the event was not evaluated; empty when it was."""
+    @_builtins.property
+    def response(self) -> Global___EvaluateResponse:
+        """What Evaluate would have answered; an event with bad input has
+        error_message set instead, and the backtest goes on.
+        """
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        response: Global___EvaluateResponse | None = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "index", b"index", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestVerdict: _TypeAlias = BacktestVerdict  # noqa: Y015
+
+@_typing.final
+class BacktestCounts(_message.Message):
+    """Counts of one slice of a backtest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    LEGITIMATE_FIELD_NUMBER: _builtins.int
+    FALSE_REFUSALS_FIELD_NUMBER: _builtins.int
+    ABUSIVE_FIELD_NUMBER: _builtins.int
+    EXCESS_FIELD_NUMBER: _builtins.int
+    CAUGHT_FIELD_NUMBER: _builtins.int
+    events: _builtins.int
+    """Events evaluated."""
+    allowed: _builtins.int
+    """Allowed."""
+    refused: _builtins.int
+    """Refused (or would be, in shadow mode)."""
+    legitimate: _builtins.int
+    """LABEL_LEGITIMATE events, and how many of them were refused."""
+    false_refusals: _builtins.int
+    """See legitimate."""
+    abusive: _builtins.int
+    """LABEL_ABUSIVE events."""
+    excess: _builtins.int
+    """Abusive accounts beyond the limit per actor (what the policy should
+    refuse), and how many of those were refused.
+    """
+    caught: _builtins.int
+    """See excess."""
+    def __init__(
+        self,
+        *,
+        events: _builtins.int = ...,
+        allowed: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        legitimate: _builtins.int = ...,
+        false_refusals: _builtins.int = ...,
+        abusive: _builtins.int = ...,
+        excess: _builtins.int = ...,
+        caught: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abusive", b"abusive", "allowed", b"allowed", "caught", b"caught", "events", b"events", "excess", b"excess", "false_refusals", b"false_refusals", "legitimate", b"legitimate", "refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestCounts: _TypeAlias = BacktestCounts  # noqa: Y015
+
+@_typing.final
+class BacktestGroup(_message.Message):
+    """One value of a group_by attribute and its counts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    attribute: _builtins.str
+    """The attribute."""
+    value: _builtins.str
+    """Its value."""
+    @_builtins.property
+    def counts(self) -> Global___BacktestCounts:
+        """The counts of the events carrying it."""
+
+    def __init__(
+        self,
+        *,
+        attribute: _builtins.str = ...,
+        value: _builtins.str = ...,
+        counts: Global___BacktestCounts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "counts", b"counts", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestGroup: _TypeAlias = BacktestGroup  # noqa: Y015
+
+@_typing.final
+class BacktestSummary(_message.Message):
+    """The end of a backtest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    rejected: _builtins.int
+    """Events with bad input, not evaluated."""
+    seconds: _builtins.float
+    """Wall-clock seconds the replay took."""
+    @_builtins.property
+    def total(self) -> Global___BacktestCounts:
+        """Every event."""
+
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___BacktestGroup]:
+        """Broken down by each group_by attribute."""
+
+    def __init__(
+        self,
+        *,
+        total: Global___BacktestCounts | None = ...,
+        groups: _abc.Iterable[Global___BacktestGroup] | None = ...,
+        rejected: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "rejected", b"rejected", "seconds", b"seconds", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestSummary: _TypeAlias = BacktestSummary  # noqa: Y015
+
+@_typing.final
+class BacktestResponse(_message.Message):
+    """A message of a Backtest response stream: verdicts, then one summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def verdict(self) -> Global___BacktestVerdict:
+        """Per event, when asked for."""
+
+    @_builtins.property
+    def summary(self) -> Global___BacktestSummary:
+        """Last."""
+
+    def __init__(
+        self,
+        *,
+        verdict: Global___BacktestVerdict | None = ...,
+        summary: Global___BacktestSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "summary", b"summary", "verdict", b"verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "summary", b"summary", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["verdict", "summary"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___BacktestResponse: _TypeAlias = BacktestResponse  # noqa: Y015

@@ -103,6 +103,26 @@ class FingerprintGuardStub:
                 request_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.RebuildCountersRequest.SerializeToString,
                 response_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.RebuildCountersResponse.FromString,
                 _registered_method=True)
+        self.ExplainIdentity = channel.unary_unary(
+                '/tether.guard.v1.FingerprintGuard/ExplainIdentity',
+                request_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.ExplainIdentityRequest.SerializeToString,
+                response_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.ExplainIdentityResponse.FromString,
+                _registered_method=True)
+        self.UnlinkFingerprint = channel.unary_unary(
+                '/tether.guard.v1.FingerprintGuard/UnlinkFingerprint',
+                request_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.UnlinkFingerprintRequest.SerializeToString,
+                response_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.UnlinkFingerprintResponse.FromString,
+                _registered_method=True)
+        self.MergeIdentities = channel.unary_unary(
+                '/tether.guard.v1.FingerprintGuard/MergeIdentities',
+                request_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.MergeIdentitiesRequest.SerializeToString,
+                response_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.MergeIdentitiesResponse.FromString,
+                _registered_method=True)
+        self.Backtest = channel.stream_stream(
+                '/tether.guard.v1.FingerprintGuard/Backtest',
+                request_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.BacktestRequest.SerializeToString,
+                response_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.BacktestResponse.FromString,
+                _registered_method=True)
 
 
 class FingerprintGuardServicer:
@@ -219,6 +239,50 @@ class FingerprintGuardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainIdentity(self, request, context):
+        """The fingerprints an identity joins, how each was linked, and the
+        identities merged into it. Internal and admin callers. NOT_FOUND /
+        GUARD_IDENTITY_NOT_FOUND for an identity never seen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnlinkFingerprint(self, request, context):
+        """Splits a fingerprint from the identity a link tied it to: it counts as
+        its own identity from now on, with the accounts counted through it.
+        Recorded, and kept by later linking and by RebuildCounters. Internal
+        and admin callers. Idempotent. NOT_FOUND / GUARD_IDENTITY_NOT_FOUND for
+        a fingerprint never seen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeIdentities(self, request, context):
+        """Joins two identities an operator knows to be one browser: the other's
+        counted accounts count for identity. Recorded, and kept by
+        RebuildCounters. Internal and admin callers. Idempotent. NOT_FOUND /
+        GUARD_IDENTITY_NOT_FOUND when either was never seen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backtest(self, request_iterator, context):
+        """Replays historical events against a policy, as Evaluate would have
+        decided them, and summarizes (with labels: false refusals and the
+        farms' excess accounts refused). Runs on scratch state of its own:
+        live counters, links and records are never read or touched. The first
+        message is a BacktestStart, then events in time order; the response
+        streams per-event verdicts when asked for, then one summary. An event
+        with bad input gets an error verdict and the replay goes on. Internal
+        and admin callers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FingerprintGuardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +340,26 @@ def add_FingerprintGuardServicer_to_server(servicer, server):
                     servicer.RebuildCounters,
                     request_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.RebuildCountersRequest.FromString,
                     response_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.RebuildCountersResponse.SerializeToString,
+            ),
+            'ExplainIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainIdentity,
+                    request_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.ExplainIdentityRequest.FromString,
+                    response_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.ExplainIdentityResponse.SerializeToString,
+            ),
+            'UnlinkFingerprint': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlinkFingerprint,
+                    request_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.UnlinkFingerprintRequest.FromString,
+                    response_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.UnlinkFingerprintResponse.SerializeToString,
+            ),
+            'MergeIdentities': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeIdentities,
+                    request_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.MergeIdentitiesRequest.FromString,
+                    response_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.MergeIdentitiesResponse.SerializeToString,
+            ),
+            'Backtest': grpc.stream_stream_rpc_method_handler(
+                    servicer.Backtest,
+                    request_deserializer=tether_dot_guard_dot_v1_dot_messages__pb2.BacktestRequest.FromString,
+                    response_serializer=tether_dot_guard_dot_v1_dot_messages__pb2.BacktestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -589,6 +673,114 @@ class FingerprintGuard:
             '/tether.guard.v1.FingerprintGuard/RebuildCounters',
             tether_dot_guard_dot_v1_dot_messages__pb2.RebuildCountersRequest.SerializeToString,
             tether_dot_guard_dot_v1_dot_messages__pb2.RebuildCountersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.guard.v1.FingerprintGuard/ExplainIdentity',
+            tether_dot_guard_dot_v1_dot_messages__pb2.ExplainIdentityRequest.SerializeToString,
+            tether_dot_guard_dot_v1_dot_messages__pb2.ExplainIdentityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlinkFingerprint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.guard.v1.FingerprintGuard/UnlinkFingerprint',
+            tether_dot_guard_dot_v1_dot_messages__pb2.UnlinkFingerprintRequest.SerializeToString,
+            tether_dot_guard_dot_v1_dot_messages__pb2.UnlinkFingerprintResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeIdentities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.guard.v1.FingerprintGuard/MergeIdentities',
+            tether_dot_guard_dot_v1_dot_messages__pb2.MergeIdentitiesRequest.SerializeToString,
+            tether_dot_guard_dot_v1_dot_messages__pb2.MergeIdentitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backtest(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tether.guard.v1.FingerprintGuard/Backtest',
+            tether_dot_guard_dot_v1_dot_messages__pb2.BacktestRequest.SerializeToString,
+            tether_dot_guard_dot_v1_dot_messages__pb2.BacktestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,6 +95,34 @@ class FingerprintGuardStub:
     Redis lost its data. Safe to run at any time and more than once: it
     only adds entries that are still valid. Internal and admin callers.
     """
+    ExplainIdentity: _grpc.UnaryUnaryMultiCallable[_messages_pb2.ExplainIdentityRequest, _messages_pb2.ExplainIdentityResponse]
+    """The fingerprints an identity joins, how each was linked, and the
+    identities merged into it. Internal and admin callers. NOT_FOUND /
+    GUARD_IDENTITY_NOT_FOUND for an identity never seen.
+    """
+    UnlinkFingerprint: _grpc.UnaryUnaryMultiCallable[_messages_pb2.UnlinkFingerprintRequest, _messages_pb2.UnlinkFingerprintResponse]
+    """Splits a fingerprint from the identity a link tied it to: it counts as
+    its own identity from now on, with the accounts counted through it.
+    Recorded, and kept by later linking and by RebuildCounters. Internal
+    and admin callers. Idempotent. NOT_FOUND / GUARD_IDENTITY_NOT_FOUND for
+    a fingerprint never seen.
+    """
+    MergeIdentities: _grpc.UnaryUnaryMultiCallable[_messages_pb2.MergeIdentitiesRequest, _messages_pb2.MergeIdentitiesResponse]
+    """Joins two identities an operator knows to be one browser: the other's
+    counted accounts count for identity. Recorded, and kept by
+    RebuildCounters. Internal and admin callers. Idempotent. NOT_FOUND /
+    GUARD_IDENTITY_NOT_FOUND when either was never seen.
+    """
+    Backtest: _grpc.StreamStreamMultiCallable[_messages_pb2.BacktestRequest, _messages_pb2.BacktestResponse]
+    """Replays historical events against a policy, as Evaluate would have
+    decided them, and summarizes (with labels: false refusals and the
+    farms' excess accounts refused). Runs on scratch state of its own:
+    live counters, links and records are never read or touched. The first
+    message is a BacktestStart, then events in time order; the response
+    streams per-event verdicts when asked for, then one summary. An event
+    with bad input gets an error verdict and the replay goes on. Internal
+    and admin callers.
+    """
 
 @_typing.type_check_only
 class FingerprintGuardAsyncStub(FingerprintGuardStub):
@@ -162,6 +190,34 @@ class FingerprintGuardAsyncStub(FingerprintGuardStub):
     """Rewrites the Redis counters from the durable SQL record, e.g. after
     Redis lost its data. Safe to run at any time and more than once: it
     only adds entries that are still valid. Internal and admin callers.
+    """
+    ExplainIdentity: _aio.UnaryUnaryMultiCallable[_messages_pb2.ExplainIdentityRequest, _messages_pb2.ExplainIdentityResponse]  # type: ignore[assignment]
+    """The fingerprints an identity joins, how each was linked, and the
+    identities merged into it. Internal and admin callers. NOT_FOUND /
+    GUARD_IDENTITY_NOT_FOUND for an identity never seen.
+    """
+    UnlinkFingerprint: _aio.UnaryUnaryMultiCallable[_messages_pb2.UnlinkFingerprintRequest, _messages_pb2.UnlinkFingerprintResponse]  # type: ignore[assignment]
+    """Splits a fingerprint from the identity a link tied it to: it counts as
+    its own identity from now on, with the accounts counted through it.
+    Recorded, and kept by later linking and by RebuildCounters. Internal
+    and admin callers. Idempotent. NOT_FOUND / GUARD_IDENTITY_NOT_FOUND for
+    a fingerprint never seen.
+    """
+    MergeIdentities: _aio.UnaryUnaryMultiCallable[_messages_pb2.MergeIdentitiesRequest, _messages_pb2.MergeIdentitiesResponse]  # type: ignore[assignment]
+    """Joins two identities an operator knows to be one browser: the other's
+    counted accounts count for identity. Recorded, and kept by
+    RebuildCounters. Internal and admin callers. Idempotent. NOT_FOUND /
+    GUARD_IDENTITY_NOT_FOUND when either was never seen.
+    """
+    Backtest: _aio.StreamStreamMultiCallable[_messages_pb2.BacktestRequest, _messages_pb2.BacktestResponse]  # type: ignore[assignment]
+    """Replays historical events against a policy, as Evaluate would have
+    decided them, and summarizes (with labels: false refusals and the
+    farms' excess accounts refused). Runs on scratch state of its own:
+    live counters, links and records are never read or touched. The first
+    message is a BacktestStart, then events in time order; the response
+    streams per-event verdicts when asked for, then one summary. An event
+    with bad input gets an error verdict and the replay goes on. Internal
+    and admin callers.
     """
 
 class FingerprintGuardServicer(metaclass=_abc_1.ABCMeta):
@@ -293,6 +349,58 @@ class FingerprintGuardServicer(metaclass=_abc_1.ABCMeta):
         """Rewrites the Redis counters from the durable SQL record, e.g. after
         Redis lost its data. Safe to run at any time and more than once: it
         only adds entries that are still valid. Internal and admin callers.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainIdentity(
+        self,
+        request: _messages_pb2.ExplainIdentityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messages_pb2.ExplainIdentityResponse, _abc.Awaitable[_messages_pb2.ExplainIdentityResponse]]:
+        """The fingerprints an identity joins, how each was linked, and the
+        identities merged into it. Internal and admin callers. NOT_FOUND /
+        GUARD_IDENTITY_NOT_FOUND for an identity never seen.
+        """
+
+    @_abc_1.abstractmethod
+    def UnlinkFingerprint(
+        self,
+        request: _messages_pb2.UnlinkFingerprintRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messages_pb2.UnlinkFingerprintResponse, _abc.Awaitable[_messages_pb2.UnlinkFingerprintResponse]]:
+        """Splits a fingerprint from the identity a link tied it to: it counts as
+        its own identity from now on, with the accounts counted through it.
+        Recorded, and kept by later linking and by RebuildCounters. Internal
+        and admin callers. Idempotent. NOT_FOUND / GUARD_IDENTITY_NOT_FOUND for
+        a fingerprint never seen.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeIdentities(
+        self,
+        request: _messages_pb2.MergeIdentitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messages_pb2.MergeIdentitiesResponse, _abc.Awaitable[_messages_pb2.MergeIdentitiesResponse]]:
+        """Joins two identities an operator knows to be one browser: the other's
+        counted accounts count for identity. Recorded, and kept by
+        RebuildCounters. Internal and admin callers. Idempotent. NOT_FOUND /
+        GUARD_IDENTITY_NOT_FOUND when either was never seen.
+        """
+
+    @_abc_1.abstractmethod
+    def Backtest(
+        self,
+        request_iterator: _MaybeAsyncIterator[_messages_pb2.BacktestRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_messages_pb2.BacktestResponse], _abc.AsyncIterator[_messages_pb2.BacktestResponse]]:
+        """Replays historical events against a policy, as Evaluate would have
+        decided them, and summarizes (with labels: false refusals and the
+        farms' excess accounts refused). Runs on scratch state of its own:
+        live counters, links and records are never read or touched. The first
+        message is a BacktestStart, then events in time order; the response
+        streams per-event verdicts when asked for, then one summary. An event
+        with bad input gets an error verdict and the replay goes on. Internal
+        and admin callers.
         """
 
 def add_FingerprintGuardServicer_to_server(servicer: FingerprintGuardServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
