@@ -190,6 +190,15 @@ class PipelinedConnection:
                 raise _raised(reply)
         return reply
 
+    async def command(self, *args: str | bytes | int) -> Any:
+        """Any command on this connection, within the time bound (e.g.
+        SCRIPT LOAD before scripts are sent many at a time)."""
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        reply = await self._call(args, deadline)
+        if isinstance(reply, redis_errors.ResponseError):
+            raise _raised(reply)
+        return reply
+
     async def _call(self, command: tuple[str | bytes | int, ...], deadline: float) -> Any:
         replies = self._replies
         if replies is None or replies.closed:

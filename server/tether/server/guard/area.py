@@ -27,6 +27,7 @@ def build(server: grpc.aio.Server, runtime: Runtime, store: GuardStore) -> Guard
     web = WebSide(runtime.settings, guard)
 
     async def start() -> None:
+        await guard.load()
         guard.recorder.start()
         await web.start()
 

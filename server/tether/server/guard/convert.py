@@ -7,9 +7,14 @@ import hashlib
 from tether.common.v1 import types_pb2
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.errors import Violations
-from tether.server.guard.identity import Components
+from tether.server.guard.backtest import Counts, Summary
+from tether.server.guard.backtest import Event as BacktestEvent
+from tether.server.guard.corrections import IdentityView
+from tether.server.guard.decide import Explanation
+from tether.server.guard.fingerprint import Components
+from tether.server.guard.identities import Link, LinkKind
 from tether.server.guard.policies import ENFORCE, FAIL_CLOSED, FAIL_OPEN, SHADOW, Policy
-from tether.server.guard.service import AccountRef, Action, Reason, Verdict
+from tether.server.guard.service import AccountRef, Action, EvaluateCall, Reason, Verdict
 from tether.server.guard.tables import GuardLink
 from tether.server.transport.convert import timestamp, timestamp_of_ms
 
@@ -76,7 +81,7 @@ def components(message: pb.FingerprintComponents, present: bool) -> Components |
 
 
 def components_key(message: pb.FingerprintComponents) -> bytes:
-    """What IdentityCache keys on: a digest of the deterministic serialization."""
+    """What FingerprintCache keys on: a digest of the deterministic serialization."""
     serialized = message.SerializeToString(deterministic=True)
     return hashlib.blake2b(serialized, digest_size=16).digest() if serialized else b""
 
@@ -91,6 +96,119 @@ def verdict(value: Verdict) -> pb.EvaluateResponse:
         would_deny=value.would_deny,
         fail_open=value.fail_open,
         expire_time=timestamp_of_ms(value.expire_ms),
+        explanation=None if value.explanation is None else explanation(value.explanation),
+    )
+
+
+_LINK_KINDS = {
+    LinkKind.DRIFT_SAME_NETWORK: pb.LINK_KIND_DRIFT_SAME_NETWORK,
+    LinkKind.DRIFT_BURST: pb.LINK_KIND_DRIFT_BURST,
+    LinkKind.PROFILE: pb.LINK_KIND_PROFILE,
+    LinkKind.MERGE: pb.LINK_KIND_MERGE,
+    LinkKind.OPERATOR_MERGE: pb.LINK_KIND_OPERATOR_MERGE,
+}
+_SCOPES = {
+    "browser": pb.SCOPE_BROWSER,
+    "network": pb.SCOPE_NETWORK,
+    "velocity": pb.SCOPE_VELOCITY,
+}
+
+
+def link(value: Link) -> pb.FingerprintLink:
+    return pb.FingerprintLink(
+        kind=_LINK_KINDS.get(value.kind, pb.LINK_KIND_UNSPECIFIED),
+        to=value.target,
+        confidence=value.confidence,
+        changed=list(value.changed),
+        create_time=timestamp_of_ms(int(value.time * 1000)),
+        **{"from": value.source},
+    )
+
+
+def explanation(value: Explanation) -> pb.Explanation:
+    return pb.Explanation(
+        fingerprint=value.fingerprint,
+        links=[link(item) for item in value.links],
+        scope=_SCOPES.get(value.scope, pb.SCOPE_UNSPECIFIED),
+        scope_count=value.scope_count,
+        scope_threshold=value.scope_threshold,
+        signals=[
+            pb.Signal(name=s.name, value=s.value, threshold=s.threshold, fired=s.fired)
+            for s in value.signals
+        ],
+        risk=value.risk,
+    )
+
+
+def identity_view(value: IdentityView) -> pb.ExplainIdentityResponse:
+    return pb.ExplainIdentityResponse(
+        identity=value.identity,
+        fingerprints=[
+            pb.IdentityFingerprint(
+                fingerprint=member.fingerprint,
+                link=None if member.link is None else link(member.link),
+                first_seen_time=timestamp_of_ms(int(member.first_seen * 1000)),
+                last_seen_time=timestamp_of_ms(int(member.last_seen * 1000)),
+            )
+            for member in value.members
+        ],
+        merges=[link(item) for item in value.merges],
+        popularity=value.popularity,
+    )
+
+
+_LABELS = {pb.LABEL_LEGITIMATE: "legitimate", pb.LABEL_ABUSIVE: "abusive"}
+
+
+def evaluate_call(request: pb.EvaluateRequest) -> EvaluateCall:
+    message = request.components
+    present = request.HasField("components")
+    return EvaluateCall(
+        request.service_id,
+        ACTIONS.get(request.action),
+        account(request.account, request.HasField("account")),
+        request.room_id,
+        # Converted only when the fingerprint cache does not know them.
+        lambda: components(message, present),
+        request.client_ip,
+        components_key(message),
+    )
+
+
+def backtest_event(message: pb.BacktestEvent) -> BacktestEvent:
+    """A backtest event; its own checks (time, attributes) are the caller's."""
+    time_seconds = message.event_time.seconds + message.event_time.nanos / 1e9
+    return BacktestEvent(
+        call=evaluate_call(message.request),
+        time=time_seconds,
+        label=_LABELS.get(message.label, ""),
+        actor=message.actor,
+        attributes=dict(message.attributes),
+    )
+
+
+def backtest_counts(value: Counts) -> pb.BacktestCounts:
+    return pb.BacktestCounts(
+        events=value.events,
+        allowed=value.allowed,
+        refused=value.refused,
+        legitimate=value.legitimate,
+        false_refusals=value.false_refusals,
+        abusive=value.abusive,
+        excess=value.excess,
+        caught=value.caught,
+    )
+
+
+def backtest_summary(value: Summary) -> pb.BacktestSummary:
+    return pb.BacktestSummary(
+        total=backtest_counts(value.total),
+        groups=[
+            pb.BacktestGroup(attribute=name, value=item, counts=backtest_counts(counts))
+            for (name, item), counts in sorted(value.groups.items())
+        ],
+        rejected=value.rejected,
+        seconds=value.seconds,
     )
 
 

@@ -17,6 +17,7 @@ from redis import exceptions as redis_errors
 from tether.server.counters.connection import MAX_CONNECTIONS
 from tether.server.counters.pipelined import PipelinedConnection, Script
 from tether.server.guard import scripts
+from tether.server.guard.rules import Inputs
 
 FOREVER_MS = 9007199254740991
 # The shared pool refuses calls beyond its size: the guard queues its own
@@ -38,10 +39,34 @@ class CountersDown(Exception):
 class Count(NamedTuple):
     allowed: bool
     already_counted: bool
-    # Accounts counted for the identity (NamedTuple keeps `count` for tuple.count).
+    # The deciding scope's count before this call (Scope below), and its
+    # threshold (NamedTuple keeps `count` for tuple.count).
     counted: int
     # Unix ms; FOREVER_MS for no expiry; 0 when nothing was recorded.
     expire_ms: int
+    scope: int
+    threshold: int
+    # A limit was exceeded (denied, or recorded anyway in shadow mode).
+    over: bool
+
+
+class Scope:
+    """What EVALUATE's scope numbers mean."""
+
+    NONE = 0
+    BROWSER = 1
+    NETWORK = 2
+    # 3-6: the velocity windows, shortest first.
+    VELOCITY = 3
+
+
+class Entry(NamedTuple):
+    """One counted account as stored in an identity's hash."""
+
+    member: bytes
+    admitted_ms: int
+    expire_ms: int
+    network: str
 
 
 class GuardCounters:
@@ -55,6 +80,7 @@ class GuardCounters:
         self.pipelined = pipelined
         self._evaluate_script = Script(scripts.EVALUATE)
         self._evaluate = client.register_script(scripts.EVALUATE)
+        self._remove = client.register_script(scripts.REMOVE)
         self._renew = client.register_script(scripts.RENEW)
         self._restore = client.register_script(scripts.RESTORE)
 
@@ -67,7 +93,7 @@ class GuardCounters:
             except _DOWN as exc:
                 raise CountersDown(str(exc) or type(exc).__name__) from exc
 
-    async def _call_pipelined(self, keys: list[str], args: list[bytes | int]) -> Any:
+    async def _call_pipelined(self, keys: list[str], args: list[bytes | int | str]) -> Any:
         assert self.pipelined is not None
         try:
             # Bounded by the connection itself (one timer for all calls; a
@@ -78,38 +104,102 @@ class GuardCounters:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
 
     async def evaluate(
-        self, key: str, field: bytes, limit: int, life_ms: int, *, record_over: bool, extend: bool
+        self,
+        key: str,
+        member: bytes,
+        limit: int,
+        life_ms: int,
+        *,
+        record_over: bool,
+        extend: bool,
+        now_ms: int,
+        network: str,
+        inputs: Inputs,
     ) -> Count:
-        """field: 16-byte identity followed by the 8-byte account member."""
+        """now_ms: the call's time (a backtest's event time); 0: Redis's."""
         keys = [key]
-        args: list[bytes | int] = [
-            field[:16],
-            field[16:],
+        args: list[bytes | int | str] = [
+            member,
             limit,
             life_ms,
             int(record_over),
             int(extend),
+            now_ms,
+            network,
+            int(inputs.rare),
+            inputs.rotation_ms,
+            int(inputs.crowd),
+            inputs.crowd_window_ms,
+            inputs.crowd_threshold,
+            *inputs.velocity,
         ]
         if self.pipelined is not None:
             reply = await self._call_pipelined(keys, args)
         else:
             reply = await self._call(self._evaluate(keys=keys, args=args))
-        allowed, already, count, expire_ms = reply
-        return Count(allowed == 1, already == 1, int(count), int(expire_ms))
+        allowed, already, count, expire_ms, scope, threshold, over = reply
+        return Count(
+            allowed == 1,
+            already == 1,
+            int(count),
+            int(expire_ms),
+            int(scope),
+            int(threshold),
+            over == 1,
+        )
 
     def close(self) -> None:
         if self.pipelined is not None:
             self.pipelined.close()
 
-    async def remove(self, key: str, field: bytes) -> bool:
-        return bool(await self._call(self._client.hdel(key, field)))
+    async def remove(self, key: str, member: bytes) -> bool:
+        return bool(await self._call(self._remove(keys=[key], args=[member])))
 
-    async def renew(self, key: str, field: bytes, life_ms: int) -> int:
+    async def renew(self, key: str, member: bytes, life_ms: int) -> int:
         """The new expiry in Unix ms, or 0 when the entry is gone."""
-        return int(await self._call(self._renew(keys=[key], args=[field, life_ms])))
+        return int(await self._call(self._renew(keys=[key], args=[member, life_ms])))
 
-    async def restore(self, key: str, entries: list[tuple[bytes, int]]) -> int:
-        args: list[bytes | int] = []
-        for field, expire_ms in entries:
-            args += [field, expire_ms]
+    async def restore(
+        self, key: str, entries: list[Entry], *, farmed: bool = False, now_ms: int = 0
+    ) -> int:
+        """now_ms: a replay's time (0: Redis's own)."""
+        args: list[bytes | int | str] = [int(farmed), now_ms]
+        for entry in entries:
+            args += [entry.member, entry.admitted_ms, entry.expire_ms, entry.network]
         return int(await self._call(self._restore(keys=[key], args=args)))
+
+    async def entries(self, key: str) -> tuple[list[Entry], bool]:
+        """An identity's counted accounts, and whether it is marked farmed."""
+        fields: dict[bytes, bytes] = await self._call(self._client.hgetall(key))
+        out = []
+        for name, value in fields.items():
+            if name[:1] == b"a":
+                admitted, expiry, network = value.decode().split("|")
+                out.append(Entry(name[1:], int(admitted), int(expiry), network))
+        return out, b"f" in fields
+
+    async def delete(self, *keys: str) -> None:
+        for start in range(0, len(keys), 500):
+            await self._call(self._client.delete(*keys[start : start + 500]))
+
+    async def delete_matching(self, pattern: str) -> None:
+        """Deletes every key matching a glob pattern (a scope's leftovers)."""
+        batch: list[str] = []
+        async for key in self._client.scan_iter(match=pattern, count=1000):
+            batch.append(key.decode() if isinstance(key, bytes) else key)
+            if len(batch) >= 500:
+                await self.delete(*batch)
+                batch = []
+        await self.delete(*batch)
+
+    async def load_scripts(self) -> None:
+        """Makes sure Redis knows the evaluate script (and, on the pipelined
+        connection, that it is open), so calls sent together never need a
+        NOSCRIPT retry."""
+        if self.pipelined is None:
+            await self._call(self._client.script_load(scripts.EVALUATE))
+            return
+        try:
+            await self.pipelined.command("SCRIPT", "LOAD", scripts.EVALUATE)
+        except _DOWN as exc:
+            raise CountersDown(str(exc) or type(exc).__name__) from exc

@@ -1,33 +1,34 @@
 """The guard's Redis key formats.
 
-Hashes per (service, bucket, action[, room]). A bucket is the first bits of
-the fingerprint identity (TETHER_GUARD_BUCKET_BITS), so many fingerprints
-share one key and its fixed cost (~150 bytes); each (identity, account)
-entry is one field: 16-byte identity + 8-byte account digest -> expiry in
-Unix ms. The hash tag is the bucket, so every key of one fingerprint (all
-actions and rooms of a service) lives in one Redis Cluster slot.
+One hash per (service, action[, room], identity) holds the accounts counted
+for that identity (guard/scripts.py lists its fields). The hash tag is the
+identity's first `bits` bits (TETHER_GUARD_BUCKET_BITS), so in Redis
+Cluster the keys spread over the slots while every key of one identity
+(all its actions and rooms) shares one. A backtest passes a scope of its
+own, so its keys never meet the live ones.
 """
 
 from __future__ import annotations
 
 from tether.server.counters.connection import KEY_PREFIX as PREFIX
 
+ACTION_LETTERS = {"register": "r", "login": "l", "collaborate": "c"}
+
 
 def bucket(identity: str, bits: int) -> str:
-    """The bucket of an identity (32 hex characters): its first `bits` bits, in hex."""
+    """The hash tag of an identity (32 hex characters): its first `bits` bits, in hex."""
     return format(int(identity[:8], 16) >> (32 - bits), "x")
 
 
-def registered(service_id: str, bucket: str) -> str:
-    """Registrations of the fingerprints of one bucket."""
-    return f"{PREFIX}:g:{service_id}:{{{bucket}}}:r"
+def counted(
+    service_id: str, action: str, room_id: str, identity: str, *, bits: int, scope: str = "g"
+) -> str:
+    """The accounts counted for one identity, action and room."""
+    room = f":{room_id}" if room_id else ""
+    letter = ACTION_LETTERS[action]
+    return f"{PREFIX}:{scope}:{service_id}:{{{bucket(identity, bits)}}}:{letter}{room}:{identity}"
 
 
-def logged_in(service_id: str, bucket: str) -> str:
-    """Live login sessions of the fingerprints of one bucket."""
-    return f"{PREFIX}:g:{service_id}:{{{bucket}}}:l"
-
-
-def room(service_id: str, room_id: str, bucket: str) -> str:
-    """Members of one collaborative room, from the fingerprints of one bucket."""
-    return f"{PREFIX}:g:{service_id}:{{{bucket}}}:c:{room_id}"
+def backtest_scope(run_id: str) -> str:
+    """The key scope of one backtest run: nothing live is under it."""
+    return f"bt:{run_id}"

@@ -41,9 +41,14 @@ def _page(query: Select[Any], service_id: str, after: Cursor | None) -> Any:
 
 
 async def identity_accounts(
-    session: AsyncSession, identity: str, service_id: str, after: Cursor | None, limit: int
+    session: AsyncSession,
+    identities: list[str],
+    service_id: str,
+    after: Cursor | None,
+    limit: int,
 ) -> tuple[list[GuardLink], Cursor | None]:
-    query = _page(select(GuardLink).where(GuardLink.identity == identity), service_id, after)
+    """Links of any of `identities` (an identity and those it joined)."""
+    query = _page(select(GuardLink).where(GuardLink.identity.in_(identities)), service_id, after)
     return await _run(session, query, limit)
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import logs
 from tether.server.errors import NotFound, Violations
-from tether.server.guard.identity import check_identity
+from tether.server.guard.fingerprint import check_identity
 from tether.server.guard.tables import GuardPolicy
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database

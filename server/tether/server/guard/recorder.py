@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import update
+
 from tether.server import logs
 from tether.server.guard.store import GuardStore
+from tether.server.guard.tables import GuardEntry
+from tether.server.storage.database import Database
 
 log = logs.get(__name__)
 
@@ -33,6 +37,7 @@ class EntryKey:
     service_id: str
     action: str
     room_id: str
+    # The fingerprint the account was counted through.
     identity: str
     member: bytes
 
@@ -41,11 +46,20 @@ class EntryKey:
 class Change:
     """What one guard call changes in SQL."""
 
-    # Entries to (re)write with their expiry (None: never), or to delete.
-    put: dict[EntryKey, datetime | None] = field(default_factory=dict)
+    # Entries to (re)write with their expiry (None: never) and network, or
+    # to delete.
+    put: dict[EntryKey, tuple[datetime | None, str]] = field(default_factory=dict)
     drop: set[EntryKey] = field(default_factory=set)
+    # Identity-account links (guard_links rows).
     links: list[dict[str, Any]] = field(default_factory=list)
-    identities: list[dict[str, Any]] = field(default_factory=list)
+    # New fingerprints (guard_fingerprints rows) and the book's links,
+    # merges and operators' corrections (guard_fingerprint_links rows).
+    fingerprints: list[dict[str, Any]] = field(default_factory=list)
+    link_records: list[dict[str, Any]] = field(default_factory=list)
+    # (fingerprint, network, hour) seen.
+    sightings: set[tuple[str, str, int]] = field(default_factory=set)
+    # (service, action, room, identity) refused as one browser.
+    farmed: set[tuple[str, str, str, str]] = field(default_factory=set)
 
 
 @dataclass
@@ -122,37 +136,82 @@ class Batch:
     """The changes of one batch, merged: later changes win (an entry put
     then dropped in one batch is dropped), one row per key."""
 
-    # Entry columns (ENTRY_COLUMNS) plus the expiry, and entry columns.
+    # Entry columns (ENTRY_COLUMNS) plus the expiry and network, and entry columns.
     puts: list[tuple[Any, ...]]
     drops: list[tuple[Any, ...]]
     links: list[dict[str, Any]]
-    identities: list[dict[str, Any]]
+    fingerprints: list[dict[str, Any]]
+    link_records: list[dict[str, Any]]
+    sightings: list[tuple[str, str, int]]
+    farmed: list[tuple[str, str, str, str]]
 
     @property
     def empty(self) -> bool:
-        return not (self.puts or self.drops or self.links or self.identities)
+        return not (
+            self.puts
+            or self.drops
+            or self.links
+            or self.fingerprints
+            or self.link_records
+            or self.sightings
+            or self.farmed
+        )
 
     @classmethod
     def of(cls, changes: list[Change]) -> Batch:
-        final: dict[EntryKey, tuple[bool, datetime | None]] = {}
+        final: dict[EntryKey, tuple[bool, datetime | None, str]] = {}
         links: dict[tuple[str, str, bytes], dict[str, Any]] = {}
-        identities: dict[str, dict[str, Any]] = {}
+        fingerprints: dict[str, dict[str, Any]] = {}
+        link_records: list[dict[str, Any]] = []
+        sightings: set[tuple[str, str, int]] = set()
+        farmed: set[tuple[str, str, str, str]] = set()
         for change in changes:
-            for key, expire in change.put.items():
-                final[key] = (True, expire)
+            for key, (expire, network) in change.put.items():
+                final[key] = (True, expire, network)
             for key in change.drop:
-                final[key] = (False, None)
+                final[key] = (False, None, "")
             for link in change.links:
                 links[(link["service_id"], link["identity"], link["account_digest"])] = link
-            for ident in change.identities:
-                identities[ident["identity"]] = ident
+            for row in change.fingerprints:
+                known = fingerprints.get(row["fingerprint"])
+                first = row["first_seen_time"] if known is None else known["first_seen_time"]
+                fingerprints[row["fingerprint"]] = {**row, "first_seen_time": first}
+            link_records += change.link_records
+            sightings |= change.sightings
+            farmed |= change.farmed
         return cls(
-            puts=[(*_entry_values(key), expire) for key, (keep, expire) in final.items() if keep],
-            drops=[_entry_values(key) for key, (keep, _) in final.items() if not keep],
+            puts=[
+                (*_entry_values(key), expire, network)
+                for key, (keep, expire, network) in final.items()
+                if keep
+            ],
+            drops=[_entry_values(key) for key, (keep, _, _) in final.items() if not keep],
             links=list(links.values()),
-            identities=list(identities.values()),
+            fingerprints=list(fingerprints.values()),
+            link_records=link_records,
+            sightings=sorted(sightings),
+            farmed=sorted(farmed),
         )
 
 
 def _entry_values(key: EntryKey) -> tuple[Any, ...]:
     return (key.service_id, key.action, key.room_id, key.identity, key.member)
+
+
+async def renew_rows(db: Database, entries: set[EntryKey], expire_time: datetime) -> None:
+    """A renewed login's new expiry, on whichever of the candidate rows
+    exists (the account was counted through one of its identity's
+    fingerprints)."""
+    async with db.transaction() as session:
+        for entry in entries:
+            await session.execute(
+                update(GuardEntry)
+                .where(
+                    GuardEntry.service_id == entry.service_id,
+                    GuardEntry.action == entry.action,
+                    GuardEntry.room_id == entry.room_id,
+                    GuardEntry.identity == entry.identity,
+                    GuardEntry.member == entry.member,
+                )
+                .values(expire_time=expire_time)
+            )

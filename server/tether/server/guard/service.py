@@ -2,33 +2,38 @@
 may register, log in, or join one room from one browser.
 
 Both the gRPC servicer and the web side call Guard; neither knows how the
-counting is done. One account is counted at most once per (service,
-identity, action[, room]); the check and the record are one Redis script.
+counting is done. A call's fingerprint resolves to the identity of the
+browser behind it (identities.py), the counting rules for that identity
+and network are computed (rules.py), and the check and the record are one
+Redis script (decide.py, counters.py). SQL keeps what must survive Redis
+and restarts, written behind except for registrations (recorder.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import ipaddress
 import re
-import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import NamedTuple
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
+from tether.server.counters.connection import KEY_PREFIX
 from tether.server.counters.pipelined import PipelinedConnection
 from tether.server.errors import Violations
-from tether.server.guard import identity as fingerprint
-from tether.server.guard import keys, policies
+from tether.server.guard import fingerprint, identity_record, keys, policies
 from tether.server.guard.counters import FOREVER_MS, CountersDown, GuardCounters
+from tether.server.guard.decide import Checked, Decider, Decision, Explanation
+from tether.server.guard.fingerprint import FingerprintCache
+from tether.server.guard.identities import IdentityBook, Resolution
 from tether.server.guard.policies import Policy, PolicyCache
-from tether.server.guard.recorder import Change, EntryKey, Recorder
+from tether.server.guard.recorder import Change, EntryKey, Recorder, renew_rows
 from tether.server.guard.store import GuardStore
 from tether.server.runtime import Runtime
 from tether.server.shared.accounts import normalize_account
+from tether.server.shared.digests import Digester
 from tether.server.storage.base import utcnow
 from tether.server.validation import check_slug
 
@@ -54,7 +59,7 @@ class Reason(enum.StrEnum):
     COUNTERS_UNAVAILABLE = "counters_unavailable"
 
 
-_LIMIT_REASON = {
+LIMIT_REASON = {
     Action.REGISTER: Reason.REGISTER_LIMIT,
     Action.LOGIN: Reason.LOGIN_LIMIT,
     Action.COLLABORATE: Reason.COLLABORATE_LIMIT,
@@ -76,8 +81,8 @@ class EvaluateCall(NamedTuple):
     action: Action | None
     account: AccountRef | None
     room_id: str
-    # None: absent. A callable converts on demand: a browser the identity
-    # cache already knows needs no conversion unless its sketch is recorded.
+    # None: absent. A callable converts on demand: a browser the fingerprint
+    # cache already knows needs no conversion.
     components: fingerprint.Components | Callable[[], fingerprint.Components | None] | None
     client_ip: str
     # A digest of the components as received (e.g. of their serialized
@@ -89,44 +94,32 @@ class Verdict(NamedTuple):
     allowed: bool
     reason: Reason
     identity: str
-    # Accounts counted for the identity (NamedTuple keeps `count` for tuple.count).
+    # Accounts counted in the deciding scope (NamedTuple keeps `count` for tuple.count).
     counted: int = 0
     limit: int = 0
     would_deny: bool = False
     fail_open: bool = False
     # The counted entry's expiry in Unix ms; 0: none, or forever.
     expire_ms: int = 0
+    explanation: Explanation | None = None
 
     @property
     def expire_time(self) -> datetime | None:
-        return _ms_to_time(self.expire_ms)
+        return ms_to_time(self.expire_ms)
 
 
-class _Account(NamedTuple):
+class Account(NamedTuple):
     digest: bytes
     key_id: str
 
     @property
     def member(self) -> bytes:
-        # 8 bytes tell accounts apart within one fingerprint's set (a
+        # 8 bytes tell accounts apart within one identity's hash (a
         # collision needs ~2^32 accounts there) at a quarter of the memory.
         return self.digest[:8]
 
 
-def counter_key(service_id: str, action: Action, room_id: str, bucket: str) -> str:
-    if action is Action.REGISTER:
-        return keys.registered(service_id, bucket)
-    if action is Action.LOGIN:
-        return keys.logged_in(service_id, bucket)
-    return keys.room(service_id, room_id, bucket)
-
-
-def counter_field(identity: str, member: bytes) -> bytes:
-    """An entry's field in its bucket: the identity's 16 bytes, then the account's 8."""
-    return bytes.fromhex(identity) + member
-
-
-def _ms_to_time(ms: int) -> datetime | None:
+def ms_to_time(ms: int) -> datetime | None:
     if ms <= 0 or ms >= FOREVER_MS:
         return None
     return datetime.fromtimestamp(ms / 1000, UTC)
@@ -139,68 +132,17 @@ def _unavailable() -> errors.Unavailable:
     )
 
 
-class _LazyComponents:
-    """An EvaluateCall's components, converted at most once and only if
-    used; their stable form (what the identity and the sketch hash) too."""
+class Validator:
+    """Checks a call's input and reduces it to digests; shared by the live
+    service and backtests."""
 
-    __slots__ = ("_source", "_stable", "_value")
+    def __init__(self, digester: Digester) -> None:
+        self.digester = digester
+        self.fingerprints = FingerprintCache()
 
-    def __init__(
-        self, source: fingerprint.Components | Callable[[], fingerprint.Components | None] | None
-    ) -> None:
-        self._source = source
-        self._value: fingerprint.Components | None = None
-        self._stable: dict[str, str] | None = None
-
-    def get(self) -> fingerprint.Components | None:
-        if self._value is None and self._source is not None:
-            source = self._source
-            self._value = source if isinstance(source, fingerprint.Components) else source()
-            self._source = None
-        return self._value
-
-    def value(self) -> fingerprint.Components:
-        value = self.get()
-        assert value is not None, "present: the call was validated"
-        return value
-
-    def stable(self) -> dict[str, str]:
-        if self._stable is None:
-            self._stable = fingerprint.stable(self.value())
-        return self._stable
-
-
-def _ip_prefix(client_ip: str) -> str:
-    """The client's network (/24, /48): a weak drift-linking hint, never the identity."""
-    if ":" not in client_ip:
-        # IPv4: what ipaddress spells below, at a fifth of its cost.
-        with contextlib.suppress(OSError):
-            packed = socket.inet_pton(socket.AF_INET, client_ip)
-            return socket.inet_ntop(socket.AF_INET, packed[:3] + b"\0") + "/24"
-    ip = ipaddress.ip_address(client_ip)
-    bits = 24 if ip.version == 4 else 48
-    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
-
-
-class Guard:
-    def __init__(self, runtime: Runtime, store: GuardStore) -> None:
-        self._digester = runtime.digester
-        self.db = runtime.db
-        self.bucket_bits = runtime.settings.guard_bucket_bits
-        self.policies = PolicyCache(runtime.db, runtime.settings.guard_policy_cache_seconds)
-        settings = runtime.settings
-        self.counters = GuardCounters(
-            runtime.redis,
-            settings.redis_timeout_seconds,
-            PipelinedConnection.from_url(settings.redis_url, settings.redis_timeout_seconds),
-        )
-        self.recorder = Recorder(store)
-        self.identities = fingerprint.IdentityCache()
-
-    # --- validation ------------------------------------------------------
-    def _account(
+    def account(
         self, account: AccountRef | None, path: str, violations: Violations
-    ) -> _Account | None:
+    ) -> Account | None:
         if account is None:
             violations.add(path, "required")
             return None
@@ -209,13 +151,11 @@ class Guard:
         except ValueError as exc:
             violations.add(path + ".value", str(exc))
             return None
-        digester = self._digester
-        return _Account(digester.digest(account.kind, normalized), digester.current.key_id)
+        digester = self.digester
+        return Account(digester.digest(account.kind, normalized), digester.current.key_id)
 
     @staticmethod
-    def _scope(
-        service_id: str, action: Action | None, room_id: str, violations: Violations
-    ) -> None:
+    def scope(service_id: str, action: Action | None, room_id: str, violations: Violations) -> None:
         check_slug(service_id, "service_id", violations)
         if action is None:
             violations.add("action", "required: register, login or collaborate")
@@ -225,136 +165,164 @@ class Guard:
         elif room_id:
             violations.add("room_id", "only for the collaborate action")
 
-    def _key(self, policy: Policy, action: Action, room_id: str, identity: str) -> str:
-        bucket = keys.bucket(identity, self.bucket_bits)
-        return counter_key(policy.service_id, action, room_id, bucket)
+    def network(self, client_ip: str) -> str:
+        """The client's network, as a keyed digest: never the address."""
+        network = fingerprint.network(client_ip)
+        return self.digester.digest("guard-network", network)[:8].hex()
 
-    @staticmethod
-    def _rule(policy: Policy, action: Action) -> tuple[int, int]:
-        """(limit, lifetime in seconds; 0: forever) of an action."""
-        if action is Action.REGISTER:
-            return policy.register_limit, policy.register_window_seconds
-        if action is Action.LOGIN:
-            return policy.login_limit, policy.login_session_seconds
-        return policy.collaborate_limit, policy.room_membership_seconds
-
-    # --- evaluate --------------------------------------------------------
-    def _check(self, call: EvaluateCall) -> tuple[Action, _Account, _LazyComponents, str]:
-        """The valid request's action, account, components and identity."""
+    def check(self, call: EvaluateCall) -> tuple[Action, Account, Checked]:
         violations = Violations()
-        self._scope(call.service_id, call.action, call.room_id, violations)
-        acct = self._account(call.account, "account", violations)
-        components = _LazyComponents(call.components)
+        self.scope(call.service_id, call.action, call.room_id, violations)
+        account = self.account(call.account, "account", violations)
         # A known key was validated when first seen (and is never the empty
         # key of absent components), so it skips conversion and validation.
-        identity = self.identities.get(call.components_key)
-        if identity is None:
-            value = components.get()
-            if value is None:
+        fp = self.fingerprints.get(call.components_key)
+        components: fingerprint.Components | None = None
+        if fp is None:
+            source = call.components
+            components = source() if callable(source) else source
+            if components is None:
                 violations.add("components", "required: the fingerprint the page collected")
             else:
-                fingerprint.check(value, "components", violations)
+                fingerprint.check(components, "components", violations)
         fingerprint.check_ip(call.client_ip, "client_ip", violations)
         violations.raise_if_any()
-        assert call.action is not None and acct is not None
-        if identity is None:
-            identity = fingerprint.identity_of(self._digester, components.stable())
-            self.identities.put(call.components_key, identity)
-        return call.action, acct, components, identity
-
-    def _seen(
-        self,
-        call: EvaluateCall,
-        action: Action,
-        acct: _Account,
-        identity: str,
-        components: _LazyComponents,
-    ) -> Change:
-        """The look-up link and the identity's sketch, for SQL."""
-        ip_digest = self._digester.digest(
-            "guard-component", "ip_prefix=" + _ip_prefix(call.client_ip)
+        assert call.action is not None and account is not None
+        if fp is None:
+            assert components is not None
+            fp = fingerprint.fingerprint_of(self.digester, components)
+            self.fingerprints.put(call.components_key, fp)
+        checked = Checked(
+            call.service_id,
+            call.action.value,
+            call.room_id,
+            account.member,
+            fp,
+            self.network(call.client_ip),
         )
-        now = utcnow()
-        link = {
-            "service_id": call.service_id,
-            "identity": identity,
-            "account_digest": acct.digest,
-            "key_id": acct.key_id,
-            "last_action": action.value,
-            "first_seen_time": now,
-            "last_seen_time": now,
-        }
-        ident = {
-            "identity": identity,
-            "sketch": {
-                **fingerprint.sketch_of(self._digester, components.stable()),
-                "ip_prefix": ip_digest[:8].hex(),
-            },
-            "first_seen_time": now,
-            "last_seen_time": now,
-        }
-        return Change(links=[link], identities=[ident])
+        return call.action, account, checked
 
+
+class Guard:
+    def __init__(self, runtime: Runtime, store: GuardStore) -> None:
+        settings = runtime.settings
+        self._digester = runtime.digester
+        self.db = runtime.db
+        self.bucket_bits = settings.guard_bucket_bits
+        self.policies = PolicyCache(runtime.db, settings.guard_policy_cache_seconds)
+        self.counters = GuardCounters(
+            runtime.redis,
+            settings.redis_timeout_seconds,
+            PipelinedConnection.from_url(settings.redis_url, settings.redis_timeout_seconds),
+        )
+        self.recorder = Recorder(store)
+        self.validator = Validator(runtime.digester)
+        self.book = IdentityBook()
+        self.decider = Decider(self.book, self.counters, self.bucket_bits)
+        self._sightings = identity_record.Sightings()
+        # The book's clock; a test may move it.
+        self.clock: Callable[[], float] = time.time
+
+    async def load(self) -> None:
+        """Rebuilds the identity book from SQL (at start)."""
+        now = self.clock()
+        count = await identity_record.load(self.db, self.book, now)
+        await identity_record.forget_old_sightings(self.db, now)
+        log.info("guard identity book loaded", fingerprints=count)
+        # A backtest's scratch keys, left by a server that stopped mid-run.
+        try:
+            await self.counters.delete_matching(f"{KEY_PREFIX}:{keys.backtest_scope('*')}:*")
+        except CountersDown as exc:
+            log.warning("backtest leftovers not checked", error=str(exc))
+
+    # --- evaluate --------------------------------------------------------
     async def evaluate(self, call: EvaluateCall) -> Verdict:
-        action, acct, components, identity = self._check(call)
+        action, account, checked = self.validator.check(call)
         policy = await self.policies.get(call.service_id)
-        if identity in policy.allowed_identities:
-            self.recorder.later(self._seen(call, action, acct, identity, components))
+        t = self.clock()
+        resolution = self.decider.resolve(checked, t)
+        identity = resolution.identity
+        change = self._learned(checked, resolution, t)
+        self._link(change, call.service_id, action, account, identity)
+        allowed = policy.allowed_identities
+        if identity in allowed or checked.fingerprint.identity in allowed:
+            self.recorder.later(change)
             return Verdict(True, Reason.IDENTITY_ALLOW_LISTED, identity)
-        if policy.allowed_account_digests and acct.digest.hex() in policy.allowed_account_digests:
-            self.recorder.later(self._seen(call, action, acct, identity, components))
+        if (
+            policy.allowed_account_digests
+            and account.digest.hex() in policy.allowed_account_digests
+        ):
+            self.recorder.later(change)
             return Verdict(True, Reason.ACCOUNT_ALLOW_LISTED, identity)
 
-        limit, life = self._rule(policy, action)
-        key = self._key(policy, action, call.room_id, identity)
-        field = counter_field(identity, acct.member)
         try:
-            count = await self.counters.evaluate(
-                key,
-                field,
-                limit,
-                life * 1000,
-                record_over=policy.shadow,
-                extend=action is not Action.REGISTER,
-            )
+            decision = await self.decider.count(checked, resolution, policy, t, 0)
         except CountersDown as exc:
+            self.recorder.later(change)
             return self._counters_down(policy, identity, exc)
-        if not count.allowed:
-            return Verdict(False, _LIMIT_REASON[action], identity, count.counted, limit)
-
-        expire_ms = count.expire_ms if 0 < count.expire_ms < FOREVER_MS else 0
-        if count.already_counted:
-            # Nothing new for SQL: a re-login's longer expiry reaches SQL only
-            # through RenewLogin, which keeps the hot path free of writes (a
-            # rebuild may then free such a session early, never late).
-            return Verdict(
-                True, Reason.ALREADY_COUNTED, identity, count.counted, limit, expire_ms=expire_ms
-            )
-        over = limit > 0 and count.counted > limit
-        verdict = Verdict(
-            True,
-            _LIMIT_REASON[action] if over else Reason.WITHIN_LIMIT,
-            identity,
-            count.counted,
-            limit,
-            would_deny=over,
-            expire_ms=expire_ms,
+        verdict = verdict_of(action, decision)
+        count = decision.counted
+        if count.over and count.scope == 1:
+            change.farmed.add((call.service_id, action.value, call.room_id, identity))
+        if not count.allowed or count.already_counted:
+            # Nothing new to count in SQL: a re-login's longer expiry reaches
+            # SQL only through RenewLogin, which keeps the hot path free of
+            # writes (a rebuild may then free such a session early, never late).
+            self.recorder.later(change)
+            return verdict
+        entry = EntryKey(
+            call.service_id,
+            action.value,
+            call.room_id,
+            checked.fingerprint.identity,
+            account.member,
         )
-        entry = EntryKey(call.service_id, action.value, call.room_id, identity, acct.member)
-        seen = self._seen(call, action, acct, identity, components)
-        seen.put[entry] = verdict.expire_time
+        change.put[entry] = (verdict.expire_time, checked.network)
         if action is Action.REGISTER:
-            await self._commit_registration(seen, key, field)
+            await self._commit_registration(change, decision.key, account.member)
         else:
-            self.recorder.later(seen)
+            self.recorder.later(change)
         return verdict
 
-    async def _commit_registration(self, change: Change, key: str, field: bytes) -> None:
+    def _learned(self, checked: Checked, resolution: Resolution, t: float) -> Change:
+        change = Change()
+        merges = [
+            link for gone in resolution.merged if (link := self.book.merge_link(gone)) is not None
+        ]
+        identity_record.learned(
+            change,
+            checked.fingerprint,
+            links=resolution.links,
+            new=resolution.new,
+            merges=merges,
+            sighting=self._sightings.new(checked.fingerprint.identity, checked.network, t),
+            t=t,
+        )
+        return change
+
+    @staticmethod
+    def _link(
+        change: Change, service_id: str, action: Action, account: Account, identity: str
+    ) -> None:
+        now = utcnow()
+        change.links.append(
+            {
+                "service_id": service_id,
+                "identity": identity,
+                "account_digest": account.digest,
+                "key_id": account.key_id,
+                "last_action": action.value,
+                "first_seen_time": now,
+                "last_seen_time": now,
+            }
+        )
+
+    async def _commit_registration(self, change: Change, key: str, member: bytes) -> None:
         try:
             await self.recorder.commit(change)
         except Exception as exc:
             # Not durable, so not counted: give the slot back.
-            await self.counters.remove(key, field)
+            await self.counters.remove(key, member)
             raise errors.Unavailable(
                 ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
                 "the registration could not be recorded; retry",
@@ -379,72 +347,82 @@ class Guard:
         room_id: str,
         identity: str,
         account: AccountRef | None,
-    ) -> tuple[Policy, str, bytes, EntryKey]:
+    ) -> tuple[Policy, str, bytes, set[EntryKey]]:
         violations = Violations()
-        self._scope(service_id, action, room_id, violations)
+        self.validator.scope(service_id, action, room_id, violations)
         fingerprint.check_identity(identity, "identity", violations)
-        acct = self._account(account, "account", violations)
+        acct = self.validator.account(account, "account", violations)
         violations.raise_if_any()
         assert acct is not None
         policy = await self.policies.get(service_id)
-        key = self._key(policy, action, room_id, identity)
-        entry = EntryKey(service_id, action.value, room_id, identity, acct.member)
-        return policy, key, counter_field(identity, acct.member), entry
+        current = self.book.find(identity)
+        key = self.decider.key(service_id, action.value, room_id, current)
+        # The account may have been counted through any of the identity's
+        # fingerprints.
+        entries = {
+            EntryKey(service_id, action.value, room_id, member, acct.member)
+            for member in {identity, *self.book.members(current)}
+        }
+        return policy, key, acct.member, entries
 
-    async def _remove(self, key: str, field: bytes) -> bool:
+    async def _remove(self, key: str, member: bytes) -> bool:
         try:
-            return await self.counters.remove(key, field)
+            return await self.counters.remove(key, member)
         except CountersDown as exc:
             raise _unavailable() from exc
 
     async def cancel_registration(
         self, service_id: str, identity: str, account: AccountRef | None
     ) -> bool:
-        _, key, field, entry = await self._target(
+        _, key, member, entries = await self._target(
             service_id, Action.REGISTER, "", identity, account
         )
-        removed = await self._remove(key, field)
-        await self.recorder.commit(Change(drop={entry}))
+        removed = await self._remove(key, member)
+        await self.recorder.commit(Change(drop=entries))
         return removed
 
     async def end_login(self, service_id: str, identity: str, account: AccountRef | None) -> bool:
-        _, key, field, entry = await self._target(service_id, Action.LOGIN, "", identity, account)
-        removed = await self._remove(key, field)
-        self.recorder.later(Change(drop={entry}))
+        _, key, member, entries = await self._target(
+            service_id, Action.LOGIN, "", identity, account
+        )
+        removed = await self._remove(key, member)
+        self.recorder.later(Change(drop=entries))
         return removed
 
     async def leave_room(
         self, service_id: str, room_id: str, identity: str, account: AccountRef | None
     ) -> bool:
-        _, key, field, entry = await self._target(
+        _, key, member, entries = await self._target(
             service_id, Action.COLLABORATE, room_id, identity, account
         )
-        removed = await self._remove(key, field)
-        self.recorder.later(Change(drop={entry}))
+        removed = await self._remove(key, member)
+        self.recorder.later(Change(drop=entries))
         return removed
 
     async def renew_login(
         self, service_id: str, identity: str, account: AccountRef | None
     ) -> datetime:
-        policy, key, field, entry = await self._target(
+        policy, key, member, entries = await self._target(
             service_id, Action.LOGIN, "", identity, account
         )
         try:
-            expire_ms = await self.counters.renew(key, field, policy.login_session_seconds * 1000)
+            expire_ms = await self.counters.renew(key, member, policy.login_session_seconds * 1000)
         except CountersDown as exc:
             raise _unavailable() from exc
-        expire_time = _ms_to_time(expire_ms)
+        expire_time = ms_to_time(expire_ms)
         if expire_time is None:
             raise errors.NotFound(
                 ErrorReason.ERROR_REASON_GUARD_LOGIN_NOT_FOUND,
                 "no live login session for this identity and account; evaluate a new login",
             )
-        self.recorder.later(Change(put={entry: expire_time}))
+        # Which of the identity's fingerprints the session came through is
+        # in SQL only: renew the row that exists.
+        await renew_rows(self.db, entries, expire_time)
         return expire_time
 
     # --- policies --------------------------------------------------------
     def account_digest(self, account: AccountRef, path: str, violations: Violations) -> str | None:
-        acct = self._account(account, path, violations)
+        acct = self.validator.account(account, path, violations)
         return None if acct is None else acct.digest.hex()
 
     def account_candidates(
@@ -467,3 +445,37 @@ class Guard:
             stored = await policies.save(session, policy)
         self.policies.forget(policy.service_id)
         return stored
+
+
+def verdict_of(action: Action, decision: Decision) -> Verdict:
+    """The verdict a counting decision gives, for the live service and a
+    backtest alike."""
+    count = decision.counted
+    identity = decision.resolution.identity
+    limit = decision.limit
+    explanation = decision.explanation
+    if not count.allowed:
+        return Verdict(
+            False, LIMIT_REASON[action], identity, count.counted, limit, explanation=explanation
+        )
+    expire_ms = count.expire_ms if 0 < count.expire_ms < FOREVER_MS else 0
+    if count.already_counted:
+        return Verdict(
+            True,
+            Reason.ALREADY_COUNTED,
+            identity,
+            count.counted,
+            limit,
+            expire_ms=expire_ms,
+            explanation=explanation,
+        )
+    return Verdict(
+        True,
+        LIMIT_REASON[action] if count.over else Reason.WITHIN_LIMIT,
+        identity,
+        count.counted + 1,
+        limit,
+        would_deny=count.over,
+        expire_ms=expire_ms,
+        explanation=explanation,
+    )

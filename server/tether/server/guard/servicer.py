@@ -3,6 +3,7 @@ translates messages (convert.py), calls the Guard."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -10,11 +11,12 @@ import grpc
 
 from tether.guard.v1 import messages_pb2 as pb
 from tether.guard.v1 import service_pb2, service_pb2_grpc
+from tether.server import errors
 from tether.server.errors import Violations
-from tether.server.guard import convert, links, policies, rebuild
-from tether.server.guard.identity import check_identity
+from tether.server.guard import backtest, convert, corrections, links, policies, rebuild
+from tether.server.guard.fingerprint import check_identity
 from tether.server.guard.policies import Policy
-from tether.server.guard.service import EvaluateCall, Guard
+from tether.server.guard.service import Guard, Verdict
 from tether.server.runtime import Runtime
 from tether.server.transport import paging
 from tether.server.transport.convert import timestamp
@@ -39,21 +41,7 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
         require(*CALLERS)
-        message = request.components
-        present = request.HasField("components")
-        value = await self._guard.evaluate(
-            EvaluateCall(
-                request.service_id,
-                convert.ACTIONS.get(request.action),
-                convert.account(request.account, request.HasField("account")),
-                request.room_id,
-                # Converted only when the identity cache does not know them.
-                lambda: convert.components(message, present),
-                request.client_ip,
-                convert.components_key(message),
-            )
-        )
-        return convert.verdict(value)
+        return convert.verdict(await self._guard.evaluate(convert.evaluate_call(request)))
 
     async def CancelRegistration(
         self, request: pb.CancelRegistrationRequest, context: Context
@@ -168,9 +156,11 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         size = paging.page_size(request.page_size)
         scope = f"guard-identity:{request.identity}:{request.service_id}"
         after = paging.decode(scope, request.page_token)
+        book = self._guard.book
+        identities = sorted({request.identity, *book.members(book.find(request.identity))})
         async with self._db.sessions() as session:
             rows, last = await links.identity_accounts(
-                session, request.identity, request.service_id, after, size
+                session, identities, request.service_id, after, size
             )
         return pb.ListIdentityAccountsResponse(
             links=[convert.link_pb(r) for r in rows],
@@ -209,3 +199,76 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
             violations.raise_if_any()
         restored = await rebuild.rebuild(self._guard, request.service_id)
         return pb.RebuildCountersResponse(entries_restored=restored)
+
+    async def ExplainIdentity(
+        self, request: pb.ExplainIdentityRequest, context: Context
+    ) -> pb.ExplainIdentityResponse:
+        require(*OPERATORS)
+        return convert.identity_view(corrections.explain(self._guard, request.identity))
+
+    async def UnlinkFingerprint(
+        self, request: pb.UnlinkFingerprintRequest, context: Context
+    ) -> pb.UnlinkFingerprintResponse:
+        caller = require(*OPERATORS)
+        identity, previous = await corrections.unlink(
+            self._guard, request.fingerprint, request.reason, caller.credential_id
+        )
+        return pb.UnlinkFingerprintResponse(identity=identity, previous_identity=previous)
+
+    async def MergeIdentities(
+        self, request: pb.MergeIdentitiesRequest, context: Context
+    ) -> pb.MergeIdentitiesResponse:
+        caller = require(*OPERATORS)
+        identity = await corrections.merge(
+            self._guard, request.identity, request.other, request.reason, caller.credential_id
+        )
+        return pb.MergeIdentitiesResponse(identity=identity)
+
+    async def Backtest(
+        self, requests: AsyncIterator[pb.BacktestRequest], context: Context
+    ) -> AsyncIterator[pb.BacktestResponse]:
+        require(*OPERATORS)
+        first = await anext(aiter(requests), None)
+        if first is None or not first.HasField("start"):
+            raise errors.invalid("start", "required: the first message is a BacktestStart")
+        start = first.start
+        violations = Violations()
+        fields = convert.policy_fields(start.policy, violations)
+        policy = backtest.check_start(
+            Policy(**fields),  # type: ignore[arg-type]
+            list(start.group_by),
+            violations,
+        )
+        run = backtest.Backtest(self._guard, policy, list(start.group_by))
+        index = 0
+        done: list[tuple[int, Verdict | str]]
+        try:
+            async for message in requests:
+                if not message.HasField("event"):
+                    done = [(index, "expected an event: the start comes only first")]
+                    run.summary.rejected += 1
+                else:
+                    problem = backtest.check_event(message.event)
+                    if problem:
+                        run.summary.rejected += 1
+                        done = [(index, problem)]
+                    else:
+                        done = await run.add(index, convert.backtest_event(message.event))
+                index += 1
+                if start.verdicts:
+                    for item in done:
+                        yield _verdict(*item)
+            for item in await run.finish():
+                if start.verdicts:
+                    yield _verdict(*item)
+        finally:
+            await run.drop()
+        yield pb.BacktestResponse(summary=convert.backtest_summary(run.summary))
+
+
+def _verdict(index: int, value: Verdict | str) -> pb.BacktestResponse:
+    if isinstance(value, str):
+        return pb.BacktestResponse(verdict=pb.BacktestVerdict(index=index, error_message=value))
+    return pb.BacktestResponse(
+        verdict=pb.BacktestVerdict(index=index, response=convert.verdict(value))
+    )

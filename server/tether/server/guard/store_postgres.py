@@ -18,18 +18,18 @@ class PostgresGuardStore:
         """The whole batch in one statement (one round trip, its
         own transaction), each table's rows as arrays unnested in SQL, on a
         bare asyncpg connection. The Core upserts, built, compiled and bound
-        row by row in a transaction of four statements, cost ~200 us of the
-        event loop's CPU per written-behind call in batches of ~10, and
+        row by row in a transaction of several statements, cost ~200 us of
+        the event loop's CPU per written-behind call in batches of ~10, and
         PostgreSQL ran each row as a statement of its own."""
-        identities = [
+        fingerprints = [
             (
-                ident["identity"],
+                row["fingerprint"],
                 # What SQLAlchemy's JSON type binds.
-                json.dumps(ident["sketch"]),
-                ident["first_seen_time"],
-                ident["last_seen_time"],
+                json.dumps(row["digests"]),
+                row["first_seen_time"],
+                row["last_seen_time"],
             )
-            for ident in batch.identities
+            for row in batch.fingerprints
         ]
         links = [
             (
@@ -43,14 +43,30 @@ class PostgresGuardStore:
             )
             for link in batch.links
         ]
+        records = [
+            (
+                row["kind"],
+                row["source"],
+                row["target"],
+                row["confidence"],
+                json.dumps(row["changed"]),
+                row.get("actor", ""),
+                row.get("reason", ""),
+                row["create_time"],
+            )
+            for row in batch.link_records
+        ]
         async with self._db.driver_connection() as connection:
             await connection.execute(
                 _PG_WRITE,
                 *_columns(batch.drops, 5),
-                *_columns(batch.puts, 6),
+                *_columns(batch.puts, 7),
                 utcnow(),
                 *_columns(links, 7),
-                *_columns(identities, 4),
+                *_columns(fingerprints, 4),
+                *_columns(records, 8),
+                *_columns(batch.sightings, 3),
+                *_columns(batch.farmed, 4),
             )
 
 
@@ -74,26 +90,43 @@ WITH dropped AS (
         AND e.identity = d.identity AND e.member = d.member
 ), put AS (
     INSERT INTO guard_entries
-        (service_id, action, room_id, identity, member, expire_time, create_time)
-    SELECT service_id, action, room_id, identity, member, expire_time, $12
+        (service_id, action, room_id, identity, member, expire_time, network, create_time)
+    SELECT service_id, action, room_id, identity, member, expire_time, network, $13
     FROM unnest($6::varchar[], $7::varchar[], $8::varchar[], $9::varchar[], $10::bytea[],
-        $11::timestamptz[]) AS t(service_id, action, room_id, identity, member, expire_time)
+        $11::timestamptz[], $12::varchar[])
+        AS t(service_id, action, room_id, identity, member, expire_time, network)
     ON CONFLICT (service_id, action, room_id, identity, member)
-    DO UPDATE SET expire_time = excluded.expire_time
+    DO UPDATE SET expire_time = excluded.expire_time, network = excluded.network
 ), linked AS (
     INSERT INTO guard_links
         (service_id, identity, account_digest, key_id, last_action, first_seen_time,
         last_seen_time)
-    SELECT * FROM unnest($13::varchar[], $14::varchar[], $15::bytea[], $16::varchar[],
-        $17::varchar[], $18::timestamptz[], $19::timestamptz[])
+    SELECT * FROM unnest($14::varchar[], $15::varchar[], $16::bytea[], $17::varchar[],
+        $18::varchar[], $19::timestamptz[], $20::timestamptz[])
     ON CONFLICT (service_id, identity, account_digest)
     DO UPDATE SET key_id = excluded.key_id, last_action = excluded.last_action,
         last_seen_time = excluded.last_seen_time
+), fingerprinted AS (
+    INSERT INTO guard_fingerprints (fingerprint, digests, first_seen_time, last_seen_time)
+    SELECT fingerprint, digests::json, first_seen_time, last_seen_time
+    FROM unnest($21::varchar[], $22::text[], $23::timestamptz[], $24::timestamptz[])
+        AS t(fingerprint, digests, first_seen_time, last_seen_time)
+    ON CONFLICT (fingerprint) DO UPDATE SET last_seen_time = excluded.last_seen_time
+), recorded AS (
+    INSERT INTO guard_fingerprint_links
+        (kind, source, target, confidence, changed, actor, reason, create_time)
+    SELECT kind, source, target, confidence, changed::json, actor, reason, create_time
+    FROM unnest($25::varchar[], $26::varchar[], $27::varchar[], $28::float8[], $29::text[],
+        $30::varchar[], $31::varchar[], $32::timestamptz[])
+        AS t(kind, source, target, confidence, changed, actor, reason, create_time)
+), sighted AS (
+    INSERT INTO guard_sightings (fingerprint, network, hour)
+    SELECT * FROM unnest($33::varchar[], $34::varchar[], $35::int[])
+    ON CONFLICT DO NOTHING
 )
-INSERT INTO guard_identities (identity, sketch, first_seen_time, last_seen_time)
-SELECT identity, sketch::json, first_seen_time, last_seen_time
-FROM unnest($20::varchar[], $21::text[], $22::timestamptz[], $23::timestamptz[])
-    AS t(identity, sketch, first_seen_time, last_seen_time)
-ON CONFLICT (identity)
-DO UPDATE SET sketch = excluded.sketch, last_seen_time = excluded.last_seen_time
+INSERT INTO guard_farmed (service_id, action, room_id, identity, create_time)
+SELECT service_id, action, room_id, identity, $13
+FROM unnest($36::varchar[], $37::varchar[], $38::varchar[], $39::varchar[])
+    AS t(service_id, action, room_id, identity)
+ON CONFLICT DO NOTHING
 """

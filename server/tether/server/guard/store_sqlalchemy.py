@@ -7,10 +7,18 @@ import functools
 from typing import Any
 
 from sqlalchemy import delete, tuple_
+from sqlalchemy import insert as sa_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.server.guard.recorder import ENTRY_COLUMNS, Batch
-from tether.server.guard.tables import GuardEntry, GuardIdentity, GuardLink
+from tether.server.guard.tables import (
+    GuardEntry,
+    GuardFarmed,
+    GuardFingerprint,
+    GuardLink,
+    GuardLinkRecord,
+    GuardSighting,
+)
 from tether.server.storage import dialects
 from tether.server.storage.database import Database
 
@@ -31,18 +39,37 @@ class SqlAlchemyGuardStore:
                 await session.execute(
                     statements.put,
                     [
-                        dict(zip((*ENTRY_COLUMNS, "expire_time"), put, strict=True))
+                        dict(zip((*ENTRY_COLUMNS, "expire_time", "network"), put, strict=True))
                         for put in batch.puts
                     ],
                 )
             if batch.links:
                 await session.execute(statements.links, batch.links)
-            if batch.identities:
-                await session.execute(statements.identities, batch.identities)
+            if batch.fingerprints:
+                await session.execute(statements.fingerprints, batch.fingerprints)
+            if batch.link_records:
+                await session.execute(insert_plain(GuardLinkRecord), batch.link_records)
+            if batch.sightings:
+                await session.execute(
+                    statements.sightings,
+                    [{"fingerprint": f, "network": n, "hour": h} for f, n, h in batch.sightings],
+                )
+            if batch.farmed:
+                await session.execute(
+                    statements.farmed,
+                    [
+                        {"service_id": s, "action": a, "room_id": r, "identity": i}
+                        for s, a, r, i in batch.farmed
+                    ],
+                )
+
+
+def insert_plain(table: Any) -> Any:
+    return sa_insert(table)
 
 
 class _CoreStatements:
-    """The Core statements of _write_core, for the session's dialect."""
+    """The Core statements of write, for the session's dialect."""
 
     def __init__(self, session: AsyncSession) -> None:
         insert = functools.partial(dialects.insert, session)
@@ -50,7 +77,7 @@ class _CoreStatements:
         stmt = insert(GuardEntry.__table__)
         self.put = stmt.on_conflict_do_update(
             index_elements=list(ENTRY_COLUMNS),
-            set_={"expire_time": stmt.excluded.expire_time},
+            set_={"expire_time": stmt.excluded.expire_time, "network": stmt.excluded.network},
         )
         stmt = insert(GuardLink.__table__)
         self.links = stmt.on_conflict_do_update(
@@ -61,14 +88,13 @@ class _CoreStatements:
                 "last_seen_time": stmt.excluded.last_seen_time,
             },
         )
-        stmt = insert(GuardIdentity.__table__)
-        self.identities = stmt.on_conflict_do_update(
-            index_elements=["identity"],
-            set_={
-                "sketch": stmt.excluded.sketch,
-                "last_seen_time": stmt.excluded.last_seen_time,
-            },
+        stmt = insert(GuardFingerprint.__table__)
+        self.fingerprints = stmt.on_conflict_do_update(
+            index_elements=["fingerprint"],
+            set_={"last_seen_time": stmt.excluded.last_seen_time},
         )
+        self.sightings = insert(GuardSighting.__table__).on_conflict_do_nothing()
+        self.farmed = insert(GuardFarmed.__table__).on_conflict_do_nothing()
 
     def drop(self, keys: list[tuple[Any, ...]]) -> Any:
         return delete(GuardEntry).where(self._key.in_(keys))

@@ -1,16 +1,19 @@
 """SQL tables of the fingerprint guard.
 
-Redis holds the live counters; SQL holds what must survive Redis: the
-policies, every counted entry (so the counters can be rebuilt), and the
-links between identities and accounts for look-ups. Accounts appear only as
-keyed digests, fingerprints only as identities and per-component digests.
+Redis holds the live counters; SQL holds what must survive Redis and
+restarts: the policies, every counted entry (so the counters can be
+rebuilt), the identity-account links for look-ups, and what the identity
+book learned (fingerprints as keyed digests, the links and merges between
+them, operators' corrections, and where fingerprints were seen). Accounts
+appear only as keyed digests, networks only as keyed digests.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, Integer, LargeBinary, String
+from sqlalchemy import JSON, BigInteger, Float, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tether.server.storage.base import Base, UtcDateTime, utcnow
@@ -47,12 +50,17 @@ class GuardEntry(Base):
     action: Mapped[str] = mapped_column(String(16), primary_key=True)
     # The room for "collaborate"; "" otherwise.
     room_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # The fingerprint the account was counted through; its identity now
+    # is the book's (a rebuild counts it there).
     identity: Mapped[str] = mapped_column(String(32), primary_key=True)
     # The 8-byte Redis member (a prefix of account_digest).
     member: Mapped[bytes] = mapped_column(LargeBinary(8), primary_key=True)
     # When the entry stops counting; None: never (registration without window).
     expire_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
     create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The network (keyed digest, 16 hex characters) it was counted from;
+    # empty for entries recorded before networks were.
+    network: Mapped[str] = mapped_column(String(16), default="", server_default="")
 
 
 class GuardLink(Base):
@@ -73,14 +81,62 @@ class GuardLink(Base):
     last_seen_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
-class GuardIdentity(Base):
-    """An identity's per-component keyed digests, kept for linking a
-    drifting fingerprint to its earlier self later (docs/guard.md)."""
+class GuardFingerprint(Base):
+    """A fingerprint the guard has seen, as keyed digests (what linking
+    compares; guard/fingerprint.py)."""
 
-    __tablename__ = "guard_identities"
+    __tablename__ = "guard_fingerprints"
 
-    identity: Mapped[str] = mapped_column(String(32), primary_key=True)
-    # component name -> 16 hex characters of its keyed digest.
-    sketch: Mapped[dict[str, str]] = mapped_column(JSON)
+    fingerprint: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # {"groups": [16 hex x 5], "fonts": [int], "version": [int], "os_version": [int]}
+    digests: Mapped[dict[str, Any]] = mapped_column(JSON)
     first_seen_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     last_seen_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class GuardLinkRecord(Base):
+    """A link (a fingerprint joining an identity) or a merge (an identity
+    joining another), in the order they were made; the book replays them."""
+
+    __tablename__ = "guard_fingerprint_links"
+    __table_args__ = (Index("ix_guard_fingerprint_links_time", "create_time"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    # identities.LinkKind, or "unlink" (an operator's split of `source`).
+    kind: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(32))
+    confidence: Mapped[float] = mapped_column(Float)
+    # The component groups that differed.
+    changed: Mapped[list[str]] = mapped_column(JSON)
+    # Operators' corrections: who and why; empty for the book's own links.
+    actor: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(String(512), default="")
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class GuardSighting(Base):
+    """A fingerprint seen from a network within an hour: what the book's
+    rates, popularity and crowds are rebuilt from at start."""
+
+    __tablename__ = "guard_sightings"
+    __table_args__ = (Index("ix_guard_sightings_hour", "hour"),)
+
+    fingerprint: Mapped[str] = mapped_column(String(32), primary_key=True)
+    network: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # Unix time // 3600.
+    hour: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class GuardFarmed(Base):
+    """An identity refused as one browser (for one service and action): it
+    is being farmed, and every network counts for it from then on. Kept so
+    a rebuild restores that."""
+
+    __tablename__ = "guard_farmed"
+
+    service_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    action: Mapped[str] = mapped_column(String(16), primary_key=True)
+    room_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    identity: Mapped[str] = mapped_column(String(32), primary_key=True)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

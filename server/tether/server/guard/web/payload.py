@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from tether.server.errors import Violations
-from tether.server.guard.identity import Components
+from tether.server.guard.fingerprint import Components
 from tether.server.guard.service import AccountRef, Action, Verdict
 
 _TEXT = {"browser_name", "browser_version", "os_name", "os_version", "timezone", "platform"}

@@ -1,0 +1,232 @@
+"""Replaying history against a policy before switching it on.
+
+A backtest decides each event exactly as Evaluate would (decide.py, the
+same Lua script, the same identity book code), on scratch state of its own:
+a fresh identity book in memory, and counters under a key scope of its own
+(keys.backtest_scope) that are deleted at the end. Live counters, links and
+records are neither read nor written. Event times are the clock: windows,
+expiries, popularity and velocity run on them, so a month replays in
+seconds with the policy's real windows.
+
+On a pipelined Redis connection, up to WINDOW events' scripts are in
+flight at once: Redis runs them in the order they were sent, which is the
+events' order, so the verdicts are those of a one-by-one replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from tether.server import errors
+from tether.server.counters.connection import KEY_PREFIX
+from tether.server.guard import keys, policies
+from tether.server.guard.decide import Checked, Decider, Decision, limit_and_life
+from tether.server.guard.identities import IdentityBook
+from tether.server.guard.policies import Policy
+from tether.server.guard.service import Action, EvaluateCall, Guard, Validator, Verdict, verdict_of
+
+WINDOW = 256
+MAX_GROUP_BY = 8
+MAX_ATTRIBUTES = 16
+MAX_ATTRIBUTE = 64
+LEGITIMATE, ABUSIVE = "legitimate", "abusive"
+
+
+class Event(NamedTuple):
+    call: EvaluateCall
+    # Seconds since the epoch.
+    time: float
+    label: str
+    actor: str
+    attributes: dict[str, str]
+
+
+@dataclass
+class Counts:
+    events: int = 0
+    allowed: int = 0
+    refused: int = 0
+    legitimate: int = 0
+    false_refusals: int = 0
+    abusive: int = 0
+    excess: int = 0
+    caught: int = 0
+
+
+@dataclass
+class Summary:
+    total: Counts = field(default_factory=Counts)
+    # (attribute, value) -> counts
+    groups: dict[tuple[str, str], Counts] = field(default_factory=dict)
+    rejected: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Actor:
+    limit: int
+    groups: list[tuple[str, str]]
+    accounts: set[bytes] = field(default_factory=set)
+    refused: set[bytes] = field(default_factory=set)
+
+
+def check_start(policy: Policy, group_by: list[str], violations: errors.Violations) -> Policy:
+    """The start's policy, checked like SetPolicy's, and its group_by;
+    every problem under `start.`."""
+    try:
+        checked = policies.check(policy)
+    except errors.InvalidArgument as exc:
+        violations.extend("start", exc.violations)
+        checked = policy
+    if len(group_by) > MAX_GROUP_BY:
+        violations.add("start.group_by", f"at most {MAX_GROUP_BY} attributes")
+    for i, name in enumerate(group_by):
+        if not 0 < len(name) <= MAX_ATTRIBUTE or not name.isprintable():
+            violations.add(f"start.group_by[{i}]", f"1-{MAX_ATTRIBUTE} printable characters")
+    violations.raise_if_any()
+    return checked
+
+
+def check_event(message: Any) -> str:
+    """What is wrong with a backtest event's own fields, or ""."""
+    if not message.HasField("event_time"):
+        return "event.event_time: required"
+    if len(message.attributes) > MAX_ATTRIBUTES:
+        return f"event.attributes: at most {MAX_ATTRIBUTES}"
+    for key, value in message.attributes.items():
+        if not (0 < len(key) <= MAX_ATTRIBUTE and len(value) <= MAX_ATTRIBUTE):
+            return f"event.attributes: keys 1-{MAX_ATTRIBUTE}, values 0-{MAX_ATTRIBUTE} characters"
+    if len(message.actor) > 128:
+        return "event.actor: at most 128 characters"
+    return ""
+
+
+class Backtest:
+    def __init__(self, guard: Guard, policy: Policy, group_by: list[str]) -> None:
+        self._guard = guard
+        self.policy = policy
+        self._group_by = group_by
+        self.run_id = secrets.token_hex(8)
+        self._scope = keys.backtest_scope(self.run_id)
+        self._decider = Decider(IdentityBook(), guard.counters, guard.bucket_bits, self._scope)
+        self._validator = Validator(guard.validator.digester)
+        self._keys: set[str] = set()
+        self._last_time = float("-inf")
+        self._in_flight: list[tuple[int, Action, Event, Checked, asyncio.Future[Decision]]] = []
+        self._actors: dict[str, _Actor] = {}
+        self.summary = Summary()
+        self._started = time.perf_counter()
+        self._pipelined = guard.counters.pipelined is not None
+        self._loaded = False
+
+    async def add(self, index: int, event: Event) -> list[tuple[int, Verdict | str]]:
+        """Takes one event; returns the verdicts (or error messages) of the
+        events that finished, in order."""
+        if not self._loaded:
+            # The script must be known before scripts are pipelined, or a
+            # NOSCRIPT retry could run out of order.
+            await self._guard.counters.load_scripts()
+            self._loaded = True
+        try:
+            action, checked = self._check(event)
+        except errors.InvalidArgument as exc:
+            self.summary.rejected += 1
+            return [*await self._drain(), (index, exc.message)]
+        decider = self._decider
+        resolution = decider.resolve(checked, event.time)
+        done: list[tuple[int, Verdict | str]] = []
+        if resolution.merged:
+            # Moving counts reads keys: everything sent before must be done.
+            done = await self._drain()
+            await decider.move_counts(
+                resolution.merged,
+                resolution.identity,
+                checked.service_id,
+                checked.room_id,
+                int(event.time * 1000),
+            )
+        # The arguments come from the book now, before the next event
+        # changes it; the script may run a little later, in order.
+        prepared = decider.prepare(checked, resolution, self.policy, event.time)
+        self._keys.add(prepared.key)
+        running = decider.run(checked, resolution, prepared, int(event.time * 1000))
+        if self._pipelined:
+            self._in_flight.append((index, action, event, checked, asyncio.ensure_future(running)))
+            if len(self._in_flight) >= WINDOW:
+                done += await self._drain()
+            return done
+        done.append((index, self._finish(action, event, checked, await running)))
+        return done
+
+    async def finish(self) -> list[tuple[int, Verdict | str]]:
+        done = await self._drain()
+        for actor in self._actors.values():
+            excess = max(0, len(actor.accounts) - actor.limit) if actor.limit else 0
+            caught = min(len(actor.refused), excess)
+            for counts in self._counts_of(actor.groups):
+                counts.excess += excess
+                counts.caught += caught
+        self.summary.seconds = time.perf_counter() - self._started
+        await self.drop()
+        return done
+
+    async def drop(self) -> None:
+        """Deletes the run's keys (also those of moved identities)."""
+        counters = self._guard.counters
+        await counters.delete(*self._keys)
+        await counters.delete_matching(f"{KEY_PREFIX}:{self._scope}:*")
+
+    async def _drain(self) -> list[tuple[int, Verdict | str]]:
+        done: list[tuple[int, Verdict | str]] = []
+        in_flight, self._in_flight = self._in_flight, []
+        for index, action, event, checked, task in in_flight:
+            done.append((index, self._finish(action, event, checked, await task)))
+        return done
+
+    def _check(self, event: Event) -> tuple[Action, Checked]:
+        if event.time < self._last_time:
+            raise errors.invalid("event.event_time", "events must come in time order")
+        call = event.call
+        if not call.service_id:
+            call = call._replace(service_id=self.policy.service_id)
+        elif call.service_id != self.policy.service_id:
+            raise errors.invalid("event.request.service_id", "not the policy's service")
+        action, _, checked = self._validator.check(call)
+        self._last_time = event.time
+        return action, checked
+
+    def _finish(
+        self, action: Action, event: Event, checked: Checked, decision: Decision
+    ) -> Verdict:
+        verdict = verdict_of(action, decision)
+        refused = not verdict.allowed or verdict.would_deny
+        groups = [
+            (name, event.attributes[name]) for name in self._group_by if name in event.attributes
+        ]
+        for counts in self._counts_of(groups):
+            counts.events += 1
+            counts.allowed += not refused
+            counts.refused += refused
+            if event.label == LEGITIMATE:
+                counts.legitimate += 1
+                counts.false_refusals += refused
+            elif event.label == ABUSIVE:
+                counts.abusive += 1
+        if event.label == ABUSIVE and event.actor:
+            actor = self._actors.get(event.actor)
+            if actor is None:
+                limit, _ = limit_and_life(self.policy, action.value)
+                actor = self._actors[event.actor] = _Actor(limit, groups)
+            actor.accounts.add(checked.member)
+            if refused:
+                actor.refused.add(checked.member)
+        return verdict
+
+    def _counts_of(self, groups: list[tuple[str, str]]) -> list[Counts]:
+        return [self.summary.total] + [
+            self.summary.groups.setdefault(group, Counts()) for group in groups
+        ]

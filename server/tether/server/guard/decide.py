@@ -1,0 +1,195 @@
+"""The one way a call is decided, live or in a backtest: resolve the
+fingerprint's identity (identities.py), compute the counting rules' inputs
+(rules.py), run the counting script (counters.py), and explain.
+
+The live service and a backtest each hold a Decider of their own: the live
+one over the process's identity book and the live keys, a backtest's over a
+fresh book and keys under its own scope, with event times for the clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from tether.server.guard import keys, rules
+from tether.server.guard.counters import Count, GuardCounters, Scope
+from tether.server.guard.fingerprint import Fingerprint
+from tether.server.guard.identities import POPULAR_EPISODES, IdentityBook, Link, Resolution
+from tether.server.guard.policies import Policy
+
+ACTIONS = ("register", "login", "collaborate")
+_VELOCITY_NAMES = ("velocity_10m", "velocity_1h", "velocity_6h", "velocity_24h")
+
+
+class Signal(NamedTuple):
+    name: str
+    value: float
+    threshold: float = 0.0
+    fired: bool = False
+
+
+@dataclass
+class Explanation:
+    """Why a verdict is what it is (tether.guard.v1.Explanation)."""
+
+    fingerprint: str
+    links: tuple[Link, ...] = ()
+    # "browser", "network", "velocity" or "" (nothing counted).
+    scope: str = ""
+    scope_count: int = 0
+    scope_threshold: int = 0
+    signals: list[Signal] = field(default_factory=list)
+    risk: float = 0.0
+
+
+class Checked(NamedTuple):
+    """A validated call, reduced to what deciding needs."""
+
+    service_id: str
+    action: str
+    room_id: str
+    member: bytes
+    fingerprint: Fingerprint
+    # The client's network, as a keyed digest (16 hex characters).
+    network: str
+
+
+class Prepared(NamedTuple):
+    key: str
+    limit: int
+    life_ms: int
+    shadow: bool
+    inputs: rules.Inputs
+
+
+class Decision(NamedTuple):
+    resolution: Resolution
+    # (NamedTuple keeps `count` for tuple.count.)
+    counted: Count
+    limit: int
+    explanation: Explanation
+    key: str
+
+
+def limit_and_life(policy: Policy, action: str) -> tuple[int, int]:
+    """(limit, lifetime in seconds; 0: forever) of an action."""
+    if action == "register":
+        return policy.register_limit, policy.register_window_seconds
+    if action == "login":
+        return policy.login_limit, policy.login_session_seconds
+    return policy.collaborate_limit, policy.room_membership_seconds
+
+
+class Decider:
+    def __init__(
+        self, book: IdentityBook, counters: GuardCounters, bucket_bits: int, scope: str = "g"
+    ) -> None:
+        self.book = book
+        self.counters = counters
+        self.bucket_bits = bucket_bits
+        self.scope = scope
+
+    def key(self, service_id: str, action: str, room_id: str, identity: str) -> str:
+        return keys.counted(
+            service_id, action, room_id, identity, bits=self.bucket_bits, scope=self.scope
+        )
+
+    def resolve(self, call: Checked, t: float) -> Resolution:
+        return self.book.resolve(call.fingerprint, call.network, t)
+
+    def prepare(self, call: Checked, resolution: Resolution, policy: Policy, t: float) -> Prepared:
+        """The counting script's arguments for a resolved call, from the
+        book as it is now."""
+        identity = resolution.identity
+        limit, life = limit_and_life(policy, call.action)
+        inputs = rules.inputs(
+            self.book, identity, call.network, t, limit, velocity=call.action == "register"
+        )
+        key = self.key(call.service_id, call.action, call.room_id, identity)
+        return Prepared(key, limit, life * 1000, policy.shadow, inputs)
+
+    async def run(
+        self, call: Checked, resolution: Resolution, prepared: Prepared, now_ms: int
+    ) -> Decision:
+        """Runs the counting script. `now_ms` is its clock (0: Redis's own)."""
+        count = await self.counters.evaluate(
+            prepared.key,
+            call.member,
+            prepared.limit,
+            prepared.life_ms,
+            record_over=prepared.shadow,
+            extend=call.action != "register",
+            now_ms=now_ms,
+            network=call.network,
+            inputs=prepared.inputs,
+        )
+        explanation = explain(resolution, prepared.inputs, count)
+        return Decision(resolution, count, prepared.limit, explanation, prepared.key)
+
+    async def count(
+        self, call: Checked, resolution: Resolution, policy: Policy, t: float, now_ms: int
+    ) -> Decision:
+        """Moves joined identities' counts, then counts the call."""
+        if resolution.merged:
+            await self.move_counts(
+                resolution.merged, resolution.identity, call.service_id, call.room_id, now_ms
+            )
+        return await self.run(call, resolution, self.prepare(call, resolution, policy, t), now_ms)
+
+    async def move_counts(
+        self, gone: tuple[str, ...], identity: str, service_id: str, room_id: str, now_ms: int = 0
+    ) -> None:
+        """Joined identities' counted accounts now count for `identity`:
+        this service's registrations and log-ins (and this room's)."""
+        for other in gone:
+            for action in ACTIONS:
+                if action == "collaborate" and not room_id:
+                    continue
+                room = room_id if action == "collaborate" else ""
+                source = self.key(service_id, action, room, other)
+                entries, farmed = await self.counters.entries(source)
+                if entries or farmed:
+                    target = self.key(service_id, action, room, identity)
+                    await self.counters.restore(target, entries, farmed=farmed, now_ms=now_ms)
+                    await self.counters.delete(source)
+
+
+def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Explanation:
+    signals = [
+        Signal(
+            "popularity",
+            inputs.popularity,
+            POPULAR_EPISODES,
+            fired=inputs.popularity >= POPULAR_EPISODES,
+        ),
+        Signal("network_browsers", inputs.crowd_browsers, fired=inputs.crowd),
+        Signal("network_share", round(inputs.network_share, 6)),
+        Signal("rate_per_hour", round(inputs.rate, 4)),
+    ]
+    scope = ""
+    if count.scope == Scope.BROWSER:
+        scope = "browser"
+    elif count.scope == Scope.NETWORK:
+        scope = "network"
+        if inputs.crowd:
+            signals.append(Signal("crowd_allowance", inputs.crowd_threshold, fired=count.over))
+    elif count.scope >= Scope.VELOCITY:
+        scope = "velocity"
+        name = _VELOCITY_NAMES[count.scope - Scope.VELOCITY]
+        signals.append(Signal(name, count.counted, count.threshold, fired=count.over))
+    if resolution.links:
+        weakest = min(link.confidence for link in resolution.links)
+        signals.append(Signal("link_confidence", round(weakest, 4)))
+    risk = 1.0 if count.over else 0.0
+    if not count.over and count.threshold > 0:
+        risk = min(1.0, count.counted / count.threshold)
+    return Explanation(
+        fingerprint=resolution.fingerprint,
+        links=resolution.links,
+        scope=scope,
+        scope_count=count.counted,
+        scope_threshold=count.threshold,
+        signals=signals,
+        risk=round(risk, 4),
+    )

@@ -1,0 +1,306 @@
+"""A browser fingerprint, as the guard compares fingerprints: validated,
+normalized, and reduced to keyed digests.
+
+A fingerprint is split into groups of components that drift for different
+reasons, so that linking can ask which groups changed:
+
+- the device: browser family, OS, platform, colour depth, and the
+  collector's hardware signals (cores, touch, vendor). These never drift;
+  two fingerprints that differ here are two browsers.
+- version: browser and OS versions (updates; they only move forward).
+- screen: screen size and pixel ratio (another window, monitor or zoom).
+- language: languages and time zone.
+- software: fonts, plugins and rendering readouts (canvas, WebGL, audio):
+  installed software, and what anti-detect browsers add noise to.
+
+Raw components live for one call. What is kept is keyed (HMAC) digests:
+the fingerprint's identity over everything, one 8-byte digest per group,
+a 4-byte digest per font (so font sets can be compared without their
+names), and the version numbers (to tell an update from a downgrade).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass, field
+
+from tether.server.errors import Violations
+from tether.server.shared.digests import Digester, DigestKey
+
+IDENTITY = re.compile(r"^[0-9a-f]{32}$")
+_EXTRA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NUMBER = re.compile(r"\d+")
+
+MAX_TEXT = 128
+MAX_FONTS = 512
+MAX_PLUGINS = 128
+MAX_PLUGIN = 256
+MAX_LANGUAGES = 32
+MAX_LANGUAGE = 35
+MAX_EXTRA = 32
+MAX_EXTRA_VALUE = 1024
+
+# The groups, in the order Fingerprint.groups keeps them.
+DEVICE, VERSION, SCREEN, LANGUAGE, SOFTWARE = range(5)
+GROUP_NAMES = ("device", "version", "screen", "language", "software")
+# Groups that may drift, and the collector's extra signals by group.
+DRIFTING = (VERSION, SCREEN, LANGUAGE, SOFTWARE)
+_DEVICE_EXTRAS = frozenset({"hardware_concurrency", "touch", "vendor", "platform", "cores"})
+
+
+@dataclass
+class Components:
+    """The collector's report, as plain values (from gRPC or HTTP alike)."""
+
+    browser_name: str = ""
+    browser_version: str = ""
+    os_name: str = ""
+    os_version: str = ""
+    screen_width: int = 0
+    screen_height: int = 0
+    pixel_ratio: float = 0.0
+    color_depth: int = 0
+    fonts: list[str] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)
+    timezone: str = ""
+    platform: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """A fingerprint reduced to keyed digests: what the guard keeps."""
+
+    # 32 hex characters: the keyed digest of every component.
+    identity: str
+    # One 8-byte keyed digest per group (DEVICE .. SOFTWARE).
+    groups: tuple[bytes, ...]
+    # 4-byte keyed digests of the fonts, as integers.
+    fonts: frozenset[int]
+    # The numbers of the browser and OS versions ("131.0.6778.85" -> (131, 0, 6778, 85)).
+    version: tuple[int, ...]
+    os_version: tuple[int, ...]
+
+    def moved_back_from(self, earlier: Fingerprint) -> bool:
+        """True if a version is lower than the earlier fingerprint's:
+        updates only move forward, so this is not its later self."""
+        return self.version < earlier.version or self.os_version < earlier.os_version
+
+
+def _text(value: str, path: str, violations: Violations, max_len: int, required: bool) -> None:
+    if required and not value.strip():
+        violations.add(path, "required")
+    elif len(value) > max_len:
+        violations.add(path, f"at most {max_len} characters")
+    elif not value.isprintable():
+        violations.add(path, "control characters are not allowed")
+
+
+def _texts(
+    values: list[str], path: str, violations: Violations, max_count: int, max_len: int
+) -> None:
+    if len(values) > max_count:
+        violations.add(path, f"at most {max_count} entries")
+        return
+    # The common, valid case in one pass of C-level checks (this runs on
+    # every new fingerprint); the per-entry loop only to say which is bad.
+    if all(0 < len(x) <= max_len and x.isprintable() and not x.isspace() for x in values):
+        return
+    for i, value in enumerate(values):
+        _text(value, f"{path}[{i}]", violations, max_len, required=True)
+
+
+def check(c: Components, prefix: str, violations: Violations) -> None:
+    """Reports every malformed or missing component under prefix."""
+    p = prefix + "."
+    _text(c.browser_name, p + "browser_name", violations, MAX_TEXT, required=True)
+    _text(c.browser_version, p + "browser_version", violations, MAX_TEXT, required=True)
+    _text(c.os_name, p + "os_name", violations, MAX_TEXT, required=True)
+    _text(c.os_version, p + "os_version", violations, MAX_TEXT, required=False)
+    _text(c.timezone, p + "timezone", violations, MAX_TEXT, required=False)
+    _text(c.platform, p + "platform", violations, MAX_TEXT, required=False)
+    for name in ("screen_width", "screen_height"):
+        if not 1 <= getattr(c, name) <= 100_000:
+            violations.add(p + name, "required: 1-100000 CSS pixels")
+    if c.pixel_ratio and not 0.1 <= c.pixel_ratio <= 16:
+        violations.add(p + "pixel_ratio", "0.1-16, or 0 for unknown")
+    if not 0 <= c.color_depth <= 64:
+        violations.add(p + "color_depth", "0-64 bits")
+    _texts(c.fonts, p + "fonts", violations, MAX_FONTS, MAX_TEXT)
+    _texts(c.plugins, p + "plugins", violations, MAX_PLUGINS, MAX_PLUGIN)
+    if not c.languages:
+        violations.add(p + "languages", "required: at least one BCP 47 tag")
+    _texts(c.languages, p + "languages", violations, MAX_LANGUAGES, MAX_LANGUAGE)
+    if len(c.extra) > MAX_EXTRA:
+        violations.add(p + "extra", f"at most {MAX_EXTRA} entries")
+    else:
+        for key, value in c.extra.items():
+            if not _EXTRA_KEY.match(key):
+                violations.add(f"{p}extra[{key[:64]!r}]", "key: 1-64 of [A-Za-z0-9_.-]")
+            else:
+                _text(value, f"{p}extra[{key!r}]", violations, MAX_EXTRA_VALUE, required=False)
+
+
+def check_ip(value: str, path: str, violations: Violations) -> None:
+    # inet_pton (C) accepts the common addresses at a fraction of ipaddress's
+    # cost; whatever it refuses (scoped IPv6, garbage) ipaddress decides.
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in value else socket.AF_INET, value)
+    except (OSError, ValueError):
+        pass
+    else:
+        return
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        violations.add(path, "required: an IPv4 or IPv6 address")
+
+
+def check_identity(value: str, path: str, violations: Violations) -> None:
+    if not IDENTITY.match(value):
+        violations.add(path, "32 lower-case hex characters, as Evaluate returned it")
+
+
+def network(client_ip: str) -> str:
+    """The network a client connects from: the IPv4 address itself (carrier
+    NAT puts hundreds behind one; a home has its own), or the IPv6 /64 (a
+    home's or a handset's prefix; privacy addresses change inside it)."""
+    if ":" not in client_ip:
+        return client_ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, client_ip)
+    except OSError:
+        ip = ipaddress.ip_address(client_ip)
+        if ip.version == 4:
+            return str(ip)
+        packed = ip.packed
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+def _norm(value: str) -> str:
+    return " ".join(value.casefold().split())
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in _NUMBER.findall(version)[:6])
+
+
+def _groups(c: Components, fonts: list[str]) -> tuple[str, ...]:
+    """The normalized components, group by group, one canonical text each.
+    Sets (fonts, plugins) are sorted and deduplicated: their order is the
+    browser's enumeration, not the user's. Language order is kept: it is the
+    user's preference. Fields are joined by a unit separator, which
+    printable components cannot contain."""
+    device_extra = sorted((k, v.strip()) for k, v in c.extra.items() if k in _DEVICE_EXTRAS)
+    software_extra = sorted((k, v.strip()) for k, v in c.extra.items() if k not in _DEVICE_EXTRAS)
+    sep = "\x1f"
+    return (
+        sep.join(
+            (
+                _norm(c.browser_name),
+                _norm(c.os_name),
+                _norm(c.platform),
+                str(c.color_depth),
+                *(f"{k}={v}" for k, v in device_extra),
+            )
+        ),
+        sep.join((c.browser_version.strip(), c.os_version.strip())),
+        f"{c.screen_width}x{c.screen_height}{sep}{round(c.pixel_ratio, 2):g}",
+        sep.join([_norm(c.timezone), *(_norm(x) for x in c.languages)]),
+        sep.join(
+            [
+                *fonts,
+                "\x1e",
+                *_normalized_set(c.plugins),
+                "\x1e",
+                *(f"{k}={v}" for k, v in software_extra),
+            ]
+        ),
+    )
+
+
+def _normalized_set(values: list[str]) -> list[str]:
+    return sorted({" ".join(v.casefold().split()) for v in values})
+
+
+class _Hashers:
+    """Keyed BLAKE2b under a key derived from the digest key: as keyed as
+    the HMACs elsewhere, at a fraction of their cost for the ~60 fonts of a
+    new fingerprint. Font digests are remembered under the process's own
+    string hash of the name (no name is kept): the vocabulary is small."""
+
+    def __init__(self, key: DigestKey) -> None:
+        self.secret = key.digest("guard-fingerprint-key", "v1")
+        self._fonts: dict[int, int] = {}
+
+    def digest(self, data: str, person: bytes, size: int) -> bytes:
+        return hashlib.blake2b(
+            data.encode(), digest_size=size, key=self.secret, person=person
+        ).digest()
+
+    def font(self, name: str) -> int:
+        slot = hash(name)
+        digest = self._fonts.get(slot)
+        if digest is None:
+            if len(self._fonts) >= 100_000:
+                self._fonts.clear()
+            digest = int.from_bytes(self.digest(name, b"guard-font", 4), "big")
+            self._fonts[slot] = digest
+        return digest
+
+
+@functools.cache
+def _hashers(key: DigestKey) -> _Hashers:
+    return _Hashers(key)
+
+
+def fingerprint_of(digester: Digester, c: Components) -> Fingerprint:
+    """The keyed digests of a validated fingerprint."""
+    hashers = _hashers(digester.current)
+    fonts = _normalized_set(c.fonts)
+    texts = _groups(c, fonts)
+    identity = hashers.digest("\x1d".join(texts), b"guard-identity", 16).hex()
+    groups = tuple(
+        hashers.digest(text, name.encode(), 8)
+        for name, text in zip(GROUP_NAMES, texts, strict=True)
+    )
+    font = hashers.font
+    return Fingerprint(
+        identity=identity,
+        groups=groups,
+        fonts=frozenset(map(font, fonts)),
+        version=_numbers(c.browser_version),
+        os_version=_numbers(c.os_version),
+    )
+
+
+def font_similarity(a: frozenset[int], b: frozenset[int]) -> float:
+    """Jaccard similarity of two font sets (1.0 for two empty sets)."""
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+class FingerprintCache:
+    """Fingerprints of recently seen, already validated component sets, keyed
+    by a digest of their serialized form: a browser that comes back with the
+    same components skips validation and hashing. Holds no raw component."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._entries: dict[bytes, Fingerprint] = {}
+
+    def get(self, key: bytes) -> Fingerprint | None:
+        return self._entries.get(key) if key else None
+
+    def put(self, key: bytes, value: Fingerprint) -> None:
+        if not key:
+            return
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[key] = value

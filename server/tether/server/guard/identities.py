@@ -1,0 +1,568 @@
+"""Which browser is behind a fingerprint: the guard's identity book.
+
+Every fingerprint belongs to one identity (the browser the guard counts
+accounts against). A fingerprint first seen starts an identity of its own,
+unless the evidence ties it to one seen before:
+
+- **drift**: it differs from a recent fingerprint in one or two groups of
+  components (version, screen, language, software; updates never go
+  backwards, font sets stay alike), and so few other people could match
+  what stayed the same, given how often that part is seen, that the
+  expected number of strangers is below a bound. On the same home network
+  the bound is generous; from another network only a short time later
+  (IP rotation) it is strict.
+- **profile**: several groups changed at once, but each new value is one
+  this identity showed in the last hours (an anti-detect browser cycling
+  its window sizes and languages, fonts with noise), and few strangers of
+  that device could match them all.
+- **merge**: a fingerprint justified by two identities that both still
+  look like one person joins them.
+
+Linking never joins identities that look like many people (a popular
+phone model with default settings): their matches prove nothing. How many
+people an identity looks like is its popularity: the separate episodes in
+which it appeared on networks new to it (signals.Spread).
+
+The book is memory: the live service keeps one per process, rebuilt from
+SQL at start; a backtest makes a fresh one. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from tether.server.guard.fingerprint import (
+    DEVICE,
+    DRIFTING,
+    GROUP_NAMES,
+    SOFTWARE,
+    VERSION,
+    Fingerprint,
+    font_similarity,
+)
+from tether.server.guard.signals import HOUR, Crowds, Frequencies, Occupancy, Spread
+
+# --- how the book weighs evidence (docs/guard.md explains each) -------------
+# An identity seen in this many separate episodes from new networks is taken
+# as shared by several people.
+POPULAR_EPISODES = 3
+# New networks closer together than this are one episode (one browser
+# rotating addresses); a carrier-NAT address counts as new after this.
+EPISODE_GAP = 30 * 60.0
+CROWD_PERIOD = 6 * HOUR
+# A network that carried this many identities in the horizon is a crowd.
+CROWD_BROWSERS = 8
+HORIZON = 7 * 24 * HOUR
+# Links: the expected number of strangers that may match as well.
+STRANGERS_SAME_NETWORK = 0.02
+STRANGERS_OTHER_NETWORK = 0.002
+STRANGERS_PROFILE = 0.001
+# The profile estimate treats groups as independent, which they are not;
+# this factor keeps it on the safe side.
+PROFILE_SAFETY = 30.0
+PROFILE_RECENT = 2 * HOUR
+PROFILE_MIN_GROUPS = 2
+PROFILE_FONT_SETS = 8
+# Two font sets this alike are one set with noise.
+FONTS_ALIKE = 0.8
+FONTS_NEAR = 0.85
+# At most this many groups may differ for a drift link.
+MAX_DRIFT_GROUPS = 2
+BAND_MEMBERS = 20
+# Linking across networks needs to know what is rare: not before the book
+# has seen this many fingerprints (a fresh start links on home networks only).
+MIN_POPULATION = 1000
+# A share of one network's browsers below this is taken as this.
+MIN_NETWORK_SHARE = 1e-4
+# Value frequencies: a value is taken as this common until `weight`
+# sightings say otherwise.
+FREQUENCY_WEIGHT = 100.0
+FREQUENCY_COMMON = 0.2
+# The current burst is left out of every rate.
+RATE_EXCLUDE = HOUR
+# A new key is taken as rare for a day (counting rules) or for an hour
+# (linking: on a fresh start, everything looks common).
+COUNT_PRIOR = 24 * HOUR
+LINK_PRIOR = HOUR
+
+
+class LinkKind:
+    DRIFT_SAME_NETWORK = "drift_same_network"
+    DRIFT_BURST = "drift_burst"
+    PROFILE = "profile"
+    MERGE = "merge"
+    OPERATOR_MERGE = "operator_merge"
+
+
+class Link(NamedTuple):
+    """One step from a fingerprint (or identity) to the identity it joined."""
+
+    kind: str
+    source: str
+    target: str
+    confidence: float
+    changed: tuple[str, ...]
+    time: float
+
+
+class Resolution(NamedTuple):
+    identity: str
+    fingerprint: str
+    # Links followed from the fingerprint to the identity.
+    links: tuple[Link, ...]
+    # Whether this call saw the fingerprint first.
+    new: bool
+    # Identities joined into `identity` by this call (their counts move).
+    merged: tuple[str, ...]
+
+
+@dataclass
+class _Known:
+    fingerprint: Fingerprint
+    first_seen: float
+    last_seen: float
+    last_network: str
+    # How it joined its identity; None: it started one.
+    link: Link | None = None
+
+
+@dataclass
+class _Profile:
+    """What an identity showed recently, group by group."""
+
+    values: list[set[bytes]] = field(default_factory=lambda: [set() for _ in GROUP_NAMES])
+    font_sets: list[frozenset[int]] = field(default_factory=list)
+
+    def add(self, fp: Fingerprint) -> None:
+        for group, digest in enumerate(fp.groups):
+            self.values[group].add(digest)
+        if fp.fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
+            self.font_sets.append(fp.fonts)
+
+    def absorb(self, other: _Profile) -> None:
+        for group, theirs in enumerate(other.values):
+            self.values[group] |= theirs
+        for fonts in other.font_sets:
+            if fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
+                self.font_sets.append(fonts)
+
+
+class _Candidate(NamedTuple):
+    expected: float
+    identity: str
+    kind: str
+    changed: tuple[str, ...]
+
+
+_Band = tuple[tuple[int, ...], tuple[bytes, ...]]
+_LEFT_OUT = [
+    out for size in range(1, MAX_DRIFT_GROUPS + 1) for out in itertools.combinations(DRIFTING, size)
+]
+# For each way of leaving groups out, a getter of the groups kept.
+_KEEP = [
+    (out, operator.itemgetter(*(g for g in range(len(GROUP_NAMES)) if g not in out)))
+    for out in _LEFT_OUT
+]
+
+
+def _bands(fp: Fingerprint) -> list[_Band]:
+    """Each way of leaving one or two drifting groups out: a fingerprint
+    that differs from another only in those groups shares that band."""
+    groups = fp.groups
+    return [(out, keep(groups)) for out, keep in _KEEP]
+
+
+class IdentityBook:
+    def __init__(self) -> None:
+        self._known: dict[str, _Known] = {}
+        self._parent: dict[str, str] = {}
+        self._merges: dict[str, Link] = {}
+        self._members: dict[str, list[str]] = {}
+        self._apart: set[frozenset[str]] = set()
+        self._bands: dict[_Band, list[str]] = {}
+        self._profiles: dict[str, _Profile] = {}
+        self._active: dict[bytes, dict[str, float]] = {}
+        self.band_rates = Occupancy(HOUR, HORIZON, LINK_PRIOR)
+        # A device class may be seen many times an hour: finer slots.
+        self.device_rates = Occupancy(600.0, HORIZON, LINK_PRIOR)
+        self.identity_rates = Occupancy(HOUR, HORIZON, COUNT_PRIOR)
+        self.spread = Spread(EPISODE_GAP, CROWD_PERIOD)
+        self.crowds = Crowds(HORIZON, CROWD_BROWSERS)
+        self._values = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
+        self._font_sets = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
+        self._started: float | None = None
+
+    # --- reading ---------------------------------------------------------
+    def find(self, identity: str) -> str:
+        """The identity an identity or fingerprint resolves to now."""
+        parent = self._parent.get(identity)
+        if parent is None:
+            return identity
+        root = self.find(parent)
+        if root != parent:
+            self._parent[identity] = root
+        return root
+
+    def knows(self, fingerprint: str) -> bool:
+        return fingerprint in self._known
+
+    def popularity(self, identity: str) -> int:
+        return self.spread(identity)
+
+    def popular(self, identity: str) -> bool:
+        return self.spread(identity) >= POPULAR_EPISODES
+
+    def crowded(self, network: str, t: float) -> bool:
+        return self.crowds.crowded(network, t)
+
+    def members(self, identity: str) -> list[str]:
+        return list(self._members.get(self.find(identity), [identity]))
+
+    def link_of(self, fingerprint: str) -> Link | None:
+        known = self._known.get(fingerprint)
+        return None if known is None else known.link
+
+    def seen(self, fingerprint: str) -> tuple[float, float] | None:
+        known = self._known.get(fingerprint)
+        return None if known is None else (known.first_seen, known.last_seen)
+
+    def merge_link(self, gone: str) -> Link | None:
+        """How an identity was joined into another, if it was."""
+        return self._merges.get(gone)
+
+    def merges_into(self, identity: str) -> list[Link]:
+        root = self.find(identity)
+        return [link for gone, link in self._merges.items() if self.find(gone) == root]
+
+    def path(self, fingerprint: str) -> tuple[Link, ...]:
+        """The links from a fingerprint to its identity: how it joined,
+        then the merges its identity went through."""
+        links: list[Link] = []
+        known = self._known.get(fingerprint)
+        current = fingerprint
+        if known is not None and known.link is not None:
+            links.append(known.link)
+            current = known.link.target
+        seen = {current}
+        while current in self._parent:
+            merge = self._merges.get(current)
+            current = self._parent[current]
+            if merge is not None:
+                links.append(merge)
+            if current in seen:
+                break
+            seen.add(current)
+        return tuple(links)
+
+    # --- the evaluation path -------------------------------------------
+    def resolve(self, fp: Fingerprint, network: str, t: float) -> Resolution:
+        """The identity of a fingerprint seen now on a network, linking it
+        when first seen, and learning from the sighting."""
+        if self._started is None:
+            self._started = t
+        crowd = self.crowds.crowded(network, t)
+        known = self._known.get(fp.identity)
+        bands = _bands(fp)
+        merged: tuple[str, ...] = ()
+        if known is not None:
+            identity = self.find(fp.identity)
+            new = False
+        else:
+            identity, merged = self._link(fp, bands, network, t, crowd)
+            new = True
+        self._observe(fp, bands, identity=identity, network=network, t=t, crowd=crowd)
+        # The links followed, and the merges this sighting made.
+        links = self.path(fp.identity) + tuple(
+            link for gone in merged if (link := self._merges.get(gone)) is not None
+        )
+        return Resolution(identity, fp.identity, links, new, merged)
+
+    def _link(
+        self, fp: Fingerprint, bands: list[_Band], network: str, t: float, crowd: bool
+    ) -> tuple[str, tuple[str, ...]]:
+        candidates = self._drift(fp, bands, network, t, crowd)
+        if self._values.total >= MIN_POPULATION:
+            candidates += self._profile(fp, t)
+        else:
+            candidates = [c for c in candidates if c.kind == LinkKind.DRIFT_SAME_NETWORK]
+        link: Link | None = None
+        identity = fp.identity
+        merged: list[str] = []
+        if candidates:
+            best = min(candidates, key=lambda c: c.expected)
+            identity = self.find(best.identity)
+            link = Link(
+                best.kind, fp.identity, identity, _confidence(best.expected), best.changed, t
+            )
+            for other in candidates:
+                root = self.find(other.identity)
+                if (
+                    root != identity
+                    and not self.popular(root)
+                    and not self.popular(identity)
+                    and self._join(identity, root, LinkKind.MERGE, _confidence(other.expected), t)
+                ):
+                    merged.append(root)
+        self._known[fp.identity] = _Known(fp, t, t, network, link)
+        if link is not None:
+            self._parent[fp.identity] = identity
+            self._members.setdefault(identity, [identity]).append(fp.identity)
+        else:
+            self._members[fp.identity] = [fp.identity]
+        for band in bands:
+            members = self._bands.setdefault(band, [])
+            members.append(fp.identity)
+            if len(members) > BAND_MEMBERS:
+                del members[0]
+        return identity, tuple(merged)
+
+    def _observe(
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        *,
+        identity: str,
+        network: str,
+        t: float,
+        crowd: bool,
+    ) -> None:
+        known = self._known[fp.identity]
+        known.last_seen = t
+        known.last_network = network
+        for band in bands:
+            self.band_rates.see(band, t)
+        device = fp.groups[DEVICE]
+        self._active.setdefault(device, {})[identity] = t
+        self._profiles.setdefault(identity, _Profile()).add(fp)
+        self.device_rates.see(device, t)
+        self._values.add(enumerate(fp.groups))
+        self._font_sets.add([fp.fonts])
+        self.spread.see(identity, network, t, crowd)
+        self.identity_rates.see(identity, t)
+        self.crowds.see(network, identity, t)
+
+    def _overall_rate(self, t: float) -> float:
+        started = self._started if self._started is not None else t
+        return self._values.total / max(1.0, (t - started + LINK_PRIOR) / HOUR)
+
+    def _share(self, fp: Fingerprint, groups: Iterable[int]) -> float:
+        p = 1.0
+        for group in groups:
+            p *= self._values.share([(group, fp.groups[group])])
+        return p
+
+    def _drift(
+        self, fp: Fingerprint, bands: list[_Band], network: str, t: float, crowd: bool
+    ) -> list[_Candidate]:
+        """The identities the fingerprint is a drift of: for each, its best
+        justified link."""
+        best: dict[str, _Candidate] = {}
+        overall = self._overall_rate(t)
+        share_here = max(self.crowds.share(network, t), MIN_NETWORK_SHARE)
+        bound_here = STRANGERS_OTHER_NETWORK if crowd else STRANGERS_SAME_NETWORK
+        for band in bands:
+            members = self._bands.get(band)
+            if not members:
+                continue
+            out = band[0]
+            kept = tuple(g for g in range(len(fp.groups)) if g not in out)
+            rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * self._share(fp, kept))
+            # Even a member seen a minute ago on this network could not
+            # justify a link: nothing in this band can.
+            if rate * share_here / 60 > bound_here:
+                continue
+            for member in reversed(members):
+                earlier = self._known[member]
+                same = earlier.last_network == network
+                hours = max(t - earlier.last_seen, 60.0) / HOUR
+                expected = rate * hours * (share_here if same else 1.0)
+                if expected > (bound_here if same else STRANGERS_OTHER_NETWORK):
+                    continue
+                identity = self.find(member)
+                known = best.get(identity)
+                if known is not None and expected >= known.expected:
+                    continue
+                if VERSION in out and fp.moved_back_from(earlier.fingerprint):
+                    continue
+                if SOFTWARE in out and (
+                    font_similarity(fp.fonts, earlier.fingerprint.fonts) < FONTS_ALIKE
+                ):
+                    continue
+                kind = LinkKind.DRIFT_SAME_NETWORK if same else LinkKind.DRIFT_BURST
+                changed = tuple(GROUP_NAMES[g] for g in out)
+                best[identity] = _Candidate(expected, identity, kind, changed)
+        return list(best.values())
+
+    def _profile(self, fp: Fingerprint, t: float) -> list[_Candidate]:
+        """Every recently active identity of the same device whose profile
+        the fingerprint matches well enough."""
+        device = fp.groups[DEVICE]
+        active = self._active.get(device)
+        if not active:
+            return []
+        rate = max(
+            self.device_rates.rate(device, t, RATE_EXCLUDE),
+            self._overall_rate(t) * self._share(fp, (DEVICE,)),
+        )
+        hits: list[_Candidate] = []
+        for identity, last in list(active.items()):
+            if t - last > PROFILE_RECENT or identity in self._parent:
+                del active[identity]
+                continue
+            if self.popular(identity):
+                continue
+            profile = self._profiles.get(identity)
+            if profile is None:
+                continue
+            matched = [g for g in DRIFTING if fp.groups[g] in profile.values[g]]
+            p = 1.0
+            for group in matched:
+                p *= self._values.share([(group, v) for v in profile.values[group]])
+            changed = [GROUP_NAMES[g] for g in DRIFTING if g not in matched]
+            if SOFTWARE not in matched:
+                near = max((font_similarity(fp.fonts, s) for s in profile.font_sets), default=0)
+                if near >= FONTS_NEAR:
+                    matched.append(SOFTWARE)
+                    p *= self._font_sets.share(profile.font_sets)
+            if len(matched) < PROFILE_MIN_GROUPS:
+                continue
+            expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
+            if expected <= STRANGERS_PROFILE:
+                hits.append(_Candidate(expected, identity, LinkKind.PROFILE, tuple(changed)))
+        return hits
+
+    # --- joining and splitting -----------------------------------------
+    def _join(self, keep: str, gone: str, kind: str, confidence: float, t: float) -> bool:
+        keep, gone = self.find(keep), self.find(gone)
+        if keep == gone:
+            return False
+        keep_members = set(self._members.get(keep, [keep]))
+        gone_members = set(self._members.get(gone, [gone]))
+        for pair in self._apart:
+            a, b = tuple(pair)
+            if (a in keep_members and b in gone_members) or (
+                b in keep_members and a in gone_members
+            ):
+                return False
+        self._parent[gone] = keep
+        self._merges[gone] = Link(kind, gone, keep, confidence, (), t)
+        self._members.setdefault(keep, [keep]).extend(self._members.pop(gone, [gone]))
+        profile = self._profiles.pop(gone, None)
+        if profile is not None:
+            self._profiles.setdefault(keep, _Profile()).absorb(profile)
+        self.spread.absorb(keep, gone)
+        return True
+
+    def merge(self, keep: str, gone: str, t: float) -> bool:
+        """An operator's merge: joins them even if either looks popular."""
+        keep_members = set(self.members(keep))
+        gone_members = set(self.members(gone))
+        self._apart = {
+            p for p in self._apart
+            if not (p & keep_members and p & gone_members)
+        }  # fmt: skip
+        return self._join(keep, gone, LinkKind.OPERATOR_MERGE, 1.0, t)
+
+    def unlink(self, fingerprint: str) -> str:
+        """An operator's split: the fingerprint becomes an identity of its
+        own and stays apart from the one it left. Returns that identity."""
+        previous = self.find(fingerprint)
+        members = [m for m in self._members.get(previous, [previous]) if m != fingerprint]
+        if previous == fingerprint:
+            # It was the identity's root: the others stay together under
+            # the next one.
+            if members:
+                root = members[0]
+                for member in members:
+                    if member == root:
+                        self._parent.pop(member, None)
+                    else:
+                        self._parent[member] = root
+                for gone, parent in list(self._parent.items()):
+                    if parent == fingerprint and gone not in members:
+                        self._parent[gone] = root
+                self._members[root] = members
+                profile = self._profiles.pop(previous, None)
+                if profile is not None:
+                    self._profiles[root] = profile
+                previous = root
+        else:
+            self._members[previous] = members
+        self._parent.pop(fingerprint, None)
+        self._merges.pop(fingerprint, None)
+        self._members[fingerprint] = [fingerprint]
+        known = self._known.get(fingerprint)
+        if known is not None:
+            known.link = None
+        self._apart.add(frozenset((fingerprint, previous)))
+        return previous
+
+    # --- restoring -----------------------------------------------------
+    def restore_fingerprint(
+        self, fp: Fingerprint, first_seen: float, last_seen: float, network: str
+    ) -> None:
+        """A fingerprint from the durable record (at start)."""
+        if fp.identity in self._known:
+            return
+        self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
+        self._members.setdefault(fp.identity, [fp.identity])
+        for band in _bands(fp):
+            members = self._bands.setdefault(band, [])
+            members.append(fp.identity)
+            if len(members) > BAND_MEMBERS:
+                del members[0]
+        self._values.add(enumerate(fp.groups))
+        self._font_sets.add([fp.fonts])
+
+    def restore_link(self, link: Link) -> None:
+        """A link or merge from the durable record (at start), in order."""
+        if link.kind in (LinkKind.MERGE, LinkKind.OPERATOR_MERGE):
+            self._join(link.target, link.source, link.kind, link.confidence, link.time)
+            return
+        known = self._known.get(link.source)
+        if known is None:
+            return
+        target = self.find(link.target)
+        if target == link.source:
+            return
+        self._members.pop(link.source, None)
+        self._parent[link.source] = target
+        self._members.setdefault(target, [target]).append(link.source)
+        known.link = link
+
+    def restore_sighting(self, fingerprint: str, network: str, t: float) -> None:
+        """A sighting from the durable record (at start), in time order."""
+        known = self._known.get(fingerprint)
+        if known is None:
+            return
+        if self._started is None or t < self._started:
+            self._started = t
+        identity = self.find(fingerprint)
+        crowd = self.crowds.crowded(network, t)
+        fp = known.fingerprint
+        known.last_seen = max(known.last_seen, t)
+        known.last_network = network
+        for band in _bands(fp):
+            self.band_rates.see(band, t)
+        self.device_rates.see(fp.groups[DEVICE], t)
+        self.spread.see(identity, network, t, crowd)
+        self.identity_rates.see(identity, t)
+        self.crowds.see(network, identity, t)
+
+    def forget_before(self, t: float) -> None:
+        """Drops what the horizon no longer needs (rates, crowds)."""
+        for rates in (self.band_rates, self.device_rates, self.identity_rates):
+            rates.forget_before(t)
+        self.crowds.forget_before(t)
+
+
+def _confidence(expected: float) -> float:
+    return max(0.0, min(1.0, 1.0 - expected))
+
+
+def rate_per_hour(book: IdentityBook, identity: str, t: float) -> float:
+    return book.identity_rates.rate(identity, t, RATE_EXCLUDE)

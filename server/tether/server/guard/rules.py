@@ -1,0 +1,81 @@
+"""What the counting script is told for one call: which of an identity's
+counted accounts belong to the same person as this call, and how many of
+them a limit tolerates.
+
+- A **rare** identity (seen in fewer than POPULAR_EPISODES separate
+  episodes from new networks) is one person wherever it connects from:
+  every account counted for it counts, from any network within
+  ROTATION_WINDOW of each other, and from any network ever once it has been
+  refused (it is being farmed).
+- A **popular** identity (a phone model with default settings) is many
+  people: only the accounts counted on this network count. On a crowded
+  network (carrier NAT) only those of the last CROWD_WINDOW, with an
+  allowance for the strangers its popularity puts there.
+- Either way, registrations in the last 10 minutes, hour, 6 hours and day
+  may not exceed what the identity's own rate explains (a Poisson tail of
+  VELOCITY_TAIL) or the limit, whichever is larger: a burst through rotating
+  networks stands out against how often the fingerprint is normally seen.
+
+The script applies these; Python only computes the numbers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from tether.server.guard.identities import IdentityBook, rate_per_hour
+from tether.server.guard.signals import HOUR, poisson_quantile
+
+ROTATION_WINDOW = 6 * HOUR
+CROWD_WINDOW = 6 * HOUR
+VELOCITY_WINDOWS = (600.0, HOUR, 6 * HOUR, 24 * HOUR)
+VELOCITY_TAIL = 1e-4
+# Registrations come in daily waves: rates are averages, peaks are higher.
+PEAK = 1.5
+
+
+class Inputs(NamedTuple):
+    """The counting script's arguments beyond the entry itself."""
+
+    rare: bool
+    rotation_ms: int
+    crowd: bool
+    crowd_window_ms: int
+    # The count on this (crowded) network at which to refuse.
+    crowd_threshold: int
+    # Per VELOCITY_WINDOWS: the count at which to refuse; 0: no check.
+    velocity: tuple[int, ...]
+    # For the explanation.
+    popularity: int
+    rate: float
+    crowd_browsers: int
+    network_share: float
+
+
+def inputs(
+    book: IdentityBook, identity: str, network: str, t: float, limit: int, *, velocity: bool
+) -> Inputs:
+    popularity = book.popularity(identity)
+    rate = rate_per_hour(book, identity, t) * PEAK
+    crowd_browsers = book.crowds.browsers(network, t)
+    crowd = crowd_browsers >= book.crowds.threshold
+    share = book.crowds.share(network, t) if crowd else 0.0
+    allowance = poisson_quantile(rate * CROWD_WINDOW / HOUR * share, VELOCITY_TAIL)
+    thresholds: tuple[int, ...] = (0,) * len(VELOCITY_WINDOWS)
+    if velocity and limit > 0:
+        thresholds = tuple(
+            max(limit, poisson_quantile(rate * window / HOUR, VELOCITY_TAIL) + 1)
+            for window in VELOCITY_WINDOWS
+        )
+    return Inputs(
+        rare=not book.popular(identity),
+        rotation_ms=int(ROTATION_WINDOW * 1000),
+        crowd=crowd,
+        crowd_window_ms=int(CROWD_WINDOW * 1000),
+        crowd_threshold=limit + allowance if limit > 0 else 0,
+        velocity=thresholds,
+        popularity=popularity,
+        rate=rate,
+        crowd_browsers=crowd_browsers,
+        network_share=share,
+    )

@@ -1,0 +1,238 @@
+"""What the guard learns from the traffic it sees, soft and approximate:
+how often something is seen, from how many networks, how common a value
+is. These steer linking and the counting rules; the counts themselves stay
+exact in Redis.
+
+Every method takes the time explicitly, so a backtest replays history on
+its own clock with the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Hashable, Iterable
+
+HOUR = 3600.0
+
+
+def poisson_quantile(mean: float, tail: float) -> int:
+    """The smallest q with P(Poisson(mean) > q) <= tail."""
+    if mean <= 0:
+        return 0
+    term = math.exp(-mean)
+    cdf = term
+    q = 0
+    while 1 - cdf > tail and q < 100_000:
+        q += 1
+        term *= mean / q
+        cdf += term
+    return q
+
+
+class Occupancy:
+    """How often a key is seen, per hour, from which slots it was seen in.
+
+    A burst counts once per slot, so one browser hammering a form looks like
+    one visitor, while a fingerprint many people share fills slot after
+    slot. Each key keeps a bit per slot over the horizon.
+    """
+
+    __slots__ = ("_keys", "_prior", "_slot", "_slots")
+
+    def __init__(self, slot: float, horizon: float, prior: float) -> None:
+        self._slot = slot
+        self._slots = int(horizon // slot)
+        # Slots of "not seen" assumed before a key's first sighting: a new
+        # key is taken as rare until its slots say otherwise.
+        self._prior = int(prior // slot)
+        # key -> [first slot, last slot, mask]; bit k of mask: last slot - k.
+        self._keys: dict[Hashable, list[int]] = {}
+
+    def see(self, key: Hashable, t: float) -> None:
+        now = math.floor(t / self._slot)
+        entry = self._keys.get(key)
+        if entry is None:
+            self._keys[key] = [now, now, 1]
+            return
+        first, last, mask = entry
+        if now > last:
+            entry[1] = now
+            entry[2] = ((mask << (now - last)) | 1) & ((1 << self._slots) - 1)
+        elif last - now < self._slots:
+            entry[2] = mask | (1 << (last - now))
+        if now < first:
+            entry[0] = now
+
+    def rate(self, key: Hashable, t: float, exclude: float) -> float:
+        """Sightings per hour, from the slots before t - exclude (the
+        current burst is left out) within the horizon."""
+        entry = self._keys.get(key)
+        if entry is None:
+            return 0.0
+        first, last, mask = entry
+        end = math.floor((t - exclude) / self._slot)
+        start = max(math.floor(t / self._slot) - self._slots, first - self._prior)
+        slots = end - start
+        if slots <= 0:
+            return 0.0
+        # Slots start .. end-1 are bits last-(end-1) .. last-start of mask.
+        low = max(0, last - end + 1)
+        high = last - start
+        if high < low:
+            return 0.0
+        seen = ((mask >> low) & ((1 << (high - low + 1)) - 1)).bit_count()
+        if seen == 0:
+            return 0.0
+        # Slots with at least one sighting -> the Poisson rate behind them.
+        per_slot = -math.log(1 - min(seen, slots - 0.5) / slots)
+        return per_slot * HOUR / self._slot
+
+    def forget_before(self, t: float) -> None:
+        last_kept = math.floor(t / self._slot) - self._slots
+        for key in [k for k, (_, last, _) in self._keys.items() if last < last_kept]:
+            del self._keys[key]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class Spread:
+    """In how many separate episodes a key was seen from a network new to
+    it: how many people, not how many visits, are behind it.
+
+    A new network within `gap` of the previous new one belongs to the same
+    episode, so one browser rotating through proxies for an hour is one
+    episode, while a fingerprint that many people share gains an episode
+    with every newcomer. On a crowded network (carrier NAT), the same
+    address counts again after `crowd_period`: its users change.
+    """
+
+    __slots__ = ("_crowd_period", "_gap", "_keys", "_max_networks")
+
+    def __init__(self, gap: float, crowd_period: float, max_networks: int = 64) -> None:
+        self._gap = gap
+        self._crowd_period = crowd_period
+        self._max_networks = max_networks
+        # key -> [episodes, last new-network time, networks seen]
+        self._keys: dict[Hashable, list[object]] = {}
+
+    def see(self, key: Hashable, network: str, t: float, crowd: bool) -> None:
+        seen_as: Hashable = (network, math.floor(t / self._crowd_period)) if crowd else network
+        entry = self._keys.get(key)
+        if entry is None:
+            self._keys[key] = [1, t, {seen_as}]
+            return
+        networks = entry[2]
+        assert isinstance(networks, set)
+        if seen_as in networks:
+            return
+        if len(networks) < self._max_networks:
+            networks.add(seen_as)
+        last_new = entry[1]
+        assert isinstance(last_new, float | int)
+        if t - last_new >= self._gap:
+            entry[0] = int(entry[0]) + 1  # type: ignore[call-overload]
+        entry[1] = t
+
+    def __call__(self, key: Hashable) -> int:
+        entry = self._keys.get(key)
+        return 0 if entry is None else int(entry[0])  # type: ignore[call-overload]
+
+    def absorb(self, keep: Hashable, gone: Hashable) -> None:
+        """A merge: keep's episodes become the larger of the two."""
+        other = self._keys.pop(gone, None)
+        if other is None:
+            return
+        mine = self._keys.get(keep)
+        if mine is None:
+            self._keys[keep] = other
+            return
+        mine[0] = max(int(mine[0]), int(other[0]))  # type: ignore[call-overload]
+        networks = mine[2]
+        assert isinstance(networks, set)
+        networks |= other[2]  # type: ignore[arg-type]
+
+    def forget(self, keys: Iterable[Hashable]) -> None:
+        for key in keys:
+            self._keys.pop(key, None)
+
+
+class Frequencies:
+    """How common each value of each component group is among fingerprints
+    seen, for the chance that a stranger matches.
+
+    A value not yet seen often is taken as common (prior `common` weighed
+    like `weight` sightings): on a fresh start nothing looks rare, so
+    nothing is linked on thin evidence.
+    """
+
+    __slots__ = ("_common", "_counts", "_weight", "total")
+
+    def __init__(self, weight: float, common: float) -> None:
+        self._weight = weight
+        self._common = common
+        self._counts: Counter[Hashable] = Counter()
+        self.total = 0
+
+    def add(self, values: Iterable[Hashable]) -> None:
+        self._counts.update(values)
+        self.total += 1
+
+    def share(self, values: Iterable[Hashable]) -> float:
+        """The chance a stranger's value is any of `values`."""
+        values = list(values)
+        seen = sum(self._counts[v] for v in values)
+        prior = self._weight * self._common * len(values)
+        return min(1.0, (seen + prior) / (self.total + self._weight))
+
+
+class Crowds:
+    """How many distinct browsers each network carries: a home has a few;
+    carrier NAT, a campus or an office have many, so a match there is
+    weaker evidence of one person."""
+
+    __slots__ = ("_horizon", "_networks", "_pruned", "_seen", "threshold")
+
+    def __init__(self, horizon: float, threshold: int) -> None:
+        self._horizon = horizon
+        self.threshold = threshold
+        self._networks: dict[str, dict[str, float]] = {}
+        # Every browser seen -> when last: the denominator of a share.
+        self._seen: dict[str, float] = {}
+        self._pruned: dict[str, float] = {}
+
+    def see(self, network: str, browser: str, t: float) -> None:
+        self._networks.setdefault(network, {})[browser] = t
+        self._seen[browser] = t
+
+    def browsers(self, network: str, t: float) -> int:
+        """Distinct browsers on the network within the horizon (pruned at
+        most hourly per network: the horizon is days)."""
+        on = self._networks.get(network)
+        if not on:
+            return 0
+        if t - self._pruned.get(network, -math.inf) >= HOUR:
+            self._pruned[network] = t
+            oldest = t - self._horizon
+            for browser in [b for b, last in on.items() if last < oldest]:
+                del on[browser]
+        return len(on)
+
+    def crowded(self, network: str, t: float) -> bool:
+        return self.browsers(network, t) >= self.threshold
+
+    def share(self, network: str, t: float) -> float:
+        """The fraction of all browsers that use this network."""
+        return self.browsers(network, t) / max(1, len(self._seen))
+
+    def forget_before(self, t: float) -> None:
+        oldest = t - self._horizon
+        for browser in [b for b, last in self._seen.items() if last < oldest]:
+            del self._seen[browser]
+        for network, on in list(self._networks.items()):
+            for browser in [b for b, last in on.items() if last < oldest]:
+                del on[browser]
+            if not on:
+                del self._networks[network]
+                self._pruned.pop(network, None)
