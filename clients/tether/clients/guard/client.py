@@ -5,7 +5,7 @@ tether.clients.errors.details_of)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -152,3 +152,92 @@ class GuardClient:
     async def rebuild(self, service_id: str = "") -> int:
         response = await self.stub.RebuildCounters(pb.RebuildCountersRequest(service_id=service_id))
         return response.entries_restored
+
+    async def explain_identity(self, identity: str) -> pb.ExplainIdentityResponse:
+        """An identity's fingerprints, how each was linked, and its merges."""
+        return await self.stub.ExplainIdentity(pb.ExplainIdentityRequest(identity=identity))
+
+    async def unlink(self, fingerprint: str, reason: str = "") -> pb.UnlinkFingerprintResponse:
+        """Splits a fingerprint from the identity a link tied it to."""
+        return await self.stub.UnlinkFingerprint(
+            pb.UnlinkFingerprintRequest(fingerprint=fingerprint, reason=reason)
+        )
+
+    async def merge(self, identity: str, other: str, reason: str = "") -> str:
+        """Joins `other` into `identity`; returns the identity both resolve to."""
+        response = await self.stub.MergeIdentities(
+            pb.MergeIdentitiesRequest(identity=identity, other=other, reason=reason)
+        )
+        return response.identity
+
+    def backtest(
+        self,
+        start: pb.BacktestStart,
+        events: AsyncIterable[pb.BacktestEvent] | Iterable[pb.BacktestEvent],
+    ) -> AsyncIterator[pb.BacktestResponse]:
+        """Replays events against start.policy: per-event verdicts when
+        start.verdicts is set, then one summary."""
+
+        async def requests() -> AsyncIterator[pb.BacktestRequest]:
+            yield pb.BacktestRequest(start=start)
+            if isinstance(events, AsyncIterable):
+                async for event in events:
+                    yield pb.BacktestRequest(event=event)
+            else:
+                for event in events:
+                    yield pb.BacktestRequest(event=event)
+
+        async def responses() -> AsyncIterator[pb.BacktestResponse]:
+            async for response in self.stub.Backtest(requests()):
+                yield response
+
+        return responses()
+
+
+_COMPONENT_FIELDS = frozenset(pb.FingerprintComponents.DESCRIPTOR.fields_by_name)
+_EVENT_KEYS = frozenset(
+    {"service_id", "action", "account", "components", "client_ip", "room_id", "event_time",
+     "label", "actor"}
+)  # fmt: skip
+LABELS = {"legitimate": pb.LABEL_LEGITIMATE, "abusive": pb.LABEL_ABUSIVE, "": pb.LABEL_UNSPECIFIED}
+
+
+def backtest_event(record: Mapping[str, Any]) -> pb.BacktestEvent:
+    """A backtest event from one JSON record: the EvaluateRequest's fields
+    (components by proto field name, account as {"kind", "value"} or a
+    login id), event_time (Unix seconds or RFC 3339), label ("legitimate"
+    or "abusive") and actor; any other key becomes an attribute."""
+    raw_account = record.get("account", "")
+    if isinstance(raw_account, Mapping):
+        ref = account(
+            str(raw_account.get("value", "")),
+            str(raw_account.get("kind", "login_id")),
+            str(raw_account.get("region_hint", "")),
+        )
+    else:
+        ref = account(str(raw_account))
+    fields = record.get("components") or {}
+    unknown = set(fields) - _COMPONENT_FIELDS
+    if unknown:
+        raise ValueError(f"unknown component fields: {', '.join(sorted(unknown))}")
+    event = pb.BacktestEvent(
+        request=pb.EvaluateRequest(
+            service_id=str(record.get("service_id", "")),
+            action=ACTIONS[str(record.get("action", "register"))],
+            account=ref,
+            components=pb.FingerprintComponents(**fields),
+            client_ip=str(record.get("client_ip", "")),
+            room_id=str(record.get("room_id", "")),
+        ),
+        label=LABELS[str(record.get("label", ""))],
+        actor=str(record.get("actor", "")),
+        attributes={k: str(v) for k, v in record.items() if k not in _EVENT_KEYS},
+    )
+    when = record.get("event_time")
+    if isinstance(when, int | float):
+        event.event_time.FromNanoseconds(int(when * 1e9))
+    elif isinstance(when, str):
+        event.event_time.FromJsonString(when)
+    else:
+        raise TypeError("event_time is required: Unix seconds or an RFC 3339 time")
+    return event

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from tether.clients.cli import print_message
-from tether.clients.guard.client import ACCOUNT_KINDS, ACTIONS, GuardClient, account, components
+from tether.clients.guard.client import (
+    ACCOUNT_KINDS,
+    ACTIONS,
+    GuardClient,
+    account,
+    backtest_event,
+    components,
+)
 from tether.guard.v1 import messages_pb2 as pb
 
 MODES = {"enforce": pb.MODE_ENFORCE, "shadow": pb.MODE_SHADOW}
@@ -93,6 +103,52 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--service", default="", help="only this service")
     p.set_defaults(handler=rebuild)
 
+    _add_identity_commands(cmds)
+    _add_backtest(cmds)
+
+
+def _add_identity_commands(cmds: Any) -> None:
+    p = cmds.add_parser("explain", help="an identity's fingerprints, links and merges")
+    p.add_argument("identity", help="an identity (or fingerprint) Evaluate returned")
+    p.set_defaults(handler=explain)
+
+    p = cmds.add_parser("unlink", help="split a fingerprint from the identity it was linked to")
+    p.add_argument("fingerprint", help="Explanation.fingerprint of the wrongly linked browser")
+    p.add_argument("--reason", default="", help="why, for the record")
+    p.set_defaults(handler=unlink)
+
+    p = cmds.add_parser("merge", help="join two identities known to be one browser")
+    p.add_argument("identity", help="the identity that stays")
+    p.add_argument("other", help="the identity joined into it")
+    p.add_argument("--reason", default="", help="why, for the record")
+    p.set_defaults(handler=merge)
+
+
+def _add_backtest(cmds: Any) -> None:
+    p = cmds.add_parser(
+        "backtest",
+        help="replay historical events against a policy, on scratch state",
+        description=(
+            "Reads events (JSON lines: service_id, action, account, components, client_ip, "
+            "event_time, and optionally label legitimate/abusive, actor and any attribute to "
+            "group by) in time order, and prints the summary."
+        ),
+    )
+    p.add_argument("events", help="a JSON-lines file of events, or - for stdin")
+    p.add_argument(
+        "--policy",
+        required=True,
+        help="the policy to try: a service id (its live policy), or @file with a Policy as JSON",
+    )
+    for name, help_text in NUMBERS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help=help_text)
+    p.add_argument("--mode", choices=MODES)
+    p.add_argument(
+        "--group-by", action="append", default=[], help="break the summary down by an attribute"
+    )
+    p.add_argument("--verdicts", help="also write each event's verdict to this JSON-lines file")
+    p.set_defaults(handler=backtest)
+
 
 def _components_arg(value: str) -> pb.FingerprintComponents:
     if value == "-":
@@ -165,3 +221,66 @@ async def account_identities(args: argparse.Namespace, channel: grpc.aio.Channel
 async def rebuild(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     restored = await GuardClient(channel).rebuild(args.service)
     print(json.dumps({"entries_restored": restored}))
+
+
+async def explain(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    print_message(await GuardClient(channel).explain_identity(args.identity))
+
+
+async def unlink(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    print_message(await GuardClient(channel).unlink(args.fingerprint, args.reason))
+
+
+async def merge(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    identity = await GuardClient(channel).merge(args.identity, args.other, args.reason)
+    print(json.dumps({"identity": identity}))
+
+
+async def _backtest_policy(args: argparse.Namespace, client: GuardClient) -> pb.Policy:
+    if args.policy.startswith("@"):
+        text = await asyncio.to_thread(Path(args.policy[1:]).read_text)
+        policy = json_format.Parse(text, pb.Policy())
+    else:
+        policy = await client.get_policy(args.policy)
+    for name in NUMBERS:
+        if getattr(args, name) is not None:
+            setattr(policy, name, getattr(args, name))
+    if args.mode:
+        policy.mode = MODES[args.mode]
+    return policy
+
+
+def _events(path: str) -> Iterator[pb.BacktestEvent]:
+    stream = sys.stdin if path == "-" else open(path)  # noqa: SIM115 - closed below
+    try:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                yield backtest_event(json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(f"{path}:{number}: {exc}") from None
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+async def backtest(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+    client = GuardClient(channel)
+    start = pb.BacktestStart(
+        policy=await _backtest_policy(args, client),
+        verdicts=bool(args.verdicts),
+        group_by=args.group_by,
+    )
+    out = await asyncio.to_thread(open, args.verdicts, "w") if args.verdicts else None
+    try:
+        async for response in client.backtest(start, _events(args.events)):
+            if response.HasField("summary"):
+                print_message(response.summary)
+            elif out is not None:
+                out.write(
+                    json_format.MessageToJson(response.verdict, indent=None, sort_keys=True) + "\n"
+                )
+    finally:
+        if out is not None:
+            out.close()
