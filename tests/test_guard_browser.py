@@ -38,11 +38,20 @@ class Profile:
     name: str
     window: str
     language: str
+    user_agent: str = ""
 
 
 ONE = Profile("one", "1280,900", "en-US")
-# Another person's browser: other screen, other language.
-OTHER = Profile("other", "1024,768", "de-DE")
+# Another person's browser: another browser on another system.
+OTHER = Profile(
+    "other",
+    "1024,768",
+    "de-DE",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:133.0) Gecko/20100101 Firefox/133.0",
+)
+# The first browser in a private window resized to another size, in another
+# language: a farmer's trick; still one browser.
+DRIFTED = Profile("drifted", "1100,760", "fr-FR")
 
 
 def _chrome(profile: Profile, data_dir: Path) -> webdriver.Chrome:
@@ -62,6 +71,7 @@ def _chrome(profile: Profile, data_dir: Path) -> webdriver.Chrome:
         f"--user-data-dir={data_dir / profile.name}",
         f"--window-size={profile.window}",
         f"--lang={profile.language}",
+        *([f"--user-agent={profile.user_agent}"] if profile.user_agent else []),
     ):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"intl.accept_languages": profile.language})
@@ -187,6 +197,10 @@ async def _limit_per_browser(
     other: Outcome = await demo.run(OTHER, lambda b: _submit(b, url, f"{prefix}-x", room))
     assert other.state == "allow"
     assert other.identity != outcomes[0].identity
+    if page == "register":
+        # Resized, in another language, from the same network: linked.
+        drifted: Outcome = await demo.run(DRIFTED, lambda b: _submit(b, url, f"{prefix}-d", room))
+        assert (drifted.state, drifted.identity) == ("deny", outcomes[0].identity)
 
 
 async def test_one_browser_registers_up_to_the_limit_then_sees_the_prompt(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as redis
@@ -19,17 +18,13 @@ IP = "198.51.100.7"
 
 
 async def _ttl_ms(
-    server: RunningServer,
-    redis_url: str,
-    key_of: Callable[[str, str], str],
-    service: str,
-    identity: str,
+    server: RunningServer, redis_url: str, action: str, service: str, identity: str
 ) -> int:
     """What is left of the lifetime of identity's counter key, in ms."""
     client = redis.Redis.from_url(redis_url)
     try:
-        bucket = keys.bucket(identity, server.app.settings.guard_bucket_bits)
-        ttl: int = await client.pttl(key_of(service, bucket))
+        bits = server.app.settings.guard_bucket_bits
+        ttl: int = await client.pttl(keys.counted(service, action, "", identity, bits=bits))
         return ttl
     finally:
         await client.aclose()
@@ -78,7 +73,7 @@ async def test_expired_login_session_frees_its_slot(
     first = await guard.evaluate(service, "login", account("e1"), browser, IP)
     assert first.verdict == pb.VERDICT_ALLOW
     # The key expires with its last session, so nothing lingers in Redis.
-    ttl = await _ttl_ms(pg_server, redis_url, keys.logged_in, service, first.identity)
+    ttl = await _ttl_ms(pg_server, redis_url, "login", service, first.identity)
     assert 0 < ttl <= 1000
     assert (await guard.evaluate(service, "login", account("e2"), browser, IP)).verdict == (
         pb.VERDICT_DENY
@@ -99,11 +94,11 @@ async def test_registration_window_bounds_the_key_lifetime(
     guard = await guard_client(pg_server)
     service = await new_service(guard, register_limit=2, register_window_seconds=60)
     first = await guard.evaluate(service, "register", account("w1"), fingerprint("w"), IP)
-    ttl = await _ttl_ms(pg_server, redis_url, keys.registered, service, first.identity)
+    ttl = await _ttl_ms(pg_server, redis_url, "register", service, first.identity)
     assert 0 < ttl <= 60_000
 
 
-async def test_fingerprints_sharing_one_bucket_are_counted_apart(
+async def test_identities_sharing_one_hash_tag_are_counted_apart(
     postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     server = await start_server(
@@ -112,19 +107,30 @@ async def test_fingerprints_sharing_one_bucket_are_counted_apart(
     try:
         guard = await guard_client(server)
         service = await new_service(guard, register_limit=2)
+        identities = set()
         for seed in ("a", "b", "c"):
+            # Three unrelated browsers: other fonts, screens and languages.
+            browser = fingerprint(
+                seed, screen_width=1000 + ord(seed), languages=[f"{seed}{seed}-XX"]
+            )
             verdicts = await asyncio.gather(
                 *(
-                    guard.evaluate(
-                        service, "register", account(f"{seed}{i}"), fingerprint(seed), IP
-                    )
+                    guard.evaluate(service, "register", account(f"{seed}{i}"), browser, IP)
                     for i in range(50)
                 )
             )
             assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) == 2
+            identities |= {v.identity for v in verdicts}
+        assert len(identities) == 3
         client = redis.Redis.from_url(redis_url)
         try:
-            assert await client.hlen(keys.registered(service, "0")) == 6
+            for identity in identities:
+                key = keys.counted(service, "register", "", identity, bits=0)
+                assert "{0}" in key
+                fields = [
+                    f if isinstance(f, bytes) else f.encode() for f in await client.hkeys(key)
+                ]
+                assert sum(f[:1] == b"a" for f in fields) == 2
         finally:
             await client.aclose()
     finally:

@@ -1,10 +1,14 @@
-"""The guard's SQL record (guard/recorder.py), on PostgreSQL and SQLite:
-what each call leaves in guard_entries, guard_links and guard_identities."""
+"""The guard's SQL record, on PostgreSQL and SQLite: what each call leaves
+in guard_entries, guard_links, guard_fingerprints, guard_fingerprint_links,
+guard_sightings and guard_farmed."""
 
 from __future__ import annotations
 
+import math
 import secrets
-from datetime import UTC, datetime
+import time
+from datetime import UTC
+from typing import Any
 
 from sqlalchemy import select
 
@@ -12,110 +16,111 @@ from tests.guard_support import fingerprint, guard_client, guard_of, new_service
 from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard import convert
-from tether.server.guard.identity import sketch
-from tether.server.guard.tables import GuardEntry, GuardIdentity, GuardLink
+from tether.server.guard import identity_record
+from tether.server.guard.tables import (
+    GuardEntry,
+    GuardFarmed,
+    GuardFingerprint,
+    GuardLink,
+    GuardLinkRecord,
+    GuardSighting,
+)
 
-IP = "198.51.100.7"
+
+def home() -> str:
+    return f"10.220.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
 
 
-Entries = dict[tuple[str, str, str, bytes], datetime | None]
-
-
-async def _entries(server: RunningServer, service: str) -> Entries:
-    """(action, room, identity, account member) -> the entry's expiry."""
+async def _rows(server: RunningServer, table: Any, *where: Any) -> list[Any]:
     async with server.app.runtime.db.sessions() as session:
-        rows = (
-            await session.scalars(select(GuardEntry).where(GuardEntry.service_id == service))
-        ).all()
-    return {(r.action, r.room_id, r.identity, r.member): r.expire_time for r in rows}
-
-
-async def _links(server: RunningServer, service: str) -> dict[tuple[str, bytes], GuardLink]:
-    async with server.app.runtime.db.sessions() as session:
-        rows = (
-            await session.scalars(select(GuardLink).where(GuardLink.service_id == service))
-        ).all()
-    return {(r.identity, r.account_digest): r for r in rows}
-
-
-async def _identity(server: RunningServer, identity: str) -> GuardIdentity | None:
-    async with server.app.runtime.db.sessions() as session:
-        return await session.get(GuardIdentity, identity)
-
-
-def _expected_sketch(server: RunningServer, browser: pb.FingerprintComponents) -> dict[str, str]:
-    digester = server.app.runtime.digester
-    value = convert.components(browser, True)
-    assert value is not None
-    return {
-        **sketch(digester, value),
-        "ip_prefix": digester.digest("guard-component", "ip_prefix=198.51.100.0/24")[:8].hex(),
-    }
+        return list((await session.scalars(select(table).where(*where))).all())
 
 
 async def test_a_registration_is_in_sql_before_it_is_allowed(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)
-    browser = fingerprint(secrets.token_hex(4))
-    verdict = await guard.evaluate(service, "register", account("r1"), browser, IP)
+    verdict = await guard.evaluate(
+        service, "register", account("r1"), fingerprint(secrets.token_hex(4)), home()
+    )
     assert verdict.verdict == pb.VERDICT_ALLOW
     # No flush: the caller hears "allow" only once the entry is committed.
-    entries = await _entries(any_server, service)
-    assert [(k[:3], v) for k, v in entries.items()] == [(("register", "", verdict.identity), None)]
+    [entry] = await _rows(any_server, GuardEntry, GuardEntry.service_id == service)
+    assert (entry.action, entry.room_id, entry.identity, entry.expire_time) == (
+        "register",
+        "",
+        verdict.explanation.fingerprint,
+        None,
+    )
+    assert len(entry.network) == 16
+    assert entry.network != home()
 
 
-async def test_log_ins_joins_and_log_outs_are_written_behind_with_links_and_sketches(
+async def test_log_ins_joins_links_and_what_the_book_learned_are_written_behind(
     any_server: RunningServer,
 ) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, login_limit=5, collaborate_limit=5)
-    # Browsers of this test only: identities (and their links) span services.
-    home, other = fingerprint(secrets.token_hex(4)), fingerprint(secrets.token_hex(4))
-    a = await guard.evaluate(service, "login", account("a"), home, IP)
-    b = await guard.evaluate(service, "login", account("b"), home, IP)
-    c = await guard.evaluate(service, "collaborate", account("c"), other, IP, room_id="room-1")
+    network = home()
+    seed = secrets.token_hex(4)
+    base, resized = fingerprint(seed), fingerprint(seed, screen_width=1280)
+    a = await guard.evaluate(service, "login", account("a"), base, network)
+    b = await guard.evaluate(service, "login", account("b"), resized, network)
+    c = await guard.evaluate(service, "collaborate", account("c"), base, network, room_id="room-1")
+    assert b.identity == a.identity == c.identity
     assert await guard.end_login(service, a.identity, account("a"))
-    recorder = guard_of(any_server).recorder
-    await recorder.flush()
+    await guard_of(any_server).recorder.flush()
 
-    entries = await _entries(any_server, service)
-    assert {k[:3]: v for k, v in entries.items()} == {
-        ("login", "", b.identity): b.expire_time.ToDatetime(tzinfo=UTC),
-        ("collaborate", "room-1", c.identity): c.expire_time.ToDatetime(tzinfo=UTC),
+    entries = await _rows(any_server, GuardEntry, GuardEntry.service_id == service)
+    assert {(e.action, e.room_id, e.identity): e.expire_time for e in entries} == {
+        ("login", "", b.explanation.fingerprint): b.expire_time.ToDatetime(tzinfo=UTC),
+        ("collaborate", "room-1", a.explanation.fingerprint): c.expire_time.ToDatetime(tzinfo=UTC),
     }
-    links = await _links(any_server, service)
-    assert {(i, link.last_action) for (i, _), link in links.items()} == {
+    links = await _rows(any_server, GuardLink, GuardLink.service_id == service)
+    assert {(link.identity, link.last_action) for link in links} == {
         (a.identity, "login"),
-        (c.identity, "collaborate"),
+        (a.identity, "collaborate"),
     }
-    assert len(links) == 3
-    members = {k[3] for k in entries}
-    assert members <= {digest[:8] for _, digest in links}
-    for link in links.values():
-        assert link.first_seen_time <= link.last_seen_time
-    for verdict, browser in ((a, home), (c, other)):
-        stored = await _identity(any_server, verdict.identity)
-        assert stored is not None
-        assert stored.sketch == _expected_sketch(any_server, browser)
+    mine = [a.explanation.fingerprint, b.explanation.fingerprint]
+    fingerprints = {
+        f.fingerprint: f
+        for f in await _rows(any_server, GuardFingerprint, GuardFingerprint.fingerprint.in_(mine))
+    }
+    assert set(fingerprints) == set(mine)
+    stored = fingerprints[mine[0]].digests
+    assert set(stored) == {"groups", "fonts", "version", "os_version"}
+    assert len(stored["groups"]) == 5
+    [record] = await _rows(
+        any_server, GuardLinkRecord, GuardLinkRecord.source == b.explanation.fingerprint
+    )
+    assert (record.kind, record.target, record.changed) == (
+        "drift_same_network",
+        a.identity,
+        ["screen"],
+    )
+    assert a.identity == a.explanation.fingerprint
+    hour = math.floor(time.time() / 3600)
+    sightings = await _rows(any_server, GuardSighting, GuardSighting.fingerprint.in_(mine))
+    assert {s.fingerprint for s in sightings} == set(mine)
+    assert {s.hour for s in sightings} <= {hour, hour - 1}
+    assert len({s.network for s in sightings}) == 1
 
-    # A new entry on known keys: the link and the identity keep their first
-    # sighting and move their last one.
-    [(a_key, first_link)] = [
-        (k, link)
-        for k, link in links.items()
-        if link.identity == a.identity and k[1][:8] not in members
-    ]
-    first_identity = await _identity(any_server, a.identity)
-    assert first_identity is not None
-    again = await guard.evaluate(service, "login", account("a"), home, IP)
-    assert again.reason == pb.VERDICT_REASON_WITHIN_LIMIT
-    await recorder.flush()
-    relinked = (await _links(any_server, service))[a_key]
-    assert relinked.first_seen_time == first_link.first_seen_time
-    assert relinked.last_seen_time > first_link.last_seen_time
-    identity_row = await _identity(any_server, a.identity)
-    assert identity_row is not None
-    assert identity_row.first_seen_time == first_identity.first_seen_time
-    assert identity_row.last_seen_time > first_identity.last_seen_time
-    assert len(await _entries(any_server, service)) == 3
+
+async def test_a_refusal_as_one_browser_is_recorded_as_farmed(any_server: RunningServer) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=1)
+    browser = fingerprint(secrets.token_hex(4))
+    first = await guard.evaluate(service, "register", account("f1"), browser, home())
+    refused = await guard.evaluate(service, "register", account("f2"), browser, home())
+    assert refused.verdict == pb.VERDICT_DENY
+    assert refused.explanation.scope == pb.SCOPE_BROWSER
+    await guard_of(any_server).recorder.flush()
+    [farmed] = await _rows(any_server, GuardFarmed, GuardFarmed.service_id == service)
+    assert (farmed.action, farmed.identity) == ("register", first.identity)
+
+
+def test_sightings_are_recorded_once_an_hour_per_network() -> None:
+    sightings = identity_record.Sightings()
+    assert sightings.new("f", "n", 3600.0) == ("f", "n", 1)
+    assert sightings.new("f", "n", 3700.0) is None
+    assert sightings.new("f", "m", 3700.0) == ("f", "m", 1)
+    assert sightings.new("f", "n", 7201.0) == ("f", "n", 2)

@@ -1,0 +1,369 @@
+"""The identity behind a fingerprint, through gRPC: which fingerprints are
+one browser, which are many people, and how each verdict explains itself.
+
+Every test uses browsers and networks of its own: the identity book is the
+server's, shared by every service and test, and what one test teaches it
+(how popular a fingerprint is, how crowded a network) would steer another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+
+from tests.guard_support import fingerprint, guard_client, new_service
+from tests.support import RunningServer
+from tether.clients.guard.client import GuardClient, account
+from tether.guard.v1 import messages_pb2 as pb
+
+
+def fresh_network() -> str:
+    """An IPv4 address no other test uses (a home of its own)."""
+    return (
+        f"10.{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 1}"
+    )
+
+
+def browser(**changes: object) -> pb.FingerprintComponents:
+    """A browser nobody else in the suite has: its own fonts."""
+    return fingerprint(secrets.token_hex(4), **changes)
+
+
+def desktop(seed: str, **changes: object) -> pb.FingerprintComponents:
+    """A desktop browser with a realistic font list (dozens of fonts), its
+    own by seed."""
+    fields: dict[str, object] = {"fonts": [f"Font {seed} {i}" for i in range(30)]}
+    fields.update(changes)
+    return fingerprint(seed, **fields)
+
+
+def signal(verdict: pb.EvaluateResponse, name: str) -> pb.Signal:
+    [found] = [s for s in verdict.explanation.signals if s.name == name]
+    return found
+
+
+def kinds(verdict: pb.EvaluateResponse) -> list[int]:
+    return [link.kind for link in verdict.explanation.links]
+
+
+async def test_a_drifting_browser_on_its_home_network_stays_one_identity(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    first = await guard.evaluate(service, "register", account("d0"), desktop(seed), home)
+    assert first.explanation.fingerprint == first.identity
+    assert not first.explanation.links
+    # An update, a resized window, another language, a font installed.
+    fonts = [f"Font {seed} {i}" for i in range(30)]
+    drifted = [
+        desktop(seed, browser_version="131.0.6778.140"),
+        desktop(seed, screen_width=1600, screen_height=900),
+        desktop(seed, languages=["fr-FR", "fr"]),
+        desktop(seed, fonts=[*fonts, "Noto Sans Mono"]),
+    ]
+    verdicts = [first]
+    for i, variant in enumerate(drifted):
+        verdict = await guard.evaluate(service, "register", account(f"d{i + 1}"), variant, home)
+        verdicts.append(verdict)
+        assert verdict.identity == first.identity, (first.explanation, verdict.explanation)
+        assert verdict.explanation.fingerprint != first.identity
+        [link] = verdict.explanation.links
+        assert link.kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+        assert getattr(link, "from") == verdict.explanation.fingerprint
+        assert link.to == first.identity
+        assert 0.9 < link.confidence <= 1
+        assert len(link.changed) == 1
+        assert signal(verdict, "link_confidence").value == pytest.approx(link.confidence, abs=1e-4)
+    # One browser, however it drifted: three accounts, then refusals.
+    assert [v.verdict for v in verdicts] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 2
+
+
+async def test_a_version_moving_back_is_not_the_same_browser(any_server: RunningServer) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    newer = await guard.evaluate(
+        service, "register", account("v1"), fingerprint(seed, browser_version="132.0"), home
+    )
+    older = await guard.evaluate(
+        service, "register", account("v2"), fingerprint(seed, browser_version="131.0"), home
+    )
+    assert older.identity != newer.identity
+
+
+def _background(count: int, start: float) -> list[pb.BacktestEvent]:
+    """A day of other people: what tells the book which values are common."""
+    rng = secrets.SystemRandom()
+    vocabulary = [f"Common Font {i}" for i in range(80)]
+    sizes = [(1920, 1080), (1366, 768), (1536, 864), (1440, 900), (2560, 1440)]
+    tongues = [["en-US", "en"], ["de-DE", "de"], ["fr-FR"], ["es-ES"], ["it-IT"]]
+    events = []
+    for i in range(count):
+        w, h = rng.choice(sizes)
+        person = fingerprint(
+            f"bg{i}",
+            fonts=rng.sample(vocabulary, 40),
+            screen_width=w,
+            screen_height=h,
+            languages=rng.choice(tongues),
+            browser_version=f"131.0.{rng.randrange(20)}",
+        )
+        events.append(_event(start + i * 50, f"bg{i}", person, f"10.4.{i % 250}.{1 + i // 250}"))
+    return events
+
+
+async def test_a_drifting_browser_rotating_networks_in_a_burst_is_linked(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    background = _background(1200, T0)
+    seed = secrets.token_hex(4)
+    base = desktop(seed, browser_version="131.0.88")
+    now = T0 + 1200 * 50
+    farm = [
+        _event(now, "b0", base, "10.6.0.1"),
+        _event(
+            now + 60,
+            "b1",
+            desktop(seed, browser_version="131.0.88", screen_width=1366, screen_height=768),
+            "10.6.1.1",
+        ),
+        _event(
+            now + 120,
+            "b2",
+            desktop(seed, browser_version="131.0.88", languages=["it-IT"]),
+            "10.6.2.1",
+        ),
+    ]
+    first, second, third = (await _replay(guard, 2, background + farm))[-3:]
+    assert second.identity == first.identity
+    assert kinds(second) == [pb.LINK_KIND_DRIFT_BURST]
+    assert list(second.explanation.links[0].changed) == ["screen"]
+    # A rare browser is one person wherever it connects from.
+    assert third.verdict == pb.VERDICT_DENY
+    assert third.identity == first.identity
+    assert third.explanation.scope == pb.SCOPE_BROWSER
+    assert (third.explanation.scope_count, third.explanation.scope_threshold) == (2, 2)
+    assert third.explanation.risk == 1
+
+
+async def test_a_rare_browser_rotating_networks_is_refused_as_one(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    same = browser()
+    verdicts = [
+        await guard.evaluate(service, "register", account(f"r{i}"), same, fresh_network())
+        for i in range(6)
+    ]
+    assert [v.verdict for v in verdicts] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 3
+    assert {v.explanation.scope for v in verdicts[3:]} == {pb.SCOPE_BROWSER}
+    assert not signal(verdicts[-1], "popularity").fired
+
+
+def _event(
+    when: float, name: str, components: pb.FingerprintComponents, ip: str
+) -> pb.BacktestEvent:
+    event = pb.BacktestEvent(
+        request=pb.EvaluateRequest(
+            action=pb.ACTION_REGISTER, account=account(name), components=components, client_ip=ip
+        )
+    )
+    event.event_time.FromNanoseconds(int(when * 1e9))
+    return event
+
+
+async def _replay(
+    guard: GuardClient, limit: int, events: list[pb.BacktestEvent]
+) -> list[pb.EvaluateResponse]:
+    """Verdicts of a backtest: event times are its clock, for the book and
+    the counting script alike."""
+    start = pb.BacktestStart(
+        policy=pb.Policy(service_id="timeline", register_limit=limit), verdicts=True
+    )
+    verdicts = [
+        r.verdict.response async for r in guard.backtest(start, events) if r.HasField("verdict")
+    ]
+    assert len(verdicts) == len(events)
+    return verdicts
+
+
+T0 = 1_790_000_000.0
+HOUR = 3600.0
+
+
+async def test_identical_devices_on_unrelated_networks_are_counted_apart(
+    any_server: RunningServer,
+) -> None:
+    """A phone model with default settings, seen by many people on their own
+    networks: once it is popular, each network counts for itself."""
+    guard = await guard_client(any_server)
+    phone = browser()
+    events = [_event(T0 + i * HOUR, f"p{i}", phone, f"10.1.{i}.1") for i in range(8)] + [
+        # The same phone again from one of those networks, then once more.
+        _event(T0 + 9 * HOUR, "p-again", phone, "10.1.7.1"),
+        _event(T0 + 9 * HOUR + 60, "p-last", phone, "10.1.7.1"),
+    ]
+    verdicts = await _replay(guard, 1, events)
+    popular = [v for v in verdicts[:8] if signal(v, "popularity").fired]
+    assert popular, "the fingerprint became popular"
+    assert all(v.verdict == pb.VERDICT_ALLOW for v in popular)
+    # Before it was popular, it was one browser: the second network's
+    # registration an hour later was refused.
+    assert verdicts[1].verdict == pb.VERDICT_DENY
+    assert verdicts[1].explanation.scope == pb.SCOPE_BROWSER
+    assert verdicts[8].verdict == pb.VERDICT_DENY
+    assert verdicts[8].explanation.scope == pb.SCOPE_NETWORK
+
+
+async def test_a_burst_on_a_popular_fingerprint_is_refused_by_velocity(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    phone = browser()
+    # A week of people, one every few hours, each on a network of their own.
+    history = [_event(T0 + i * 3 * HOUR, f"old{i}", phone, f"10.2.{i}.1") for i in range(40)]
+    # Then one person through a new network per account, a minute apart.
+    now = T0 + 40 * 3 * HOUR + 5 * HOUR
+    burst = [_event(now + i * 60, f"burst{i}", phone, f"10.3.{i}.1") for i in range(10)]
+    verdicts = await _replay(guard, 2, history + burst)
+    assert all(v.verdict == pb.VERDICT_ALLOW for v in verdicts[:40])
+    refused = [v for v in verdicts[40:] if v.verdict == pb.VERDICT_DENY]
+    assert len(refused) >= 5
+    assert {v.explanation.scope for v in refused} == {pb.SCOPE_VELOCITY}
+    fired = [s for s in refused[0].explanation.signals if s.name.startswith("velocity_")]
+    assert fired and fired[0].fired
+    assert signal(refused[0], "rate_per_hour").value > 0
+
+
+async def test_anti_detect_profiles_cycling_settings_link_by_profile(
+    any_server: RunningServer,
+) -> None:
+    """Each account in a window size and a language from a small set, fonts
+    with noise and a new canvas, through a new network: several groups
+    change at once, but each value is one this browser showed minutes ago.
+    (A backtest: a day of other people first, so the book knows which
+    values are common.)"""
+    guard = await guard_client(any_server)
+    rng = secrets.SystemRandom()
+    background = _background(1500, T0)
+    seed = secrets.token_hex(4)
+    fonts = [f"Font {seed} {i}" for i in range(40)]
+    farm_sizes = [(1280, 1024), (1600, 900), (1680, 1050)]
+    farm_tongues = [["pl-PL"], ["tr-TR"], ["nl-NL"]]
+    farm = []
+    for i in range(12):
+        w, h = rng.choice(farm_sizes)
+        variant = fingerprint(
+            seed,
+            screen_width=w,
+            screen_height=h,
+            languages=rng.choice(farm_tongues),
+            fonts=[*fonts[: 38 + i % 3], f"Noise {seed} {i}"],
+            extra={"canvas": secrets.token_hex(8)},
+            browser_version="131.0.77",
+        )
+        farm.append(_event(T0 + 1500 * 50 + i * 90, f"ad{i}", variant, f"10.5.{i}.1"))
+    verdicts = (await _replay(guard, 3, background + farm))[1500:]
+    assert pb.LINK_KIND_PROFILE in {kind for v in verdicts for kind in kinds(v)}
+    assert len({v.identity for v in verdicts[6:]}) == 1
+    assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) <= 5
+
+
+async def test_two_identities_one_fingerprint_joins_are_merged(any_server: RunningServer) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=5)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    # Two variants that differ in three groups: each its own identity.
+    a = await guard.evaluate(service, "register", account("m1"), fingerprint(seed), home)
+    b_variant = fingerprint(
+        seed, browser_version="140.0", screen_width=800, screen_height=600, languages=["ja"]
+    )
+    b = await guard.evaluate(service, "register", account("m2"), b_variant, home)
+    assert a.identity != b.identity
+    # A third differs from each in at most two: it ties both.
+    bridge = fingerprint(seed, browser_version="140.0", screen_width=800, screen_height=600)
+    c = await guard.evaluate(service, "register", account("m3"), bridge, home)
+    assert pb.LINK_KIND_MERGE in kinds(c)
+    after_a = await guard.evaluate(service, "register", account("m1"), fingerprint(seed), home)
+    after_b = await guard.evaluate(service, "register", account("m2"), b_variant, home)
+    assert after_a.identity == after_b.identity == c.identity
+    # The merged identity's accounts count together.
+    assert after_a.reason == pb.VERDICT_REASON_ALREADY_COUNTED
+    assert after_a.count == 3
+
+
+async def test_a_crowded_network_is_a_signal(any_server: RunningServer) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    nat = fresh_network()
+    verdicts = [
+        await guard.evaluate(service, "register", account(f"c{i}"), browser(), nat)
+        for i in range(10)
+    ]
+    crowd = signal(verdicts[-1], "network_browsers")
+    assert crowd.value >= 9
+    assert crowd.fired
+    assert not signal(verdicts[0], "network_browsers").fired
+
+
+async def test_a_thousand_registrations_from_ten_linked_variants_admit_exactly_the_limit(
+    pg_server: RunningServer,
+) -> None:
+    guard = await guard_client(pg_server)
+    limit = 4
+    service = await new_service(guard, register_limit=limit)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    # Window sizes and languages: whichever variant the server sees first,
+    # every other differs from it in two groups at most.
+    variants = [
+        fingerprint(seed, screen_width=1000 + 10 * i, languages=[f"l{i}-XX"]) for i in range(10)
+    ]
+    verdicts = await asyncio.gather(
+        *(
+            guard.evaluate(service, "register", account(f"v{i}"), variants[i % 10], home)
+            for i in range(1000)
+        )
+    )
+    assert len({v.identity for v in verdicts}) == 1
+    assert len({v.explanation.fingerprint for v in verdicts}) == 10
+    assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) == limit
+
+
+async def test_logins_and_rooms_count_the_same_identity(any_server: RunningServer) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, login_limit=2, collaborate_limit=2)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    variants = [
+        fingerprint(seed),
+        fingerprint(seed, languages=["es-ES"]),
+        fingerprint(seed, screen_width=1280),
+    ]
+    logins = [
+        await guard.evaluate(service, "login", account(f"l{i}"), variants[i], home)
+        for i in range(3)
+    ]
+    assert [v.verdict for v in logins] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY]
+    assert len({v.identity for v in logins}) == 1
+    joins = [
+        await guard.evaluate(
+            service, "collaborate", account(f"j{i}"), variants[2 - i], home, room_id="room-x"
+        )
+        for i in range(3)
+    ]
+    assert [v.verdict for v in joins] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY]
+    assert joins[2].explanation.scope == pb.SCOPE_BROWSER
+    # Logging out through any of its fingerprints frees the identity's slot.
+    assert await guard.end_login(service, logins[0].identity, account("l0"))
+    again = await guard.evaluate(service, "login", account("l2"), variants[2], home)
+    assert again.verdict == pb.VERDICT_ALLOW
