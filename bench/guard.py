@@ -10,19 +10,22 @@ its own) is off the hot path. Every server runs in its own process; this process
 All Redis work happens on a private redis-server the benchmark starts.
 
 Workloads of Tether's Evaluate:
-- "repeat": logins of accounts already counted (the common case: pages
-  re-checking a user who is logged in); one script call, no SQL.
-- "new": each call a new fingerprint and account logging in; one script
-  call, and the SQL record written behind in batches.
+- "repeat": logins of accounts already counted, from a returning browser
+  (the common case: pages re-checking a user who is logged in); the
+  identity from the process's caches, one script call, no SQL.
+- "new": each call a first visit: a new person's browser (its own fonts,
+  screen, version, network) and account logging in; the fingerprint
+  digested, the drift and profile look-ups of the identity book, one
+  script call, and the SQL record written behind in batches.
 Then: Redis bytes per (identity, account) entry, and the "repeat" latency
-with 10^4 and with 10^6 fingerprints stored (its 256 fingerprints then sit
-in buckets holding ~0.15 and ~15 entries).
+with 10^4 and with 10^6 identities stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import os
 import secrets
 import shutil
@@ -62,18 +65,23 @@ ROUNDS = 10
 # A one-key script: the least one EVALSHA per call can cost.
 BASELINE_SCRIPT = "return redis.call('INCR', KEYS[1])"
 
-# Fills login buckets the way GUARD_EVALUATE writes them (16-byte identity ..
-# 8-byte account -> expiry ms), with identities derived from a counter.
+# Fills login keys the way the guard's EVALUATE script writes them: one hash
+# per identity (derived from a counter) holding one account: its a-field
+# ("admitted|expiry|network"), its network's n-field, and the key's expiry.
 FILL_SCRIPT = """
 local prefix, bits, expiry = ARGV[1], tonumber(ARGV[4]), ARGV[5]
+local now = ARGV[6]
 local function bytes(hex)
   return (hex:gsub('..', function(cc) return string.char(tonumber(cc, 16)) end))
 end
 for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
   local h = redis.sha1hex('identity' .. i)
+  local identity = h:sub(1, 32)
   local bucket = string.format('%x', math.floor(tonumber(h:sub(1, 8), 16) / 2 ^ (32 - bits)))
-  local key = prefix .. '{' .. bucket .. '}:l'
-  redis.call('HSET', key, bytes(h:sub(1, 32)) .. bytes(redis.sha1hex('a' .. i):sub(1, 16)), expiry)
+  local key = prefix .. '{' .. bucket .. '}:l:' .. identity
+  local network = redis.sha1hex('network' .. i):sub(1, 16)
+  redis.call('HSET', key, 'a' .. bytes(redis.sha1hex('a' .. i):sub(1, 16)),
+    now .. '|' .. expiry .. '|' .. network, 'n' .. network, now .. ':' .. expiry, 'x', expiry)
   redis.call('PEXPIREAT', key, expiry)
 end
 return 0
@@ -88,20 +96,23 @@ def free_port() -> int:
 
 
 def fingerprint_of(seed: str) -> pb.FingerprintComponents:
-    """A realistic payload: ~60 fonts, a few plugins."""
+    """A realistic payload: ~60 fonts (some of them the browser's own), a
+    few plugins; each seed another person's desktop."""
+    number = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "big")
     return components(
         {
             "browser_name": "Chrome",
-            "browser_version": "131.0.6778.85",
+            "browser_version": f"131.0.6778.{number % 97}",
             "os_name": "Windows",
             "os_version": "10.0",
-            "screen_width": 1920,
-            "screen_height": 1080,
+            "screen_width": 1280 + number % 1280,
+            "screen_height": 720 + number % 720,
             "pixel_ratio": 1.25,
             "color_depth": 24,
-            "fonts": [f"Font Family {i}" for i in range(60)],
+            "fonts": [f"Font Family {i}" for i in range(50)]
+            + [f"Font {seed} {i}" for i in range(10)],
             "plugins": [f"Plugin {i}: Portable Document Format" for i in range(5)],
-            "languages": ["de-DE", "de", "en-US", "en"],
+            "languages": ["de-DE", "de", "en-US", "en"][: 1 + number % 4],
             "timezone": "Europe/Berlin",
             "platform": "Win32",
             "extra": {"canvas": seed, "webgl": "a1b2c3", "hardware_concurrency": "8"},
@@ -288,12 +299,14 @@ class Server:
 
 
 def _request(seed: str, name: str) -> pb.EvaluateRequest:
+    # Each person on a network of their own, as real visitors are.
+    number = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=3).digest(), "big")
     return pb.EvaluateRequest(
         service_id=SERVICE,
         action=pb.ACTION_LOGIN,
         account=account(name),
         components=fingerprint_of(seed),
-        client_ip="198.51.100.23",
+        client_ip=f"10.{number >> 16}.{(number >> 8) & 255}.{number & 255}",
     )
 
 
@@ -302,7 +315,10 @@ async def _fill(client: redis.Redis, start: int, stop: int, bits: int) -> None:
     expiry = int(time.time() * 1000) + 3_600_000
     for first in range(start, stop, FILL_CHUNK):
         last = min(first + FILL_CHUNK, stop) - 1
-        await fill(keys=[], args=[f"tether:g:{SERVICE}:", first, last, bits, expiry])
+        await fill(
+            keys=[],
+            args=[f"tether:g:{SERVICE}:", first, last, bits, expiry, int(time.time() * 1000)],
+        )
 
 
 def _row(r: Result) -> str:
@@ -444,9 +460,10 @@ async def _run(servers: dict[str, Server], client: redis.Redis) -> None:
     sample = [k async for k in client.scan_iter(f"tether:g:{SERVICE}:*", count=1000)][:200]
     usage = [await client.memory_usage(k, samples=0) or 0 for k in sample]
     fields = [await client.hlen(k) for k in sample]
-    print(f"\nRedis memory ({entries:,} entries in {keys_count:,} keys, {2**bits} buckets)")
+    print(f"\nRedis memory ({entries:,} entries in {keys_count:,} keys, one per identity)")
     print(f"  used_memory delta per (identity, account) entry: {used / entries:.1f} bytes")
-    print(f"  MEMORY USAGE per entry (200 sampled keys): {sum(usage) / sum(fields):.1f} bytes")
+    print(f"  MEMORY USAGE per key (200 sampled keys): {sum(usage) / len(usage):.1f} bytes")
+    print(f"  fields per sampled key: {sum(fields) / len(fields):.1f}")
     print("\nLatency at 1 in flight with stored fingerprints (ms)")
     print(_row(small))
     print(_row(large))
