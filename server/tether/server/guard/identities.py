@@ -75,6 +75,7 @@ MAX_DRIFT_GROUPS = 2
 BAND_MEMBERS = 20
 # Linking across networks needs to know what is rare: not before the book
 # has seen this many fingerprints (a fresh start links on home networks only).
+# Until it has seen this many browsers, it takes the population to be this big.
 MIN_POPULATION = 1000
 # A share of one network's browsers below this is taken as this.
 MIN_NETWORK_SHARE = 1e-4
@@ -362,7 +363,7 @@ class IdentityBook:
         justified link."""
         best: dict[str, _Candidate] = {}
         overall = self._overall_rate(t)
-        share_here = max(self.crowds.share(network, t), MIN_NETWORK_SHARE)
+        share_here = max(self.crowds.share(network, t, MIN_POPULATION), MIN_NETWORK_SHARE)
         bound_here = STRANGERS_OTHER_NETWORK if crowd else STRANGERS_SAME_NETWORK
         for band in bands:
             members = self._bands.get(band)

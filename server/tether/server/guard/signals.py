@@ -222,9 +222,11 @@ class Crowds:
     def crowded(self, network: str, t: float) -> bool:
         return self.browsers(network, t) >= self.threshold
 
-    def share(self, network: str, t: float) -> float:
-        """The fraction of all browsers that use this network."""
-        return self.browsers(network, t) / max(1, len(self._seen))
+    def share(self, network: str, t: float, population: int = 1) -> float:
+        """The fraction of all browsers that use this network, taking the
+        population to be at least `population` (a book that has seen a few
+        browsers has not seen everyone who could come)."""
+        return self.browsers(network, t) / max(population, len(self._seen))
 
     def forget_before(self, t: float) -> None:
         oldest = t - self._horizon
