@@ -18,6 +18,7 @@ import redis.asyncio as redis
 from tests.support import RunningServer, free_port
 from tether.clients.guard.client import GuardClient, components
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard.restorer import Restorer
 from tether.server.guard.service import Guard
 from tether.server.guard.web import WebSide
 
@@ -57,6 +58,11 @@ async def new_service(client: GuardClient, **fields: Any) -> str:
 def guard_of(server: RunningServer) -> Guard:
     """The server's guard domain object (to flush its written-behind record)."""
     return server.app.areas.guard.guard
+
+
+def restorer_of(server: RunningServer) -> Restorer:
+    """The server's restorer of lost counters (to await its restores)."""
+    return server.app.areas.guard.restorer
 
 
 def web_of(server: RunningServer) -> WebSide:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from tests.guard_support import (
     guard_of,
     new_service,
     private_redis,
+    restorer_of,
 )
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
@@ -68,6 +69,14 @@ async def _evaluate(guard: GuardClient, service: str, name: str) -> pb.EvaluateR
     )
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    """Waits for something a background task does, with a bound."""
+    deadline = time.monotonic() + NO_HANG
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
 async def _until_counted(guard: GuardClient, service: str, name: str) -> pb.EvaluateResponse:
     """After Redis returns, the client reconnects; poll, with a bound."""
     deadline = time.monotonic() + NO_HANG
@@ -90,8 +99,9 @@ async def test_stopped_redis_fails_open_with_flag_then_recovers(
     assert during.fail_open
     assert during.reason == pb.VERDICT_REASON_COUNTERS_UNAVAILABLE
     await redis_server.start()
-    # Redis came back empty (no persistence): the limit returns once rebuilt.
-    await guard.rebuild(service)
+    # Redis came back empty (no persistence): the guard notices on its new
+    # connection and restores the counts from SQL by itself; no call in
+    # between is counted against an empty Redis.
     after = await _until_counted(guard, service, "after")
     assert not after.fail_open
     assert after.verdict == pb.VERDICT_DENY
@@ -154,13 +164,15 @@ async def test_rebuild_after_flushall_restores_the_limits(
     await guard.cancel_registration(service, cancelled.identity, account("f2"))
     await guard.evaluate(service, "register", account("f3"), browser, IP)
 
+    restores = restorer_of(server).restores
     client = await redis_server.client()
     try:
         await client.flushall()
     finally:
         await client.aclose()
-    assert await guard.rebuild(service) == 4
-    assert await guard.rebuild(service) == 0  # idempotent
+    # A flush closes no connection: the watcher notices the missing marker.
+    await _until(lambda: restorer_of(server).restores > restores)
+    assert await guard.rebuild(service) == 0  # all back already; rebuilding is idempotent
 
     checks = [
         ("register", "f4", ""),
@@ -172,6 +184,53 @@ async def test_rebuild_after_flushall_restores_the_limits(
         assert verdict.verdict == pb.VERDICT_DENY, action
     again = await guard.evaluate(service, "register", account("f3"), browser, IP)
     assert again.reason == pb.VERDICT_REASON_ALREADY_COUNTED
+
+
+async def test_redis_restarted_under_load_never_admits_beyond_the_limit(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    """Browsers at their limit keep trying while Redis restarts empty: none
+    is admitted again, during the outage, the restore, or after."""
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=2, redis_failure=pb.REDIS_FAILURE_FAIL_CLOSED)
+    browsers = [fingerprint(f"load{i}") for i in range(20)]
+    networks = [f"198.51.{100 + i}.9" for i in range(20)]
+    for i, browser in enumerate(browsers):
+        for name in ("a", "b"):
+            verdict = await guard.evaluate(
+                service, "register", account(f"{i}{name}"), browser, networks[i]
+            )
+            assert verdict.verdict == pb.VERDICT_ALLOW
+    admitted: list[str] = []
+    stop = asyncio.Event()
+
+    async def keep_trying(i: int) -> None:
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            name = f"{i}-x{attempt}"
+            try:
+                verdict = await guard.evaluate(
+                    service, "register", account(name), browsers[i], networks[i]
+                )
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                await asyncio.sleep(0.01)
+                continue
+            if verdict.verdict == pb.VERDICT_ALLOW:
+                admitted.append(name)
+
+    workers = [asyncio.create_task(keep_trying(i)) for i in range(len(browsers))]
+    restores = restorer_of(server).restores
+    await redis_server.stop()
+    await redis_server.start()
+    await _until(lambda: restorer_of(server).restores > restores)
+    # Counting goes on after the restore, against the restored counts.
+    probe = await guard.evaluate(service, "register", account("probe"), browsers[0], networks[0])
+    stop.set()
+    await asyncio.gather(*workers)
+    assert admitted == []
+    assert probe.verdict == pb.VERDICT_DENY
 
 
 async def test_flushed_scripts_are_loaded_again_and_counting_goes_on(

@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as redis
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 # Every key starts with this. Each area keeps its own key formats and Lua
 # scripts beside its code (binding/rate_limit.py, guard/keys.py and
@@ -32,6 +35,10 @@ def connect(url: str, timeout_seconds: float) -> redis.Redis:
         return client  # type: ignore[no-any-return]
     return redis.Redis.from_url(
         url,
+        # A pooled connection that Redis closed (a restart) fails its next
+        # command: that one command is retried once, on a fresh connection.
+        retry=Retry(NoBackoff(), retries=1),
+        retry_on_error=[redis_errors.ConnectionError],
         socket_timeout=None,
         socket_connect_timeout=timeout_seconds,
         health_check_interval=30,

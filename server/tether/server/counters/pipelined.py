@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -154,6 +154,10 @@ class PipelinedConnection:
         self._setup = [_pack(command) for command in setup]
         self._replies: _Replies | None = None
         self._opening = asyncio.Lock()
+        # Run on every new connection before any call goes through it (a
+        # restarted Redis means a new connection); given a way to send a
+        # command on it. Raising fails the calls that waited for it.
+        self.on_open: Callable[[Callable[..., Awaitable[Any]]], Awaitable[None]] | None = None
 
     @classmethod
     def from_url(cls, url: str, timeout_seconds: float) -> PipelinedConnection | None:
@@ -217,6 +221,13 @@ class PipelinedConnection:
             try:
                 for command in self._setup:
                     _check_setup(await replies.send(command, deadline))
+                if self.on_open is not None:
+                    opened = replies
+
+                    async def send(*args: str | bytes | int) -> Any:
+                        return await opened.send(_pack(args), deadline)
+
+                    await self.on_open(send)
             except BaseException:
                 replies.close("setup failed")
                 raise

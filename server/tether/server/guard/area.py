@@ -8,6 +8,7 @@ import grpc
 
 from tether.guard.v1 import service_pb2_grpc
 from tether.server.components import Component
+from tether.server.guard.restorer import Restorer
 from tether.server.guard.service import Guard
 from tether.server.guard.servicer import SERVICE_NAME, GuardServicer
 from tether.server.guard.store import GuardStore
@@ -19,21 +20,27 @@ from tether.server.runtime import Runtime
 class GuardArea(Component):
     guard: Guard
     web: WebSide
+    restorer: Restorer
 
 
 def build(server: grpc.aio.Server, runtime: Runtime, store: GuardStore) -> GuardArea:
     guard = Guard(runtime, store)
     service_pb2_grpc.add_FingerprintGuardServicer_to_server(GuardServicer(runtime, guard), server)
     web = WebSide(runtime.settings, guard)
+    restorer = Restorer(guard)
 
     async def start() -> None:
         await guard.load()
         guard.recorder.start()
+        await restorer.start()
         await web.start()
 
     async def stop() -> None:
         await web.stop()
+        await restorer.stop()
         await guard.recorder.stop()
         guard.counters.close()
 
-    return GuardArea(services=[SERVICE_NAME], start=start, stop=stop, guard=guard, web=web)
+    return GuardArea(
+        services=[SERVICE_NAME], start=start, stop=stop, guard=guard, web=web, restorer=restorer
+    )

@@ -178,6 +178,12 @@ class GuardCounters:
                 out.append(Entry(name[1:], int(admitted), int(expiry), network))
         return out, b"f" in fields
 
+    async def exists(self, key: str) -> bool:
+        return bool(await self._call(self._client.exists(key)))
+
+    async def mark(self, key: str) -> None:
+        await self._call(self._client.set(key, b"1"))
+
     async def delete(self, *keys: str) -> None:
         for start in range(0, len(keys), 500):
             await self._call(self._client.delete(*keys[start : start + 500]))
@@ -185,11 +191,14 @@ class GuardCounters:
     async def delete_matching(self, pattern: str) -> None:
         """Deletes every key matching a glob pattern (a scope's leftovers)."""
         batch: list[str] = []
-        async for key in self._client.scan_iter(match=pattern, count=1000):
-            batch.append(key.decode() if isinstance(key, bytes) else key)
-            if len(batch) >= 500:
-                await self.delete(*batch)
-                batch = []
+        try:
+            async for key in self._client.scan_iter(match=pattern, count=1000):
+                batch.append(key.decode() if isinstance(key, bytes) else key)
+                if len(batch) >= 500:
+                    await self.delete(*batch)
+                    batch = []
+        except _DOWN as exc:
+            raise CountersDown(str(exc) or type(exc).__name__) from exc
         await self.delete(*batch)
 
     async def load_scripts(self) -> None:

@@ -11,10 +11,11 @@ and restarts, written behind except for registrations (recorder.py).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -125,11 +126,21 @@ def ms_to_time(ms: int) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def _unavailable() -> errors.Unavailable:
+def unavailable() -> errors.Unavailable:
+    """What every guard RPC answers when Redis does not: never INTERNAL."""
     return errors.Unavailable(
         ErrorReason.ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE,
         "the guard's counters did not answer in time; retry",
     )
+
+
+@contextlib.contextmanager
+def counters_answer() -> Iterator[None]:
+    """Turns a Redis failure inside an operator's call into UNAVAILABLE."""
+    try:
+        yield
+    except CountersDown as exc:
+        raise unavailable() from exc
 
 
 class Validator:
@@ -337,7 +348,7 @@ class Guard:
         )
         if policy.fail_open:
             return Verdict(True, Reason.COUNTERS_UNAVAILABLE, identity, fail_open=True)
-        raise _unavailable() from exc
+        raise unavailable() from exc
 
     # --- freeing slots ---------------------------------------------------
     async def _target(
@@ -369,7 +380,7 @@ class Guard:
         try:
             return await self.counters.remove(key, member)
         except CountersDown as exc:
-            raise _unavailable() from exc
+            raise unavailable() from exc
 
     async def cancel_registration(
         self, service_id: str, identity: str, account: AccountRef | None
@@ -408,7 +419,7 @@ class Guard:
         try:
             expire_ms = await self.counters.renew(key, member, policy.login_session_seconds * 1000)
         except CountersDown as exc:
-            raise _unavailable() from exc
+            raise unavailable() from exc
         expire_time = ms_to_time(expire_ms)
         if expire_time is None:
             raise errors.NotFound(

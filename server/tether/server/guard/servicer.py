@@ -16,7 +16,7 @@ from tether.server.errors import Violations
 from tether.server.guard import backtest, convert, corrections, links, policies, rebuild
 from tether.server.guard.fingerprint import check_identity
 from tether.server.guard.policies import Policy
-from tether.server.guard.service import Guard, Verdict
+from tether.server.guard.service import Guard, Verdict, counters_answer
 from tether.server.runtime import Runtime
 from tether.server.transport import paging
 from tether.server.transport.convert import timestamp
@@ -197,7 +197,8 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
             violations = Violations()
             check_slug(request.service_id, "service_id", violations)
             violations.raise_if_any()
-        restored = await rebuild.rebuild(self._guard, request.service_id)
+        with counters_answer():
+            restored = await rebuild.rebuild(self._guard, request.service_id)
         return pb.RebuildCountersResponse(entries_restored=restored)
 
     async def ExplainIdentity(
@@ -210,18 +211,20 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         self, request: pb.UnlinkFingerprintRequest, context: Context
     ) -> pb.UnlinkFingerprintResponse:
         caller = require(*OPERATORS)
-        identity, previous = await corrections.unlink(
-            self._guard, request.fingerprint, request.reason, caller.credential_id
-        )
+        with counters_answer():
+            identity, previous = await corrections.unlink(
+                self._guard, request.fingerprint, request.reason, caller.credential_id
+            )
         return pb.UnlinkFingerprintResponse(identity=identity, previous_identity=previous)
 
     async def MergeIdentities(
         self, request: pb.MergeIdentitiesRequest, context: Context
     ) -> pb.MergeIdentitiesResponse:
         caller = require(*OPERATORS)
-        identity = await corrections.merge(
-            self._guard, request.identity, request.other, request.reason, caller.credential_id
-        )
+        with counters_answer():
+            identity = await corrections.merge(
+                self._guard, request.identity, request.other, request.reason, caller.credential_id
+            )
         return pb.MergeIdentitiesResponse(identity=identity)
 
     async def Backtest(
@@ -240,6 +243,16 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
             violations,
         )
         run = backtest.Backtest(self._guard, policy, list(start.group_by))
+        with counters_answer():
+            async for response in self._replay(run, requests, start.verdicts):
+                yield response
+
+    async def _replay(
+        self,
+        run: backtest.Backtest,
+        requests: AsyncIterator[pb.BacktestRequest],
+        verdicts: bool,
+    ) -> AsyncIterator[pb.BacktestResponse]:
         index = 0
         done: list[tuple[int, Verdict | str]]
         try:
@@ -255,11 +268,11 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
                     else:
                         done = await run.add(index, convert.backtest_event(message.event))
                 index += 1
-                if start.verdicts:
+                if verdicts:
                     for item in done:
                         yield _verdict(*item)
             for item in await run.finish():
-                if start.verdicts:
+                if verdicts:
                     yield _verdict(*item)
         finally:
             await run.drop()
