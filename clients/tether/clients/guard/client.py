@@ -16,6 +16,9 @@ from tether.common.v1 import types_pb2
 from tether.guard.v1 import messages_pb2 as pb
 from tether.guard.v1.service_pb2_grpc import FingerprintGuardStub
 
+# Backtest events sent per message.
+BACKTEST_BATCH = 200
+
 ACTIONS = {
     "register": pb.ACTION_REGISTER,
     "login": pb.ACTION_LOGIN,
@@ -180,18 +183,32 @@ class GuardClient:
 
         async def requests() -> AsyncIterator[pb.BacktestRequest]:
             yield pb.BacktestRequest(start=start)
-            if isinstance(events, AsyncIterable):
-                async for event in events:
-                    yield pb.BacktestRequest(event=event)
-            else:
-                for event in events:
-                    yield pb.BacktestRequest(event=event)
+            # Many events per message: a message costs more than an event.
+            batch: list[pb.BacktestEvent] = []
+            async for event in _each(events):
+                batch.append(event)
+                if len(batch) >= BACKTEST_BATCH:
+                    yield pb.BacktestRequest(events=pb.BacktestEvents(events=batch))
+                    batch = []
+            if batch:
+                yield pb.BacktestRequest(events=pb.BacktestEvents(events=batch))
 
         async def responses() -> AsyncIterator[pb.BacktestResponse]:
             async for response in self.stub.Backtest(requests()):
                 yield response
 
         return responses()
+
+
+async def _each(
+    events: AsyncIterable[pb.BacktestEvent] | Iterable[pb.BacktestEvent],
+) -> AsyncIterator[pb.BacktestEvent]:
+    if isinstance(events, AsyncIterable):
+        async for event in events:
+            yield event
+    else:
+        for event in events:
+            yield event
 
 
 _COMPONENT_FIELDS = frozenset(pb.FingerprintComponents.DESCRIPTOR.fields_by_name)

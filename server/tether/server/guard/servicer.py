@@ -3,7 +3,7 @@ translates messages (convert.py), calls the Guard."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -257,26 +257,40 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         done: list[tuple[int, Verdict | str]]
         try:
             async for message in requests:
-                if not message.HasField("event"):
-                    done = [(index, "expected an event: the start comes only first")]
+                events = _events_of(message)
+                if events is None:
+                    events = ()
                     run.summary.rejected += 1
-                else:
-                    problem = backtest.check_event(message.event)
+                    if verdicts:
+                        yield _verdict(index, "expected events: the start comes only first")
+                    index += 1
+                for event in events:
+                    problem = backtest.check_event(event)
                     if problem:
                         run.summary.rejected += 1
                         done = [(index, problem)]
                     else:
-                        done = await run.add(index, convert.backtest_event(message.event))
-                index += 1
-                if verdicts:
-                    for item in done:
-                        yield _verdict(*item)
+                        done = await run.add(index, convert.backtest_event(event))
+                    index += 1
+                    if verdicts:
+                        for item in done:
+                            yield _verdict(*item)
             for item in await run.finish():
                 if verdicts:
                     yield _verdict(*item)
         finally:
             await run.drop()
         yield pb.BacktestResponse(summary=convert.backtest_summary(run.summary))
+
+
+def _events_of(message: pb.BacktestRequest) -> Iterable[pb.BacktestEvent] | None:
+    """A message's events; None for a message that carries none (a second start)."""
+    kind = message.WhichOneof("kind")
+    if kind == "event":
+        return (message.event,)
+    if kind == "events":
+        return message.events.events
+    return None
 
 
 def _verdict(index: int, value: Verdict | str) -> pb.BacktestResponse:
