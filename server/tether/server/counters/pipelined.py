@@ -63,6 +63,8 @@ class _Replies(asyncio.Protocol):
         self._deadlines: deque[float] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
+        # Commands sent in one turn of the loop go out in one write.
+        self._outgoing: list[bytes] = []
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -94,12 +96,19 @@ class _Replies(asyncio.Protocol):
             raise redis_errors.ConnectionError("connection to Redis closed")
         assert self._transport is not None
         waiter = self._loop.create_future()
-        self._transport.write(command)
+        if not self._outgoing:
+            self._loop.call_soon(self._write)
+        self._outgoing.append(command)
         self.waiting.append(waiter)
         self._deadlines.append(deadline)
         if self._timer is None:
             self._timer = self._loop.call_at(deadline, self._expire)
         return waiter
+
+    def _write(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if not self.closed and self._transport is not None:
+            self._transport.write(b"".join(outgoing))
 
     def _expire(self) -> None:
         """The timer: drops the connection if the oldest call still waited
@@ -121,6 +130,7 @@ class _Replies(asyncio.Protocol):
 
     def _fail(self, why: str) -> None:
         self.closed = True
+        self._outgoing.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

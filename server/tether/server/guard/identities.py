@@ -30,6 +30,7 @@ SQL at start; a backtest makes a fresh one. Nothing here does I/O.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -350,6 +351,11 @@ class IdentityBook:
         started = self._started if self._started is not None else t
         return self._values.total / max(1.0, (t - started + LINK_PRIOR) / HOUR)
 
+    def _shares(self, fp: Fingerprint) -> list[float]:
+        """Each group's value's share of all sightings."""
+        share = self._values.share
+        return [share([(group, value)]) for group, value in enumerate(fp.groups)]
+
     def _share(self, fp: Fingerprint, groups: Iterable[int]) -> float:
         p = 1.0
         for group in groups:
@@ -365,13 +371,16 @@ class IdentityBook:
         overall = self._overall_rate(t)
         share_here = max(self.crowds.share(network, t, MIN_POPULATION), MIN_NETWORK_SHARE)
         bound_here = STRANGERS_OTHER_NETWORK if crowd else STRANGERS_SAME_NETWORK
+        shares: list[float] | None = None
         for band in bands:
             members = self._bands.get(band)
             if not members:
                 continue
             out = band[0]
-            kept = tuple(g for g in range(len(fp.groups)) if g not in out)
-            rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * self._share(fp, kept))
+            if shares is None:
+                shares = self._shares(fp)
+            kept = math.prod(p for g, p in enumerate(shares) if g not in out)
+            rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
             # Even a member seen a minute ago on this network could not
             # justify a link: nothing in this band can.
             if rate * share_here / 60 > bound_here:
