@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import redis.asyncio as redis
 
 from bench.guard import POSTGRES_DSN, Server, free_port
@@ -141,8 +142,10 @@ async def replay(server: Server, events: list[Event], limit: int) -> dict[str, A
         ).SerializeToString()
         for i in range(0, len(messages), BACKTEST_BATCH)
     ]
-    call = server.channel.stream_stream(
-        BACKTEST, request_serializer=None, response_deserializer=pb.BacktestResponse.FromString
+    call: grpc.aio.StreamStreamMultiCallable[bytes, pb.BacktestResponse] = (
+        server.channel.stream_stream(
+            BACKTEST, request_serializer=None, response_deserializer=pb.BacktestResponse.FromString
+        )
     )
     cpu = _cpu_seconds(server.process.pid)
     began = time.perf_counter()
