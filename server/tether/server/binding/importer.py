@@ -46,8 +46,10 @@ class ImportSpec:
     partner_id: str
     # The list becomes exactly the stream (else: the stream is added).
     replace: bool
-    # Fail beyond this many invalid entries; 0: report any number.
+    # Fail beyond this many invalid entries; 0: report any number, unless strict.
     max_rejected: int = 0
+    # max_rejected is a limit even at 0 (the command line's default).
+    strict: bool = False
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Import:
         self._key = digester.current
         self._replace = spec.replace
         self._max_rejected = spec.max_rejected
+        self._limited = spec.strict or spec.max_rejected > 0
         self._executor = executor
         self._writing: asyncio.Task[None] | None = None
         self.result = ImportResult()
@@ -138,10 +141,12 @@ class Import:
         result.rejected += len(rejections)
         room = MAX_REPORTED_REJECTIONS - len(result.rejections)
         result.rejections.extend(rejections[: max(room, 0)])
-        if self._max_rejected and result.rejected > self._max_rejected:
+        if self._limited and result.rejected > self._max_rejected:
             raise InvalidArgument(
                 ErrorReason.ERROR_REASON_INVALID_FIELD,
-                f"more than {self._max_rejected} invalid entries; nothing was imported",
+                f"more than {self._max_rejected} invalid entries; nothing was imported"
+                if self._max_rejected
+                else "invalid entries; nothing was imported",
                 violations=[
                     FieldViolation(f"entries[{r.index}].{r.field}", r.description)
                     for r in result.rejections[:20]
