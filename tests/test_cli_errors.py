@@ -13,10 +13,13 @@ from pathlib import Path
 import grpc
 
 from tests import binding_support as bs
+from tests.conftest import create_database, drop_database
 from tests.guard_support import guard_client
-from tests.support import RunningServer, expect_error, free_port
+from tests.support import RunningServer, expect_error, free_port, start_server
 from tests.test_binding_cli import BIN
 from tether.guard.v1 import messages_pb2 as gpb
+from tether.server.shared import digests
+from tether.server.storage import migrate
 
 KINDS = "phone_number, member_id, email, social_id, login_id"
 
@@ -408,3 +411,149 @@ async def test_a_national_phone_number_error_names_the_region_flag(
         "error: invalid request: account.value: not a phone number; use E.164 (+4915112345678)"
         " or give --region [INVALID_ARGUMENT ERROR_REASON_INVALID_FIELD]"
     )
+
+
+# --- watch --------------------------------------------------------------------------
+
+
+async def _server_on(
+    port: int, database_url: str, redis_url: str, data_dir: Path, keys: str
+) -> RunningServer:
+    return await start_server(
+        database_url=database_url,
+        redis_url=redis_url,
+        data_dir=data_dir,
+        listen=f"127.0.0.1:{port}",
+        digest_keys=keys,
+    )
+
+
+async def test_watch_says_the_stream_ended_and_resumes_after_its_position(
+    redis_url: str, tmp_path: Path
+) -> None:
+    name, database_url = await create_database()
+    port, keys = free_port(), digests.new_key_spec("test")
+    server = await _server_on(port, database_url, redis_url, tmp_path, keys)
+    watch: asyncio.subprocess.Process | None = None
+    try:
+        _, partner_token = await server.partner(services=("free-data",))
+        device_token = await server.credential("device")
+        first, second, imei = bs.phone(), bs.phone(), bs.imei()
+        await bs.add_accounts(server, partner_token, [bs.phone_account(first)])
+        await bs.add_accounts(server, partner_token, [bs.phone_account(second)])
+        watch = await asyncio.create_subprocess_exec(
+            str(BIN / "tether-device"),
+            "watch",
+            "--imei",
+            imei,
+            "--count",
+            "2",
+            env={**os.environ, "TETHER_ADDRESS": server.address, "TETHER_TOKEN": device_token},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert watch.stdout is not None and watch.stderr is not None
+        code, _, err = await run(
+            server, device_token, "tether-device", "report", "--imei", imei, first
+        )
+        assert code == 0, err
+        assert (await asyncio.wait_for(watch.stdout.readline(), 30)).strip() == b"{"
+
+        await server.stop()
+        ended = (await asyncio.wait_for(watch.stderr.readline(), 30)).decode()
+        assert ended.startswith("watch: the ")
+        assert ended.endswith("; reconnecting in 0.5s to resume after position 1\n")
+
+        server = await _server_on(port, database_url, redis_url, tmp_path, keys)
+        code, _, err = await run(
+            server, device_token, "tether-device", "report", "--imei", imei, second
+        )
+        assert code == 0, err
+        out, _ = await asyncio.wait_for(watch.communicate(), 60)
+        assert watch.returncode == 0
+        positions = [json.loads("{" + doc)["position"] for doc in out.decode().split("\n{")[1:]]
+        # The first event is not sent again: the watch resumed after it.
+        assert positions == [2]
+    finally:
+        if watch is not None and watch.returncode is None:
+            watch.kill()
+            await watch.wait()
+        await server.stop()
+        await drop_database(name)
+
+
+async def test_watch_once_stops_when_the_stream_ends(redis_url: str, tmp_path: Path) -> None:
+    name, database_url = await create_database()
+    server = await _server_on(
+        free_port(), database_url, redis_url, tmp_path, digests.new_key_spec("test")
+    )
+    try:
+        device_token = await server.credential("device")
+        watch = await asyncio.create_subprocess_exec(
+            str(BIN / "tether-device"),
+            "watch",
+            "--imei",
+            bs.imei(),
+            "--once",
+            env={**os.environ, "TETHER_ADDRESS": server.address, "TETHER_TOKEN": device_token},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.sleep(2)  # the stream is open
+    finally:
+        await server.stop()
+        await drop_database(name)
+    _, err = await asyncio.wait_for(watch.communicate(), 30)
+    assert only_line(err.decode()).startswith("watch: the ")
+    assert err.decode().strip().endswith("; stopping (--once)")
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+async def test_one_usage_event_is_singular(pg_server: RunningServer) -> None:
+    _, partner_token = await pg_server.partner(services=("free-data",))
+    device_token = await pg_server.credential("device")
+    phone, imei = bs.phone(), bs.imei()
+    await bs.add_accounts(pg_server, partner_token, [bs.phone_account(phone)])
+    code, out, err = await run(
+        pg_server, device_token, "tether-device", "report", "--imei", imei, phone
+    )
+    assert code == 0, err
+    binding_id = json.loads(out)["outcomes"][0]["binding"]["bindingId"]
+    code, out, err = await run(
+        pg_server,
+        device_token,
+        "tether-device",
+        "report-usage",
+        "--imei",
+        imei,
+        "--binding",
+        binding_id,
+        "--service",
+        "free-data",
+        "data_mb=30",
+    )
+    assert code == 0, err
+    assert out == "recorded 1 usage event\n"
+
+
+async def test_migrate_says_what_it_applied(tmp_path: Path) -> None:
+    env = {**os.environ, "TETHER_DATA_DIR": str(tmp_path), "TETHER_DATABASE_URL": ""}
+    outputs = []
+    for _ in range(2):
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "tether-server"),
+            "migrate",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        assert process.returncode == 0, err
+        outputs.append(out.decode())
+    head = migrate.head_revision()
+    assert outputs[0].startswith("applied ")
+    assert outputs[0].splitlines()[1] == "  0001: partners, services, credentials, idempotency"
+    assert outputs[0].splitlines()[-1].startswith(f"  {head}: ")
+    assert outputs[1] == f"nothing to apply: the database is at {head}\n"
