@@ -557,3 +557,14 @@ async def test_migrate_says_what_it_applied(tmp_path: Path) -> None:
     assert outputs[0].splitlines()[1] == "  0001: partners, services, credentials, idempotency"
     assert outputs[0].splitlines()[-1].startswith(f"  {head}: ")
     assert outputs[1] == f"nothing to apply: the database is at {head}\n"
+
+
+async def test_pipeline_list_without_partner_says_so_before_any_call(
+    pg_server: RunningServer,
+) -> None:
+    token = await pg_server.credential("internal")
+    code, out, err = await run(pg_server, token, "tether-internal", "pipeline", "--list", "dead")
+    assert (code, out) == (2, "")
+    assert only_line(err) == (
+        "error: --list needs --partner: name the partner whose instructions to list"
+    )

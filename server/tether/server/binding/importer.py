@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from tether.common.v1.errors_pb2 import ErrorReason
+from tether.common.v1.types_pb2 import AccountKind
 from tether.server.binding.eligible import MAX_REFERENCE
 from tether.server.binding.store import BindingStore, ListImport, StagedRow
 from tether.server.errors import FieldViolation, InvalidArgument
@@ -27,6 +28,9 @@ from tether.server.shared.digests import Digester, DigestKey
 from tether.server.storage.database import Database
 
 MAX_REPORTED_REJECTIONS = 100
+UNKNOWN_KIND = "unknown account kind; use one of " + ", ".join(
+    value.name for value in AccountKind.DESCRIPTOR.values if value.number
+)
 
 # (account kind or "" when unknown, value, region hint, partner reference)
 RawEntry = tuple[str, str, str, str]
@@ -74,7 +78,7 @@ def prepare(
     for offset, (kind, value, region_hint, reference) in enumerate(entries):
         index = first_index + offset
         if not kind:
-            rejections.append(Rejection(index, "account.kind", "unknown account kind"))
+            rejections.append(Rejection(index, "account.kind", UNKNOWN_KIND))
             continue
         if len(reference) > MAX_REFERENCE or not reference.isprintable():
             rejections.append(
