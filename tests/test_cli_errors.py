@@ -568,3 +568,42 @@ async def test_pipeline_list_without_partner_says_so_before_any_call(
     assert only_line(err) == (
         "error: --list needs --partner: name the partner whose instructions to list"
     )
+
+
+async def test_watch_once_against_no_server_names_the_address() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    code, _, err = await run(
+        None,
+        "some-token",
+        "tether-device",
+        "watch",
+        "--imei",
+        bs.imei(),
+        "--once",
+        env={"TETHER_ADDRESS": address},
+    )
+    assert code == 1
+    assert only_line(err) == (
+        f"watch: cannot reach Tether at {address} (TETHER_ADDRESS); stopping (--once)"
+    )
+
+
+async def test_a_usage_figure_without_a_number_says_how_to_write_it(
+    pg_server: RunningServer,
+) -> None:
+    token = await pg_server.credential("device")
+    code, _, err = await run(
+        pg_server,
+        token,
+        "tether-device",
+        "report-usage",
+        "--imei",
+        bs.imei(),
+        "--binding",
+        "b",
+        "--service",
+        "s",
+        "data_mb=lots",
+    )
+    assert code == 2
+    assert only_line(err) == "error: 'data_mb=lots': give metric=quantity, e.g. data_mb=30"

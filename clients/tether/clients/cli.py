@@ -54,6 +54,8 @@ def print_message(message: Message) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("TETHER_ADDRESS", DEFAULT_ADDRESS)
+    # Commands that explain a failure themselves name the address tried.
+    args.address = address
     token = resolve_token(args.token, args.token_file)
     async with open_channel(address, token, tls=args.tls) as channel:
         handler: Handler = args.handler

@@ -17,7 +17,8 @@ from tether.clients.cli import print_message
 from tether.clients.device.binding import _device as device_of
 from tether.clients.device.binding import _device_arguments as _device_args
 from tether.clients.device.provisioning import DeviceProvisioning
-from tether.clients.failures import EXIT_FAILED
+from tether.clients.errors import details_of
+from tether.clients.failures import EXIT_FAILED, CommandError
 
 # Reconnection backoff of `watch`, in seconds: doubled after each attempt.
 FIRST_DELAY = 0.5
@@ -83,7 +84,12 @@ async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
         except grpc.aio.AioRpcError as error:
             if error.code() not in RECONNECT_ON:
                 raise
-            why, code = f"the stream broke ({error.code().name})", EXIT_FAILED
+            code = EXIT_FAILED
+            why = (
+                f"cannot reach Tether at {args.address} (TETHER_ADDRESS)"
+                if error.code() == grpc.StatusCode.UNAVAILABLE and not details_of(error).reason
+                else f"the stream broke ({error.code().name})"
+            )
         if args.once:
             print(f"watch: {why}; stopping (--once)", file=sys.stderr)
             return code
@@ -121,7 +127,9 @@ async def report_usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> N
     events = []
     for figure in args.figures:
         metric, _, quantity = figure.partition("=")
-        events.append((now, metric, int(quantity or "0")))
+        if not quantity.isdigit():
+            raise CommandError(f"{figure!r}: give metric=quantity, e.g. data_mb=30")
+        events.append((now, metric, int(quantity)))
     recorded = await DeviceProvisioning(channel).report_usage(
         device_of(args), args.binding, args.service, events
     )
