@@ -607,3 +607,27 @@ async def test_a_usage_figure_without_a_number_says_how_to_write_it(
     )
     assert code == 2
     assert only_line(err) == "error: 'data_mb=lots': give metric=quantity, e.g. data_mb=30"
+
+
+async def test_an_unknown_component_field_is_named_in_one_line(pg_server: RunningServer) -> None:
+    token = await pg_server.credential("internal")
+    code, _, err = await run(
+        pg_server,
+        token,
+        "tether-internal",
+        "guard",
+        "evaluate",
+        "shop",
+        "register",
+        "alice",
+        "--components",
+        '{"browser_nam": "Firefox"}',
+        "--ip",
+        "192.0.2.1",
+    )
+    assert code == 2
+    assert only_line(err) == (
+        'error: --components: Message type "tether.guard.v1.FingerprintComponents" has no field'
+        ' named "browser_nam" at "FingerprintComponents"; give the components collector.js sent,'
+        " as a JSON object of proto field names"
+    )

@@ -71,6 +71,12 @@ def parse_json(text: str, source: str, fix: str) -> Any:
         ) from None
 
 
+def first_line(error: Exception) -> str:
+    """An exception's message without the lines some libraries add (protobuf's
+    list of every field)."""
+    return str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+
+
 def in_user_terms(text: str, flags: Mapping[str, str]) -> str:
     """text with each proto field path replaced by the flag that sets it."""
     for path in sorted(flags, key=len, reverse=True):

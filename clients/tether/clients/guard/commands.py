@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import json_format
 
 from tether.clients.cli import print_message
-from tether.clients.failures import CommandError, parse_json, read_text
+from tether.clients.failures import CommandError, first_line, parse_json, read_text
 from tether.clients.guard.client import (
     ACCOUNT_KINDS,
     ACTIONS,
@@ -167,7 +167,7 @@ def _components_arg(value: str) -> pb.FingerprintComponents:
     try:
         return components(fields)
     except json_format.ParseError as error:
-        raise CommandError(f"{source}: {error}; {fix}") from None
+        raise CommandError(f"{source}: {first_line(error)}; {fix}") from None
 
 
 async def evaluate(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
@@ -253,7 +253,7 @@ async def _backtest_policy(args: argparse.Namespace, client: GuardClient) -> pb.
         try:
             policy = json_format.Parse(text, pb.Policy())
         except json_format.ParseError as error:
-            raise CommandError(f"--policy {args.policy[1:]}: {error}; {fix}") from None
+            raise CommandError(f"--policy {args.policy[1:]}: {first_line(error)}; {fix}") from None
     else:
         policy = await client.get_policy(args.policy)
     for name in NUMBERS:
