@@ -107,11 +107,11 @@ async def start_server(
 ) -> RunningServer:
     await migrate.upgrade_async(database_url)
     settings = Settings(
-        listen="127.0.0.1:0",
         database_url=database_url,
         redis_url=redis_url,
         data_dir=data_dir,
         **{
+            "listen": "127.0.0.1:0",
             "digest_keys": digests.new_key_spec("test"),
             "credential_cache_seconds": 0.0,
             # Exactness tests queue a thousand calls at once on a loaded test

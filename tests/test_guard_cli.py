@@ -57,7 +57,7 @@ async def test_cli_sets_policies_evaluates_and_looks_up(pg_server: RunningServer
     assert json.loads(out)["verdict"] == "VERDICT_DENY"
 
     code, out = await _run(pg_server, token, "rebuild", "--service", service)
-    assert (code, json.loads(out)) == (0, {"entries_restored": 0})
+    assert (code, json.loads(out)) == (0, {"entriesRestored": 0})
     code, out = await _run(pg_server, token, "identity-accounts", identity)
     assert code == 0
     assert service in out

@@ -12,6 +12,8 @@ ACCOUNT_KINDS: dict[str, types.AccountKind.ValueType] = {
     "login_id": types.ACCOUNT_KIND_LOGIN_ID,
 }
 ACCOUNT_KIND_NAMES = {v: k for k, v in ACCOUNT_KINDS.items()}
+# The server names the account's region hint; the commands' flag is --region.
+ACCOUNT_FLAGS = {"region_hint": "--region"}
 
 TERMINAL_ID_KINDS: dict[str, types.TerminalIdKind.ValueType] = {
     "imei": types.TERMINAL_ID_KIND_IMEI,

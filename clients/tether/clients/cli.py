@@ -1,26 +1,29 @@
 """What every Tether command-line tool shares: connection flags, running the
-async command, and printing errors with their reason and bad fields.
+async command, and printing its output and its errors.
 
 Each tool (tether-admin, tether-device, tether-partner, tether-internal) is a
 list of command modules; each module adds its subcommands with
 `add_commands(subparsers)` and sets `handler` to an async function taking
-(args, channel).
+(args, channel). A subcommand may also set `flags`: proto field paths (and
+error reasons) -> the flag that sets them, so errors name the flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from types import ModuleType
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from tether.clients.connection import DEFAULT_ADDRESS, open_channel, resolve_token
-from tether.clients.errors import details_of
+from tether.clients.failures import EXIT_FAILED, CommandError, rpc_failure, unreadable
+from tether.clients.output import as_dict
 
 Handler = Callable[[argparse.Namespace, grpc.aio.Channel], Awaitable[int | None]]
 
@@ -44,37 +47,42 @@ def build_parser(
 
 
 def print_message(message: Message) -> None:
-    """Prints a response as JSON, with enum names and every field shown."""
-    print(
-        json_format.MessageToJson(
-            message, always_print_fields_with_no_presence=True, indent=2, sort_keys=False
-        )
-    )
+    """Prints a response as JSON: camelCase names, enum names, every field
+    shown, and 64-bit counts as numbers."""
+    print(json.dumps(as_dict(message), indent=2))
 
 
 async def _run(args: argparse.Namespace) -> int:
-    import os
-
     address = args.address or os.environ.get("TETHER_ADDRESS", DEFAULT_ADDRESS)
+    # Commands that explain a failure themselves name the address tried.
+    args.address = address
     token = resolve_token(args.token, args.token_file)
     async with open_channel(address, token, tls=args.tls) as channel:
         handler: Handler = args.handler
         try:
             return (await handler(args, channel)) or 0
         except grpc.aio.AioRpcError as error:
-            detail = details_of(error)
-            print(f"error: {detail.code.name}: {detail.message}", file=sys.stderr)
-            if detail.reason:
-                print(f"reason: {detail.reason}", file=sys.stderr)
-            for path, why in detail.violations.items():
-                print(f"  {path}: {why}", file=sys.stderr)
-            return 1
+            print(
+                f"error: {rpc_failure(error, address, getattr(args, 'flags', {}))}", file=sys.stderr
+            )
+            return EXIT_FAILED
 
 
 def main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         sys.exit(asyncio.run(_run(args)))
+    except CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.code)
+    except OSError as error:
+        if not error.filename:
+            raise
+        # A file a command opens itself (an output file, an input stream).
+        fix = "check the path and its permissions"
+        failure = unreadable("", error.filename, error, fix)
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(failure.code)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

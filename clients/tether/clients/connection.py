@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
+
+from tether.clients.failures import CommandError, read_text
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -85,5 +86,10 @@ def resolve_token(token: str | None, token_file: str | None) -> str:
     if not path and os.environ.get("TETHER_TOKEN"):
         return os.environ["TETHER_TOKEN"]
     if not path:
-        raise SystemExit("no credential: pass --token or --token-file, or set TETHER_TOKEN")
-    return Path(path).read_text().strip()
+        raise CommandError("no credential: pass --token or --token-file, or set TETHER_TOKEN")
+    flag = "--token-file" if token_file else "TETHER_TOKEN_FILE"
+    fix = "give the file that holds your token (tether-admin create-credential --token-only)"
+    read = read_text(flag, path, fix).strip()
+    if not read:
+        raise CommandError(f"{flag} {path}: the file is empty; {fix}")
+    return read

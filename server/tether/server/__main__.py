@@ -23,15 +23,26 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":
-        from tether.server.storage import migrate
-
-        migrate.upgrade(settings.effective_database_url)
+        asyncio.run(_migrate(settings.effective_database_url))
     elif args.command == "create-admin":
         asyncio.run(_create_admin(settings, args.label))
     else:
         from tether.server.app import serve
 
         asyncio.run(serve(settings))
+
+
+async def _migrate(database_url: str) -> None:
+    from tether.server.storage import migrate
+
+    applied = await migrate.upgrade_reporting(database_url)
+    if not applied:
+        print(f"nothing to apply: the database is at {migrate.head_revision()}")
+        return
+    noun = "migration" if len(applied) == 1 else "migrations"
+    print(f"applied {len(applied)} {noun}:")
+    for line in applied:
+        print(f"  {line}")
 
 
 async def _create_admin(settings: Settings, label: str) -> None:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from tether.common.v1.errors_pb2 import ErrorReason
 
+# Violations named in an error's message; the rest are counted.
+SUMMARIZED = 5
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -86,7 +89,10 @@ class Violations:
 
     def raise_if_any(self) -> None:
         if self.items:
-            summary = "; ".join(f"{v.field}: {v.description}" for v in self.items[:5])
+            summary = "; ".join(f"{v.field}: {v.description}" for v in self.items[:SUMMARIZED])
+            if len(self.items) > SUMMARIZED:
+                # The details carry them all; the message says they exist.
+                summary += f"; and {len(self.items) - SUMMARIZED} more"
             raise InvalidArgument(
                 ErrorReason.ERROR_REASON_INVALID_FIELD,
                 f"invalid request: {summary}",

@@ -97,7 +97,7 @@ def add_commands(sub: Any) -> None:
         "--partner", action="append", default=[], help="check only this partner (repeatable)"
     )
     p.add_argument("--request-id", help="reuse to retry a report safely")
-    p.set_defaults(handler=report)
+    p.set_defaults(handler=report, flags=accounts.ACCOUNT_FLAGS)
 
     p = sub.add_parser("bindings", help="list the bindings of a device")
     _device_arguments(p)

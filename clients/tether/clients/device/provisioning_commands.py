@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +17,16 @@ from tether.clients.cli import print_message
 from tether.clients.device.binding import _device as device_of
 from tether.clients.device.binding import _device_arguments as _device_args
 from tether.clients.device.provisioning import DeviceProvisioning
+from tether.clients.errors import details_of
+from tether.clients.failures import EXIT_FAILED, CommandError
+
+# Reconnection backoff of `watch`, in seconds: doubled after each attempt.
+FIRST_DELAY = 0.5
+MAX_DELAY = 30.0
+# A stream that ends with one of these is a server going away, not a refusal.
+RECONNECT_ON = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+)
 
 
 def add_commands(sub: Any) -> None:
@@ -22,6 +34,12 @@ def add_commands(sub: Any) -> None:
     _device_args(p)
     p.add_argument("--after", type=int, default=0, help="resume after this position")
     p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="stop when the stream ends: exit 0 if the server ended it, 1 if it broke"
+        " (default: reconnect)",
+    )
     p.set_defaults(handler=watch)
 
     p = sub.add_parser("check", help="may this account use this service on this device?")
@@ -31,7 +49,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--region", default="", help="region hint for national phone numbers")
     p.add_argument("--partner", required=True)
     p.add_argument("--service", required=True)
-    p.set_defaults(handler=check)
+    p.set_defaults(handler=check, flags=accounts.ACCOUNT_FLAGS)
 
     p = sub.add_parser("usage", help="ask the partner for the usage of a service")
     _device_args(p)
@@ -48,13 +66,40 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(handler=report_usage)
 
 
-async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
-    seen = 0
-    async for event in DeviceProvisioning(channel).watch(device_of(args), args.after):
-        print_message(event)
-        seen += 1
-        if args.count and seen >= args.count:
-            return
+async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
+    """Prints events as they come. When the stream ends (the server stopped
+    or restarted), says so and resumes after the last position, waiting
+    longer after each failed attempt; --once stops there instead."""
+    position, seen = args.after, 0
+    delay = FIRST_DELAY
+    client = DeviceProvisioning(channel)
+    while True:
+        try:
+            async for event in client.watch(device_of(args), position):
+                print_message(event)
+                position, seen, delay = event.position, seen + 1, FIRST_DELAY
+                if args.count and seen >= args.count:
+                    return 0
+            why, code = "the server ended the stream", 0
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in RECONNECT_ON:
+                raise
+            code = EXIT_FAILED
+            why = (
+                f"cannot reach Tether at {args.address} (TETHER_ADDRESS)"
+                if error.code() == grpc.StatusCode.UNAVAILABLE and not details_of(error).reason
+                else f"the stream broke ({error.code().name})"
+            )
+        if args.once:
+            print(f"watch: {why}; stopping (--once)", file=sys.stderr)
+            return code
+        print(
+            f"watch: {why}; reconnecting in {delay:g}s to resume after position {position}",
+            file=sys.stderr,
+            flush=True,
+        )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, MAX_DELAY)
 
 
 async def check(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
@@ -82,8 +127,10 @@ async def report_usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> N
     events = []
     for figure in args.figures:
         metric, _, quantity = figure.partition("=")
-        events.append((now, metric, int(quantity or "0")))
+        if not quantity.isdigit():
+            raise CommandError(f"{figure!r}: give metric=quantity, e.g. data_mb=30")
+        events.append((now, metric, int(quantity)))
     recorded = await DeviceProvisioning(channel).report_usage(
         device_of(args), args.binding, args.service, events
     )
-    print(f"recorded {recorded} usage events")
+    print(f"recorded {recorded} usage {'event' if recorded == 1 else 'events'}")

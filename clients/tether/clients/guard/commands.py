@@ -7,13 +7,13 @@ import asyncio
 import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
 from tether.clients.cli import print_message
+from tether.clients.failures import CommandError, first_line, parse_json, read_text
 from tether.clients.guard.client import (
     ACCOUNT_KINDS,
     ACTIONS,
@@ -22,9 +22,12 @@ from tether.clients.guard.client import (
     backtest_event,
     components,
 )
+from tether.clients.output import as_dict
 from tether.guard.v1 import messages_pb2 as pb
 
 MODES = {"enforce": pb.MODE_ENFORCE, "shadow": pb.MODE_SHADOW}
+# Evaluate's fields, as the evaluate command's flags.
+EVALUATE_FLAGS = {"client_ip": "--ip", "room_id": "--room", "region_hint": "--region"}
 FAILURES = {"open": pb.REDIS_FAILURE_FAIL_OPEN, "closed": pb.REDIS_FAILURE_FAIL_CLOSED}
 # --flag -> Policy field, for `policy set`.
 NUMBERS = {
@@ -58,7 +61,7 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--ip", required=True, help="the browser's IP address")
     p.add_argument("--room", default="", help="room id, for collaborate")
-    p.set_defaults(handler=evaluate)
+    p.set_defaults(handler=evaluate, flags=EVALUATE_FLAGS)
 
     policy = cmds.add_parser("policy", help="read or change policies")
     pcmds = policy.add_subparsers(dest="policy_command", required=True)
@@ -151,13 +154,20 @@ def _add_backtest(cmds: Any) -> None:
 
 
 def _components_arg(value: str) -> pb.FingerprintComponents:
+    fix = "give the components collector.js sent, as a JSON object of proto field names"
     if value == "-":
-        text = sys.stdin.read()
+        text, source = sys.stdin.read(), "--components - (stdin)"
     elif value.startswith("@"):
-        text = Path(value[1:]).read_text()
+        text, source = read_text("--components", value[1:], fix), f"--components {value}"
     else:
-        text = value
-    return components(json.loads(text))
+        text, source = value, "--components"
+    fields = parse_json(text, source, fix)
+    if not isinstance(fields, dict):
+        raise CommandError(f"{source}: not a JSON object; {fix}")
+    try:
+        return components(fields)
+    except json_format.ParseError as error:
+        raise CommandError(f"{source}: {first_line(error)}; {fix}") from None
 
 
 async def evaluate(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
@@ -220,7 +230,7 @@ async def account_identities(args: argparse.Namespace, channel: grpc.aio.Channel
 
 async def rebuild(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     restored = await GuardClient(channel).rebuild(args.service)
-    print(json.dumps({"entries_restored": restored}))
+    print(json.dumps({"entriesRestored": restored}))
 
 
 async def explain(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
@@ -238,8 +248,12 @@ async def merge(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
 
 async def _backtest_policy(args: argparse.Namespace, client: GuardClient) -> pb.Policy:
     if args.policy.startswith("@"):
-        text = await asyncio.to_thread(Path(args.policy[1:]).read_text)
-        policy = json_format.Parse(text, pb.Policy())
+        fix = "give a Policy as JSON (guard policy get prints one)"
+        text = await asyncio.to_thread(read_text, "--policy", args.policy[1:], fix)
+        try:
+            policy = json_format.Parse(text, pb.Policy())
+        except json_format.ParseError as error:
+            raise CommandError(f"--policy {args.policy[1:]}: {first_line(error)}; {fix}") from None
     else:
         policy = await client.get_policy(args.policy)
     for name in NUMBERS:
@@ -278,9 +292,7 @@ async def backtest(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
             if response.HasField("summary"):
                 print_message(response.summary)
             elif out is not None:
-                out.write(
-                    json_format.MessageToJson(response.verdict, indent=None, sort_keys=True) + "\n"
-                )
+                out.write(json.dumps(as_dict(response.verdict), sort_keys=True) + "\n")
     finally:
         if out is not None:
             out.close()

@@ -10,6 +10,7 @@ import grpc
 
 from tether.clients import accounts
 from tether.clients.cli import print_message
+from tether.clients.failures import CommandError
 from tether.clients.internal.provisioning import InternalProvisioning
 from tether.provisioning.v1 import messages_pb2 as pb
 
@@ -64,12 +65,11 @@ async def usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
 
 
 async def pipeline(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
+    if args.list and not args.partner:
+        raise CommandError("--list needs --partner: name the partner whose instructions to list")
     client = InternalProvisioning(channel)
     print_message(await client.pipeline(args.partner))
     if args.list:
-        if not args.partner:
-            print("--list needs --partner")
-            return 2
         async for record in client.instructions(args.partner, STATES[args.list]):
             print_message(record)
     return 0

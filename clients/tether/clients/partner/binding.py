@@ -1,14 +1,17 @@
 """Binding for partner callers: the library and the tether-partner commands
 `services`, `add`, `remove`, `import`, `export` and `bindings`.
 
-Imports stream a CSV of any size: it is read line by line and sent in
-batches, so a list of millions of accounts never sits in memory.
+Imports stream a CSV of any size: it is read line by line (import_file.py)
+and sent in batches, so a list of millions of accounts never sits in memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
+import itertools
+import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -24,10 +27,16 @@ from tether.binding.v1 import messages_pb2 as pb
 from tether.binding.v1.service_pb2_grpc import BindingStub
 from tether.clients import accounts
 from tether.clients.cli import print_message
+from tether.clients.errors import details_of
+from tether.clients.failures import EXIT_FAILED, CommandError
+from tether.clients.output import as_dict
 from tether.clients.paging import every
+from tether.clients.partner.import_file import ImportFile
 from tether.common.v1 import types_pb2 as types
 
 DEFAULT_BATCH = 5000
+# What the server's initial metadata holds once it accepted an import's header.
+IMPORT_ACCEPTED = ("tether-import", "accepted")
 EXPORT_COLUMNS = ["entry_id", "kind", "account_digest", "partner_reference", "create_time"]
 
 
@@ -64,32 +73,59 @@ class PartnerBinding:
         entries: Iterable[pb.EligibleAccountEntry],
         *,
         replace: bool = False,
-        max_rejected: int = 0,
+        max_rejected: int | None = None,
         batch_size: int = DEFAULT_BATCH,
         on_batch: Callable[[int], None] | None = None,
+        on_accepted: Callable[[], None] | None = None,
     ) -> pb.ImportEligibleAccountsResponse:
         """Streams entries in batches; on_batch(n) is told of each batch as it is sent.
 
         With replace, the list becomes exactly these entries once the stream
-        ends; if the call fails, the list is unchanged.
+        ends; if the call fails, the list is unchanged. max_rejected None
+        reports any number of invalid entries; a number fails the import
+        (writing nothing) beyond it, 0 on the first. No entry is read before
+        the server accepted the header (on_accepted is then called), so a
+        wrong partner fails before the upload.
         """
+        accepted = asyncio.Event()
+        failures: list[Exception] = []
 
         async def requests() -> AsyncIterator[pb.ImportEligibleAccountsRequest]:
             yield pb.ImportEligibleAccountsRequest(
                 header=pb.ImportHeader(
                     partner_id=self.partner_id,
                     mode=pb.IMPORT_MODE_REPLACE if replace else pb.IMPORT_MODE_APPEND,
-                    max_rejected=max_rejected,
+                    max_rejected=max_rejected or 0,
+                    strict=max_rejected is not None,
                 )
             )
-            for chunk in _batches(entries, batch_size):
-                yield pb.ImportEligibleAccountsRequest(batch=pb.ImportBatch(entries=chunk))
-                if on_batch is not None:
-                    on_batch(len(chunk))
+            await accepted.wait()
+            try:
+                for chunk in _batches(entries, batch_size):
+                    yield pb.ImportEligibleAccountsRequest(batch=pb.ImportBatch(entries=chunk))
+                    if on_batch is not None:
+                        on_batch(len(chunk))
+            except Exception as error:
+                # gRPC would only cancel the call: keep the cause for the caller.
+                failures.append(error)
+                call.cancel()
 
-        response: pb.ImportEligibleAccountsResponse = await self._stub.ImportEligibleAccounts(
-            requests()
-        )
+        call = self._stub.ImportEligibleAccounts(requests())
+        try:
+            # The server answers an accepted header with initial metadata
+            # saying so; a refused one ends the call with the reason.
+            metadata = await call.initial_metadata()
+            if metadata.get(IMPORT_ACCEPTED[0]) != IMPORT_ACCEPTED[1]:
+                response: pb.ImportEligibleAccountsResponse = await call
+                return response
+            if on_accepted is not None:
+                on_accepted()
+            accepted.set()
+            response = await call
+        except asyncio.CancelledError:
+            if failures:
+                raise failures[0] from None
+            raise
         return response
 
     def entries(self, page_size: int = 1000) -> AsyncIterator[pb.EligibleAccount]:
@@ -132,26 +168,6 @@ def _batches(
         yield chunk
 
 
-def read_csv(lines: Iterable[str], region_hint: str = "") -> Iterator[pb.EligibleAccountEntry]:
-    """Entries from CSV rows kind,value[,reference]; an optional header row is skipped.
-
-    Rows are yielded as they are read. An unknown kind or a missing value is
-    passed on as is, so the server rejects it and reports its position.
-    """
-    rows = csv.reader(lines)
-    for number, row in enumerate(rows):
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if number == 0 and row[0].strip().lower() == "kind":
-            continue
-        kind = row[0]
-        value = row[1].strip() if len(row) > 1 else ""
-        reference = row[2] if len(row) > 2 else ""
-        yield pb.EligibleAccountEntry(
-            account=accounts.account(kind, value, region_hint), partner_reference=reference
-        )
-
-
 def count_rows(path: Path) -> int:
     """Rows of a CSV, without its header: the progress bar's total.
 
@@ -159,7 +175,7 @@ def count_rows(path: Path) -> int:
     """
     count = 0
     with path.open("rb") as f:
-        first = f.readline()
+        first = f.readline().removeprefix(b"\xef\xbb\xbf")
         count += 0 if first.strip().lower().startswith(b"kind") else 1
         while chunk := f.read(1 << 20):
             count += chunk.count(b"\n")
@@ -190,7 +206,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--replace", action="store_true", help="the list becomes exactly the file")
     p.add_argument("--region", default="", help="region of national phone numbers, e.g. DE")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="entries per message")
-    p.add_argument("--max-rejected", type=int, default=0, help="fail beyond this many bad rows")
+    p.add_argument(
+        "--max-rejected",
+        type=_count,
+        default=0,
+        help="import the good rows when at most this many are bad (default 0: any bad row"
+        " fails the import and nothing is written)",
+    )
+    p.add_argument(
+        "--ignore-extra-columns", action="store_true", help="skip columns other than these three"
+    )
+    p.add_argument("--yes", action="store_true", help="with --replace, allow an empty file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=import_csv)
 
@@ -208,10 +234,20 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(handler=list_bindings)
 
 
+# Errors about a partner's list name the flag, not the proto field.
+PARTNER_FLAGS = {
+    "header.partner_id": "--partner",
+    "partner_id": "--partner",
+    "ERROR_REASON_PARTNER_NOT_FOUND": "--partner",
+    "region_hint": "--region",
+}
+
+
 def _partner_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--partner", default="", help="the partner (needed with admin credentials only)"
     )
+    parser.set_defaults(flags=PARTNER_FLAGS)
 
 
 async def services(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
@@ -236,29 +272,99 @@ async def remove(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     print(f"removed {removed}")
 
 
-async def import_csv(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
+async def import_csv(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
+    source = ImportFile(args.csv, args.region, ignore_extra_columns=args.ignore_extra_columns)
+    try:
+        return await _import(args, channel, source)
+    finally:
+        source.close()
+
+
+async def _import(args: argparse.Namespace, channel: grpc.aio.Channel, source: ImportFile) -> int:
     path: Path = args.csv
-    progress = (
-        None if args.no_progress else tqdm(total=count_rows(path), unit=" rows", file=sys.stderr)
-    )
+    entries = source.entries()
+    first = next(entries, None)
+    if first is None and args.replace and not args.yes:
+        _confirm_emptying(path)
+    progress: tqdm[Any] | None = None
+
+    def start_progress() -> None:
+        nonlocal progress
+        if not args.no_progress:
+            progress = tqdm(total=count_rows(path), unit=" rows", file=sys.stderr)
 
     def advance(sent: int) -> None:
         if progress is not None:
             progress.update(sent)
 
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            response = await PartnerBinding(channel, args.partner).import_entries(
-                read_csv(f, args.region),
-                replace=args.replace,
-                max_rejected=args.max_rejected,
-                batch_size=args.batch_size,
-                on_batch=advance,
-            )
+        response = await PartnerBinding(channel, args.partner).import_entries(
+            itertools.chain([first] if first is not None else [], entries),
+            replace=args.replace,
+            max_rejected=args.max_rejected,
+            batch_size=args.batch_size,
+            on_batch=advance,
+            on_accepted=start_progress,
+        )
+    except grpc.aio.AioRpcError as error:
+        raise _too_many_rejected(error, source, args.max_rejected) or error from None
     finally:
         if progress is not None:
             progress.close()
-    print_message(response)
+    result = as_dict(response)
+    rejections = [source.rejection(r.index, r.field, r.description) for r in response.rejected]
+    result["rejected"] = [
+        {"line": r.line, "column": r.column, "description": r.description} for r in rejections
+    ]
+    print(json.dumps(result, indent=2))
+    if not response.rejected_count:
+        return 0
+    for rejection in rejections:
+        print(rejection.shown(path), file=sys.stderr)
+    rows = "row was" if response.rejected_count == 1 else "rows were"
+    print(
+        f"error: {path}: {response.rejected_count} {rows} rejected (within --max-rejected"
+        f" {args.max_rejected}); the other rows were imported",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
+
+
+def _too_many_rejected(
+    error: grpc.aio.AioRpcError, source: ImportFile, max_rejected: int
+) -> CommandError | None:
+    """The server refused the import for its bad rows: name them by line."""
+    detail = details_of(error)
+    rows = [(path, why) for path, why in detail.violations.items() if path.startswith("entries[")]
+    if detail.code != grpc.StatusCode.INVALID_ARGUMENT or not rows:
+        return None
+    for path, why in rows:
+        index, _, field = path.removeprefix("entries[").partition("].")
+        print(source.rejection(int(index), field, why).shown(source.path), file=sys.stderr)
+    fix = (
+        "fix those rows, or pass --max-rejected N to import the others"
+        if max_rejected == 0
+        else f"more than --max-rejected {max_rejected}"
+    )
+    return CommandError(f"{source.path}: rows rejected ({fix}); nothing was imported", EXIT_FAILED)
+
+
+def _confirm_emptying(path: Path) -> None:
+    """--replace with a file of no rows would empty the list: make sure it is meant."""
+    if not sys.stdin.isatty():
+        raise CommandError(
+            f"{path} has no rows: --replace would empty the whole list; pass --yes to do that"
+        )
+    answer = input(f"{path} has no rows: empty the whole list? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise CommandError("nothing changed", EXIT_FAILED)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
 
 
 async def export_csv(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:

@@ -648,13 +648,19 @@ class ImportHeader(_message.Message):
     PARTNER_ID_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     MAX_REJECTED_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
     partner_id: _builtins.str
     """The list's owner. Partner credentials may omit it."""
     mode: Global___ImportMode.ValueType
     """Append or replace. Required."""
     max_rejected: _builtins.int
-    """Stop and fail INVALID_ARGUMENT when more than this many entries are
-    invalid; 0 means any number is tolerated and reported.
+    """Stop and fail INVALID_ARGUMENT, importing nothing, when more than this
+    many entries are invalid; 0 means any number is tolerated and reported,
+    unless strict is set.
+    """
+    strict: _builtins.bool
+    """strict makes max_rejected a limit even when it is 0, so that any invalid
+    entry fails the import and nothing is written. Command-line imports set it.
     """
     def __init__(
         self,
@@ -662,10 +668,11 @@ class ImportHeader(_message.Message):
         partner_id: _builtins.str = ...,
         mode: Global___ImportMode.ValueType = ...,
         max_rejected: _builtins.int = ...,
+        strict: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_rejected", b"max_rejected", "mode", b"mode", "partner_id", b"partner_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_rejected", b"max_rejected", "mode", b"mode", "partner_id", b"partner_id", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

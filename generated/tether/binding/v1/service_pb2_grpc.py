@@ -142,7 +142,10 @@ class BindingServicer:
         """Streams a large list in: first a header, then batches of entries. With
         IMPORT_MODE_REPLACE the list becomes exactly what was streamed, applied
         atomically when the stream ends; a stream that fails or is cancelled
-        changes nothing. Callers: partner, admin.
+        changes nothing. Once the header is accepted, the server sends initial
+        metadata holding "tether-import: accepted"; a client that waits for it
+        before the batches learns of a wrong partner or mode before any upload.
+        Callers: partner, admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,7 +68,10 @@ class BindingStub:
     """Streams a large list in: first a header, then batches of entries. With
     IMPORT_MODE_REPLACE the list becomes exactly what was streamed, applied
     atomically when the stream ends; a stream that fails or is cancelled
-    changes nothing. Callers: partner, admin.
+    changes nothing. Once the header is accepted, the server sends initial
+    metadata holding "tether-import: accepted"; a client that waits for it
+    before the batches learns of a wrong partner or mode before any upload.
+    Callers: partner, admin.
     """
     ListEligibleAccounts: _grpc.UnaryUnaryMultiCallable[_messages_pb2.ListEligibleAccountsRequest, _messages_pb2.ListEligibleAccountsResponse]
     """Lists the eligible list, ordered by entry id. Raw account values are
@@ -116,7 +119,10 @@ class BindingAsyncStub(BindingStub):
     """Streams a large list in: first a header, then batches of entries. With
     IMPORT_MODE_REPLACE the list becomes exactly what was streamed, applied
     atomically when the stream ends; a stream that fails or is cancelled
-    changes nothing. Callers: partner, admin.
+    changes nothing. Once the header is accepted, the server sends initial
+    metadata holding "tether-import: accepted"; a client that waits for it
+    before the batches learns of a wrong partner or mode before any upload.
+    Callers: partner, admin.
     """
     ListEligibleAccounts: _aio.UnaryUnaryMultiCallable[_messages_pb2.ListEligibleAccountsRequest, _messages_pb2.ListEligibleAccountsResponse]  # type: ignore[assignment]
     """Lists the eligible list, ordered by entry id. Raw account values are
@@ -203,7 +209,10 @@ class BindingServicer(metaclass=_abc_1.ABCMeta):
         """Streams a large list in: first a header, then batches of entries. With
         IMPORT_MODE_REPLACE the list becomes exactly what was streamed, applied
         atomically when the stream ends; a stream that fails or is cancelled
-        changes nothing. Callers: partner, admin.
+        changes nothing. Once the header is accepted, the server sends initial
+        metadata holding "tether-import: accepted"; a client that waits for it
+        before the batches learns of a wrong partner or mode before any upload.
+        Callers: partner, admin.
         """
 
     @_abc_1.abstractmethod

@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from tether.common.v1.errors_pb2 import ErrorReason
+from tether.common.v1.types_pb2 import AccountKind
 from tether.server.binding.eligible import MAX_REFERENCE
 from tether.server.binding.store import BindingStore, ListImport, StagedRow
 from tether.server.errors import FieldViolation, InvalidArgument
@@ -27,6 +28,9 @@ from tether.server.shared.digests import Digester, DigestKey
 from tether.server.storage.database import Database
 
 MAX_REPORTED_REJECTIONS = 100
+UNKNOWN_KIND = "unknown account kind; use one of " + ", ".join(
+    value.name for value in AccountKind.DESCRIPTOR.values if value.number
+)
 
 # (account kind or "" when unknown, value, region hint, partner reference)
 RawEntry = tuple[str, str, str, str]
@@ -46,8 +50,10 @@ class ImportSpec:
     partner_id: str
     # The list becomes exactly the stream (else: the stream is added).
     replace: bool
-    # Fail beyond this many invalid entries; 0: report any number.
+    # Fail beyond this many invalid entries; 0: report any number, unless strict.
     max_rejected: int = 0
+    # max_rejected is a limit even at 0 (the command line's default).
+    strict: bool = False
 
 
 @dataclass
@@ -72,7 +78,7 @@ def prepare(
     for offset, (kind, value, region_hint, reference) in enumerate(entries):
         index = first_index + offset
         if not kind:
-            rejections.append(Rejection(index, "account.kind", "unknown account kind"))
+            rejections.append(Rejection(index, "account.kind", UNKNOWN_KIND))
             continue
         if len(reference) > MAX_REFERENCE or not reference.isprintable():
             rejections.append(
@@ -110,6 +116,7 @@ class Import:
         self._key = digester.current
         self._replace = spec.replace
         self._max_rejected = spec.max_rejected
+        self._limited = spec.strict or spec.max_rejected > 0
         self._executor = executor
         self._writing: asyncio.Task[None] | None = None
         self.result = ImportResult()
@@ -138,10 +145,12 @@ class Import:
         result.rejected += len(rejections)
         room = MAX_REPORTED_REJECTIONS - len(result.rejections)
         result.rejections.extend(rejections[: max(room, 0)])
-        if self._max_rejected and result.rejected > self._max_rejected:
+        if self._limited and result.rejected > self._max_rejected:
             raise InvalidArgument(
                 ErrorReason.ERROR_REASON_INVALID_FIELD,
-                f"more than {self._max_rejected} invalid entries; nothing was imported",
+                f"more than {self._max_rejected} invalid entries; nothing was imported"
+                if self._max_rejected
+                else "invalid entries; nothing was imported",
                 violations=[
                     FieldViolation(f"entries[{r.index}].{r.field}", r.description)
                     for r in result.rejections[:20]

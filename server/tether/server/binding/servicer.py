@@ -44,6 +44,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_NAMED_PARTNERS = 100
 MAX_ENTRIES_PER_CALL = 1000
 MAX_IMPORT_BATCH = 10_000
+# Initial metadata of an import whose header was accepted (the contract's words).
+IMPORT_ACCEPTED = ("tether-import", "accepted")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Binding"].full_name
 
 
@@ -276,13 +278,14 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             partner_id,
             replace=header.mode == pb.IMPORT_MODE_REPLACE,
             max_rejected=header.max_rejected,
+            strict=header.strict,
         )
         run = importer.ImportRun(
             self._db, self._store, self._digester, spec, self._import_workers.get()
         )
         # Tells the client the header was accepted: a long upload can start
         # knowing that its partner and mode are right.
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata((IMPORT_ACCEPTED,))
         try:
             async for message in request_iterator:
                 await run.add(_import_batch(message))

@@ -158,7 +158,12 @@ def check_ip(value: str, path: str, violations: Violations) -> None:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        violations.add(path, "required: an IPv4 or IPv6 address")
+        violations.add(
+            path,
+            f"{value!r} is not an IP address (IPv4 or IPv6)"
+            if value
+            else "required: an IPv4 or IPv6 address",
+        )
 
 
 def check_identity(value: str, path: str, violations: Violations) -> None:

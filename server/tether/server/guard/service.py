@@ -171,8 +171,14 @@ class Validator:
         if action is None:
             violations.add("action", "required: register, login or collaborate")
         elif action is Action.COLLABORATE:
-            if not ROOM.match(room_id):
+            if not room_id:
                 violations.add("room_id", "required: 1-128 characters of A-Z, a-z, 0-9 and . _ : -")
+            elif not ROOM.match(room_id):
+                violations.add(
+                    "room_id",
+                    f"{room_id[:140]!r} is not a room id: 1-128 characters of A-Z, a-z, 0-9"
+                    " and . _ : -",
+                )
         elif room_id:
             violations.add("room_id", "only for the collaborate action")
 

@@ -43,3 +43,21 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 
     async with engine.connect() as connection:
         return await connection.run_sync(read)
+
+
+async def upgrade_reporting(database_url: str) -> list[str]:
+    """Upgrades to head; returns the migrations it applied ("revision: what"), oldest first."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url)
+    try:
+        before = await current_revision(engine)
+        await upgrade_async(database_url)
+        after = await current_revision(engine)
+    finally:
+        await engine.dispose()
+    if after is None or after == before:
+        return []
+    script = ScriptDirectory.from_config(alembic_config(""))
+    applied = script.iterate_revisions(after, before or "base")
+    return [f"{r.revision}: {' '.join((r.doc or '').split())}" for r in reversed(list(applied))]

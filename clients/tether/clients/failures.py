@@ -1,0 +1,105 @@
+"""What goes wrong in a command, as one line a person can act on.
+
+Commands raise CommandError where they know the fix; cli.main prints it, or
+an RPC error, as one line on stderr and exits with its code, never with a
+traceback. Proto field paths in the server's messages are replaced by the
+command-line flags that set them, so the line speaks the user's terms.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tether.clients.errors import details_of
+
+# Exit codes: 1 the server refused or failed the call; 2 the command line
+# or its files are wrong (argparse's own code for usage errors).
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+# The server's message lists this many violations (and counts the rest).
+SUMMARIZED = 5
+
+
+class CommandError(Exception):
+    """A failure the user can fix; its message is the whole explanation."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def unreadable(
+    flag: str, path: str | Path, error: OSError | UnicodeDecodeError, fix: str
+) -> CommandError:
+    """A file named on the command line that cannot be read."""
+    if isinstance(error, FileNotFoundError):
+        why = "no such file"
+    elif isinstance(error, IsADirectoryError):
+        why = "is a directory, not a file"
+    elif isinstance(error, PermissionError):
+        why = "permission denied"
+    elif isinstance(error, UnicodeDecodeError):
+        why = f"not UTF-8 text (byte {error.start})"
+    else:
+        why = error.strerror or str(error)
+    named = f"{flag} {path}" if flag else str(path)
+    return CommandError(f"{named}: {why}; {fix}")
+
+
+def read_text(flag: str, path: str | Path, fix: str) -> str:
+    """A file's text, or a CommandError naming the flag, the path and the fix."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise unreadable(flag, path, error, fix) from None
+
+
+def parse_json(text: str, source: str, fix: str) -> Any:
+    """JSON from a file or argument; malformed JSON says where and how to fix it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CommandError(
+            f"{source}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno});"
+            f" {fix}"
+        ) from None
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message without the lines some libraries add (protobuf's
+    list of every field)."""
+    return str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+
+
+def in_user_terms(text: str, flags: Mapping[str, str]) -> str:
+    """text with each proto field path replaced by the flag that sets it."""
+    for path in sorted(flags, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.]){re.escape(path)}(?![\w])", flags[path], text)
+    return text
+
+
+def rpc_failure(error: grpc.aio.AioRpcError, address: str, flags: Mapping[str, str]) -> str:
+    """The line that explains a failed call."""
+    detail = details_of(error)
+    if detail.code == grpc.StatusCode.UNAVAILABLE and not detail.reason:
+        # No Tether error: the channel never reached a server.
+        why = "connection refused" if "refused" in detail.message.lower() else "unavailable"
+        return (
+            f"cannot reach Tether at {address} ({why}); start the server, or point"
+            " --address or TETHER_ADDRESS at it"
+        )
+    message = detail.message
+    if len(detail.violations) > SUMMARIZED:
+        # The server's message names the first few; a person wants them all.
+        message = "invalid request: " + "; ".join(
+            f"{path}: {why}" for path, why in detail.violations.items()
+        )
+    hint = flags.get(detail.reason)
+    tags = " ".join(t for t in (detail.code.name, detail.reason) if t)
+    return f"{in_user_terms(message, flags)}{f'; check {hint}' if hint else ''} [{tags}]"
