@@ -631,3 +631,33 @@ async def test_an_unknown_component_field_is_named_in_one_line(pg_server: Runnin
         ' named "browser_nam" at "FingerprintComponents"; give the components collector.js sent,'
         " as a JSON object of proto field names"
     )
+
+
+async def test_create_admin_before_migrate_says_to_migrate_then_issues_a_token(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "fresh"  # does not exist yet, as on a fresh clone
+    env = {**os.environ, "TETHER_DATA_DIR": str(data), "TETHER_DATABASE_URL": ""}
+
+    async def server_command(*args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "tether-server"),
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    code, out, err = await server_command("create-admin")
+    assert (code, out) == (1, "")
+    assert err == (
+        "tether-server create-admin: the database is not ready (no such table: credentials); "
+        "run `tether-server migrate` first\n"
+    )
+    assert (await server_command("migrate"))[0] == 0
+    code, out, err = await server_command("create-admin")
+    assert code == 0, err
+    assert out.startswith("cred_") and len(out.splitlines()) == 1

@@ -46,12 +46,22 @@ async def _migrate(database_url: str) -> None:
 
 
 async def _create_admin(settings: Settings, label: str) -> None:
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     from tether.server.storage.database import Database
     from tether.server.transport.credentials import create_admin
 
+    if not settings.database_url:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.effective_database_url, 1)
     try:
         print(await create_admin(db, label))
+    except (OperationalError, ProgrammingError) as exc:
+        # No tables yet (or no database): a step to take, not a traceback.
+        raise SystemExit(
+            "tether-server create-admin: the database is not ready "
+            f"({str(exc.orig).splitlines()[0]}); run `tether-server migrate` first"
+        ) from None
     finally:
         await db.close()
 

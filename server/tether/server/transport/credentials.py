@@ -22,6 +22,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
+from tether.server.shared.partners import Partner
 from tether.server.storage.base import Base, UtcDateTime, utcnow
 from tether.server.storage.database import Database
 from tether.server.transport.principal import CallerKind, Principal
@@ -36,7 +37,7 @@ class Credential(Base):
     # device, partner, internal or admin.
     kind: Mapped[str] = mapped_column(String(16))
     partner_id: Mapped[str | None] = mapped_column(
-        ForeignKey("partners.partner_id", ondelete="CASCADE"), index=True
+        ForeignKey(Partner.partner_id, ondelete="CASCADE"), index=True
     )
     label: Mapped[str] = mapped_column(String(200), default="")
     # SHA-256 of the token's secret part; the token itself is never stored.
