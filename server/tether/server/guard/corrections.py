@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from sqlalchemy import distinct, select
+from sqlalchemy import select
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors
@@ -118,9 +118,9 @@ async def _recount(guard: Guard, old: set[str], new: set[str]) -> None:
     async with guard.db.sessions() as session:
         scopes = (
             await session.execute(
-                select(
-                    distinct(GuardEntry.service_id), GuardEntry.action, GuardEntry.room_id
-                ).where(GuardEntry.identity.in_(fingerprints))
+                select(GuardEntry.service_id, GuardEntry.action, GuardEntry.room_id)
+                .where(GuardEntry.identity.in_(fingerprints))
+                .distinct()
             )
         ).all()
     stale = [
