@@ -68,6 +68,9 @@ PROFILE_SAFETY = 30.0
 PROFILE_RECENT = 2 * HOUR
 PROFILE_MIN_GROUPS = 2
 PROFILE_FONT_SETS = 8
+# A value that more recent identities of one device showed finds no profile
+# candidate (it is common, so it is no evidence of one browser).
+PROFILE_HOLDERS = 50
 # Two font sets this alike are one set with noise.
 FONTS_ALIKE = 0.8
 FONTS_NEAR = 0.85
@@ -187,7 +190,10 @@ class IdentityBook:
         self._apart: set[frozenset[str]] = set()
         self._bands: dict[_Band, list[str]] = {}
         self._profiles: dict[str, _Profile] = {}
+        # Per device: the identities seen recently, oldest first; and per
+        # (device, drifting group, value): those that showed that value.
         self._active: dict[bytes, dict[str, float]] = {}
+        self._holders: dict[tuple[bytes, int, bytes], dict[str, float]] = {}
         self.band_rates = Occupancy(HOUR, HORIZON, LINK_PRIOR)
         # A device class may be seen many times an hour: finer slots.
         self.device_rates = Occupancy(600.0, HORIZON, LINK_PRIOR)
@@ -338,7 +344,9 @@ class IdentityBook:
         for band in bands:
             self.band_rates.see(band, t)
         device = fp.groups[DEVICE]
-        self._active.setdefault(device, {})[identity] = t
+        _touch(self._active.setdefault(device, {}), identity, t)
+        for group in DRIFTING:
+            _touch(self._holders.setdefault((device, group, fp.groups[group]), {}), identity, t)
         self._profiles.setdefault(identity, _Profile()).add(fp)
         self.device_rates.see(device, t)
         self._values.add(enumerate(fp.groups))
@@ -418,10 +426,19 @@ class IdentityBook:
             self.device_rates.rate(device, t, RATE_EXCLUDE),
             self._overall_rate(t) * self._share(fp, (DEVICE,)),
         )
+        # Candidates: recent identities of the device that showed one of
+        # this fingerprint's values. A value shown by many is no evidence
+        # (its share alone would exceed the bound), so it finds nobody: the
+        # look-up stays small however popular the device.
+        found: dict[str, None] = {}
+        for group in DRIFTING:
+            holders = self._holders.get((device, group, fp.groups[group]))
+            if holders and len(holders) <= PROFILE_HOLDERS:
+                found.update(dict.fromkeys(holders))
         hits: list[_Candidate] = []
-        for identity, last in list(active.items()):
-            if t - last > PROFILE_RECENT or identity in self._parent:
-                del active[identity]
+        for identity in found:
+            last = active.get(identity)
+            if last is None or t - last > PROFILE_RECENT or identity in self._parent:
                 continue
             if self.popular(identity):
                 continue
@@ -568,6 +585,18 @@ class IdentityBook:
         for rates in (self.band_rates, self.device_rates, self.identity_rates):
             rates.forget_before(t)
         self.crowds.forget_before(t)
+
+
+def _touch(recent: dict[str, float], identity: str, t: float) -> None:
+    """Marks an identity seen at t in a dict kept oldest first, and drops
+    what PROFILE_RECENT no longer covers (from the front: amortized O(1))."""
+    recent.pop(identity, None)
+    recent[identity] = t
+    while recent:
+        oldest = next(iter(recent))
+        if t - recent[oldest] <= PROFILE_RECENT:
+            break
+        del recent[oldest]
 
 
 def _confidence(expected: float) -> float:
