@@ -23,23 +23,53 @@ ACCEPTED = pb.CONFIRMATION_OUTCOME_ACCEPTED
 DUPLICATE = pb.CONFIRMATION_OUTCOME_DUPLICATE
 
 
+# Short deadlines and few attempts, so redelivery and dead-lettering show quickly.
+FAST = {
+    "provisioning_ack_deadline_seconds": 0.3,
+    "provisioning_backoff_factor": 1.0,
+    "provisioning_retry_delay_seconds": 0.1,
+    "provisioning_max_attempts": 2,
+    "provisioning_poll_seconds": 0.2,
+}
+
+
 @pytest.fixture(scope="module")
 async def fast_server(
     postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningServer]:
-    """Short deadlines and few attempts, so redelivery and dead-lettering show quickly."""
+    """The PostgreSQL server with FAST delivery settings."""
     server = await start_server(
         database_url=postgres_url,
         redis_url=redis_url,
         data_dir=tmp_path_factory.mktemp("fast-server"),
-        provisioning_ack_deadline_seconds=0.3,
-        provisioning_backoff_factor=1.0,
-        provisioning_retry_delay_seconds=0.1,
-        provisioning_max_attempts=2,
-        provisioning_poll_seconds=0.2,
+        **FAST,
     )
     yield server
     await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def fast_sqlite_server(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    """The SQLite server with FAST delivery settings."""
+    data_dir = tmp_path_factory.mktemp("fast-sqlite-server")
+    server = await start_server(
+        database_url=f"sqlite+aiosqlite:///{data_dir / 'tether.db'}",
+        redis_url=redis_url,
+        data_dir=data_dir,
+        **FAST,
+    )
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def fast_any_server(request: pytest.FixtureRequest) -> RunningServer:
+    """A FAST server on each supported database in turn."""
+    fixture = "fast_server" if request.param == "postgres" else "fast_sqlite_server"
+    server: RunningServer = request.getfixturevalue(fixture)
+    return server
 
 
 class RawStream:
@@ -275,6 +305,46 @@ async def test_late_confirmation_after_redelivery_still_counts_once(
     assert again.outcome == DUPLICATE
     activations = await ps.activations_per_binding(fast_server.app.runtime.db, partner_id)
     assert list(activations.values()) == [1]
+
+
+async def test_open_stream_gets_an_unacknowledged_instruction_again_until_it_is_dead(
+    fast_any_server: RunningServer,
+) -> None:
+    server = fast_any_server
+    partner_id, partner_token = await server.partner()
+    await _bind_many(server, partner_token, 1)
+    internal = ps.stub(server, await server.credential("internal"))
+    stream = RawStream(server, partner_token, max_in_flight=5)
+    assert (await stream.recv()).WhichOneof("message") == "ready"
+
+    # The stream stays open and never acknowledges: each ack deadline that
+    # runs out brings the instruction back on the same stream, one attempt on.
+    (first,) = await stream.instructions(1)
+    (second,) = await stream.instructions(1)
+    assert first.attempt == 1
+    assert (second.instruction_id, second.attempt) == (first.instruction_id, 2)
+
+    # After the last attempt (FAST: 2) runs out, it is dead, not sent again.
+    async def is_dead() -> bool:
+        listed = await internal.ListInstructions(
+            pb.ListInstructionsRequest(partner_id=partner_id, state=DEAD)
+        )
+        return [r.instruction.instruction_id for r in listed.instructions] == [first.instruction_id]
+
+    await ps.eventually(is_dead, what="dead after the last attempt")
+    (record,) = await ps.instructions_of(server.app.runtime.db, partner_id)
+    assert (record.state, record.attempts, record.lease_owner) == ("dead", 2, None)
+
+    # The stream is still live and got nothing in between: the next thing on
+    # it is the instruction replayed by an operator, counted from 1 again.
+    await internal.ReplayInstruction(
+        pb.ReplayInstructionRequest(request_id="replay", instruction_id=first.instruction_id)
+    )
+    (replayed,) = await stream.instructions(1)
+    assert (replayed.instruction_id, replayed.attempt) == (first.instruction_id, 1)
+    stream.confirm(replayed.instruction_id)
+    assert [r.outcome for r in await stream.results(1)] == [ACCEPTED]
+    stream.cut()
 
 
 async def test_instruction_never_confirmed_goes_dead_and_replay_revives_it(
