@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import types as types_module
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -16,6 +18,7 @@ from tests.support import RunningServer, expect_error
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as pb
 from tether.common.v1 import types_pb2 as types
+from tether.server.binding import rate_limit
 from tether.server.shared.bindings import BindingChange
 
 BOUND = pb.REPORT_OUTCOME_BOUND
@@ -359,22 +362,28 @@ async def test_missing_or_invalid_credential_is_unauthenticated(
     assert await bs.count_bindings(any_server, partner_id, active_only=False) == 0
 
 
+@pytest.fixture
+def pinned_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds the rate limiter's clock still, so no window ends during a test."""
+    now = time.time()
+    monkeypatch.setattr(rate_limit, "time", types_module.SimpleNamespace(time=lambda: now))
+
+
 async def test_reports_of_one_device_are_rate_limited(
-    pg_server: RunningServer,
+    pg_server: RunningServer, pinned_window: None
 ) -> None:
     token = await pg_server.credential("device")
     devices = bs.stub(pg_server, token)
     dev = bs.device()
     limit = pg_server.app.settings.report_rate_per_minute
-    # A window may end during the test, so up to two windows' worth can pass.
     accepted = 0
-    for _ in range(2 * limit + 1):
+    for _ in range(limit + 1):
         try:
             await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
         except grpc.aio.AioRpcError:
             break
         accepted += 1
-    assert limit <= accepted <= 2 * limit
+    assert accepted == limit
     detail = await expect_error(
         devices.ReportAccountUse(bs.report_request(dev, bs.member())),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -386,19 +395,17 @@ async def test_reports_of_one_device_are_rate_limited(
     await devices.ReportAccountUse(bs.report_request(bs.device(), bs.member()))
 
 
-async def test_a_rate_limited_report_binds_nothing(pg_server: RunningServer) -> None:
+async def test_a_rate_limited_report_binds_nothing(
+    pg_server: RunningServer, pinned_window: None
+) -> None:
     partner_id, partner_token = await pg_server.partner()
     account = bs.phone_account()
     await bs.add_accounts(pg_server, partner_token, [account])
     devices = bs.stub(pg_server, await pg_server.credential("device"))
     dev = bs.device()
     limit = pg_server.app.settings.report_rate_per_minute
-    # Use the device's window up (a window may end meanwhile: two windows' worth).
-    for _ in range(2 * limit + 1):
-        try:
-            await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
-        except grpc.aio.AioRpcError:
-            break
+    for _ in range(limit):
+        await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
     await expect_error(
         devices.ReportAccountUse(bs.report_request(dev, account)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
