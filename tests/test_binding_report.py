@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import types as types_module
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
+import redis.asyncio as redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -164,6 +166,46 @@ async def test_move_policy_revokes_the_old_binding_and_tells_the_listeners(
         ("revoked", old_id, "moved", True),
         ("created", new_id, "", True),
     ]
+
+
+async def test_an_account_without_a_reference_goes_to_the_partner_as_its_entry_id(
+    any_server: RunningServer, device_token: str
+) -> None:
+    _, partner_token = await any_server.partner()
+    account = bs.phone_account()
+    await bs.add_accounts(any_server, partner_token, [account])
+    listed = await bs.stub(any_server, partner_token).ListEligibleAccounts(
+        pb.ListEligibleAccountsRequest()
+    )
+    (entry,) = listed.entries
+    report = await bs.stub(any_server, device_token).ReportAccountUse(
+        bs.report_request(bs.device(), account)
+    )
+    assert report.outcomes[0].binding.partner_reference == entry.entry_id
+
+
+async def test_a_device_that_unbound_does_not_get_back_the_account_bound_elsewhere_since(
+    any_server: RunningServer, device_token: str
+) -> None:
+    partner_id, partner_token = await any_server.partner()
+    account = bs.phone_account()
+    await bs.add_accounts(any_server, partner_token, [account])
+    devices = bs.stub(any_server, device_token)
+    first_device, second_device = bs.device(), bs.device()
+    first = await devices.ReportAccountUse(bs.report_request(first_device, account))
+    await devices.Unbind(
+        pb.UnbindRequest(
+            request_id=secrets.token_hex(6),
+            binding_id=first.outcomes[0].binding.binding_id,
+            device=first_device,
+        )
+    )
+    second = await devices.ReportAccountUse(bs.report_request(second_device, account))
+    assert outcomes(second) == {partner_id: BOUND}
+    # Its own revoked binding is history, not a binding to its device.
+    again = await devices.ReportAccountUse(bs.report_request(first_device, account))
+    assert outcomes(again) == {partner_id: OTHER}
+    assert await bs.count_bindings(any_server, partner_id) == 1
 
 
 async def test_a_failing_listener_rolls_the_binding_back(
@@ -393,6 +435,21 @@ async def test_reports_of_one_device_are_rate_limited(
     assert 0 < detail.retry_after_seconds <= 60
     # Another device of the same credential is not affected.
     await devices.ReportAccountUse(bs.report_request(bs.device(), bs.member()))
+
+
+async def test_every_rate_window_expires_from_its_first_report(
+    pg_server: RunningServer, redis_url: str
+) -> None:
+    devices = bs.stub(pg_server, await pg_server.credential("device"))
+    await devices.ReportAccountUse(bs.report_request(bs.device(), bs.member()))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        windows = [k async for k in client.scan_iter(match="*:rate:report:*")]
+        assert windows
+        for key in windows:
+            assert 0 < await client.pttl(key) <= rate_limit.WINDOW_MS
+    finally:
+        await client.aclose()
 
 
 async def test_a_rate_limited_report_binds_nothing(
