@@ -8,6 +8,7 @@ import time
 import types as types_module
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests import binding_support as bs
-from tests.support import RunningServer, expect_error
+from tests.support import RunningServer, expect_error, start_server
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as pb
 from tether.common.v1 import types_pb2 as types
@@ -450,6 +451,22 @@ async def test_every_rate_window_expires_from_its_first_report(
             assert 0 < await client.pttl(key) <= rate_limit.WINDOW_MS
     finally:
         await client.aclose()
+
+
+async def test_a_rate_of_zero_turns_the_limit_off(redis_url: str, tmp_path: Path) -> None:
+    server = await start_server(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'tether.db'}",
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        report_rate_per_minute=0,
+    )
+    try:
+        devices = bs.stub(server, await server.credential("device"))
+        dev = bs.device()
+        for _ in range(3):
+            await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
+    finally:
+        await server.stop()
 
 
 async def test_a_rate_limited_report_binds_nothing(
