@@ -25,10 +25,12 @@ DUPLICATE = pb.CONFIRMATION_OUTCOME_DUPLICATE
 
 
 # Short deadlines and few attempts, so redelivery and dead-lettering show quickly.
+FAST_ACK_DEADLINE = 0.3
+FAST_RETRY_DELAY = 0.1
 FAST = {
-    "provisioning_ack_deadline_seconds": 0.3,
+    "provisioning_ack_deadline_seconds": FAST_ACK_DEADLINE,
     "provisioning_backoff_factor": 1.0,
-    "provisioning_retry_delay_seconds": 0.1,
+    "provisioning_retry_delay_seconds": FAST_RETRY_DELAY,
     "provisioning_max_attempts": 2,
     "provisioning_poll_seconds": 0.2,
 }
@@ -426,9 +428,14 @@ async def test_a_partner_gets_its_instructions_oldest_first(any_server: RunningS
     _, partner_token = await any_server.partner()
     device_token = await any_server.credential("device")
     bound = [await ps.bind(any_server, device_token, partner_token) for _ in range(3)]
-    stream = RawStream(any_server, partner_token, max_in_flight=3)
+    # One at a time: each lease picks one of the due instructions.
+    stream = RawStream(any_server, partner_token, max_in_flight=1)
     assert (await stream.recv()).WhichOneof("message") == "ready"
-    taken = await stream.instructions(3)
+    taken = []
+    for _ in range(3):
+        (instruction,) = await stream.instructions(1)
+        taken.append(instruction)
+        stream.confirm(instruction.instruction_id)
     stream.cut()
     assert [i.binding_id for i in taken] == [b.binding.binding_id for b in bound]
 
@@ -483,6 +490,7 @@ async def test_retryable_failure_is_delivered_again(fast_server: RunningServer) 
     await _bind_many(fast_server, partner_token, 1)
     partner = PartnerProvisioning(fast_server.channel(partner_token))
     (first,) = await partner.fetch()
+    failed_at = time.time()
     retry = await partner.confirm(first.instruction_id, Failed("busy", retryable=True))
     assert retry.outcome == pb.CONFIRMATION_OUTCOME_RETRY_SCHEDULED
     got: list[pb.Instruction] = []
@@ -493,6 +501,9 @@ async def test_retryable_failure_is_delivered_again(fast_server: RunningServer) 
 
     await ps.eventually(back, what="redelivery after a retryable failure")
     assert got[0].instruction_id == first.instruction_id
+    # Not before the retry delay (FAST: 0.1 s): the lease (0.3 s) began after it.
+    leased_at = got[0].lease_expire_time.ToMicroseconds() / 1e6 - FAST_ACK_DEADLINE
+    assert leased_at >= failed_at + FAST_RETRY_DELAY - 0.002
 
 
 async def test_retryable_failure_of_the_last_attempt_parks_the_instruction_dead(
