@@ -15,6 +15,7 @@ from tests import provisioning_support as ps
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.partner.provisioning import Done, Failed, PartnerProvisioning
 from tether.provisioning.v1 import messages_pb2 as pb
+from tether.server.provisioning.leasing import Timing
 
 PENDING = pb.INSTRUCTION_STATE_PENDING
 LEASED = pb.INSTRUCTION_STATE_LEASED
@@ -422,6 +423,14 @@ async def test_each_redelivery_waits_longer_for_its_confirmation(
     for (attempt, shortest, longest), expected in zip(leases, (0.3, 0.6, 1.0), strict=True):
         assert shortest <= expected <= longest + 0.002, (attempt, shortest, longest)
     assert [attempt for attempt, _, _ in leases] == [1, 2, 3]
+
+
+def test_the_backoff_ceiling_never_cuts_a_lease_below_the_ack_deadline() -> None:
+    timing = Timing(
+        ack_deadline=30, backoff_factor=2, max_backoff=10, retry_delay=5, max_attempts=3
+    )
+    assert [timing.lease_for(n).total_seconds() for n in (1, 2, 3)] == [30, 30, 30]
+    assert [timing.retry_after(n).total_seconds() for n in (1, 2, 3)] == [5, 10, 10]
 
 
 async def test_a_partner_gets_its_instructions_oldest_first(any_server: RunningServer) -> None:
