@@ -1,6 +1,8 @@
 # The two commands: `make run` (server on embedded defaults) and `make test`.
 # Everything installs into .venv; nothing global is touched except, for the
 # browser tests, Debian's chromium packages (see scripts/ensure-chromium).
+# `make test` starts the machine's PostgreSQL and Redis when they are
+# installed but down (see scripts/ensure-services).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,6 +26,7 @@ run: $(BIN)/.installed
 	$(BIN)/tether-server serve
 
 test: $(BIN)/.installed node_modules/.installed
+	scripts/ensure-services
 	scripts/ensure-chromium
 	$(BIN)/pytest
 

@@ -1,7 +1,8 @@
 """Shared fixtures: a fresh PostgreSQL database, a Redis database, and a real
 Tether server listening on a free port.
 
-PostgreSQL and Redis must be running (`.ci/run` starts them). A test that
+PostgreSQL and Redis must be running (`make test` starts them through
+scripts/ensure-services when they are installed but down). A test that
 needs them fails when they are down; nothing here skips.
 """
 

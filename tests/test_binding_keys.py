@@ -74,6 +74,27 @@ async def test_bindings_made_under_an_old_key_are_found_after_rotation(
     assert removed.removed_count == 1
 
 
+async def test_an_account_listed_again_after_rotation_binds_with_its_current_entry(
+    rotated: tuple[RunningServer, RunningServer],
+) -> None:
+    before, after = rotated
+    _, partner_token = await before.partner()
+    account = bs.phone_account()
+    await bs.add_accounts(before, partner_token, [account], reference="under-old-key")
+    # Listed again under the new key: a second entry, with the partner's new reference.
+    await bs.add_accounts(after, partner_token, [account], reference="under-new-key")
+    device_token = await after.credential("device")
+    report = await bs.stub(after, device_token).ReportAccountUse(
+        bs.report_request(bs.device(), account)
+    )
+    (outcome,) = report.outcomes
+    assert outcome.outcome == pb.REPORT_OUTCOME_BOUND
+    assert (outcome.binding.key_id, outcome.binding.partner_reference) == (
+        "new",
+        "under-new-key",
+    )
+
+
 @pytest.fixture
 async def with_workers(
     postgres_url: str, redis_url: str, tmp_path: Path

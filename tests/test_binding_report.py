@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
+import types as types_module
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio as redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests import binding_support as bs
-from tests.support import RunningServer, expect_error
+from tests.support import RunningServer, expect_error, start_server
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as pb
 from tether.common.v1 import types_pb2 as types
+from tether.server.binding import rate_limit
 from tether.server.shared.bindings import BindingChange
 
 BOUND = pb.REPORT_OUTCOME_BOUND
@@ -161,6 +167,46 @@ async def test_move_policy_revokes_the_old_binding_and_tells_the_listeners(
         ("revoked", old_id, "moved", True),
         ("created", new_id, "", True),
     ]
+
+
+async def test_an_account_without_a_reference_goes_to_the_partner_as_its_entry_id(
+    any_server: RunningServer, device_token: str
+) -> None:
+    _, partner_token = await any_server.partner()
+    account = bs.phone_account()
+    await bs.add_accounts(any_server, partner_token, [account])
+    listed = await bs.stub(any_server, partner_token).ListEligibleAccounts(
+        pb.ListEligibleAccountsRequest()
+    )
+    (entry,) = listed.entries
+    report = await bs.stub(any_server, device_token).ReportAccountUse(
+        bs.report_request(bs.device(), account)
+    )
+    assert report.outcomes[0].binding.partner_reference == entry.entry_id
+
+
+async def test_a_device_that_unbound_does_not_get_back_the_account_bound_elsewhere_since(
+    any_server: RunningServer, device_token: str
+) -> None:
+    partner_id, partner_token = await any_server.partner()
+    account = bs.phone_account()
+    await bs.add_accounts(any_server, partner_token, [account])
+    devices = bs.stub(any_server, device_token)
+    first_device, second_device = bs.device(), bs.device()
+    first = await devices.ReportAccountUse(bs.report_request(first_device, account))
+    await devices.Unbind(
+        pb.UnbindRequest(
+            request_id=secrets.token_hex(6),
+            binding_id=first.outcomes[0].binding.binding_id,
+            device=first_device,
+        )
+    )
+    second = await devices.ReportAccountUse(bs.report_request(second_device, account))
+    assert outcomes(second) == {partner_id: BOUND}
+    # Its own revoked binding is history, not a binding to its device.
+    again = await devices.ReportAccountUse(bs.report_request(first_device, account))
+    assert outcomes(again) == {partner_id: OTHER}
+    assert await bs.count_bindings(any_server, partner_id) == 1
 
 
 async def test_a_failing_listener_rolls_the_binding_back(
@@ -359,22 +405,28 @@ async def test_missing_or_invalid_credential_is_unauthenticated(
     assert await bs.count_bindings(any_server, partner_id, active_only=False) == 0
 
 
+@pytest.fixture
+def pinned_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds the rate limiter's clock still, so no window ends during a test."""
+    now = time.time()
+    monkeypatch.setattr(rate_limit, "time", types_module.SimpleNamespace(time=lambda: now))
+
+
 async def test_reports_of_one_device_are_rate_limited(
-    pg_server: RunningServer,
+    pg_server: RunningServer, pinned_window: None
 ) -> None:
     token = await pg_server.credential("device")
     devices = bs.stub(pg_server, token)
     dev = bs.device()
     limit = pg_server.app.settings.report_rate_per_minute
-    # A window may end during the test, so up to two windows' worth can pass.
     accepted = 0
-    for _ in range(2 * limit + 1):
+    for _ in range(limit + 1):
         try:
             await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
         except grpc.aio.AioRpcError:
             break
         accepted += 1
-    assert limit <= accepted <= 2 * limit
+    assert accepted == limit
     detail = await expect_error(
         devices.ReportAccountUse(bs.report_request(dev, bs.member())),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -386,19 +438,48 @@ async def test_reports_of_one_device_are_rate_limited(
     await devices.ReportAccountUse(bs.report_request(bs.device(), bs.member()))
 
 
-async def test_a_rate_limited_report_binds_nothing(pg_server: RunningServer) -> None:
+async def test_every_rate_window_expires_from_its_first_report(
+    pg_server: RunningServer, redis_url: str
+) -> None:
+    devices = bs.stub(pg_server, await pg_server.credential("device"))
+    await devices.ReportAccountUse(bs.report_request(bs.device(), bs.member()))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        windows = [k async for k in client.scan_iter(match="*:rate:report:*")]
+        assert windows
+        for key in windows:
+            assert 0 < await client.pttl(key) <= rate_limit.WINDOW_MS
+    finally:
+        await client.aclose()
+
+
+async def test_a_rate_of_zero_turns_the_limit_off(redis_url: str, tmp_path: Path) -> None:
+    server = await start_server(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'tether.db'}",
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        report_rate_per_minute=0,
+    )
+    try:
+        devices = bs.stub(server, await server.credential("device"))
+        dev = bs.device()
+        for _ in range(3):
+            await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
+    finally:
+        await server.stop()
+
+
+async def test_a_rate_limited_report_binds_nothing(
+    pg_server: RunningServer, pinned_window: None
+) -> None:
     partner_id, partner_token = await pg_server.partner()
     account = bs.phone_account()
     await bs.add_accounts(pg_server, partner_token, [account])
     devices = bs.stub(pg_server, await pg_server.credential("device"))
     dev = bs.device()
     limit = pg_server.app.settings.report_rate_per_minute
-    # Use the device's window up (a window may end meanwhile: two windows' worth).
-    for _ in range(2 * limit + 1):
-        try:
-            await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
-        except grpc.aio.AioRpcError:
-            break
+    for _ in range(limit):
+        await devices.ReportAccountUse(bs.report_request(dev, bs.member()))
     await expect_error(
         devices.ReportAccountUse(bs.report_request(dev, account)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import cast
 
 import grpc
+import redis.asyncio as redis
 
 from tests.guard_support import (
     fingerprint,
     guard_client,
     new_service,
 )
+from tests.provisioning_support import eventually
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
@@ -84,6 +87,53 @@ async def test_logout_frees_a_login_slot(any_server: RunningServer) -> None:
     allowed = await guard.evaluate(service, "login", account("c"), browser, IP)
     assert allowed.verdict == pb.VERDICT_ALLOW
     assert allowed.expire_time.seconds > 0
+
+
+async def test_an_expired_login_frees_its_slot_and_leaves_the_bucket(
+    any_server: RunningServer, redis_url: str
+) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, login_limit=2, login_session_seconds=1)
+    browser = fingerprint()
+    short = await guard.evaluate(service, "login", account("short"), browser, IP)
+    # The second login outlives the first, so the bucket stays alive.
+    await guard.set_policy(
+        pb.Policy(service_id=service, login_session_seconds=600), only=["login_session_seconds"]
+    )
+    long = await guard.evaluate(service, "login", account("long"), browser, IP)
+    assert (short.verdict, long.verdict) == (pb.VERDICT_ALLOW, pb.VERDICT_ALLOW)
+    full = await guard.evaluate(service, "login", account("third"), browser, IP)
+    assert full.reason == pb.VERDICT_REASON_LOGIN_LIMIT
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+
+        async def redis_ms() -> int:
+            seconds, micros = await client.time()
+            return seconds * 1000 + micros // 1000
+
+        async def short_expired() -> bool:
+            return await redis_ms() > short.expire_time.ToMilliseconds()
+
+        await eventually(short_expired, within=5, what="the first login's expiry")
+        third = await guard.evaluate(service, "login", account("third"), browser, IP)
+        assert third.verdict == pb.VERDICT_ALLOW
+        assert (third.count, third.limit) == (2, 2)
+
+        # Only the two live logins remain in the identity's hash, under
+        # their account fields (a<member>) and their network's list (n<network>).
+        (key,) = [k async for k in client.scan_iter(match=f"*:g:{service}:*:l:*")]
+        # Raw bytes: this client does not decode responses.
+        fields = cast(dict[bytes, bytes], await client.hgetall(key))
+        now = await redis_ms()
+        accounts = [v for f, v in fields.items() if f.startswith(b"a")]
+        assert len(accounts) == 2
+        assert all(int(v.split(b"|")[1]) > now for v in accounts)
+        pairs = [p for f, v in fields.items() if f.startswith(b"n") for p in v.split()]
+        assert len(pairs) == 2
+        assert all(int(p.split(b":")[1]) > now for p in pairs)
+    finally:
+        await client.aclose()
 
 
 async def test_renewed_login_gets_a_later_expiry_and_ended_one_cannot_renew(

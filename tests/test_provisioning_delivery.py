@@ -4,6 +4,7 @@ back-pressure, confirmations of every kind, dead-lettering and replay."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,7 @@ from tests import provisioning_support as ps
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.partner.provisioning import Done, Failed, PartnerProvisioning
 from tether.provisioning.v1 import messages_pb2 as pb
+from tether.server.provisioning.leasing import Timing
 
 PENDING = pb.INSTRUCTION_STATE_PENDING
 LEASED = pb.INSTRUCTION_STATE_LEASED
@@ -23,23 +25,75 @@ ACCEPTED = pb.CONFIRMATION_OUTCOME_ACCEPTED
 DUPLICATE = pb.CONFIRMATION_OUTCOME_DUPLICATE
 
 
+# Short deadlines and few attempts, so redelivery and dead-lettering show quickly.
+FAST_ACK_DEADLINE = 0.3
+FAST_RETRY_DELAY = 0.1
+FAST = {
+    "provisioning_ack_deadline_seconds": FAST_ACK_DEADLINE,
+    "provisioning_backoff_factor": 1.0,
+    "provisioning_retry_delay_seconds": FAST_RETRY_DELAY,
+    "provisioning_max_attempts": 2,
+    "provisioning_poll_seconds": 0.2,
+}
+
+
 @pytest.fixture(scope="module")
 async def fast_server(
     postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningServer]:
-    """Short deadlines and few attempts, so redelivery and dead-lettering show quickly."""
+    """The PostgreSQL server with FAST delivery settings."""
     server = await start_server(
         database_url=postgres_url,
         redis_url=redis_url,
         data_dir=tmp_path_factory.mktemp("fast-server"),
-        provisioning_ack_deadline_seconds=0.3,
-        provisioning_backoff_factor=1.0,
-        provisioning_retry_delay_seconds=0.1,
-        provisioning_max_attempts=2,
-        provisioning_poll_seconds=0.2,
+        **FAST,
     )
     yield server
     await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def fast_sqlite_server(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    """The SQLite server with FAST delivery settings."""
+    data_dir = tmp_path_factory.mktemp("fast-sqlite-server")
+    server = await start_server(
+        database_url=f"sqlite+aiosqlite:///{data_dir / 'tether.db'}",
+        redis_url=redis_url,
+        data_dir=data_dir,
+        **FAST,
+    )
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def backoff_server(
+    postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    """FAST, but each further lease twice as long as the one before, up to 1 s."""
+    server = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path_factory.mktemp("backoff-server"),
+        **{
+            **FAST,
+            "provisioning_backoff_factor": 2.0,
+            "provisioning_max_backoff_seconds": 1.0,
+            "provisioning_max_attempts": 3,
+        },
+    )
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def fast_any_server(request: pytest.FixtureRequest) -> RunningServer:
+    """A FAST server on each supported database in turn."""
+    fixture = "fast_server" if request.param == "postgres" else "fast_sqlite_server"
+    server: RunningServer = request.getfixturevalue(fixture)
+    return server
 
 
 class RawStream:
@@ -221,6 +275,31 @@ async def test_repeated_confirmation_is_ok_and_a_conflicting_one_refused(
     assert (
         await partner.confirm(failed.instruction_id, Failed("closed account", False))
     ).outcome == (DUPLICATE)
+    await expect_error(
+        partner.confirm(failed.instruction_id, Failed("another reason", False)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_CONFIRMATION_CONFLICT",
+    )
+
+
+async def test_a_reference_and_a_reason_at_their_limits_are_accepted(
+    pg_server: RunningServer,
+) -> None:
+    _partner_id, partner_token = await pg_server.partner()
+    await _bind_many(pg_server, partner_token, 2)
+    partner = PartnerProvisioning(pg_server.channel(partner_token))
+    done, failed = await partner.fetch(10)
+    await expect_error(
+        partner.confirm(done.instruction_id, Done("r" * 129)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert (await partner.confirm(done.instruction_id, Done("r" * 128))).outcome == ACCEPTED
+    await expect_error(
+        partner.confirm(failed.instruction_id, Failed("x" * 501, retryable=False)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    refused = await partner.confirm(failed.instruction_id, Failed("x" * 500, retryable=False))
+    assert refused.outcome == ACCEPTED
 
 
 async def test_unknown_and_foreign_instructions_are_not_found(pg_server: RunningServer) -> None:
@@ -277,6 +356,99 @@ async def test_late_confirmation_after_redelivery_still_counts_once(
     assert list(activations.values()) == [1]
 
 
+async def test_open_stream_gets_an_unacknowledged_instruction_again_until_it_is_dead(
+    fast_any_server: RunningServer,
+) -> None:
+    server = fast_any_server
+    partner_id, partner_token = await server.partner()
+    await _bind_many(server, partner_token, 1)
+    internal = ps.stub(server, await server.credential("internal"))
+    stream = RawStream(server, partner_token, max_in_flight=5)
+    assert (await stream.recv()).WhichOneof("message") == "ready"
+
+    # The stream stays open and never acknowledges: each ack deadline that
+    # runs out brings the instruction back on the same stream, one attempt on.
+    (first,) = await stream.instructions(1)
+    (second,) = await stream.instructions(1)
+    assert first.attempt == 1
+    assert (second.instruction_id, second.attempt) == (first.instruction_id, 2)
+
+    # After the last attempt (FAST: 2) runs out, it is dead, not sent again.
+    async def is_dead() -> bool:
+        listed = await internal.ListInstructions(
+            pb.ListInstructionsRequest(partner_id=partner_id, state=DEAD)
+        )
+        return [r.instruction.instruction_id for r in listed.instructions] == [first.instruction_id]
+
+    await ps.eventually(is_dead, what="dead after the last attempt")
+    (record,) = await ps.instructions_of(server.app.runtime.db, partner_id)
+    assert (record.state, record.attempts, record.lease_owner) == ("dead", 2, None)
+
+    # The stream is still live and got nothing in between: the next thing on
+    # it is the instruction replayed by an operator, counted from 1 again.
+    await internal.ReplayInstruction(
+        pb.ReplayInstructionRequest(request_id="replay", instruction_id=first.instruction_id)
+    )
+    (replayed,) = await stream.instructions(1)
+    assert (replayed.instruction_id, replayed.attempt) == (first.instruction_id, 1)
+    stream.confirm(replayed.instruction_id)
+    assert [r.outcome for r in await stream.results(1)] == [ACCEPTED]
+    # Confirmed, it is nobody's lease any more.
+    (record,) = await ps.instructions_of(server.app.runtime.db, partner_id)
+    assert (record.state, record.attempts, record.lease_owner) == ("confirmed", 1, None)
+    stream.cut()
+
+
+async def test_each_redelivery_waits_longer_for_its_confirmation(
+    backoff_server: RunningServer,
+) -> None:
+    _, partner_token = await backoff_server.partner()
+    await _bind_many(backoff_server, partner_token, 1)
+    partner = PartnerProvisioning(backoff_server.channel(partner_token))
+    leases: list[tuple[int, float, float]] = []
+
+    async def fetch_next() -> bool:
+        before = time.time()
+        got = await partner.fetch()
+        after = time.time()
+        for instruction in got:
+            end = instruction.lease_expire_time.ToMicroseconds() / 1e6
+            # The lease began between the request and its answer.
+            leases.append((instruction.attempt, end - after, end - before))
+        return bool(got)
+
+    for attempt in (1, 2, 3):
+        await ps.eventually(fetch_next, what=f"delivery {attempt}")
+    # The ack deadline (0.3 s), then doubled each time, up to the maximum (1 s).
+    for (attempt, shortest, longest), expected in zip(leases, (0.3, 0.6, 1.0), strict=True):
+        assert shortest <= expected <= longest + 0.002, (attempt, shortest, longest)
+    assert [attempt for attempt, _, _ in leases] == [1, 2, 3]
+
+
+def test_the_backoff_ceiling_never_cuts_a_lease_below_the_ack_deadline() -> None:
+    timing = Timing(
+        ack_deadline=30, backoff_factor=2, max_backoff=10, retry_delay=5, max_attempts=3
+    )
+    assert [timing.lease_for(n).total_seconds() for n in (1, 2, 3)] == [30, 30, 30]
+    assert [timing.retry_after(n).total_seconds() for n in (1, 2, 3)] == [5, 10, 10]
+
+
+async def test_a_partner_gets_its_instructions_oldest_first(any_server: RunningServer) -> None:
+    _, partner_token = await any_server.partner()
+    device_token = await any_server.credential("device")
+    bound = [await ps.bind(any_server, device_token, partner_token) for _ in range(3)]
+    # One at a time: each lease picks one of the due instructions.
+    stream = RawStream(any_server, partner_token, max_in_flight=1)
+    assert (await stream.recv()).WhichOneof("message") == "ready"
+    taken = []
+    for _ in range(3):
+        (instruction,) = await stream.instructions(1)
+        taken.append(instruction)
+        stream.confirm(instruction.instruction_id)
+    stream.cut()
+    assert [i.binding_id for i in taken] == [b.binding.binding_id for b in bound]
+
+
 async def test_instruction_never_confirmed_goes_dead_and_replay_revives_it(
     fast_server: RunningServer,
 ) -> None:
@@ -286,11 +458,15 @@ async def test_instruction_never_confirmed_goes_dead_and_replay_revives_it(
     internal_channel = fast_server.channel(await fast_server.credential("internal"))
     internal = ps.stub(fast_server, await fast_server.credential("internal"))
 
+    delivered: list[int] = []
+
     async def is_dead() -> bool:
-        await partner.fetch()  # takes whatever is due, confirms nothing
+        # Takes whatever is due, confirms nothing.
+        delivered.extend(i.attempt for i in await partner.fetch())
         return (await ps.pipeline_counts(internal_channel, partner_id)) == {DEAD: 1}
 
     await ps.eventually(is_dead, what="dead after max attempts")
+    assert delivered == [1, 2]
     listed = await internal.ListInstructions(
         pb.ListInstructionsRequest(partner_id=partner_id, state=DEAD)
     )
@@ -323,6 +499,7 @@ async def test_retryable_failure_is_delivered_again(fast_server: RunningServer) 
     await _bind_many(fast_server, partner_token, 1)
     partner = PartnerProvisioning(fast_server.channel(partner_token))
     (first,) = await partner.fetch()
+    failed_at = time.time()
     retry = await partner.confirm(first.instruction_id, Failed("busy", retryable=True))
     assert retry.outcome == pb.CONFIRMATION_OUTCOME_RETRY_SCHEDULED
     got: list[pb.Instruction] = []
@@ -333,6 +510,28 @@ async def test_retryable_failure_is_delivered_again(fast_server: RunningServer) 
 
     await ps.eventually(back, what="redelivery after a retryable failure")
     assert got[0].instruction_id == first.instruction_id
+    # Not before the retry delay (FAST: 0.1 s): the lease (0.3 s) began after it.
+    leased_at = got[0].lease_expire_time.ToMicroseconds() / 1e6 - FAST_ACK_DEADLINE
+    assert leased_at >= failed_at + FAST_RETRY_DELAY - 0.002
+
+
+async def test_retryable_failure_of_the_last_attempt_parks_the_instruction_dead(
+    fast_server: RunningServer,
+) -> None:
+    _, partner_token = await fast_server.partner()
+    await _bind_many(fast_server, partner_token, 1)
+    partner = PartnerProvisioning(fast_server.channel(partner_token))
+    (first,) = await partner.fetch()
+    last: list[pb.Instruction] = []
+
+    async def delivered_again() -> bool:
+        last.extend(await partner.fetch())
+        return bool(last)
+
+    await ps.eventually(delivered_again, what="the last attempt (FAST: 2)")
+    assert (last[0].instruction_id, last[0].attempt) == (first.instruction_id, 2)
+    answer = await partner.confirm(first.instruction_id, Failed("busy", retryable=True))
+    assert (answer.outcome, answer.state) == (pb.CONFIRMATION_OUTCOME_RETRY_SCHEDULED, DEAD)
 
 
 async def test_stream_must_start_with_hello_and_only_partners_connect(

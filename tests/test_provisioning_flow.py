@@ -17,6 +17,7 @@ from tests.support import RunningServer, expect_error, start_server
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.device.provisioning import DeviceProvisioning
 from tether.clients.internal.provisioning import InternalProvisioning
+from tether.clients.partner.provisioning import Done, Failed, PartnerProvisioning
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.server.provisioning.wakeup import feed_topic, instructions_topic
 
@@ -110,6 +111,51 @@ async def test_unbinding_revokes_on_the_device_and_closes_at_the_partner(
         await ps.eventually(lambda: _closed_count(partner, 2), what="two closes")
         check = await devices.check(bound.device, bound.account, partner_id, "music")
         assert not check.entitled and check.state == REVOKED
+
+
+async def test_late_open_confirmation_after_unbinding_leaves_the_entitlement_revoked(
+    any_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await any_server.partner(services=("music",))
+    device_token = await any_server.credential("device")
+    devices = DeviceProvisioning(any_server.channel(device_token))
+    partner = PartnerProvisioning(any_server.channel(partner_token))
+    bound = await ps.bind(any_server, device_token, partner_token)
+    (opening,) = await partner.fetch()
+    assert opening.kind == pb.INSTRUCTION_KIND_OPEN
+    await bs.stub(any_server, device_token).Unbind(
+        binding_pb.UnbindRequest(
+            request_id="u1", binding_id=bound.binding.binding_id, device=bound.device
+        )
+    )
+    revoked = await devices.check(bound.device, bound.account, partner_id, "music")
+    assert not revoked.entitled and revoked.state == REVOKED
+
+    # The partner, slow, confirms the open after the unbinding: its result
+    # is recorded, but the entitlement does not come back.
+    late = await partner.confirm(opening.instruction_id, Done("sub-late"))
+    assert late.outcome == pb.CONFIRMATION_OUTCOME_ACCEPTED
+    check = await devices.check(bound.device, bound.account, partner_id, "music")
+    assert not check.entitled and check.state == REVOKED
+    seen: list[pb.EntitlementEvent] = []
+    await asyncio.wait_for(_collect(devices.watch(bound.device), seen, 2), 20)
+    assert [e.state for e in seen] == [ACTIVATING, REVOKED]
+    db = any_server.app.runtime.db
+    assert await ps.activations_per_binding(db, partner_id) == {}
+
+
+async def test_a_partner_refusing_the_open_for_good_fails_the_entitlement(
+    any_server: RunningServer,
+) -> None:
+    partner_id, partner_token = await any_server.partner(services=("music",))
+    device_token = await any_server.credential("device")
+    devices = DeviceProvisioning(any_server.channel(device_token))
+    partner = PartnerProvisioning(any_server.channel(partner_token))
+    bound = await ps.bind(any_server, device_token, partner_token)
+    (opening,) = await partner.fetch()
+    await partner.confirm(opening.instruction_id, Failed("no such customer", retryable=False))
+    check = await devices.check(bound.device, bound.account, partner_id, "music")
+    assert not check.entitled and check.state == pb.ENTITLEMENT_STATE_FAILED
 
 
 async def _closed_count(partner: ps.RecordingPartner, n: int) -> bool:

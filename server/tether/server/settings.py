@@ -57,7 +57,8 @@ class Settings(BaseSettings):
 
     # --- binding -----------------------------------------------------------
     report_rate_per_minute: int = Field(
-        60, description="ReportAccountUse calls allowed per device and credential per minute"
+        60,
+        description="ReportAccountUse calls per device and credential per minute; 0: no limit",
     )
     import_workers: int = Field(
         0,

@@ -77,6 +77,20 @@ local function day_list(key, now, drop, add)
     redis.call('HSET', key, 'w', table.concat(kept, ' '))
   end
 end
+-- Drops every expired account entry and its network pair: a live entry
+-- keeps the key alive, so the expired ones would otherwise stay forever.
+local function prune(key, now)
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 1) == 'a' then
+      local admitted, expiry, network = parse(all[i + 1])
+      if expiry <= now then
+        redis.call('HDEL', key, all[i])
+        network_list(key, network, now, admitted, nil)
+      end
+    end
+  end
+end
 local function extend_key(key, expiry)
   local latest = tonumber(redis.call('HGET', key, 'x')) or 0
   if expiry > latest then
@@ -199,6 +213,7 @@ end
 if over and not record_over then
   return {0, 0, count, 0, scope, threshold, 1}
 end
+prune(key, now)
 redis.call('HSET', key, mine, int(now) .. '|' .. int(expiry) .. '|' .. network)
 network_list(key, network, now, 0, int(now) .. ':' .. int(expiry))
 if velocity then day_list(key, now, 0, now) end
