@@ -22,6 +22,8 @@ from sqlalchemy import text
 from tether.server.storage.database import Database
 
 AREAS = ("admin", "binding", "provisioning", "guard")
+# What grpc's client says of its own failed write (never sent by the server).
+CLIENT_WRITE_FAILED = "Internal error from Core"
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,18 @@ def _scalar(f: Any, pools: Pools) -> st.SearchStrategy[Any]:
     return _ints(f.type)
 
 
+_MESSAGES: dict[tuple[int, str, int], st.SearchStrategy[Message]] = {}
+
+
 def messages(descriptor: Any, pools: Pools, depth: int = 0) -> st.SearchStrategy[Message]:
     """Messages of this type with any subset of fields set, to any value."""
+    key = (id(pools), descriptor.full_name, depth)
+    if key not in _MESSAGES:
+        _MESSAGES[key] = _messages(descriptor, pools, depth)
+    return _MESSAGES[key]
+
+
+def _messages(descriptor: Any, pools: Pools, depth: int) -> st.SearchStrategy[Message]:
     cls = message_factory.GetMessageClass(descriptor)
     if depth > 4:
         return st.just(cls())
@@ -225,11 +237,17 @@ def body(rpc: Rpc, pools: Pools) -> st.SearchStrategy[tuple[str, bytes]]:
     )
 
 
+_BODIES: dict[tuple[int, str], st.SearchStrategy[list[tuple[str, bytes]]]] = {}
+
+
 def bodies(rpc: Rpc, pools: Pools) -> st.SearchStrategy[list[tuple[str, bytes]]]:
     """The messages of a call: one, or 1-4 on a client stream."""
-    if rpc.client_streaming:
-        return st.lists(body(rpc, pools), min_size=1, max_size=4)
-    return st.lists(body(rpc, pools), min_size=1, max_size=1)
+    key = (id(pools), rpc.path)
+    if key not in _BODIES:
+        _BODIES[key] = st.lists(
+            body(rpc, pools), min_size=1, max_size=4 if rpc.client_streaming else 1
+        )
+    return _BODIES[key]
 
 
 async def call(
@@ -260,6 +278,8 @@ async def call(
     client_call = streaming(metadata=metadata, timeout=seconds)
     try:
         for request in requests:
+            if client_call.done():
+                break
             await client_call.write(request)
         await client_call.done_writing()
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -272,7 +292,12 @@ async def call(
             await client_call
     except grpc.aio.AioRpcError:
         pass
-    return await client_call.code(), await client_call.details() or ""
+    code, details = await client_call.code(), await client_call.details() or ""
+    if code == grpc.StatusCode.INTERNAL and details == CLIENT_WRITE_FAILED:
+        # The server ended the call while this side still wrote: grpc marks
+        # the call INTERNAL here and the server's own status is lost.
+        return grpc.StatusCode.CANCELLED, details
+    return code, details
 
 
 @dataclass(frozen=True)
