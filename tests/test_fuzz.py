@@ -12,7 +12,7 @@ import asyncio
 import os
 import secrets
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +50,7 @@ class World:
     statuses: Counter[str] = field(default_factory=Counter)
     per_rpc: Counter[tuple[str, str]] = field(default_factory=Counter)
     requests: int = 0
-    seconds_per_rpc: Counter[str] = field(default_factory=Counter)
+    seconds_per_rpc: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     checked: int = 0
     last_ok: bool = True
 
@@ -195,7 +195,10 @@ def _report(world: World, elapsed: float) -> None:
         f"({world.requests / elapsed:.0f}/s); storage compared around {world.checked} refusals",
         "fuzz statuses: " + ", ".join(f"{k}={v}" for k, v in world.statuses.most_common()),
         "fuzz slowest: "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in world.seconds_per_rpc.most_common(5)),
+        + ", ".join(
+            f"{k} {v:.1f}s"
+            for k, v in sorted(world.seconds_per_rpc.items(), key=lambda kv: -kv[1])[:5]
+        ),
     ]
     figures = os.environ.get("TETHER_FUZZ_FIGURES")
     if figures:
