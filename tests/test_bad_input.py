@@ -256,3 +256,48 @@ async def test_a_bad_usage_report_on_the_stream_is_answered_and_the_stream_goes_
         assert not call.done()
     finally:
         call.cancel()
+
+
+async def test_usage_sums_beyond_int64_are_answered_at_its_largest_value(
+    any_server: RunningServer,
+) -> None:
+    _, partner_token = await any_server.partner()
+    device_token = await any_server.credential("device")
+    bound = await ps.bind(any_server, device_token, partner_token)
+    partner = ps.stub(any_server, partner_token)
+    largest = 2**63 - 1
+    at = Timestamp()
+    at.FromDatetime(datetime.now(UTC))
+    for request_id in ("big-1", "big-2"):
+        await partner.ReportUsage(
+            pb.ReportUsageRequest(
+                request_id=request_id,
+                report=pb.UsageReport(
+                    binding_id=bound.binding.binding_id,
+                    service_id="free-data",
+                    events=[
+                        pb.UsageEvent(
+                            occur_time=at, figure=pb.UsageFigure(metric="bytes", quantity=largest)
+                        )
+                    ],
+                ),
+            )
+        )
+    device_usage = await ps.stub(any_server, device_token).QueryDeviceUsage(
+        pb.QueryDeviceUsageRequest(
+            device=bound.device, binding_id=bound.binding.binding_id, service_id="free-data"
+        )
+    )
+    assert [(f.metric, f.quantity) for f in device_usage.figures] == [("bytes", largest)]
+    start = Timestamp(seconds=at.seconds - 3600)
+    end = Timestamp(seconds=at.seconds + 3600)
+    usage = await partner.QueryUsage(
+        pb.QueryUsageRequest(
+            service_id="free-data",
+            binding_id=bound.binding.binding_id,
+            start_time=start,
+            end_time=end,
+        )
+    )
+    assert [(d.metric, d.event_count, d.quantity) for d in usage.days] == [("bytes", 2, largest)]
+    assert [(t.metric, t.event_count, t.quantity) for t in usage.totals] == [("bytes", 2, largest)]
