@@ -20,7 +20,9 @@ from tests.support import RunningServer, expect_error
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.errors import details_of
+from tether.guard.v1 import messages_pb2 as guard_pb
 from tether.provisioning.v1 import messages_pb2 as pb
+from tether.server.transport import request_check
 
 OUT_OF_RANGE = Timestamp(seconds=2**40)
 
@@ -301,3 +303,25 @@ async def test_usage_sums_beyond_int64_are_answered_at_its_largest_value(
     )
     assert [(d.metric, d.event_count, d.quantity) for d in usage.days] == [("bytes", 2, largest)]
     assert [(t.metric, t.event_count, t.quantity) for t in usage.totals] == [("bytes", 2, largest)]
+
+
+def test_every_nul_is_found_wherever_it_sits_in_a_request() -> None:
+    parse = request_check.lenient(guard_pb.EvaluateRequest.FromString)
+    assert parse is not None
+    request = guard_pb.EvaluateRequest(
+        service_id="svc-a",
+        components=guard_pb.FingerprintComponents(
+            fonts=["Arial", "Bad\0Font"], extra={"canvas": "c\0"}
+        ),
+    )
+    refused = parse(request.SerializeToString())
+    assert isinstance(refused, request_check.Refused)
+    assert {v.field for v in refused.error.violations} == {
+        "components.fonts[1]",
+        "components.extra['canvas']",
+    }
+    clean = guard_pb.EvaluateRequest(service_id="svc-a", room_id="room:1")
+    assert parse(clean.SerializeToString()) == clean
+    refused = parse(guard_pb.EvaluateRequest(room_id="bad room!").SerializeToString())
+    assert isinstance(refused, request_check.Refused)
+    assert [v.field for v in refused.error.violations] == ["room_id"]

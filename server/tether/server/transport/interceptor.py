@@ -121,14 +121,10 @@ async def _fail(
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
 
 
-async def _checked(requests: AsyncIterator[Any], whole: bool) -> AsyncIterator[Any]:
-    """A client stream's messages, each refused (ending the call) unless it
-    parsed and, when whole, passed every request check."""
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream's messages; one refused as it was parsed ends the call."""
     async for request in requests:
-        if whole:
-            request_check.check(request)
-        elif request is request_check.UNDECODABLE:
-            raise request_check.undecodable()
+        request_check.raise_if_refused(request)
         yield request
 
 
@@ -141,10 +137,11 @@ def _wrap(
     whole = not getattr(behaviour, "checks_own_messages", False)
 
     def checked(request: Any) -> Any:
-        """Checks a unary request; wraps a client stream to check each message."""
+        """A unary request, or each message of a client stream, as it was
+        checked when it was parsed: a refused one is raised."""
         if client_streaming:
-            return _checked(request, whole)
-        request_check.check(request)
+            return _checked(request)
+        request_check.raise_if_refused(request)
         return request
 
     def unary_result(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -179,10 +176,13 @@ def _wrap(
 
         return run
 
-    # A body that does not parse reaches the handler as UNDECODABLE, so the
-    # caller is authenticated first and then told INVALID_ARGUMENT (gRPC's
-    # own answer would be UNKNOWN, before authentication).
-    parse = request_check.lenient(h.request_deserializer)
+    # The request checks run as a body is parsed, where its bytes are at
+    # hand; a body that does not parse or fails them reaches the handler as
+    # Refused, so the caller is authenticated first and then told
+    # INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN, before
+    # authentication). A method that checks its own messages gets only the
+    # parse refused.
+    parse = request_check.lenient(h.request_deserializer, checked=whole)
     if h.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             unary_result(h.unary_unary), parse, h.response_serializer
