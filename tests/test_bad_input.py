@@ -163,6 +163,18 @@ async def test_timestamps_outside_the_protobuf_range_are_invalid_argument(
         assert set(detail.violations) == {field}
 
 
+async def _answer(
+    channel: grpc.aio.Channel, rpc: fuzz.Rpc, token: str
+) -> tuple[grpc.StatusCode, str]:
+    """The server's answer to b'\\xff': on a client stream, a write racing the
+    server's early answer loses it on this side, so such a call is repeated."""
+    for _ in range(20):
+        code, message = await fuzz.call(channel, rpc, [b"\xff"], token, seconds=10)
+        if message != fuzz.CLIENT_WRITE_FAILED:
+            break
+    return code, message
+
+
 async def test_an_undecodable_body_is_invalid_argument_on_every_method_after_authentication(
     pg_server: RunningServer,
 ) -> None:
@@ -172,13 +184,13 @@ async def test_an_undecodable_body_is_invalid_argument_on_every_method_after_aut
     try:
         with capture_logs() as logs:
             for rpc in fuzz.rpcs():
-                code, _ = await fuzz.call(channel, rpc, [b"\xff"], "", seconds=10)
+                code, _ = await _answer(channel, rpc, "")
                 assert code == grpc.StatusCode.UNAUTHENTICATED, rpc.path
                 # A caller of the wrong kind may be turned away first; one of
                 # the right kind is told the body is bad.
                 answers = {}
                 for token in tokens:
-                    code, message = await fuzz.call(channel, rpc, [b"\xff"], token, seconds=10)
+                    code, message = await _answer(channel, rpc, token)
                     answers[code] = message
                 assert grpc.StatusCode.INVALID_ARGUMENT in answers, (rpc.path, answers)
                 assert set(answers) <= {
