@@ -31,7 +31,7 @@ from tests.support import RunningServer, start_server
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.provisioning.v1 import messages_pb2 as prov_pb
 
-REQUESTS = int(os.environ.get("TETHER_FUZZ_REQUESTS", "800"))
+REQUESTS = int(os.environ.get("TETHER_FUZZ_REQUESTS", "600"))
 # Storage is compared around one refused call in this many (1: each one).
 CHECK_WRITES_EVERY = int(os.environ.get("TETHER_FUZZ_CHECK_WRITES_EVERY", "1"))
 # Calls sent at once (1: one by one, each refusal's writes compared alone).
