@@ -61,9 +61,15 @@ class Pools:
     """Values that reach past format checks into real look-ups."""
 
     strings: list[str] = field(default_factory=list)
+    # Well-formed requests by RPC path: a fuzzed body may start from one and
+    # change some fields, to get past the checks into the domain.
+    templates: dict[str, list[Message]] = field(default_factory=dict)
 
     def add(self, *values: str) -> None:
         self.strings.extend(values)
+
+    def template(self, path: str, *requests: Message) -> None:
+        self.templates.setdefault(path, []).extend(requests)
 
 
 NASTY_STRINGS = [
@@ -207,6 +213,28 @@ def _messages(descriptor: Any, pools: Pools, depth: int) -> st.SearchStrategy[Me
 
 
 @st.composite
+def _templated(
+    draw: st.DrawFn, templates: list[Message], changes: st.SearchStrategy[Message]
+) -> Message:
+    """A well-formed request with some of its fields set to generated values."""
+    message = draw(st.sampled_from(templates)).__deepcopy__()
+    if draw(st.integers(0, 3)) == 0:
+        return message
+    change = draw(changes)
+    field: Any
+    for field, _ in change.ListFields():
+        if draw(st.integers(0, 3)) == 0:
+            message.ClearField(field.name)
+            if field.is_repeated:
+                getattr(message, field.name).MergeFrom(getattr(change, field.name))
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                getattr(message, field.name).CopyFrom(getattr(change, field.name))
+            else:
+                setattr(message, field.name, getattr(change, field.name))
+    return message
+
+
+@st.composite
 def _mutated(draw: st.DrawFn, encoded: bytes) -> bytes:
     data = bytearray(encoded)
     for _ in range(draw(st.integers(1, 4))):
@@ -228,6 +256,10 @@ def body(rpc: Rpc, pools: Pools) -> st.SearchStrategy[tuple[str, bytes]]:
     """One request body and how it was made: a generated message, a
     generated message with its encoding mutated, or raw bytes."""
     generated = messages(rpc.request.DESCRIPTOR, pools)
+    templates = pools.templates.get(rpc.path)
+    if templates:
+        templated = _templated(templates, generated)
+        generated = st.one_of(generated, templated, templated)
     return st.one_of(
         generated.map(lambda m: ("generated", m.SerializeToString())),
         generated.flatmap(lambda m: _mutated(m.SerializeToString())).map(lambda b: ("mutated", b)),

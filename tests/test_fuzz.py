@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,8 +28,11 @@ from tests import binding_support as bs
 from tests import fuzz_support as fuzz
 from tests import provisioning_support as ps
 from tests.conftest import claimed_redis_database, create_database, drop_database
+from tests.guard_support import fingerprint
 from tests.support import RunningServer, start_server
 from tether.admin.v1 import messages_pb2 as admin_pb
+from tether.binding.v1 import messages_pb2 as binding_pb
+from tether.guard.v1 import messages_pb2 as guard_pb
 from tether.provisioning.v1 import messages_pb2 as prov_pb
 
 REQUESTS = int(os.environ.get("TETHER_FUZZ_REQUESTS", "600"))
@@ -85,6 +89,7 @@ async def world(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Asy
             bs.imei(),
             *[c.credential_id for c in credentials.credentials if c.credential_id not in in_use],
         )
+        _add_templates(pools, partner_id, bound)
         storage = fuzz.Storage(server.app.runtime.db, own_redis)
         channel = grpc.aio.insecure_channel(server.address)
         tokens = [
@@ -102,6 +107,82 @@ async def world(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Asy
             await storage.close()
             await server.stop()
     await drop_database(name)
+
+
+def _add_templates(pools: fuzz.Pools, partner_id: str, bound: ps.Bound) -> None:
+    """Well-formed requests of the write paths, for the fuzzer to change."""
+    now = Timestamp()
+    now.FromDatetime(datetime.now(UTC))
+    hour_ago = Timestamp(seconds=now.seconds - 3600)
+    report = prov_pb.UsageReport(
+        binding_id=bound.binding.binding_id,
+        service_id="free-data",
+        events=[
+            prov_pb.UsageEvent(occur_time=now, figure=prov_pb.UsageFigure(metric="mb", quantity=3))
+        ],
+    )
+    admin, binding, provisioning, guard = (
+        f"/tether.{area}.v1.{service}/"
+        for area, service in (
+            ("admin", "Admin"),
+            ("binding", "Binding"),
+            ("provisioning", "Provisioning"),
+            ("guard", "FingerprintGuard"),
+        )
+    )
+    pools.template(
+        admin + "CreatePartner",
+        admin_pb.CreatePartnerRequest(request_id="t1", partner_id="fuzz-p", display_name="F"),
+    )
+    pools.template(
+        admin + "CreateService",
+        admin_pb.CreateServiceRequest(
+            request_id="t2", partner_id=partner_id, service_id="fuzz-s", display_name="S"
+        ),
+    )
+    pools.template(
+        binding + "ReportAccountUse",
+        bs.report_request(bound.device, bound.account),
+        bs.report_request(bs.device(), bs.phone_account()),
+    )
+    pools.template(
+        binding + "AddEligibleAccounts",
+        binding_pb.AddEligibleAccountsRequest(
+            entries=[binding_pb.EligibleAccountEntry(account=bs.phone_account())]
+        ),
+    )
+    pools.template(
+        provisioning + "ReportUsage",
+        prov_pb.ReportUsageRequest(request_id="t3", report=report),
+        prov_pb.ReportUsageRequest(request_id="t4", device=bound.device, report=report),
+    )
+    pools.template(
+        provisioning + "QueryUsage",
+        prov_pb.QueryUsageRequest(service_id="free-data", start_time=hour_ago, end_time=now),
+    )
+    pools.template(
+        provisioning + "CheckEntitlement",
+        prov_pb.CheckEntitlementRequest(
+            device=bound.device,
+            account=bound.account,
+            partner_id=partner_id,
+            service_id="free-data",
+        ),
+    )
+    pools.template(
+        guard + "SetPolicy",
+        guard_pb.SetPolicyRequest(policy=guard_pb.Policy(service_id="guarded", register_limit=2)),
+    )
+    pools.template(
+        guard + "Evaluate",
+        guard_pb.EvaluateRequest(
+            service_id="guarded",
+            action=guard_pb.ACTION_REGISTER,
+            account=bs.phone_account(),
+            components=fingerprint("fuzz"),
+            client_ip="10.1.2.3",
+        ),
+    )
 
 
 RPCS = fuzz.rpcs()
@@ -165,6 +246,26 @@ async def _send(
     return code
 
 
+async def test_the_fuzzers_templates_reach_past_the_checks(world: World) -> None:
+    by_path = {rpc.path: rpc for rpc in RPCS}
+    for path, templates in world.pools.templates.items():
+        for template in templates:
+            answers = {
+                (
+                    await fuzz.call(
+                        world.channel,
+                        by_path[path],
+                        [template.SerializeToString()],
+                        token,
+                        seconds=15,
+                    )
+                )
+                for token in world.tokens[:4]
+            }
+            codes = {code for code, _ in answers}
+            assert codes & {grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS}, (path, answers)
+
+
 async def test_fuzzed_requests_are_never_internal_and_refusals_write_nothing(world: World) -> None:
     started = time.perf_counter()
     # Hypothesis runs examples synchronously: it drives them from a thread,
@@ -217,4 +318,3 @@ async def _expect_healthy(world: World) -> None:
         admin_pb.GetPartnerRequest(partner_id=world.partner_id), timeout=5
     )
     assert partner.partner.partner_id == world.partner_id
-    _ = prov_pb, secrets
