@@ -314,7 +314,7 @@ async def call(
                 break
             await client_call.write(request)
         await client_call.done_writing()
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+    except Exception:  # the write lost a race with the server's answer, read below
         pass
     try:
         if rpc.server_streaming:
