@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint generate bench clean
+.PHONY: run test fuzz lint generate bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test: $(BIN)/.installed node_modules/.installed
 	scripts/ensure-services
 	scripts/ensure-chromium
 	$(BIN)/pytest
+
+# A long fuzz of every RPC, 100,000 requests by default (`make test` runs a
+# short one): no INTERNAL or UNKNOWN, refusals write nothing. Figures in
+# .tether/fuzz-figures.txt.
+FUZZ_REQUESTS ?= 100000
+fuzz: $(BIN)/.installed
+	mkdir -p .tether
+	TETHER_FUZZ_REQUESTS=$(FUZZ_REQUESTS) TETHER_FUZZ_BATCH=8 TETHER_FUZZ_CHECK_WRITES_EVERY=10 \
+	TETHER_FUZZ_FIGURES=.tether/fuzz-figures.txt \
+		$(BIN)/pytest tests/test_fuzz.py -q --timeout=0 -p no:cacheprovider
+	cat .tether/fuzz-figures.txt
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ needs them fails when they are down; nothing here skips.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -56,12 +57,19 @@ async def postgres_url() -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 async def redis_url() -> AsyncIterator[str]:
-    """A Redis database of its own (1-15), so parallel test runs do not meet.
+    """A Redis database of its own (1-15), so parallel test runs do not meet."""
+    async with claimed_redis_database() as url:
+        yield url
 
-    Picks an empty one and claims it with a marker key.
-    """
+
+@contextlib.asynccontextmanager
+async def claimed_redis_database(besides: str = "") -> AsyncIterator[str]:
+    """An empty Redis database (1-15), claimed with a marker key; flushed after.
+    besides: a URL from here that is in use (and may still be empty)."""
     for _ in range(30):
         db = secrets.randbelow(15) + 1
+        if besides == f"{REDIS_BASE_URL}/{db}":
+            continue
         client = redis.Redis.from_url(f"{REDIS_BASE_URL}/{db}")
         try:
             claimed = await client.set("tether:test:claim", "1", nx=True, ex=3600)

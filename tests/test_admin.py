@@ -63,15 +63,24 @@ async def test_reused_request_id_with_other_body_is_refused(pg_server: RunningSe
 async def test_bad_partner_fields_are_all_reported(pg_server: RunningServer) -> None:
     detail = await expect_error(
         pg_server.admin().CreatePartner(
-            pb.CreatePartnerRequest(request_id="", partner_id="Bad Id!", display_name="")
+            pb.CreatePartnerRequest(request_id="", partner_id="good-id", display_name="")
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "ERROR_REASON_INVALID_FIELD",
     )
     assert set(detail.violations) == {"request_id"}
+    # A malformed id is refused before anything else is looked at.
     detail = await expect_error(
         pg_server.admin().CreatePartner(
-            pb.CreatePartnerRequest(request_id="x", partner_id="Bad Id!", display_name="")
+            pb.CreatePartnerRequest(request_id="", partner_id="Bad Id!", display_name="")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"partner_id"}
+    detail = await expect_error(
+        pg_server.admin().CreatePartner(
+            pb.CreatePartnerRequest(request_id="x", partner_id="", display_name="")
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "ERROR_REASON_INVALID_FIELD",

@@ -267,7 +267,7 @@ async def test_a_backtest_needs_a_start_and_an_operator(any_server: RunningServe
         return [r async for r in device.backtest(start, [])]
 
     await expect_error(as_device(), grpc.StatusCode.PERMISSION_DENIED)
-    bad = pb.BacktestStart(policy=pb.Policy(service_id="x", register_limit=-1))
+    bad = pb.BacktestStart(policy=pb.Policy(service_id="", register_limit=-1))
 
     async def bad_policy() -> list[pb.BacktestResponse]:
         return [r async for r in guard.backtest(bad, [])]

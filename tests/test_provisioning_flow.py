@@ -249,7 +249,7 @@ async def test_usage_of_another_devices_binding_is_refused(pg_server: RunningSer
         "ERROR_REASON_ENTITLEMENT_NOT_FOUND",
     )
     detail = await expect_error(
-        devices.report_usage(bound.device, "not-a-uuid", "free-data", [(now, "BAD METRIC", -1)]),
+        devices.report_usage(bound.device, "", "free-data", [(now, "BAD METRIC", -1)]),
         grpc.StatusCode.INVALID_ARGUMENT,
         "ERROR_REASON_INVALID_FIELD",
     )
@@ -258,6 +258,13 @@ async def test_usage_of_another_devices_binding_is_refused(pg_server: RunningSer
         "report.events[0].figure.metric",
         "report.events[0].figure.quantity",
     }
+    # A malformed id is refused before anything else is looked at.
+    detail = await expect_error(
+        devices.report_usage(bound.device, "not-a-uuid", "free-data", [(now, "BAD METRIC", -1)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"report.binding_id"}
 
 
 async def test_internal_usage_query_sums_per_day_in_pages(pg_server: RunningServer) -> None:

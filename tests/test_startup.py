@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support import RunningServer
 from tether.server.app import build, serve
 from tether.server.settings import Settings
 from tether.server.shared import digests
@@ -33,3 +37,33 @@ async def test_server_names_the_setting_when_the_web_port_is_taken(tmp_path: Pat
         settings = Settings(listen="127.0.0.1:0", data_dir=tmp_path, http_listen=f"{host}:{port}")
         with pytest.raises(SystemExit, match="TETHER_HTTP_LISTEN"):
             await serve(settings)
+
+
+async def test_a_second_server_on_a_used_port_refuses_to_start(
+    pg_server: RunningServer, tmp_path: Path
+) -> None:
+    # gRPC's default SO_REUSEPORT would let it bind beside the first and take
+    # a share of its calls.
+    env = {
+        **os.environ,
+        "TETHER_LISTEN": pg_server.address,
+        "TETHER_DATA_DIR": str(tmp_path),
+        "TETHER_HTTP_LISTEN": "127.0.0.1:0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tether.server",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode != 0
+    assert out == b""
+    assert err.decode().splitlines() == [
+        f"cannot listen on {pg_server.address} for gRPC: Address already in use; set TETHER_LISTEN"
+    ]
+    # Refused before it made anything.
+    assert os.listdir(tmp_path) == []

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import importlib
 import signal
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -172,7 +173,39 @@ def _build_areas(services: grpc.aio.Server, runtime: Runtime) -> Areas:
     return Areas(admin_area.build(services, runtime), binding, provisioning, guard)
 
 
+def _cannot_listen(address: str, why: str) -> SystemExit:
+    return SystemExit(f"cannot listen on {address} for gRPC: {why}; set TETHER_LISTEN")
+
+
+def _check_listen_address(address: str) -> None:
+    """Binds the address once, without SO_REUSEPORT, before anything is made:
+    a port in use is refused with one line instead of gRPC's log and a
+    half-built server."""
+    host, _, port = address.rpartition(":")
+    try:
+        resolved = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _name, sockaddr in resolved:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(sockaddr)
+    except (OSError, ValueError) as exc:
+        raise _cannot_listen(address, getattr(exc, "strerror", None) or str(exc)) from exc
+
+
+def _listen(server: grpc.aio.Server, address: str) -> int:
+    """The port bound, or one line saying which setting to change."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio >= 1.60 raises where it used to return 0
+        port = 0
+    if port == 0:
+        raise _cannot_listen(address, "the address is in use or not available")
+    return port
+
+
 async def build(settings: Settings) -> App:
+    _check_listen_address(settings.listen)
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         log.warning(
@@ -201,6 +234,9 @@ async def build(settings: Settings) -> App:
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second server on the same
+            # port would bind silently and take a share of the calls.
+            ("grpc.so_reuseport", 0),
         ],
     )
     # Every call is authenticated by the handler GenericHandlersOnly puts in front.
@@ -219,9 +255,7 @@ async def build(settings: Settings) -> App:
         ],
         services,
     )
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {settings.listen}")
+    port = _listen(server, settings.listen)
     return App(settings, runtime, server, port, health, areas)
 
 

@@ -258,6 +258,15 @@ class PartnerWorker:
                 self._acknowledged(result)
         elif which == "usage_query":
             self._spawn(f"usage:{response.usage_query.query_id}", self._usage(response.usage_query))
+        elif which == "usage_report_refused":
+            refused = response.usage_report_refused
+            log.warning(
+                "usage report for binding %s, service %s refused: %s %s",
+                refused.binding_id,
+                refused.service_id,
+                refused.error_reason,
+                refused.error_message,
+            )
 
     def _acknowledged(self, result: pb.ConfirmationResult) -> None:
         self._unacknowledged.pop(result.instruction_id, None)

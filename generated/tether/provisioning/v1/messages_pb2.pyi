@@ -709,6 +709,7 @@ class ConnectResponse(_message.Message):
     USAGE_QUERY_FIELD_NUMBER: _builtins.int
     INSTRUCTIONS_FIELD_NUMBER: _builtins.int
     CONFIRMATION_RESULTS_FIELD_NUMBER: _builtins.int
+    USAGE_REPORT_REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ready(self) -> Global___StreamReady:
         """The first message."""
@@ -737,6 +738,10 @@ class ConnectResponse(_message.Message):
         `confirmation_result` messages. Clients must accept both forms.
         """
 
+    @_builtins.property
+    def usage_report_refused(self) -> Global___UsageReportRefused:
+        """A usage_report that was refused; the stream goes on."""
+
     def __init__(
         self,
         *,
@@ -746,16 +751,54 @@ class ConnectResponse(_message.Message):
         usage_query: Global___UsageQuery | None = ...,
         instructions: Global___InstructionBatch | None = ...,
         confirmation_results: Global___ConfirmationResultBatch | None = ...,
+        usage_report_refused: Global___UsageReportRefused | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation_result", b"confirmation_result", "confirmation_results", b"confirmation_results", "instruction", b"instruction", "instructions", b"instructions", "message", b"message", "ready", b"ready", "usage_query", b"usage_query"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation_result", b"confirmation_result", "confirmation_results", b"confirmation_results", "instruction", b"instruction", "instructions", b"instructions", "message", b"message", "ready", b"ready", "usage_query", b"usage_query", "usage_report_refused", b"usage_report_refused"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation_result", b"confirmation_result", "confirmation_results", b"confirmation_results", "instruction", b"instruction", "instructions", b"instructions", "message", b"message", "ready", b"ready", "usage_query", b"usage_query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation_result", b"confirmation_result", "confirmation_results", b"confirmation_results", "instruction", b"instruction", "instructions", b"instructions", "message", b"message", "ready", b"ready", "usage_query", b"usage_query", "usage_report_refused", b"usage_report_refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["ready", "instruction", "confirmation_result", "usage_query", "instructions", "confirmation_results"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["ready", "instruction", "confirmation_result", "usage_query", "instructions", "confirmation_results", "usage_report_refused"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class UsageReportRefused(_message.Message):
+    """Tether's answer to a usage_report sent on the stream that recorded
+    nothing: malformed, or naming an unknown binding or service. Reports that
+    were taken get no answer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BINDING_ID_FIELD_NUMBER: _builtins.int
+    SERVICE_ID_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    binding_id: _builtins.str
+    """The report's binding_id, as sent."""
+    service_id: _builtins.str
+    """The report's service_id, as sent."""
+    error_reason: _builtins.str
+    """The ErrorReason name, e.g. "ERROR_REASON_INVALID_FIELD"."""
+    error_message: _builtins.str
+    """Human-readable explanation, naming each bad field."""
+    def __init__(
+        self,
+        *,
+        binding_id: _builtins.str = ...,
+        service_id: _builtins.str = ...,
+        error_reason: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_id", b"binding_id", "error_message", b"error_message", "error_reason", b"error_reason", "service_id", b"service_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageReportRefused: _TypeAlias = UsageReportRefused  # noqa: Y015
 
 @_typing.final
 class FetchInstructionsRequest(_message.Message):

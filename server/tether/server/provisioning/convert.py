@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, timedelta
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.provisioning.v1 import messages_pb2 as pb
-from tether.server.errors import Violations
+from tether.server.errors import TetherError, Violations
 from tether.server.provisioning import confirmations, tables, usage
 from tether.server.provisioning.leasing import Delivery
 from tether.server.provisioning.stream_protocol import (
@@ -22,14 +23,16 @@ from tether.server.provisioning.stream_protocol import (
     Hello,
     HelloAgain,
     Ready,
+    Refused,
     UsageAnswerIn,
     UsageReportIn,
 )
-from tether.server.provisioning.streams import ConfirmationReply, ToPartner
+from tether.server.provisioning.streams import ConfirmationReply, ToPartner, UsageReportRefused
 from tether.server.provisioning.tables import EntitlementEvent, Instruction
 from tether.server.provisioning.usage_queries import DeviceUsage, Source, UsageQueryOut, UsageReply
 from tether.server.shared import convert as shared_convert
 from tether.server.shared.convert import account_kind_pb
+from tether.server.transport import request_check
 from tether.server.transport.convert import timestamp
 
 KINDS_PB = {tables.OPEN: pb.INSTRUCTION_KIND_OPEN, tables.CLOSE: pb.INSTRUCTION_KIND_CLOSE}
@@ -154,25 +157,64 @@ def hello(message: pb.ConnectRequest) -> Hello | None:
     return Hello(message.hello.partner_id, message.hello.max_in_flight, message.hello.label)
 
 
+def _malformed(message: Message, path: str) -> TetherError | None:
+    """What request_check finds wrong with one message of the stream."""
+    violations = Violations()
+    request_check.inspect(message, path, violations)
+    try:
+        violations.raise_if_any()
+    except TetherError as exc:
+        return exc
+    return None
+
+
+def _confirmation_in(message: pb.Confirmation, path: str) -> ConfirmationIn | Refused:
+    error = _malformed(message, path)
+    if error is not None:
+        return Refused(ConfirmationReply(_printable(message.instruction_id), error=error))
+    return ConfirmationIn(message.instruction_id, result_of(message))
+
+
+def _usage_report_in(message: pb.UsageReport) -> UsageReportIn | Refused:
+    try:
+        error = _malformed(message, "usage_report")
+        if error is not None:
+            raise error
+        return UsageReportIn(usage_report(message, "usage_report"))
+    except TetherError as exc:
+        refused = UsageReportRefused(
+            _printable(message.binding_id), _printable(message.service_id), exc
+        )
+        return Refused(refused)
+
+
+def _printable(value: str) -> str:
+    """An id echoed in an answer, without what made it unusable."""
+    return value.replace("\x00", "")
+
+
 async def from_partner(requests: AsyncIterator[pb.ConnectRequest]) -> AsyncIterator[FromPartner]:
     """What the partner sends after its hello, one item per confirmation.
-    A malformed usage report raises (InvalidArgument), which ends the stream."""
+    A malformed confirmation or usage report is refused on its own (an answer
+    on the stream); the stream goes on."""
     async for request in requests:
         which = request.WhichOneof("message")
-        if which in ("confirmation", "confirmations"):
-            batch = (
-                [request.confirmation]
-                if which == "confirmation"
-                else list(request.confirmations.confirmations)
-            )
-            for c in batch:
-                yield ConfirmationIn(c.instruction_id, result_of(c))
+        if which == "confirmation":
+            yield _confirmation_in(request.confirmation, "confirmation")
+        elif which == "confirmations":
+            for i, c in enumerate(request.confirmations.confirmations):
+                yield _confirmation_in(c, f"confirmations.confirmations[{i}]")
         elif which == "usage_answer":
             a = request.usage_answer
-            reply = UsageReply([(f.metric, f.quantity) for f in a.figures], a.period, a.error)
-            yield UsageAnswerIn(a.query_id, reply)
+            error = _malformed(a, "usage_answer")
+            if error is not None:
+                # The device is told the partner had no usable answer.
+                reply = UsageReply([], "", f"malformed answer: {error.message}")
+            else:
+                reply = UsageReply([(f.metric, f.quantity) for f in a.figures], a.period, a.error)
+            yield UsageAnswerIn(_printable(a.query_id), reply)
         elif which == "usage_report":
-            yield UsageReportIn(usage_report(request.usage_report, "report"))
+            yield _usage_report_in(request.usage_report)
         else:
             yield HelloAgain()
             return
@@ -203,12 +245,23 @@ def to_partner(items: Iterable[ToPartner]) -> list[pb.ConnectResponse]:
     one message (a batch when there are several), usage queries one by one."""
     instructions: list[pb.Instruction] = []
     results: list[pb.ConfirmationResult] = []
-    queries: list[pb.ConnectResponse] = []
+    singles: list[pb.ConnectResponse] = []
     for item in items:
         if isinstance(item, ConfirmationReply):
             results.append(_result_pb(item))
+        elif isinstance(item, UsageReportRefused):
+            singles.append(
+                pb.ConnectResponse(
+                    usage_report_refused=pb.UsageReportRefused(
+                        binding_id=item.binding_id,
+                        service_id=item.service_id,
+                        error_reason=ErrorReason.Name(item.error.reason),
+                        error_message=item.error.message,
+                    )
+                )
+            )
         elif isinstance(item, UsageQueryOut):
-            queries.append(
+            singles.append(
                 pb.ConnectResponse(
                     usage_query=pb.UsageQuery(
                         query_id=item.query_id,
@@ -234,4 +287,4 @@ def to_partner(items: Iterable[ToPartner]) -> list[pb.ConnectResponse]:
         messages.append(
             pb.ConnectResponse(confirmation_results=pb.ConfirmationResultBatch(results=results))
         )
-    return messages + queries
+    return messages + singles

@@ -34,8 +34,9 @@ from tether.server.shared.bindings import BindingReader
 from tether.server.shared.subjects import Subject
 from tether.server.storage.base import utcnow
 from tether.server.storage.idempotency import Once
-from tether.server.transport import paging
+from tether.server.transport import paging, request_check
 from tether.server.transport.principal import CallerKind, require
+from tether.server.transport.request_check import checks_own_messages
 from tether.server.transport.request_ids import check_request_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -75,11 +76,14 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
 
     # --- partners: the stream ------------------------------------------
 
+    @checks_own_messages
     async def Connect(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context
     ) -> AsyncIterator[pb.ConnectResponse]:
         caller = require(CallerKind.PARTNER)
         first = await anext(aiter(request_iterator), None)
+        # A bad hello ends the stream; later messages are answered one by one.
+        request_check.check(first)
         hello = convert.hello(first) if first is not None else None
         if hello is None:
             raise hello_missing()

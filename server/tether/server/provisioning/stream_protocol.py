@@ -26,6 +26,7 @@ from tether.server.provisioning.streams import (
     PartnerStreams,
     StreamClosed,
     ToPartner,
+    UsageReportRefused,
 )
 from tether.server.provisioning.usage_queries import UsageReply
 from tether.server.shared.bindings import BindingReader
@@ -72,11 +73,18 @@ class UsageReportIn:
     report: usage.Report
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A message refused as it came in: the answer goes straight back."""
+
+    answer: ConfirmationReply | UsageReportRefused
+
+
 class HelloAgain:
     """A second StreamHello: refused, it ends the stream."""
 
 
-FromPartner = ConfirmationIn | UsageAnswerIn | UsageReportIn | HelloAgain
+FromPartner = ConfirmationIn | UsageAnswerIn | UsageReportIn | Refused | HelloAgain
 
 
 def hello_missing() -> errors.TetherError:
@@ -160,6 +168,15 @@ class StreamProtocol:
             self._streams.close(stream)
             self._relay.stream_closed(partner_id)
 
+    async def _record(self, stream: PartnerStream, report: usage.Report, caller: Principal) -> None:
+        """Records a usage report; a refused one is answered, and the stream goes on."""
+        try:
+            async with self._db.transaction() as session:
+                await usage.record_report(session, self._bindings, report, caller, [])
+        except errors.TetherError as exc:
+            binding_id = str(report.binding_id) if report.binding_id else ""
+            await stream.outgoing.put(UsageReportRefused(binding_id, report.service_id, exc))
+
     async def _read(
         self, stream: PartnerStream, incoming: AsyncIterator[FromPartner], caller: Principal
     ) -> None:
@@ -184,8 +201,9 @@ class StreamProtocol:
                 elif isinstance(item, UsageAnswerIn):
                     self._streams.answer_usage(stream.partner_id, item.query_id, item.reply)
                 elif isinstance(item, UsageReportIn):
-                    async with self._db.transaction() as session:
-                        await usage.record_report(session, self._bindings, item.report, caller, [])
+                    await self._record(stream, item.report, caller)
+                elif isinstance(item, Refused):
+                    await stream.outgoing.put(item.answer)
                 else:
                     ending = _hello_again()
                     break

@@ -43,12 +43,21 @@ class ConfirmationReply:
     error: errors.TetherError | None = None
 
 
+@dataclass(frozen=True)
+class UsageReportRefused:
+    """A usage report sent on the stream that recorded nothing, and why."""
+
+    binding_id: str
+    service_id: str
+    error: errors.TetherError
+
+
 class StreamClosed(Exception):
     """Put on a stream's queue to end it."""
 
 
 # What the partner gets; StreamClosed ends the stream instead.
-ToPartner = leasing.Delivery | ConfirmationReply | UsageQueryOut
+ToPartner = leasing.Delivery | ConfirmationReply | UsageQueryOut | UsageReportRefused
 Outgoing = ToPartner | StreamClosed
 # A confirmation as it came off the wire: the raw instruction id and the result.
 Incoming = tuple[str, confirmations.Result]

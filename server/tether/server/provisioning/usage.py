@@ -26,6 +26,8 @@ _S = TypeVar("_S", bound=Select)  # type: ignore[type-arg]
 
 METRIC = re.compile(r"^[a-z0-9_.]{1,63}$")
 MAX_EVENTS = 1000
+# Sums of reported quantities larger than an int64 are answered as this.
+MAX_QUANTITY_SUM = 2**63 - 1
 MAX_FUTURE = timedelta(minutes=5)
 MAX_RANGE = timedelta(days=366)
 MAX_PERIOD = 100
@@ -158,16 +160,14 @@ async def last_known(session: AsyncSession, binding_id: uuid.UUID, service_id: s
         return Known(figures, answer.period, answer.answer_time)
     rows = (
         await session.execute(
-            select(
-                UsageRecord.metric, func.sum(UsageRecord.quantity), func.max(UsageRecord.occur_time)
-            )
+            select(UsageRecord.metric, _sum(UsageRecord.quantity), func.max(UsageRecord.occur_time))
             .where(UsageRecord.binding_id == binding_id, UsageRecord.service_id == service_id)
             .group_by(UsageRecord.metric)
             .order_by(UsageRecord.metric)
         )
     ).all()
     as_of = max((r[2] for r in rows), default=None)
-    return Known([(r[0], int(r[1])) for r in rows], "reported events", as_of)
+    return Known([(r[0], _saturated(r[1])) for r in rows], "reported events", as_of)
 
 
 @dataclass(frozen=True)
@@ -216,18 +216,30 @@ async def per_day(
     """Per-day sums, keyset-paged on (day, partner, service, metric)."""
     r = UsageRecord
     keys = (r.day, r.partner_id, r.service_id, r.metric)
-    statement = _filtered(select(*keys, func.count(), func.sum(r.quantity)), f)
+    statement = _filtered(select(*keys, func.count(), _sum(r.quantity)), f)
     statement = statement.group_by(*keys).order_by(*keys).limit(limit)
     if after is not None:
         statement = statement.having(
             tuple_(*keys) > tuple_(date.fromisoformat(after[0]), after[1], after[2], after[3])
         )
     rows = (await session.execute(statement)).all()
-    return [DayRow(row[0], row[1], row[2], row[3], int(row[4]), int(row[5])) for row in rows]
+    return [DayRow(row[0], row[1], row[2], row[3], int(row[4]), _saturated(row[5])) for row in rows]
 
 
 async def totals(session: AsyncSession, f: UsageFilter) -> list[tuple[str, int, int]]:
     r = UsageRecord
-    statement = _filtered(select(r.metric, func.count(), func.sum(r.quantity)), f)
+    statement = _filtered(select(r.metric, func.count(), _sum(r.quantity)), f)
     rows = (await session.execute(statement.group_by(r.metric).order_by(r.metric))).all()
-    return [(row[0], int(row[1]), int(row[2])) for row in rows]
+    return [(row[0], int(row[1]), _saturated(row[2])) for row in rows]
+
+
+def _sum(quantity: Any) -> Any:
+    """The sum of quantities, which each fit int64 but together may not: as
+    numeric on PostgreSQL, as a float on SQLite (whose integer sum() fails
+    on overflow)."""
+    return func.sum(quantity * 1.0)
+
+
+def _saturated(total: Any) -> int:
+    """A sum as the contract's int64 carries it: at most its largest value."""
+    return min(int(total), MAX_QUANTITY_SUM)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
 from tether.server.transport import principal as principals
+from tether.server.transport import request_check
 from tether.server.transport.status import abort, code_of
 
 log = logs.get(__name__)
@@ -120,15 +121,35 @@ async def _fail(
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
 
 
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream's messages; one refused as it was parsed ends the call."""
+    async for request in requests:
+        request_check.raise_if_refused(request)
+        yield request
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler[Any, Any], method: str, auth: Authenticator
 ) -> grpc.RpcMethodHandler[Any, Any]:
+    h: Any = handler
+    client_streaming = bool(h.stream_unary or h.stream_stream)
+    behaviour = h.unary_unary or h.stream_unary or h.unary_stream or h.stream_stream
+    whole = not getattr(behaviour, "checks_own_messages", False)
+
+    def checked(request: Any) -> Any:
+        """A unary request, or each message of a client stream, as it was
+        checked when it was parsed: a refused one is raised."""
+        if client_streaming:
+            return _checked(request)
+        request_check.raise_if_refused(request)
+        return request
+
     def unary_result(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             try:
                 await _enter(context, auth)
-                result = await behavior(request, context)
+                result = await behavior(checked(request), context)
             except Exception as exc:
                 if _is_abort(exc):
                     raise
@@ -144,7 +165,7 @@ def _wrap(
             started = time.perf_counter()
             try:
                 await _enter(context, auth)
-                async for item in behavior(request, context):
+                async for item in behavior(checked(request), context):
                     yield item
             except Exception as exc:
                 if _is_abort(exc):
@@ -155,21 +176,27 @@ def _wrap(
 
         return run
 
-    h: Any = handler
+    # The request checks run as a body is parsed, where its bytes are at
+    # hand; a body that does not parse or fails them reaches the handler as
+    # Refused, so the caller is authenticated first and then told
+    # INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN, before
+    # authentication). A method that checks its own messages gets only the
+    # parse refused.
+    parse = request_check.lenient(h.request_deserializer, checked=whole)
     if h.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            unary_result(h.unary_unary), h.request_deserializer, h.response_serializer
+            unary_result(h.unary_unary), parse, h.response_serializer
         )
     if h.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            unary_result(h.stream_unary), h.request_deserializer, h.response_serializer
+            unary_result(h.stream_unary), parse, h.response_serializer
         )
     if h.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            stream_result(h.unary_stream), h.request_deserializer, h.response_serializer
+            stream_result(h.unary_stream), parse, h.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
-        stream_result(h.stream_stream), h.request_deserializer, h.response_serializer
+        stream_result(h.stream_stream), parse, h.response_serializer
     )
 
 
