@@ -30,7 +30,8 @@ from tether.guard.v1 import messages_pb2 as pb
 pytestmark = pytest.mark.browser
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-LIMIT = 2
+LIMIT = 3  # the demo service's register limit, as in the README
+README_NAMES = ["alice", "bob", "carol", "dave"]  # LIMIT + 1 of them
 
 
 @dataclass(frozen=True)
@@ -171,15 +172,18 @@ async def _limit_per_browser(
     second try frees nothing, and the refused account is admitted."""
     url = f"{demo.base}/demo/{page}"
     prefix = secrets.token_hex(3)
-    refused = f"{prefix}-{LIMIT}"
+    # The screenshot shows the README's walk-through (the demo server is this
+    # test's own, so fixed names meet nobody).
+    names = README_NAMES if shot else [f"{prefix}-{i}" for i in range(LIMIT + 1)]
+    refused = names[LIMIT]
 
     def one_browser(browser: webdriver.Chrome) -> list[Outcome]:
-        outcomes = [_submit(browser, url, f"{prefix}-{i}", room) for i in range(LIMIT + 1)]
+        outcomes = [_submit(browser, url, name, room) for name in names]
         if shot:
             browser.save_screenshot(shot)
         if freed:
-            outcomes.append(_release(browser, url, f"{prefix}-0", room))
-            outcomes.append(_release(browser, url, f"{prefix}-0", room))
+            outcomes.append(_release(browser, url, names[0], room))
+            outcomes.append(_release(browser, url, names[0], room))
             outcomes.append(_submit(browser, url, refused, room))
         return outcomes
 
