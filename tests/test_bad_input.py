@@ -334,6 +334,10 @@ def test_every_nul_is_found_wherever_it_sits_in_a_request() -> None:
     }
     clean = guard_pb.EvaluateRequest(service_id="svc-a", room_id="room:1")
     assert parse(clean.SerializeToString()) == clean
-    refused = parse(guard_pb.EvaluateRequest(room_id="bad room!").SerializeToString())
+    refused = parse(guard_pb.EvaluateRequest(service_id="bad service!").SerializeToString())
     assert isinstance(refused, request_check.Refused)
-    assert [v.field for v in refused.error.violations] == ["room_id"]
+    assert [v.field for v in refused.error.violations] == ["service_id"]
+    # A room id keys no look-up: the guard names a bad one with the call's
+    # other bad fields.
+    odd_room = guard_pb.EvaluateRequest(service_id="svc-a", room_id="bad room!")
+    assert parse(odd_room.SerializeToString()) == odd_room
