@@ -50,7 +50,7 @@ generate: $(BIN)/.installed
 	PYTHON=$(BIN)/python scripts/generate-protos
 
 bench: $(BIN)/.installed
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --report docs/bench-report.md
 
 clean:
 	rm -rf $(VENV) .tether

@@ -1,22 +1,86 @@
-"""`python -m bench`: runs every area's benchmark in turn."""
+"""`python -m bench [--report FILE]`: runs every area's benchmark in turn.
+
+With --report, also writes what they printed into one Markdown report (the
+figures the docs point to), with the guard's quality plot beside it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import os
+import platform
 import subprocess
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 
-AREAS = ("binding", "provisioning", "guard")
+# Each entry: the module, and its arguments when a report is written.
+AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("binding", ()),
+    ("provisioning", ()),
+    ("guard", ()),
+    ("guard_quality", ("--plot", "{docs}/guard-quality.png")),
+)
+
+
+def _run(module: str, args: list[str]) -> tuple[int, str]:
+    """Runs one benchmark in a process of its own (so one benchmark's state
+    cannot skew the next), echoing and keeping what it prints."""
+    process = subprocess.Popen(
+        [sys.executable, "-u", "-m", f"bench.{module}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        lines.append(line)
+    return process.wait(), "".join(lines)
+
+
+def _report(path: Path, sections: list[tuple[str, int, str]]) -> None:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    parts = [
+        "# Benchmark report",
+        "",
+        f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), load average {load} at the end. "
+        "Every figure is a ratio against a baseline measured in the same run, "
+        "or a count; absolute rates depend on the machine.",
+        "",
+    ]
+    for module, status, output in sections:
+        parts += [f"## bench.{module}", ""]
+        if module == "guard_quality":
+            parts += ["![False refusal and farm catch by limit](guard-quality.png)", ""]
+        if status:
+            parts += [f"(exited {status})", ""]
+        # Progress lines of the servers' logs are not figures.
+        kept = [line for line in output.splitlines() if not line.startswith("20")]
+        parts += ["```", *kept, "```", ""]
+    path.write_text("\n".join(parts))
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="run every benchmark")
+    parser.add_argument("--report", help="write the figures into this Markdown file")
+    options = parser.parse_args()
+    docs = str(Path(options.report).parent) if options.report else ""
     failed = 0
-    for area in AREAS:
-        if importlib.util.find_spec(f"bench.{area}") is None:
+    sections = []
+    for module, report_args in AREAS:
+        if importlib.util.find_spec(f"bench.{module}") is None:
             continue
-        print(f"\n##### bench.{area}", flush=True)
-        # One process per area, so one benchmark's state cannot skew the next.
-        failed |= subprocess.call([sys.executable, "-m", f"bench.{area}"])
+        print(f"\n##### bench.{module}", flush=True)
+        args = [a.format(docs=docs) for a in report_args] if options.report else []
+        status, output = _run(module, args)
+        failed |= status
+        sections.append((module, status, output))
+    if options.report:
+        _report(Path(options.report), sections)
     return failed
 
 
