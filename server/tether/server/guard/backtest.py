@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from tether.server import errors
-from tether.server.counters.connection import KEY_PREFIX
 from tether.server.guard import keys, policies
 from tether.server.guard.decide import Checked, Decider, Decision, limit_and_life
 from tether.server.guard.identities import IdentityBook
@@ -142,12 +141,14 @@ class Backtest:
         if resolution.merged:
             # Moving counts reads keys: everything sent before must be done.
             done = await self._drain()
-            await decider.move_counts(
-                resolution.merged,
-                resolution.identity,
-                checked.service_id,
-                checked.room_id,
-                int(event.time * 1000),
+            self._keys.update(
+                await decider.move_counts(
+                    resolution.merged,
+                    resolution.identity,
+                    checked.service_id,
+                    checked.room_id,
+                    int(event.time * 1000),
+                )
             )
         # The arguments come from the book now, before the next event
         # changes it; the script may run a little later, in order.
@@ -171,14 +172,14 @@ class Backtest:
                 counts.excess += excess
                 counts.caught += caught
         self.summary.seconds = time.perf_counter() - self._started
-        await self.drop()
         return done
 
     async def drop(self) -> None:
-        """Deletes the run's keys (also those of moved identities)."""
-        counters = self._guard.counters
-        await counters.delete(*self._keys)
-        await counters.delete_matching(f"{KEY_PREFIX}:{self._scope}:*")
+        """Deletes the run's keys: every key it counted in or moved counts
+        to. (A server that stops mid-run leaves them to its next start,
+        which deletes every backtest's keys.)"""
+        await self._guard.counters.delete(*self._keys)
+        self._keys.clear()
 
     async def _drain(self) -> list[tuple[int, Verdict | str]]:
         done: list[tuple[int, Verdict | str]] = []

@@ -139,9 +139,11 @@ class Decider:
 
     async def move_counts(
         self, gone: tuple[str, ...], identity: str, service_id: str, room_id: str, now_ms: int = 0
-    ) -> None:
+    ) -> list[str]:
         """Joined identities' counted accounts now count for `identity`:
-        this service's registrations and log-ins (and this room's)."""
+        this service's registrations and log-ins (and this room's). Returns
+        the keys written to."""
+        written: list[str] = []
         for other in gone:
             for action in ACTIONS:
                 if action == "collaborate" and not room_id:
@@ -153,6 +155,8 @@ class Decider:
                     target = self.key(service_id, action, room, identity)
                     await self.counters.restore(target, entries, farmed=farmed, now_ms=now_ms)
                     await self.counters.delete(source)
+                    written.append(target)
+        return written
 
 
 def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Explanation:
