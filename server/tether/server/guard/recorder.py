@@ -202,16 +202,19 @@ async def renew_rows(db: Database, entries: set[EntryKey], expire_time: datetime
     """A renewed login's new expiry, on whichever of the candidate rows
     exists (the account was counted through one of its identity's
     fingerprints)."""
+    if not entries:
+        return
+    # The candidates differ only in the fingerprint: one statement.
+    first = next(iter(entries))
     async with db.transaction() as session:
-        for entry in entries:
-            await session.execute(
-                update(GuardEntry)
-                .where(
-                    GuardEntry.service_id == entry.service_id,
-                    GuardEntry.action == entry.action,
-                    GuardEntry.room_id == entry.room_id,
-                    GuardEntry.identity == entry.identity,
-                    GuardEntry.member == entry.member,
-                )
-                .values(expire_time=expire_time)
+        await session.execute(
+            update(GuardEntry)
+            .where(
+                GuardEntry.service_id == first.service_id,
+                GuardEntry.action == first.action,
+                GuardEntry.room_id == first.room_id,
+                GuardEntry.member == first.member,
+                GuardEntry.identity.in_([entry.identity for entry in entries]),
             )
+            .values(expire_time=expire_time)
+        )

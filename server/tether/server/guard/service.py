@@ -25,7 +25,7 @@ from tether.server.counters.connection import KEY_PREFIX
 from tether.server.counters.pipelined import PipelinedConnection
 from tether.server.errors import Violations
 from tether.server.guard import fingerprint, identity_record, keys, policies
-from tether.server.guard.counters import FOREVER_MS, CountersDown, GuardCounters
+from tether.server.guard.counters import FOREVER_MS, CountersDown, GuardCounters, Scope
 from tether.server.guard.decide import Checked, Decider, Decision, Explanation
 from tether.server.guard.fingerprint import FingerprintCache
 from tether.server.guard.identities import IdentityBook, Resolution
@@ -136,7 +136,8 @@ def unavailable() -> errors.Unavailable:
 
 @contextlib.contextmanager
 def counters_answer() -> Iterator[None]:
-    """Turns a Redis failure inside an operator's call into UNAVAILABLE."""
+    """Turns a Redis failure inside a call that cannot fail open (freeing a
+    slot, an operator's call) into UNAVAILABLE."""
     try:
         yield
     except CountersDown as exc:
@@ -279,7 +280,7 @@ class Guard:
             return self._counters_down(policy, identity, exc)
         verdict = verdict_of(action, decision)
         count = decision.counted
-        if count.over and count.scope == 1:
+        if count.over and count.scope == Scope.BROWSER:
             change.farmed.add((call.service_id, action.value, call.room_id, identity))
         if not count.allowed or count.already_counted:
             # Nothing new to count in SQL: a re-login's longer expiry reaches
@@ -383,10 +384,8 @@ class Guard:
         return policy, key, acct.member, entries
 
     async def _remove(self, key: str, member: bytes) -> bool:
-        try:
+        with counters_answer():
             return await self.counters.remove(key, member)
-        except CountersDown as exc:
-            raise unavailable() from exc
 
     async def cancel_registration(
         self, service_id: str, identity: str, account: AccountRef | None
@@ -422,10 +421,8 @@ class Guard:
         policy, key, member, entries = await self._target(
             service_id, Action.LOGIN, "", identity, account
         )
-        try:
+        with counters_answer():
             expire_ms = await self.counters.renew(key, member, policy.login_session_seconds * 1000)
-        except CountersDown as exc:
-            raise unavailable() from exc
         expire_time = ms_to_time(expire_ms)
         if expire_time is None:
             raise errors.NotFound(
