@@ -14,7 +14,7 @@ import grpc
 
 from tests import binding_support as bs
 from tests.conftest import create_database, drop_database
-from tests.guard_support import guard_client
+from tests.guard_support import guard_client, new_service
 from tests.support import RunningServer, expect_error, free_port, start_server
 from tests.test_binding_cli import BIN
 from tether.guard.v1 import messages_pb2 as gpb
@@ -661,3 +661,34 @@ async def test_create_admin_before_migrate_says_to_migrate_then_issues_a_token(
     code, out, err = await server_command("create-admin")
     assert code == 0, err
     assert out.startswith("cred_") and len(out.splitlines()) == 1
+
+
+async def test_backtest_of_a_missing_or_malformed_events_file_says_which_line(
+    pg_server: RunningServer, tmp_path: Path
+) -> None:
+    token = await pg_server.credential("internal")
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=2)
+    fix = "give JSON lines of events (see tether-internal guard backtest --help)"
+    missing = tmp_path / "events.jsonl"
+    code, out, err = await run(
+        pg_server, token, "tether-internal", "guard", "backtest", str(missing), "--policy", service
+    )
+    assert (code, out) == (2, "")
+    assert only_line(err) == f"error: {missing}: no such file; {fix}"
+
+    good = {
+        "service_id": service,
+        "account": "bt1",
+        "components": {"browser_name": "Chrome", "languages": ["en-US"]},
+        "client_ip": "192.0.2.9",
+        "event_time": 1_700_000_000,
+    }
+    events = tmp_path / "bad.jsonl"
+    events.write_text(json.dumps(good) + "\n" + '{"account": "bt2", "event_time": }\n')
+    code, out, err = await run(
+        pg_server, token, "tether-internal", "guard", "backtest", str(events), "--policy", service
+    )
+    assert (code, out) == (2, "")
+    assert only_line(err).startswith(f"error: {events}:2: Expecting value")
+    assert only_line(err).endswith(f"; {fix}")

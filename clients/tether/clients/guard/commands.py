@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import json_format
 
 from tether.clients.cli import print_message
-from tether.clients.failures import CommandError, first_line, parse_json, read_text
+from tether.clients.failures import CommandError, first_line, parse_json, read_text, unreadable
 from tether.clients.guard.client import (
     ACCOUNT_KINDS,
     ACTIONS,
@@ -264,19 +264,37 @@ async def _backtest_policy(args: argparse.Namespace, client: GuardClient) -> pb.
     return policy
 
 
-def _events(path: str) -> Iterator[pb.BacktestEvent]:
-    stream = sys.stdin if path == "-" else open(path)  # noqa: SIM115 - closed below
-    try:
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                yield backtest_event(json.loads(line))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"{path}:{number}: {exc}") from None
-    finally:
-        if stream is not sys.stdin:
-            stream.close()
+_EVENTS_FIX = "give JSON lines of events (see tether-internal guard backtest --help)"
+
+
+class _Events:
+    """The events file, read as the stream sends it. A bad line ends the
+    stream and is kept in `problem`: an exception raised inside the request
+    stream would only cancel the call."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problem = ""
+        try:
+            self._stream = sys.stdin if path == "-" else open(path, encoding="utf-8-sig")  # noqa: SIM115 - closed after reading
+        except OSError as error:
+            raise unreadable("", path, error, _EVENTS_FIX) from None
+
+    def __iter__(self) -> Iterator[pb.BacktestEvent]:
+        try:
+            for number, line in enumerate(self._stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield backtest_event(json.loads(line))
+                except (ValueError, KeyError, TypeError) as exc:
+                    self.problem = f"{self.path}:{number}: {first_line(exc)}; {_EVENTS_FIX}"
+                    return
+        except UnicodeDecodeError as error:
+            self.problem = str(unreadable("", self.path, error, _EVENTS_FIX))
+        finally:
+            if self._stream is not sys.stdin:
+                self._stream.close()
 
 
 async def backtest(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
@@ -286,13 +304,19 @@ async def backtest(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
         verdicts=bool(args.verdicts),
         group_by=args.group_by,
     )
+    events = _Events(args.events)
     out = await asyncio.to_thread(open, args.verdicts, "w") if args.verdicts else None
+    summary = None
     try:
-        async for response in client.backtest(start, _events(args.events)):
+        async for response in client.backtest(start, events):
             if response.HasField("summary"):
-                print_message(response.summary)
+                summary = response.summary
             elif out is not None:
                 out.write(json.dumps(as_dict(response.verdict), sort_keys=True) + "\n")
     finally:
         if out is not None:
             out.close()
+    if events.problem:
+        raise CommandError(events.problem)
+    if summary is not None:
+        print_message(summary)
