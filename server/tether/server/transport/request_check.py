@@ -162,14 +162,14 @@ def inspect(message: Message, prefix: str, violations: Violations, *, texts: boo
                 )
         elif kind is _STRING:
             value = getattr(message, field_name)
-            if value:
+            # The path is built only for a value that needs a closer look.
+            if value and ("\x00" in value or field_name in ID_FORMATS):
                 _check_string(field_name, value, _join(prefix, field_name), violations)
         elif kind is _MESSAGES:
             for i, item in enumerate(getattr(message, field_name)):
                 inspect(item, f"{_join(prefix, field_name)}[{i}]", violations, texts=texts)
         elif kind is _STRINGS:
-            for i, item in enumerate(getattr(message, field_name)):
-                _check_string(field_name, item, f"{_join(prefix, field_name)}[{i}]", violations)
+            _check_strings(field_name, getattr(message, field_name), prefix, violations)
         else:
             _check_map(getattr(message, field_name), _join(prefix, field_name), violations)
 
@@ -235,8 +235,21 @@ def _leads_to_ids_or_times(field: Any) -> bool:
     return sub.full_name in _TIMES or bool(_slim_plan(sub))
 
 
+def _check_strings(name: str, items: Any, prefix: str, violations: Violations) -> None:
+    # One search over the joined list finds whether any item has a NUL.
+    if name in ID_FORMATS or "\x00" in "".join(items):
+        for i, item in enumerate(items):
+            _check_string(name, item, f"{_join(prefix, name)}[{i}]", violations)
+
+
 def _check_map(value: Any, path: str, violations: Violations) -> None:
-    for key, item in value.items():
+    if not value:
+        return
+    # A map of texts (the common case) needs a closer look only with a NUL in it.
+    items = list(value.items())
+    if isinstance(items[0][1], str) and "\x00" not in "".join(k + v for k, v in items):
+        return
+    for key, item in items:
         if isinstance(key, str) and "\x00" in key:
             violations.add(f"{path}.key", "must not contain a NUL character")
         item_path = f"{path}[{key!r}]"
