@@ -9,6 +9,7 @@ its own clock with the same code.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Hashable, Iterable
@@ -16,6 +17,8 @@ from collections.abc import Hashable, Iterable
 HOUR = 3600.0
 
 
+# Rates repeat (an identity's own, seen again and again): remember the answers.
+@functools.lru_cache(maxsize=65536)
 def poisson_quantile(mean: float, tail: float) -> int:
     """The smallest q with P(Poisson(mean) > q) <= tail."""
     if mean <= 0:
@@ -179,6 +182,11 @@ class Frequencies:
         self._counts.update(values)
         self.total += 1
 
+    def share_of(self, value: Hashable) -> float:
+        """The chance a stranger's value is `value`."""
+        seen = self._counts.get(value, 0) + self._weight * self._common
+        return min(1.0, seen / (self.total + self._weight))
+
     def share(self, values: Iterable[Hashable]) -> float:
         """The chance a stranger's value is any of `values`."""
         values = list(values)
@@ -192,31 +200,31 @@ class Crowds:
     carrier NAT, a campus or an office have many, so a match there is
     weaker evidence of one person."""
 
-    __slots__ = ("_horizon", "_networks", "_pruned", "_seen", "threshold")
+    __slots__ = ("_horizon", "_networks", "_seen", "threshold")
 
     def __init__(self, horizon: float, threshold: int) -> None:
         self._horizon = horizon
         self.threshold = threshold
+        # network -> browser -> when last; each dict oldest first, so what
+        # the horizon left behind is dropped from the front.
         self._networks: dict[str, dict[str, float]] = {}
-        # Every browser seen -> when last: the denominator of a share.
+        # Every browser seen -> when last: the denominator of a share
+        # (all seen until forget_before drops the oldest).
         self._seen: dict[str, float] = {}
-        self._pruned: dict[str, float] = {}
 
     def see(self, network: str, browser: str, t: float) -> None:
-        self._networks.setdefault(network, {})[browser] = t
-        self._seen[browser] = t
+        on = self._networks.get(network)
+        if on is None:
+            on = self._networks[network] = {}
+        _renew(on, browser, t)
+        _renew(self._seen, browser, t)
 
     def browsers(self, network: str, t: float) -> int:
-        """Distinct browsers on the network within the horizon (pruned at
-        most hourly per network: the horizon is days)."""
+        """Distinct browsers on the network within the horizon."""
         on = self._networks.get(network)
         if not on:
             return 0
-        if t - self._pruned.get(network, -math.inf) >= HOUR:
-            self._pruned[network] = t
-            oldest = t - self._horizon
-            for browser in [b for b, last in on.items() if last < oldest]:
-                del on[browser]
+        _drop_older(on, t - self._horizon)
         return len(on)
 
     def crowded(self, network: str, t: float) -> bool:
@@ -230,11 +238,28 @@ class Crowds:
 
     def forget_before(self, t: float) -> None:
         oldest = t - self._horizon
-        for browser in [b for b, last in self._seen.items() if last < oldest]:
-            del self._seen[browser]
+        _drop_older(self._seen, oldest)
         for network, on in list(self._networks.items()):
-            for browser in [b for b, last in on.items() if last < oldest]:
-                del on[browser]
+            _drop_older(on, oldest)
             if not on:
                 del self._networks[network]
-                self._pruned.pop(network, None)
+
+
+def _renew(seen: dict[str, float], key: str, t: float) -> None:
+    """Marks a key seen at t in a dict kept oldest first (sightings come in
+    time order, live and in a replay)."""
+    last = seen.get(key)
+    if last is not None:
+        if last >= t:
+            return
+        del seen[key]
+    seen[key] = t
+
+
+def _drop_older(seen: dict[str, float], oldest: float) -> None:
+    """Drops keys last seen before `oldest`, from the front: amortized O(1)."""
+    while seen:
+        key = next(iter(seen))
+        if seen[key] >= oldest:
+            return
+        del seen[key]
