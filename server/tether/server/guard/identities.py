@@ -87,6 +87,9 @@ MIN_NETWORK_SHARE = 1e-4
 # sightings say otherwise.
 FREQUENCY_WEIGHT = 100.0
 FREQUENCY_COMMON = 0.2
+# The finest slot of any rate: a fingerprint seen again on the same network
+# within one teaches the book nothing new.
+REPEAT_SLOT = 600.0
 # The current burst is left out of every rate.
 RATE_EXCLUDE = HOUR
 # A new key is taken as rare for a day (counting rules) or for an hour
@@ -196,7 +199,7 @@ class IdentityBook:
         self._holders: dict[tuple[bytes, int, bytes], dict[str, float]] = {}
         self.band_rates = Occupancy(HOUR, HORIZON, LINK_PRIOR)
         # A device class may be seen many times an hour: finer slots.
-        self.device_rates = Occupancy(600.0, HORIZON, LINK_PRIOR)
+        self.device_rates = Occupancy(REPEAT_SLOT, HORIZON, LINK_PRIOR)
         self.identity_rates = Occupancy(HOUR, HORIZON, COUNT_PRIOR)
         self.spread = Spread(EPISODE_GAP, CROWD_PERIOD)
         self.crowds = Crowds(HORIZON, CROWD_BROWSERS)
@@ -272,8 +275,14 @@ class IdentityBook:
         when first seen, and learning from the sighting."""
         if self._started is None:
             self._started = t
-        crowd = self.crowds.crowded(network, t)
         known = self._known.get(fp.identity)
+        if known is not None and _repeat(known, network, t):
+            # Nothing to learn from a browser seen on this network within
+            # the slot: every rate, episode and crowd already counts it.
+            known.last_seen = t
+            identity = self.find(fp.identity)
+            return Resolution(identity, fp.identity, self.path(fp.identity), False, ())
+        crowd = self.crowds.crowded(network, t)
         bands = _bands(fp)
         merged: tuple[str, ...] = ()
         if known is not None:
@@ -282,7 +291,7 @@ class IdentityBook:
         else:
             identity, merged = self._link(fp, bands, network, t, crowd)
             new = True
-        self._observe(fp, bands, identity=identity, network=network, t=t, crowd=crowd)
+        self._observe(fp, bands, identity=identity, network=network, t=t, crowd=crowd, new=new)
         # The links followed, and the merges this sighting made.
         links = self.path(fp.identity) + tuple(
             link for gone in merged if (link := self._merges.get(gone)) is not None
@@ -337,6 +346,7 @@ class IdentityBook:
         network: str,
         t: float,
         crowd: bool,
+        new: bool,
     ) -> None:
         known = self._known[fp.identity]
         known.last_seen = t
@@ -349,8 +359,11 @@ class IdentityBook:
             _touch(self._holders.setdefault((device, group, fp.groups[group]), {}), identity, t)
         self._profiles.setdefault(identity, _Profile()).add(fp)
         self.device_rates.see(device, t)
-        self._values.add(enumerate(fp.groups))
-        self._font_sets.add([fp.fonts])
+        if new:
+            # Shares among fingerprints, as the record restores them: a
+            # browser that returns often does not make its values common.
+            self._values.add(enumerate(fp.groups))
+            self._font_sets.add([fp.fonts])
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
@@ -361,13 +374,13 @@ class IdentityBook:
 
     def _shares(self, fp: Fingerprint) -> list[float]:
         """Each group's value's share of all sightings."""
-        share = self._values.share
-        return [share([(group, value)]) for group, value in enumerate(fp.groups)]
+        share_of = self._values.share_of
+        return [share_of(pair) for pair in enumerate(fp.groups)]
 
     def _share(self, fp: Fingerprint, groups: Iterable[int]) -> float:
         p = 1.0
         for group in groups:
-            p *= self._values.share([(group, fp.groups[group])])
+            p *= self._values.share_of((group, fp.groups[group]))
         return p
 
     def _drift(
@@ -585,6 +598,12 @@ class IdentityBook:
         for rates in (self.band_rates, self.device_rates, self.identity_rates):
             rates.forget_before(t)
         self.crowds.forget_before(t)
+
+
+def _repeat(known: _Known, network: str, t: float) -> bool:
+    """Whether a sighting repeats the fingerprint's last one: the same
+    network within the same REPEAT_SLOT (the finest slot any rate keeps)."""
+    return known.last_network == network and (t // REPEAT_SLOT) == (known.last_seen // REPEAT_SLOT)
 
 
 def _touch(recent: dict[str, float], identity: str, t: float) -> None:

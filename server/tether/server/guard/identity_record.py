@@ -66,24 +66,33 @@ def link_row(link: Link, actor: str = "", reason: str = "") -> dict[str, Any]:
     }
 
 
-class Sightings:
-    """Which (fingerprint, network) pairs this process recorded in the
-    current hour, so a returning browser adds a row at most hourly."""
+class OncePerHour:
+    """Which keys this process recorded in the current hour, so what a
+    returning browser repeats reaches SQL at most hourly."""
 
     def __init__(self) -> None:
         self._hour = -1
-        self._recorded: set[tuple[str, str]] = set()
+        self._recorded: set[object] = set()
 
-    def new(self, fingerprint: str, network: str, t: float) -> tuple[str, str, int] | None:
+    def first(self, key: object, t: float) -> bool:
+        """Whether `key` is new this hour (and now recorded)."""
         hour = math.floor(t / HOUR)
         if hour != self._hour:
             self._hour = hour
             self._recorded.clear()
-        pair = (fingerprint, network)
-        if pair in self._recorded:
+        if key in self._recorded:
+            return False
+        self._recorded.add(key)
+        return True
+
+
+class Sightings(OncePerHour):
+    """(fingerprint, network) pairs: one sighting row per hour."""
+
+    def new(self, fingerprint: str, network: str, t: float) -> tuple[str, str, int] | None:
+        if not self.first((fingerprint, network), t):
             return None
-        self._recorded.add(pair)
-        return (fingerprint, network, hour)
+        return (fingerprint, network, math.floor(t / HOUR))
 
 
 def learned(

@@ -61,6 +61,17 @@ class Change:
     # (service, action, room, identity) refused as one browser.
     farmed: set[tuple[str, str, str, str]] = field(default_factory=set)
 
+    def empty(self) -> bool:
+        return not (
+            self.put
+            or self.drop
+            or self.links
+            or self.fingerprints
+            or self.link_records
+            or self.sightings
+            or self.farmed
+        )
+
 
 @dataclass
 class _Item:
@@ -86,7 +97,8 @@ class Recorder:
 
     def later(self, change: Change) -> None:
         """Queues a change; it is committed shortly."""
-        self._queue.put_nowait(_Item(change, None))
+        if not change.empty():
+            self._queue.put_nowait(_Item(change, None))
 
     async def commit(self, change: Change) -> None:
         """Queues a change and returns once it is committed."""

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
@@ -151,6 +151,10 @@ class Validator:
     def __init__(self, digester: Digester) -> None:
         self.digester = digester
         self.fingerprints = FingerprintCache()
+        # Digests of recently seen accounts and addresses (keyed digests
+        # cost an HMAC each; a returning browser brings the same ones).
+        self._accounts: dict[AccountRef, Account] = {}
+        self._networks: dict[str, str] = {}
 
     def account(
         self, account: AccountRef | None, path: str, violations: Violations
@@ -158,13 +162,18 @@ class Validator:
         if account is None:
             violations.add(path, "required")
             return None
+        known = self._accounts.get(account)
+        if known is not None:
+            return known
         try:
             normalized = normalize_account(account.kind, account.value, account.region_hint)
         except ValueError as exc:
             violations.add(path + ".value", str(exc))
             return None
         digester = self.digester
-        return Account(digester.digest(account.kind, normalized), digester.current.key_id)
+        digested = Account(digester.digest(account.kind, normalized), digester.current.key_id)
+        _remember(self._accounts, account, digested)
+        return digested
 
     @staticmethod
     def scope(service_id: str, action: Action | None, room_id: str, violations: Violations) -> None:
@@ -185,8 +194,12 @@ class Validator:
 
     def network(self, client_ip: str) -> str:
         """The client's network, as a keyed digest: never the address."""
-        network = fingerprint.network(client_ip)
-        return self.digester.digest("guard-network", network)[:8].hex()
+        known = self._networks.get(client_ip)
+        if known is None:
+            network = fingerprint.network(client_ip)
+            known = self.digester.digest("guard-network", network)[:8].hex()
+            _remember(self._networks, client_ip, known)
+        return known
 
     def check(self, call: EvaluateCall) -> tuple[Action, Account, Checked]:
         violations = Violations()
@@ -221,6 +234,16 @@ class Validator:
         return call.action, account, checked
 
 
+# Entries each of the validator's digest caches holds at most.
+DIGEST_CACHE_SIZE = 100_000
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= DIGEST_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+
+
 class Guard:
     def __init__(self, runtime: Runtime, store: GuardStore) -> None:
         settings = runtime.settings
@@ -238,6 +261,8 @@ class Guard:
         self.book = IdentityBook()
         self.decider = Decider(self.book, self.counters, self.bucket_bits)
         self._sightings = identity_record.Sightings()
+        # An account's link to an identity is rewritten at most hourly.
+        self._linked = identity_record.OncePerHour()
         # The book's clock; a test may move it.
         self.clock: Callable[[], float] = time.time
 
@@ -261,7 +286,8 @@ class Guard:
         resolution = self.decider.resolve(checked, t)
         identity = resolution.identity
         change = self._learned(checked, resolution, t)
-        self._link(change, call.service_id, action, account, identity)
+        if self._linked.first((call.service_id, identity, account.digest, action), t):
+            self._link(change, call.service_id, action, account, identity)
         allowed = policy.allowed_identities
         if identity in allowed or checked.fingerprint.identity in allowed:
             self.recorder.later(change)
