@@ -1,14 +1,16 @@
-"""Opening a channel to Tether with a bearer credential."""
+"""Opening a channel to Tether with a bearer credential, in clear or over TLS."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from tether.clients.failures import CommandError, read_text
+from tether.clients.failures import CommandError, read_text, unreadable
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -57,14 +59,37 @@ class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), requests)
 
 
+@dataclass(frozen=True)
+class Tls:
+    """How to connect over TLS: the CA that signs the server's certificate
+    (None: the system's CAs) and, for mutual TLS, the client's own
+    certificate chain and key, all PEM."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+
 def open_channel(
     address: str,
     token: str,
     *,
-    tls: bool = False,
+    tls: bool | Tls = False,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
-    """An async channel whose every call carries the token."""
+    """An async channel whose every call carries the token.
+
+    Args:
+        address: the server's host:port; over TLS the host must be one the
+            server's certificate names.
+        token: the bearer token.
+        tls: False for plaintext, True for TLS trusting the system's CAs, or
+            a Tls naming the CA and the client certificate.
+        options: further gRPC channel options.
+    """
     interceptors: list[grpc.aio.ClientInterceptor] = [
         _BearerUnaryUnary(token),
         _BearerUnaryStream(token),
@@ -72,10 +97,44 @@ def open_channel(
         _BearerStreamStream(token),
     ]
     if tls:
+        settings = tls if isinstance(tls, Tls) else Tls()
         return grpc.aio.secure_channel(
-            address, grpc.ssl_channel_credentials(), options=options, interceptors=interceptors
+            address, settings.credentials(), options=options, interceptors=interceptors
         )
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
+def _read_pem(flag: str, env: str, given: str | None) -> bytes | None:
+    path = given or os.environ.get(env)
+    if not path:
+        return None
+    named = flag if given else env
+    fix = "give a PEM file"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise unreadable(named, path, error, fix) from None
+    if b"-----BEGIN " not in data:
+        raise CommandError(f"{named} {path}: not a PEM file; {fix}")
+    return data
+
+
+def resolve_tls(tls: bool, ca: str | None, cert: str | None, key: str | None) -> bool | Tls:
+    """--ca / --cert / --key, else $TETHER_CA_FILE / $TETHER_CERT_FILE /
+    $TETHER_KEY_FILE; any of them (or --tls) means TLS."""
+    settings = Tls(
+        _read_pem("--ca", "TETHER_CA_FILE", ca),
+        _read_pem("--cert", "TETHER_CERT_FILE", cert),
+        _read_pem("--key", "TETHER_KEY_FILE", key),
+    )
+    if (settings.cert is None) != (settings.key is None):
+        raise CommandError(
+            "a client certificate needs both --cert and --key "
+            "(or TETHER_CERT_FILE and TETHER_KEY_FILE)"
+        )
+    if settings != Tls():
+        return settings
+    return tls
 
 
 def resolve_token(token: str | None, token_file: str | None) -> str:
