@@ -488,3 +488,19 @@ async def test_cli_over_tls_with_ca_works(tls_server: RunningServer, pki: Pki) -
     )
     assert code == 0, err
     assert partner_id in out
+
+
+async def test_commands_that_reconnect_stop_at_a_refused_certificate(
+    tls_server: RunningServer, pki: Pki
+) -> None:
+    # A server restarting is worth waiting for; a CA that will never match is not.
+    _, partner_token = await tls_server.partner()
+    device_token = await tls_server.credential("device")
+    wrong_ca = ["--ca", str(pki.other_ca_file)]
+    for token, command in (
+        (device_token, ["tether-device", *wrong_ca, "watch", "--imei", "490154203237518"]),
+        (partner_token, ["tether-partner", *wrong_ca, "serve"]),
+    ):
+        code, _, err = await run(tls_server, token, *command)
+        assert code == 2, err
+        assert "(unable to get local issuer certificate)" in only_line(err)

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from tether.clients.errors import details_of
+from tether.clients.errors import HANDSHAKE_FAILED, VERIFY_FAILED, details_of
 
 # Exit codes: 1 the server refused or failed the call; 2 the command line
 # or its files are wrong (argparse's own code for usage errors).
@@ -107,8 +107,6 @@ def rpc_failure(error: grpc.aio.AioRpcError, address: str, flags: Mapping[str, s
     return f"{in_user_terms(message, flags)}{f'; check {hint}' if hint else ''} [{tags}]"
 
 
-_VERIFY_FAILED = re.compile(r"CERTIFICATE_VERIFY_FAILED: ([^:]+)")
-_HANDSHAKE_FAILED = re.compile(r"(?:tls|ssl) handshake failed[^:]*: (.*)", re.IGNORECASE)
 _CLIENT_TLS_FLAGS = (
     "--ca, --cert, --key and --tls (and TETHER_CA_FILE, TETHER_CERT_FILE, TETHER_KEY_FILE)"
 )
@@ -125,7 +123,7 @@ def tls_failure(error: grpc.aio.AioRpcError, address: str, tls: bool) -> str | N
 
 def _handshake_failure(message: str, address: str) -> str | None:
     """This client refused the handshake, or it was refused in a way gRPC names."""
-    verify = _VERIFY_FAILED.search(message)
+    verify = VERIFY_FAILED.search(message)
     if verify:
         return (
             f"the certificate of the server at {address} was refused ({verify.group(1).strip()});"
@@ -134,7 +132,7 @@ def _handshake_failure(message: str, address: str) -> str | None:
         )
     if "WRONG_VERSION_NUMBER" in message:
         return f"the server at {address} does not speak TLS; drop {_CLIENT_TLS_FLAGS}"
-    handshake = _HANDSHAKE_FAILED.search(message)
+    handshake = HANDSHAKE_FAILED.search(message)
     if handshake:
         return f"the TLS handshake with {address} failed ({handshake.group(1).strip()})"
     return None
