@@ -90,7 +90,7 @@ class App:
             "listening",
             address=self.address,
             embedded=self.settings.embedded,
-            tls="mutual" if self.settings.tls_client_ca_file else bool(self.settings.tls_cert_file),
+            tls=tls.mode(self.settings),
         )
 
     async def stop(self, grace: float | None = None) -> None:

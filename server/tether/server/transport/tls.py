@@ -205,6 +205,13 @@ def web_context(files: TlsFiles) -> ssl.SSLContext:
     return front
 
 
+def mode(settings: Settings) -> str:
+    """ "off", "on" or "mutual", for the start-up log."""
+    if not settings.tls_cert_file:
+        return "off"
+    return "mutual" if settings.tls_client_ca_file else "on"
+
+
 def is_loopback(address: str) -> bool:
     """Whether host:port listens only where other machines cannot reach."""
     host = address.rpartition(":")[0].strip("[]")

@@ -148,6 +148,12 @@ class WebSide:
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("guard web side listening", url=self.url, demo=self.url + "/demo/register")
+        if self._tls is None and not tls.is_loopback(self._settings.http_listen):
+            log.warning(
+                "the guard's web side serves plain HTTP beyond loopback: set "
+                "TETHER_TLS_CERT_FILE and TETHER_TLS_KEY_FILE, or put a TLS proxy in front "
+                "(listed in TETHER_GUARD_TRUSTED_PROXIES)"
+            )
 
     async def stop(self) -> None:
         if self._runner is not None:
