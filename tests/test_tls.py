@@ -25,6 +25,7 @@ from tether.clients.connection import Tls, open_channel
 from tether.server.app import build
 from tether.server.settings import Settings
 from tether.server.shared import digests
+from tether.server.transport import tls
 
 # Each test's channels connect afresh: gRPC would otherwise share one
 # connection between channels, and a reloaded certificate shows only on a
@@ -119,14 +120,14 @@ async def mtls_server(
     await server.stop()
 
 
-async def list_partners(server: RunningServer, token: str, tls: bool | Tls) -> None:
-    async with open_channel(server.address, token, tls=tls, options=OWN_CONNECTION) as channel:
+async def list_partners(server: RunningServer, token: str, connect: bool | Tls) -> None:
+    async with open_channel(server.address, token, tls=connect, options=OWN_CONNECTION) as channel:
         await admin_grpc.AdminStub(channel).ListPartners(admin_pb.ListPartnersRequest())
 
 
-async def connection_error(server: RunningServer, tls: bool | Tls) -> grpc.aio.AioRpcError:
+async def connection_error(server: RunningServer, connect: bool | Tls) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await list_partners(server, server.admin_token, tls)
+        await list_partners(server, server.admin_token, connect)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     return caught.value
 
@@ -146,16 +147,18 @@ async def test_a_call_over_tls_reaches_the_server(tls_server: RunningServer, pki
 
 
 async def test_mutual_tls_admits_a_client_certificate_its_ca_signed(
-    mtls_server: RunningServer, pki: Pki
+    mtls_server: RunningServer, pki: Pki, tmp_path: Path
 ) -> None:
-    await list_partners(mtls_server, mtls_server.admin_token, client_tls(pki.ca, pki.client_b))
+    cert_file, key_file = pki.client_b.write(tmp_path, "client")
+    client = Tls.from_files(pki.ca_file, cert_file, key_file)
+    await list_partners(mtls_server, mtls_server.admin_token, client)
 
 
 async def test_mutual_tls_refuses_a_client_without_a_certificate_or_with_a_strangers(
     mtls_server: RunningServer, pki: Pki
 ) -> None:
-    for tls in (client_tls(pki.ca), client_tls(pki.ca, pki.stranger)):
-        await connection_error(mtls_server, tls)
+    for client in (client_tls(pki.ca), client_tls(pki.ca, pki.stranger)):
+        await connection_error(mtls_server, client)
 
 
 async def test_a_client_trusting_another_ca_is_told_the_certificate_was_refused(
@@ -243,8 +246,8 @@ async def bound_partner(server: RunningServer, subject: str) -> tuple[str, str]:
     return response.credential.client_subject, response.token
 
 
-async def partner_services(server: RunningServer, token: str, tls: Tls) -> None:
-    async with open_channel(server.address, token, tls=tls, options=OWN_CONNECTION) as channel:
+async def partner_services(server: RunningServer, token: str, connect: Tls) -> None:
+    async with open_channel(server.address, token, tls=connect, options=OWN_CONNECTION) as channel:
         await admin_grpc.AdminStub(channel).ListServices(admin_pb.ListServicesRequest())
 
 
@@ -319,6 +322,13 @@ async def test_the_server_refuses_plaintext_beyond_loopback(tmp_path: Path) -> N
     for listen in (":0", "[::]:0"):
         with pytest.raises(SystemExit, match="without TLS"):
             await build(settings(tmp_path, listen=listen))
+
+
+def test_loopback_is_only_this_machine() -> None:
+    for address in ("127.0.0.1:50051", "127.0.0.2:1", "[::1]:50051", "localhost:50051"):
+        assert tls.is_loopback(address), address
+    for address in ("0.0.0.0:50051", ":50051", "[::]:50051", "192.0.2.10:50051"):
+        assert not tls.is_loopback(address), address
 
 
 async def test_plaintext_beyond_loopback_starts_when_allowed(

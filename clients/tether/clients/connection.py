@@ -69,6 +69,20 @@ class Tls:
     cert: bytes | None = None
     key: bytes | None = None
 
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+    ) -> Tls:
+        """The PEM files named (None: not given); raises OSError if one cannot be read."""
+
+        def read(path: str | Path | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return cls(read(ca), read(cert), read(key))
+
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
 
