@@ -107,6 +107,10 @@ def rpc_failure(error: grpc.aio.AioRpcError, address: str, flags: Mapping[str, s
     return f"{in_user_terms(message, flags)}{f'; check {hint}' if hint else ''} [{tags}]"
 
 
+# The server's alert when it refuses this client's certificate, or its lack of one.
+_CLIENT_CERTIFICATE_ALERT = re.compile(r"ALERT_(?:CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA)")
+# The server hanging up at once (under TLS 1.3, how a refused client certificate shows).
+_HUNG_UP = re.compile(r"socket closed|connection reset", re.IGNORECASE)
 _CLIENT_TLS_FLAGS = (
     "--ca, --cert, --key and --tls (and TETHER_CA_FILE, TETHER_CERT_FILE, TETHER_KEY_FILE)"
 )
@@ -132,6 +136,8 @@ def _handshake_failure(message: str, address: str) -> str | None:
         )
     if "WRONG_VERSION_NUMBER" in message:
         return f"the server at {address} does not speak TLS; drop {_CLIENT_TLS_FLAGS}"
+    if _CLIENT_CERTIFICATE_ALERT.search(message):
+        return _client_certificate_needed(address)
     handshake = HANDSHAKE_FAILED.search(message)
     if handshake:
         return f"the TLS handshake with {address} failed ({handshake.group(1).strip()})"
@@ -141,20 +147,24 @@ def _handshake_failure(message: str, address: str) -> str | None:
 def _hung_up(message: str, address: str, tls: bool) -> str | None:
     """The server closed the connection at once: over TLS, it wants a client
     certificate it trusts; in clear, it may want TLS."""
-    if "socket closed" not in message.lower():
+    if not _HUNG_UP.search(message):
         return None
     if tls:
-        return (
-            f"the server at {address} closed the connection during the TLS handshake: it"
-            " requires a client certificate signed by a CA it trusts; pass --cert and --key"
-            " (or TETHER_CERT_FILE and TETHER_KEY_FILE)"
-        )
+        return _client_certificate_needed(address)
     if speaks_tls(address):
         return (
             f"the server at {address} requires TLS; pass --ca with the CA that signs its"
             " certificate (or TETHER_CA_FILE), or --tls when a public CA signs it"
         )
     return None
+
+
+def _client_certificate_needed(address: str) -> str:
+    return (
+        f"the server at {address} closed the connection during the TLS handshake: it"
+        " requires a client certificate signed by a CA it trusts; pass --cert and --key"
+        " (or TETHER_CERT_FILE and TETHER_KEY_FILE)"
+    )
 
 
 def speaks_tls(address: str, timeout: float = 2.0) -> bool:
