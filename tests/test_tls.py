@@ -437,6 +437,8 @@ async def test_cli_tls_mistakes_are_one_line_each(
     tls_server: RunningServer, mtls_server: RunningServer, pki: Pki, tmp_path: Path
 ) -> None:
     address = tls_server.address
+    client_cert, client_key = pki.client_a.write(tmp_path, "client")
+    _, other_key = pki.client_b.write(tmp_path, "other")
     cases = [
         (
             tls_server,
@@ -460,6 +462,16 @@ async def test_cli_tls_mistakes_are_one_line_each(
             tls_server,
             ["--ca", str(pki.ca_file), "--cert", str(pki.ca_file)],
             "error: a client certificate needs both --cert and --key",
+        ),
+        (
+            tls_server,
+            ["--ca", str(client_key)],
+            f"error: --ca {client_key}: no usable certificate in it",
+        ),
+        (
+            tls_server,
+            ["--ca", str(pki.ca_file), "--cert", str(client_cert), "--key", str(other_key)],
+            f"error: --cert {client_cert} and --key {other_key} are not a certificate and its key",
         ),
     ]
     for server, flags, expected in cases:

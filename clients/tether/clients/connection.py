@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,14 @@ def open_channel(
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
-def _read_pem(flag: str, env: str, given: str | None) -> bytes | None:
+@dataclass(frozen=True)
+class _PemFile:
+    named: str  # the flag or variable that named it
+    path: str
+    data: bytes
+
+
+def _pem_file(flag: str, env: str, given: str | None) -> _PemFile | None:
     path = given or os.environ.get(env)
     if not path:
         return None
@@ -130,25 +138,48 @@ def _read_pem(flag: str, env: str, given: str | None) -> bytes | None:
         raise unreadable(named, path, error, fix) from None
     if b"-----BEGIN " not in data:
         raise CommandError(f"{named} {path}: not a PEM file; {fix}")
-    return data
+    return _PemFile(named, path, data)
+
+
+def _check_usable(ca: _PemFile | None, cert: _PemFile | None, key: _PemFile | None) -> None:
+    """gRPC fails the call on PEM it cannot use, after logging several lines;
+    Python's ssl says which file is wrong first."""
+    if ca is not None:
+        try:
+            ssl.create_default_context(cadata=ca.data.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError):
+            raise CommandError(
+                f"{ca.named} {ca.path}: no usable certificate in it; give the PEM certificate"
+                " of the CA that signs the server's certificate"
+            ) from None
+    if cert is not None and key is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert.path, key.path)
+        except ssl.SSLError:
+            raise CommandError(
+                f"{cert.named} {cert.path} and {key.named} {key.path} are not a certificate and"
+                " its key; give the PEM client certificate and the key it was issued with"
+            ) from None
 
 
 def resolve_tls(tls: bool, ca: str | None, cert: str | None, key: str | None) -> bool | Tls:
     """--ca / --cert / --key, else $TETHER_CA_FILE / $TETHER_CERT_FILE /
     $TETHER_KEY_FILE; any of them (or --tls) means TLS."""
-    settings = Tls(
-        _read_pem("--ca", "TETHER_CA_FILE", ca),
-        _read_pem("--cert", "TETHER_CERT_FILE", cert),
-        _read_pem("--key", "TETHER_KEY_FILE", key),
+    files = (
+        _pem_file("--ca", "TETHER_CA_FILE", ca),
+        _pem_file("--cert", "TETHER_CERT_FILE", cert),
+        _pem_file("--key", "TETHER_KEY_FILE", key),
     )
-    if (settings.cert is None) != (settings.key is None):
+    ca_file, cert_file, key_file = files
+    if (cert_file is None) != (key_file is None):
         raise CommandError(
             "a client certificate needs both --cert and --key "
             "(or TETHER_CERT_FILE and TETHER_KEY_FILE)"
         )
-    if settings != Tls():
-        return settings
-    return tls
+    if files == (None, None, None):
+        return tls
+    _check_usable(ca_file, cert_file, key_file)
+    return Tls(*(None if f is None else f.data for f in files))
 
 
 def resolve_token(token: str | None, token_file: str | None) -> str:
