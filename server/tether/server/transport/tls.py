@@ -187,7 +187,7 @@ def web_context(files: TlsFiles) -> ssl.SSLContext:
         context.load_cert_chain(files.cert, files.key)
         return context
 
-    current = [fresh()]
+    front, current = fresh(), [fresh()]
 
     def on_client_hello(
         connection: ssl.SSLSocket | ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext
@@ -200,13 +200,12 @@ def web_context(files: TlsFiles) -> ssl.SSLContext:
             log.exception("TLS reload failed; serving the previous certificate")
         connection.context = current[0]
 
-    front = fresh()
     front.sni_callback = on_client_hello
     return front
 
 
 def mode(settings: Settings) -> str:
-    """ "off", "on" or "mutual", for the start-up log."""
+    """How the gRPC port is served, for the start-up log: off, on or mutual."""
     if not settings.tls_cert_file:
         return "off"
     return "mutual" if settings.tls_client_ca_file else "on"
