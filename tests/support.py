@@ -14,7 +14,7 @@ import pytest
 
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.admin.v1 import service_pb2_grpc as admin_grpc
-from tether.clients.connection import open_channel
+from tether.clients.connection import Tls, open_channel
 from tether.clients.errors import ErrorDetail, details_of
 from tether.server.app import App, build
 from tether.server.settings import Settings
@@ -42,6 +42,8 @@ def free_port() -> int:
 class RunningServer:
     app: App
     admin_token: str
+    # How channel() connects: plaintext, or TLS as a client library would.
+    tls: bool | Tls = False
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     @property
@@ -50,7 +52,7 @@ class RunningServer:
 
     def channel(self, token: str) -> grpc.aio.Channel:
         """A channel whose calls carry token; closed when the server stops."""
-        channel = open_channel(self.address, token)
+        channel = open_channel(self.address, token, tls=self.tls)
         self._channels.append(channel)
         return channel
 

@@ -21,8 +21,15 @@ from types import ModuleType
 import grpc
 from google.protobuf.message import Message
 
-from tether.clients.connection import DEFAULT_ADDRESS, open_channel, resolve_token
-from tether.clients.failures import EXIT_FAILED, CommandError, rpc_failure, unreadable
+from tether.clients.connection import DEFAULT_ADDRESS, open_channel, resolve_tls, resolve_token
+from tether.clients.failures import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CommandError,
+    rpc_failure,
+    tls_failure,
+    unreadable,
+)
 from tether.clients.output import as_dict
 
 Handler = Callable[[argparse.Namespace, grpc.aio.Channel], Awaitable[int | None]]
@@ -39,7 +46,17 @@ def build_parser(
     )
     parser.add_argument("--token", help="bearer token (default $TETHER_TOKEN)")
     parser.add_argument("--token-file", help="file holding the bearer token")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    parser.add_argument(
+        "--ca",
+        help="PEM CA that signs the server's certificate; implies TLS (default $TETHER_CA_FILE)",
+    )
+    parser.add_argument(
+        "--cert", help="PEM client certificate for mutual TLS (default $TETHER_CERT_FILE)"
+    )
+    parser.add_argument("--key", help="PEM key of --cert (default $TETHER_KEY_FILE)")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in modules:
         module.add_commands(sub)
@@ -57,11 +74,16 @@ async def _run(args: argparse.Namespace) -> int:
     # Commands that explain a failure themselves name the address tried.
     args.address = address
     token = resolve_token(args.token, args.token_file)
-    async with open_channel(address, token, tls=args.tls) as channel:
+    tls = resolve_tls(args.tls, args.ca, args.cert, args.key)
+    async with open_channel(address, token, tls=tls) as channel:
         handler: Handler = args.handler
         try:
             return (await handler(args, channel)) or 0
         except grpc.aio.AioRpcError as error:
+            broken = tls_failure(error, address, bool(tls))
+            if broken is not None:
+                print(f"error: {broken}", file=sys.stderr)
+                return EXIT_USAGE
             print(
                 f"error: {rpc_failure(error, address, getattr(args, 'flags', {}))}", file=sys.stderr
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import grpc
@@ -40,3 +41,17 @@ def details_of(error: grpc.aio.AioRpcError) -> ErrorDetail:
             elif packed.Unpack(retry):
                 detail.retry_after_seconds = retry.retry_delay.ToNanoseconds() / 1e9
     return detail
+
+
+# How gRPC words a TLS handshake that failed, in the status details.
+VERIFY_FAILED = re.compile(r"CERTIFICATE_VERIFY_FAILED: ([^:]+)")
+HANDSHAKE_FAILED = re.compile(r"(?:tls|ssl) handshake failed[^:]*: (.*)", re.IGNORECASE)
+
+
+def tls_refused(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the call never left the TLS handshake for a reason a retry
+    cannot fix: a certificate refused, or TLS and plaintext mixed up."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    message = error.details() or ""
+    return bool(HANDSHAKE_FAILED.search(message)) or "WRONG_VERSION_NUMBER" in message

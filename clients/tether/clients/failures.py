@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from tether.clients.errors import details_of
+from tether.clients.errors import HANDSHAKE_FAILED, VERIFY_FAILED, details_of
 
 # Exit codes: 1 the server refused or failed the call; 2 the command line
 # or its files are wrong (argparse's own code for usage errors).
@@ -103,3 +105,84 @@ def rpc_failure(error: grpc.aio.AioRpcError, address: str, flags: Mapping[str, s
     hint = flags.get(detail.reason)
     tags = " ".join(t for t in (detail.code.name, detail.reason) if t)
     return f"{in_user_terms(message, flags)}{f'; check {hint}' if hint else ''} [{tags}]"
+
+
+# The server's alert when it refuses this client's certificate, or its lack of one.
+_CLIENT_CERTIFICATE_ALERT = re.compile(r"ALERT_(?:CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA)")
+# The server hanging up at once (under TLS 1.3, how a refused client certificate shows).
+_HUNG_UP = re.compile(r"socket closed|connection reset", re.IGNORECASE)
+_CLIENT_TLS_FLAGS = (
+    "--ca, --cert, --key and --tls (and TETHER_CA_FILE, TETHER_CERT_FILE, TETHER_KEY_FILE)"
+)
+
+
+def tls_failure(error: grpc.aio.AioRpcError, address: str, tls: bool) -> str | None:
+    """The line that explains a call that failed in the TLS handshake, or
+    None when the failure was something else."""
+    detail = details_of(error)
+    if detail.code != grpc.StatusCode.UNAVAILABLE or detail.reason:
+        return None
+    return _handshake_failure(detail.message, address) or _hung_up(detail.message, address, tls)
+
+
+def _handshake_failure(message: str, address: str) -> str | None:
+    """This client refused the handshake, or it was refused in a way gRPC names."""
+    verify = VERIFY_FAILED.search(message)
+    if verify:
+        return (
+            f"the certificate of the server at {address} was refused ({verify.group(1).strip()});"
+            " pass --ca (or TETHER_CA_FILE) with the CA that signs it, or have the server's"
+            " certificate renewed"
+        )
+    if "WRONG_VERSION_NUMBER" in message:
+        return f"the server at {address} does not speak TLS; drop {_CLIENT_TLS_FLAGS}"
+    if _CLIENT_CERTIFICATE_ALERT.search(message):
+        return _client_certificate_needed(address)
+    handshake = HANDSHAKE_FAILED.search(message)
+    if handshake:
+        return f"the TLS handshake with {address} failed ({handshake.group(1).strip()})"
+    return None
+
+
+def _hung_up(message: str, address: str, tls: bool) -> str | None:
+    """The server closed the connection at once: over TLS, it wants a client
+    certificate it trusts; in clear, it may want TLS."""
+    if not _HUNG_UP.search(message):
+        return None
+    if tls:
+        return _client_certificate_needed(address)
+    if speaks_tls(address):
+        return (
+            f"the server at {address} requires TLS; pass --ca with the CA that signs its"
+            " certificate (or TETHER_CA_FILE), or --tls when a public CA signs it"
+        )
+    return None
+
+
+def _client_certificate_needed(address: str) -> str:
+    return (
+        f"the server at {address} closed the connection during the TLS handshake: it"
+        " requires a client certificate signed by a CA it trusts; pass --cert and --key"
+        " (or TETHER_CERT_FILE and TETHER_KEY_FILE)"
+    )
+
+
+def speaks_tls(address: str, timeout: float = 2.0) -> bool:
+    """Whether address answers a TLS handshake (trusting any certificate)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except ssl.SSLError as error:
+        # An alert is the server speaking TLS (refusing this client, say).
+        return "ALERT" in (error.reason or "")
+    except (OSError, ValueError):
+        return False

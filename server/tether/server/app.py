@@ -40,7 +40,7 @@ from tether.server.settings import Settings
 from tether.server.shared import digests
 from tether.server.storage import database, migrate
 from tether.server.storage.database import Database
-from tether.server.transport import credentials
+from tether.server.transport import credentials, tls
 from tether.server.transport.credentials import Credential
 from tether.server.transport.registration import GenericHandlersOnly
 
@@ -86,7 +86,12 @@ class App:
             for name in component.services:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening", address=self.address, embedded=self.settings.embedded)
+        log.info(
+            "listening",
+            address=self.address,
+            embedded=self.settings.embedded,
+            tls=tls.mode(self.settings),
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight calls finish within the grace period."""
@@ -193,10 +198,15 @@ def _check_listen_address(address: str) -> None:
         raise _cannot_listen(address, getattr(exc, "strerror", None) or str(exc)) from exc
 
 
-def _listen(server: grpc.aio.Server, address: str) -> int:
+def _listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
     """The port bound, or one line saying which setting to change."""
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:  # grpcio >= 1.60 raises where it used to return 0
         port = 0
     if port == 0:
@@ -205,6 +215,10 @@ def _listen(server: grpc.aio.Server, address: str) -> int:
 
 
 async def build(settings: Settings) -> App:
+    tls_files = tls.TlsFiles.from_settings(settings)
+    tls.check_plaintext_allowed(settings, tls_files)
+    # Read now: a missing or mismatched file stops the start before anything is made.
+    server_credentials = None if tls_files is None else tls.server_credentials(tls_files)
     _check_listen_address(settings.listen)
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +269,7 @@ async def build(settings: Settings) -> App:
         ],
         services,
     )
-    port = _listen(server, settings.listen)
+    port = _listen(server, settings.listen, server_credentials)
     return App(settings, runtime, server, port, health, areas)
 
 

@@ -24,6 +24,24 @@ class Settings(BaseSettings):
         10.0, description="how long SIGTERM waits for in-flight calls before cancelling them"
     )
     max_message_bytes: int = Field(8 * 1024 * 1024, description="largest gRPC message accepted")
+    tls_cert_file: str = Field(
+        "",
+        description="PEM certificate chain the gRPC port (and the guard's web side) serves "
+        "TLS with; reread when the file changes; empty: plaintext",
+    )
+    tls_key_file: str = Field(
+        "", description="PEM private key of tls_cert_file; reread when the file changes"
+    )
+    tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA certificates that sign client certificates: set, every gRPC "
+        "client must present one (mutual TLS; bearer credentials are still required)",
+    )
+    allow_plaintext: bool = Field(
+        False,
+        description="listen without TLS on an address other than loopback (behind a "
+        "TLS-terminating proxy, say); off: the server refuses to start",
+    )
 
     # --- storage -----------------------------------------------------------
     data_dir: Path = Field(Path(".tether"), description="where embedded mode keeps its files")

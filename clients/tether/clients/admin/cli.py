@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# First: gRPC reads its log level once, when it is imported.
+import tether.clients.grpc_logs  # noqa: F401
 from tether.clients import cli
 from tether.clients.admin import commands
 

@@ -48,8 +48,14 @@ def add_commands(sub: Any) -> None:
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--partner", default="", help="the partner, for partner credentials")
     p.add_argument("--label", default="")
+    p.add_argument(
+        "--client-subject",
+        default="",
+        help="accept the token only with a client certificate of this subject "
+        "(mutual TLS), e.g. 'CN=acme-backend,O=ACME'",
+    )
     p.add_argument("--token-only", action="store_true", help="print just the token")
-    p.set_defaults(handler=create_credential)
+    p.set_defaults(handler=create_credential, flags={"client_subject": "--client-subject"})
 
     p = sub.add_parser("credentials", help="list credentials")
     p.add_argument("--partner", default="")
@@ -103,7 +109,12 @@ async def create_service(args: argparse.Namespace, channel: grpc.aio.Channel) ->
 
 async def create_credential(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
     response = await AdminStub(channel).CreateCredential(
-        pb.CreateCredentialRequest(kind=KINDS[args.kind], partner_id=args.partner, label=args.label)
+        pb.CreateCredentialRequest(
+            kind=KINDS[args.kind],
+            partner_id=args.partner,
+            label=args.label,
+            client_subject=args.client_subject,
+        )
     )
     if args.token_only:
         print(response.token)

@@ -17,7 +17,7 @@ from tether.clients.cli import print_message
 from tether.clients.device.binding import _device as device_of
 from tether.clients.device.binding import _device_arguments as _device_args
 from tether.clients.device.provisioning import DeviceProvisioning
-from tether.clients.errors import details_of
+from tether.clients.errors import details_of, tls_refused
 from tether.clients.failures import EXIT_FAILED, CommandError
 
 # Reconnection backoff of `watch`, in seconds: doubled after each attempt.
@@ -82,7 +82,7 @@ async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
                     return 0
             why, code = "the server ended the stream", 0
         except grpc.aio.AioRpcError as error:
-            if error.code() not in RECONNECT_ON:
+            if error.code() not in RECONNECT_ON or tls_refused(error):
                 raise
             code = EXIT_FAILED
             why = (

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+# First: gRPC reads its log level once, when it is imported.
+import tether.clients.grpc_logs  # noqa: F401
 from tether.clients import cli
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tether.clients.errors import tls_refused
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.provisioning.v1.service_pb2_grpc import ProvisioningStub
 
@@ -151,7 +152,7 @@ class PartnerWorker:
                 await self._one_stream()
                 delay = self._backoff[0]
             except grpc.aio.AioRpcError as error:
-                if error.code() in FATAL:
+                if error.code() in FATAL or tls_refused(error):
                     raise
                 if not self.stopping():
                     log.warning("stream lost (%s); reconnecting in %.1fs", error.code().name, delay)

@@ -174,6 +174,7 @@ class Credential(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    CLIENT_SUBJECT_FIELD_NUMBER: _builtins.int
     credential_id: _builtins.str
     """Stable id, also the token's prefix ("cred_3f9a..."); safe to log."""
     kind: Global___CredentialKind.ValueType
@@ -182,6 +183,13 @@ class Credential(_message.Message):
     """For CREDENTIAL_KIND_PARTNER: the partner it is scoped to; else empty."""
     label: _builtins.str
     """Free text to tell credentials apart, at most 200 characters."""
+    client_subject: _builtins.str
+    """client_subject, when set, is the subject (RFC 4514, e.g.
+    "CN=acme-backend,O=ACME") of the only client certificate the token is
+    accepted with: calls over a connection without that certificate fail
+    UNAUTHENTICATED / ERROR_REASON_CLIENT_CERTIFICATE_MISMATCH. Empty: any
+    connection.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was issued."""
@@ -199,10 +207,11 @@ class Credential(_message.Message):
         label: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        client_subject: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "credential_id", b"credential_id", "kind", b"kind", "label", b"label", "partner_id", b"partner_id", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_subject", b"client_subject", "create_time", b"create_time", "credential_id", b"credential_id", "kind", b"kind", "label", b"label", "partner_id", b"partner_id", "revoke_time", b"revoke_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -547,22 +556,30 @@ class CreateCredentialRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     PARTNER_ID_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    CLIENT_SUBJECT_FIELD_NUMBER: _builtins.int
     kind: Global___CredentialKind.ValueType
     """Who the credential speaks for. Required."""
     partner_id: _builtins.str
     """Required for CREDENTIAL_KIND_PARTNER, must be empty otherwise."""
     label: _builtins.str
     """See Credential.label."""
+    client_subject: _builtins.str
+    """client_subject binds the credential to a client certificate's subject
+    (RFC 4514 distinguished name, at most 500 characters; attribute types
+    and spaces around separators are compared loosely). Optional; the
+    server must run mutual TLS for a bound credential to be usable.
+    """
     def __init__(
         self,
         *,
         kind: Global___CredentialKind.ValueType = ...,
         partner_id: _builtins.str = ...,
         label: _builtins.str = ...,
+        client_subject: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "label", b"label", "partner_id", b"partner_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_subject", b"client_subject", "kind", b"kind", "label", b"label", "partner_id", b"partner_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

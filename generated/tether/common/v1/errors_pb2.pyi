@@ -46,6 +46,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: the page_token does not belong to this listing."""
     ERROR_REASON_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 7
     """UNAVAILABLE: a backing store did not answer in time; safe to retry."""
+    ERROR_REASON_CLIENT_CERTIFICATE_MISMATCH: _ErrorReason.ValueType  # 8
+    """UNAUTHENTICATED: the credential is bound to a client certificate
+    subject (Credential.client_subject) and the call came over a
+    connection without a client certificate, or with one of another
+    subject. Call over mutual TLS with the bound certificate.
+    """
     ERROR_REASON_PARTNER_NOT_FOUND: _ErrorReason.ValueType  # 100
     """NOT_FOUND: no such partner, or not one the caller may see."""
     ERROR_REASON_PARTNER_ALREADY_EXISTS: _ErrorReason.ValueType  # 101
@@ -133,6 +139,12 @@ ERROR_REASON_PAGE_TOKEN_INVALID: ErrorReason.ValueType  # 6
 """INVALID_ARGUMENT: the page_token does not belong to this listing."""
 ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 7
 """UNAVAILABLE: a backing store did not answer in time; safe to retry."""
+ERROR_REASON_CLIENT_CERTIFICATE_MISMATCH: ErrorReason.ValueType  # 8
+"""UNAUTHENTICATED: the credential is bound to a client certificate
+subject (Credential.client_subject) and the call came over a
+connection without a client certificate, or with one of another
+subject. Call over mutual TLS with the bound certificate.
+"""
 ERROR_REASON_PARTNER_NOT_FOUND: ErrorReason.ValueType  # 100
 """NOT_FOUND: no such partner, or not one the caller may see."""
 ERROR_REASON_PARTNER_ALREADY_EXISTS: ErrorReason.ValueType  # 101

@@ -51,6 +51,7 @@ def credential_pb(row: Credential) -> pb.Credential:
         label=row.label,
         create_time=timestamp(row.create_time),
         revoke_time=timestamp(row.revoke_time),
+        client_subject=row.client_subject or "",
     )
 
 

@@ -9,7 +9,7 @@ from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server.errors import AlreadyExists, NotFound, Violations
 from tether.server.shared.partners import Partner, PresetService, get_partner
 from tether.server.storage.base import utcnow
-from tether.server.transport import credentials
+from tether.server.transport import credentials, tls
 from tether.server.transport.credentials import Credential
 from tether.server.transport.principal import CallerKind
 from tether.server.validation import check_slug, check_text
@@ -99,10 +99,14 @@ async def list_services(session: AsyncSession, partner_id: str) -> list[PresetSe
 
 
 async def create_credential(
-    session: AsyncSession, kind: CallerKind, partner_id: str, label: str
+    session: AsyncSession, kind: CallerKind, partner_id: str, label: str, client_subject: str = ""
 ) -> credentials.MintedToken:
     violations = Violations()
     check_text(label, "label", violations, max_len=200)
+    if client_subject:
+        problem = tls.subject_problem(client_subject)
+        if problem is not None:
+            violations.add("client_subject", problem)
     if kind is CallerKind.PARTNER and not partner_id:
         violations.add("partner_id", "required for partner credentials")
     if kind is not CallerKind.PARTNER and partner_id:
@@ -110,7 +114,9 @@ async def create_credential(
     violations.raise_if_any()
     if partner_id:
         await get_partner(session, partner_id)
-    minted = credentials.mint(kind, partner_id or None, label)
+    minted = credentials.mint(
+        kind, partner_id or None, label, tls.normalize_subject(client_subject) or None
+    )
     session.add(minted.credential)
     await session.flush()
     return minted

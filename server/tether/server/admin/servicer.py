@@ -129,7 +129,7 @@ class AdminServicer(service_pb2_grpc.AdminServicer):
             raise AssertionError
         async with self._db.transaction() as session:
             minted = await service.create_credential(
-                session, kind, request.partner_id, request.label
+                session, kind, request.partner_id, request.label, request.client_subject
             )
             return pb.CreateCredentialResponse(
                 credential=convert.credential_pb(minted.credential), token=minted.token

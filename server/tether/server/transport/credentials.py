@@ -42,6 +42,10 @@ class Credential(Base):
     label: Mapped[str] = mapped_column(String(200), default="")
     # SHA-256 of the token's secret part; the token itself is never stored.
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # Set: the token is accepted only from a client certificate with this
+    # subject (RFC 4514, e.g. "CN=acme-backend,O=ACME"), so a leaked token
+    # alone is not enough.
+    client_subject: Mapped[str | None] = mapped_column(String(500))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     revoke_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
@@ -56,7 +60,9 @@ def _hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def mint(kind: CallerKind, partner_id: str | None, label: str) -> MintedToken:
+def mint(
+    kind: CallerKind, partner_id: str | None, label: str, client_subject: str | None = None
+) -> MintedToken:
     credential_id = ID_PREFIX + secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     row = Credential(
@@ -65,6 +71,7 @@ def mint(kind: CallerKind, partner_id: str | None, label: str) -> MintedToken:
         partner_id=partner_id,
         label=label,
         secret_hash=_hash(secret),
+        client_subject=client_subject,
         create_time=utcnow(),
     )
     return MintedToken(row, f"{credential_id}.{secret}")
@@ -96,7 +103,9 @@ class CredentialVerifier:
             return None
         if not hmac.compare_digest(row.secret_hash, _hash(secret)):
             return None
-        principal = Principal(row.credential_id, CallerKind(row.kind), row.partner_id)
+        principal = Principal(
+            row.credential_id, CallerKind(row.kind), row.partner_id, row.client_subject
+        )
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[token] = (now + self._ttl, principal)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
 from tether.server.transport import principal as principals
-from tether.server.transport import request_check
+from tether.server.transport import request_check, tls
 from tether.server.transport.status import abort, code_of
 
 log = logs.get(__name__)
@@ -83,6 +83,14 @@ async def _enter(context: grpc.aio.ServicerContext[Any, Any], auth: Authenticato
         raise errors.Unauthenticated(
             ErrorReason.ERROR_REASON_CREDENTIAL_INVALID,
             "send a valid credential as 'authorization: Bearer <token>'",
+        )
+    if principal.client_subject is not None and not tls.subject_matches(
+        principal.client_subject, context.auth_context()
+    ):
+        raise errors.Unauthenticated(
+            ErrorReason.ERROR_REASON_CLIENT_CERTIFICATE_MISMATCH,
+            "this credential is bound to a client certificate: call over mutual TLS "
+            "with the certificate it names",
         )
     principals.set_current(principal)
 

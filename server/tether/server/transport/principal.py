@@ -24,6 +24,9 @@ class Principal:
     kind: CallerKind
     # Set for partner credentials only: the one partner they may act for.
     partner_id: str | None = None
+    # Set: the credential is valid only over mutual TLS with a client
+    # certificate of this subject (transport/tls.py compares them).
+    client_subject: str | None = None
 
     def partner_scope(self, requested: str) -> str:
         """The partner a request acts on, as this caller may see it.

@@ -24,6 +24,7 @@ from tether.server.guard import policies
 from tether.server.guard.service import EvaluateCall, Guard
 from tether.server.guard.web import payload
 from tether.server.settings import Settings
+from tether.server.transport import tls
 
 log = logs.get(__name__)
 
@@ -101,12 +102,15 @@ class WebSide:
         self._guard = guard
         self._trusted = parse_networks(settings.guard_trusted_proxies)
         self._runner: web.AppRunner | None = None
+        # HTTPS with the gRPC port's certificate and key when TLS is on.
+        self._tls = tls.TlsFiles.from_settings(settings)
         self.port = 0
 
     @property
     def url(self) -> str:
         host = self._settings.http_listen.rsplit(":", 1)[0]
-        return f"http://{host}:{self.port}"
+        scheme = "http" if self._tls is None else "https"
+        return f"{scheme}://{host}:{self.port}"
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -125,7 +129,12 @@ class WebSide:
         host, _, port = self._settings.http_listen.rpartition(":")
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, int(port))
+        site = web.TCPSite(
+            self._runner,
+            host,
+            int(port),
+            ssl_context=None if self._tls is None else tls.web_context(self._tls),
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -139,6 +148,12 @@ class WebSide:
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("guard web side listening", url=self.url, demo=self.url + "/demo/register")
+        if self._tls is None and not tls.is_loopback(self._settings.http_listen):
+            log.warning(
+                "the guard's web side serves plain HTTP beyond loopback: set "
+                "TETHER_TLS_CERT_FILE and TETHER_TLS_KEY_FILE, or put a TLS proxy in front "
+                "(listed in TETHER_GUARD_TRUSTED_PROXIES)"
+            )
 
     async def stop(self) -> None:
         if self._runner is not None:
