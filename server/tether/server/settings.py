@@ -24,6 +24,12 @@ class Settings(BaseSettings):
         10.0, description="how long SIGTERM waits for in-flight calls before cancelling them"
     )
     max_message_bytes: int = Field(8 * 1024 * 1024, description="largest gRPC message accepted")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="server processes sharing the gRPC port (`serve --workers`); more than 1 "
+        "needs PostgreSQL and an external Redis; about one per core",
+    )
 
     # --- storage -----------------------------------------------------------
     data_dir: Path = Field(Path(".tether"), description="where embedded mode keeps its files")
