@@ -101,11 +101,11 @@ async def test_the_walk_through_across_three_replicas_behind_round_robin(
                 )
             )
             tokens = {}
-            for kind, partner in (("partner", partner_id), ("device", ""), ("internal", "")):
+            for kind, owner in (("partner", partner_id), ("device", ""), ("internal", "")):
                 made = await admin.CreateCredential(
                     admin_pb.CreateCredentialRequest(
                         kind=getattr(admin_pb, f"CREDENTIAL_KIND_{kind.upper()}"),
-                        partner_id=partner,
+                        partner_id=owner,
                         label=f"replicas {kind}",
                     )
                 )
