@@ -19,6 +19,7 @@ from tests import binding_support as bs
 from tests import provisioning_support as ps
 from tests.guard_support import fingerprint
 from tests.support import RunningServer
+from tests.test_guard_linking import desktop, fresh_network
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.admin.v1 import service_pb2_grpc as admin_grpc
 from tether.binding.v1 import messages_pb2 as binding_pb
@@ -245,3 +246,54 @@ async def test_one_browser_registering_through_three_replicas_gets_exactly_the_l
             async with open_channel(server.address, internal_token) as direct:
                 explained = await GuardClient(direct).explain_identity(identity)
                 assert explained.identity == identity
+
+
+async def test_a_browser_drifting_across_replicas_stays_one_identity(
+    pg_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    internal_token = await pg_server.credential("internal")
+    async with (
+        replicas(pg_server, postgres_url, redis_url, tmp_path) as servers,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        guards = [
+            GuardClient(
+                await stack.enter_async_context(open_channel(server.address, internal_token))
+            )
+            for server in servers
+        ]
+        service_id = f"svc-{secrets.token_hex(5)}"
+        await guards[0].set_policy(guard_pb.Policy(service_id=service_id, register_limit=3))
+        home = fresh_network()
+        seed = secrets.token_hex(4)
+        fonts = [f"Font {seed} {i}" for i in range(30)]
+        # An update, a resized window, another language, a font installed:
+        # each variant's registration lands on another replica.
+        variants = [
+            desktop(seed),
+            desktop(seed, browser_version="131.0.6778.140"),
+            desktop(seed, screen_width=1600, screen_height=900),
+            desktop(seed, languages=["fr-FR", "fr"]),
+            desktop(seed, fonts=[*fonts, "Noto Sans Mono"]),
+        ]
+        first = await guards[0].evaluate(service_id, "register", account("d0"), variants[0], home)
+        verdicts = [first]
+        for i, variant in enumerate(variants[1:], start=1):
+            guard = guards[i % len(guards)]
+
+            async def knows_the_browser(guard: GuardClient = guard, count: int = i) -> bool:
+                # What the other replicas recorded has reached this one's book.
+                try:
+                    view = await guard.explain_identity(first.identity)
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.NOT_FOUND
+                    return False
+                return len(view.fingerprints) == count
+
+            await ps.eventually(knows_the_browser, what=f"replica {i % 3} follows the book")
+            verdict = await guard.evaluate(service_id, "register", account(f"d{i}"), variant, home)
+            assert verdict.identity == first.identity, verdict.explanation
+            verdicts.append(verdict)
+        assert [v.verdict for v in verdicts] == [guard_pb.VERDICT_ALLOW] * 3 + [
+            guard_pb.VERDICT_DENY
+        ] * 2

@@ -238,13 +238,15 @@ class Guard:
         self.book = IdentityBook()
         self.decider = Decider(self.book, self.counters, self.bucket_bits)
         self._sightings = identity_record.Sightings()
+        # How far the book has read the record (load, then follow).
+        self._marks = identity_record.Watermarks()
         # The book's clock; a test may move it.
         self.clock: Callable[[], float] = time.time
 
     async def load(self) -> None:
         """Rebuilds the identity book from SQL (at start)."""
         now = self.clock()
-        count = await identity_record.load(self.db, self.book, now)
+        count, self._marks = await identity_record.load(self.db, self.book, now)
         await identity_record.forget_old_sightings(self.db, now)
         log.info("guard identity book loaded", fingerprints=count)
         # A backtest's scratch keys, left by a server that stopped mid-run.
@@ -252,6 +254,11 @@ class Guard:
             await self.counters.delete_matching(f"{KEY_PREFIX}:{keys.backtest_scope('*')}:*")
         except CountersDown as exc:
             log.warning("backtest leftovers not checked", error=str(exc))
+
+    async def follow(self) -> int:
+        """Reads into the book what other processes recorded since the last
+        read (identity_record.follow); returns the records applied."""
+        return await identity_record.follow(self.db, self.book, self._marks, self.clock())
 
     # --- evaluate --------------------------------------------------------
     async def evaluate(self, call: EvaluateCall) -> Verdict:
