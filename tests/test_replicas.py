@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+import redis.asyncio as redis
 
 from tests import binding_support as bs
 from tests import provisioning_support as ps
+from tests.conftest import claimed_redis_database
 from tests.guard_support import fingerprint
 from tests.support import RunningServer
 from tests.test_guard_linking import desktop, fresh_network
@@ -29,6 +32,7 @@ from tether.clients.device.provisioning import DeviceProvisioning
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as guard_pb
 from tether.provisioning.v1 import messages_pb2 as pb
+from tether.server.guard.restorer import MARKER
 
 ACTIVATING = pb.ENTITLEMENT_STATE_ACTIVATING
 ACTIVE = pb.ENTITLEMENT_STATE_ACTIVE
@@ -297,3 +301,50 @@ async def test_a_browser_drifting_across_replicas_stays_one_identity(
         assert [v.verdict for v in verdicts] == [guard_pb.VERDICT_ALLOW] * 3 + [
             guard_pb.VERDICT_DENY
         ] * 2
+
+
+def _restores(servers: list[ps.ServerProcess]) -> int:
+    """Restores of the guard's counters the replicas logged, all together."""
+    count = 0
+    for server in servers:
+        for line in (server.data_dir / f"server-{server.port}.log").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                count += json.loads(line).get("event", "").startswith("guard counters restored")
+    return count
+
+
+async def test_one_replica_restores_the_guard_counters_for_all_when_redis_loses_them(
+    pg_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    internal_token = await pg_server.credential("internal")
+    async with (
+        claimed_redis_database(besides=redis_url) as own_redis,
+        replicas(pg_server, postgres_url, own_redis, tmp_path) as servers,
+        round_robin(servers, internal_token) as channel,
+    ):
+        # A fresh Redis: one replica restored it at start, the others waited.
+        assert _restores(servers) == 1
+        guard = GuardClient(channel)
+        service_id = f"svc-{secrets.token_hex(5)}"
+        await guard.set_policy(guard_pb.Policy(service_id=service_id, register_limit=2))
+        browser = fingerprint(f"restore-{secrets.token_hex(4)}")
+        ip = "198.51.100.10"
+        for i in range(2):
+            allowed = await guard.evaluate(service_id, "register", account(f"r{i}"), browser, ip)
+            assert allowed.verdict == guard_pb.VERDICT_ALLOW
+
+        client = redis.Redis.from_url(own_redis)
+        try:
+            await client.flushdb()
+
+            async def restored() -> bool:
+                return bool(await client.exists(MARKER))
+
+            await ps.eventually(restored, what="the counters restored")
+        finally:
+            await client.aclose()
+        assert _restores(servers) == 2
+        # Restored, the browser is still at its limit on every replica.
+        for i in range(3):
+            again = await guard.evaluate(service_id, "register", account(f"late{i}"), browser, ip)
+            assert again.verdict == guard_pb.VERDICT_DENY, again

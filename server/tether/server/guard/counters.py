@@ -184,6 +184,13 @@ class GuardCounters:
     async def mark(self, key: str) -> None:
         await self._call(self._client.set(key, b"1"))
 
+    async def claim(self, key: str, holder: str, life_ms: int) -> bool:
+        """Sets key to holder for life_ms unless it is set; True when it was not."""
+        return bool(await self._call(self._client.set(key, holder, nx=True, px=life_ms)))
+
+    async def extend(self, key: str, life_ms: int) -> None:
+        await self._call(self._client.pexpire(key, life_ms))
+
     async def delete(self, *keys: str) -> None:
         for start in range(0, len(keys), 500):
             await self._call(self._client.delete(*keys[start : start + 500]))
