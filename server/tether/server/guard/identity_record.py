@@ -30,8 +30,10 @@ log = logs.get(__name__)
 
 UNLINK = "unlink"
 # How far back each follow() reads again (see follow).
-FOLLOW_OVERLAP = timedelta(seconds=2)
+FOLLOW_OVERLAP = timedelta(seconds=1)
 LINK_ID_WINDOW = 1000
+# Rows per IN list of a follow() read.
+FOLLOW_CHUNK = 5000
 
 
 def _time(t: float) -> datetime:
@@ -204,7 +206,7 @@ async def follow(db: Database, book: IdentityBook, marks: Watermarks, now: float
     Returns the records applied.
 
     Rows commit out of the order of their times and ids (a transaction that
-    took longer), so each read looks FOLLOW_OVERLAP_SECONDS (and
+    took longer), so each read looks FOLLOW_OVERLAP (and
     LINK_ID_WINDOW ids) back again and skips what it already has. A link
     this book decided otherwise (its source already joined elsewhere here)
     is passed over: both books stay as they were, and a restart agrees.
@@ -212,18 +214,37 @@ async def follow(db: Database, book: IdentityBook, marks: Watermarks, now: float
     stay each process's own until its next start.
     """
     since = marks.fingerprints - FOLLOW_OVERLAP if marks.fingerprints is not None else None
-    fingerprint_query = select(GuardFingerprint)
+    recent = select(GuardFingerprint.fingerprint, GuardFingerprint.first_seen_time)
     if since is not None:
-        fingerprint_query = fingerprint_query.where(GuardFingerprint.first_seen_time >= since)
+        recent = recent.where(GuardFingerprint.first_seen_time >= since)
+    # Names and ids first (cheap), whole rows only for what is new here.
     async with db.sessions() as session:
-        fingerprints = (await session.scalars(fingerprint_query)).all()
-        records = (
-            await session.scalars(
-                select(GuardLinkRecord)
-                .where(GuardLinkRecord.id > marks.floor)
-                .order_by(GuardLinkRecord.id)
+        unknown = []
+        for name, first_seen in await session.execute(recent):
+            if marks.fingerprints is None or first_seen > marks.fingerprints:
+                marks.fingerprints = first_seen
+            if not book.knows(name):
+                unknown.append(name)
+        unseen = [
+            i
+            for i in await session.scalars(
+                select(GuardLinkRecord.id).where(GuardLinkRecord.id > marks.floor)
             )
-        ).all()
+            if i not in marks.links
+        ]
+        fingerprints: list[GuardFingerprint] = []
+        for start in range(0, len(unknown), FOLLOW_CHUNK):
+            chunk = unknown[start : start + FOLLOW_CHUNK]
+            fingerprints += await session.scalars(
+                select(GuardFingerprint).where(GuardFingerprint.fingerprint.in_(chunk))
+            )
+        records: list[GuardLinkRecord] = []
+        for start in range(0, len(unseen), FOLLOW_CHUNK):
+            ids = unseen[start : start + FOLLOW_CHUNK]
+            records += await session.scalars(
+                select(GuardLinkRecord).where(GuardLinkRecord.id.in_(ids))
+            )
+    records.sort(key=lambda record: record.id)
     learned = [row.fingerprint for row in fingerprints if not book.knows(row.fingerprint)]
     for row in fingerprints:
         _restore_fingerprint(book, row, marks)
