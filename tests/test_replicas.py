@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -303,6 +303,12 @@ async def test_a_browser_drifting_across_replicas_stays_one_identity(
         ] * 2
 
 
+async def _all(
+    responses: AsyncIterable[guard_pb.BacktestResponse],
+) -> list[guard_pb.BacktestResponse]:
+    return [response async for response in responses]
+
+
 def _restores(servers: list[ps.ServerProcess]) -> int:
     """Restores of the guard's counters the replicas logged, all together."""
     count = 0
@@ -348,3 +354,65 @@ async def test_one_replica_restores_the_guard_counters_for_all_when_redis_loses_
         for i in range(3):
             again = await guard.evaluate(service_id, "register", account(f"late{i}"), browser, ip)
             assert again.verdict == guard_pb.VERDICT_DENY, again
+
+
+async def test_a_replica_starting_deletes_dead_backtests_keys_but_not_a_running_ones(
+    pg_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    guard = GuardClient(pg_server.channel(await pg_server.credential("internal")))
+    policy = guard_pb.Policy(service_id=f"svc-{secrets.token_hex(5)}", register_limit=2)
+    browser = fingerprint(f"backtest-{secrets.token_hex(4)}")
+    t0 = 1_780_000_000.0
+
+    def event(i: int) -> guard_pb.BacktestEvent:
+        message = guard_pb.BacktestEvent(
+            request=guard_pb.EvaluateRequest(
+                action=guard_pb.ACTION_REGISTER,
+                account=account(f"bt{i}"),
+                components=browser,
+                client_ip="198.51.100.11",
+            )
+        )
+        message.event_time.FromNanoseconds(int((t0 + i) * 1e9))
+        return message
+
+    halfway = asyncio.Event()
+
+    async def requests() -> AsyncIterator[guard_pb.BacktestRequest]:
+        yield guard_pb.BacktestRequest(start=guard_pb.BacktestStart(policy=policy, verdicts=True))
+        yield guard_pb.BacktestRequest(events=guard_pb.BacktestEvents(events=[event(0), event(1)]))
+        await halfway.wait()
+        yield guard_pb.BacktestRequest(events=guard_pb.BacktestEvents(events=[event(2), event(3)]))
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # A run that died with its server: its keys are a leftover.
+        await client.set("tether:bt:0123456789abcdef:g:x", b"1")
+        verdicts: list[guard_pb.BacktestVerdict] = []
+        summary: guard_pb.BacktestSummary | None = None
+        run = guard.stub.Backtest(requests())
+        # The first events are counted (their verdicts come with the rest).
+        responses = asyncio.create_task(_all(run))
+        dead = b"tether:bt:0123456789abcdef:g:x"
+
+        async def counting() -> bool:
+            return len(await client.keys("tether:bt:*")) >= 2
+
+        await ps.eventually(counting, what="the backtest counting")
+        before = set(await client.keys("tether:bt:*"))
+        assert dead in before
+        async with replicas(pg_server, postgres_url, redis_url, tmp_path):
+            # Each replica swept the leftovers at its start; the run kept its keys.
+            assert set(await client.keys("tether:bt:*")) == before - {dead}
+        halfway.set()
+        for response in await asyncio.wait_for(responses, 30):
+            if response.HasField("verdict"):
+                verdicts.append(response.verdict)
+            else:
+                summary = response.summary
+    finally:
+        await client.aclose()
+    assert [v.response.verdict for v in verdicts] == [guard_pb.VERDICT_ALLOW] * 2 + [
+        guard_pb.VERDICT_DENY
+    ] * 2
+    assert summary is not None

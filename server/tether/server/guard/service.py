@@ -249,9 +249,20 @@ class Guard:
         count, self._marks = await identity_record.load(self.db, self.book, now)
         await identity_record.forget_old_sightings(self.db, now)
         log.info("guard identity book loaded", fingerprints=count)
-        # A backtest's scratch keys, left by a server that stopped mid-run.
+        # Backtests' scratch keys, left by servers that stopped mid-run; the
+        # runs still going on in other processes (workers, replicas) keep theirs.
         try:
-            await self.counters.delete_matching(f"{KEY_PREFIX}:{keys.backtest_scope('*')}:*")
+            running = {
+                key.rsplit(":", 1)[1]
+                for key in await self.counters.matching(
+                    f"{KEY_PREFIX}:{keys.backtest_running('*')}"
+                )
+            }
+            prefix = len(f"{KEY_PREFIX}:{keys.backtest_scope('')}")
+            await self.counters.delete_matching(
+                f"{KEY_PREFIX}:{keys.backtest_scope('*')}:*",
+                keep=lambda key: key[prefix:].split(":", 1)[0] in running,
+            )
         except CountersDown as exc:
             log.warning("backtest leftovers not checked", error=str(exc))
 
