@@ -21,7 +21,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import create_database, drop_database
 from tests.support import RunningServer, free_port
+from tether.server.storage import migrate
+from tether.server.storage.database import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +129,16 @@ async def supervised(
             await server.stop()
 
 
+def _environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return dict(pairs)
+
+
+def _is_dir(path: str) -> bool:
+    return Path(path).is_dir()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -141,6 +154,12 @@ async def test_two_workers_share_the_port_restart_when_killed_and_drain_on_sigte
         await server.serving_workers(2)
         started = {line["worker"]: line["pid"] for line in server.events("worker started")}
         assert sorted(started) == [0, 1]
+        # Each worker knows its index; both share one metrics directory.
+        environments = [_environment(started[index]) for index in (0, 1)]
+        assert [e["TETHER_WORKER_INDEX"] for e in environments] == ["0", "1"]
+        metrics_dir = environments[0]["PROMETHEUS_MULTIPROC_DIR"]
+        assert environments[1]["PROMETHEUS_MULTIPROC_DIR"] == metrics_dir
+        assert _is_dir(metrics_dir)
         # Every worker logs its index on every line.
         assert {line["worker"] for line in server.events("listening")} == {0, 1}
 
@@ -192,6 +211,7 @@ async def test_two_workers_share_the_port_restart_when_killed_and_drain_on_sigte
         assert await server.stop() == 0
         assert [line["worker"] for line in server.events("stopped")].count(1) == 1
         assert not any(_pid_alive(pid) for pid in pids)
+        assert not _is_dir(metrics_dir)
 
 
 _TAKEN = re.compile(
@@ -291,3 +311,21 @@ async def test_a_worker_that_cannot_start_stops_the_server_with_its_reason(
         "tether-server: worker 0 could not start (exit code 1); its reason is above"
     )
     assert "worker died; restarting" not in text
+
+
+async def test_workers_start_on_a_fresh_database_the_supervisor_migrated(
+    server_env: dict[str, str], tmp_path: Path
+) -> None:
+    name, url = await create_database()
+    try:
+        env = {**server_env, "TETHER_DATABASE_URL": url, "TETHER_MIGRATE_ON_START": "true"}
+        async with supervised(env, tmp_path) as server:
+            await server.serving_workers(2)
+            assert await server.stop() == 0
+        db = Database(url, 1)
+        try:
+            assert await migrate.current_revision(db.engine) == migrate.head_revision()
+        finally:
+            await db.close()
+    finally:
+        await drop_database(name)
