@@ -329,3 +329,40 @@ async def test_workers_start_on_a_fresh_database_the_supervisor_migrated(
             await db.close()
     finally:
         await drop_database(name)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "line"),
+    [
+        (
+            ("--workers", "0"),
+            {},
+            "tether-server serve: error: argument --workers: a whole number of 1 or more, not '0'",
+        ),
+        (
+            (),
+            {"TETHER_WORKERS": "0"},
+            "tether-server: TETHER_WORKERS: Input should be greater than or equal to 1 (got '0')",
+        ),
+    ],
+    ids=["flag", "variable"],
+)
+async def test_a_worker_count_below_one_is_one_line_and_exit_2(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], line: str
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tether.server",
+        "serve",
+        *args,
+        env={**os.environ, "TETHER_DATA_DIR": str(tmp_path / "data"), **env},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert out == b""
+    assert err.decode().splitlines()[-1] == line
+    assert not (tmp_path / "data").exists()

@@ -7,6 +7,8 @@ import asyncio
 import os
 import socket
 
+from pydantic import ValidationError
+
 from tether.server import logs
 from tether.server.settings import Settings
 
@@ -30,7 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     admin.add_argument("--label", default="created by tether-server create-admin")
     args = parser.parse_args(argv)
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # One line naming the variable, not pydantic's report and a traceback.
+        error = exc.errors()[0]
+        name = "TETHER_" + "_".join(str(part) for part in error["loc"]).upper()
+        parser.exit(2, f"tether-server: {name}: {error['msg']} (got {error['input']!r})\n")
     if args.command == "worker":
         index = int(os.environ.get("TETHER_WORKER_INDEX", "0"))
         logs.configure(settings.log_level, settings.log_format, worker=index)
