@@ -366,3 +366,23 @@ async def test_a_worker_count_below_one_is_one_line_and_exit_2(
     assert out == b""
     assert err.decode().splitlines()[-1] == line
     assert not (tmp_path / "data").exists()
+
+
+async def test_workers_whose_supervisor_died_drain_and_exit(
+    server_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with supervised(server_env, tmp_path) as server:
+        await server.serving_workers(2)
+        pids = [line["pid"] for line in server.events("worker started")]
+        assert server.process is not None
+        server.process.kill()
+        await server.process.wait()
+
+        async def gone() -> bool:
+            return not any(_pid_alive(pid) for pid in pids)
+
+        await until(gone, "both workers exited")
+        assert sorted(
+            line["worker"] for line in server.events("the supervisor is gone; draining")
+        ) == [0, 1]
+        assert sorted(line["worker"] for line in server.events("stopped")) == [0, 1]

@@ -39,7 +39,7 @@ class PortLock:
         self._handle = handle
 
     def fileno(self) -> int:
-        """The descriptor a child inherits to keep the port claimed."""
+        """The descriptor to pass to a child (pass_fds) to keep the port claimed."""
         return self._handle if isinstance(self._handle, int) else self._handle.fileno()
 
     def close(self) -> None:
@@ -72,8 +72,7 @@ def _claim_abstract(port: int) -> PortLock:
             raise
         raise PortTaken(f"another tether-server{_holder(address)} serves port {port}") from None
     # Listening lets a refused server name the holder (SO_PEERCRED).
-    lock.listen(1)
-    lock.set_inheritable(True)
+    lock.listen(socket.SOMAXCONN)
     return PortLock(port, lock)
 
 
@@ -100,5 +99,4 @@ def _claim_file(port: int) -> PortLock:
     except OSError:
         os.close(fd)
         raise PortTaken(f"another tether-server serves port {port}") from None
-    os.set_inheritable(fd, True)
     return PortLock(port, fd)
