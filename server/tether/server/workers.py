@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -222,8 +223,13 @@ class Supervisor:
         may have come from the command line), its index, and the shared
         metrics directory."""
         env = dict(os.environ)
-        for name, value in self._settings.model_dump().items():
-            env[f"TETHER_{name.upper()}"] = str(value)
+        for name, value in self._settings.model_dump(mode="json").items():
+            variable = f"TETHER_{name.upper()}"
+            if value is None:
+                env.pop(variable, None)
+            else:
+                # As pydantic-settings reads them: text as is, the rest as JSON.
+                env[variable] = value if isinstance(value, str) else json.dumps(value)
         env["TETHER_WORKER_INDEX"] = str(index)
         if index > 0:
             env["TETHER_HTTP_LISTEN"] = ""
