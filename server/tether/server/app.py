@@ -9,6 +9,7 @@ import gc
 import importlib
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -18,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from tether.server import logs
+from tether.server import logs, port_lock
 from tether.server.admin import area as admin_area
 from tether.server.admin.area import AdminArea
 from tether.server.binding import area as binding_area
@@ -31,6 +32,7 @@ from tether.server.guard import area as guard_area
 from tether.server.guard.area import GuardArea
 from tether.server.guard.store_postgres import PostgresGuardStore
 from tether.server.guard.store_sqlalchemy import SqlAlchemyGuardStore
+from tether.server.port_lock import PortLock, PortTaken
 from tether.server.provisioning import area as provisioning_area
 from tether.server.provisioning.area import ProvisioningArea
 from tether.server.provisioning.store_postgres import PostgresProvisioningStore
@@ -193,6 +195,8 @@ def _check_listen_address(address: str) -> None:
         )
         for family, kind, proto, _name, sockaddr in resolved:
             with socket.socket(family, kind, proto) as probe:
+                # As gRPC binds: a port our own last run left in TIME-WAIT is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(sockaddr)
     except (OSError, ValueError) as exc:
         raise _cannot_listen(address, getattr(exc, "strerror", None) or str(exc)) from exc
@@ -214,12 +218,10 @@ def _listen(
     return port
 
 
-async def build(settings: Settings) -> App:
-    tls_files = tls.TlsFiles.from_settings(settings)
-    tls.check_plaintext_allowed(settings, tls_files)
-    # Read now: a missing or mismatched file stops the start before anything is made.
-    server_credentials = None if tls_files is None else tls.server_credentials(tls_files)
-    _check_listen_address(settings.listen)
+async def prepare(settings: Settings) -> None:
+    """What runs once before any process serves: embedded mode's files,
+    migrations, the embedded digest keys and the quick start's admin token.
+    With several workers the supervisor runs it, never each worker."""
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         log.warning(
@@ -231,6 +233,27 @@ async def build(settings: Settings) -> App:
         )
     if settings.embedded_database or settings.migrate_on_start:
         await migrate.upgrade_async(settings.effective_database_url)
+    _load_digest_keys(settings)
+    db = Database(settings.effective_database_url, 1)
+    try:
+        await _check_schema(db)
+        if settings.embedded_database:
+            await _bootstrap_embedded_admin(settings, db)
+    finally:
+        await db.close()
+
+
+async def build(settings: Settings, *, worker: bool = False) -> App:
+    """The server, ready to start. A worker of a supervisor (worker=True)
+    skips the port probe and prepare(), which the supervisor ran, and shares
+    the port with its siblings (SO_REUSEPORT)."""
+    tls_files = tls.TlsFiles.from_settings(settings)
+    tls.check_plaintext_allowed(settings, tls_files)
+    # Read now: a missing or mismatched file stops the start before anything is made.
+    server_credentials = None if tls_files is None else tls.server_credentials(tls_files)
+    if not worker:
+        _check_listen_address(settings.listen)
+        await prepare(settings)
 
     db = Database(settings.effective_database_url, settings.database_pool_size)
     await _check_schema(db)
@@ -241,16 +264,15 @@ async def build(settings: Settings) -> App:
         digester=digests.Digester(_load_digest_keys(settings)),
         credentials=credentials.CredentialVerifier(db, settings.credential_cache_seconds),
     )
-    if settings.embedded_database:
-        await _bootstrap_embedded_admin(settings, db)
-
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # gRPC sets SO_REUSEPORT by default: a second server on the same
-            # port would bind silently and take a share of the calls.
-            ("grpc.so_reuseport", 0),
+            # port would bind silently and take a share of the calls. Only a
+            # supervisor's workers share theirs (the supervisor's port lock
+            # keeps every other server off it).
+            ("grpc.so_reuseport", 1 if worker else 0),
         ],
     )
     # Every call is authenticated by the handler GenericHandlersOnly puts in front.
@@ -273,8 +295,68 @@ async def build(settings: Settings) -> App:
     return App(settings, runtime, server, port, health, areas)
 
 
+def claim_port(address: str) -> PortLock | None:
+    """The gRPC port's lock (port_lock), then the port probed under it; one
+    line when either is taken. Port 0 needs none: nobody else gets that port."""
+    port = int(address.rpartition(":")[2] or 0)
+    if port == 0:
+        return None
+    try:
+        lock = port_lock.claim(port)
+    except (PortTaken, OSError) as exc:
+        raise _cannot_listen(address, str(exc)) from None
+    try:
+        _check_listen_address(address)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
 async def serve(settings: Settings) -> None:
-    app = await build(settings)
+    """One process serving until SIGTERM or SIGINT."""
+    lock = claim_port(settings.listen)
+    try:
+        await _serve(await build(settings))
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+async def serve_worker(settings: Settings, control: socket.socket) -> None:
+    """One of a supervisor's workers (workers.py): says "ready" on the
+    control socket once it serves, and drains on SIGTERM or SIGINT, or when
+    the supervisor is gone (the socket's end of file)."""
+    app = await build(settings, worker=True)
+    reader, writer = await asyncio.open_connection(sock=control)
+    stopping = asyncio.Event()
+
+    async def supervisor_gone() -> None:
+        await reader.read()
+        if not stopping.is_set():
+            log.warning("the supervisor is gone; draining")
+            stopping.set()
+
+    watch: list[asyncio.Task[None]] = []
+
+    async def ready() -> None:
+        writer.write(b"ready\n")
+        await writer.drain()
+        watch.append(asyncio.create_task(supervisor_gone(), name="supervisor-watch"))
+
+    try:
+        await _serve(app, stopping, ready)
+    finally:
+        for task in watch:
+            task.cancel()
+        writer.close()
+
+
+async def _serve(
+    app: App,
+    stopping: asyncio.Event | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     try:
         await app.start()
     except BaseException:
@@ -287,10 +369,12 @@ async def serve(settings: Settings) -> None:
     # collection no longer walks it, which otherwise paused every request
     # for 100+ ms at a time.
     gc.freeze()
-    stopping = asyncio.Event()
+    stopping = stopping or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if ready is not None:
+        await ready()
     await stopping.wait()
-    log.info("draining", grace_seconds=settings.shutdown_grace_seconds)
+    log.info("draining", grace_seconds=app.settings.shutdown_grace_seconds)
     await app.stop()

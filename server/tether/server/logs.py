@@ -8,7 +8,8 @@ import sys
 import structlog
 
 
-def configure(level: str = "INFO", fmt: str = "console") -> None:
+def configure(level: str = "INFO", fmt: str = "console", worker: int | None = None) -> None:
+    """worker: a supervisor's worker index, added to every line the process logs."""
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -21,6 +22,7 @@ def configure(level: str = "INFO", fmt: str = "console") -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            *([_with_worker(worker)] if worker is not None else []),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
@@ -36,3 +38,13 @@ def configure(level: str = "INFO", fmt: str = "console") -> None:
 def get(name: str) -> structlog.stdlib.BoundLogger:
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
     return logger
+
+
+def _with_worker(index: int) -> structlog.typing.Processor:
+    def add(
+        _logger: object, _name: str, event: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        event.setdefault("worker", index)
+        return event
+
+    return add

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         description="listen without TLS on an address other than loopback (behind a "
         "TLS-terminating proxy, say); off: the server refuses to start",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="server processes sharing the gRPC port (`serve --workers`); more than 1 "
+        "needs PostgreSQL and an external Redis; about one per core",
+    )
 
     # --- storage -----------------------------------------------------------
     data_dir: Path = Field(Path(".tether"), description="where embedded mode keeps its files")

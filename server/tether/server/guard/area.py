@@ -8,6 +8,7 @@ import grpc
 
 from tether.guard.v1 import service_pb2_grpc
 from tether.server.components import Component
+from tether.server.guard.book_follower import BookFollower
 from tether.server.guard.restorer import Restorer
 from tether.server.guard.service import Guard
 from tether.server.guard.servicer import SERVICE_NAME, GuardServicer
@@ -21,6 +22,7 @@ class GuardArea(Component):
     guard: Guard
     web: WebSide
     restorer: Restorer
+    follower: BookFollower
 
 
 def build(server: grpc.aio.Server, runtime: Runtime, store: GuardStore) -> GuardArea:
@@ -28,19 +30,28 @@ def build(server: grpc.aio.Server, runtime: Runtime, store: GuardStore) -> Guard
     service_pb2_grpc.add_FingerprintGuardServicer_to_server(GuardServicer(runtime, guard), server)
     web = WebSide(runtime.settings, guard)
     restorer = Restorer(guard)
+    follower = BookFollower(guard)
 
     async def start() -> None:
         await guard.load()
+        follower.start()
         guard.recorder.start()
         await restorer.start()
         await web.start()
 
     async def stop() -> None:
         await web.stop()
+        await follower.stop()
         await restorer.stop()
         await guard.recorder.stop()
         guard.counters.close()
 
     return GuardArea(
-        services=[SERVICE_NAME], start=start, stop=stop, guard=guard, web=web, restorer=restorer
+        services=[SERVICE_NAME],
+        start=start,
+        stop=stop,
+        guard=guard,
+        web=web,
+        restorer=restorer,
+        follower=follower,
     )

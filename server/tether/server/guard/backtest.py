@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from tether.server import errors
+from tether.server.counters.connection import KEY_PREFIX
 from tether.server.guard import keys, policies
 from tether.server.guard.decide import Checked, Decider, Decision, limit_and_life
 from tether.server.guard.identities import IdentityBook
@@ -104,6 +105,10 @@ def check_event(message: Any) -> str:
     return ""
 
 
+# How long a run counts as going on after its last event (renewed as events come).
+RUNNING_MS = 600_000
+
+
 class Backtest:
     def __init__(self, guard: Guard, policy: Policy, group_by: list[str]) -> None:
         self._guard = guard
@@ -111,6 +116,8 @@ class Backtest:
         self._group_by = group_by
         self.run_id = secrets.token_hex(8)
         self._scope = keys.backtest_scope(self.run_id)
+        self._running_key = f"{KEY_PREFIX}:{keys.backtest_running(self.run_id)}"
+        self._running_until = 0.0
         self._decider = Decider(IdentityBook(), guard.counters, guard.bucket_bits, self._scope)
         self._validator = Validator(guard.validator.digester)
         self._keys: set[str] = set()
@@ -130,6 +137,10 @@ class Backtest:
             # NOSCRIPT retry could run out of order.
             await self._guard.counters.load_scripts()
             self._loaded = True
+        if time.monotonic() >= self._running_until:
+            # Other processes starting meanwhile leave this run's keys alone.
+            await self._guard.counters.mark(self._running_key, RUNNING_MS)
+            self._running_until = time.monotonic() + RUNNING_MS / 3000
         try:
             action, checked = self._check(event)
         except errors.InvalidArgument as exc:
@@ -176,9 +187,9 @@ class Backtest:
 
     async def drop(self) -> None:
         """Deletes the run's keys: every key it counted in or moved counts
-        to. (A server that stops mid-run leaves them to its next start,
-        which deletes every backtest's keys.)"""
-        await self._guard.counters.delete(*self._keys)
+        to. (A server that stops mid-run leaves them to the next start of a
+        server, which deletes the keys of every backtest not running.)"""
+        await self._guard.counters.delete(*self._keys, self._running_key)
         self._keys.clear()
 
     async def _drain(self) -> list[tuple[int, Verdict | str]]:

@@ -9,6 +9,7 @@ error is a bug and propagates as one.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import redis.asyncio as redis
@@ -181,25 +182,48 @@ class GuardCounters:
     async def exists(self, key: str) -> bool:
         return bool(await self._call(self._client.exists(key)))
 
-    async def mark(self, key: str) -> None:
-        await self._call(self._client.set(key, b"1"))
+    async def mark(self, key: str, life_ms: int | None = None) -> None:
+        await self._call(self._client.set(key, b"1", px=life_ms))
+
+    async def claim(self, key: str, holder: str, life_ms: int) -> bool:
+        """Sets key to holder for life_ms unless it is set; True when it was not."""
+        return bool(await self._call(self._client.set(key, holder, nx=True, px=life_ms)))
+
+    async def extend(self, key: str, life_ms: int) -> None:
+        await self._call(self._client.pexpire(key, life_ms))
 
     async def delete(self, *keys: str) -> None:
         for start in range(0, len(keys), 500):
             await self._call(self._client.delete(*keys[start : start + 500]))
 
-    async def delete_matching(self, pattern: str) -> None:
-        """Deletes every key matching a glob pattern (a scope's leftovers)."""
+    async def delete_matching(
+        self, pattern: str, keep: Callable[[str], bool] | None = None
+    ) -> None:
+        """Deletes every key matching a glob pattern (a scope's leftovers),
+        but those keep(key) says to keep."""
         batch: list[str] = []
         try:
-            async for key in self._client.scan_iter(match=pattern, count=1000):
-                batch.append(key.decode() if isinstance(key, bytes) else key)
+            async for found in self._client.scan_iter(match=pattern, count=1000):
+                key = found.decode() if isinstance(found, bytes) else found
+                if keep is not None and keep(key):
+                    continue
+                batch.append(key)
                 if len(batch) >= 500:
                     await self.delete(*batch)
                     batch = []
         except _DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
         await self.delete(*batch)
+
+    async def matching(self, pattern: str) -> list[str]:
+        """The keys matching a glob pattern (SCAN: a small scope's only)."""
+        try:
+            return [
+                key.decode() if isinstance(key, bytes) else key
+                async for key in self._client.scan_iter(match=pattern, count=1000)
+            ]
+        except _DOWN as exc:
+            raise CountersDown(str(exc) or type(exc).__name__) from exc
 
     async def load_scripts(self) -> None:
         """Makes sure Redis knows the evaluate script (and, on the pipelined

@@ -24,7 +24,8 @@ people an identity looks like is its popularity: the separate episodes in
 which it appeared on networks new to it (signals.Spread).
 
 The book is memory: the live service keeps one per process, rebuilt from
-SQL at start; a backtest makes a fresh one. Nothing here does I/O.
+SQL at start and kept in step with the other processes' records
+(book_follower); a backtest makes a fresh one. Nothing here does I/O.
 """
 
 from __future__ import annotations

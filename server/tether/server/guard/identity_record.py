@@ -12,7 +12,8 @@ are deleted as they age.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -28,6 +29,11 @@ from tether.server.storage.database import Database
 log = logs.get(__name__)
 
 UNLINK = "unlink"
+# How far back each follow() reads again (see follow).
+FOLLOW_OVERLAP = timedelta(seconds=1)
+LINK_ID_WINDOW = 1000
+# Rows per IN list of a follow() read.
+FOLLOW_CHUNK = 5000
 
 
 def _time(t: float) -> datetime:
@@ -131,8 +137,21 @@ def learned(
         change.sightings.add(sighting)
 
 
-async def load(db: Database, book: IdentityBook, now: float) -> int:
-    """Rebuilds the book from the record; returns the fingerprints read."""
+@dataclass
+class Watermarks:
+    """How far a book has read the record: what follow() reads after."""
+
+    # The newest first_seen_time read.
+    fingerprints: datetime | None = None
+    # Link records applied (or read and passed over), by id; ids below
+    # `floor` are all done.
+    links: set[int] = field(default_factory=set)
+    floor: int = 0
+
+
+async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Watermarks]:
+    """Rebuilds the book from the record; returns the fingerprints read and
+    where follow() starts."""
     oldest = math.floor((now - HORIZON) / HOUR)
     async with db.sessions() as session:
         fingerprints = (await session.scalars(select(GuardFingerprint))).all()
@@ -148,13 +167,9 @@ async def load(db: Database, book: IdentityBook, now: float) -> int:
                 .order_by(GuardSighting.hour)
             )
         ).all()
+    marks = Watermarks()
     for row in fingerprints:
-        book.restore_fingerprint(
-            fingerprint_from(row.fingerprint, row.digests),
-            row.first_seen_time.timestamp(),
-            row.last_seen_time.timestamp(),
-            "",
-        )
+        _restore_fingerprint(book, row, marks)
     for record in records:
         t = record.create_time.timestamp()
         if record.kind == UNLINK:
@@ -162,19 +177,137 @@ async def load(db: Database, book: IdentityBook, now: float) -> int:
         elif record.kind == LinkKind.OPERATOR_MERGE:
             book.merge(record.target, record.source, t)
         else:
-            book.restore_link(
-                Link(
-                    record.kind,
-                    record.source,
-                    record.target,
-                    record.confidence,
-                    tuple(record.changed),
-                    t,
-                )
-            )
+            book.restore_link(_link_of(record))
+        marks.links.add(record.id)
+    marks.floor = max(marks.links, default=0) - LINK_ID_WINDOW
+    marks.links = {i for i in marks.links if i > marks.floor}
     for fingerprint, network, hour in sightings:
         book.restore_sighting(fingerprint, network, hour * HOUR + HOUR / 2)
-    return len(fingerprints)
+    return len(fingerprints), marks
+
+
+def _restore_fingerprint(book: IdentityBook, row: GuardFingerprint, marks: Watermarks) -> None:
+    book.restore_fingerprint(
+        fingerprint_from(row.fingerprint, row.digests),
+        row.first_seen_time.timestamp(),
+        row.last_seen_time.timestamp(),
+        "",
+    )
+    if marks.fingerprints is None or row.first_seen_time > marks.fingerprints:
+        marks.fingerprints = row.first_seen_time
+
+
+def _link_of(record: GuardLinkRecord) -> Link:
+    return Link(
+        record.kind,
+        record.source,
+        record.target,
+        record.confidence,
+        tuple(record.changed),
+        record.create_time.timestamp(),
+    )
+
+
+async def follow(db: Database, book: IdentityBook, marks: Watermarks, now: float) -> int:
+    """Brings into the book what other processes (workers, replicas) taught
+    theirs since the last read: new fingerprints, links and merges, and
+    operators' corrections, and where the new fingerprints were seen.
+    Returns the records applied.
+
+    Rows commit out of the order of their times and ids (a transaction that
+    took longer), so each read looks FOLLOW_OVERLAP (and
+    LINK_ID_WINDOW ids) back again and skips what it already has. A link
+    this book decided otherwise (its source already joined elsewhere here)
+    is passed over: both books stay as they were, and a restart agrees.
+    Later sightings of fingerprints already known here (rates, popularity)
+    stay each process's own until its next start.
+    """
+    since = marks.fingerprints - FOLLOW_OVERLAP if marks.fingerprints is not None else None
+    recent = select(GuardFingerprint.fingerprint, GuardFingerprint.first_seen_time)
+    if since is not None:
+        recent = recent.where(GuardFingerprint.first_seen_time >= since)
+    # Names and ids first (cheap), whole rows only for what is new here.
+    async with db.sessions() as session:
+        unknown = []
+        for name, first_seen in await session.execute(recent):
+            if marks.fingerprints is None or first_seen > marks.fingerprints:
+                marks.fingerprints = first_seen
+            if not book.knows(name):
+                unknown.append(name)
+        unseen = [
+            i
+            for i in await session.scalars(
+                select(GuardLinkRecord.id).where(GuardLinkRecord.id > marks.floor)
+            )
+            if i not in marks.links
+        ]
+        fingerprints: list[GuardFingerprint] = []
+        for start in range(0, len(unknown), FOLLOW_CHUNK):
+            chunk = unknown[start : start + FOLLOW_CHUNK]
+            fingerprints += await session.scalars(
+                select(GuardFingerprint).where(GuardFingerprint.fingerprint.in_(chunk))
+            )
+        records: list[GuardLinkRecord] = []
+        for start in range(0, len(unseen), FOLLOW_CHUNK):
+            ids = unseen[start : start + FOLLOW_CHUNK]
+            records += await session.scalars(
+                select(GuardLinkRecord).where(GuardLinkRecord.id.in_(ids))
+            )
+    records.sort(key=lambda record: record.id)
+    learned = [row.fingerprint for row in fingerprints if not book.knows(row.fingerprint)]
+    for row in fingerprints:
+        _restore_fingerprint(book, row, marks)
+    if learned:
+        # Where the new fingerprints were seen: what drift links weigh.
+        oldest = math.floor((now - HORIZON) / HOUR)
+        async with db.sessions() as session:
+            sightings = (
+                await session.execute(
+                    select(GuardSighting.fingerprint, GuardSighting.network, GuardSighting.hour)
+                    .where(GuardSighting.fingerprint.in_(learned), GuardSighting.hour >= oldest)
+                    .order_by(GuardSighting.hour)
+                )
+            ).all()
+        for fingerprint, network, hour in sightings:
+            book.restore_sighting(fingerprint, network, hour * HOUR + HOUR / 2)
+    applied = len(learned)
+    for record in records:
+        if record.id in marks.links:
+            continue
+        marks.links.add(record.id)
+        applied += _apply_followed(book, record)
+    if marks.links:
+        marks.floor = max(marks.floor, max(marks.links) - LINK_ID_WINDOW)
+        marks.links = {i for i in marks.links if i > marks.floor}
+    return applied
+
+
+def _apply_followed(book: IdentityBook, record: GuardLinkRecord) -> int:
+    """Applies another process's record unless this book already has it."""
+    if _here_already(book, record):
+        return 0
+    if record.kind == UNLINK:
+        book.unlink(record.source)
+        return 1
+    if record.kind == LinkKind.OPERATOR_MERGE:
+        return int(book.merge(record.target, record.source, record.create_time.timestamp()))
+    book.restore_link(_link_of(record))
+    return 1
+
+
+def _here_already(book: IdentityBook, record: GuardLinkRecord) -> bool:
+    """Whether the book has the record already, or decided otherwise: a
+    fingerprint's link applies only to a fingerprint that stands alone here."""
+    source = record.source
+    merge = record.kind in (LinkKind.MERGE, LinkKind.OPERATOR_MERGE)
+    if not (merge or book.knows(source)):
+        return True
+    alone = book.find(source) == source and book.members(source) == [source]
+    if record.kind == UNLINK:
+        return alone
+    if book.find(source) == book.find(record.target):
+        return True
+    return not (merge or alone)
 
 
 async def forget_old_sightings(db: Database, now: float) -> None:

@@ -32,3 +32,8 @@ def counted(
 def backtest_scope(run_id: str) -> str:
     """The key scope of one backtest run: nothing live is under it."""
     return f"bt:{run_id}"
+
+
+def backtest_running(run_id: str) -> str:
+    """Set while the run goes on (in any process): its scope is not a leftover."""
+    return f"bt-running:{run_id}"

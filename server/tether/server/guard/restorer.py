@@ -10,12 +10,20 @@ How an empty Redis is noticed: a marker key, written after each restore.
   and one restore runs;
 - every CHECK_SECONDS, for a flush that closes no connection (and for the
   redis-py path used without the pipelined connection).
+
+Every process on one Redis (workers, replicas) notices the loss; one of
+them restores for all: it claims RESTORING (a key that lives CLAIM_MS and
+is kept alive while the restore runs, so a restorer that dies frees it
+soon), and the others wait for the marker, their calls meanwhile in the
+fail mode. Restoring only adds, so a second restore after a lost claim is
+harmless, just wasted work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,7 +38,9 @@ from tether.server.guard.service import Guard
 log = logs.get(__name__)
 
 MARKER = f"{KEY_PREFIX}:g:restored"
+RESTORING = f"{KEY_PREFIX}:g:restoring"
 CHECK_SECONDS = 1.0
+CLAIM_MS = 30_000
 
 
 class Restorer:
@@ -51,11 +61,25 @@ class Restorer:
             counters = self._guard.counters
             if await counters.exists(MARKER):
                 return False
-            restored = await rebuild.rebuild(self._guard)
-            await counters.mark(MARKER)
+            if not await counters.claim(RESTORING, secrets.token_hex(8), CLAIM_MS):
+                return False  # another process restores; the marker will say when
+            keeping = asyncio.create_task(self._keep_claim(), name="guard-restore-claim")
+            try:
+                restored = await rebuild.rebuild(self._guard)
+                await counters.mark(MARKER)
+            finally:
+                keeping.cancel()
+                with contextlib.suppress(CountersDown, asyncio.CancelledError):
+                    await counters.delete(RESTORING)
             self.restores += 1
             log.warning("guard counters restored from SQL (Redis had lost them)", entries=restored)
             return True
+
+    async def _keep_claim(self) -> None:
+        while True:
+            await asyncio.sleep(CLAIM_MS / 3000)
+            with contextlib.suppress(CountersDown):
+                await self._guard.counters.extend(RESTORING, CLAIM_MS)
 
     async def start(self) -> None:
         try:

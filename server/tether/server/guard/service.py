@@ -263,20 +263,38 @@ class Guard:
         self._sightings = identity_record.Sightings()
         # An account's link to an identity is rewritten at most hourly.
         self._linked = identity_record.OncePerHour()
+        # How far the book has read the record (load, then follow).
+        self._marks = identity_record.Watermarks()
         # The book's clock; a test may move it.
         self.clock: Callable[[], float] = time.time
 
     async def load(self) -> None:
         """Rebuilds the identity book from SQL (at start)."""
         now = self.clock()
-        count = await identity_record.load(self.db, self.book, now)
+        count, self._marks = await identity_record.load(self.db, self.book, now)
         await identity_record.forget_old_sightings(self.db, now)
         log.info("guard identity book loaded", fingerprints=count)
-        # A backtest's scratch keys, left by a server that stopped mid-run.
+        # Backtests' scratch keys, left by servers that stopped mid-run; the
+        # runs still going on in other processes (workers, replicas) keep theirs.
         try:
-            await self.counters.delete_matching(f"{KEY_PREFIX}:{keys.backtest_scope('*')}:*")
+            running = {
+                key.rsplit(":", 1)[1]
+                for key in await self.counters.matching(
+                    f"{KEY_PREFIX}:{keys.backtest_running('*')}"
+                )
+            }
+            prefix = len(f"{KEY_PREFIX}:{keys.backtest_scope('')}")
+            await self.counters.delete_matching(
+                f"{KEY_PREFIX}:{keys.backtest_scope('*')}:*",
+                keep=lambda key: key[prefix:].split(":", 1)[0] in running,
+            )
         except CountersDown as exc:
             log.warning("backtest leftovers not checked", error=str(exc))
+
+    async def follow(self) -> int:
+        """Reads into the book what other processes recorded since the last
+        read (identity_record.follow); returns the records applied."""
+        return await identity_record.follow(self.db, self.book, self._marks, self.clock())
 
     # --- evaluate --------------------------------------------------------
     async def evaluate(self, call: EvaluateCall) -> Verdict:

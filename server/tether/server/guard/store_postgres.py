@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import asyncpg
+
 from tether.server.guard.recorder import Batch
 from tether.server.storage.base import utcnow
 from tether.server.storage.database import Database
+
+WRITE_ATTEMPTS = 3
 
 
 class PostgresGuardStore:
@@ -56,18 +60,29 @@ class PostgresGuardStore:
             )
             for row in batch.link_records
         ]
-        async with self._db.driver_connection() as connection:
-            await connection.execute(
-                _PG_WRITE,
-                *_columns(batch.drops, 5),
-                *_columns(batch.puts, 7),
-                utcnow(),
-                *_columns(links, 7),
-                *_columns(fingerprints, 4),
-                *_columns(records, 8),
-                *_columns(batch.sightings, 3),
-                *_columns(batch.farmed, 4),
-            )
+        # Each table's rows in key order: processes (workers, replicas)
+        # writing overlapping rows at once then lock them in one order.
+        arguments = [
+            *_columns(sorted(batch.drops), 5),
+            *_columns(sorted(batch.puts, key=lambda row: row[:5]), 7),
+            utcnow(),
+            *_columns(sorted(links, key=lambda row: row[:3]), 7),
+            *_columns(sorted(fingerprints), 4),
+            *_columns(records, 8),
+            *_columns(sorted(batch.sightings), 3),
+            *_columns(sorted(batch.farmed), 4),
+        ]
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                async with self._db.driver_connection() as connection:
+                    await connection.execute(_PG_WRITE, *arguments)
+            except asyncpg.DeadlockDetectedError:
+                # Rows of another table still cross another process's
+                # batch; the statement rolled back whole, so it may run again.
+                if attempt == WRITE_ATTEMPTS:
+                    raise
+            else:
+                return
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
