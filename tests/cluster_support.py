@@ -87,11 +87,11 @@ class PrivateCluster:
 
 async def nodes(port: int) -> list[Node]:
     """The cluster's nodes as one node sees them (failed ones left out)."""
-    client = redis.Redis(port=port)
+    connection = PipelinedConnection("127.0.0.1", port, 5.0)
     try:
-        text = await client.execute_command("CLUSTER NODES", NEVER_DECODE=True)
+        text = await connection.command("CLUSTER", "NODES")
     finally:
-        await client.aclose()
+        connection.close()
     out = []
     for line in (text.decode() if isinstance(text, bytes) else text).splitlines():
         fields = line.split()
@@ -143,3 +143,12 @@ async def process_id(port: int) -> int:
     finally:
         await client.aclose()
     return int(info["process_id"])
+
+
+async def node_command(port: int, *args: str | int) -> object:
+    """A command on one node (not routed: CLUSTER SETSLOT, MIGRATE, ...)."""
+    connection = PipelinedConnection("127.0.0.1", port, 10.0)
+    try:
+        return await connection.command(*args)
+    finally:
+        connection.close()

@@ -7,22 +7,26 @@ run a private cluster of their own."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import time
 import types as types_module
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
 
 from tests import binding_support as bs
 from tests import cluster_support as cs
-from tests.guard_support import fingerprint, guard_client, guard_of, new_service
+from tests.guard_support import fingerprint, guard_client, guard_of, new_service, restorer_of
 from tests.support import RunningServer, start_server
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.errors import details_of
-from tether.clients.guard.client import account
+from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.binding import rate_limit
 from tether.server.counters.cluster import tag_for_slot
@@ -198,3 +202,205 @@ def test_every_script_touches_only_the_key_it_is_passed(source: str) -> None:
     for line in source.splitlines():
         if re.search(r"\blocal key\b", line):
             assert "KEYS[1]" in line, line
+
+
+@pytest.fixture(scope="module")
+async def private_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[cs.PrivateCluster]:
+    """A cluster of the module's own, whose slots and masters tests move and kill."""
+    cluster = cs.PrivateCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+async def test_a_migrating_slot_is_followed_through_ask_then_moved(
+    private_cluster: cs.PrivateCluster, postgres_url: str, tmp_path: Path
+) -> None:
+    server = await start_server(
+        database_url=postgres_url, redis_url=private_cluster.url, data_dir=tmp_path
+    )
+    try:
+        guard = await guard_client(server)
+        service = await new_service(guard, register_limit=10)
+        browser = fingerprint("migrating")
+        first = await guard.evaluate(service, "register", account("m0"), browser, IP)
+        key = cs.guard_key(server, service, "register", first.identity)
+        slot = cs.slot_of(key)
+        all_masters = await cs.masters(private_cluster.base)
+        source = cs.master_of_slot(all_masters, slot)
+        target = next(m for m in all_masters if m.id != source.id)
+        source_port, target_port = source.address[1], target.address[1]
+        await cs.node_command(target_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.id)
+        await cs.node_command(source_port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target.id)
+        moving = await cs.node_command(source_port, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        assert isinstance(moving, list) and key.encode() in moving
+        await cs.node_command(
+            source_port, "MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *moving
+        )
+        # The source answers ASK: the call goes to the target once, after ASKING.
+        asked = await guard.evaluate(service, "register", account("m1"), browser, IP)
+        assert (asked.verdict, asked.count, asked.fail_open) == (pb.VERDICT_ALLOW, 2, False)
+        for master in all_masters:
+            await cs.node_command(master.address[1], "CLUSTER", "SETSLOT", slot, "NODE", target.id)
+        # The slot is the target's now: the source answers MOVED.
+        moved = await guard.evaluate(service, "register", account("m2"), browser, IP)
+        assert (moved.verdict, moved.count, moved.fail_open) == (pb.VERDICT_ALLOW, 3, False)
+        fields = await cs.node_command(target_port, "HKEYS", key)
+        assert isinstance(fields, list)
+        assert sum(f[:1] == b"a" for f in fields) == 3
+    finally:
+        await server.stop()
+
+
+@dataclass
+class Load:
+    """Evaluate calls of one browser, one after another, and what each got."""
+
+    guard: GuardClient
+    services: dict[str, str]  # "open" / "closed" -> service id
+    browser: pb.FingerprintComponents
+    accounts: dict[str, str]
+    outcomes: list[tuple[float, str, str]] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            for mode, service in self.services.items():
+                self.outcomes.append(
+                    (time.monotonic(), mode, await self._one(service, self.accounts[mode]))
+                )
+
+    async def _one(self, service: str, name: str) -> str:
+        try:
+            verdict = await self.guard.stub.Evaluate(
+                pb.EvaluateRequest(
+                    service_id=service,
+                    action=pb.ACTION_REGISTER,
+                    account=account(name),
+                    components=self.browser,
+                    client_ip=IP,
+                ),
+                timeout=NO_HANG,
+            )
+        except grpc.aio.AioRpcError as error:
+            detail = details_of(error)
+            if detail.code == grpc.StatusCode.UNAVAILABLE:
+                return f"unavailable:{detail.reason}"
+            return f"error:{detail.code.name}:{detail.message}"
+        if verdict.fail_open:
+            return "fail_open"
+        return "counted" if verdict.reason == pb.VERDICT_REASON_ALREADY_COUNTED else "other"
+
+
+async def test_a_killed_master_fails_over_without_raising_a_limit(
+    private_cluster: cs.PrivateCluster, postgres_url: str, tmp_path: Path
+) -> None:
+    bound = 0.25
+    server = await start_server(
+        database_url=postgres_url,
+        redis_url=private_cluster.url,
+        data_dir=tmp_path,
+        redis_timeout_seconds=bound,
+    )
+    limit = 6
+    try:
+        guard = await guard_client(server)
+        closed = await new_service(
+            guard, register_limit=limit, redis_failure=pb.REDIS_FAILURE_FAIL_CLOSED
+        )
+        opened = await new_service(
+            guard, register_limit=limit, redis_failure=pb.REDIS_FAILURE_FAIL_OPEN
+        )
+        browser = fingerprint("failover")
+        for i in range(limit - 3):
+            admitted = await guard.evaluate(closed, "register", account(f"c{i}"), browser, IP)
+            assert admitted.verdict == pb.VERDICT_ALLOW
+        assert (await guard.evaluate(opened, "register", account("o0"), browser, IP)).verdict == (
+            pb.VERDICT_ALLOW
+        )
+        key = cs.guard_key(server, closed, "register", admitted.identity)
+        master = cs.master_of_slot(await cs.masters(private_cluster.base), cs.slot_of(key))
+        replica = next(n for n in await cs.nodes(private_cluster.base) if n.master_id == master.id)
+        master_pid = await cs.process_id(master.address[1])
+        replica_pid = await cs.process_id(replica.port)
+
+        # The replica misses the last two registrations: its master admitted
+        # them (and SQL has them) while the replica was frozen and cut off
+        # (a frozen process still receives into its socket), then the master dies.
+        os.kill(replica_pid, signal.SIGSTOP)
+        try:
+            await cs.node_command(master.address[1], "CLIENT", "KILL", "TYPE", "replica")
+            for i in range(limit - 3, limit - 1):
+                late = await guard.evaluate(closed, "register", account(f"c{i}"), browser, IP)
+                assert late.verdict == pb.VERDICT_ALLOW
+            load = Load(
+                guard, {"closed": closed, "open": opened}, browser, {"closed": "c0", "open": "o0"}
+            )
+            running = asyncio.create_task(load.run())
+            await _until(lambda: len(load.outcomes) >= 20)
+            killed_at = time.monotonic()
+            os.kill(master_pid, signal.SIGKILL)
+        finally:
+            os.kill(replica_pid, signal.SIGCONT)
+
+        def recovered() -> bool:
+            after = [o for t, _, o in load.outcomes if t > killed_at]
+            failed = [i for i, o in enumerate(after) if o != "counted"]
+            # Both services answered normally since the first failure.
+            return bool(failed) and after[failed[-1] + 1 :].count("counted") >= 4
+
+        await _until(recovered, seconds=60)
+        load.stop.set()
+        await running
+
+        during = [(t, mode, o) for t, mode, o in load.outcomes if t > killed_at]
+        modes = Counter((mode, o) for _, mode, o in during)
+        # The policy's fail mode, and nothing else, until the replica took over.
+        assert set(modes) <= {
+            ("closed", "counted"),
+            ("open", "counted"),
+            ("closed", "unavailable:ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE"),
+            ("open", "fail_open"),
+        }, modes
+        assert modes[("open", "fail_open")] > 0
+        assert modes[("closed", "unavailable:ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE")] > 0
+        last_failure = max(t for t, _, o in during if o != "counted")
+        print(
+            f"\nfailover: service back {last_failure - killed_at:.2f} s after SIGKILL;"
+            f" {sum(o != 'counted' for _, _, o in during)} calls got the fail mode"
+            f" ({modes[('open', 'fail_open')]} fail-open,"
+            f" {modes[('closed', 'unavailable:ERROR_REASON_GUARD_COUNTERS_UNAVAILABLE')]}"
+            f" UNAVAILABLE) of {len(during)}; restores: {restorer_of(server).restores}"
+        )
+        # The new master's slots came back from SQL: the two registrations
+        # its copy lacked still count, so one more is admitted, not three.
+        verdicts = await asyncio.gather(
+            *(
+                guard.evaluate(closed, "register", account(f"after{i}"), browser, IP)
+                for i in range(20)
+            )
+        )
+        assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) == 1
+        assert not any(v.fail_open for v in verdicts)
+
+        # The killed node comes back as a replica; the cluster is whole again.
+        await private_cluster.start()
+        roles = {n.port: n.role for n in await cs.nodes(private_cluster.base)}
+        assert roles[master.address[1]] == "slave"
+        assert roles[replica.port] == "master"
+        again = await guard.evaluate(closed, "register", account("c0"), browser, IP)
+        assert again.reason == pb.VERDICT_REASON_ALREADY_COUNTED
+    finally:
+        await server.stop()
+
+
+async def _until(condition: Callable[[], bool], seconds: float = NO_HANG) -> None:
+    """Waits for what a running load or the cluster does, with a bound."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
