@@ -28,10 +28,13 @@ from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.errors import details_of
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.app import build
 from tether.server.binding import rate_limit
 from tether.server.counters.cluster import tag_for_slot
 from tether.server.counters.connection import KEY_PREFIX, connect
 from tether.server.guard import keys, scripts
+from tether.server.settings import Settings
+from tether.server.shared import digests
 
 IP = "198.51.100.7"
 # Only turns a hang into a failure: the server decides within its Redis bound.
@@ -118,6 +121,65 @@ async def test_freeing_and_renewing_route_by_slot(cluster_server: RunningServer)
     )
     again = await guard.evaluate(service, "login", account("f2"), browser, IP)
     assert again.verdict == pb.VERDICT_ALLOW
+
+
+async def test_a_cluster_node_named_as_a_single_redis_gets_the_fail_mode_not_internal(
+    postgres_url: str, redis_cluster_url: str, tmp_path: Path
+) -> None:
+    # Most slots answer MOVED to a client that does not know it talks to a
+    # cluster: the policy's fail mode, never INTERNAL. Told it is a cluster
+    # (TETHER_REDIS_CLUSTER), the same URL counts every call.
+    node = f"redis://127.0.0.1:{cs.seed_port(redis_cluster_url)}"
+    for cluster in (False, True):
+        server = await start_server(
+            database_url=postgres_url,
+            redis_url=node,
+            data_dir=tmp_path / str(cluster),
+            redis_cluster=cluster,
+            redis_timeout_seconds=0.25,
+        )
+        try:
+            guard = await guard_client(server)
+            service = await new_service(
+                guard, register_limit=3, redis_failure=pb.REDIS_FAILURE_FAIL_OPEN
+            )
+            verdicts = [
+                await guard.evaluate(
+                    service,
+                    "register",
+                    account(f"n{i}"),
+                    fingerprint(f"n{i}", screen_width=900 + i),
+                    IP,
+                )
+                for i in range(12)
+            ]
+            assert all(v.verdict == pb.VERDICT_ALLOW for v in verdicts)
+            assert any(v.fail_open for v in verdicts) is not cluster
+        finally:
+            await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "flag", "says"),
+    [
+        ("redis+cluster://127.0.0.1", False, "not host:port"),
+        ("redis+cluster://127.0.0.1:7101,:7102", False, "not host:port"),
+        ("rediss+cluster://127.0.0.1:7101", False, "over TLS is not supported"),
+        ("rediss://127.0.0.1:7101", True, "over TLS is not supported"),
+    ],
+)
+async def test_a_cluster_url_it_cannot_use_stops_the_start_naming_the_setting(
+    tmp_path: Path, url: str, flag: bool, says: str
+) -> None:
+    settings = Settings(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path,
+        redis_url=url,
+        redis_cluster=flag,
+        digest_keys=digests.new_key_spec(),
+    )
+    with pytest.raises(SystemExit, match=f"TETHER_REDIS_URL: .*{says}"):
+        await build(settings)
 
 
 @pytest.fixture

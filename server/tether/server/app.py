@@ -228,12 +228,14 @@ async def build(settings: Settings) -> App:
     if settings.embedded_database or settings.migrate_on_start:
         await migrate.upgrade_async(settings.effective_database_url)
 
+    # First: a Redis URL it cannot use stops the start before anything opens.
+    redis_client = _connect_redis(settings)
     db = Database(settings.effective_database_url, settings.database_pool_size)
     await _check_schema(db)
     runtime = Runtime(
         settings=settings,
         db=db,
-        redis=_connect_redis(settings),
+        redis=redis_client,
         digester=digests.Digester(_load_digest_keys(settings)),
         credentials=credentials.CredentialVerifier(db, settings.credential_cache_seconds),
     )

@@ -45,9 +45,9 @@ def cluster_address(url: str, cluster: bool = False) -> ClusterAddress | None:
     or any redis:// URL when `cluster` (TETHER_REDIS_CLUSTER) is set. None
     for a single Redis. Raises ValueError for a cluster URL it cannot use."""
     scheme, separator, rest = url.partition("://")
+    if scheme == "rediss+cluster" or (cluster and scheme == "rediss"):
+        raise ValueError("a Redis Cluster over TLS is not supported yet")
     if not separator or not (scheme == CLUSTER_SCHEME or (cluster and scheme == "redis")):
-        if cluster and scheme == "rediss":
-            raise ValueError("a Redis Cluster over TLS is not supported yet")
         return None
     rest = rest.split("/", 1)[0].split("?", 1)[0]
     credentials, _, hosts = rest.rpartition("@")
