@@ -24,6 +24,7 @@ from tests import binding_support as bs
 from tests import cluster_support as cs
 from tests.guard_support import fingerprint, guard_client, guard_of, new_service, restorer_of
 from tests.support import RunningServer, start_server
+from tests.test_guard_backtest import T0, event, replay
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.errors import details_of
 from tether.clients.guard.client import GuardClient, account
@@ -235,6 +236,29 @@ async def test_leftover_scratch_keys_are_found_on_every_master(
         assert [await client.exists(key) for key in leftovers] == [0, 0, 0]
     finally:
         await client.aclose()
+
+
+async def test_a_backtest_runs_on_every_master_and_leaves_nothing(
+    cluster_server: RunningServer, redis_cluster_url: str
+) -> None:
+    guard = await guard_client(cluster_server)
+    service = await new_service(guard)
+    farm = fingerprint("bt-farm")
+    events = [event(T0 + i, f"farmed{i}", farm, "10.9.0.1") for i in range(5)]
+    # Strangers' browsers: their keys spread over every master.
+    events += [
+        event(T0 + 10 + i, f"s{i}", fingerprint(f"bt{i}", screen_width=700 + i), f"10.9.1.{i}")
+        for i in range(30)
+    ]
+    verdicts, summary = await replay(guard, pb.Policy(service_id=service, register_limit=2), events)
+    assert len(verdicts) == 35
+    assert summary.total.refused == 3
+    client = connect(redis_cluster_url, 5.0)
+    try:
+        left = [k async for k in client.scan_iter(match=f"{KEY_PREFIX}:bt:*", count=1000)]
+    finally:
+        await client.aclose()
+    assert left == []
 
 
 KEYED = re.compile(r"redis\.call\('(\w+)'(?:, *([^,)]+))?")

@@ -38,6 +38,8 @@ Send = Callable[..., Awaitable[Any]]
 
 # Redirections and retries of one call, all within its deadline.
 MAX_ATTEMPTS = 4
+# Background refreshes start at most this often (seconds).
+REFRESH_PAUSE = 0.05
 _DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
 
 
@@ -122,6 +124,7 @@ class ClusterConnection:
         self._control: PipelinedConnection | None = None
         self._control_address: Address = ("", 0)
         self._refreshing: asyncio.Task[None] | None = None
+        self._refresh_started = float("-inf")
         # Run on every new connection to a master before any call goes
         # through it, with a way to send on it; raising fails the calls
         # that waited for it (see PipelinedConnection.on_open).
@@ -240,9 +243,20 @@ class ClusterConnection:
         return self._connection(master)
 
     # --- the slot map ----------------------------------------------------
-    def refresh_soon(self) -> asyncio.Task[None]:
-        """Refreshes the map behind the current calls (one refresh at a time)."""
+    def refresh_soon(self) -> None:
+        """Refreshes the map behind the current calls: one refresh at a time,
+        and none within REFRESH_PAUSE of the last one's start (while a dead
+        master's replica has not taken over yet, every call to its slots fails)."""
+        running = self._refreshing is not None and not self._refreshing.done()
+        if (
+            not running
+            and asyncio.get_running_loop().time() >= self._refresh_started + REFRESH_PAUSE
+        ):
+            self._refresh_task()
+
+    def _refresh_task(self) -> asyncio.Task[None]:
         if self._refreshing is None or self._refreshing.done():
+            self._refresh_started = asyncio.get_running_loop().time()
             self._refreshing = asyncio.create_task(self._refresh(), name="redis-cluster-map")
             # A failed background refresh is retried by the next call's trouble.
             self._refreshing.add_done_callback(_consume)
@@ -250,7 +264,7 @@ class ClusterConnection:
 
     async def _refresh_by(self, deadline: float) -> None:
         async with asyncio.timeout_at(deadline):
-            await asyncio.shield(self.refresh_soon())
+            await asyncio.shield(self._refresh_task())
 
     async def _refresh(self) -> None:
         candidates: list[Address] = []
