@@ -71,7 +71,8 @@ def _start_redis(directory: str, replica_of: int = 0) -> tuple[subprocess.Popen[
     process = subprocess.Popen(
         [
             binary,
-            *("--port", str(port), "--save", "", "--appendonly", "no", "--dir", directory),
+            *("--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"),
+            *("--dir", directory),
             *("--repl-diskless-sync-delay", "0", *replica),
         ],
         stdout=subprocess.DEVNULL,
