@@ -261,7 +261,7 @@ async def test_a_backtest_runs_on_every_master_and_leaves_nothing(
     assert left == []
 
 
-KEYED = re.compile(r"redis\.call\('(\w+)'(?:, *([^,)]+))?")
+KEYED = re.compile(r"redis\.p?call\(\s*['\"](\w+)['\"]\s*(?:,\s*([^,)]+))?")
 
 
 @pytest.mark.parametrize(
@@ -279,7 +279,9 @@ def test_every_script_touches_only_the_key_it_is_passed(source: str) -> None:
     # One key per script is one slot; any other key a script named would
     # live on another master (CROSSSLOT, or a MOVED the caller cannot follow).
     calls = KEYED.findall(source)
+    # Every call is one the pattern read (no command named by a variable).
     assert calls
+    assert len(calls) == len(re.findall(r"redis\.p?call\(", source))
     for command, first in calls:
         if command == "TIME":
             continue
