@@ -41,6 +41,8 @@ IP = "198.51.100.7"
 # Only turns a hang into a failure: the server decides within its Redis bound.
 NO_HANG = 10.0
 RATE_LIMIT = 20
+# PostgreSQL allows 100 connections to every test run on the machine.
+POOL = 4
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,7 @@ async def cluster_server(
     postgres_url: str, redis_cluster_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningServer]:
     server = await start_server(
+        database_pool_size=POOL,
         database_url=postgres_url,
         redis_url=redis_cluster_url,
         data_dir=tmp_path_factory.mktemp("cluster-server"),
@@ -133,6 +136,7 @@ async def test_a_cluster_node_named_as_a_single_redis_gets_the_fail_mode_not_int
     node = f"redis://127.0.0.1:{cs.seed_port(redis_cluster_url)}"
     for cluster in (False, True):
         server = await start_server(
+            database_pool_size=POOL,
             database_url=postgres_url,
             redis_url=node,
             data_dir=tmp_path / str(cluster),
@@ -309,7 +313,10 @@ async def test_a_migrating_slot_is_followed_through_ask_then_moved(
     private_cluster: cs.PrivateCluster, postgres_url: str, tmp_path: Path
 ) -> None:
     server = await start_server(
-        database_url=postgres_url, redis_url=private_cluster.url, data_dir=tmp_path
+        database_pool_size=POOL,
+        database_url=postgres_url,
+        redis_url=private_cluster.url,
+        data_dir=tmp_path,
     )
     try:
         guard = await guard_client(server)
@@ -389,6 +396,7 @@ async def test_a_killed_master_fails_over_without_raising_a_limit(
 ) -> None:
     bound = 0.25
     server = await start_server(
+        database_pool_size=POOL,
         database_url=postgres_url,
         redis_url=private_cluster.url,
         data_dir=tmp_path,
