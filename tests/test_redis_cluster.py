@@ -351,6 +351,35 @@ async def test_a_migrating_slot_is_followed_through_ask_then_moved(
         await server.stop()
 
 
+async def test_a_flushed_master_gets_its_slots_back_from_sql(
+    private_cluster: cs.PrivateCluster, postgres_url: str, tmp_path: Path
+) -> None:
+    server = await start_server(
+        database_pool_size=POOL,
+        database_url=postgres_url,
+        redis_url=private_cluster.url,
+        data_dir=tmp_path,
+    )
+    try:
+        guard = await guard_client(server)
+        service = await new_service(guard, register_limit=2)
+        browser = fingerprint("flushed")
+        for name in ("f1", "f2"):
+            admitted = await guard.evaluate(service, "register", account(name), browser, IP)
+            assert admitted.verdict == pb.VERDICT_ALLOW
+        key = cs.guard_key(server, service, "register", admitted.identity)
+        master = cs.master_of_slot(await cs.masters(private_cluster.base), cs.slot_of(key))
+        restores = restorer_of(server).restores
+        await cs.node_command(master.address[1], "FLUSHALL")
+        # A flush closes no connection: the watcher finds that master's marker gone.
+        await _until(lambda: restorer_of(server).restores > restores)
+        assert await guard.rebuild(service) == 0  # all back already
+        refused = await guard.evaluate(service, "register", account("f3"), browser, IP)
+        assert refused.verdict == pb.VERDICT_DENY
+    finally:
+        await server.stop()
+
+
 @dataclass
 class Load:
     """Evaluate calls of one browser, one after another, and what each got."""
