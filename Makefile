@@ -1,8 +1,8 @@
 # The two commands: `make run` (server on embedded defaults) and `make test`.
 # Everything installs into .venv; nothing global is touched except, for the
 # browser tests, Debian's chromium packages (see scripts/ensure-chromium).
-# `make test` starts the machine's PostgreSQL and Redis when they are
-# installed but down (see scripts/ensure-services).
+# `make test` starts the machine's PostgreSQL, Redis and a local Redis
+# Cluster when they are installed but down (see scripts/ensure-services).
 
 PYTHON ?= python3
 VENV ?= .venv

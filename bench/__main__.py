@@ -20,6 +20,7 @@ AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("binding", ()),
     ("provisioning", ()),
     ("guard", ()),
+    ("cluster", ()),
     ("guard_quality", ("--plot", "{docs}/guard-quality.png")),
     ("workers", ()),
 )

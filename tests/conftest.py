@@ -1,9 +1,9 @@
-"""Shared fixtures: a fresh PostgreSQL database, a Redis database, and a real
-Tether server listening on a free port.
+"""Shared fixtures: a fresh PostgreSQL database, a Redis database, a Redis
+Cluster, and a real Tether server listening on a free port.
 
-PostgreSQL and Redis must be running (`make test` starts them through
-scripts/ensure-services when they are installed but down). A test that
-needs them fails when they are down; nothing here skips.
+PostgreSQL, Redis and the Redis Cluster must be running (`make test` starts
+them through scripts/ensure-services when they are installed but down). A
+test that needs them fails when they are down; nothing here skips.
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ import pytest
 import redis.asyncio as redis
 
 from tests.support import RunningServer, start_server
+from tether.server.counters.connection import cluster_address
 
 POSTGRES_ADMIN_DSN = os.environ.get(
     "TETHER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_BASE_URL = os.environ.get("TETHER_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# scripts/redis-cluster's; a cluster has no numbered databases, so tests on
+# it keep apart by their own services, credentials and devices (every key
+# names one of them).
+REDIS_CLUSTER_URL = os.environ.get(
+    "TETHER_TEST_REDIS_CLUSTER_URL", "redis+cluster://127.0.0.1:7101"
+)
 # Test servers serve the guard's web side on a free port, never on 8080.
 os.environ.setdefault("TETHER_HTTP_LISTEN", "127.0.0.1:0")
 
@@ -60,6 +67,25 @@ async def redis_url() -> AsyncIterator[str]:
     """A Redis database of its own (1-15), so parallel test runs do not meet."""
     async with claimed_redis_database() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+async def redis_cluster_url() -> str:
+    """The shared local Redis Cluster's URL, once it says cluster_state:ok."""
+    address = cluster_address(REDIS_CLUSTER_URL)
+    assert address is not None, f"TETHER_TEST_REDIS_CLUSTER_URL={REDIS_CLUSTER_URL}: not a cluster"
+    host, port = address.nodes[0]
+    client = redis.Redis(host=host, port=port)
+    try:
+        info = await client.cluster("INFO")
+    except (redis.ConnectionError, OSError) as exc:
+        raise RuntimeError(
+            f"no Redis Cluster at {host}:{port}: run scripts/ensure-services"
+        ) from exc
+    finally:
+        await client.aclose()
+    assert info.get("cluster_state") == "ok", f"the Redis Cluster at {host}:{port}: {info}"
+    return REDIS_CLUSTER_URL
 
 
 @contextlib.asynccontextmanager

@@ -27,6 +27,7 @@ from tether.server.binding.area import BindingArea
 from tether.server.binding.store_postgres import PostgresBindingStore
 from tether.server.binding.store_sqlalchemy import SqlAlchemyBindingStore
 from tether.server.components import Component
+from tether.server.counters.connection import Client
 from tether.server.counters.connection import connect as connect_redis
 from tether.server.guard import area as guard_area
 from tether.server.guard.area import GuardArea
@@ -105,6 +106,15 @@ class App:
         await self.runtime.redis.aclose()
         await self.runtime.db.close()
         log.info("stopped")
+
+
+def _connect_redis(settings: Settings) -> Client:
+    try:
+        return connect_redis(
+            settings.redis_url, settings.redis_timeout_seconds, cluster=settings.redis_cluster
+        )
+    except ValueError as exc:
+        raise SystemExit(f"TETHER_REDIS_URL: {exc}") from exc
 
 
 def _load_digest_keys(settings: Settings) -> list[digests.DigestKey]:
@@ -255,12 +265,14 @@ async def build(settings: Settings, *, worker: bool = False) -> App:
         _check_listen_address(settings.listen)
         await prepare(settings)
 
+    # First: a Redis URL it cannot use stops the start before anything opens.
+    redis_client = _connect_redis(settings)
     db = Database(settings.effective_database_url, settings.database_pool_size)
     await _check_schema(db)
     runtime = Runtime(
         settings=settings,
         db=db,
-        redis=connect_redis(settings.redis_url, settings.redis_timeout_seconds),
+        redis=redis_client,
         digester=digests.Digester(_load_digest_keys(settings)),
         credentials=credentials.CredentialVerifier(db, settings.credential_cache_seconds),
     )

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as redis
-
+from tether.server.counters.connection import Client
 from tether.server.settings import Settings
 from tether.server.shared.digests import Digester
 from tether.server.storage.database import Database
@@ -17,6 +16,7 @@ from tether.server.transport.credentials import CredentialVerifier
 class Runtime:
     settings: Settings
     db: Database
-    redis: redis.Redis
+    # A single Redis or a cluster (counters.connection).
+    redis: Client
     digester: Digester
     credentials: CredentialVerifier

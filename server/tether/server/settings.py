@@ -63,7 +63,13 @@ class Settings(BaseSettings):
         False, description="apply migrations at start-up (always on in embedded mode)"
     )
     redis_url: str = Field(
-        "", description="redis:// URL; empty: an in-process fakeredis (embedded)"
+        "",
+        description="redis:// URL, or redis+cluster://host:port,host:port,... for a Redis "
+        "Cluster; empty: an in-process fakeredis (embedded)",
+    )
+    redis_cluster: bool = Field(
+        False,
+        description="treat a redis:// URL as one node of a Redis Cluster (same as redis+cluster://)",
     )
     redis_timeout_seconds: float = Field(
         0.25, description="bound on each Redis call before its fail mode applies"

@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import logs
-from tether.server.counters.connection import KEY_PREFIX
+from tether.server.counters.connection import KEY_PREFIX, Client
 from tether.server.errors import ResourceExhausted
 
 log = logs.get(__name__)
@@ -48,7 +47,7 @@ def window_key(credential_id: str, device_digest_hex: str, window: int) -> str:
 
 
 class ReportRateLimiter:
-    def __init__(self, client: redis.Redis, per_minute: int, bound_seconds: float) -> None:
+    def __init__(self, client: Client, per_minute: int, bound_seconds: float) -> None:
         self._script = client.register_script(RATE_LIMIT_SCRIPT)
         self._limit = per_minute
         self._bound = bound_seconds
@@ -64,7 +63,7 @@ class ReportRateLimiter:
                 allowed, _count, ttl_ms = await self._script(
                     keys=[key], args=[self._limit, WINDOW_MS]
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             log.warning("report rate limit skipped: Redis failed", error=str(exc))
             return
         if not allowed:

@@ -49,6 +49,7 @@ class Script:
 
 
 TIMED_OUT = "no answer within the time bound"
+_ASKING = _pack(("ASKING",))
 
 
 class _Replies(asyncio.Protocol):
@@ -188,18 +189,28 @@ class PipelinedConnection:
         )
 
     async def run_script(
-        self, script: Script, keys: Sequence[str], args: Sequence[bytes | int | str]
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[bytes | int | str],
+        *,
+        deadline: float | None = None,
+        asking: bool = False,
     ) -> Any:
         """The script's reply; loads the script when Redis does not know it.
         Raises ConnectionError (or TimeoutError while connecting) when Redis
-        does not answer within the time bound."""
-        deadline = asyncio.get_running_loop().time() + self._timeout
-        reply = await self._call(("EVALSHA", script.sha, len(keys), *keys, *args), deadline)
+        does not answer within the time bound, or by `deadline` (loop time)
+        when given. asking: preceded by ASKING (a cluster's slot being migrated
+        here)."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self._timeout
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        reply = await self._call(command, deadline, asking)
         if isinstance(reply, redis_errors.ResponseError):
             if str(reply).startswith("NOSCRIPT"):
                 # EVAL runs it and caches it for the next EVALSHA (within the same bound).
                 command = ("EVAL", script.source, len(keys), *keys, *args)
-                reply = await self._call(command, deadline)
+                reply = await self._call(command, deadline, asking)
             if isinstance(reply, redis_errors.ResponseError):
                 raise _raised(reply)
         return reply
@@ -213,11 +224,22 @@ class PipelinedConnection:
             raise _raised(reply)
         return reply
 
-    async def _call(self, command: tuple[str | bytes | int, ...], deadline: float) -> Any:
+    async def _call(
+        self, command: tuple[str | bytes | int, ...], deadline: float, asking: bool = False
+    ) -> Any:
         replies = self._replies
         if replies is None or replies.closed:
             async with asyncio.timeout_at(deadline):
                 replies = await self._open(deadline)
+        if asking:
+            # ASKING holds for the next command on this connection only: both
+            # are queued in one go, so no other call's command comes between.
+            asked, reply = await asyncio.gather(
+                replies.send(_ASKING, deadline), replies.send(_pack(command), deadline)
+            )
+            if isinstance(asked, redis_errors.ResponseError):
+                return asked
+            return reply
         return await replies.send(_pack(command), deadline)
 
     async def _open(self, deadline: float) -> _Replies:

@@ -139,7 +139,7 @@ class Backtest:
             self._loaded = True
         if time.monotonic() >= self._running_until:
             # Other processes starting meanwhile leave this run's keys alone.
-            await self._guard.counters.mark(self._running_key, RUNNING_MS)
+            await self._guard.counters.mark(self._running_key, life_ms=RUNNING_MS)
             self._running_until = time.monotonic() + RUNNING_MS / 3000
         try:
             action, checked = self._check(event)

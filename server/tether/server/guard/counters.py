@@ -1,9 +1,10 @@
 """The guard's Redis side: one script call per check, bounded in time.
 
 Every call either answers within the bound or raises CountersDown, which the
-service turns into the policy's fail mode. Only Redis trouble (refused or
-lost connections, timeouts, a loading replica) counts as down; a script
-error is a bug and propagates as one.
+service turns into the policy's fail mode. Any Redis error counts as down:
+refused or lost connections, timeouts, a loading replica, and a cluster's
+trouble (CLUSTERDOWN, TRYAGAIN, a slot with no master, redirections that
+did not settle); an answer never becomes INTERNAL.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import redis.asyncio as redis
 from redis import exceptions as redis_errors
 
-from tether.server.counters.connection import MAX_CONNECTIONS
+from tether.server.counters.cluster import ClusterConnection
+from tether.server.counters.connection import MAX_CONNECTIONS, Client
 from tether.server.counters.pipelined import PipelinedConnection, Script
 from tether.server.guard import scripts
 from tether.server.guard.rules import Inputs
@@ -24,10 +25,10 @@ FOREVER_MS = 9007199254740991
 # The shared pool refuses calls beyond its size: the guard queues its own
 # below it, leaving room for the other callers.
 MAX_CONCURRENT = MAX_CONNECTIONS // 2
-_DOWN = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
+DOWN = (
+    redis_errors.RedisError,
+    # redis-py's cluster client raises some of its own outside RedisError.
+    redis_errors.RedisClusterException,
     OSError,
     TimeoutError,
 )
@@ -72,7 +73,10 @@ class Entry(NamedTuple):
 
 class GuardCounters:
     def __init__(
-        self, client: redis.Redis, timeout_seconds: float, pipelined: PipelinedConnection | None
+        self,
+        client: Client,
+        timeout_seconds: float,
+        pipelined: PipelinedConnection | ClusterConnection | None,
     ) -> None:
         """pipelined: the evaluate script's connection; None: through client."""
         self._client = client
@@ -91,7 +95,7 @@ class GuardCounters:
                 # asyncio.timeout, unlike wait_for, starts no task per call.
                 async with asyncio.timeout(self._timeout):
                     return await call
-            except _DOWN as exc:
+            except DOWN as exc:
                 raise CountersDown(str(exc) or type(exc).__name__) from exc
 
     async def _call_pipelined(self, keys: list[str], args: list[bytes | int | str]) -> Any:
@@ -101,7 +105,7 @@ class GuardCounters:
             # call past its bound drops the connection, which is in doubt).
             # One connection, no pool: no slots to queue for.
             return await self.pipelined.run_script(self._evaluate_script, keys, args)
-        except _DOWN as exc:
+        except DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
 
     async def evaluate(
@@ -182,8 +186,12 @@ class GuardCounters:
     async def exists(self, key: str) -> bool:
         return bool(await self._call(self._client.exists(key)))
 
-    async def mark(self, key: str, life_ms: int | None = None) -> None:
-        await self._call(self._client.set(key, b"1", px=life_ms))
+    async def get(self, key: str) -> bytes | None:
+        value: bytes | None = await self._call(self._client.get(key))
+        return value
+
+    async def mark(self, key: str, value: bytes = b"1", life_ms: int | None = None) -> None:
+        await self._call(self._client.set(key, value, px=life_ms))
 
     async def claim(self, key: str, holder: str, life_ms: int) -> bool:
         """Sets key to holder for life_ms unless it is set; True when it was not."""
@@ -211,7 +219,7 @@ class GuardCounters:
                 if len(batch) >= 500:
                     await self.delete(*batch)
                     batch = []
-        except _DOWN as exc:
+        except DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
         await self.delete(*batch)
 
@@ -222,7 +230,7 @@ class GuardCounters:
                 key.decode() if isinstance(key, bytes) else key
                 async for key in self._client.scan_iter(match=pattern, count=1000)
             ]
-        except _DOWN as exc:
+        except DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
 
     async def load_scripts(self) -> None:
@@ -234,5 +242,5 @@ class GuardCounters:
             return
         try:
             await self.pipelined.command("SCRIPT", "LOAD", scripts.EVALUATE)
-        except _DOWN as exc:
+        except DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import UTC, datetime
 
+from redis.crc import key_slot
 from sqlalchemy import or_, select
 
 from tether.server.guard.counters import FOREVER_MS, Entry
@@ -26,9 +27,15 @@ def _ms(value: datetime | None) -> int:
     return FOREVER_MS if value is None else int(value.timestamp() * 1000)
 
 
-async def rebuild(guard: Guard, service_id: str = "", identities: set[str] | None = None) -> int:
+async def rebuild(
+    guard: Guard,
+    service_id: str = "",
+    identities: set[str] | None = None,
+    slots: set[int] | None = None,
+) -> int:
     """Writes SQL's entries back to Redis; only those of `identities` (as
-    they resolve now) when given. Returns the entries added."""
+    they resolve now) when given, and only keys in `slots` (a Redis
+    Cluster's master that lost them) when given. Returns the entries added."""
     await guard.recorder.flush()
     now = datetime.now(UTC)
     query = select(GuardEntry).where(
@@ -65,6 +72,8 @@ async def rebuild(guard: Guard, service_id: str = "", identities: set[str] | Non
     restored = 0
     for (service, action, room, identity), entries in groups.items():
         key = guard.decider.key(service, action, room, identity)
+        if slots is not None and key_slot(key.encode()) not in slots:
+            continue
         restored += await guard.counters.restore(
             key, entries, farmed=(service, action, room, identity) in farmed
         )

@@ -21,8 +21,7 @@ from typing import Any, NamedTuple
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
-from tether.server.counters.connection import KEY_PREFIX
-from tether.server.counters.pipelined import PipelinedConnection
+from tether.server.counters.connection import KEY_PREFIX, connect_pipelined
 from tether.server.errors import Violations
 from tether.server.guard import fingerprint, identity_record, keys, policies
 from tether.server.guard.counters import FOREVER_MS, CountersDown, GuardCounters, Scope
@@ -254,7 +253,9 @@ class Guard:
         self.counters = GuardCounters(
             runtime.redis,
             settings.redis_timeout_seconds,
-            PipelinedConnection.from_url(settings.redis_url, settings.redis_timeout_seconds),
+            connect_pipelined(
+                settings.redis_url, settings.redis_timeout_seconds, cluster=settings.redis_cluster
+            ),
         )
         self.recorder = Recorder(store)
         self.validator = Validator(runtime.digester)
