@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any, Protocol
 
 import grpc
+from asyncpg import exceptions as asyncpg_errors
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -95,11 +96,28 @@ async def _enter(context: grpc.aio.ServicerContext[Any, Any], auth: Authenticato
     principals.set_current(principal)
 
 
+# PostgreSQL refusing or dropping connections (too many clients, starting
+# up or shutting down), as the raw asyncpg fast paths raise it.
+_POSTGRES_OUTAGES = (
+    asyncpg_errors.TooManyConnectionsError,
+    asyncpg_errors.CannotConnectNowError,
+    asyncpg_errors.AdminShutdownError,
+    asyncpg_errors.ConnectionDoesNotExistError,
+)
+
+
 def _is_backend_outage(exc: BaseException) -> bool:
     """The database or Redis went away: the caller should retry, not file a bug."""
     if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, OperationalError)
-    return isinstance(exc, (ConnectionError, TimeoutError, RedisConnectionError))
+        return (
+            exc.connection_invalidated
+            or isinstance(exc, OperationalError)
+            or isinstance(exc.orig, _POSTGRES_OUTAGES)
+            or isinstance(getattr(exc.orig, "__cause__", None), _POSTGRES_OUTAGES)
+        )
+    return isinstance(
+        exc, (ConnectionError, TimeoutError, RedisConnectionError, *_POSTGRES_OUTAGES)
+    )
 
 
 def _elapsed_ms(started: float) -> float:
