@@ -103,7 +103,12 @@ class RunningServer:
 
 
 async def start_server(
-    *, database_url: str, redis_url: str, data_dir: Path, **overrides: Any
+    *,
+    database_url: str,
+    redis_url: str,
+    data_dir: Path,
+    tracer_provider: Any = None,
+    **overrides: Any,
 ) -> RunningServer:
     await migrate.upgrade_async(database_url)
     settings = Settings(
@@ -120,7 +125,7 @@ async def start_server(
             **overrides,
         },
     )
-    app = await build(settings)
+    app = await build(settings, tracer_provider=tracer_provider)
     await app.start()
     return RunningServer(app, await create_admin(app.runtime.db, "tests"))
 

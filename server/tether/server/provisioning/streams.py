@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from tether.server import errors, logs
+from tether.server.observability import metrics
 from tether.server.provisioning import confirmations, leasing
 from tether.server.provisioning.store import DeliveryStore
+from tether.server.provisioning.tables import DEAD
 from tether.server.provisioning.usage_queries import UsageQueryOut, UsageReply
 from tether.server.provisioning.wakeup import Wakeup, instructions_topic
 from tether.server.storage.base import utcnow
@@ -137,6 +139,7 @@ class PartnerStreams:
             outgoing=asyncio.Queue(maxsize=2 * max_in_flight + 16),
         )
         self._streams.setdefault(partner_id, []).append(stream)
+        metrics.PARTNER_STREAMS.labels(partner_id).inc()
         self._no_streams.clear()
         log.info("partner stream opened", partner_id=partner_id, stream_id=stream.stream_id)
         return stream
@@ -155,6 +158,7 @@ class PartnerStreams:
         streams = self._streams.get(stream.partner_id, [])
         if stream in streams:
             streams.remove(stream)
+            metrics.PARTNER_STREAMS.labels(stream.partner_id).dec()
         if not streams:
             self._streams.pop(stream.partner_id, None)
         if not self._streams:
@@ -284,6 +288,10 @@ class PartnerStreams:
     async def _hand_out(self, streams: list[PartnerStream], rows: list[leasing.Delivery]) -> None:
         by_owner = {s.owner: s for s in streams}
         for row in rows:
+            if row.state == DEAD:
+                metrics.DEAD_INSTRUCTIONS.inc()
+            elif row.attempts > 1:
+                metrics.REDELIVERIES.inc()
             stream = by_owner.get(row.lease_owner or "")
             if stream is None or stream.closed:
                 # Its stream ended during the lease: its release returns it.

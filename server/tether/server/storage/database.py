@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -94,6 +94,25 @@ class Database:
         # See driver_transaction; opened on first use.
         self._driver_pool: Any = None
         self._driver_pool_lock = asyncio.Lock()
+        # asyncpg query loggers put on every PostgreSQL connection opened
+        # from now on (observe_queries).
+        self._query_loggers: list[Callable[[Any], None]] = []
+
+    def observe_queries(self, logger: Callable[[Any], None]) -> None:
+        """Has asyncpg call logger (with a LoggedQuery: statement, elapsed
+        seconds, exception) after every statement on the connections opened
+        from now on, the engine's and the driver pool's (PostgreSQL only;
+        call it before the first use). Without one, asyncpg times nothing."""
+        if is_sqlite(self.url):
+            return
+        if not self._query_loggers:
+
+            @event.listens_for(self.engine.sync_engine, "connect")
+            def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+                for each in self._query_loggers:
+                    dbapi_connection.driver_connection.add_query_logger(each)
+
+        self._query_loggers.append(logger)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -146,9 +165,14 @@ class Database:
                     # Every user ends its transaction and changes no session
                     # state: the default reset would cost a round trip.
                     reset=_keep_session,
+                    init=self._init_driver_connection if self._query_loggers else None,
                     **options,
                 )
         return self._driver_pool
+
+    async def _init_driver_connection(self, connection: Any) -> None:
+        for logger in self._query_loggers:
+            connection.add_query_logger(logger)
 
     async def close(self) -> None:
         if self._driver_pool is not None:
