@@ -24,8 +24,8 @@ from tests.support import RunningServer, expect_error, free_port, start_server
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.binding.v1 import service_pb2_grpc as binding_grpc
 from tether.clients.connection import open_channel
-from tether.common.v1 import types_pb2 as types
 from tether.clients.guard.client import account
+from tether.common.v1 import types_pb2 as types
 from tether.server.shared import digests
 from tether.server.storage import migrate
 

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from tether.server import errors, logs
-from tether.server.observability import metrics
+from tether.server.observability import metrics, propagation
 from tether.server.provisioning import confirmations, leasing
 from tether.server.provisioning.store import DeliveryStore
-from tether.server.provisioning.tables import DEAD
 from tether.server.provisioning.usage_queries import UsageQueryOut, UsageReply
 from tether.server.provisioning.wakeup import Wakeup, instructions_topic
 from tether.server.storage.base import utcnow
@@ -74,6 +73,9 @@ class PartnerStream:
     outgoing: asyncio.Queue[Outgoing]
     # instruction_id -> end of its lease: what this stream holds unconfirmed.
     in_flight: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    # instruction_id -> the traceparent its writer left, for those in
+    # flight that have one (tracing on): the confirmation's span links to it.
+    traced: dict[uuid.UUID, str] = field(default_factory=dict)
     # Set when the stream ends; no lease names it any more.
     closed: bool = False
 
@@ -87,6 +89,7 @@ class PartnerStream:
         for instruction_id, until in list(self.in_flight.items()):
             if until <= now:
                 del self.in_flight[instruction_id]
+                self.traced.pop(instruction_id, None)
         return self.max_in_flight - len(self.in_flight)
 
 
@@ -125,6 +128,8 @@ class PartnerStreams:
         self._closing: set[asyncio.Task[None]] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
+        # None unless tracing is on.
+        self._confirm_spans = propagation.linked_spans("provisioning.confirm")
 
     # --- streams -------------------------------------------------------
 
@@ -288,15 +293,15 @@ class PartnerStreams:
     async def _hand_out(self, streams: list[PartnerStream], rows: list[leasing.Delivery]) -> None:
         by_owner = {s.owner: s for s in streams}
         for row in rows:
-            if row.state == DEAD:
-                metrics.DEAD_INSTRUCTIONS.inc()
-            elif row.attempts > 1:
+            if row.attempts > 1:
                 metrics.REDELIVERIES.inc()
             stream = by_owner.get(row.lease_owner or "")
             if stream is None or stream.closed:
                 # Its stream ended during the lease: its release returns it.
                 continue
             stream.in_flight[row.instruction_id] = row.due_time
+            if row.trace_parent:
+                stream.traced[row.instruction_id] = row.trace_parent
             self._holder[row.instruction_id] = stream
             await stream.outgoing.put(row)
 
@@ -335,6 +340,22 @@ class PartnerStreams:
                 dispatch.woken.set()
         return applied
 
+    async def _confirm_traced(
+        self, stream: PartnerStream, items: list[tuple[uuid.UUID, confirmations.Result]]
+    ) -> list[confirmations.Applied]:
+        """confirm_batch, in a span linked to the calls that wrote the
+        instructions when tracing is on."""
+        spans = self._confirm_spans
+        if spans is None:
+            return await self.confirm_batch(stream.partner_id, items)
+        parents = [stream.traced.pop(instruction_id, "") for instruction_id, _ in items]
+        attributes = {
+            "tether.partner_id": stream.partner_id,
+            "tether.instruction_ids": [str(instruction_id) for instruction_id, _ in items],
+        }
+        with spans.current(parents, attributes):
+            return await self.confirm_batch(stream.partner_id, items)
+
     async def run_confirmations(
         self, stream: PartnerStream, incoming: asyncio.Queue[Incoming | None]
     ) -> None:
@@ -368,7 +389,7 @@ class PartnerStreams:
                 items.append((instruction_id, result))
                 raws.append(raw)
             if items:
-                applied = await self.confirm_batch(stream.partner_id, items)
+                applied = await self._confirm_traced(stream, items)
                 replies.extend(
                     ConfirmationReply(raw, outcome=a.outcome, error=a.error)
                     for raw, a in zip(raws, applied, strict=True)
