@@ -21,6 +21,7 @@ AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("provisioning", ()),
     ("guard", ()),
     ("guard_quality", ("--plot", "{docs}/guard-quality.png")),
+    ("observability", ()),
 )
 
 
