@@ -70,6 +70,9 @@ async def _serve(kind: str, port: int, redis_url: str, data_dir: str, database_u
     from tether.server.transport.credentials import mint
     from tether.server.transport.principal import CallerKind
 
+    if kind == "metrics":
+        # Read by Settings below (the "before" tree has no such field).
+        os.environ["TETHER_METRICS_LISTEN"] = "127.0.0.1:0"
     settings = Settings(
         listen=f"127.0.0.1:{port}",
         database_url=database_url,
@@ -81,7 +84,6 @@ async def _serve(kind: str, port: int, redis_url: str, data_dir: str, database_u
         http_listen="",
         log_level="WARNING",
         report_rate_per_minute=1_000_000_000,
-        **({"metrics_listen": "127.0.0.1:0"} if kind == "metrics" else {}),
     )
     app = await build(settings)
     await app.start()
