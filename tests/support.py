@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,7 @@ async def start_server(
     redis_url: str,
     data_dir: Path,
     tracer_provider: Any = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     **overrides: Any,
 ) -> RunningServer:
     await migrate.upgrade_async(database_url)
@@ -125,7 +126,7 @@ async def start_server(
             **overrides,
         },
     )
-    app = await build(settings, tracer_provider=tracer_provider)
+    app = await build(settings, interceptors=interceptors, tracer_provider=tracer_provider)
     await app.start()
     return RunningServer(app, await create_admin(app.runtime.db, "tests"))
 

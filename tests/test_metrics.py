@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -21,6 +22,7 @@ from tests import binding_support as bs
 from tests import provisioning_support as ps
 from tests.guard_support import fingerprint, guard_client, new_service
 from tests.support import RunningServer, expect_error, free_port, start_server
+from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.binding.v1 import service_pb2_grpc as binding_grpc
 from tether.clients.connection import open_channel
@@ -262,6 +264,44 @@ async def test_instructions_by_state_follow_delivery_to_a_connected_partner(
         return value(samples, "tether_provisioning_partner_streams", partner_id=partner_id) == 0
 
     await ps.eventually(disconnected, what="the partner stream closed")
+
+
+class SeenMethods(grpc.aio.ServerInterceptor):
+    """Stock instrumentation's shape: an interceptor of the embedding code."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        self.methods.append(details.method)
+        return await continuation(details)
+
+
+async def test_interceptors_of_the_embedding_code_see_every_call_before_authentication(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    seen = SeenMethods()
+    running = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        interceptors=[seen],
+        database_pool_size=2,
+    )
+    try:
+        assert running.app.metrics is None
+        stranger = bs.stub(running, "not-a-token")
+        await expect_error(
+            stranger.ReportAccountUse(bs.report_request(bs.device(), bs.phone_account())),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        await running.admin().ListPartners(admin_pb.ListPartnersRequest())
+    finally:
+        await running.stop()
+    assert seen.methods[-2:] == [
+        f"/{BINDING}/ReportAccountUse",
+        "/tether.admin.v1.Admin/ListPartners",
+    ]
 
 
 # --- several worker processes ----------------------------------------------------

@@ -57,6 +57,10 @@ class MetricsServer:
 
     async def start(self) -> None:
         host, _, port = self._listen.rpartition(":")
+        if not port.isdigit():
+            raise SystemExit(
+                f"TETHER_METRICS_LISTEN={self._listen!r} is not host:port (e.g. 0.0.0.0:9464)"
+            )
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, access_log=None)
@@ -71,9 +75,8 @@ class MetricsServer:
                 "set TETHER_METRICS_LISTEN"
             ) from exc
         self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        # The port bound (port 0 picks a free one).
+        self.port = int(runner.addresses[0][1])
         log.info("metrics listening", address=f"{host}:{self.port}")
 
     async def stop(self) -> None:
