@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,8 @@ async def start_server(
     redis_url: str,
     data_dir: Path,
     tracer_provider: Any = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    # Any: callers spread **overrides dicts of one value type.
+    interceptors: Any = (),
     **overrides: Any,
 ) -> RunningServer:
     await migrate.upgrade_async(database_url)
