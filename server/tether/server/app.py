@@ -250,6 +250,7 @@ async def build(
     call (see transport/interceptor.py). tracer_provider: an OpenTelemetry
     provider to trace with instead of one exporting over OTLP."""
     _check_listen_address(settings.listen)
+    exposition.check_multiprocess()
     observability = observability_setup.configure(settings, tracer_provider)
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)

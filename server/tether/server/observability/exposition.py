@@ -12,7 +12,13 @@ from __future__ import annotations
 import os
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    values,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from tether.server import logs
@@ -27,6 +33,17 @@ WORKER_INDEX = "TETHER_WORKER_INDEX"
 def serves_metrics() -> bool:
     """Whether this process serves the endpoint: a lone server, or worker 0."""
     return os.environ.get(WORKER_INDEX, "").strip() in ("", "0")
+
+
+def check_multiprocess() -> None:
+    """prometheus_client picks where values live when it is first imported:
+    a PROMETHEUS_MULTIPROC_DIR set later would leave each worker counting
+    in its own memory, and worker 0 serving only its own share."""
+    if os.environ.get(MULTIPROCESS_DIR) and values.ValueClass.__name__ != "MmapedValue":
+        raise SystemExit(
+            f"{MULTIPROCESS_DIR} was set after prometheus_client was imported: "
+            "set it in the environment before the server process starts"
+        )
 
 
 def _process_registry() -> CollectorRegistry:
