@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import binding_support as bs
 from tests import provisioning_support as ps
-from tests.guard_support import fingerprint, guard_client, new_service
+from tests.guard_support import fingerprint, guard_client, new_service, private_redis
 from tests.support import RunningServer, expect_error, free_port, start_server
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as binding_pb
@@ -28,6 +28,7 @@ from tether.binding.v1 import service_pb2_grpc as binding_grpc
 from tether.clients.connection import open_channel
 from tether.clients.guard.client import account
 from tether.common.v1 import types_pb2 as types
+from tether.guard.v1 import messages_pb2 as guard_pb
 from tether.server.shared import digests
 from tether.server.storage import migrate
 
@@ -264,6 +265,54 @@ async def test_instructions_by_state_follow_delivery_to_a_connected_partner(
         return value(samples, "tether_provisioning_partner_streams", partner_id=partner_id) == 0
 
     await ps.eventually(disconnected, what="the partner stream closed")
+
+
+async def test_redis_going_away_counts_the_fail_modes_and_the_final_unavailable(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with private_redis(tmp_path) as redis_server:
+        running = await start_server(
+            database_url=postgres_url,
+            redis_url=redis_server.url,
+            data_dir=tmp_path / "data",
+            redis_timeout_seconds=0.25,
+            metrics_listen="127.0.0.1:0",
+            database_pool_size=2,
+        )
+        try:
+            guard = await guard_client(running)
+            opened = await new_service(guard, redis_failure=guard_pb.REDIS_FAILURE_FAIL_OPEN)
+            closed = await new_service(guard, redis_failure=guard_pb.REDIS_FAILURE_FAIL_CLOSED)
+            devices = bs.stub(running, await running.credential("device"))
+            before = await scrape(running)
+            await redis_server.stop()
+
+            browser = fingerprint("outage")
+            verdict = await guard.evaluate(opened, "login", account("a"), browser, "198.51.100.3")
+            assert verdict.fail_open
+            await expect_error(
+                guard.evaluate(closed, "login", account("b"), browser, "198.51.100.3"),
+                grpc.StatusCode.UNAVAILABLE,
+            )
+            # The report's rate limit lets the report through.
+            await devices.ReportAccountUse(bs.report_request(bs.device(), bs.phone_account()))
+
+            after = await scrape(running)
+        finally:
+            await running.stop()
+    for component, mode in (("guard", "open"), ("guard", "closed"), ("binding_rate_limit", "open")):
+        labels = {"component": component, "mode": mode}
+        assert value(after, "tether_fail_mode_total", **labels) == (
+            value(before, "tether_fail_mode_total", **labels) + 1
+        ), labels
+    unavailable = rpc("Evaluate", "UNAVAILABLE", service="tether.guard.v1.FingerprintGuard")
+    assert value(after, "grpc_server_handled_total", **unavailable) == (
+        value(before, "grpc_server_handled_total", **unavailable) + 1
+    )
+    failed_open = {"action": "login", "verdict": "allow", "reason": "counters_unavailable"}
+    assert value(after, "tether_guard_verdicts_total", **failed_open) == (
+        value(before, "tether_guard_verdicts_total", **failed_open) + 1
+    )
 
 
 class SeenMethods(grpc.aio.ServerInterceptor):

@@ -53,7 +53,8 @@ def final_code(
 ) -> grpc.StatusCode:
     """The status the caller gets: what the context was aborted or set with,
     else OK for a handler that returned, CANCELLED (or DEADLINE_EXCEEDED)
-    for one cancelled, and UNKNOWN for one that raised (grpc's own answer)."""
+    for one cancelled or closed, and UNKNOWN for one that raised (grpc's
+    own answer)."""
     set_code: Any = context.code()
     if isinstance(set_code, grpc.StatusCode):
         code = set_code
@@ -61,7 +62,8 @@ def final_code(
         code = _CODES.get(set_code, grpc.StatusCode.OK)
     if code is not grpc.StatusCode.OK or raised is None:
         return code
-    if isinstance(raised, asyncio.CancelledError):
+    # GeneratorExit: grpc closed a response stream the caller abandoned.
+    if isinstance(raised, asyncio.CancelledError | GeneratorExit):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED
