@@ -110,8 +110,8 @@ async def test_a_binding_report_counts_its_outcome_its_rpc_and_the_active_bindin
         value(before, "grpc_server_msg_sent_total", **report) + 1
     )
     assert value(after, "tether_bindings_active", partner_id=partner_id) == 1
-    assert value(after, "tether_postgres_query_seconds_count") > value(
-        before, "tether_postgres_query_seconds_count"
+    assert value(after, "tether_postgres_connection_seconds_count") > value(
+        before, "tether_postgres_connection_seconds_count"
     )
     assert (
         value(after, "tether_redis_call_seconds_count", operation="binding.rate_limit")

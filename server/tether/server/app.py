@@ -268,6 +268,9 @@ async def build(
     query_logger = probes.query_logger()
     if query_logger is not None:
         db.observe_queries(query_logger)
+    connection_observer = probes.connection_observer()
+    if connection_observer is not None:
+        db.observe_connections(connection_observer)
     await _check_schema(db)
     runtime = Runtime(
         settings=settings,

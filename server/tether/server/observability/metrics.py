@@ -98,8 +98,9 @@ REDIS_SECONDS = Histogram(
     buckets=_BACKEND_BUCKETS,
 )
 POSTGRES_SECONDS = Histogram(
-    "tether_postgres_query_seconds",
-    "PostgreSQL statement latency as the server saw it, failed statements included.",
+    "tether_postgres_connection_seconds",
+    "How long each use of a PostgreSQL connection held it: its statements and "
+    "the server's work between them (waiting for the connection excluded).",
     buckets=_BACKEND_BUCKETS,
 )
 

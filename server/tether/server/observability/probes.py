@@ -1,5 +1,6 @@
-"""Backend calls timed and traced: Redis at its call sites, PostgreSQL
-through asyncpg's query loggers.
+"""Backend calls timed and traced: Redis at its call sites; PostgreSQL
+per connection use (metrics) and per statement through asyncpg's query
+loggers (spans).
 
 A call site asks for its probe once (when its object is built) and gets
 None when neither metrics nor tracing is on; then it calls as before, at
@@ -84,28 +85,28 @@ def redis(operation: str) -> Probe | None:
     return Probe(operation, observability.metrics, observability.tracer)
 
 
+def connection_observer() -> Any:
+    """For storage.database's observe_connections: the PostgreSQL
+    histogram's observe, or None when metrics are off."""
+    return metrics.POSTGRES_SECONDS.observe if current().metrics else None
+
+
 def query_logger() -> Any:
     """A callback for asyncpg's add_query_logger (storage.database's
-    observe_queries), or None when nothing is observed. asyncpg calls it
-    soon after each statement, in the context of the call that ran it, so
-    its span lands under that call's span."""
-    observability = current()
-    observe, tracer = observability.metrics, observability.tracer
-    if not observe and tracer is None:
+    observe_queries) making a span per statement, or None when tracing is
+    off. asyncpg calls it soon after each statement, in the context of the
+    call that ran it, so the span lands under that call's span."""
+    tracer = current().tracer
+    if tracer is None:
         return None
-    seconds = metrics.POSTGRES_SECONDS
-    if tracer is not None:
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+    from opentelemetry.trace import SpanKind, Status, StatusCode
 
     def on_query(record: Any) -> None:
-        if observe:
-            seconds.observe(record.elapsed)
-        if tracer is None:
-            return
         ended = time.time_ns()
         query: str = record.query
+        words = query.split(None, 1)
         span = tracer.start_span(
-            f"postgresql {query.lstrip().split(None, 1)[0].upper() if query.strip() else ''}",
+            f"postgresql {words[0].upper() if words else ''}",
             kind=SpanKind.CLIENT,
             start_time=ended - int(record.elapsed * 1e9),
             attributes={"db.system": "postgresql", "db.statement": query[:_STATEMENT_CHARS]},
