@@ -83,7 +83,8 @@ async def _serve(kind: str, port: int, redis_url: str, data_dir: str, database_u
     settings = Settings(
         listen=f"127.0.0.1:{port}",
         database_url=database_url,
-        database_pool_size=8,
+        # Small: the machine's PostgreSQL is shared (100 connections in all).
+        database_pool_size=4,
         migrate_on_start=True,
         redis_url=redis_url,
         data_dir=Path(data_dir),
