@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from tether.clients.connection import open_channel
 from tether.clients.guard.client import account
 from tether.common.v1 import types_pb2 as types
 from tether.guard.v1 import messages_pb2 as guard_pb
+from tether.provisioning.v1 import messages_pb2 as provisioning_pb
 from tether.server.shared import digests
 from tether.server.storage import migrate
 
@@ -265,6 +267,48 @@ async def test_instructions_by_state_follow_delivery_to_a_connected_partner(
         return value(samples, "tether_provisioning_partner_streams", partner_id=partner_id) == 0
 
     await ps.eventually(disconnected, what="the partner stream closed")
+
+
+async def test_an_unconfirmed_instruction_counts_a_redelivery_then_its_death(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    running = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        metrics_listen="127.0.0.1:0",
+        database_pool_size=2,
+        provisioning_ack_deadline_seconds=0.05,
+        provisioning_max_attempts=2,
+    )
+    try:
+        _, partner_token = await running.partner(services=("free-data",))
+        await ps.bind(running, await running.credential("device"), partner_token)
+        partner = ps.stub(running, partner_token)
+        before = await scrape(running)
+        attempts: list[int] = []
+
+        dead = "tether_provisioning_dead_instructions_total"
+
+        async def fetched_until_dead() -> bool:
+            response = await partner.FetchInstructions(
+                provisioning_pb.FetchInstructionsRequest(request_id=secrets.token_hex(8))
+            )
+            attempts.extend(i.attempt for i in response.instructions)
+            # Leased twice, never confirmed: the lease after the second
+            # expires parks it as dead.
+            return value(await scrape(running), dead) > value(before, dead)
+
+        await ps.eventually(fetched_until_dead, what="two deliveries, then a dead instruction")
+        after = await scrape(running)
+    finally:
+        await running.stop()
+    assert attempts == [1, 2]
+    for name in (
+        "tether_provisioning_redeliveries_total",
+        "tether_provisioning_dead_instructions_total",
+    ):
+        assert value(after, name) == value(before, name) + 1, name
 
 
 async def test_redis_going_away_counts_the_fail_modes_and_the_final_unavailable(

@@ -22,6 +22,7 @@ from tests.support import RunningServer, expect_error, start_server
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as guard_pb
+from tether.provisioning.v1 import messages_pb2 as provisioning_pb
 
 REPORT = "tether.binding.v1.Binding/ReportAccountUse"
 
@@ -207,3 +208,33 @@ async def test_delivery_and_confirmation_link_to_the_report_that_wrote_the_instr
     assert delivery.parent is not None and delivery.parent.span_id == connect[0].context.span_id
     (confirmation,) = linked("provisioning.confirm")
     assert confirmation.context.trace_id == delivery.context.trace_id
+
+
+async def test_a_fetched_instruction_is_marked_in_the_fetch_and_linked_to_its_report(
+    traced: tuple[RunningServer, InMemorySpanExporter],
+) -> None:
+    server, exporter = traced
+    _, partner_token = await server.partner(services=("free-data",))
+    account_ = bs.phone_account()
+    await bs.add_accounts(server, partner_token, [account_])
+    devices = bs.stub(server, await server.credential("device"))
+    trace_id, _, metadata = caller_context()
+    await devices.ReportAccountUse(bs.report_request(bs.device(), account_), metadata=metadata)
+    report = server_span(await spans_when(exporter, trace_id, REPORT), REPORT)
+    fetch_trace, _, fetch_metadata = caller_context()
+
+    fetched = await ps.stub(server, partner_token).FetchInstructions(
+        provisioning_pb.FetchInstructionsRequest(request_id=secrets.token_hex(8)),
+        metadata=fetch_metadata,
+    )
+
+    (instruction,) = fetched.instructions
+    spans = await spans_when(exporter, fetch_trace, "tether.provisioning.v1.Provisioning/Fetch")
+    fetch = server_span(spans, "tether.provisioning.v1.Provisioning/FetchInstructions")
+    (delivery,) = [s for s in spans if s.name == "provisioning.deliver"]
+    assert delivery.parent is not None and delivery.parent.span_id == fetch.context.span_id
+    assert delivery.attributes is not None
+    assert delivery.attributes["tether.instruction_id"] == instruction.instruction_id
+    assert [(link.context.trace_id, link.context.span_id) for link in delivery.links] == [
+        (trace_id, report.context.span_id)
+    ]

@@ -126,15 +126,23 @@ async def lease(
         .execution_options(synchronize_session=False)
     )
     rows = [Delivery(*row) for row in await session.execute(statement)]
-    count_dead(rows)
+    count_leased(rows)
     return sorted((r for r in rows if r.state == LEASED), key=lambda r: r.seq)
 
 
-def count_dead(rows: list[Delivery]) -> None:
-    """Counts the rows a lease parked as dead (the lease answers only the leased)."""
-    dead = sum(row.state == DEAD for row in rows)
+def count_leased(rows: list[Delivery]) -> None:
+    """Counts what a lease did: rows delivered again, and rows parked as
+    dead (the lease answers only the leased)."""
+    dead = again = 0
+    for row in rows:
+        if row.state == DEAD:
+            dead += 1
+        elif row.attempts > 1:
+            again += 1
     if dead:
         metrics.DEAD_INSTRUCTIONS.inc(dead)
+    if again:
+        metrics.REDELIVERIES.inc(again)
 
 
 async def release(session: AsyncSession, owner: str) -> list[str]:

@@ -289,7 +289,7 @@ class PostgresDelivery:
             "fetch", _LEASE_SQL, partner_id, now, timing.max_attempts, list(owners), ends
         )
         rows = [Delivery(*r) for r in records]
-        leasing.count_dead(rows)
+        leasing.count_leased(rows)
         return sorted((r for r in rows if r.state == "leased"), key=lambda r: r.seq)
 
     async def next_due(self, partner_id: str) -> datetime | None:

@@ -293,8 +293,6 @@ class PartnerStreams:
     async def _hand_out(self, streams: list[PartnerStream], rows: list[leasing.Delivery]) -> None:
         by_owner = {s.owner: s for s in streams}
         for row in rows:
-            if row.attempts > 1:
-                metrics.REDELIVERIES.inc()
             stream = by_owner.get(row.lease_owner or "")
             if stream is None or stream.closed:
                 # Its stream ended during the lease: its release returns it.
