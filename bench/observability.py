@@ -77,7 +77,7 @@ async def _serve(kind: str, port: int, redis_url: str, data_dir: str, database_u
     from tether.server.transport.credentials import mint
     from tether.server.transport.principal import CallerKind
 
-    if kind == "metrics":
+    if kind.startswith("metrics"):
         # Read by Settings below (the "before" tree has no such field).
         os.environ["TETHER_METRICS_LISTEN"] = "127.0.0.1:0"
     settings = Settings(
@@ -310,7 +310,11 @@ async def main() -> None:
     await client.aclose()
     (work / "tree").mkdir()
     tree = _tree_before_observability(work / "tree")
-    kinds = ["before", "off", "metrics"] if tree is not None else ["off", "metrics"]
+    # TETHER_BENCH_KINDS adds servers (e.g. "before,off,metrics,off-again":
+    # a second "off" shows how far two identical servers differ here).
+    kinds = os.environ.get("TETHER_BENCH_KINDS", "before,off,metrics").split(",")
+    if tree is None:
+        kinds = [kind for kind in kinds if kind != "before"]
     if tree is None:
         print("no git checkout: 'before' (no observability code) left out")
     admin = await asyncpg.connect(POSTGRES_DSN)

@@ -5,11 +5,12 @@ messages each way. Each method's labelled children are made once."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from tether.server.observability import metrics
+from tether.server.observability import fast, metrics
 from tether.server.observability.handlers import (
     CallObserver,
     MethodObserver,
@@ -25,21 +26,21 @@ class _Method:
     def __init__(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> None:
         service, name = split_method(method)
         self._labels = (rpc_type(handler), service, name)
-        self.started = metrics.GRPC_STARTED.labels(*self._labels)
-        self.received = metrics.GRPC_MSG_RECEIVED.labels(*self._labels)
-        self.sent = metrics.GRPC_MSG_SENT.labels(*self._labels)
-        self.seconds = metrics.GRPC_HANDLING_SECONDS.labels(*self._labels)
-        self._handled: dict[grpc.StatusCode, Any] = {}
+        self.started = fast.increment(metrics.GRPC_STARTED.labels(*self._labels))
+        self.received = fast.increment(metrics.GRPC_MSG_RECEIVED.labels(*self._labels))
+        self.sent = fast.increment(metrics.GRPC_MSG_SENT.labels(*self._labels))
+        self.seconds = fast.Observe(metrics.GRPC_HANDLING_SECONDS.labels(*self._labels))
+        self._handled: dict[grpc.StatusCode, Callable[[float], None]] = {}
 
-    def handled(self, code: grpc.StatusCode) -> Any:
-        child = self._handled.get(code)
-        if child is None:
-            child = metrics.GRPC_HANDLED.labels(*self._labels, code.name)
-            self._handled[code] = child
-        return child
+    def handled(self, code: grpc.StatusCode) -> Callable[[float], None]:
+        increment = self._handled.get(code)
+        if increment is None:
+            increment = fast.increment(metrics.GRPC_HANDLED.labels(*self._labels, code.name))
+            self._handled[code] = increment
+        return increment
 
     def start(self, context: grpc.aio.ServicerContext[Any, Any]) -> CallObserver:
-        self.started.inc()
+        self.started(1)
         return _Call(self)
 
 
@@ -51,15 +52,15 @@ class _Call:
         self._started = time.perf_counter()
 
     def received(self) -> None:
-        self._method.received.inc()
+        self._method.received(1)
 
     def sent(self) -> None:
-        self._method.sent.inc()
+        self._method.sent(1)
 
     def done(self, code: grpc.StatusCode) -> None:
         method = self._method
-        method.seconds.observe(time.perf_counter() - self._started)
-        method.handled(code).inc()
+        method.seconds(time.perf_counter() - self._started)
+        method.handled(code)(1)
 
 
 class MetricsInterceptor(ObservingInterceptor):

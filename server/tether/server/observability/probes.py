@@ -19,7 +19,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from tether.server.observability import metrics
+from tether.server.observability import fast, metrics
 from tether.server.observability.setup import current
 
 _STATEMENT_CHARS = 2000
@@ -31,7 +31,7 @@ class Probe:
     __slots__ = ("_attributes", "_client", "_name", "_seconds", "_tracer")
 
     def __init__(self, operation: str, observe: bool, tracer: Any) -> None:
-        self._seconds = metrics.REDIS_SECONDS.labels(operation) if observe else None
+        self._seconds = fast.Observe(metrics.REDIS_SECONDS.labels(operation)) if observe else None
         self._tracer = tracer
         self._client: Any = None
         if tracer is not None:
@@ -68,7 +68,7 @@ class _Timing:
         traceback: TracebackType | None,
     ) -> None:
         if self._seconds is not None:
-            self._seconds.observe(time.perf_counter() - self._started)
+            self._seconds(time.perf_counter() - self._started)
         span = self._span
         if span is not None:
             if exc is not None:
@@ -88,7 +88,7 @@ def redis(operation: str) -> Probe | None:
 def connection_observer() -> Any:
     """For storage.database's observe_connections: the PostgreSQL
     histogram's observe, or None when metrics are off."""
-    return metrics.POSTGRES_SECONDS.observe if current().metrics else None
+    return fast.Observe(metrics.POSTGRES_SECONDS) if current().metrics else None
 
 
 def query_logger() -> Any:
