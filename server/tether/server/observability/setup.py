@@ -14,8 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
+from tether.server.observability.handlers import ObservingInterceptor
 from tether.server.settings import Settings
 
 _OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -40,9 +39,9 @@ class Observability:
     def tracing(self) -> bool:
         return self.tracer is not None
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+    def interceptors(self) -> list[ObservingInterceptor]:
         """Tracing outermost, so its span covers the metrics' timing too."""
-        found: list[grpc.aio.ServerInterceptor] = []
+        found: list[ObservingInterceptor] = []
         if self.tracer is not None:
             from tether.server.observability.tracing import TracingInterceptor
 

@@ -15,20 +15,30 @@ which authenticates every call (see transport/interceptor.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
-from tether.server.transport.interceptor import AuthenticatingHandler, Authenticator
+from tether.server.transport.interceptor import (
+    AuthenticatingHandler,
+    Authenticator,
+    HandlerWrapper,
+)
 
 
 class GenericHandlersOnly(grpc.aio.Server):
     """The server as the areas register on it; everything else is delegated."""
 
-    def __init__(self, server: grpc.aio.Server, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        authenticator: Authenticator,
+        wrappers: Sequence[HandlerWrapper] = (),
+    ) -> None:
+        """wrappers: instrumentation applied around every handler, outermost first."""
         self._server = server
-        self._handler = AuthenticatingHandler(authenticator)
+        self._handler = AuthenticatingHandler(authenticator, wrappers)
         server.add_generic_rpc_handlers([self._handler])
 
     def add_generic_rpc_handlers(
