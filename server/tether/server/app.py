@@ -246,8 +246,8 @@ async def build(
     tracer_provider: Any = None,
 ) -> App:
     """interceptors: the embedding code's own (stock instrumentation, say),
-    run by grpc.aio before Tether's metrics and tracing see the call; each
-    one installed costs every call (see transport/interceptor.py). tracer_provider: an OpenTelemetry
+    inside Tether's metrics and tracing ones; each one installed costs every
+    call (see transport/interceptor.py). tracer_provider: an OpenTelemetry
     provider to trace with instead of one exporting over OTLP."""
     _check_listen_address(settings.listen)
     exposition.check_multiprocess()
@@ -291,12 +291,10 @@ async def build(
             ("grpc.so_reuseport", 0),
         ],
         # None rather than empty: no interceptor chain runs at all.
-        interceptors=list(interceptors) or None,
+        interceptors=[*observability.interceptors(), *interceptors] or None,
     )
-    # Every call is authenticated by the handler GenericHandlersOnly puts in
-    # front; Tether's own metrics and tracing wrap it there, once per method
-    # (observability/handlers.py says why not through grpc.aio's chain).
-    services = GenericHandlersOnly(server, runtime.credentials, observability.interceptors())
+    # Every call is authenticated by the handler GenericHandlersOnly puts in front.
+    services = GenericHandlersOnly(server, runtime.credentials)
     areas = _build_areas(services, runtime)
 
     names = [name for c in areas.components() for name in c.services]

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tether.server.observability.handlers import ObservingInterceptor
+import grpc
+
 from tether.server.settings import Settings
 
 _OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -39,9 +40,9 @@ class Observability:
     def tracing(self) -> bool:
         return self.tracer is not None
 
-    def interceptors(self) -> list[ObservingInterceptor]:
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Tracing outermost, so its span covers the metrics' timing too."""
-        found: list[ObservingInterceptor] = []
+        found: list[grpc.aio.ServerInterceptor] = []
         if self.tracer is not None:
             from tether.server.observability.tracing import TracingInterceptor
 

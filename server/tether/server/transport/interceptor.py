@@ -44,25 +44,11 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return ""
 
 
-class HandlerWrapper(Protocol):
-    """Instrumentation that only wraps handlers (observability's
-    interceptors): applied once per method where handlers are looked up,
-    instead of per call by grpc.aio's interceptor chain."""
-
-    def wrap_handler(
-        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
-    ) -> grpc.RpcMethodHandler[Any, Any]: ...
-
-
 class AuthenticatingHandler(grpc.GenericRpcHandler):
     """Every service's methods, authenticated: the server's only generic handler."""
 
-    def __init__(
-        self, authenticator: Authenticator, wrappers: Sequence[HandlerWrapper] = ()
-    ) -> None:
+    def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
-        # Outermost first: they see each call before authentication does.
-        self._wrappers = list(wrappers)
         self._services: list[grpc.GenericRpcHandler] = []
         # Per method: the wrapped handler, built once rather than on every call.
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -86,8 +72,6 @@ class AuthenticatingHandler(grpc.GenericRpcHandler):
             return None  # not cached: unknown names must not grow the cache
         if not method.startswith(PUBLIC_PREFIXES):
             handler = _wrap(handler, method, self._auth)
-        for wrapper in reversed(self._wrappers):
-            handler = wrapper.wrap_handler(method, handler)
         self._wrapped[method] = handler
         return handler
 

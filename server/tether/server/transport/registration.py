@@ -15,30 +15,20 @@ which authenticates every call (see transport/interceptor.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
 
-from tether.server.transport.interceptor import (
-    AuthenticatingHandler,
-    Authenticator,
-    HandlerWrapper,
-)
+from tether.server.transport.interceptor import AuthenticatingHandler, Authenticator
 
 
 class GenericHandlersOnly(grpc.aio.Server):
     """The server as the areas register on it; everything else is delegated."""
 
-    def __init__(
-        self,
-        server: grpc.aio.Server,
-        authenticator: Authenticator,
-        wrappers: Sequence[HandlerWrapper] = (),
-    ) -> None:
-        """wrappers: instrumentation applied around every handler, outermost first."""
+    def __init__(self, server: grpc.aio.Server, authenticator: Authenticator) -> None:
         self._server = server
-        self._handler = AuthenticatingHandler(authenticator, wrappers)
+        self._handler = AuthenticatingHandler(authenticator)
         server.add_generic_rpc_handlers([self._handler])
 
     def add_generic_rpc_handlers(
