@@ -29,7 +29,7 @@ from tether.server.errors import (
     Violations,
     invalid,
 )
-from tether.server.observability import metrics
+from tether.server.observability import fast, metrics
 from tether.server.runtime import Runtime
 from tether.server.shared import convert as shared_convert
 from tether.server.shared.partners import get_partner
@@ -354,11 +354,13 @@ def _page_token_invalid() -> InvalidArgument:
     )
 
 
-_OUTCOME_COUNTERS = {outcome: metrics.REPORTS.labels(outcome.value) for outcome in Outcome}
+_OUTCOME_COUNTERS = {
+    outcome: fast.increment(metrics.REPORTS.labels(outcome.value)) for outcome in Outcome
+}
 
 
 def _counted_response(outcomes: list[PartnerOutcome]) -> pb.ReportAccountUseResponse:
     """The report's answer, each partner's outcome counted as it is made."""
     for each in outcomes:
-        _OUTCOME_COUNTERS[each.outcome].inc()
+        _OUTCOME_COUNTERS[each.outcome](1)
     return convert.report_response(outcomes)

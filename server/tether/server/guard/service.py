@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
@@ -32,7 +32,7 @@ from tether.server.guard.identities import IdentityBook, Resolution
 from tether.server.guard.policies import Policy, PolicyCache
 from tether.server.guard.recorder import Change, EntryKey, Recorder, renew_rows
 from tether.server.guard.store import GuardStore
-from tether.server.observability import metrics
+from tether.server.observability import fast, metrics
 from tether.server.runtime import Runtime
 from tether.server.shared.accounts import normalize_account
 from tether.server.shared.digests import Digester
@@ -470,20 +470,22 @@ class Guard:
 
 
 # The verdicts series' children by (action, allowed, reason), made on first use.
-_VERDICT_COUNTERS: dict[tuple[Action | None, bool, Reason], Any] = {}
+_VERDICT_COUNTERS: dict[tuple[Action | None, bool, Reason], Callable[[float], None]] = {}
 
 
 def _count_verdict(action: Action | None, verdict: Verdict) -> None:
     key = (action, verdict.allowed, verdict.reason)
     counter = _VERDICT_COUNTERS.get(key)
     if counter is None:
-        counter = metrics.GUARD_VERDICTS.labels(
-            action.value if action is not None else "",
-            "allow" if verdict.allowed else "deny",
-            verdict.reason.value,
+        counter = fast.increment(
+            metrics.GUARD_VERDICTS.labels(
+                action.value if action is not None else "",
+                "allow" if verdict.allowed else "deny",
+                verdict.reason.value,
+            )
         )
         _VERDICT_COUNTERS[key] = counter
-    counter.inc()
+    counter(1)
 
 
 def verdict_of(action: Action, decision: Decision) -> Verdict:
