@@ -23,6 +23,7 @@ AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cluster", ()),
     ("guard_quality", ("--plot", "{docs}/guard-quality.png")),
     ("workers", ()),
+    ("observability", ()),
 )
 
 

@@ -105,7 +105,14 @@ class RunningServer:
 
 
 async def start_server(
-    *, database_url: str, redis_url: str, data_dir: Path, **overrides: Any
+    *,
+    database_url: str,
+    redis_url: str,
+    data_dir: Path,
+    tracer_provider: Any = None,
+    # Any: callers spread **overrides dicts of one value type.
+    interceptors: Any = (),
+    **overrides: Any,
 ) -> RunningServer:
     await migrate.upgrade_async(database_url)
     settings = Settings(
@@ -122,7 +129,7 @@ async def start_server(
             **overrides,
         },
     )
-    app = await build(settings)
+    app = await build(settings, interceptors=interceptors, tracer_provider=tracer_provider)
     await app.start()
     return RunningServer(app, await create_admin(app.runtime.db, "tests"))
 

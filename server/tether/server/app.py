@@ -9,8 +9,9 @@ import gc
 import importlib
 import signal
 import socket
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ from tether.server import logs, port_lock
 from tether.server.admin import area as admin_area
 from tether.server.admin.area import AdminArea
 from tether.server.binding import area as binding_area
+from tether.server.binding import bindings
 from tether.server.binding.area import BindingArea
 from tether.server.binding.store_postgres import PostgresBindingStore
 from tether.server.binding.store_sqlalchemy import SqlAlchemyBindingStore
@@ -33,11 +35,17 @@ from tether.server.guard import area as guard_area
 from tether.server.guard.area import GuardArea
 from tether.server.guard.store_postgres import PostgresGuardStore
 from tether.server.guard.store_sqlalchemy import SqlAlchemyGuardStore
+from tether.server.observability import exposition, probes
+from tether.server.observability import setup as observability_setup
+from tether.server.observability.setup import Observability
+from tether.server.observability.state import Snapshot, StateCollector
 from tether.server.port_lock import PortLock, PortTaken
 from tether.server.provisioning import area as provisioning_area
+from tether.server.provisioning import instructions
 from tether.server.provisioning.area import ProvisioningArea
 from tether.server.provisioning.store_postgres import PostgresProvisioningStore
 from tether.server.provisioning.store_sqlalchemy import SqlAlchemyProvisioningStore
+from tether.server.provisioning.tables import LEASED, PENDING
 from tether.server.runtime import Runtime
 from tether.server.settings import Settings
 from tether.server.shared import digests
@@ -70,6 +78,9 @@ class App:
     port: int
     health: health_aio.HealthServicer
     areas: Areas
+    observability: Observability = field(default_factory=Observability)
+    # The Prometheus endpoint, when this process serves one.
+    metrics: exposition.MetricsServer | None = None
 
     @property
     def components(self) -> list[Component]:
@@ -82,6 +93,8 @@ class App:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.metrics is not None:
+            await self.metrics.start()
         for component in self.components:
             if component.start is not None:
                 await component.start()
@@ -103,6 +116,9 @@ class App:
             if component.stop is not None:
                 await component.stop()
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        if self.metrics is not None:
+            await self.metrics.stop()
+        self.observability.shutdown()
         await self.runtime.redis.aclose()
         await self.runtime.db.close()
         log.info("stopped")
@@ -228,6 +244,24 @@ def _listen(
     return port
 
 
+def _sql_state(db: Database) -> StateCollector:
+    """The metrics' gauges of SQL state, read when scraped."""
+
+    async def read() -> Snapshot:
+        snapshot = Snapshot()
+        async with db.sessions() as session:
+            snapshot.bindings_active = await bindings.active_by_partner(session)
+            for stage in await instructions.stages(session):
+                snapshot.instructions[(stage.partner_id, stage.state)] = stage.count
+                if stage.state in (PENDING, LEASED):
+                    age = stage.oldest_age.total_seconds()
+                    known = snapshot.oldest_undelivered_seconds.get(stage.partner_id, 0.0)
+                    snapshot.oldest_undelivered_seconds[stage.partner_id] = max(known, age)
+        return snapshot
+
+    return StateCollector(read)
+
+
 async def prepare(settings: Settings) -> None:
     """What runs once before any process serves: embedded mode's files,
     migrations, the embedded digest keys and the quick start's admin token.
@@ -253,10 +287,22 @@ async def prepare(settings: Settings) -> None:
         await db.close()
 
 
-async def build(settings: Settings, *, worker: bool = False) -> App:
+async def build(
+    settings: Settings,
+    *,
+    worker: bool = False,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tracer_provider: Any = None,
+) -> App:
     """The server, ready to start. A worker of a supervisor (worker=True)
     skips the port probe and prepare(), which the supervisor ran, and shares
-    the port with its siblings (SO_REUSEPORT)."""
+    the port with its siblings (SO_REUSEPORT). interceptors: the embedding
+    code's own (stock instrumentation, say), inside Tether's metrics and
+    tracing ones; each one installed costs every call (see
+    transport/interceptor.py). tracer_provider: an OpenTelemetry provider to
+    trace with instead of one exporting over OTLP."""
+    exposition.check_multiprocess()
+    observability = observability_setup.configure(settings, tracer_provider)
     tls_files = tls.TlsFiles.from_settings(settings)
     tls.check_plaintext_allowed(settings, tls_files)
     # Read now: a missing or mismatched file stops the start before anything is made.
@@ -268,6 +314,12 @@ async def build(settings: Settings, *, worker: bool = False) -> App:
     # First: a Redis URL it cannot use stops the start before anything opens.
     redis_client = _connect_redis(settings)
     db = Database(settings.effective_database_url, settings.database_pool_size)
+    query_logger = probes.query_logger()
+    if query_logger is not None:
+        db.observe_queries(query_logger)
+    connection_observer = probes.connection_observer()
+    if connection_observer is not None:
+        db.observe_connections(connection_observer)
     await _check_schema(db)
     runtime = Runtime(
         settings=settings,
@@ -286,6 +338,8 @@ async def build(settings: Settings, *, worker: bool = False) -> App:
             # keeps every other server off it).
             ("grpc.so_reuseport", 1 if worker else 0),
         ],
+        # None rather than empty: no interceptor chain runs at all.
+        interceptors=[*observability.interceptors(), *interceptors] or None,
     )
     # Every call is authenticated by the handler GenericHandlersOnly puts in front.
     services = GenericHandlersOnly(server, runtime.credentials)
@@ -304,7 +358,10 @@ async def build(settings: Settings, *, worker: bool = False) -> App:
         services,
     )
     port = _listen(server, settings.listen, server_credentials)
-    return App(settings, runtime, server, port, health, areas)
+    metrics = None
+    if settings.metrics_listen and exposition.serves_metrics():
+        metrics = exposition.MetricsServer(settings.metrics_listen, _sql_state(db))
+    return App(settings, runtime, server, port, health, areas, observability, metrics)
 
 
 def claim_port(address: str) -> PortLock | None:

@@ -100,6 +100,19 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = Field("console", description="log line format")
     log_level: str = Field("INFO", description="lowest level logged")
 
+    # --- observability (owned by tether.server.observability) -------------
+    metrics_listen: str = Field(
+        "",
+        description="host:port of the Prometheus endpoint (GET /metrics), apart from gRPC; "
+        "empty: not served (the default); with several workers, worker 0 serves them all",
+    )
+    tracing: bool = Field(
+        False,
+        description="export OpenTelemetry traces over OTLP (endpoint, sampler and resource "
+        "from the standard OTEL_* variables; an OTLP endpoint set there turns it on too, "
+        "OTEL_SDK_DISABLED=true off)",
+    )
+
     # --- provisioning (owned by tether.server.provisioning) ----------------
     provisioning_ack_deadline_seconds: float = Field(
         30.0,

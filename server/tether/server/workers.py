@@ -213,6 +213,11 @@ class Supervisor:
             if served:
                 worker.served.set()
             code = await worker.process.wait()
+            if self._metrics_dir:
+                # Its live gauges (partner streams, say) leave the sum with it.
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(worker.process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
         finally:
             # Closing our end tells a worker still running that we are gone.
             worker.control.close()

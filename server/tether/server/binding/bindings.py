@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
@@ -129,3 +129,13 @@ async def list_bindings(
         )
     query = query.order_by(Binding.create_time.desc(), Binding.binding_id.desc()).limit(limit)
     return list(await session.scalars(query))
+
+
+async def active_by_partner(session: AsyncSession) -> dict[str, int]:
+    """Active bindings per partner (the metrics' gauge)."""
+    rows = await session.execute(
+        select(Binding.partner_id, func.count())
+        .where(Binding.state == ACTIVE)
+        .group_by(Binding.partner_id)
+    )
+    return {partner_id: int(count) for partner_id, count in rows.all()}

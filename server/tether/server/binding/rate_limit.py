@@ -20,6 +20,7 @@ from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import logs
 from tether.server.counters.connection import KEY_PREFIX, Client
 from tether.server.errors import ResourceExhausted
+from tether.server.observability import metrics, probes
 
 log = logs.get(__name__)
 
@@ -51,6 +52,7 @@ class ReportRateLimiter:
         self._script = client.register_script(RATE_LIMIT_SCRIPT)
         self._limit = per_minute
         self._bound = bound_seconds
+        self._probe = probes.redis("binding.rate_limit")
 
     async def check(self, credential_id: str, device_digest: bytes) -> None:
         """Counts one report; RESOURCE_EXHAUSTED once the device is over its limit."""
@@ -60,10 +62,17 @@ class ReportRateLimiter:
         key = window_key(credential_id, device_digest.hex(), window)
         try:
             async with asyncio.timeout(self._bound):
-                allowed, _count, ttl_ms = await self._script(
-                    keys=[key], args=[self._limit, WINDOW_MS]
-                )
+                if self._probe is None:
+                    allowed, _count, ttl_ms = await self._script(
+                        keys=[key], args=[self._limit, WINDOW_MS]
+                    )
+                else:
+                    with self._probe.timing():
+                        allowed, _count, ttl_ms = await self._script(
+                            keys=[key], args=[self._limit, WINDOW_MS]
+                        )
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            metrics.BINDING_RATE_LIMIT_FAIL_OPEN.inc()
             log.warning("report rate limit skipped: Redis failed", error=str(exc))
             return
         if not allowed:

@@ -19,7 +19,7 @@ from tether.server.binding import bindings, convert, eligible, importer
 from tether.server.binding.changes import BindingChanges
 from tether.server.binding.import_workers import ImportWorkers
 from tether.server.binding.rate_limit import ReportRateLimiter
-from tether.server.binding.reports import Report, Reporter
+from tether.server.binding.reports import Outcome, PartnerOutcome, Report, Reporter
 from tether.server.binding.store import BindingStore
 from tether.server.errors import (
     FailedPrecondition,
@@ -29,6 +29,7 @@ from tether.server.errors import (
     Violations,
     invalid,
 )
+from tether.server.observability import fast, metrics
 from tether.server.runtime import Runtime
 from tether.server.shared import convert as shared_convert
 from tether.server.shared.partners import get_partner
@@ -133,7 +134,7 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             report,
             # Awaited before the commit, also on failure: a limited call writes nothing.
             settle=lambda: limit,
-            respond=convert.report_response,
+            respond=_counted_response,
         )
 
     def _scope(self, caller: Principal, device_pb: Any, violations: Violations) -> bindings.Scope:
@@ -294,6 +295,8 @@ class BindingServicer(service_pb2_grpc.BindingServicer):
             # Failed or cancelled: the import rolls back before the call ends.
             await run.abort()
             raise
+        metrics.IMPORT_ROWS.inc(result.imported)
+        metrics.IMPORT_REJECTED.inc(result.rejected)
         return pb.ImportEligibleAccountsResponse(
             received_count=result.received,
             imported_count=result.imported,
@@ -349,3 +352,15 @@ def _page_token_invalid() -> InvalidArgument:
         "page_token does not belong to this listing; start again without it",
         violations=[FieldViolation("page_token", "not a token of this listing")],
     )
+
+
+_OUTCOME_COUNTERS = {
+    outcome: fast.increment(metrics.REPORTS.labels(outcome.value)) for outcome in Outcome
+}
+
+
+def _counted_response(outcomes: list[PartnerOutcome]) -> pb.ReportAccountUseResponse:
+    """The report's answer, each partner's outcome counted as it is made."""
+    for each in outcomes:
+        _OUTCOME_COUNTERS[each.outcome](1)
+    return convert.report_response(outcomes)

@@ -64,6 +64,7 @@ from tether.server.binding.store import (
 )
 from tether.server.binding.store_sqlalchemy import SqlAlchemyBindingStore, SqlAlchemyListImport
 from tether.server.binding.tables import ACTIVE, Binding, EligibleAccount
+from tether.server.observability import propagation
 from tether.server.shared.bindings import BindingListener, SqlBindingListener
 from tether.server.shared.digests import DigestKey
 from tether.server.storage.base import UtcDateTime, utcnow
@@ -86,6 +87,8 @@ class PostgresBindingStore(SqlAlchemyBindingStore):
         # Whether every listener writes in SQL, checked once per set of listeners.
         self._checked: tuple[BindingListener, ...] | None = None
         self._all_sql: list[SqlBindingListener] | None = None
+        # The report's traceparent for what listeners write (None: not traced).
+        self._trace_parent = propagation.traceparent_source()
 
     async def report(
         self,
@@ -218,6 +221,7 @@ class PostgresBindingStore(SqlAlchemyBindingStore):
             key_id=key_id,
             now=now,
             named=named,
+            trace_parent=self._trace_parent() if self._trace_parent is not None else "",
         )
         inserted: Inserted = []
         for row in rows:

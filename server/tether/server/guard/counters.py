@@ -20,6 +20,8 @@ from tether.server.counters.connection import MAX_CONNECTIONS, Client
 from tether.server.counters.pipelined import PipelinedConnection, Script
 from tether.server.guard import scripts
 from tether.server.guard.rules import Inputs
+from tether.server.observability import probes
+from tether.server.observability.probes import Probe
 
 FOREVER_MS = 9007199254740991
 # The shared pool refuses calls beyond its size: the guard queues its own
@@ -88,23 +90,34 @@ class GuardCounters:
         self._remove = client.register_script(scripts.REMOVE)
         self._renew = client.register_script(scripts.RENEW)
         self._restore = client.register_script(scripts.RESTORE)
+        # None unless metrics or tracing is on.
+        self._evaluate_probe = probes.redis("guard.evaluate")
+        self._command_probe = probes.redis("guard.command")
 
-    async def _call(self, call: Any) -> Any:
+    async def _call(self, call: Any, probe: Probe | None = None) -> Any:
+        probe = probe or self._command_probe
         async with self._slots:
             try:
                 # asyncio.timeout, unlike wait_for, starts no task per call.
                 async with asyncio.timeout(self._timeout):
-                    return await call
+                    if probe is None:
+                        return await call
+                    with probe.timing():
+                        return await call
             except DOWN as exc:
                 raise CountersDown(str(exc) or type(exc).__name__) from exc
 
     async def _call_pipelined(self, keys: list[str], args: list[bytes | int | str]) -> Any:
         assert self.pipelined is not None
+        probe = self._evaluate_probe
         try:
             # Bounded by the connection itself (one timer for all calls; a
             # call past its bound drops the connection, which is in doubt).
             # One connection, no pool: no slots to queue for.
-            return await self.pipelined.run_script(self._evaluate_script, keys, args)
+            if probe is None:
+                return await self.pipelined.run_script(self._evaluate_script, keys, args)
+            with probe.timing():
+                return await self.pipelined.run_script(self._evaluate_script, keys, args)
         except DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
 
@@ -141,7 +154,7 @@ class GuardCounters:
         if self.pipelined is not None:
             reply = await self._call_pipelined(keys, args)
         else:
-            reply = await self._call(self._evaluate(keys=keys, args=args))
+            reply = await self._call(self._evaluate(keys=keys, args=args), self._evaluate_probe)
         allowed, already, count, expire_ms, scope, threshold, over = reply
         return Count(
             allowed == 1,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from sqlalchemy import update
 from tether.server import logs
 from tether.server.guard.store import GuardStore
 from tether.server.guard.tables import GuardEntry
+from tether.server.observability import metrics
 from tether.server.storage.database import Database
 
 log = logs.get(__name__)
@@ -77,6 +79,8 @@ class Change:
 class _Item:
     change: Change
     done: asyncio.Future[None] | None
+    # When it was queued (time.monotonic): the record's lag.
+    queued: float = field(default_factory=time.monotonic)
 
 
 class Recorder:
@@ -129,6 +133,8 @@ class Recorder:
                     if item.done is not None and not item.done.done():
                         item.done.set_exception(exc)
                 continue
+            metrics.GUARD_RECORD_BATCH.observe(len(batch))
+            metrics.GUARD_RECORD_LAG.observe(time.monotonic() - batch[0].queued)
             for item in batch:
                 if item.done is not None and not item.done.done():
                     item.done.set_result(None)

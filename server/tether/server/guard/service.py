@@ -31,6 +31,7 @@ from tether.server.guard.identities import IdentityBook, Resolution
 from tether.server.guard.policies import Policy, PolicyCache
 from tether.server.guard.recorder import Change, EntryKey, Recorder, renew_rows
 from tether.server.guard.store import GuardStore
+from tether.server.observability import fast, metrics
 from tether.server.runtime import Runtime
 from tether.server.shared.accounts import normalize_account
 from tether.server.shared.digests import Digester
@@ -299,6 +300,11 @@ class Guard:
 
     # --- evaluate --------------------------------------------------------
     async def evaluate(self, call: EvaluateCall) -> Verdict:
+        verdict = await self._evaluate(call)
+        _count_verdict(call.action, verdict)
+        return verdict
+
+    async def _evaluate(self, call: EvaluateCall) -> Verdict:
         action, account, checked = self.validator.check(call)
         policy = await self.policies.get(call.service_id)
         t = self.clock()
@@ -399,7 +405,9 @@ class Guard:
             error=str(exc),
         )
         if policy.fail_open:
+            metrics.GUARD_FAIL_OPEN.inc()
             return Verdict(True, Reason.COUNTERS_UNAVAILABLE, identity, fail_open=True)
+        metrics.GUARD_FAIL_CLOSED.inc()
         raise unavailable() from exc
 
     # --- freeing slots ---------------------------------------------------
@@ -504,6 +512,25 @@ class Guard:
             stored = await policies.save(session, policy)
         self.policies.forget(policy.service_id)
         return stored
+
+
+# The verdicts series' children by (action, allowed, reason), made on first use.
+_VERDICT_COUNTERS: dict[tuple[Action | None, bool, Reason], Callable[[float], None]] = {}
+
+
+def _count_verdict(action: Action | None, verdict: Verdict) -> None:
+    key = (action, verdict.allowed, verdict.reason)
+    counter = _VERDICT_COUNTERS.get(key)
+    if counter is None:
+        counter = fast.increment(
+            metrics.GUARD_VERDICTS.labels(
+                action.value if action is not None else "",
+                "allow" if verdict.allowed else "deny",
+                verdict.reason.value,
+            )
+        )
+        _VERDICT_COUNTERS[key] = counter
+    counter(1)
 
 
 def verdict_of(action: Action, decision: Decision) -> Verdict:

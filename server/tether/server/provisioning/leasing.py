@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from tether.server.observability import metrics
 from tether.server.provisioning.tables import DEAD, LEASED, PENDING, Instruction
 from tether.server.settings import Settings
 from tether.server.storage.base import utcnow
@@ -73,6 +74,8 @@ class Delivery:
     due_time: datetime
     # Who holds it: a stream ("stream:<id>") or a fetch ("fetch:<credential>").
     lease_owner: str | None
+    # The traceparent of the call that wrote it; "": none.
+    trace_parent: str
 
 
 async def lease(
@@ -123,7 +126,23 @@ async def lease(
         .execution_options(synchronize_session=False)
     )
     rows = [Delivery(*row) for row in await session.execute(statement)]
+    count_leased(rows)
     return sorted((r for r in rows if r.state == LEASED), key=lambda r: r.seq)
+
+
+def count_leased(rows: list[Delivery]) -> None:
+    """Counts what a lease did: rows delivered again, and rows parked as
+    dead (the lease answers only the leased)."""
+    dead = again = 0
+    for row in rows:
+        if row.state == DEAD:
+            dead += 1
+        elif row.attempts > 1:
+            again += 1
+    if dead:
+        metrics.DEAD_INSTRUCTIONS.inc(dead)
+    if again:
+        metrics.REDELIVERIES.inc(again)
 
 
 async def release(session: AsyncSession, owner: str) -> list[str]:

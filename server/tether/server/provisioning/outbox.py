@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tether.server.observability import propagation
 from tether.server.provisioning import entitlement_feed
 from tether.server.provisioning.tables import (
     ACTIVATING,
@@ -29,7 +30,9 @@ from tether.server.shared.partners import PresetService
 from tether.server.storage.base import utcnow
 
 
-def new_instruction(binding: BindingFacts, service_id: str, kind: str) -> Instruction:
+def new_instruction(
+    binding: BindingFacts, service_id: str, kind: str, trace_parent: str = ""
+) -> Instruction:
     now = utcnow()
     return Instruction(
         partner_id=binding.partner_id,
@@ -44,6 +47,7 @@ def new_instruction(binding: BindingFacts, service_id: str, kind: str) -> Instru
         due_time=now,
         create_time=now,
         update_time=now,
+        trace_parent=trace_parent,
     )
 
 
@@ -54,6 +58,11 @@ class BindingOutbox:
 
     def __init__(self, notify: Wakeup) -> None:
         self._notify = notify
+        # The writing call's traceparent (None: not traced).
+        self._trace_parent = propagation.traceparent_source()
+
+    def _current_trace(self) -> str:
+        return self._trace_parent() if self._trace_parent is not None else ""
 
     async def __call__(self, session: AsyncSession, change: BindingChange) -> None:
         await self.on_change(session, change)
@@ -76,7 +85,7 @@ class BindingOutbox:
             return
         entitlements = []
         for service_id in service_ids:
-            session.add(new_instruction(binding, service_id, OPEN))
+            session.add(new_instruction(binding, service_id, OPEN, self._current_trace()))
             ent = Entitlement(
                 binding_id=binding.binding_id,
                 service_id=service_id,
@@ -105,7 +114,7 @@ class BindingOutbox:
         for ent in entitlements:
             # A service the partner refused to open has nothing to close.
             if ent.state != FAILED:
-                session.add(new_instruction(binding, ent.service_id, CLOSE))
+                session.add(new_instruction(binding, ent.service_id, CLOSE, self._current_trace()))
             ent.state = REVOKED
             ent.reason = reason
             ent.update_time = utcnow()

@@ -39,13 +39,13 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy import CTE, Integer, bindparam, cast, func, literal, select
+from sqlalchemy import CTE, Integer, String, bindparam, cast, func, literal, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
-from tether.server.provisioning import confirmations
+from tether.server.provisioning import confirmations, leasing
 from tether.server.provisioning.leasing import Delivery, Timing
 from tether.server.provisioning.outbox import BindingOutbox
 from tether.server.provisioning.store import AskHere, Broadcast, DeliveryStore, UsageRelay
@@ -106,7 +106,7 @@ UPDATE provisioning_instructions AS i SET
 WHERE i.seq = ANY((SELECT seqs FROM picked)::bigint[])
 RETURNING i.seq, i.instruction_id, i.kind, i.service_id, i.binding_id, i.partner_reference,
     i.account_kind, i.account_digest, i.state, i.attempts, i.create_time, i.due_time,
-    i.lease_owner
+    i.lease_owner, i.trace_parent
 """
 
 _NEXT_DUE_SQL = """
@@ -289,6 +289,7 @@ class PostgresDelivery:
             "fetch", _LEASE_SQL, partner_id, now, timing.max_attempts, list(owners), ends
         )
         rows = [Delivery(*r) for r in records]
+        leasing.count_leased(rows)
         return sorted((r for r in rows if r.state == "leased"), key=lambda r: r.seq)
 
     async def next_due(self, partner_id: str) -> datetime | None:
@@ -582,6 +583,7 @@ class PostgresBindingOutbox(BindingOutbox):
                     "partner_service_reference",
                     "create_time",
                     "update_time",
+                    "trace_parent",
                 ],
                 select(
                     func.gen_random_uuid(),
@@ -599,6 +601,8 @@ class PostgresBindingOutbox(BindingOutbox):
                     literal(""),
                     now,
                     now,
+                    # The report's own, given by the binding store with `now`.
+                    bindparam("trace_parent", type_=String),
                 ).order_by(*order),
             )
             .returning(instructions.c.seq)

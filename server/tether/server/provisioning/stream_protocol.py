@@ -16,7 +16,9 @@ from datetime import timedelta
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors
+from tether.server.observability import propagation
 from tether.server.provisioning import confirmations, usage
+from tether.server.provisioning.leasing import Delivery
 from tether.server.provisioning.store import UsageRelay
 from tether.server.provisioning.streams import (
     CONFIRM_BATCH,
@@ -127,6 +129,8 @@ class StreamProtocol:
         self._bindings = bindings
         self._cap = max_in_flight
         self._ack_deadline = ack_deadline
+        # None unless tracing is on.
+        self._delivery_spans = propagation.linked_spans("provisioning.deliver")
 
     async def run(
         self, caller: Principal, hello: Hello, incoming: AsyncIterator[FromPartner]
@@ -156,7 +160,27 @@ class StreamProtocol:
                     items.append(stream.outgoing.get_nowait())
                 closed = next((i for i in items if isinstance(i, StreamClosed)), None)
                 ready = [i for i in items if not isinstance(i, StreamClosed)]
-                if ready:
+                if ready and self._delivery_spans is not None:
+                    delivered = [
+                        self._delivery_spans.start(
+                            [item.trace_parent],
+                            {
+                                "tether.instruction_id": str(item.instruction_id),
+                                "tether.partner_id": partner_id,
+                                "tether.service_id": item.service_id,
+                                "tether.instruction_kind": item.kind,
+                                "tether.attempt": item.attempts,
+                            },
+                        )
+                        for item in ready
+                        if isinstance(item, Delivery)
+                    ]
+                    try:
+                        yield ready
+                    finally:
+                        for span in delivered:
+                            span.end()
+                elif ready:
                     yield ready
                 if closed is not None:
                     if closed.args and isinstance(closed.args[0], BaseException):

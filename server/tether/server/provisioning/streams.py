@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from tether.server import errors, logs
+from tether.server.observability import metrics, propagation
 from tether.server.provisioning import confirmations, leasing
 from tether.server.provisioning.store import DeliveryStore
 from tether.server.provisioning.usage_queries import UsageQueryOut, UsageReply
@@ -72,6 +73,9 @@ class PartnerStream:
     outgoing: asyncio.Queue[Outgoing]
     # instruction_id -> end of its lease: what this stream holds unconfirmed.
     in_flight: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    # instruction_id -> the traceparent its writer left, for those in
+    # flight that have one (tracing on): the confirmation's span links to it.
+    traced: dict[uuid.UUID, str] = field(default_factory=dict)
     # Set when the stream ends; no lease names it any more.
     closed: bool = False
 
@@ -85,6 +89,7 @@ class PartnerStream:
         for instruction_id, until in list(self.in_flight.items()):
             if until <= now:
                 del self.in_flight[instruction_id]
+                self.traced.pop(instruction_id, None)
         return self.max_in_flight - len(self.in_flight)
 
 
@@ -123,6 +128,8 @@ class PartnerStreams:
         self._closing: set[asyncio.Task[None]] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
+        # None unless tracing is on.
+        self._confirm_spans = propagation.linked_spans("provisioning.confirm")
 
     # --- streams -------------------------------------------------------
 
@@ -137,6 +144,7 @@ class PartnerStreams:
             outgoing=asyncio.Queue(maxsize=2 * max_in_flight + 16),
         )
         self._streams.setdefault(partner_id, []).append(stream)
+        metrics.PARTNER_STREAMS.labels(partner_id).inc()
         self._no_streams.clear()
         log.info("partner stream opened", partner_id=partner_id, stream_id=stream.stream_id)
         return stream
@@ -155,6 +163,7 @@ class PartnerStreams:
         streams = self._streams.get(stream.partner_id, [])
         if stream in streams:
             streams.remove(stream)
+            metrics.PARTNER_STREAMS.labels(stream.partner_id).dec()
         if not streams:
             self._streams.pop(stream.partner_id, None)
         if not self._streams:
@@ -289,6 +298,8 @@ class PartnerStreams:
                 # Its stream ended during the lease: its release returns it.
                 continue
             stream.in_flight[row.instruction_id] = row.due_time
+            if row.trace_parent:
+                stream.traced[row.instruction_id] = row.trace_parent
             self._holder[row.instruction_id] = stream
             await stream.outgoing.put(row)
 
@@ -327,6 +338,22 @@ class PartnerStreams:
                 dispatch.woken.set()
         return applied
 
+    async def _confirm_traced(
+        self, stream: PartnerStream, items: list[tuple[uuid.UUID, confirmations.Result]]
+    ) -> list[confirmations.Applied]:
+        """confirm_batch, in a span linked to the calls that wrote the
+        instructions when tracing is on."""
+        spans = self._confirm_spans
+        if spans is None:
+            return await self.confirm_batch(stream.partner_id, items)
+        parents = [stream.traced.pop(instruction_id, "") for instruction_id, _ in items]
+        attributes = {
+            "tether.partner_id": stream.partner_id,
+            "tether.instruction_ids": [str(instruction_id) for instruction_id, _ in items],
+        }
+        with spans.current(parents, attributes):
+            return await self.confirm_batch(stream.partner_id, items)
+
     async def run_confirmations(
         self, stream: PartnerStream, incoming: asyncio.Queue[Incoming | None]
     ) -> None:
@@ -360,7 +387,7 @@ class PartnerStreams:
                 items.append((instruction_id, result))
                 raws.append(raw)
             if items:
-                applied = await self.confirm_batch(stream.partner_id, items)
+                applied = await self._confirm_traced(stream, items)
                 replies.extend(
                     ConfirmationReply(raw, outcome=a.outcome, error=a.error)
                     for raw, a in zip(raws, applied, strict=True)

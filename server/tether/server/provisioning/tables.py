@@ -89,6 +89,9 @@ class Instruction(Base):
     partner_service_reference: Mapped[str] = mapped_column(String(128), default="")
     create_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     update_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The W3C traceparent of the call that wrote it (a report, an unbind),
+    # when that call was traced: its delivery's span links back to it. "": none.
+    trace_parent: Mapped[str] = mapped_column(String(55), default="", server_default="")
 
 
 class Entitlement(Base):

@@ -75,8 +75,9 @@ class SqlBindingListener(Protocol):
     """A binding listener that can also write for new bindings in SQL.
 
     `created_writes` gets the `created` CTE (every column of the bindings
-    table, one row per binding just inserted) and the bind parameter "now"
-    is the report's time. Its CTEs must do exactly what the listener does
+    table, one row per binding just inserted); the bind parameter "now"
+    is the report's time and "trace_parent" its W3C traceparent ("" when
+    not traced). Its CTEs must do exactly what the listener does
     when called with a "created" change; `created_done` then runs in the
     same transaction for the work that is not SQL (wake-ups).
     """
