@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from tether.server.app import serve
 
-        # The index a supervisor's worker gets, for what reads it (metrics).
-        os.environ["TETHER_WORKER_INDEX"] = "0"
+        # The index a supervisor's worker gets, for what reads it (metrics);
+        # a process started as one of several keeps the one it was given.
+        os.environ.setdefault("TETHER_WORKER_INDEX", "0")
         asyncio.run(serve(settings))
 
 

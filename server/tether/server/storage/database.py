@@ -21,6 +21,16 @@ from sqlalchemy.ext.asyncio import (
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors
 
+# PostgreSQL refusing or dropping connections (too many clients, starting
+# up, shutting down), as the raw asyncpg fast paths raise it: an outage to
+# retry, not a bug.
+CONNECTION_OUTAGES: tuple[type[Exception], ...] = (
+    asyncpg.TooManyConnectionsError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any, Protocol
 
 import grpc
-from asyncpg import exceptions as asyncpg_errors
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
+from tether.server.storage.database import CONNECTION_OUTAGES
 from tether.server.transport import principal as principals
 from tether.server.transport import request_check, tls
 from tether.server.transport.status import abort, code_of
@@ -96,27 +96,17 @@ async def _enter(context: grpc.aio.ServicerContext[Any, Any], auth: Authenticato
     principals.set_current(principal)
 
 
-# PostgreSQL refusing or dropping connections (too many clients, starting
-# up or shutting down), as the raw asyncpg fast paths raise it.
-_POSTGRES_OUTAGES = (
-    asyncpg_errors.TooManyConnectionsError,
-    asyncpg_errors.CannotConnectNowError,
-    asyncpg_errors.AdminShutdownError,
-    asyncpg_errors.ConnectionDoesNotExistError,
-)
-
-
 def _is_backend_outage(exc: BaseException) -> bool:
     """The database or Redis went away: the caller should retry, not file a bug."""
     if isinstance(exc, DBAPIError):
         return (
             exc.connection_invalidated
             or isinstance(exc, OperationalError)
-            or isinstance(exc.orig, _POSTGRES_OUTAGES)
-            or isinstance(getattr(exc.orig, "__cause__", None), _POSTGRES_OUTAGES)
+            or isinstance(exc.orig, CONNECTION_OUTAGES)
+            or isinstance(getattr(exc.orig, "__cause__", None), CONNECTION_OUTAGES)
         )
     return isinstance(
-        exc, (ConnectionError, TimeoutError, RedisConnectionError, *_POSTGRES_OUTAGES)
+        exc, (ConnectionError, TimeoutError, RedisConnectionError, *CONNECTION_OUTAGES)
     )
 
 
