@@ -4,7 +4,8 @@ servers measured in the same run, in alternating slices.
     python -m bench.observability
 
 - "before": the server as it was before observability was added (the tree
-  of the parent of the commit that added tether/server/observability/,
+  of the first parent of the commit on main's first-parent line that added
+  tether/server/observability/,
   extracted with `git archive` and put first on the child's PYTHONPATH):
   no tracing code and no metrics code at all, not even the checks that
   find them off. Its database is migrated to that tree's own head.
@@ -121,6 +122,9 @@ def _tree_before_observability(into: Path) -> Path | None:
             [
                 "git",
                 "log",
+                # On main's own line: the merge that brought observability
+                # in, whose first parent is main as it was without it.
+                "--first-parent",
                 "--diff-filter=A",
                 "--format=%H",
                 "--",
