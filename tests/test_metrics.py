@@ -31,6 +31,7 @@ from tether.clients.guard.client import account
 from tether.common.v1 import types_pb2 as types
 from tether.guard.v1 import messages_pb2 as guard_pb
 from tether.provisioning.v1 import messages_pb2 as provisioning_pb
+from tether.server.observability import fast
 from tether.server.shared import digests
 from tether.server.storage import migrate
 
@@ -465,8 +466,15 @@ async def test_two_workers_write_one_directory_and_worker_0_serves_their_sum(
                 )
             await channel.close()
 
-        after = await scrape_url(url)
-        assert value(after, "grpc_server_handled_total", **unauthenticated) == before + 5
+        # Each worker moves its counts into the shared files at least every
+        # FLUSH_SECONDS (worker 0 also at the scrape): wait for worker 1's.
+        deadline = time.monotonic() + 10 * fast.FLUSH_SECONDS
+        while True:
+            total = value(await scrape_url(url), "grpc_server_handled_total", **unauthenticated)
+            if total >= before + 5 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(fast.FLUSH_SECONDS / 4)
+        assert total == before + 5
         # Both workers are alive: neither failed on the metrics port.
         assert all(process.poll() is None for process, _ in workers)
     finally:

@@ -5,6 +5,7 @@ them, health, reflection, and a graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import signal
@@ -35,7 +36,7 @@ from tether.server.guard import area as guard_area
 from tether.server.guard.area import GuardArea
 from tether.server.guard.store_postgres import PostgresGuardStore
 from tether.server.guard.store_sqlalchemy import SqlAlchemyGuardStore
-from tether.server.observability import exposition, probes
+from tether.server.observability import exposition, fast, probes
 from tether.server.observability import setup as observability_setup
 from tether.server.observability.setup import Observability
 from tether.server.observability.state import Snapshot, StateCollector
@@ -81,6 +82,8 @@ class App:
     observability: Observability = field(default_factory=Observability)
     # The Prometheus endpoint, when this process serves one.
     metrics: exposition.MetricsServer | None = None
+    # Moves the hot paths' counts into the series (observability/fast.py).
+    flushing: asyncio.Task[None] | None = None
 
     @property
     def components(self) -> list[Component]:
@@ -93,6 +96,8 @@ class App:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.observability.metrics:
+            self.flushing = asyncio.create_task(fast.keep_flushing(), name="metrics-flush")
         if self.metrics is not None:
             await self.metrics.start()
         for component in self.components:
@@ -118,6 +123,10 @@ class App:
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         if self.metrics is not None:
             await self.metrics.stop()
+        if self.flushing is not None:
+            self.flushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.flushing
         self.observability.shutdown()
         await self.runtime.redis.aclose()
         await self.runtime.db.close()

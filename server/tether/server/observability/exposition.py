@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from tether.server import logs
+from tether.server.observability import fast
 from tether.server.observability.state import StateCollector
 
 log = logs.get(__name__)
@@ -69,6 +70,7 @@ class MetricsServer:
     async def _metrics(self, _request: web.Request) -> web.Response:
         if self.state is not None:
             await self.state.refresh()
+        fast.flush()
         body = generate_latest(self._registry) + generate_latest(self._state_registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
