@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -26,6 +27,7 @@ from tests.guard_support import (
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard import rebuild
 from tether.server.guard.convert import components
 from tether.server.guard.service import AccountRef, Action, EvaluateCall
 
@@ -311,3 +313,37 @@ async def test_a_call_its_caller_gave_up_disturbs_no_other_call(
         assert (verdict.allowed, verdict.fail_open) == (True, False)
     finally:
         await running.stop()
+
+
+async def test_redis_losing_its_data_during_a_restore_is_restored_again(
+    server: RunningServer, redis_server: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=2)
+    browser = fingerprint("twice")
+    for name in ("t1", "t2"):
+        await guard.evaluate(service, "register", account(name), browser, IP)
+
+    client = await redis_server.client()
+    real_rebuild = rebuild.rebuild
+    losses: list[bool] = []
+
+    async def rebuild_then_lose(*args: Any, **kwargs: Any) -> int:
+        restored = await real_rebuild(*args, **kwargs)
+        if not losses:
+            # Redis restarts empty after the restore wrote, before it is marked.
+            losses.append(await client.flushall())
+        return restored
+
+    monkeypatch.setattr(rebuild, "rebuild", rebuild_then_lose)
+    restores = restorer_of(server).restores
+    try:
+        await client.flushall()
+        # The first restore's work was lost with the data: it must not mark
+        # Redis restored; the watcher restores again.
+        await _until(lambda: restorer_of(server).restores > restores)
+    finally:
+        await client.aclose()
+    assert losses
+    third = await guard.evaluate(service, "register", account("t3"), browser, IP)
+    assert (third.verdict, third.reason) == (pb.VERDICT_DENY, pb.VERDICT_REASON_REGISTER_LIMIT)

@@ -87,29 +87,39 @@ class Restorer:
             counters = self._guard.counters
             if await counters.exists(MARKER):
                 return False
-            async with self._claimed() as claimed:
-                if not claimed:
+            async with self._claimed() as holder:
+                if not holder:
                     return False  # another process restores; the marker will say when
                 restored = await rebuild.rebuild(self._guard)
+                if not await self._still_held(holder):
+                    return False  # Redis lost its data again meanwhile: restore anew
                 await counters.mark(MARKER)
             self.restores += 1
             log.warning("guard counters restored from SQL (Redis had lost them)", entries=restored)
             return True
 
     @contextlib.asynccontextmanager
-    async def _claimed(self) -> AsyncIterator[bool]:
-        """Whether this process got to restore (the claim kept alive while it does)."""
+    async def _claimed(self) -> AsyncIterator[str]:
+        """This process's claim to restore ("" when another holds it), kept
+        alive while it does."""
         counters = self._guard.counters
-        if not await counters.claim(RESTORING, secrets.token_hex(8), CLAIM_MS):
-            yield False
+        holder = secrets.token_hex(8)
+        if not await counters.claim(RESTORING, holder, CLAIM_MS):
+            yield ""
             return
         keeping = asyncio.create_task(self._keep_claim(), name="guard-restore-claim")
         try:
-            yield True
+            yield holder
         finally:
             keeping.cancel()
             with contextlib.suppress(CountersDown, asyncio.CancelledError):
                 await counters.delete(RESTORING)
+
+    async def _still_held(self, holder: str) -> bool:
+        """Whether the claim survived the restore: a Redis that lost its data
+        while SQL was read (a flush, a restart) lost the claim with it, and
+        marking it restored would leave what it lost uncounted."""
+        return await self._guard.counters.get(RESTORING) == holder.encode()
 
     async def _keep_claim(self) -> None:
         while True:
@@ -126,11 +136,13 @@ class Restorer:
         stale = [m for m in masters if await counters.get(master_marker(m)) != m.id.encode()]
         if not stale:
             return False
-        async with self._claimed() as claimed:
-            if not claimed:
+        async with self._claimed() as holder:
+            if not holder:
                 return False
             slots = set().union(*(master.slots() for master in stale))
             restored = await rebuild.rebuild(self._guard, slots=slots)
+            if not await self._still_held(holder):
+                return False
             for master in stale:
                 await counters.mark(master_marker(master), master.id.encode())
         self.restores += 1
