@@ -16,7 +16,7 @@ from typing import Any
 import redis.asyncio as redis
 
 from tests.support import RunningServer, free_port
-from tether.clients.guard.client import GuardClient, components
+from tether.clients.guard.client import GuardClient, account, components
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard.restorer import Restorer
 from tether.server.guard.service import Guard
@@ -46,6 +46,28 @@ def fingerprint(seed: str = "a", **changes: Any) -> pb.FingerprintComponents:
 
 async def guard_client(server: RunningServer, kind: str = "internal") -> GuardClient:
     return GuardClient(server.channel(await server.credential(kind)))
+
+
+async def race_of_registrations(server: RunningServer, ip: str, racers: int = 1000) -> None:
+    """`racers` simultaneous registrations from one browser admit exactly
+    the limit, each with its own count, and none by failing open."""
+    guard = await guard_client(server)
+    limit = 7
+    service = await new_service(guard, register_limit=limit)
+    browser = fingerprint("race")
+    verdicts = await asyncio.gather(
+        *(
+            guard.evaluate(service, "register", account(f"racer{i}"), browser, ip)
+            for i in range(racers)
+        )
+    )
+    allowed = [v for v in verdicts if v.verdict == pb.VERDICT_ALLOW]
+    assert len(allowed) == limit
+    assert all(v.reason == pb.VERDICT_REASON_WITHIN_LIMIT for v in allowed)
+    assert not any(v.fail_open for v in verdicts)
+    assert sorted(v.count for v in allowed) == list(range(1, limit + 1))
+    denied = [v for v in verdicts if v.verdict == pb.VERDICT_DENY]
+    assert len(denied) == racers - limit
 
 
 async def new_service(client: GuardClient, **fields: Any) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import redis.asyncio as redis
 
-from tests.guard_support import fingerprint, guard_client, new_service
+from tests.guard_support import fingerprint, guard_client, new_service, race_of_registrations
 from tests.support import RunningServer, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
@@ -33,23 +33,7 @@ async def _ttl_ms(
 async def test_a_thousand_simultaneous_registrations_admit_exactly_the_limit(
     pg_server: RunningServer,
 ) -> None:
-    guard = await guard_client(pg_server)
-    limit = 7
-    service = await new_service(guard, register_limit=limit)
-    browser = fingerprint("race")
-    verdicts = await asyncio.gather(
-        *(
-            guard.evaluate(service, "register", account(f"racer{i}"), browser, IP)
-            for i in range(1000)
-        )
-    )
-    allowed = [v for v in verdicts if v.verdict == pb.VERDICT_ALLOW]
-    assert len(allowed) == limit
-    assert all(v.reason == pb.VERDICT_REASON_WITHIN_LIMIT for v in allowed)
-    assert not any(v.fail_open for v in verdicts)
-    assert sorted(v.count for v in allowed) == list(range(1, limit + 1))
-    denied = [v for v in verdicts if v.verdict == pb.VERDICT_DENY]
-    assert len(denied) == 1000 - limit
+    await race_of_registrations(pg_server, IP)
 
 
 async def test_simultaneous_logins_admit_exactly_the_limit(pg_server: RunningServer) -> None:

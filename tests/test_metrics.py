@@ -4,10 +4,7 @@ calls change them; and two worker processes summed by the one that serves."""
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,12 +13,12 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import binding_support as bs
 from tests import provisioning_support as ps
 from tests.guard_support import fingerprint, guard_client, new_service, private_redis
+from tests.provisioning_support import ServerProcess
 from tests.support import RunningServer, expect_error, free_port, start_server
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as binding_pb
@@ -401,44 +398,24 @@ async def test_interceptors_of_the_embedding_code_see_every_call_before_authenti
 # --- several worker processes ----------------------------------------------------
 
 
-def _start_worker(
-    index: int, metrics_dir: Path, metrics_port: int, postgres_url: str, redis_url: str, keys: str
-) -> tuple[subprocess.Popen[bytes], str]:
-    grpc_port = free_port()
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        "TETHER_WORKER_INDEX": str(index),
-        "TETHER_LISTEN": f"127.0.0.1:{grpc_port}",
-        # Both are told the same port: only worker 0 may bind it.
-        "TETHER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
-        "TETHER_DATABASE_URL": postgres_url,
-        "TETHER_DATABASE_POOL_SIZE": "2",
-        "TETHER_REDIS_URL": redis_url,
-        "TETHER_DIGEST_KEYS": keys,
-        "TETHER_HTTP_LISTEN": "",
-        "TETHER_LOG_LEVEL": "WARNING",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tether.server", "serve"], env=env, stderr=subprocess.PIPE
+def _worker(
+    index: int, metrics_dir: Path, metrics_port: int, database_url: str, redis_url: str, keys: str
+) -> ServerProcess:
+    """A server process set up as a supervisor's worker `index` would be."""
+    return ServerProcess(
+        database_url=database_url,
+        redis_url=redis_url,
+        digest_keys=keys,
+        data_dir=metrics_dir / f"worker-{index}",
+        env={
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "TETHER_WORKER_INDEX": str(index),
+            # Both are told the same port: only worker 0 may bind it.
+            "TETHER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+            "TETHER_DATABASE_POOL_SIZE": "2",
+            "TETHER_HTTP_LISTEN": "",
+        },
     )
-    return process, f"127.0.0.1:{grpc_port}"
-
-
-async def _wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            try:
-                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            assert time.monotonic() < deadline, f"{address} did not start"
-            await asyncio.sleep(0.1)
 
 
 async def test_two_workers_write_one_directory_and_worker_0_serves_their_sum(
@@ -447,17 +424,15 @@ async def test_two_workers_write_one_directory_and_worker_0_serves_their_sum(
     await migrate.upgrade_async(postgres_url)
     metrics_port = free_port()
     keys = digests.new_key_spec("workers")
-    workers = [
-        _start_worker(i, tmp_path, metrics_port, postgres_url, redis_url, keys) for i in range(2)
-    ]
+    workers = [_worker(i, tmp_path, metrics_port, postgres_url, redis_url, keys) for i in range(2)]
     try:
-        for process, address in workers:
-            await _wait_serving(address, process)
+        for worker in workers:
+            await worker.start()
         unauthenticated = rpc("ReportAccountUse", "UNAUTHENTICATED")
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         before = value(await scrape_url(url), "grpc_server_handled_total", **unauthenticated)
-        for (_, address), calls in zip(workers, (3, 2), strict=True):
-            channel = open_channel(address, "not-a-token")
+        for worker, calls in zip(workers, (3, 2), strict=True):
+            channel = open_channel(worker.address, "not-a-token")
             stub = binding_grpc.BindingStub(channel)
             for _ in range(calls):
                 await expect_error(
@@ -476,9 +451,7 @@ async def test_two_workers_write_one_directory_and_worker_0_serves_their_sum(
             await asyncio.sleep(fast.FLUSH_SECONDS / 4)
         assert total == before + 5
         # Both workers are alive: neither failed on the metrics port.
-        assert all(process.poll() is None for process, _ in workers)
+        assert all(w.process is not None and w.process.poll() is None for w in workers)
     finally:
-        for process, _ in workers:
-            process.terminate()
-        for process, _ in workers:
-            process.wait(20)
+        for worker in workers:
+            worker.stop()

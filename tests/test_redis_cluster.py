@@ -22,7 +22,14 @@ import pytest
 
 from tests import binding_support as bs
 from tests import cluster_support as cs
-from tests.guard_support import fingerprint, guard_client, guard_of, new_service, restorer_of
+from tests.guard_support import (
+    fingerprint,
+    guard_client,
+    guard_of,
+    new_service,
+    race_of_registrations,
+    restorer_of,
+)
 from tests.support import RunningServer, start_server
 from tests.test_guard_backtest import T0, event, replay
 from tether.binding.v1 import messages_pb2 as binding_pb
@@ -93,20 +100,7 @@ async def test_evaluate_reaches_the_master_of_every_slot(
 async def test_a_thousand_simultaneous_registrations_admit_exactly_the_limit(
     cluster_server: RunningServer,
 ) -> None:
-    guard = await guard_client(cluster_server)
-    limit = 7
-    service = await new_service(guard, register_limit=limit)
-    browser = fingerprint("race")
-    verdicts = await asyncio.gather(
-        *(
-            guard.evaluate(service, "register", account(f"racer{i}"), browser, IP)
-            for i in range(1000)
-        )
-    )
-    allowed = [v for v in verdicts if v.verdict == pb.VERDICT_ALLOW]
-    assert len(allowed) == limit
-    assert not any(v.fail_open for v in verdicts)
-    assert sorted(v.count for v in allowed) == list(range(1, limit + 1))
+    await race_of_registrations(cluster_server, IP)
 
 
 async def test_freeing_and_renewing_route_by_slot(cluster_server: RunningServer) -> None:
