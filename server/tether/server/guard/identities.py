@@ -46,7 +46,15 @@ from tether.server.guard.fingerprint import (
     Fingerprint,
     font_similarity,
 )
-from tether.server.guard.signals import HOUR, Crowds, Frequencies, Occupancy, Spread
+from tether.server.guard.signals import (
+    HOUR,
+    Crowds,
+    Frequencies,
+    Occupancy,
+    Spread,
+    drop_older,
+    renew,
+)
 
 # --- how the book weighs evidence (docs/guard.md explains each) -------------
 # An identity seen in this many separate episodes from new networks is taken
@@ -608,15 +616,9 @@ def _repeat(known: _Known, network: str, t: float) -> bool:
 
 
 def _touch(recent: dict[str, float], identity: str, t: float) -> None:
-    """Marks an identity seen at t in a dict kept oldest first, and drops
-    what PROFILE_RECENT no longer covers (from the front: amortized O(1))."""
-    recent.pop(identity, None)
-    recent[identity] = t
-    while recent:
-        oldest = next(iter(recent))
-        if t - recent[oldest] <= PROFILE_RECENT:
-            break
-        del recent[oldest]
+    """Marks an identity seen at t, dropping what PROFILE_RECENT no longer covers."""
+    renew(recent, identity, t)
+    drop_older(recent, t - PROFILE_RECENT)
 
 
 def _confidence(expected: float) -> float:

@@ -216,15 +216,15 @@ class Crowds:
         on = self._networks.get(network)
         if on is None:
             on = self._networks[network] = {}
-        _renew(on, browser, t)
-        _renew(self._seen, browser, t)
+        renew(on, browser, t)
+        renew(self._seen, browser, t)
 
     def browsers(self, network: str, t: float) -> int:
         """Distinct browsers on the network within the horizon."""
         on = self._networks.get(network)
         if not on:
             return 0
-        _drop_older(on, t - self._horizon)
+        drop_older(on, t - self._horizon)
         return len(on)
 
     def crowded(self, network: str, t: float) -> bool:
@@ -238,14 +238,14 @@ class Crowds:
 
     def forget_before(self, t: float) -> None:
         oldest = t - self._horizon
-        _drop_older(self._seen, oldest)
+        drop_older(self._seen, oldest)
         for network, on in list(self._networks.items()):
-            _drop_older(on, oldest)
+            drop_older(on, oldest)
             if not on:
                 del self._networks[network]
 
 
-def _renew(seen: dict[str, float], key: str, t: float) -> None:
+def renew(seen: dict[str, float], key: str, t: float) -> None:
     """Marks a key seen at t in a dict kept oldest first (sightings come in
     time order, live and in a replay)."""
     last = seen.get(key)
@@ -256,7 +256,7 @@ def _renew(seen: dict[str, float], key: str, t: float) -> None:
     seen[key] = t
 
 
-def _drop_older(seen: dict[str, float], oldest: float) -> None:
+def drop_older(seen: dict[str, float], oldest: float) -> None:
     """Drops keys last seen before `oldest`, from the front: amortized O(1)."""
     while seen:
         key = next(iter(seen))
