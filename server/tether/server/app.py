@@ -409,17 +409,26 @@ async def serve_worker(settings: Settings, control: socket.socket) -> None:
     reader, writer = await asyncio.open_connection(sock=control)
     stopping = asyncio.Event()
 
-    async def supervisor_gone() -> None:
-        await reader.read()
+    def drain_for_the_gone_supervisor() -> None:
         if not stopping.is_set():
             log.warning("the supervisor is gone; draining")
             stopping.set()
 
+    async def supervisor_gone() -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        drain_for_the_gone_supervisor()
+
     watch: list[asyncio.Task[None]] = []
 
     async def ready() -> None:
-        writer.write(b"ready\n")
-        await writer.drain()
+        try:
+            writer.write(b"ready\n")
+            await writer.drain()
+        except ConnectionError:
+            # It died before this worker had started: drain all the same.
+            drain_for_the_gone_supervisor()
+            return
         watch.append(asyncio.create_task(supervisor_gone(), name="supervisor-watch"))
 
     try:
