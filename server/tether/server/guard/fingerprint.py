@@ -288,7 +288,9 @@ def font_similarity(a: frozenset[int], b: frozenset[int]) -> float:
     """Jaccard similarity of two font sets (1.0 for two empty sets)."""
     if not a and not b:
         return 1.0
-    return len(a & b) / len(a | b)
+    # The union's size from the intersection's: no union set is built.
+    shared = len(a & b)
+    return shared / (len(a) + len(b) - shared)
 
 
 class FingerprintCache:

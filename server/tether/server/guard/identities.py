@@ -467,18 +467,16 @@ class IdentityBook:
             profile = self._profiles.get(identity)
             if profile is None:
                 continue
-            matched = [g for g in DRIFTING if fp.groups[g] in profile.values[g]]
+            match = _profile_match(fp, profile)
+            if match is None:
+                continue
+            matched, fonts_near = match
+            changed = [GROUP_NAMES[g] for g in DRIFTING if g not in matched]
             p = 1.0
             for group in matched:
                 p *= self._values.share([(group, v) for v in profile.values[group]])
-            changed = [GROUP_NAMES[g] for g in DRIFTING if g not in matched]
-            if SOFTWARE not in matched:
-                near = max((font_similarity(fp.fonts, s) for s in profile.font_sets), default=0)
-                if near >= FONTS_NEAR:
-                    matched.append(SOFTWARE)
-                    p *= self._font_sets.share(profile.font_sets)
-            if len(matched) < PROFILE_MIN_GROUPS:
-                continue
+            if fonts_near:
+                p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
             if expected <= STRANGERS_PROFILE:
                 hits.append(_Candidate(expected, identity, LinkKind.PROFILE, tuple(changed)))
@@ -613,6 +611,22 @@ def _repeat(known: _Known, network: str, t: float) -> bool:
     """Whether a sighting repeats the fingerprint's last one: the same
     network within the same REPEAT_SLOT (the finest slot any rate keeps)."""
     return known.last_network == network and (t // REPEAT_SLOT) == (known.last_seen // REPEAT_SLOT)
+
+
+def _profile_match(fp: Fingerprint, profile: _Profile) -> tuple[list[int], bool] | None:
+    """The drifting groups whose value the profile showed, and whether the
+    fonts are near one of its font sets (when the software group's value is
+    not among them); None when that makes fewer than PROFILE_MIN_GROUPS.
+    Decided before any share is computed: most candidates end here."""
+    matched = [g for g in DRIFTING if fp.groups[g] in profile.values[g]]
+    fonts_near = False
+    if SOFTWARE not in matched:
+        if len(matched) + 1 < PROFILE_MIN_GROUPS:
+            return None
+        fonts_near = any(font_similarity(fp.fonts, s) >= FONTS_NEAR for s in profile.font_sets)
+    if len(matched) + fonts_near < PROFILE_MIN_GROUPS:
+        return None
+    return matched, fonts_near
 
 
 def _touch(recent: dict[str, float], identity: str, t: float) -> None:
