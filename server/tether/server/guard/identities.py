@@ -458,17 +458,17 @@ class IdentityBook:
             if holders and len(holders) <= PROFILE_HOLDERS:
                 found.update(dict.fromkeys(holders))
         hits: list[_Candidate] = []
+        parent, profiles = self._parent, self._profiles
         for identity in found:
             last = active.get(identity)
-            if last is None or t - last > PROFILE_RECENT or identity in self._parent:
+            if last is None or t - last > PROFILE_RECENT or identity in parent:
                 continue
-            if self.popular(identity):
-                continue
-            profile = self._profiles.get(identity)
+            profile = profiles.get(identity)
             if profile is None:
                 continue
+            # The cheap tests first: most candidates match too few groups.
             match = _profile_match(fp, profile)
-            if match is None:
+            if match is None or self.popular(identity):
                 continue
             matched, fonts_near = match
             changed = [GROUP_NAMES[g] for g in DRIFTING if g not in matched]
@@ -618,15 +618,22 @@ def _profile_match(fp: Fingerprint, profile: _Profile) -> tuple[list[int], bool]
     fonts are near one of its font sets (when the software group's value is
     not among them); None when that makes fewer than PROFILE_MIN_GROUPS.
     Decided before any share is computed: most candidates end here."""
-    matched = [g for g in DRIFTING if fp.groups[g] in profile.values[g]]
-    fonts_near = False
-    if SOFTWARE not in matched:
-        if len(matched) + 1 < PROFILE_MIN_GROUPS:
-            return None
-        fonts_near = any(font_similarity(fp.fonts, s) >= FONTS_NEAR for s in profile.font_sets)
-    if len(matched) + fonts_near < PROFILE_MIN_GROUPS:
+    groups, values = fp.groups, profile.values
+    matched = [g for g in DRIFTING if groups[g] in values[g]]
+    if SOFTWARE in matched:
+        return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
+    if len(matched) + 1 < PROFILE_MIN_GROUPS:
         return None
-    return matched, fonts_near
+    # font_similarity inline (it runs for most candidates).
+    fonts = fp.fonts
+    size = len(fonts)
+    for font_set in profile.font_sets:
+        if not fonts and not font_set:
+            return matched, True
+        shared = len(fonts & font_set)
+        if shared / (size + len(font_set) - shared) >= FONTS_NEAR:
+            return matched, True
+    return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
 
 
 def _touch(recent: dict[str, float], identity: str, t: float) -> None:
