@@ -341,3 +341,24 @@ def test_every_nul_is_found_wherever_it_sits_in_a_request() -> None:
     # other bad fields.
     odd_room = guard_pb.EvaluateRequest(service_id="svc-a", room_id="bad room!")
     assert parse(odd_room.SerializeToString()) == odd_room
+
+
+def test_a_body_that_passed_its_checks_is_checked_again_for_another_method() -> None:
+    """Bodies that passed are remembered per method (a repeat skips the
+    walk), so the same bytes parsed as another type get that type's checks,
+    and a refused body is refused every time it comes."""
+    evaluate = request_check.lenient(guard_pb.EvaluateRequest.FromString)
+    revoke = request_check.lenient(admin_pb.RevokeCredentialRequest.FromString)
+    assert evaluate is not None and revoke is not None
+    body = guard_pb.EvaluateRequest(service_id="svc-a").SerializeToString()
+    for _ in range(2):
+        assert evaluate(body) == guard_pb.EvaluateRequest(service_id="svc-a")
+        # Field 1 is a credential id there: "svc-a" is not one.
+        refused = revoke(body)
+        assert isinstance(refused, request_check.Refused)
+        assert [v.field for v in refused.error.violations] == ["credential_id"]
+    bad = guard_pb.EvaluateRequest(service_id="svc-a", client_ip="1.2.3.4\0").SerializeToString()
+    for _ in range(2):
+        refused = evaluate(bad)
+        assert isinstance(refused, request_check.Refused)
+        assert [v.field for v in refused.error.violations] == ["client_ip"]

@@ -10,7 +10,9 @@ and what the id names, stays with the servicers.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -99,6 +101,8 @@ def lenient(
     after authentication, as INVALID_ARGUMENT."""
     if deserializer is None:
         return None
+    # This method's own key: the same bytes parse as another type elsewhere.
+    key = secrets.token_bytes(16)
 
     def parse(data: bytes) -> Any:
         try:
@@ -106,13 +110,26 @@ def lenient(
         except Exception:
             return Refused(undecodable())
         if checked:
+            seen = hashlib.blake2b(data, digest_size=16, key=key).digest()
+            if seen in _PASSED:
+                return message
             try:
                 check(message, data)
             except errors.InvalidArgument as exc:
                 return Refused(exc)
+            if len(_PASSED) >= PASSED_SIZE:
+                _PASSED.clear()
+            _PASSED.add(seen)
         return message
 
     return parse
+
+
+# Keyed digests of request bodies that passed check: it depends on the
+# bytes alone, and a client repeating a call (a returning browser's Evaluate)
+# sends the same bytes again, which then skip the walk over every text.
+PASSED_SIZE = 100_000
+_PASSED: set[bytes] = set()
 
 
 def raise_if_refused(request: object) -> None:
