@@ -27,6 +27,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from tether.server.errors import Violations
 from tether.server.shared.digests import Digester, DigestKey
@@ -242,11 +243,19 @@ class _Hashers:
     def __init__(self, key: DigestKey) -> None:
         self.secret = key.digest("guard-fingerprint-key", "v1")
         self._fonts: dict[int, int] = {}
+        # Keyed states per (person, size), copied for each digest: a copy
+        # costs less than keying a new one (16 digests per new fingerprint).
+        self._keyed: dict[tuple[bytes, int], Any] = {}
 
     def digest(self, data: str, person: bytes, size: int) -> bytes:
-        return hashlib.blake2b(
-            data.encode(), digest_size=size, key=self.secret, person=person
-        ).digest()
+        keyed = self._keyed.get((person, size))
+        if keyed is None:
+            keyed = hashlib.blake2b(digest_size=size, key=self.secret, person=person)
+            self._keyed[(person, size)] = keyed
+        state = keyed.copy()
+        state.update(data.encode())
+        digest: bytes = state.digest()
+        return digest
 
     def font(self, name: str) -> int:
         slot = hash(name)
@@ -257,6 +266,16 @@ class _Hashers:
             digest = int.from_bytes(self.digest(name, b"guard-font", 4), "big")
             self._fonts[slot] = digest
         return digest
+
+    def fonts(self, names: list[str]) -> frozenset[int]:
+        """The fonts' digests: the known ones looked up in one pass (C), the
+        others made one by one."""
+        known = list(map(self._fonts.get, map(hash, names)))
+        if None in known:
+            for i, digest in enumerate(known):
+                if digest is None:
+                    known[i] = self.font(names[i])
+        return frozenset(known)  # type: ignore[arg-type]
 
 
 @functools.cache
@@ -274,11 +293,10 @@ def fingerprint_of(digester: Digester, c: Components) -> Fingerprint:
         hashers.digest(text, name.encode(), 8)
         for name, text in zip(GROUP_NAMES, texts, strict=True)
     )
-    font = hashers.font
     return Fingerprint(
         identity=identity,
         groups=groups,
-        fonts=frozenset(map(font, fonts)),
+        fonts=hashers.fonts(fonts),
         version=_numbers(c.browser_version),
         os_version=_numbers(c.os_version),
     )
