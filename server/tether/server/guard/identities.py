@@ -16,7 +16,9 @@ unless the evidence ties it to one seen before:
   its window sizes and languages, fonts with noise), and few strangers of
   that device could match them all.
 - **merge**: a fingerprint justified by two identities that both still
-  look like one person joins them.
+  look like one person joins them; so does a young identity that already
+  drifts on its own network (as few new browsers do) with an older one it
+  matches (a browser back after an update: the return of a farm).
 
 Linking never joins identities that look like many people (a popular
 phone model with default settings): their matches prove nothing. How many
