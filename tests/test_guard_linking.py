@@ -155,6 +155,50 @@ async def test_a_drifting_browser_rotating_networks_in_a_burst_is_linked(
     assert third.explanation.risk == 1
 
 
+async def test_a_farmer_back_later_drifting_at_once_joins_its_farmed_identity(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    background = _background(1200, T0)
+    seed = secrets.token_hex(4)
+    rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
+    now = T0 + 1200 * 50
+    # A farm's first session: one browser, refused past the limit.
+    first = [
+        _event(now + 60 * i, f"f{i}", desktop(seed, browser_version="131.0.88", **rare), "10.7.0.1")
+        for i in range(3)
+    ]
+    # Hours later, from another network: the browser updated and the
+    # window changed size, so its fingerprint starts an identity of its own
+    # (what stayed the same was seen before by this browser only: at its own
+    # rate, which says nothing of strangers)...
+    later = now + 8 * HOUR
+    updated = {"browser_version": "131.0.95", **rare}
+    back = [
+        _event(
+            later, "g0", desktop(seed, screen_width=1366, screen_height=768, **updated), "10.7.1.1"
+        ),
+        # ... and a minute later it drifts again: few new browsers do, and
+        # few strangers match what stayed the same, so it is the farm back.
+        _event(
+            later + 60,
+            "g1",
+            desktop(seed, screen_width=1280, screen_height=720, **updated),
+            "10.7.1.1",
+        ),
+    ]
+    verdicts = (await _replay(guard, 2, background + first + back))[-5:]
+    assert [v.verdict for v in verdicts[:3]] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY]
+    started, returned = verdicts[3:]
+    assert started.identity != verdicts[0].identity
+    assert pb.LINK_KIND_MERGE in kinds(returned)
+    [merge] = [link for link in returned.explanation.links if link.kind == pb.LINK_KIND_MERGE]
+    assert merge.confidence > 0.99
+    # The farm's earlier accounts count: every network counts once refused.
+    assert returned.verdict == pb.VERDICT_DENY
+    assert returned.explanation.scope == pb.SCOPE_BROWSER
+
+
 async def test_a_rare_browser_rotating_networks_is_refused_as_one(
     any_server: RunningServer,
 ) -> None:

@@ -16,7 +16,9 @@ unless the evidence ties it to one seen before:
   its window sizes and languages, fonts with noise), and few strangers of
   that device could match them all.
 - **merge**: a fingerprint justified by two identities that both still
-  look like one person joins them.
+  look like one person joins them; so does a young identity that already
+  drifts on its own network (as few new browsers do) with an older one it
+  matches (a browser back after an update: the return of a farm).
 
 Linking never joins identities that look like many people (a popular
 phone model with default settings): their matches prove nothing. How many
@@ -92,6 +94,10 @@ BAND_MEMBERS = 20
 MIN_POPULATION = 1000
 # A share of one network's browsers below this is taken as this.
 MIN_NETWORK_SHARE = 1e-4
+# An identity that drifts on its network this soon after it started behaves
+# like one browser cycling its settings (few new browsers do): a stranger
+# matching an older identity would also have to be one of those few.
+YOUNG = HOUR
 # Value frequencies: a value is taken as this common until `weight`
 # sightings say otherwise.
 FREQUENCY_WEIGHT = 100.0
@@ -201,6 +207,9 @@ class IdentityBook:
         self._members: dict[str, list[str]] = {}
         self._apart: set[frozenset[str]] = set()
         self._bands: dict[_Band, list[str]] = {}
+        # Bands that held more fingerprints than they keep: who else showed
+        # them is no longer known.
+        self._crowded_bands: set[_Band] = set()
         self._profiles: dict[str, _Profile] = {}
         # Per device: the identities seen recently, oldest first; and per
         # (device, drifting group, value): those that showed that value.
@@ -213,6 +222,13 @@ class IdentityBook:
         self.spread = Spread(EPISODE_GAP, CROWD_PERIOD)
         self.crowds = Crowds(HORIZON, CROWD_BROWSERS)
         self._values = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
+        # Per device: its fingerprints' values, for shares given the device
+        # (a phone model fixes its screen, fonts and rendering).
+        self._given_device: dict[bytes, Frequencies] = {}
+        # Identities started, and those that drifted within YOUNG of their
+        # start: how often a new browser drifts at once.
+        self._started_identities = 0
+        self._drifted_young: set[str] = set()
         self._font_sets = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
         self._started: float | None = None
 
@@ -333,18 +349,149 @@ class IdentityBook:
                     and self._join(identity, root, LinkKind.MERGE, _confidence(other.expected), t)
                 ):
                     merged.append(root)
+            if link.kind == LinkKind.DRIFT_SAME_NETWORK and not crowd:
+                merged += self._return(fp, bands, identity, t)
+        else:
+            self._started_identities += 1
         self._known[fp.identity] = _Known(fp, t, t, network, link)
         if link is not None:
             self._parent[fp.identity] = identity
             self._members.setdefault(identity, [identity]).append(fp.identity)
         else:
             self._members[fp.identity] = [fp.identity]
+        self._add_to_bands(fp.identity, bands)
+        return identity, tuple(merged)
+
+    def _add_to_bands(self, fingerprint: str, bands: list[_Band]) -> None:
         for band in bands:
             members = self._bands.setdefault(band, [])
-            members.append(fp.identity)
+            members.append(fingerprint)
             if len(members) > BAND_MEMBERS:
                 del members[0]
-        return identity, tuple(merged)
+                self._crowded_bands.add(band)
+
+    def _return(self, fp: Fingerprint, bands: list[_Band], identity: str, t: float) -> list[str]:
+        """A young identity that drifted on its own network: counted among
+        those that drift at once, and joined with the older identities it
+        is the return of. Returns those joined."""
+        if not self._young(identity, t):
+            return []
+        self._drifted_young.add(identity)
+        if self._values.total < MIN_POPULATION or self.popular(identity):
+            return []
+        merged: list[str] = []
+        for other in self._returns(fp, bands, identity, t):
+            root = self.find(other.identity)
+            if (
+                root != identity
+                and not self.popular(root)
+                and self._join(identity, root, LinkKind.MERGE, _confidence(other.expected), t)
+            ):
+                merged.append(root)
+        return merged
+
+    def _young(self, identity: str, t: float) -> bool:
+        """Whether the identity started within YOUNG."""
+        known = self._known.get(identity)
+        return known is not None and t - known.first_seen <= YOUNG
+
+    def _drift_share(self) -> float:
+        """The share of new identities that drifted while young."""
+        prior = FREQUENCY_WEIGHT * FREQUENCY_COMMON
+        return min(
+            1.0, (len(self._drifted_young) + prior) / (self._started_identities + FREQUENCY_WEIGHT)
+        )
+
+    def _returns(
+        self, fp: Fingerprint, bands: list[_Band], identity: str, t: float
+    ) -> list[_Candidate]:
+        """Older identities a young, drifting identity is the return of.
+
+        The fingerprint drifted from its identity's first within YOUNG: a
+        stranger who matched an older identity as well would also have to
+        be one of the few who drift at once, so the expected strangers are
+        those matching the band times that share. A band that only the
+        older identity showed was seen at that identity's own rate: its
+        strangers come at the rate the values' shares given the device
+        give."""
+        found: dict[str, _Candidate] = {}
+        drifting = self._drift_share()
+        overall = self._overall_rate(t)
+        shares = self._shares(fp)
+        for band in bands:
+            members = self._bands.get(band)
+            if not members:
+                continue
+            out = band[0]
+            kept = overall * math.prod(p for g, p in enumerate(shares) if g not in out)
+            rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), kept)
+            owner = self._owner(band, members, identity)
+            own_rate = rate
+            if owner is not None:
+                own_rate = min(rate, max(kept, overall * self._share_given_device(fp, out)))
+            for member in reversed(members):
+                root = self.find(member)
+                if root == identity:
+                    continue
+                earlier = self._known[member]
+                hours = max(t - earlier.last_seen, 60.0) / HOUR
+                expected = (own_rate if root == owner else rate) * hours * drifting
+                if expected > STRANGERS_OTHER_NETWORK:
+                    continue
+                known = found.get(root)
+                if known is not None and expected >= known.expected:
+                    continue
+                if VERSION in out and fp.moved_back_from(earlier.fingerprint):
+                    continue
+                if SOFTWARE in out and (
+                    font_similarity(fp.fonts, earlier.fingerprint.fonts) < FONTS_ALIKE
+                ):
+                    continue
+                changed = tuple(GROUP_NAMES[g] for g in out)
+                found[root] = _Candidate(expected, root, LinkKind.MERGE, changed)
+        return list(found.values())
+
+    def _owner(self, band: _Band, members: list[str], besides: str) -> str | None:
+        """The one rare identity that showed the band, leaving `besides`
+        out, if the band never held more fingerprints than it keeps."""
+        if band in self._crowded_bands:
+            return None
+        owner: str | None = None
+        for member in members:
+            root = self.find(member)
+            if root == besides:
+                continue
+            if owner is None:
+                owner = root
+            elif root != owner:
+                return None
+        # A popular identity is several people: its visits are strangers'.
+        return None if owner is None or self.popular(owner) else owner
+
+    def _add_values(self, fp: Fingerprint) -> None:
+        groups = fp.groups
+        self._values.add(enumerate(groups))
+        given = self._given_device.get(groups[DEVICE])
+        if given is None:
+            given = self._given_device[groups[DEVICE]] = Frequencies(
+                FREQUENCY_WEIGHT, FREQUENCY_COMMON
+            )
+        given.add(enumerate(groups))
+
+    def _share_given_device(self, fp: Fingerprint, out: tuple[int, ...]) -> float:
+        """The share of fingerprints with this device and these values in
+        the groups not left out, each value's share taken among the
+        device's own fingerprints (a phone model fixes its screen, fonts
+        and rendering: no independence assumed between them and it)."""
+        groups = fp.groups
+        p = self._values.share_of((DEVICE, groups[DEVICE]))
+        given = self._given_device.get(groups[DEVICE])
+        if given is None:
+            return p
+        for group in DRIFTING:
+            if group not in out:
+                p *= given.share_of((group, groups[group]))
+        return p
 
     def _observe(
         self,
@@ -371,7 +518,7 @@ class IdentityBook:
         if new:
             # Shares among fingerprints, as the record restores them: a
             # browser that returns often does not make its values common.
-            self._values.add(enumerate(fp.groups))
+            self._add_values(fp)
             self._font_sets.add([fp.fonts])
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
@@ -557,12 +704,9 @@ class IdentityBook:
             return
         self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
         self._members.setdefault(fp.identity, [fp.identity])
-        for band in _bands(fp):
-            members = self._bands.setdefault(band, [])
-            members.append(fp.identity)
-            if len(members) > BAND_MEMBERS:
-                del members[0]
-        self._values.add(enumerate(fp.groups))
+        self._add_to_bands(fp.identity, _bands(fp))
+        self._add_values(fp)
+        self._started_identities += 1
         self._font_sets.add([fp.fonts])
 
     def restore_link(self, link: Link) -> None:
@@ -580,6 +724,10 @@ class IdentityBook:
         self._parent[link.source] = target
         self._members.setdefault(target, [target]).append(link.source)
         known.link = link
+        # It started no identity; one that drifted young is counted so.
+        self._started_identities -= 1
+        if link.kind == LinkKind.DRIFT_SAME_NETWORK and self._young(target, link.time):
+            self._drifted_young.add(target)
 
     def restore_sighting(self, fingerprint: str, network: str, t: float) -> None:
         """A sighting from the durable record (at start), in time order."""

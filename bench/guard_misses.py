@@ -1,0 +1,251 @@
+"""Why the guard misses what it misses: the identity book and the counting
+rules run in this process over a simulated population (no server, no
+Redis: the counting script is mirrored in Python), then every farm's
+accounts beyond N that were allowed are listed with how they resolved.
+
+    python -m bench.guard_misses --seed 2 [--limit 3] [--basic] [--detail 20]
+
+A quick look before a change to the rules; bench.guard_quality, through
+the real server, is the measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.guard_population import STRATEGIES, Event, Population
+from tether.server.guard import fingerprint, rules
+from tether.server.guard.identities import IdentityBook, Resolution
+from tether.server.shared.digests import Digester, DigestKey
+
+ROTATION_MS = rules.ROTATION_WINDOW * 1000
+SESSION_GAP = 2 * 3600.0
+
+
+@dataclass
+class _Key:
+    accounts: dict[str, tuple[float, str]] = field(default_factory=dict)
+    farmed: bool = False
+    registered: list[float] = field(default_factory=list)
+
+
+class Counting:
+    """The EVALUATE script's register path, in Python (forever window)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, _Key] = defaultdict(_Key)
+
+    def move(self, gone: str, identity: str) -> None:
+        source = self.keys.pop(gone, None)
+        if source is None:
+            return
+        target = self.keys[identity]
+        target.farmed |= source.farmed
+        for member, entry in source.accounts.items():
+            if member not in target.accounts:
+                target.accounts[member] = entry
+                target.registered.append(entry[0])
+        target.registered.sort()
+
+    def evaluate(
+        self, identity: str, member: str, limit: int, now: float, network: str, i: rules.Inputs
+    ) -> tuple[bool, str]:
+        key = self.keys[identity]
+        if member in key.accounts:
+            return True, "already"
+        decided = ""
+        if i.rare:
+            same = sum(
+                1
+                for admitted, n in key.accounts.values()
+                if key.farmed or n == network or (now - admitted) * 1000 < i.rotation_ms
+            )
+            if same >= limit:
+                decided = "browser"
+                key.farmed = True
+        else:
+            here = sum(
+                1
+                for admitted, n in key.accounts.values()
+                if n == network and (not i.crowd or (now - admitted) * 1000 < i.crowd_window_ms)
+            )
+            if here >= (i.crowd_threshold if i.crowd else limit):
+                decided = "network"
+        if not decided:
+            for window, threshold in zip(rules.VELOCITY_WINDOWS, i.velocity, strict=True):
+                if threshold > 0:
+                    recent = sum(1 for a in key.registered if now - a < window)
+                    if recent >= threshold:
+                        decided = f"velocity{int(window)}"
+                        break
+        if decided:
+            return False, decided
+        key.accounts[member] = (now, network)
+        key.registered = [a for a in key.registered if now - a < 86400] + [now]
+        return True, ""
+
+
+@dataclass
+class Row:
+    event: Event
+    allowed: bool
+    why: str
+    resolution: Resolution
+    inputs: rules.Inputs
+    network: str
+
+
+def replay(events: list[Event], limit: int) -> list[Row]:
+    digester = Digester([DigestKey("k1", secrets.token_bytes(32))])
+    book = IdentityBook()
+    counting = Counting()
+    networks: dict[str, str] = {}
+    rows = []
+    for event in events:
+        c = dict(event.components)
+        comps = fingerprint.Components(**{k: v for k, v in c.items()})
+        fp = fingerprint.fingerprint_of(digester, comps)
+        net = networks.get(event.client_ip)
+        if net is None:
+            net = digester.digest("guard-network", fingerprint.network(event.client_ip))[:8].hex()
+            networks[event.client_ip] = net
+        res = book.resolve(fp, net, event.time)
+        for gone in res.merged:
+            counting.move(gone, res.identity)
+        inputs = rules.inputs(book, res.identity, net, event.time, limit, velocity=True)
+        ok, why = counting.evaluate(res.identity, event.account, limit, event.time, net, inputs)
+        rows.append(Row(event, ok, why, res, inputs, net))
+    return rows
+
+
+def score(rows: list[Row], limit: int) -> dict[str, Any]:
+    legit = refused = 0
+    farms: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.event.label == "legitimate":
+            legit += 1
+            refused += not row.allowed
+        else:
+            farms[row.event.actor].append(row)
+    per: dict[str, list[int]] = {s: [0, 0] for s in STRATEGIES}
+    for farm in farms.values():
+        excess = max(0, len(farm) - limit)
+        caught = min(excess, sum(not r.allowed for r in farm))
+        per[farm[0].event.strategy][0] += caught
+        per[farm[0].event.strategy][1] += excess
+    caught = sum(c for c, _ in per.values())
+    excess = sum(e for _, e in per.values())
+    return {
+        "fr": refused / max(1, legit),
+        "catch": caught / max(1, excess),
+        "per": {s: c / max(1, e) for s, (c, e) in per.items()},
+        "farms": farms,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, nargs="+", default=[2])
+    parser.add_argument("--limit", type=int, default=3)
+    parser.add_argument("--people", type=int, default=20_000)
+    parser.add_argument("--basic", action="store_true")
+    parser.add_argument("--detail", type=int, default=0, help="farms to list in detail")
+    parser.add_argument("--strategy", default="", help="only list farms of this strategy")
+    args = parser.parse_args()
+    for seed in args.seed:
+        events = Population(seed, people=args.people).events()
+        if args.basic:
+            for event in events:
+                event.components.pop("extra", None)
+        began = time.perf_counter()
+        rows = replay(events, args.limit)
+        result = score(rows, args.limit)
+        per = " ".join(f"{s[:8]}={v * 100:.0f}" for s, v in result["per"].items())
+        print(
+            f"seed {seed}: FR {result['fr'] * 100:.2f}% catch {result['catch'] * 100:.1f}% "
+            f"{per} ({time.perf_counter() - began:.0f} s)"
+        )
+        # Legitimate refusals, by why.
+        refused = [r for r in rows if r.event.label == "legitimate" and not r.allowed]
+        print("  false refusals:", dict(Counter((r.why, r.event.strategy) for r in refused)))
+        print("  misses (accounts beyond N allowed), by why:")
+        for (strategy, why), n in sorted(classify(rows, args.limit).items()):
+            print(f"    {strategy:<15} {why:<40} {n}")
+        shown = 0
+        for actor, farm in result["farms"].items():
+            strategy = farm[0].event.strategy
+            if args.strategy and strategy != args.strategy:
+                continue
+            excess = max(0, len(farm) - args.limit)
+            caught = sum(not r.allowed for r in farm)
+            if caught >= excess or shown >= args.detail:
+                continue
+            shown += 1
+            identities = Counter(r.resolution.identity for r in farm)
+            print(
+                f"  {actor} {strategy}: {len(farm)} accounts, caught {caught}/{excess}, "
+                f"{len(identities)} identities"
+            )
+            start = farm[0].event.time
+            for r in farm:
+                links = ",".join(
+                    f"{link.kind}:{'/'.join(link.changed)}" for link in r.resolution.links
+                )
+                print(
+                    f"    {(r.event.time - start) / 3600:7.2f}h {r.resolution.identity[:6]} "
+                    f"{'new' if r.resolution.new else 'old'} net={r.network[:4]} "
+                    f"{'ok ' if r.allowed else 'NO '}{r.why:<12} rare={int(r.inputs.rare)} "
+                    f"pop={r.inputs.popularity} crowd={r.inputs.crowd_browsers} "
+                    f"vel={r.inputs.velocity} {links}"
+                )
+
+
+if __name__ == "__main__":
+    main()
+
+
+def classify(rows: list[Row], limit: int) -> Counter[tuple[str, str]]:
+    """Each farm's allowed accounts beyond its first N, by why they got in:
+    the identity is one the farm's earlier sessions never used (a session
+    more than SESSION_GAP after the last), a second identity within one
+    session, popular (counted per network), or one of its earlier identities
+    that did not count (rare and not yet refused)."""
+    out: Counter[tuple[str, str]] = Counter()
+    farms: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.event.label != "legitimate":
+            farms[row.event.actor].append(row)
+    for farm in farms.values():
+        allowed = 0
+        before: set[str] = set()  # identities of earlier sessions
+        this: set[str] = set()
+        last = farm[0].event.time
+        first_session = True
+        for r in farm:
+            if r.event.time - last > SESSION_GAP:
+                before |= this
+                this = set()
+                first_session = False
+            last = r.event.time
+            ident = r.resolution.identity
+            if r.allowed:
+                allowed += 1
+                if allowed > limit:
+                    if not r.inputs.rare:
+                        why = "popular"
+                    elif ident in before:
+                        why = "earlier identity, not counted"
+                    elif first_session:
+                        why = "another identity, first session"
+                    elif this and ident not in this:
+                        why = "another identity in a later session"
+                    else:
+                        why = "later session's new identity"
+                    out[(r.event.strategy, why)] += 1
+            this.add(ident)
+    return out
