@@ -257,6 +257,37 @@ async def test_bad_events_get_their_own_error_and_the_replay_goes_on(
     assert (summary.total.events, summary.rejected) == (2, 3)
 
 
+async def test_a_nul_or_an_impossible_time_fails_only_its_event(
+    any_server: RunningServer,
+) -> None:
+    # Events skip the interceptor's walk over every text (it cost more than
+    # deciding some of them): Evaluate's own checks refuse a NUL where it
+    # matters, and the time is checked per event.
+    guard = await guard_client(any_server)
+    browser = fingerprint(secrets.token_hex(4))
+    home = "10.205.0.1"
+    with_nul = pb.FingerprintComponents()
+    with_nul.CopyFrom(browser)
+    with_nul.fonts.append("Ari\x00al")
+    too_late = event(T0 + 3, "late", browser, home)
+    too_late.event_time.seconds = 253_402_300_800
+    events = [
+        event(T0 + 1, "ok1", browser, home),
+        event(T0 + 2, "nul", with_nul, home),
+        too_late,
+        # An attribute is only a name in the summary: a NUL there harms nothing.
+        event(T0 + 4, "ok2", browser, home, strategy="a\x00b"),
+    ]
+    verdicts, summary = await replay(
+        guard, pb.Policy(service_id="nul", register_limit=5), events, group_by=("strategy",)
+    )
+    assert [bool(v.error_message) for v in verdicts] == [False, True, True, False]
+    assert "components.fonts" in verdicts[1].error_message
+    assert "event_time" in verdicts[2].error_message
+    assert (summary.total.events, summary.rejected) == (2, 2)
+    assert [(g.attribute, g.value) for g in summary.groups] == [("strategy", "a\x00b")]
+
+
 async def test_a_backtest_needs_a_start_and_an_operator(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
 

@@ -28,6 +28,7 @@ from tether.server.guard.decide import Checked, Decider, Decision, limit_and_lif
 from tether.server.guard.identities import IdentityBook
 from tether.server.guard.policies import Policy
 from tether.server.guard.service import Action, EvaluateCall, Guard, Validator, Verdict, verdict_of
+from tether.server.transport import request_check
 
 WINDOW = 256
 MAX_GROUP_BY = 8
@@ -92,9 +93,16 @@ def check_start(policy: Policy, group_by: list[str], violations: errors.Violatio
 
 
 def check_event(message: Any) -> str:
-    """What is wrong with a backtest event's own fields, or ""."""
+    """What is wrong with a backtest event's own fields, or "". The request
+    gets Evaluate's checks (Validator), which refuse a NUL wherever it could
+    matter; the interceptor's walk over every text is skipped (servicer)."""
     if not message.HasField("event_time"):
         return "event.event_time: required"
+    violations = errors.Violations()
+    request_check.check_timestamp(message.event_time, "event.event_time", violations)
+    if violations:
+        item = violations.items[0]
+        return f"{item.field}: {item.description}"
     if len(message.attributes) > MAX_ATTRIBUTES:
         return f"event.attributes: at most {MAX_ATTRIBUTES}"
     for key, value in message.attributes.items():
