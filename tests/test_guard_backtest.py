@@ -4,6 +4,7 @@ with event times as the clock, and summarized."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import secrets
 import sys
@@ -18,6 +19,8 @@ from tests.guard_support import fingerprint, guard_client, guard_of, new_service
 from tests.support import RunningServer, expect_error
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard import backtest, convert
+from tether.server.guard.policies import Policy
 
 CLI = str(Path(sys.executable).parent / "tether-internal")
 DAY = 86_400.0
@@ -286,6 +289,26 @@ async def test_a_nul_or_an_impossible_time_fails_only_its_event(
     assert "event_time" in verdicts[2].error_message
     assert (summary.total.events, summary.rejected) == (2, 2)
     assert [(g.attribute, g.value) for g in summary.groups] == [("strategy", "a\x00b")]
+
+
+async def test_full_collections_are_rarer_only_while_backtests_run(
+    any_server: RunningServer,
+) -> None:
+    # The server runs in this process: its collector is this one. Two runs
+    # overlap; the thresholds come back when the last one ends.
+    before = gc.get_threshold()
+    guard = guard_of(any_server)
+    policy = Policy(service_id="collector", register_limit=2)
+    runs = [backtest.Backtest(guard, policy, []) for _ in range(2)]
+    for i, run in enumerate(runs):
+        message = event(T0 + i, f"c{i}", fingerprint(secrets.token_hex(4)), "10.206.0.1")
+        await run.add(0, convert.backtest_event(message))
+        assert gc.get_threshold()[2] >= backtest.FULL_COLLECTION_AFTER
+    for run in runs:
+        assert gc.get_threshold()[2] >= backtest.FULL_COLLECTION_AFTER
+        await run.finish()
+        await run.drop()
+    assert gc.get_threshold() == before
 
 
 async def test_a_backtest_needs_a_start_and_an_operator(any_server: RunningServer) -> None:
