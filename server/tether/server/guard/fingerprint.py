@@ -200,7 +200,7 @@ def _numbers(version: str) -> tuple[int, ...]:
     return tuple(int(n) for n in _NUMBER.findall(version)[:6])
 
 
-def _groups(c: Components, fonts: tuple[str, ...]) -> tuple[str, ...]:
+def _groups(c: Components, fonts: list[str]) -> tuple[str, ...]:
     """The normalized components, group by group, one canonical text each.
     Sets (fonts, plugins) are sorted and deduplicated: their order is the
     browser's enumeration, not the user's. Language order is kept: it is the
@@ -242,14 +242,14 @@ def _normalized_set(values: list[str]) -> list[str]:
 # list, so thousands of fingerprints (people, or a replay's history) bring
 # the same: checked and normalized once, not once per fingerprint. Like the
 # validator's other caches, memory only and bounded.
-_FONT_LISTS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_FONT_LISTS: dict[tuple[str, ...], list[str]] = {}
 FONT_LISTS_SIZE = 4096
 
 
 def _remember_fonts(fonts: tuple[str, ...]) -> None:
     if len(_FONT_LISTS) >= FONT_LISTS_SIZE:
         _FONT_LISTS.clear()
-    _FONT_LISTS[fonts] = tuple(_normalized_set(list(fonts)))
+    _FONT_LISTS[fonts] = _normalized_set(list(fonts))
 
 
 class _Hashers:
@@ -261,8 +261,6 @@ class _Hashers:
     def __init__(self, key: DigestKey) -> None:
         self.secret = key.digest("guard-fingerprint-key", "v1")
         self._fonts: dict[int, int] = {}
-        # A normalized font list (as _FONT_LISTS keeps it) -> its digests.
-        self._font_sets: dict[tuple[str, ...], frozenset[int]] = {}
 
     def digest(self, data: str, person: bytes, size: int) -> bytes:
         return hashlib.blake2b(
@@ -279,14 +277,6 @@ class _Hashers:
             self._fonts[slot] = digest
         return digest
 
-    def font_set(self, fonts: tuple[str, ...]) -> frozenset[int]:
-        digests = self._font_sets.get(fonts)
-        if digests is None:
-            if len(self._font_sets) >= FONT_LISTS_SIZE:
-                self._font_sets.clear()
-            digests = self._font_sets[fonts] = frozenset(map(self.font, fonts))
-        return digests
-
 
 @functools.cache
 def _hashers(key: DigestKey) -> _Hashers:
@@ -297,17 +287,18 @@ def fingerprint_of(digester: Digester, c: Components) -> Fingerprint:
     """The keyed digests of a validated fingerprint."""
     hashers = _hashers(digester.current)
     # check() put a valid list in _FONT_LISTS (an emptied cache: normalized here).
-    fonts = _FONT_LISTS.get(tuple(c.fonts)) or tuple(_normalized_set(c.fonts))
+    fonts = _FONT_LISTS.get(tuple(c.fonts)) or _normalized_set(c.fonts)
     texts = _groups(c, fonts)
     identity = hashers.digest("\x1d".join(texts), b"guard-identity", 16).hex()
     groups = tuple(
         hashers.digest(text, name.encode(), 8)
         for name, text in zip(GROUP_NAMES, texts, strict=True)
     )
+    font = hashers.font
     return Fingerprint(
         identity=identity,
         groups=groups,
-        fonts=hashers.font_set(fonts),
+        fonts=frozenset(map(font, fonts)),
         version=_numbers(c.browser_version),
         os_version=_numbers(c.os_version),
     )
