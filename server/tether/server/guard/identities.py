@@ -200,10 +200,7 @@ class IdentityBook:
         self._merges: dict[str, Link] = {}
         self._members: dict[str, list[str]] = {}
         self._apart: set[frozenset[str]] = set()
-        # Band -> its latest members. Tuples, replaced on change: the collector
-        # stops tracking a tuple of strings (lists, ~6 per fingerprint, made
-        # every full collection walk them).
-        self._bands: dict[_Band, tuple[str, ...]] = {}
+        self._bands: dict[_Band, list[str]] = {}
         self._profiles: dict[str, _Profile] = {}
         # Per device: the identities seen recently, oldest first; and per
         # (device, drifting group, value): those that showed that value.
@@ -342,14 +339,12 @@ class IdentityBook:
             self._members.setdefault(identity, [identity]).append(fp.identity)
         else:
             self._members[fp.identity] = [fp.identity]
-        self._join_bands(bands, fp.identity)
-        return identity, tuple(merged)
-
-    def _join_bands(self, bands: list[_Band], fingerprint: str) -> None:
-        """Adds a fingerprint to its bands, which keep the latest BAND_MEMBERS."""
-        members = self._bands
         for band in bands:
-            members[band] = (*members.get(band, ()), fingerprint)[-BAND_MEMBERS:]
+            members = self._bands.setdefault(band, [])
+            members.append(fp.identity)
+            if len(members) > BAND_MEMBERS:
+                del members[0]
+        return identity, tuple(merged)
 
     def _observe(
         self,
@@ -564,7 +559,11 @@ class IdentityBook:
             return
         self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
         self._members.setdefault(fp.identity, [fp.identity])
-        self._join_bands(_bands(fp), fp.identity)
+        for band in _bands(fp):
+            members = self._bands.setdefault(band, [])
+            members.append(fp.identity)
+            if len(members) > BAND_MEMBERS:
+                del members[0]
         self._values.add(enumerate(fp.groups))
         self._font_sets.add([fp.fonts])
 
