@@ -289,6 +289,11 @@ class Backtest:
         return verdict
 
     def _counts_of(self, groups: list[tuple[str, str]]) -> list[Counts]:
-        return [self.summary.total] + [
-            self.summary.groups.setdefault(group, Counts()) for group in groups
-        ]
+        found = [self.summary.total]
+        known = self.summary.groups
+        for group in groups:
+            counts = known.get(group)
+            if counts is None:
+                counts = known[group] = Counts()
+            found.append(counts)
+        return found
