@@ -4,6 +4,7 @@ with event times as the clock, and summarized."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import secrets
 import sys
@@ -18,6 +19,8 @@ from tests.guard_support import fingerprint, guard_client, guard_of, new_service
 from tests.support import RunningServer, expect_error
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard import backtest, convert
+from tether.server.guard.policies import Policy
 
 CLI = str(Path(sys.executable).parent / "tether-internal")
 DAY = 86_400.0
@@ -255,6 +258,57 @@ async def test_bad_events_get_their_own_error_and_the_replay_goes_on(
     assert "time order" in verdicts[2].error_message
     assert "event_time" in verdicts[3].error_message
     assert (summary.total.events, summary.rejected) == (2, 3)
+
+
+async def test_a_nul_or_an_impossible_time_fails_only_its_event(
+    any_server: RunningServer,
+) -> None:
+    # Events skip the interceptor's walk over every text (it cost more than
+    # deciding some of them): Evaluate's own checks refuse a NUL where it
+    # matters, and the time is checked per event.
+    guard = await guard_client(any_server)
+    browser = fingerprint(secrets.token_hex(4))
+    home = "10.205.0.1"
+    with_nul = pb.FingerprintComponents()
+    with_nul.CopyFrom(browser)
+    with_nul.fonts.append("Ari\x00al")
+    too_late = event(T0 + 3, "late", browser, home)
+    too_late.event_time.seconds = 253_402_300_800
+    events = [
+        event(T0 + 1, "ok1", browser, home),
+        event(T0 + 2, "nul", with_nul, home),
+        too_late,
+        # An attribute is only a name in the summary: a NUL there harms nothing.
+        event(T0 + 4, "ok2", browser, home, strategy="a\x00b"),
+    ]
+    verdicts, summary = await replay(
+        guard, pb.Policy(service_id="nul", register_limit=5), events, group_by=("strategy",)
+    )
+    assert [bool(v.error_message) for v in verdicts] == [False, True, True, False]
+    assert "components.fonts" in verdicts[1].error_message
+    assert "event_time" in verdicts[2].error_message
+    assert (summary.total.events, summary.rejected) == (2, 2)
+    assert [(g.attribute, g.value) for g in summary.groups] == [("strategy", "a\x00b")]
+
+
+async def test_full_collections_are_rarer_only_while_backtests_run(
+    any_server: RunningServer,
+) -> None:
+    # The server runs in this process: its collector is this one. Two runs
+    # overlap; the thresholds come back when the last one ends.
+    before = gc.get_threshold()
+    guard = guard_of(any_server)
+    policy = Policy(service_id="collector", register_limit=2)
+    runs = [backtest.Backtest(guard, policy, []) for _ in range(2)]
+    for i, run in enumerate(runs):
+        message = event(T0 + i, f"c{i}", fingerprint(secrets.token_hex(4)), "10.206.0.1")
+        await run.add(0, convert.backtest_event(message))
+        assert gc.get_threshold()[2] >= backtest.FULL_COLLECTION_AFTER
+    for run in runs:
+        assert gc.get_threshold()[2] >= backtest.FULL_COLLECTION_AFTER
+        await run.finish()
+        await run.drop()
+    assert gc.get_threshold() == before
 
 
 async def test_a_backtest_needs_a_start_and_an_operator(any_server: RunningServer) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import replace
 
+from tether.server.errors import Violations
 from tether.server.guard import fingerprint
 from tether.server.shared import digests
 
@@ -38,6 +39,23 @@ def test_the_digests_keep_their_values() -> None:
     assert fp.version == (131, 0, 6778, 85)
     assert fp.os_version == (10, 0)
     assert len(fp.fonts) == 4
+
+
+def test_a_font_list_checked_before_keeps_its_digests_and_a_bad_one_stays_refused() -> None:
+    # A device model's font list recurs: it is checked and normalized once,
+    # and later fingerprints with it get the same digests as the first.
+    for _ in range(2):
+        violations = Violations()
+        fingerprint.check(BROWSER, "components", violations)
+        assert not violations
+        fp = fingerprint.fingerprint_of(KEY, BROWSER)
+        assert fp.identity == FIRST_RELEASE["identity"]
+        assert [g.hex() for g in fp.groups] == FIRST_RELEASE["groups"]
+    bad = replace(BROWSER, fonts=[*BROWSER.fonts, "Ari\x00al"])
+    for _ in range(2):
+        violations = Violations()
+        fingerprint.check(bad, "components", violations)
+        assert [v.field for v in violations.items] == ["components.fonts[5]"]
 
 
 def test_normalization_ignores_case_order_and_spacing() -> None:

@@ -132,7 +132,12 @@ def check(c: Components, prefix: str, violations: Violations) -> None:
         violations.add(p + "pixel_ratio", "0.1-16, or 0 for unknown")
     if not 0 <= c.color_depth <= 64:
         violations.add(p + "color_depth", "0-64 bits")
-    _texts(c.fonts, p + "fonts", violations, MAX_FONTS, MAX_TEXT)
+    fonts = tuple(c.fonts)
+    if fonts not in _FONT_LISTS:
+        found = len(violations.items)
+        _texts(c.fonts, p + "fonts", violations, MAX_FONTS, MAX_TEXT)
+        if len(violations.items) == found:
+            _remember_fonts(fonts)
     _texts(c.plugins, p + "plugins", violations, MAX_PLUGINS, MAX_PLUGIN)
     if not c.languages:
         violations.add(p + "languages", "required: at least one BCP 47 tag")
@@ -234,6 +239,20 @@ def _normalized_set(values: list[str]) -> list[str]:
     return sorted({" ".join(v.casefold().split()) for v in values})
 
 
+# Valid font lists as sent -> their normalized set. A device model ships one
+# list, so thousands of fingerprints (people, or a replay's history) bring
+# the same: checked and normalized once, not once per fingerprint. Like the
+# validator's other caches, memory only and bounded.
+_FONT_LISTS: dict[tuple[str, ...], list[str]] = {}
+FONT_LISTS_SIZE = 4096
+
+
+def _remember_fonts(fonts: tuple[str, ...]) -> None:
+    if len(_FONT_LISTS) >= FONT_LISTS_SIZE:
+        _FONT_LISTS.clear()
+    _FONT_LISTS[fonts] = _normalized_set(list(fonts))
+
+
 class _Hashers:
     """Keyed BLAKE2b under a key derived from the digest key: as keyed as
     the HMACs elsewhere, at a fraction of their cost for the ~60 fonts of a
@@ -286,7 +305,8 @@ def _hashers(key: DigestKey) -> _Hashers:
 def fingerprint_of(digester: Digester, c: Components) -> Fingerprint:
     """The keyed digests of a validated fingerprint."""
     hashers = _hashers(digester.current)
-    fonts = _normalized_set(c.fonts)
+    # check() put a valid list in _FONT_LISTS (an emptied cache: normalized here).
+    fonts = _FONT_LISTS.get(tuple(c.fonts)) or _normalized_set(c.fonts)
     texts = _groups(c, fonts)
     identity = hashers.digest("\x1d".join(texts), b"guard-identity", 16).hex()
     groups = tuple(

@@ -49,23 +49,25 @@ class Occupancy:
         # Slots of "not seen" assumed before a key's first sighting: a new
         # key is taken as rare until its slots say otherwise.
         self._prior = int(prior // slot)
-        # key -> [first slot, last slot, mask]; bit k of mask: last slot - k.
-        self._keys: dict[Hashable, list[int]] = {}
+        # key -> (first slot, last slot, mask); bit k of mask: last slot - k.
+        # Tuples, replaced on change: the collector stops tracking a tuple of
+        # ints, where a list per key (a book holds ~10 keys per fingerprint)
+        # made every full collection walk them all.
+        self._keys: dict[Hashable, tuple[int, int, int]] = {}
 
     def see(self, key: Hashable, t: float) -> None:
         now = math.floor(t / self._slot)
         entry = self._keys.get(key)
         if entry is None:
-            self._keys[key] = [now, now, 1]
+            self._keys[key] = (now, now, 1)
             return
         first, last, mask = entry
         if now > last:
-            entry[1] = now
-            entry[2] = ((mask << (now - last)) | 1) & ((1 << self._slots) - 1)
+            mask = ((mask << (now - last)) | 1) & ((1 << self._slots) - 1)
+            last = now
         elif last - now < self._slots:
-            entry[2] = mask | (1 << (last - now))
-        if now < first:
-            entry[0] = now
+            mask |= 1 << (last - now)
+        self._keys[key] = (min(first, now), last, mask)
 
     def rate(self, key: Hashable, t: float, exclude: float) -> float:
         """Sightings per hour, from the slots before t - exclude (the

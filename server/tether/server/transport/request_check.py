@@ -162,7 +162,7 @@ def inspect(message: Message, prefix: str, violations: Violations, *, texts: boo
     descriptor = message.DESCRIPTOR
     name = descriptor.full_name
     if name == "google.protobuf.Timestamp":
-        _check_timestamp(message, prefix, violations)
+        check_timestamp(message, prefix, violations)
         return
     if name == "google.protobuf.Duration":
         _check_duration(message, prefix, violations)
@@ -287,7 +287,7 @@ def _check_string(name: str, value: str, path: str, violations: Violations) -> N
             violations.add(path, description)
 
 
-def _check_timestamp(message: Any, path: str, violations: Violations) -> None:
+def check_timestamp(message: Any, path: str, violations: Violations) -> None:
     if not MIN_TIMESTAMP_SECONDS <= message.seconds <= MAX_TIMESTAMP_SECONDS:
         violations.add(path, "must be a time between the years 0001 and 9999")
     elif not 0 <= message.nanos <= MAX_NANOS:
