@@ -1,8 +1,9 @@
 """The guard's Redis key formats.
 
-One hash per (service, action[, room], identity) holds the accounts counted
-for that identity (guard/scripts.py lists its fields). The hash tag is the
-identity's first `bits` bits (TETHER_GUARD_BUCKET_BITS), so in Redis
+One hash per (service, bucket, action) holds the accounts counted for the
+identities of one bucket: one field per identity (and room), its value a
+packed record (guard/scripts.py describes it). The bucket, the identity's
+first `bits` bits (TETHER_GUARD_BUCKET_BITS), is the hash tag, so in Redis
 Cluster the keys spread over the slots while every key of one identity
 (all its actions and rooms) shares one. A backtest passes a scope of its
 own, so its keys never meet the live ones.
@@ -23,10 +24,22 @@ def bucket(identity: str, bits: int) -> str:
 def counted(
     service_id: str, action: str, room_id: str, identity: str, *, bits: int, scope: str = "g"
 ) -> str:
-    """The accounts counted for one identity, action and room."""
-    room = f":{room_id}" if room_id else ""
+    """The hash holding one identity's counted accounts for an action (and
+    those of the other identities of its bucket). Rooms share it: the room
+    is part of the field (field() below)."""
     letter = ACTION_LETTERS[action]
-    return f"{PREFIX}:{scope}:{service_id}:{{{bucket(identity, bits)}}}:{letter}{room}:{identity}"
+    return f"{PREFIX}:{scope}:{service_id}:{{{bucket(identity, bits)}}}:{letter}"
+
+
+def field(identity: str, room_id: str = "") -> bytes:
+    """An identity's field in its bucket's hash: its 16 bytes, then the room."""
+    return bytes.fromhex(identity) + room_id.encode()
+
+
+def is_registrations(key: str) -> bool:
+    """Whether a counted() key holds registrations (which keep their day's
+    admission times for the velocity windows)."""
+    return key.endswith(":" + ACTION_LETTERS["register"])
 
 
 def backtest_scope(run_id: str) -> str:
