@@ -114,7 +114,7 @@ async def test_identities_sharing_one_hash_tag_are_counted_apart(
                 # One bucket, one hash: each identity its own record in it.
                 assert await client.hlen(key) == 3
                 value = await client.hget(key, keys.field(identity))
-                assert value is not None
+                assert isinstance(value, bytes)
                 assert len(counters.decode(value).entries) == 2
         finally:
             await client.aclose()

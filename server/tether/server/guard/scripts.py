@@ -38,7 +38,8 @@ SWEEP = 4
 HEAD = 10
 ENTRY = 28
 
-_COMMON = """
+# The record's helpers (bench/guard.py fills records with them too).
+COMMON = """
 local forever = 9007199254740991
 local never = 281474976710655
 local day = 86400000
@@ -187,7 +188,7 @@ end
 # before this call, expiry ms (0: none), scope (1 browser, 2 network,
 # 3-6 velocity window), that scope's threshold, 1 if over a limit}.
 EVALUATE = (
-    _COMMON
+    COMMON
     + f"local SWEEP = {SWEEP}\n"
     + """
 local key, field, member = KEYS[1], ARGV[1], ARGV[2]
@@ -287,7 +288,7 @@ return {1, 0, count, expiry, scope, threshold, flag}
 # Removes the account's entry (a cancelled registration, a log-out, a room
 # left) and its registration time. Returns 1 if there was a live one, else 0.
 REMOVE = (
-    _COMMON
+    COMMON
     + """
 local key, field, member = KEYS[1], ARGV[1], ARGV[2]
 local text = redis.call('HGET', key, field)
@@ -313,7 +314,7 @@ return 1
 # KEYS[1]: a login bucket. ARGV: 1 the identity's field, 2 member, 3
 # lifetime ms. Returns the new expiry in ms, or 0 if the session is gone.
 RENEW = (
-    _COMMON
+    COMMON
     + """
 local key, field, member = KEYS[1], ARGV[1], ARGV[2]
 local text = redis.call('HGET', key, field)
@@ -338,7 +339,7 @@ return renewed
 # after Redis lost its data, or a merge), never shortening one; returns how
 # many were added.
 RESTORE = (
-    _COMMON
+    COMMON
     + """
 local key, field = KEYS[1], ARGV[1]
 local now = now_of(ARGV[3])
