@@ -103,6 +103,39 @@ async def test_identities_of_one_bucket_are_counted_apart(counters: GuardCounter
     assert not (await counters.entries(key, keys.field(two)))[1]
 
 
+async def test_a_popular_identity_counts_this_networks_accounts_by_their_place(
+    counters: GuardCounters,
+) -> None:
+    # The record is searched in place: bytes equal to a network inside a
+    # member (or a member inside a network) are no match.
+    key = bucket_key()
+    who = identity()
+    popular = RARE._replace(rare=False)
+    look_alike = bytes.fromhex(NETWORK)
+
+    async def call(account: bytes, network: str) -> Count:
+        return await counters.evaluate(
+            key,
+            keys.field(who),
+            account,
+            2,
+            1000,
+            record_over=False,
+            extend=True,
+            now_ms=T0,
+            network=network,
+            inputs=popular,
+        )
+
+    assert (await call(b"on-home1", NETWORK)).allowed
+    assert (await call(look_alike, OTHER_NETWORK)).counted == 0
+    assert (await call(b"on-home2", NETWORK)).counted == 1
+    refused = await call(b"on-home3", NETWORK)
+    assert (refused.allowed, refused.counted) == (False, 2)
+    again = await call(look_alike, OTHER_NETWORK)
+    assert (again.already_counted, again.counted) == (True, 1)
+
+
 async def test_a_touched_record_drops_its_expired_accounts(counters: GuardCounters) -> None:
     key = bucket_key()
     who = identity()

@@ -202,8 +202,27 @@ local windows = {600000, 3600000, 21600000, 86400000}
 local expiry = forever
 if life > 0 then expiry = now + life end
 
-local r = load(redis.call('HGET', key, field))
-if r.x <= now then r = load(nil) end
+-- The record is read in place (string.find and byte offsets, no tables)
+-- until it must be rewritten: a popular identity's record holds many
+-- accounts, and a returning one needs only its own and its network's.
+local text = redis.call('HGET', key, field)
+if text and get6(text, 2) <= now then text = false end
+local n, last = 0, HEAD
+if text then
+  local b1, b2, b3 = string.byte(text, 8, 10)
+  n = (b1 * 256 + b2) * 256 + b3
+  last = HEAD + n * ENTRY
+end
+-- The offset of the entry whose bytes at `shift` are `value`, from `from`.
+local function seek(value, shift, from)
+  while text do
+    local at = string.find(text, value, from + shift, true)
+    if not at or at + 7 > last then return nil end
+    if (at - shift - HEAD - 1) % ENTRY == 0 then return at - shift end
+    from = at - shift + 1
+  end
+  return nil
+end
 
 local scope, count, threshold, over = 0, 0, 0, false
 local function consider(s, c, t)
@@ -219,49 +238,55 @@ end
 local function scope_count()
   local same = 0
   if rare then
-    for i = 1, #r.m do
-      if r.e[i] > now and (r.farmed or r.n[i] == network or now - r.a[i] < rotation) then
+    local farmed = text and string.byte(text, 1) == 102
+    for at = HEAD + 1, last, ENTRY do
+      if get6(text, at + 14) > now and (farmed or string.sub(text, at + 20, at + 27) == network
+          or now - get6(text, at + 8) < rotation) then
         same = same + 1
       end
     end
     return 1, same, limit
   end
-  for i = 1, #r.m do
-    if r.e[i] > now and r.n[i] == network and (not crowd or now - r.a[i] < crowd_window) then
+  local at = seek(network, 20, HEAD + 1)
+  while at do
+    if get6(text, at + 14) > now and (not crowd or now - get6(text, at + 8) < crowd_window) then
       same = same + 1
     end
+    at = seek(network, 20, at + ENTRY)
   end
   if crowd then return 2, same, crowd_threshold end
   return 2, same, limit
 end
 
-local mine = find(r, member)
-if mine and r.e[mine] > now then
-  local old_expiry = r.e[mine]
+local mine = seek(member, 0, HEAD + 1)
+if mine and get6(text, mine + 14) > now then
+  local old_expiry = get6(text, mine + 14)
   if extend and old_expiry < expiry then
+    -- Only this entry's expiry and the record's change: rewritten in place.
+    local x = get6(text, 2)
+    if expiry > x then x = expiry end
     local ttl = redis.call('PTTL', key)
-    r.e[mine] = expiry
-    extend_key(key, ttl, save(key, field, r, now), now)
+    redis.call('HSET', key, field, string.sub(text, 1, 1) .. put6(x)
+      .. string.sub(text, 8, mine + 13) .. put6(expiry) .. string.sub(text, mine + 20))
+    extend_key(key, ttl, x, now)
   else
     expiry = old_expiry
   end
   local s, c, t = scope_count()
   return {1, 1, c, expiry, s, t, 0}
 end
-if mine then drop(r, mine) end
 
 consider(scope_count())
-local farmed_now = over and scope == 1 and not r.farmed
-if over and scope == 1 then r.farmed = true end
+local farmed_now = over and scope == 1 and text and string.byte(text, 1) ~= 102
 
 local velocity = false
 for i = 1, 4 do
   if tonumber(ARGV[13 + i]) > 0 then velocity = true end
 end
-if velocity then
+if velocity and text then
   local recent = {0, 0, 0, 0}
-  for j = 1, #r.w do
-    local age = now - r.w[j]
+  for at = last + 1, #text - 5, 6 do
+    local age = now - get6(text, at)
     for i = 1, 4 do
       if age < windows[i] then recent[i] = recent[i] + 1 end
     end
@@ -270,13 +295,34 @@ if velocity then
 end
 
 if over and not record_over then
-  if farmed_now then save(key, field, r, now) end
+  if farmed_now then redis.call('HSET', key, field, 'f' .. string.sub(text, 2)) end
   return {0, 0, count, 0, scope, threshold, 1}
 end
+-- The record again, without its expired accounts (this one's old entry
+-- among them) and registration times older than a day, plus this entry:
+-- whole entries are copied as they are, none decoded.
+local parts, kept, x, flag = {}, 1, expiry, '-'
+if text then
+  for at = HEAD + 1, last, ENTRY do
+    if get6(text, at + 14) > now then
+      kept = kept + 1
+      parts[#parts + 1] = string.sub(text, at, at + ENTRY - 1)
+    end
+  end
+  if get6(text, 2) > x then x = get6(text, 2) end
+  if string.byte(text, 1) == 102 then flag = 'f' end
+end
+if over and scope == 1 then flag = 'f' end
+parts[#parts + 1] = member .. put6(now) .. put6(expiry) .. network
+if text then
+  for at = last + 1, #text - 5, 6 do
+    if get6(text, at) > now - day then parts[#parts + 1] = string.sub(text, at, at + 5) end
+  end
+end
+if velocity then parts[#parts + 1] = put6(now) end
 local ttl = redis.call('PTTL', key)
-add(r, member, now, expiry, network)
-if velocity then r.w[#r.w + 1] = now end
-extend_key(key, ttl, save(key, field, r, now), now)
+redis.call('HSET', key, field, flag .. put6(x) .. put3(kept) .. table.concat(parts))
+extend_key(key, ttl, x, now)
 sweep(key, field, now, SWEEP)
 local flag = 0
 if over then flag = 1 end
