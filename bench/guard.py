@@ -487,9 +487,13 @@ async def _run(
     print(f"  identities per sampled key: {sum(fields) / len(fields):.1f}")
     print(
         f"  check, {CHECK_ENTRIES:,} entries at {CHECK_BITS} bucket bits (about as many per"
-        f" bucket): written by real Evaluate calls {real:.1f} bytes each, by the fill script"
-        f" {filled:.1f}"
+        " bucket), bytes per entry (used_memory delta; the keys' MEMORY USAGE):"
     )
+    for name, stored in (("real Evaluate calls", real), ("the fill script", filled)):
+        print(
+            f"    written by {name}: {stored.used:.1f}; {stored.usage:.1f}"
+            f" ({stored.identities:,} identities)"
+        )
     print("\nLatency at 1 in flight with stored fingerprints (ms)")
     print(_row(small))
     print(_row(large))
@@ -499,12 +503,30 @@ async def _run(
     )
 
 
+class Stored(NamedTuple):
+    """What a check's entries cost: used_memory's delta and the bucket keys'
+    own MEMORY USAGE, per entry, and how many identities hold them."""
+
+    used: float
+    usage: float
+    identities: int
+
+
+async def _stored(client: redis.Redis, before: int) -> Stored:
+    used = (await client.info("memory"))["used_memory"] - before
+    usage = identities = 0
+    async for key in client.scan_iter(f"tether:g:{SERVICE}:*", count=1000):
+        usage += await client.memory_usage(key, samples=0) or 0
+        identities += await client.hlen(key)
+    return Stored(used / CHECK_ENTRIES, usage / CHECK_ENTRIES, identities)
+
+
 async def _check_fill(
     client: redis.Redis, run: str, redis_url: str, database_url: str
-) -> tuple[float, float]:
-    """Bytes per entry written by real Evaluate calls (new browsers logging
-    in, through a Tether server whose buckets are as full as the 10^6 fill's)
-    and by the fill script, for as many entries."""
+) -> tuple[Stored, Stored]:
+    """What entries written by real Evaluate calls cost (new browsers logging
+    in, through a Tether server whose buckets are as full as the 10^6
+    fill's), and what as many written by the fill script cost."""
     await client.flushall()
     checker = Server(
         "tether",
@@ -523,14 +545,13 @@ async def _check_fill(
         before = (await client.info("memory"))["used_memory"]
         for first in range(0, CHECK_ENTRIES, 64):
             await asyncio.gather(*(checker.stub.Evaluate(r) for r in requests[first : first + 64]))
-        real = ((await client.info("memory"))["used_memory"] - before) / CHECK_ENTRIES
+        real = await _stored(client, before)
     finally:
         await checker.close()
     await client.flushall()
     before = (await client.info("memory"))["used_memory"]
     await _fill(client, 0, CHECK_ENTRIES, CHECK_BITS)
-    filled = ((await client.info("memory"))["used_memory"] - before) / CHECK_ENTRIES
-    return real, filled
+    return real, await _stored(client, before)
 
 
 if __name__ == "__main__":
