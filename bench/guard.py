@@ -65,6 +65,7 @@ FILL_CHUNK = 20_000
 # 2^10 buckets, about as many per bucket as 10^6 in 2^16.
 CHECK_ENTRIES = 20_000
 CHECK_BITS = 10
+CHECK_SERVICE = "bench-check"
 ROUNDS = 10
 
 # A one-key script: the least one EVALSHA per call can cost.
@@ -73,13 +74,13 @@ BASELINE_SCRIPT = "return redis.call('INCR', KEYS[1])"
 # Fills login buckets the way the guard's EVALUATE script writes them, with
 # its own record helpers (scripts.COMMON): one record per identity (derived
 # from a counter) in its bucket's hash, holding one account, and the
-# bucket's expiry. main() checks it against records written by real
-# Evaluate calls.
+# bucket's expiry (ARGV[7] > 0: every ARGV[7]th identity holds a second
+# account). main() checks it against records written by real Evaluate calls.
 FILL_SCRIPT = (
     scripts.COMMON
     + """
 local prefix, bits, expiry = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5])
-local now = tonumber(ARGV[6])
+local now, every = tonumber(ARGV[6]), tonumber(ARGV[7])
 local function bytes(hex)
   return (hex:gsub('..', function(cc) return string.char(tonumber(cc, 16)) end))
 end
@@ -90,6 +91,10 @@ for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
   local r = load(nil)
   add(r, bytes(redis.sha1hex('a' .. i):sub(1, 16)), now, expiry,
     bytes(redis.sha1hex('network' .. i):sub(1, 16)))
+  if every > 0 and i % every == 0 then
+    add(r, bytes(redis.sha1hex('b' .. i):sub(1, 16)), now, expiry,
+      bytes(redis.sha1hex('network' .. i):sub(1, 16)))
+  end
   save(key, bytes(h:sub(1, 32)), r, now)
   redis.call('PEXPIREAT', key, expiry)
 end
@@ -316,11 +321,11 @@ class Server:
         self.process.wait(10)
 
 
-def _request(seed: str, name: str) -> pb.EvaluateRequest:
+def _request(seed: str, name: str, service: str = SERVICE) -> pb.EvaluateRequest:
     # Each person on a network of their own, as real visitors are.
     number = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=3).digest(), "big")
     return pb.EvaluateRequest(
-        service_id=SERVICE,
+        service_id=service,
         action=pb.ACTION_LOGIN,
         account=account(name),
         components=fingerprint_of(seed),
@@ -328,15 +333,20 @@ def _request(seed: str, name: str) -> pb.EvaluateRequest:
     )
 
 
-async def _fill(client: redis.Redis, start: int, stop: int, bits: int) -> None:
+async def _fill(
+    client: redis.Redis,
+    start: int,
+    stop: int,
+    bits: int,
+    service: str = SERVICE,
+    every: int = 0,
+) -> None:
     fill = client.register_script(FILL_SCRIPT)
     expiry = int(time.time() * 1000) + 3_600_000
     for first in range(start, stop, FILL_CHUNK):
         last = min(first + FILL_CHUNK, stop) - 1
-        await fill(
-            keys=[],
-            args=[f"tether:g:{SERVICE}:", first, last, bits, expiry, int(time.time() * 1000)],
-        )
+        now = int(time.time() * 1000)
+        await fill(keys=[], args=[f"tether:g:{service}:", first, last, bits, expiry, now, every])
 
 
 def _row(r: Result) -> str:
@@ -480,7 +490,7 @@ async def _run(
     sample = [k async for k in client.scan_iter(f"tether:g:{SERVICE}:*", count=1000)][:200]
     usage = [await client.memory_usage(k, samples=0) or 0 for k in sample]
     fields = [await client.hlen(k) for k in sample]
-    real, filled = await _check_fill(client, run, redis_url, database_url)
+    real, filled, mixed = await _check_fill(client, run, redis_url, database_url)
     print(f"\nRedis memory ({entries:,} entries in {keys_count:,} bucket keys)")
     print(f"  used_memory delta per (identity, account) entry: {used / entries:.1f} bytes")
     print(f"  MEMORY USAGE per key (200 sampled keys): {sum(usage) / len(usage):.1f} bytes")
@@ -489,7 +499,11 @@ async def _run(
         f"  check, {CHECK_ENTRIES:,} entries at {CHECK_BITS} bucket bits (about as many per"
         " bucket), bytes per entry (used_memory delta; the keys' MEMORY USAGE):"
     )
-    for name, stored in (("real Evaluate calls", real), ("the fill script", filled)):
+    for name, stored in (
+        ("real Evaluate calls", real),
+        ("the fill script", filled),
+        ("the fill script, every 16th identity with 2 accounts", mixed),
+    ):
         print(
             f"    written by {name}: {stored.used:.1f}; {stored.usage:.1f}"
             f" ({stored.identities:,} identities)"
@@ -512,21 +526,23 @@ class Stored(NamedTuple):
     identities: int
 
 
-async def _stored(client: redis.Redis, before: int) -> Stored:
+async def _stored(client: redis.Redis, before: int, entries: int) -> Stored:
     used = (await client.info("memory"))["used_memory"] - before
     usage = identities = 0
-    async for key in client.scan_iter(f"tether:g:{SERVICE}:*", count=1000):
+    async for key in client.scan_iter(f"tether:g:{CHECK_SERVICE}:*", count=1000):
         usage += await client.memory_usage(key, samples=0) or 0
         identities += await client.hlen(key)
-    return Stored(used / CHECK_ENTRIES, usage / CHECK_ENTRIES, identities)
+    return Stored(used / entries, usage / entries, identities)
 
 
 async def _check_fill(
     client: redis.Redis, run: str, redis_url: str, database_url: str
-) -> tuple[Stored, Stored]:
+) -> tuple[Stored, Stored, Stored]:
     """What entries written by real Evaluate calls cost (new browsers logging
     in, through a Tether server whose buckets are as full as the 10^6
-    fill's), and what as many written by the fill script cost."""
+    fill's), what as many written by the fill script cost, and what they
+    cost when every 16th identity holds a second account (a record over 64
+    bytes: nearly every bucket leaves Redis's compact encoding)."""
     await client.flushall()
     checker = Server(
         "tether",
@@ -538,20 +554,31 @@ async def _check_fill(
     try:
         await checker.stub.SetPolicy(
             pb.SetPolicyRequest(
-                policy=pb.Policy(service_id=SERVICE, login_limit=10_000, login_session_seconds=3600)
+                policy=pb.Policy(
+                    service_id=CHECK_SERVICE, login_limit=10_000, login_session_seconds=3600
+                )
             )
         )
-        requests = [_request(f"{run}-check-{i}", f"check{i}") for i in range(CHECK_ENTRIES)]
+        requests = [
+            _request(f"{run}-check-{i}", f"check{i}", CHECK_SERVICE) for i in range(CHECK_ENTRIES)
+        ]
+        # After the server's start, which restored the other service's
+        # entries from SQL.
         before = (await client.info("memory"))["used_memory"]
         for first in range(0, CHECK_ENTRIES, 64):
             await asyncio.gather(*(checker.stub.Evaluate(r) for r in requests[first : first + 64]))
-        real = await _stored(client, before)
+        real = await _stored(client, before, CHECK_ENTRIES)
     finally:
         await checker.close()
     await client.flushall()
     before = (await client.info("memory"))["used_memory"]
-    await _fill(client, 0, CHECK_ENTRIES, CHECK_BITS)
-    return real, await _stored(client, before)
+    await _fill(client, 0, CHECK_ENTRIES, CHECK_BITS, CHECK_SERVICE)
+    filled = await _stored(client, before, CHECK_ENTRIES)
+    await client.flushall()
+    before = (await client.info("memory"))["used_memory"]
+    await _fill(client, 0, CHECK_ENTRIES, CHECK_BITS, CHECK_SERVICE, every=16)
+    mixed = await _stored(client, before, CHECK_ENTRIES + CHECK_ENTRIES // 16)
+    return real, filled, mixed
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tests.guard_support import (
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard import rebuild
+from tether.server.guard import keys, rebuild
 from tether.server.guard.convert import components
 from tether.server.guard.service import AccountRef, Action, EvaluateCall
 
@@ -87,6 +87,33 @@ async def _until_counted(guard: GuardClient, service: str, name: str) -> pb.Eval
         if not verdict.fail_open or time.monotonic() > deadline:
             return verdict
         await asyncio.sleep(0.05)
+
+
+async def test_the_layout_before_is_replaced_from_sql_at_the_first_start(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=1)
+    first = await _evaluate(guard, service, "l1")
+    # Redis as a server of the layout before left it: a hash per identity
+    # (the identity last), its own restore marker, and none of this layout's.
+    client = await redis_server.client()
+    legacy = f"tether:g:{service}:{{0}}:r:{first.identity}"
+    try:
+        restores = restorer_of(server).restores
+        # At once: the watcher must not find Redis empty in between.
+        async with client.pipeline(transaction=True) as replace:
+            replace.flushall()
+            replace.hset(legacy, "x", "9007199254740991")
+            replace.set("tether:g:restored", "1")
+            await replace.execute()
+        await _until(lambda: restorer_of(server).restores > restores)
+        assert not await client.exists(legacy)
+        assert await client.exists(f"tether:g:restored:{keys.LAYOUT}")
+    finally:
+        await client.aclose()
+    # The registration counts in this layout, written back from SQL.
+    assert (await _evaluate(guard, service, "l2")).verdict == pb.VERDICT_DENY
 
 
 async def test_stopped_redis_fails_open_with_flag_then_recovers(

@@ -14,6 +14,13 @@ from __future__ import annotations
 from tether.server.counters.connection import KEY_PREFIX as PREFIX
 
 ACTION_LETTERS = {"register": "r", "login": "l", "collaborate": "c"}
+# The key layout's version: the restore marker names it (guard/restorer.py),
+# so the first server of a new layout finds no marker and writes its
+# layout from SQL.
+LAYOUT = 2
+# Keys of layout 1 (a hash per identity, action and room, the identity
+# last): what no server of this layout reads.
+LAYOUT_1 = f"{PREFIX}:g:*}}:?:*"
 
 
 def bucket(identity: str, bits: int) -> str:
