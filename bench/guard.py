@@ -17,8 +17,10 @@ Workloads of Tether's Evaluate:
   screen, version, network) and account logging in; the fingerprint
   digested, the drift and profile look-ups of the identity book, one
   script call, and the SQL record written behind in batches.
-Then: Redis bytes per (identity, account) entry, and the "repeat" latency
-with 10^4 and with 10^6 identities stored.
+Then: Redis bytes per (identity, account) entry (10^6 identities filled in
+the layout the guard's scripts write, checked against 20,000 entries
+written by real Evaluate calls), and the "repeat" latency with 10^4 and
+with 10^6 identities stored.
 """
 
 from __future__ import annotations
