@@ -12,7 +12,7 @@ from tests.guard_support import fingerprint, guard_client, new_service, race_of_
 from tests.support import RunningServer, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard import counters, keys
+from tether.server.guard import counters, keys, scripts
 
 IP = "198.51.100.7"
 
@@ -34,6 +34,15 @@ async def test_a_thousand_simultaneous_registrations_admit_exactly_the_limit(
     pg_server: RunningServer,
 ) -> None:
     await race_of_registrations(pg_server, IP)
+
+
+async def test_registrations_racing_past_the_spill_admit_exactly_the_limit(
+    pg_server: RunningServer,
+) -> None:
+    # The identity's record spills into keys of its own (past SPILL
+    # accounts) in the middle of the race: the counts stay exact across it.
+    assert 7 < scripts.SPILL < 100
+    await race_of_registrations(pg_server, IP, racers=150, limit=100)
 
 
 async def test_simultaneous_logins_admit_exactly_the_limit(pg_server: RunningServer) -> None:

@@ -27,8 +27,9 @@ from tests.guard_support import (
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard import keys, rebuild
+from tether.server.guard import keys, rebuild, scripts
 from tether.server.guard.convert import components
+from tether.server.guard.counters import is_spilled
 from tether.server.guard.service import AccountRef, Action, EvaluateCall
 
 IP = "198.51.100.7"
@@ -374,3 +375,33 @@ async def test_redis_losing_its_data_during_a_restore_is_restored_again(
     assert losses
     third = await guard.evaluate(service, "register", account("t3"), browser, IP)
     assert (third.verdict, third.reason) == (pb.VERDICT_DENY, pb.VERDICT_REASON_REGISTER_LIMIT)
+
+
+async def test_a_spilled_identity_is_restored_spilled_after_flushall(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    limit = scripts.SPILL + 16
+    service = await new_service(guard, register_limit=limit)
+    browser = fingerprint("spilled-flush")
+    for i in range(limit):
+        verdict = await guard.evaluate(service, "register", account(f"sp{i}"), browser, IP)
+        assert verdict.verdict == pb.VERDICT_ALLOW
+    key = keys.counted(service, "register", "", verdict.identity, bits=guard_of(server).bucket_bits)
+    spill = keys.spills(key, keys.field(verdict.identity))[0]
+
+    restores = restorer_of(server).restores
+    client = await redis_server.client()
+    try:
+        await client.flushall()
+        await _until(lambda: restorer_of(server).restores > restores)
+        # Written back as it was: a marker in the bucket, the accounts in
+        # the identity's own keys.
+        assert is_spilled(await client.hget(key, keys.field(verdict.identity)))
+        assert int(await client.hget(spill, "a")) == limit
+    finally:
+        await client.aclose()
+    refused = await guard.evaluate(service, "register", account("one-more"), browser, IP)
+    assert (refused.verdict, refused.count) == (pb.VERDICT_DENY, limit)
+    again = await guard.evaluate(service, "register", account("sp3"), browser, IP)
+    assert again.reason == pb.VERDICT_REASON_ALREADY_COUNTED

@@ -165,7 +165,7 @@ class Decider:
                         target, keys.field(identity, room), entries, farmed=farmed, now_ms=now_ms
                     )
                     await self.counters.remove_fields([(source, source_field)])
-                    written.append(target)
+                    written += [target, *keys.spills(target, keys.field(identity, room))]
         return written
 
 

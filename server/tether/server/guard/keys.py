@@ -43,6 +43,14 @@ def field(identity: str, room_id: str = "") -> bytes:
     return bytes.fromhex(identity) + room_id.encode()
 
 
+def spills(key: str, field: bytes) -> list[str]:
+    """A spilled identity's own keys (guard/scripts.py): its accounts' hash,
+    their expiries and their admissions. Named after its bucket's hash and
+    field, so they share its slot; no name of layout 1 (LAYOUT_1) matches."""
+    tail = field.hex()
+    return [f"{key}s:{tail}", f"{key}x:{tail}", f"{key}t:{tail}"]
+
+
 def is_registrations(key: str) -> bool:
     """Whether a counted() key holds registrations (which keep their day's
     admission times for the velocity windows)."""

@@ -38,12 +38,20 @@ SWEEP = 4
 HEAD = 10
 ENTRY = 28
 
+# More live accounts than this and an identity's record spills into keys
+# of its own (keys.spills; docs/guard.md says why 64).
+SPILL = 64
+
 # The record's helpers (bench/guard.py fills records with them too).
-COMMON = """
+COMMON = (
+    f"local SPILL = {SPILL}\n"
+    + """
 local forever = 9007199254740991
 local never = 281474976710655
 local day = 86400000
 local HEAD, ENTRY = 10, 28
+-- A spilled identity's own keys (keys.spills), in its bucket's slot.
+local spill, expiries, admissions = KEYS[2], KEYS[3], KEYS[4]
 -- Numbers as digits: Lua's own tostring writes 16-digit ones in
 -- exponent form.
 local function int(x) return string.format('%d', x) end
@@ -89,7 +97,8 @@ end
 local function load(text)
   local r = {m = {}, a = {}, e = {}, n = {}, w = {}, farmed = false, x = 0}
   if not text then return r end
-  r.farmed = string.byte(text, 1) == 102
+  r.farmed = string.byte(text, 1) == 102 or string.byte(text, 1) == 70
+  r.spilled = string.byte(text, 1) == 43 or string.byte(text, 1) == 70
   r.x = get6(text, 2)
   local b1, b2, b3 = string.byte(text, 8, 10)
   local count = (b1 * 256 + b2) * 256 + b3
@@ -125,6 +134,118 @@ local function drop(r, i)
   table.remove(r.e, i)
   table.remove(r.n, i)
 end
+-- The key lives as long as its latest record: never shortened, as other
+-- identities' records may need it. `ttl`: its PTTL before this call wrote.
+local function extend_key(key, ttl, expiry, now)
+  if replay or expiry <= 0 or ttl == -1 then return end
+  if ttl >= 0 and now + ttl >= expiry then return end
+  if expiry >= forever then
+    redis.call('PERSIST', key)
+  else
+    redis.call('PEXPIREAT', key, expiry)
+  end
+end
+-- A spilled identity (more than SPILL live accounts): its field in the
+-- bucket holds only a marker ('+', or 'F' once farmed; its expiry; no
+-- accounts) and its accounts are in keys of its own, so a call reads only
+-- what it needs: `spill`, a hash of the account's member -> admitted (6),
+-- expiry (6), network (8); 'n' .. network -> its live accounts; 'a' -> all
+-- live accounts; 'w' -> the day's registration times (6 bytes each);
+-- `expiries`, the members by expiry (to drop expired ones, each once);
+-- `admissions`, member .. network by admission (the time windows).
+local function is_spilled(text)
+  local b = string.byte(text, 1)
+  return b == 43 or b == 70
+end
+local function marker(farmed, x)
+  if farmed then return 'F' .. put6(x) .. put3(0) end
+  return '+' .. put6(x) .. put3(0)
+end
+-- Every spill key lives exactly as long as the identity's latest account
+-- (`x` only grows; nothing else shares them), even one a write just
+-- created anew.
+local function extend_spill(x, now)
+  if replay then return end
+  for _, k in ipairs({spill, expiries, admissions}) do
+    if x >= forever then
+      redis.call('PERSIST', k)
+    else
+      redis.call('PEXPIREAT', k, x)
+    end
+  end
+end
+-- Drops the accounts expired by `now` (each account once, when it expires:
+-- the cost is spread over the calls, not paid per call).
+local function prune_spill(now)
+  local dead = redis.call('ZRANGEBYSCORE', expiries, '-inf', int(now))
+  if #dead == 0 then return end
+  for _, m in ipairs(dead) do
+    local v = redis.call('HGET', spill, m)
+    if v then
+      local net = string.sub(v, 13, 20)
+      if redis.call('HINCRBY', spill, 'n' .. net, -1) <= 0 then
+        redis.call('HDEL', spill, 'n' .. net)
+      end
+      redis.call('HINCRBY', spill, 'a', -1)
+      redis.call('HDEL', spill, m)
+      redis.call('ZREM', admissions, m .. net)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', expiries, '-inf', int(now))
+end
+-- Counts a new account (not in the spill yet).
+local function spill_add(member, admitted, expiry, network)
+  redis.call('HSET', spill, member, put6(admitted) .. put6(expiry) .. network)
+  redis.call('HINCRBY', spill, 'n' .. network, 1)
+  redis.call('HINCRBY', spill, 'a', 1)
+  redis.call('ZADD', expiries, int(expiry), member)
+  redis.call('ZADD', admissions, int(admitted), member .. network)
+end
+-- Removes a counted account whose stored value is `v`.
+local function spill_drop(member, v)
+  local net = string.sub(v, 13, 20)
+  if redis.call('HINCRBY', spill, 'n' .. net, -1) <= 0 then
+    redis.call('HDEL', spill, 'n' .. net)
+  end
+  redis.call('HINCRBY', spill, 'a', -1)
+  redis.call('HDEL', spill, member)
+  redis.call('ZREM', expiries, member)
+  redis.call('ZREM', admissions, member .. net)
+end
+local function spill_expiry(member, v, expiry)
+  redis.call('HSET', spill, member, string.sub(v, 1, 6) .. put6(expiry) .. string.sub(v, 13, 20))
+  redis.call('ZADD', expiries, int(expiry), member)
+end
+-- The day's registration times, as a string of 6-byte times, without those
+-- older than a day.
+local function spill_times(now)
+  local text = redis.call('HGET', spill, 'w')
+  if not text then return '' end
+  local parts = {}
+  for at = 1, #text - 5, 6 do
+    if get6(text, at) > now - day then parts[#parts + 1] = string.sub(text, at, at + 5) end
+  end
+  return table.concat(parts)
+end
+-- Writes a record (load()'s tables) as a spilled one: its live accounts and
+-- the day's registration times. Returns its expiry.
+local function spill_all(key, field, r, now)
+  redis.call('DEL', spill, expiries, admissions)
+  for i = 1, #r.m do
+    if r.e[i] > now then
+      spill_add(r.m[i], r.a[i], r.e[i], r.n[i])
+      if r.e[i] > r.x then r.x = r.e[i] end
+    end
+  end
+  local times = {}
+  for i = 1, #r.w do
+    if r.w[i] > now - day then times[#times + 1] = put6(r.w[i]) end
+  end
+  if #times > 0 then redis.call('HSET', spill, 'w', table.concat(times)) end
+  redis.call('HSET', key, field, marker(r.farmed, r.x))
+  extend_spill(r.x, now)
+  return r.x
+end
 -- Writes the record back without its expired accounts and without
 -- registration times older than a day; a record past its expiry goes.
 -- Returns the record's expiry (0: gone).
@@ -146,21 +267,11 @@ local function save(key, field, r, now)
     redis.call('HDEL', key, field)
     return 0
   end
+  if kept > SPILL then return spill_all(key, field, r, now) end
   local flag = '-'
   if r.farmed then flag = 'f' end
   redis.call('HSET', key, field, flag .. put6(r.x) .. put3(kept) .. table.concat(parts))
   return r.x
-end
--- The key lives as long as its latest record: never shortened, as other
--- identities' records may need it. `ttl`: its PTTL before this call wrote.
-local function extend_key(key, ttl, expiry, now)
-  if replay or expiry <= 0 or ttl == -1 then return end
-  if ttl >= 0 and now + ttl >= expiry then return end
-  if expiry >= forever then
-    redis.call('PERSIST', key)
-  else
-    redis.call('PEXPIREAT', key, expiry)
-  end
 end
 -- A few random records of the bucket: those past their expiry go.
 local function sweep(key, field, now, count)
@@ -174,6 +285,7 @@ local function sweep(key, field, now, count)
   end
 end
 """
+)
 
 # KEYS[1]: the identity's bucket. ARGV: 1 the identity's field, 2 member
 # (8 bytes), 3 limit (0: none), 4 lifetime ms (0: forever), 5 '1' to
@@ -207,6 +319,96 @@ if life > 0 then expiry = now + life end
 -- accounts, and a returning one needs only its own and its network's.
 local text = redis.call('HGET', key, field)
 if text and get6(text, 2) <= now then text = false end
+
+local scope, count, threshold, over = 0, 0, 0, false
+local function consider(s, c, t)
+  if t <= 0 then return end
+  if c >= t then
+    if not over then scope, count, threshold, over = s, c, t, true end
+  elseif not over and (threshold == 0 or c * threshold > count * t) then
+    scope, count, threshold = s, c, t
+  end
+end
+local velocity = false
+for i = 1, 4 do
+  if tonumber(ARGV[13 + i]) > 0 then velocity = true end
+end
+
+if text and is_spilled(text) then
+  if not spill then return {-1} end
+  -- A spilled identity: its own account's field, its network's count and
+  -- the accounts admitted within a window (crowds, rotation) are read,
+  -- never all its accounts.
+  prune_spill(now)
+  local farmed = string.byte(text, 1) == 70
+  local function recent_on(window, same_network)
+    local got = redis.call('ZRANGEBYSCORE', admissions, '(' .. int(now - window), '+inf')
+    local c = 0
+    for _, s in ipairs(got) do
+      if (string.sub(s, 9, 16) == network) == same_network then c = c + 1 end
+    end
+    return c
+  end
+  local function spilled_count()
+    if rare then
+      if farmed then return 1, tonumber(redis.call('HGET', spill, 'a')) or 0, limit end
+      local same = tonumber(redis.call('HGET', spill, 'n' .. network)) or 0
+      if rotation > 0 then same = same + recent_on(rotation, false) end
+      return 1, same, limit
+    end
+    if crowd then return 2, recent_on(crowd_window, true), crowd_threshold end
+    return 2, tonumber(redis.call('HGET', spill, 'n' .. network)) or 0, limit
+  end
+  local x = get6(text, 2)
+  local v = redis.call('HGET', spill, member)
+  if v then
+    local old_expiry = get6(v, 7)
+    if extend and old_expiry < expiry then
+      spill_expiry(member, v, expiry)
+      if expiry > x then
+        local ttl = redis.call('PTTL', key)
+        redis.call('HSET', key, field, marker(farmed, expiry))
+        extend_key(key, ttl, expiry, now)
+        extend_spill(expiry, now)
+      end
+    else
+      expiry = old_expiry
+    end
+    local s, c, t = spilled_count()
+    return {1, 1, c, expiry, s, t, 0}
+  end
+  consider(spilled_count())
+  local times = ''
+  if velocity then
+    times = spill_times(now)
+    local recent = {0, 0, 0, 0}
+    for at = 1, #times - 5, 6 do
+      local age = now - get6(times, at)
+      for i = 1, 4 do
+        if age < windows[i] then recent[i] = recent[i] + 1 end
+      end
+    end
+    for i = 1, 4 do consider(2 + i, recent[i], tonumber(ARGV[13 + i])) end
+  end
+  if over and scope == 1 then farmed = true end
+  if over and not record_over then
+    if farmed and string.byte(text, 1) ~= 70 then
+      redis.call('HSET', key, field, marker(true, x))
+    end
+    return {0, 0, count, 0, scope, threshold, 1}
+  end
+  spill_add(member, now, expiry, network)
+  if velocity then redis.call('HSET', spill, 'w', times .. put6(now)) end
+  if expiry > x then x = expiry end
+  local ttl = redis.call('PTTL', key)
+  redis.call('HSET', key, field, marker(farmed, x))
+  extend_key(key, ttl, x, now)
+  extend_spill(x, now)
+  sweep(key, field, now, SWEEP)
+  local flag = 0
+  if over then flag = 1 end
+  return {1, 0, count, expiry, scope, threshold, flag}
+end
 local n, last = 0, HEAD
 if text then
   local b1, b2, b3 = string.byte(text, 8, 10)
@@ -224,15 +426,6 @@ local function seek(value, shift, from)
   return nil
 end
 
-local scope, count, threshold, over = 0, 0, 0, false
-local function consider(s, c, t)
-  if t <= 0 then return end
-  if c >= t then
-    if not over then scope, count, threshold, over = s, c, t, true end
-  elseif not over and (threshold == 0 or c * threshold > count * t) then
-    scope, count, threshold = s, c, t
-  end
-end
 -- The accounts counted in the identity's scope for this network: all of
 -- them for a rare identity, this network's for a popular one.
 local function scope_count()
@@ -279,10 +472,6 @@ end
 consider(scope_count())
 local farmed_now = over and scope == 1 and text and string.byte(text, 1) ~= 102
 
-local velocity = false
-for i = 1, 4 do
-  if tonumber(ARGV[13 + i]) > 0 then velocity = true end
-end
 if velocity and text then
   local recent = {0, 0, 0, 0}
   for at = last + 1, #text - 5, 6 do
@@ -320,8 +509,15 @@ if text then
   end
 end
 if velocity then parts[#parts + 1] = put6(now) end
+if kept > SPILL and not spill then return {-1} end
 local ttl = redis.call('PTTL', key)
-redis.call('HSET', key, field, flag .. put6(x) .. put3(kept) .. table.concat(parts))
+local record = flag .. put6(x) .. put3(kept) .. table.concat(parts)
+if kept > SPILL then
+  -- Past SPILL accounts the record moves to keys of its own (once).
+  spill_all(key, field, load(record), now)
+else
+  redis.call('HSET', key, field, record)
+end
 extend_key(key, ttl, x, now)
 sweep(key, field, now, SWEEP)
 local flag = 0
@@ -339,10 +535,27 @@ REMOVE = (
 local key, field, member = KEYS[1], ARGV[1], ARGV[2]
 local text = redis.call('HGET', key, field)
 if not text then return 0 end
+local now = now_of(0)
+if is_spilled(text) then
+  if get6(text, 2) <= now then return 0 end
+  if not spill then return -1 end
+  prune_spill(now)
+  local v = redis.call('HGET', spill, member)
+  if not v then return 0 end
+  spill_drop(member, v)
+  local times = spill_times(now)
+  local admitted = string.sub(v, 1, 6)
+  for at = 1, #times - 5, 6 do
+    if string.sub(times, at, at + 5) == admitted then
+      redis.call('HSET', spill, 'w', string.sub(times, 1, at - 1) .. string.sub(times, at + 6))
+      break
+    end
+  end
+  return 1
+end
 local r = load(text)
 local i = find(r, member)
 if not i then return 0 end
-local now = now_of(0)
 local admitted, expiry = r.a[i], r.e[i]
 drop(r, i)
 for j = 1, #r.w do
@@ -365,10 +578,26 @@ RENEW = (
 local key, field, member = KEYS[1], ARGV[1], ARGV[2]
 local text = redis.call('HGET', key, field)
 if not text then return 0 end
+local now = now_of(0)
+if is_spilled(text) then
+  if get6(text, 2) <= now then return 0 end
+  if not spill then return -1 end
+  prune_spill(now)
+  local v = redis.call('HGET', spill, member)
+  if not v then return 0 end
+  local renewed = now + tonumber(ARGV[3])
+  spill_expiry(member, v, renewed)
+  if renewed > get6(text, 2) then
+    local ttl = redis.call('PTTL', key)
+    redis.call('HSET', key, field, marker(string.byte(text, 1) == 70, renewed))
+    extend_key(key, ttl, renewed, now)
+    extend_spill(renewed, now)
+  end
+  return renewed
+end
 local r = load(text)
 local i = find(r, member)
 if not i then return 0 end
-local now = now_of(0)
 if r.e[i] <= now then return 0 end
 local renewed = now + tonumber(ARGV[3])
 r.e[i] = renewed
@@ -392,6 +621,35 @@ local now = now_of(ARGV[3])
 local times = ARGV[4] == '1'
 local r = load(redis.call('HGET', key, field))
 if r.x <= now then r = load(nil) end
+if r.spilled and not spill then return -1 end
+if r.spilled then
+  -- Entry by entry into the spilled identity's own keys.
+  prune_spill(now)
+  local added, x, farmed = 0, r.x, r.farmed or ARGV[2] == '1'
+  local w = spill_times(now)
+  for i = 5, #ARGV, 4 do
+    local member = ARGV[i]
+    local admitted, expiry, network = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), ARGV[i + 3]
+    if expiry > now then
+      local v = redis.call('HGET', spill, member)
+      if not v then
+        spill_add(member, admitted, expiry, network)
+        if times and now - admitted < day then w = w .. put6(admitted) end
+        added = added + 1
+      elseif get6(v, 7) < expiry then
+        spill_drop(member, v)
+        spill_add(member, admitted, expiry, network)
+      end
+      if expiry > x then x = expiry end
+    end
+  end
+  if #w > 0 then redis.call('HSET', spill, 'w', w) end
+  local ttl = redis.call('PTTL', key)
+  redis.call('HSET', key, field, marker(farmed, x))
+  extend_key(key, ttl, x, now)
+  extend_spill(x, now)
+  return added
+end
 local changed = false
 if ARGV[2] == '1' and not r.farmed then
   r.farmed = true
@@ -419,6 +677,13 @@ for i = 5, #ARGV, 4 do
   end
 end
 if changed then
+  if not spill then
+    local live = 0
+    for i = 1, #r.e do
+      if r.e[i] > now then live = live + 1 end
+    end
+    if live > SPILL then return -1 end
+  end
   local ttl = redis.call('PTTL', key)
   extend_key(key, ttl, save(key, field, r, now), now)
 end
