@@ -397,8 +397,9 @@ async def test_a_spilled_identity_is_restored_spilled_after_flushall(
         await _until(lambda: restorer_of(server).restores > restores)
         # Written back as it was: a marker in the bucket, the accounts in
         # the identity's own keys.
-        assert is_spilled(await client.hget(key, keys.field(verdict.identity)))
-        assert int(await client.hget(spill, "a")) == limit
+        record = await client.hget(key, keys.field(verdict.identity))
+        assert isinstance(record, bytes) and is_spilled(record)
+        assert await client.hget(spill, "a") == b"%d" % limit
     finally:
         await client.aclose()
     refused = await guard.evaluate(service, "register", account("one-more"), browser, IP)
