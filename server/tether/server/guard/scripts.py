@@ -25,6 +25,11 @@ fields of its bucket and deletes those past their expiry (identities never
 seen again go too). The key's own expiry is the latest of its records', so
 a bucket whose identities all went quiet goes as a whole.
 
+An identity with more than SPILL live accounts spills into keys of its own
+(KEYS[2-4], keys.spills; the helpers below describe them) so a call never
+reads all its accounts; its field then holds only a marker. A script
+passed only KEYS[1] answers SPILLED (-1) when it needs them.
+
 Time is the caller's (a backtest replays history) or, when the caller
 passes 0, Redis's own (TIME), so every server agrees on it.
 """
