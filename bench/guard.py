@@ -17,8 +17,10 @@ Workloads of Tether's Evaluate:
   screen, version, network) and account logging in; the fingerprint
   digested, the drift and profile look-ups of the identity book, one
   script call, and the SQL record written behind in batches.
-Then: Redis bytes per (identity, account) entry, and the "repeat" latency
-with 10^4 and with 10^6 identities stored.
+Then: Redis bytes per (identity, account) entry (10^6 identities filled in
+the layout the guard's scripts write, checked against 20,000 entries
+written by real Evaluate calls), and the "repeat" latency with 10^4 and
+with 10^6 identities stored.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from tether.clients.connection import open_channel
 from tether.clients.guard.client import account, components
 from tether.guard.v1 import messages_pb2 as pb
 from tether.guard.v1 import service_pb2_grpc
+from tether.server.guard import scripts
 
 SERVICE = "bench"
 POSTGRES_DSN = os.environ.get(
@@ -60,32 +63,46 @@ WARMUP = 300
 # twice the slices narrow it, for about a minute more per run.
 CALLS = {1: 8000, 32: 12000}
 FILL_CHUNK = 20_000
+# The fill script's check against real Evaluate calls: 20,000 entries in
+# 2^10 buckets, about as many per bucket as 10^6 in 2^16.
+CHECK_ENTRIES = 20_000
+CHECK_BITS = 10
+CHECK_SERVICE = "bench-check"
 ROUNDS = 10
 
 # A one-key script: the least one EVALSHA per call can cost.
 BASELINE_SCRIPT = "return redis.call('INCR', KEYS[1])"
 
-# Fills login keys the way the guard's EVALUATE script writes them: one hash
-# per identity (derived from a counter) holding one account: its a-field
-# ("admitted|expiry|network"), its network's n-field, and the key's expiry.
-FILL_SCRIPT = """
-local prefix, bits, expiry = ARGV[1], tonumber(ARGV[4]), ARGV[5]
-local now = ARGV[6]
+# Fills login buckets the way the guard's EVALUATE script writes them, with
+# its own record helpers (scripts.COMMON): one record per identity (derived
+# from a counter) in its bucket's hash, holding one account, and the
+# bucket's expiry (ARGV[7] > 0: every ARGV[7]th identity holds a second
+# account). main() checks it against records written by real Evaluate calls.
+FILL_SCRIPT = (
+    scripts.COMMON
+    + """
+local prefix, bits, expiry = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5])
+local now, every = tonumber(ARGV[6]), tonumber(ARGV[7])
 local function bytes(hex)
   return (hex:gsub('..', function(cc) return string.char(tonumber(cc, 16)) end))
 end
 for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
   local h = redis.sha1hex('identity' .. i)
-  local identity = h:sub(1, 32)
   local bucket = string.format('%x', math.floor(tonumber(h:sub(1, 8), 16) / 2 ^ (32 - bits)))
-  local key = prefix .. '{' .. bucket .. '}:l:' .. identity
-  local network = redis.sha1hex('network' .. i):sub(1, 16)
-  redis.call('HSET', key, 'a' .. bytes(redis.sha1hex('a' .. i):sub(1, 16)),
-    now .. '|' .. expiry .. '|' .. network, 'n' .. network, now .. ':' .. expiry, 'x', expiry)
+  local key = prefix .. '{' .. bucket .. '}:l'
+  local r = load(nil)
+  add(r, bytes(redis.sha1hex('a' .. i):sub(1, 16)), now, expiry,
+    bytes(redis.sha1hex('network' .. i):sub(1, 16)))
+  if every > 0 and i % every == 0 then
+    add(r, bytes(redis.sha1hex('b' .. i):sub(1, 16)), now, expiry,
+      bytes(redis.sha1hex('network' .. i):sub(1, 16)))
+  end
+  save(key, bytes(h:sub(1, 32)), r, now)
   redis.call('PEXPIREAT', key, expiry)
 end
 return 0
 """
+)
 
 
 def free_port() -> int:
@@ -267,7 +284,14 @@ async def compare(targets: list[Target], in_flight: int, calls: int, offset: int
 
 
 class Server:
-    def __init__(self, kind: str, redis_url: str, data_dir: str, database_url: str = "") -> None:
+    def __init__(
+        self,
+        kind: str,
+        redis_url: str,
+        data_dir: str,
+        database_url: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
             [
@@ -283,6 +307,7 @@ class Server:
             ],
             stdout=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         assert self.process.stdout is not None
         for line in self.process.stdout:
@@ -300,11 +325,11 @@ class Server:
         self.process.wait(10)
 
 
-def _request(seed: str, name: str) -> pb.EvaluateRequest:
+def _request(seed: str, name: str, service: str = SERVICE) -> pb.EvaluateRequest:
     # Each person on a network of their own, as real visitors are.
     number = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=3).digest(), "big")
     return pb.EvaluateRequest(
-        service_id=SERVICE,
+        service_id=service,
         action=pb.ACTION_LOGIN,
         account=account(name),
         components=fingerprint_of(seed),
@@ -312,15 +337,20 @@ def _request(seed: str, name: str) -> pb.EvaluateRequest:
     )
 
 
-async def _fill(client: redis.Redis, start: int, stop: int, bits: int) -> None:
+async def _fill(
+    client: redis.Redis,
+    start: int,
+    stop: int,
+    bits: int,
+    service: str = SERVICE,
+    every: int = 0,
+) -> None:
     fill = client.register_script(FILL_SCRIPT)
     expiry = int(time.time() * 1000) + 3_600_000
     for first in range(start, stop, FILL_CHUNK):
         last = min(first + FILL_CHUNK, stop) - 1
-        await fill(
-            keys=[],
-            args=[f"tether:g:{SERVICE}:", first, last, bits, expiry, int(time.time() * 1000)],
-        )
+        now = int(time.time() * 1000)
+        await fill(keys=[], args=[f"tether:g:{service}:", first, last, bits, expiry, now, every])
 
 
 def _row(r: Result) -> str:
@@ -366,7 +396,7 @@ async def main() -> None:
         "tether": Server("tether", redis_url, data_dir, f"{base}/{database}"),
     }
     try:
-        await _run(servers, client)
+        await _run(servers, client, redis_url, f"{base}/{database}")
     finally:
         for server in servers.values():
             await server.close()
@@ -378,7 +408,9 @@ async def main() -> None:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def _run(servers: dict[str, Server], client: redis.Redis) -> None:
+async def _run(
+    servers: dict[str, Server], client: redis.Redis, redis_url: str, database_url: str
+) -> None:
     tether = servers["tether"]
     await tether.stub.SetPolicy(
         pb.SetPolicyRequest(
@@ -462,10 +494,24 @@ async def _run(servers: dict[str, Server], client: redis.Redis) -> None:
     sample = [k async for k in client.scan_iter(f"tether:g:{SERVICE}:*", count=1000)][:200]
     usage = [await client.memory_usage(k, samples=0) or 0 for k in sample]
     fields = [await client.hlen(k) for k in sample]
-    print(f"\nRedis memory ({entries:,} entries in {keys_count:,} keys, one per identity)")
+    real, filled, mixed = await _check_fill(client, run, redis_url, database_url)
+    print(f"\nRedis memory ({entries:,} entries in {keys_count:,} bucket keys)")
     print(f"  used_memory delta per (identity, account) entry: {used / entries:.1f} bytes")
     print(f"  MEMORY USAGE per key (200 sampled keys): {sum(usage) / len(usage):.1f} bytes")
-    print(f"  fields per sampled key: {sum(fields) / len(fields):.1f}")
+    print(f"  identities per sampled key: {sum(fields) / len(fields):.1f}")
+    print(
+        f"  check, {CHECK_ENTRIES:,} entries at {CHECK_BITS} bucket bits (about as many per"
+        " bucket), bytes per entry (used_memory delta; the keys' MEMORY USAGE):"
+    )
+    for name, stored in (
+        ("real Evaluate calls", real),
+        ("the fill script", filled),
+        ("the fill script, every 16th identity with 2 accounts", mixed),
+    ):
+        print(
+            f"    written by {name}: {stored.used:.1f}; {stored.usage:.1f}"
+            f" ({stored.identities:,} identities)"
+        )
     print("\nLatency at 1 in flight with stored fingerprints (ms)")
     print(_row(small))
     print(_row(large))
@@ -473,6 +519,70 @@ async def _run(servers: dict[str, Server], client: redis.Redis) -> None:
         f"  p50 ratio 1e6/1e4: {large.p50_ms / small.p50_ms:.2f}x, "
         f"p99 ratio: {large.p99_ms / small.p99_ms:.2f}x"
     )
+
+
+class Stored(NamedTuple):
+    """What a check's entries cost: used_memory's delta and the bucket keys'
+    own MEMORY USAGE, per entry, and how many identities hold them."""
+
+    used: float
+    usage: float
+    identities: int
+
+
+async def _stored(client: redis.Redis, before: int, entries: int) -> Stored:
+    used = (await client.info("memory"))["used_memory"] - before
+    usage = identities = 0
+    async for key in client.scan_iter(f"tether:g:{CHECK_SERVICE}:*", count=1000):
+        usage += await client.memory_usage(key, samples=0) or 0
+        identities += await client.hlen(key)
+    return Stored(used / entries, usage / entries, identities)
+
+
+async def _check_fill(
+    client: redis.Redis, run: str, redis_url: str, database_url: str
+) -> tuple[Stored, Stored, Stored]:
+    """What entries written by real Evaluate calls cost (new browsers logging
+    in, through a Tether server whose buckets are as full as the 10^6
+    fill's), what as many written by the fill script cost, and what they
+    cost when every 16th identity holds a second account (a record over 64
+    bytes: nearly every bucket leaves Redis's compact encoding)."""
+    await client.flushall()
+    checker = Server(
+        "tether",
+        redis_url,
+        tempfile.mkdtemp(prefix="bench-guard-check-"),
+        database_url,
+        {"TETHER_GUARD_BUCKET_BITS": str(CHECK_BITS)},
+    )
+    try:
+        await checker.stub.SetPolicy(
+            pb.SetPolicyRequest(
+                policy=pb.Policy(
+                    service_id=CHECK_SERVICE, login_limit=10_000, login_session_seconds=3600
+                )
+            )
+        )
+        requests = [
+            _request(f"{run}-check-{i}", f"check{i}", CHECK_SERVICE) for i in range(CHECK_ENTRIES)
+        ]
+        # After the server's start, which restored the other service's
+        # entries from SQL.
+        before = (await client.info("memory"))["used_memory"]
+        for first in range(0, CHECK_ENTRIES, 64):
+            await asyncio.gather(*(checker.stub.Evaluate(r) for r in requests[first : first + 64]))
+        real = await _stored(client, before, CHECK_ENTRIES)
+    finally:
+        await checker.close()
+    await client.flushall()
+    before = (await client.info("memory"))["used_memory"]
+    await _fill(client, 0, CHECK_ENTRIES, CHECK_BITS, CHECK_SERVICE)
+    filled = await _stored(client, before, CHECK_ENTRIES)
+    await client.flushall()
+    before = (await client.info("memory"))["used_memory"]
+    await _fill(client, 0, CHECK_ENTRIES, CHECK_BITS, CHECK_SERVICE, every=16)
+    mixed = await _stored(client, before, CHECK_ENTRIES + CHECK_ENTRIES // 16)
+    return real, filled, mixed
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ async def process_id(port: int) -> int:
     return int(info["process_id"])
 
 
-async def node_command(port: int, *args: str | int) -> object:
+async def node_command(port: int, *args: str | int | bytes) -> object:
     """A command on one node (not routed: CLUSTER SETSLOT, MIGRATE, ...)."""
     connection = PipelinedConnection("127.0.0.1", port, 10.0)
     try:

@@ -48,11 +48,12 @@ async def guard_client(server: RunningServer, kind: str = "internal") -> GuardCl
     return GuardClient(server.channel(await server.credential(kind)))
 
 
-async def race_of_registrations(server: RunningServer, ip: str, racers: int = 1000) -> None:
+async def race_of_registrations(
+    server: RunningServer, ip: str, racers: int = 1000, limit: int = 7
+) -> None:
     """`racers` simultaneous registrations from one browser admit exactly
     the limit, each with its own count, and none by failing open."""
     guard = await guard_client(server)
-    limit = 7
     service = await new_service(guard, register_limit=limit)
     browser = fingerprint("race")
     verdicts = await asyncio.gather(

@@ -27,8 +27,9 @@ from tests.guard_support import (
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard import rebuild
+from tether.server.guard import keys, rebuild, scripts
 from tether.server.guard.convert import components
+from tether.server.guard.counters import is_spilled
 from tether.server.guard.service import AccountRef, Action, EvaluateCall
 
 IP = "198.51.100.7"
@@ -87,6 +88,33 @@ async def _until_counted(guard: GuardClient, service: str, name: str) -> pb.Eval
         if not verdict.fail_open or time.monotonic() > deadline:
             return verdict
         await asyncio.sleep(0.05)
+
+
+async def test_the_layout_before_is_replaced_from_sql_at_the_first_start(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=1)
+    first = await _evaluate(guard, service, "l1")
+    # Redis as a server of the layout before left it: a hash per identity
+    # (the identity last), its own restore marker, and none of this layout's.
+    client = await redis_server.client()
+    legacy = f"tether:g:{service}:{{0}}:r:{first.identity}"
+    try:
+        restores = restorer_of(server).restores
+        # At once: the watcher must not find Redis empty in between.
+        async with client.pipeline(transaction=True) as replace:
+            replace.flushall()
+            replace.hset(legacy, "x", "9007199254740991")
+            replace.set("tether:g:restored", "1")
+            await replace.execute()
+        await _until(lambda: restorer_of(server).restores > restores)
+        assert not await client.exists(legacy)
+        assert await client.exists(f"tether:g:restored:{keys.LAYOUT}")
+    finally:
+        await client.aclose()
+    # The registration counts in this layout, written back from SQL.
+    assert (await _evaluate(guard, service, "l2")).verdict == pb.VERDICT_DENY
 
 
 async def test_stopped_redis_fails_open_with_flag_then_recovers(
@@ -347,3 +375,34 @@ async def test_redis_losing_its_data_during_a_restore_is_restored_again(
     assert losses
     third = await guard.evaluate(service, "register", account("t3"), browser, IP)
     assert (third.verdict, third.reason) == (pb.VERDICT_DENY, pb.VERDICT_REASON_REGISTER_LIMIT)
+
+
+async def test_a_spilled_identity_is_restored_spilled_after_flushall(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    guard = await guard_client(server)
+    limit = scripts.SPILL + 16
+    service = await new_service(guard, register_limit=limit)
+    browser = fingerprint("spilled-flush")
+    for i in range(limit):
+        verdict = await guard.evaluate(service, "register", account(f"sp{i}"), browser, IP)
+        assert verdict.verdict == pb.VERDICT_ALLOW
+    key = keys.counted(service, "register", "", verdict.identity, bits=guard_of(server).bucket_bits)
+    spill = keys.spills(key, keys.field(verdict.identity))[0]
+
+    restores = restorer_of(server).restores
+    client = await redis_server.client()
+    try:
+        await client.flushall()
+        await _until(lambda: restorer_of(server).restores > restores)
+        # Written back as it was: a marker in the bucket, the accounts in
+        # the identity's own keys.
+        record = await client.hget(key, keys.field(verdict.identity))
+        assert isinstance(record, bytes) and is_spilled(record)
+        assert await client.hget(spill, "a") == b"%d" % limit
+    finally:
+        await client.aclose()
+    refused = await guard.evaluate(service, "register", account("one-more"), browser, IP)
+    assert (refused.verdict, refused.count) == (pb.VERDICT_DENY, limit)
+    again = await guard.evaluate(service, "register", account("sp3"), browser, IP)
+    assert again.reason == pb.VERDICT_REASON_ALREADY_COUNTED

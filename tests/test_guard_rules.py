@@ -20,6 +20,7 @@ from tests.provisioning_support import eventually
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard import counters, keys
 
 IP = "198.51.100.7"
 
@@ -120,18 +121,17 @@ async def test_an_expired_login_frees_its_slot_and_leaves_the_bucket(
         assert third.verdict == pb.VERDICT_ALLOW
         assert (third.count, third.limit) == (2, 2)
 
-        # Only the two live logins remain in the identity's hash, under
-        # their account fields (a<member>) and their network's list (n<network>).
-        (key,) = [k async for k in client.scan_iter(match=f"*:g:{service}:*:l:*")]
+        # Only the two live logins remain in the identity's record, the one
+        # field of its bucket's hash (the written record dropped the expired one).
+        (key,) = [k async for k in client.scan_iter(match=f"*:g:{service}:*:l")]
         # Raw bytes: this client does not decode responses.
         fields = cast(dict[bytes, bytes], await client.hgetall(key))
         now = await redis_ms()
-        accounts = [v for f, v in fields.items() if f.startswith(b"a")]
-        assert len(accounts) == 2
-        assert all(int(v.split(b"|")[1]) > now for v in accounts)
-        pairs = [p for f, v in fields.items() if f.startswith(b"n") for p in v.split()]
-        assert len(pairs) == 2
-        assert all(int(p.split(b":")[1]) > now for p in pairs)
+        assert list(fields) == [keys.field(third.identity)]
+        record = counters.decode(fields[keys.field(third.identity)])
+        assert len(record.entries) == 2
+        assert all(entry.expire_ms > now for entry in record.entries)
+        assert record.expire_ms == max(entry.expire_ms for entry in record.entries)
     finally:
         await client.aclose()
 

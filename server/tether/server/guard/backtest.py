@@ -212,6 +212,7 @@ class Backtest:
         # changes it; the script may run a little later, in order.
         prepared = decider.prepare(checked, resolution, self.policy, event.time)
         self._keys.add(prepared.key)
+        self._keys.update(keys.spills(prepared.key, prepared.field))
         running = decider.run(checked, resolution, prepared, int(event.time * 1000))
         if self._pipelined:
             self._in_flight.append((index, action, event, checked, asyncio.ensure_future(running)))

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors
 from tether.server.errors import Violations
-from tether.server.guard import identity_record, rebuild
+from tether.server.guard import identity_record, keys, rebuild
 from tether.server.guard.decide import ACTIONS
 from tether.server.guard.fingerprint import check_identity
 from tether.server.guard.identities import Link, LinkKind
@@ -124,10 +124,10 @@ async def _recount(guard: Guard, old: set[str], new: set[str]) -> None:
             )
         ).all()
     stale = [
-        guard.decider.key(service, action, room, identity)
+        (guard.decider.key(service, action, room, identity), keys.field(identity, room))
         for service, action, room in scopes
         for identity in old | new
         if action in ACTIONS
     ]
-    await guard.counters.delete(*stale)
+    await guard.counters.remove_fields(stale)
     await rebuild.rebuild(guard, identities={guard.book.find(i) for i in new})

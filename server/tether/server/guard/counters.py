@@ -19,11 +19,18 @@ from tether.server.counters.cluster import ClusterConnection
 from tether.server.counters.connection import MAX_CONNECTIONS, Client
 from tether.server.counters.pipelined import PipelinedConnection, Script
 from tether.server.guard import scripts
+from tether.server.guard.keys import is_registrations, spills
 from tether.server.guard.rules import Inputs
 from tether.server.observability import probes
 from tether.server.observability.probes import Probe
 
 FOREVER_MS = 9007199254740991
+# FOREVER_MS in a record's 6 bytes.
+NEVER_48 = 2**48 - 1
+# A script's reply asking to be run again with the spilled identity's keys.
+SPILLED = -1
+# An account digest's bytes: its field in a spilled identity's hash.
+MEMBER = 8
 # The shared pool refuses calls beyond its size: the guard queues its own
 # below it, leaving room for the other callers.
 MAX_CONCURRENT = MAX_CONNECTIONS // 2
@@ -65,12 +72,51 @@ class Scope:
 
 
 class Entry(NamedTuple):
-    """One counted account as stored in an identity's hash."""
+    """One counted account as stored in an identity's record."""
 
     member: bytes
     admitted_ms: int
     expire_ms: int
     network: str
+
+
+class Record(NamedTuple):
+    """An identity's packed record (guard/scripts.py describes the bytes)."""
+
+    farmed: bool
+    expire_ms: int
+    entries: list[Entry]
+    # When the day's registrations were admitted, ms.
+    registration_ms: list[int]
+
+
+def _ms(raw: bytes) -> int:
+    value = int.from_bytes(raw, "big")
+    return FOREVER_MS if value == NEVER_48 else value
+
+
+def is_spilled(value: bytes) -> bool:
+    """Whether a record is a spilled identity's marker (its accounts are in
+    keys.spills)."""
+    return value[:1] in (b"+", b"F")
+
+
+def decode(value: bytes) -> Record:
+    count = int.from_bytes(value[7 : scripts.HEAD], "big")
+    entries = []
+    at = scripts.HEAD
+    for _ in range(count):
+        entries.append(
+            Entry(
+                value[at : at + 8],
+                _ms(value[at + 8 : at + 14]),
+                _ms(value[at + 14 : at + 20]),
+                value[at + 20 : at + 28].hex(),
+            )
+        )
+        at += scripts.ENTRY
+    times = [_ms(value[i : i + 6]) for i in range(at, len(value) - 5, 6)]
+    return Record(value[:1] in (b"f", b"F"), _ms(value[1:7]), entries, times)
 
 
 class GuardCounters:
@@ -124,6 +170,7 @@ class GuardCounters:
     async def evaluate(
         self,
         key: str,
+        field: bytes,
         member: bytes,
         limit: int,
         life_ms: int,
@@ -137,13 +184,14 @@ class GuardCounters:
         """now_ms: the call's time (a backtest's event time); 0: Redis's."""
         keys = [key]
         args: list[bytes | int | str] = [
+            field,
             member,
             limit,
             life_ms,
             int(record_over),
             int(extend),
             now_ms,
-            network,
+            bytes.fromhex(network),
             int(inputs.rare),
             inputs.rotation_ms,
             int(inputs.crowd),
@@ -151,10 +199,13 @@ class GuardCounters:
             inputs.crowd_threshold,
             *inputs.velocity,
         ]
-        if self.pipelined is not None:
-            reply = await self._call_pipelined(keys, args)
-        else:
-            reply = await self._call(self._evaluate(keys=keys, args=args), self._evaluate_probe)
+        # A call names only the bucket's key (a key that does not exist
+        # would make every call of its slot TRYAGAIN while the slot
+        # migrates): the script asks for the spilled identity's own keys
+        # (SPILLED) when it needs them, and the call runs again with them.
+        reply = await self._evaluate_with(keys, args)
+        if reply[0] == SPILLED:
+            reply = await self._evaluate_with([key, *spills(key, field)], args)
         allowed, already, count, expire_ms, scope, threshold, over = reply
         return Count(
             allowed == 1,
@@ -166,35 +217,66 @@ class GuardCounters:
             over == 1,
         )
 
+    async def _evaluate_with(self, keys: list[str], args: list[bytes | int | str]) -> Any:
+        if self.pipelined is not None:
+            return await self._call_pipelined(keys, args)
+        return await self._call(self._evaluate(keys=keys, args=args), self._evaluate_probe)
+
+    async def _run(self, script: Any, key: str, field: bytes, args: list[Any]) -> int:
+        """A script's reply, run again with the spilled identity's keys when
+        it asks for them (see evaluate)."""
+        reply = int(await self._call(script(keys=[key], args=args)))
+        if reply == SPILLED:
+            reply = int(await self._call(script(keys=[key, *spills(key, field)], args=args)))
+        return reply
+
     def close(self) -> None:
         if self.pipelined is not None:
             self.pipelined.close()
 
-    async def remove(self, key: str, member: bytes) -> bool:
-        return bool(await self._call(self._remove(keys=[key], args=[member])))
+    async def remove(self, key: str, field: bytes, member: bytes) -> bool:
+        return bool(await self._run(self._remove, key, field, [field, member]))
 
-    async def renew(self, key: str, member: bytes, life_ms: int) -> int:
+    async def renew(self, key: str, field: bytes, member: bytes, life_ms: int) -> int:
         """The new expiry in Unix ms, or 0 when the entry is gone."""
-        return int(await self._call(self._renew(keys=[key], args=[member, life_ms])))
+        return await self._run(self._renew, key, field, [field, member, life_ms])
 
     async def restore(
-        self, key: str, entries: list[Entry], *, farmed: bool = False, now_ms: int = 0
+        self, key: str, field: bytes, entries: list[Entry], *, farmed: bool = False, now_ms: int = 0
     ) -> int:
         """now_ms: a replay's time (0: Redis's own)."""
-        args: list[bytes | int | str] = [int(farmed), now_ms]
+        args: list[bytes | int | str] = [field, int(farmed), now_ms, int(is_registrations(key))]
         for entry in entries:
-            args += [entry.member, entry.admitted_ms, entry.expire_ms, entry.network]
-        return int(await self._call(self._restore(keys=[key], args=args)))
+            args += [entry.member, entry.admitted_ms, entry.expire_ms, bytes.fromhex(entry.network)]
+        return await self._run(self._restore, key, field, args)
 
-    async def entries(self, key: str) -> tuple[list[Entry], bool]:
-        """An identity's counted accounts, and whether it is marked farmed."""
-        fields: dict[bytes, bytes] = await self._call(self._client.hgetall(key))
-        out = []
-        for name, value in fields.items():
-            if name[:1] == b"a":
-                admitted, expiry, network = value.decode().split("|")
-                out.append(Entry(name[1:], int(admitted), int(expiry), network))
-        return out, b"f" in fields
+    async def entries(self, key: str, field: bytes) -> tuple[list[Entry], bool]:
+        """An identity's counted accounts, and whether it is marked farmed
+        (expired ones included: restore() skips them)."""
+        value: bytes | None = await self._call(self._client.hget(key, field))
+        if value is None:
+            return [], False
+        record = decode(value)
+        if not is_spilled(value):
+            return record.entries, record.farmed
+        spilled: dict[bytes, bytes] = await self._call(self._client.hgetall(spills(key, field)[0]))
+        entries = [
+            Entry(name, _ms(v[:6]), _ms(v[6:12]), v[12:20].hex())
+            for name, v in spilled.items()
+            if len(name) == MEMBER
+        ]
+        return entries, record.farmed
+
+    async def remove_fields(self, places: list[tuple[str, bytes]]) -> None:
+        """Deletes identities' records: (key, field) pairs, one HDEL per key
+        (a key's fields share its slot)."""
+        by_key: dict[str, list[bytes]] = {}
+        for key, field in places:
+            by_key.setdefault(key, []).append(field)
+        for key, fields in by_key.items():
+            await self._call(self._client.hdel(key, *fields))
+            # A spilled identity's own keys go with it.
+            await self.delete(*(name for field in fields for name in spills(key, field)))
 
     async def exists(self, key: str) -> bool:
         return bool(await self._call(self._client.exists(key)))

@@ -57,6 +57,8 @@ class Checked(NamedTuple):
 
 class Prepared(NamedTuple):
     key: str
+    # The identity's (and room's) field in the key's hash.
+    field: bytes
     limit: int
     life_ms: int
     shadow: bool
@@ -70,6 +72,7 @@ class Decision(NamedTuple):
     limit: int
     explanation: Explanation
     key: str
+    field: bytes
 
 
 def limit_and_life(policy: Policy, action: str) -> tuple[int, int]:
@@ -107,7 +110,8 @@ class Decider:
             self.book, identity, call.network, t, limit, velocity=call.action == "register"
         )
         key = self.key(call.service_id, call.action, call.room_id, identity)
-        return Prepared(key, limit, life * 1000, policy.shadow, inputs)
+        field = keys.field(identity, call.room_id)
+        return Prepared(key, field, limit, life * 1000, policy.shadow, inputs)
 
     async def run(
         self, call: Checked, resolution: Resolution, prepared: Prepared, now_ms: int
@@ -115,6 +119,7 @@ class Decider:
         """Runs the counting script. `now_ms` is its clock (0: Redis's own)."""
         count = await self.counters.evaluate(
             prepared.key,
+            prepared.field,
             call.member,
             prepared.limit,
             prepared.life_ms,
@@ -125,7 +130,9 @@ class Decider:
             inputs=prepared.inputs,
         )
         explanation = explain(resolution, prepared.inputs, count)
-        return Decision(resolution, count, prepared.limit, explanation, prepared.key)
+        return Decision(
+            resolution, count, prepared.limit, explanation, prepared.key, prepared.field
+        )
 
     async def count(
         self, call: Checked, resolution: Resolution, policy: Policy, t: float, now_ms: int
@@ -150,12 +157,15 @@ class Decider:
                     continue
                 room = room_id if action == "collaborate" else ""
                 source = self.key(service_id, action, room, other)
-                entries, farmed = await self.counters.entries(source)
+                source_field = keys.field(other, room)
+                entries, farmed = await self.counters.entries(source, source_field)
                 if entries or farmed:
                     target = self.key(service_id, action, room, identity)
-                    await self.counters.restore(target, entries, farmed=farmed, now_ms=now_ms)
-                    await self.counters.delete(source)
-                    written.append(target)
+                    await self.counters.restore(
+                        target, keys.field(identity, room), entries, farmed=farmed, now_ms=now_ms
+                    )
+                    await self.counters.remove_fields([(source, source_field)])
+                    written += [target, *keys.spills(target, keys.field(identity, room))]
         return written
 
 

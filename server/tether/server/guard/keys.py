@@ -1,8 +1,9 @@
 """The guard's Redis key formats.
 
-One hash per (service, action[, room], identity) holds the accounts counted
-for that identity (guard/scripts.py lists its fields). The hash tag is the
-identity's first `bits` bits (TETHER_GUARD_BUCKET_BITS), so in Redis
+One hash per (service, bucket, action) holds the accounts counted for the
+identities of one bucket: one field per identity (and room), its value a
+packed record (guard/scripts.py describes it). The bucket, the identity's
+first `bits` bits (TETHER_GUARD_BUCKET_BITS), is the hash tag, so in Redis
 Cluster the keys spread over the slots while every key of one identity
 (all its actions and rooms) shares one. A backtest passes a scope of its
 own, so its keys never meet the live ones.
@@ -13,6 +14,13 @@ from __future__ import annotations
 from tether.server.counters.connection import KEY_PREFIX as PREFIX
 
 ACTION_LETTERS = {"register": "r", "login": "l", "collaborate": "c"}
+# The key layout's version: the restore marker names it (guard/restorer.py),
+# so the first server of a new layout finds no marker and writes its
+# layout from SQL.
+LAYOUT = 2
+# Keys of layout 1 (a hash per identity, action and room, the identity
+# last): what no server of this layout reads.
+LAYOUT_1 = f"{PREFIX}:g:*}}:?:*"
 
 
 def bucket(identity: str, bits: int) -> str:
@@ -23,10 +31,30 @@ def bucket(identity: str, bits: int) -> str:
 def counted(
     service_id: str, action: str, room_id: str, identity: str, *, bits: int, scope: str = "g"
 ) -> str:
-    """The accounts counted for one identity, action and room."""
-    room = f":{room_id}" if room_id else ""
+    """The hash holding one identity's counted accounts for an action (and
+    those of the other identities of its bucket). Rooms share it: the room
+    is part of the field (field() below)."""
     letter = ACTION_LETTERS[action]
-    return f"{PREFIX}:{scope}:{service_id}:{{{bucket(identity, bits)}}}:{letter}{room}:{identity}"
+    return f"{PREFIX}:{scope}:{service_id}:{{{bucket(identity, bits)}}}:{letter}"
+
+
+def field(identity: str, room_id: str = "") -> bytes:
+    """An identity's field in its bucket's hash: its 16 bytes, then the room."""
+    return bytes.fromhex(identity) + room_id.encode()
+
+
+def spills(key: str, field: bytes) -> list[str]:
+    """A spilled identity's own keys (guard/scripts.py): its accounts' hash,
+    their expiries and their admissions. Named after its bucket's hash and
+    field, so they share its slot; no name of layout 1 (LAYOUT_1) matches."""
+    tail = field.hex()
+    return [f"{key}s:{tail}", f"{key}x:{tail}", f"{key}t:{tail}"]
+
+
+def is_registrations(key: str) -> bool:
+    """Whether a counted() key holds registrations (which keep their day's
+    admission times for the velocity windows)."""
+    return key.endswith(":" + ACTION_LETTERS["register"])
 
 
 def backtest_scope(run_id: str) -> str:

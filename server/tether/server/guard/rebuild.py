@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from redis.crc import key_slot
 from sqlalchemy import or_, select
 
+from tether.server.guard import keys
 from tether.server.guard.counters import FOREVER_MS, Entry
 from tether.server.guard.service import Guard
 from tether.server.guard.tables import GuardEntry, GuardFarmed
@@ -75,6 +76,9 @@ async def rebuild(
         if slots is not None and key_slot(key.encode()) not in slots:
             continue
         restored += await guard.counters.restore(
-            key, entries, farmed=(service, action, room, identity) in farmed
+            key,
+            keys.field(identity, room),
+            entries,
+            farmed=(service, action, room, identity) in farmed,
         )
     return restored

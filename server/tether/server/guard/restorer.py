@@ -4,7 +4,10 @@ a cluster's replica that took over lacks the last writes of its master, the
 guard restores every live entry from SQL before it counts again, so no
 restart or failover of Tether or Redis raises a limit.
 
-How a loss is noticed: a marker key, written after each restore.
+How a loss is noticed: a marker key, written after each restore. It names
+the key layout (keys.LAYOUT): a server of a new layout finds none at its
+first start, deletes the keys of the layout before and writes its own
+from SQL, as after a loss.
 - at start, before the server takes calls;
 - on every new connection of the evaluate path (a restarted Redis, or a
   cluster's new master, means a new connection): while the marker is not
@@ -44,13 +47,13 @@ from redis import exceptions as redis_errors
 from tether.server import logs
 from tether.server.counters.cluster import ClusterConnection, Master, tag_for_slot
 from tether.server.counters.connection import KEY_PREFIX
-from tether.server.guard import rebuild
+from tether.server.guard import keys, rebuild
 from tether.server.guard.counters import DOWN, CountersDown
 from tether.server.guard.service import Guard
 
 log = logs.get(__name__)
 
-MARKER = f"{KEY_PREFIX}:g:restored"
+MARKER = f"{KEY_PREFIX}:g:restored:{keys.LAYOUT}"
 RESTORING = f"{KEY_PREFIX}:g:restoring"
 CHECK_SECONDS = 1.0
 CLAIM_MS = 30_000
@@ -90,6 +93,7 @@ class Restorer:
             async with self._claimed() as holder:
                 if not holder:
                     return False  # another process restores; the marker will say when
+                await counters.delete_matching(keys.LAYOUT_1)
                 restored = await rebuild.rebuild(self._guard)
                 if not await self._still_held(holder):
                     return False  # Redis lost its data again meanwhile: restore anew
@@ -140,6 +144,7 @@ class Restorer:
             if not holder:
                 return False
             slots = set().union(*(master.slots() for master in stale))
+            await counters.delete_matching(keys.LAYOUT_1)
             restored = await rebuild.rebuild(self._guard, slots=slots)
             if not await self._still_held(holder):
                 return False

@@ -348,7 +348,7 @@ class Guard:
         )
         change.put[entry] = (verdict.expire_time, checked.network)
         if action is Action.REGISTER:
-            await self._commit_registration(change, decision.key, account.member)
+            await self._commit_registration(change, decision.key, decision.field, account.member)
         else:
             self.recorder.later(change)
         return verdict
@@ -386,12 +386,14 @@ class Guard:
             }
         )
 
-    async def _commit_registration(self, change: Change, key: str, member: bytes) -> None:
+    async def _commit_registration(
+        self, change: Change, key: str, field: bytes, member: bytes
+    ) -> None:
         try:
             await self.recorder.commit(change)
         except Exception as exc:
             # Not durable, so not counted: give the slot back.
-            await self.counters.remove(key, member)
+            await self.counters.remove(key, field, member)
             raise errors.Unavailable(
                 ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
                 "the registration could not be recorded; retry",
@@ -418,7 +420,9 @@ class Guard:
         room_id: str,
         identity: str,
         account: AccountRef | None,
-    ) -> tuple[Policy, str, bytes, set[EntryKey]]:
+    ) -> tuple[Policy, tuple[str, bytes], bytes, set[EntryKey]]:
+        """The policy, the identity's (key, field), the account's member
+        and its SQL entries."""
         violations = Violations()
         self.validator.scope(service_id, action, room_id, violations)
         fingerprint.check_identity(identity, "identity", violations)
@@ -427,55 +431,60 @@ class Guard:
         assert acct is not None
         policy = await self.policies.get(service_id)
         current = self.book.find(identity)
-        key = self.decider.key(service_id, action.value, room_id, current)
+        place = (
+            self.decider.key(service_id, action.value, room_id, current),
+            keys.field(current, room_id),
+        )
         # The account may have been counted through any of the identity's
         # fingerprints.
         entries = {
             EntryKey(service_id, action.value, room_id, member, acct.member)
             for member in {identity, *self.book.members(current)}
         }
-        return policy, key, acct.member, entries
+        return policy, place, acct.member, entries
 
-    async def _remove(self, key: str, member: bytes) -> bool:
+    async def _remove(self, place: tuple[str, bytes], member: bytes) -> bool:
         with counters_answer():
-            return await self.counters.remove(key, member)
+            return await self.counters.remove(*place, member)
 
     async def cancel_registration(
         self, service_id: str, identity: str, account: AccountRef | None
     ) -> bool:
-        _, key, member, entries = await self._target(
+        _, place, member, entries = await self._target(
             service_id, Action.REGISTER, "", identity, account
         )
-        removed = await self._remove(key, member)
+        removed = await self._remove(place, member)
         await self.recorder.commit(Change(drop=entries))
         return removed
 
     async def end_login(self, service_id: str, identity: str, account: AccountRef | None) -> bool:
-        _, key, member, entries = await self._target(
+        _, place, member, entries = await self._target(
             service_id, Action.LOGIN, "", identity, account
         )
-        removed = await self._remove(key, member)
+        removed = await self._remove(place, member)
         self.recorder.later(Change(drop=entries))
         return removed
 
     async def leave_room(
         self, service_id: str, room_id: str, identity: str, account: AccountRef | None
     ) -> bool:
-        _, key, member, entries = await self._target(
+        _, place, member, entries = await self._target(
             service_id, Action.COLLABORATE, room_id, identity, account
         )
-        removed = await self._remove(key, member)
+        removed = await self._remove(place, member)
         self.recorder.later(Change(drop=entries))
         return removed
 
     async def renew_login(
         self, service_id: str, identity: str, account: AccountRef | None
     ) -> datetime:
-        policy, key, member, entries = await self._target(
+        policy, place, member, entries = await self._target(
             service_id, Action.LOGIN, "", identity, account
         )
         with counters_answer():
-            expire_ms = await self.counters.renew(key, member, policy.login_session_seconds * 1000)
+            expire_ms = await self.counters.renew(
+                *place, member, policy.login_session_seconds * 1000
+            )
         expire_time = ms_to_time(expire_ms)
         if expire_time is None:
             raise errors.NotFound(
