@@ -205,10 +205,6 @@ def main() -> None:
                 )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def classify(rows: list[Row], limit: int) -> Counter[tuple[str, str]]:
     """Each farm's allowed accounts beyond its first N, by why they got in:
     the identity is one the farm's earlier sessions never used (a session
@@ -249,3 +245,7 @@ def classify(rows: list[Row], limit: int) -> Counter[tuple[str, str]]:
                     out[(r.event.strategy, why)] += 1
             this.add(ident)
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -441,11 +441,7 @@ class IdentityBook:
                 known = found.get(root)
                 if known is not None and expected >= known.expected:
                     continue
-                if VERSION in out and fp.moved_back_from(earlier.fingerprint):
-                    continue
-                if SOFTWARE in out and (
-                    font_similarity(fp.fonts, earlier.fingerprint.fonts) < FONTS_ALIKE
-                ):
+                if not _can_drift(earlier.fingerprint, fp, out):
                     continue
                 changed = tuple(GROUP_NAMES[g] for g in out)
                 found[root] = _Candidate(expected, root, LinkKind.MERGE, changed)
@@ -573,11 +569,7 @@ class IdentityBook:
                 known = best.get(identity)
                 if known is not None and expected >= known.expected:
                     continue
-                if VERSION in out and fp.moved_back_from(earlier.fingerprint):
-                    continue
-                if SOFTWARE in out and (
-                    font_similarity(fp.fonts, earlier.fingerprint.fonts) < FONTS_ALIKE
-                ):
+                if not _can_drift(earlier.fingerprint, fp, out):
                     continue
                 kind = LinkKind.DRIFT_SAME_NETWORK if same else LinkKind.DRIFT_BURST
                 changed = tuple(GROUP_NAMES[g] for g in out)
@@ -759,6 +751,14 @@ def _repeat(known: _Known, network: str, t: float) -> bool:
     """Whether a sighting repeats the fingerprint's last one: the same
     network within the same REPEAT_SLOT (the finest slot any rate keeps)."""
     return known.last_network == network and (t // REPEAT_SLOT) == (known.last_seen // REPEAT_SLOT)
+
+
+def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> bool:
+    """Whether `fp` can be `earlier` after drifting in the groups left out:
+    versions never go backwards, and font sets stay alike."""
+    if VERSION in out and fp.moved_back_from(earlier):
+        return False
+    return SOFTWARE not in out or font_similarity(fp.fonts, earlier.fonts) >= FONTS_ALIKE
 
 
 def _profile_match(fp: Fingerprint, profile: _Profile) -> tuple[list[int], bool] | None:
