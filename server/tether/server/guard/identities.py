@@ -772,15 +772,8 @@ def _profile_match(fp: Fingerprint, profile: _Profile) -> tuple[list[int], bool]
         return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
     if len(matched) + 1 < PROFILE_MIN_GROUPS:
         return None
-    # font_similarity inline (it runs for most candidates).
-    fonts = fp.fonts
-    size = len(fonts)
-    for font_set in profile.font_sets:
-        if not fonts and not font_set:
-            return matched, True
-        shared = len(fonts & font_set)
-        if shared / (size + len(font_set) - shared) >= FONTS_NEAR:
-            return matched, True
+    if any(font_similarity(fp.fonts, s) >= FONTS_NEAR for s in profile.font_sets):
+        return matched, True
     return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
 
 
