@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,21 +369,48 @@ async def test_a_worker_count_below_one_is_one_line_and_exit_2(
     assert not (tmp_path / "data").exists()
 
 
+@contextlib.contextmanager
+def _adopting_orphans() -> Iterator[None]:
+    """Makes this process the subreaper of its descendants: a worker whose
+    supervisor died becomes this process's child, so the test reaps it and
+    reads its exit code, whatever the machine's init does with orphans."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    try:
+        yield
+    finally:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
 async def test_workers_whose_supervisor_died_drain_and_exit(
     server_env: dict[str, str], tmp_path: Path
 ) -> None:
-    async with supervised(server_env, tmp_path) as server:
-        await server.serving_workers(2)
-        pids = [line["pid"] for line in server.events("worker started")]
-        assert server.process is not None
-        server.process.kill()
-        await server.process.wait()
+    with _adopting_orphans():
+        async with supervised(server_env, tmp_path) as server:
+            await server.serving_workers(2)
+            pids = [line["pid"] for line in server.events("worker started")]
+            assert len(pids) == 2
+            assert server.process is not None
+            server.process.kill()
+            await server.process.wait()
+            codes: dict[int, int] = {}
 
-        async def gone() -> bool:
-            return not any(_pid_alive(pid) for pid in pids)
+            async def gone() -> bool:
+                for pid in set(pids) - set(codes):
+                    # WNOHANG: answers at once, never blocks the loop.
+                    reaped, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222
+                    if reaped:
+                        codes[pid] = os.waitstatus_to_exitcode(status)
+                return len(codes) == len(pids)
 
-        await until(gone, "both workers exited")
-        assert sorted(
-            line["worker"] for line in server.events("the supervisor is gone; draining")
-        ) == [0, 1]
-        assert sorted(line["worker"] for line in server.events("stopped")) == [0, 1]
+            await until(gone, "both workers exited")
+            log = server.log_path.read_text()
+            assert sorted(codes.values()) == [0, 0], log
+            assert sorted(
+                line["worker"] for line in server.events("the supervisor is gone; draining")
+            ) == [0, 1], log
+            assert sorted(line["worker"] for line in server.events("stopped")) == [0, 1], log
