@@ -155,31 +155,27 @@ async def test_a_drifting_browser_rotating_networks_in_a_burst_is_linked(
     assert third.explanation.risk == 1
 
 
-async def test_a_farmer_back_later_drifting_at_once_joins_its_farmed_identity(
-    any_server: RunningServer,
-) -> None:
-    guard = await guard_client(any_server)
-    background = _background(1200, T0)
-    seed = secrets.token_hex(4)
+def _farm_and_return(seed: str, first_sizes: list[tuple[int, int]]) -> list[pb.BacktestEvent]:
+    """A farm's first session (one browser, in these window sizes) and,
+    hours later from another network, the browser back: updated, in a
+    window size of its own, then a minute later in another one."""
     rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
     now = T0 + 1200 * 50
-    # A farm's first session: one browser, refused past the limit.
     first = [
-        _event(now + 60 * i, f"f{i}", desktop(seed, browser_version="131.0.88", **rare), "10.7.0.1")
-        for i in range(3)
+        _event(
+            now + 60 * i,
+            f"f{i}",
+            desktop(seed, browser_version="131.0.88", screen_width=w, screen_height=h, **rare),
+            "10.7.0.1",
+        )
+        for i, (w, h) in enumerate(first_sizes)
     ]
-    # Hours later, from another network: the browser updated and the
-    # window changed size, so its fingerprint starts an identity of its own
-    # (what stayed the same was seen before by this browser only: at its own
-    # rate, which says nothing of strangers)...
-    later = now + 8 * HOUR
+    later = now + 6 * HOUR
     updated = {"browser_version": "131.0.95", **rare}
     back = [
         _event(
             later, "g0", desktop(seed, screen_width=1366, screen_height=768, **updated), "10.7.1.1"
         ),
-        # ... and a minute later it drifts again: few new browsers do, and
-        # few strangers match what stayed the same, so it is the farm back.
         _event(
             later + 60,
             "g1",
@@ -187,8 +183,26 @@ async def test_a_farmer_back_later_drifting_at_once_joins_its_farmed_identity(
             "10.7.1.1",
         ),
     ]
-    verdicts = (await _replay(guard, 2, background + first + back))[-5:]
+    return first + back
+
+
+async def test_a_farmer_back_later_cycling_as_before_joins_its_farmed_identity(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    background = _background(1200, T0)
+    # A farm's first session: one browser resizing its window at once (few
+    # new browsers drift so soon), refused past the limit. Hours later,
+    # from another network, the browser updated and resized: its
+    # fingerprint starts an identity of its own (what stayed the same was
+    # seen before by this browser only: at its own rate, which says nothing
+    # of strangers); a minute later it resizes again. A stranger matching
+    # what stayed the same would also have to be one of the few new
+    # browsers that resize at once, as the farm's did: it is the farm back.
+    events = _farm_and_return(secrets.token_hex(4), [(1920, 1080), (1600, 900), (1440, 900)])
+    verdicts = (await _replay(guard, 2, background + events))[-5:]
     assert [v.verdict for v in verdicts[:3]] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY]
+    assert len({v.identity for v in verdicts[:3]}) == 1
     started, returned = verdicts[3:]
     assert started.identity != verdicts[0].identity
     assert pb.LINK_KIND_MERGE in kinds(returned)
@@ -197,6 +211,24 @@ async def test_a_farmer_back_later_drifting_at_once_joins_its_farmed_identity(
     # The farm's earlier accounts count: every network counts once refused.
     assert returned.verdict == pb.VERDICT_DENY
     assert returned.explanation.scope == pb.SCOPE_BROWSER
+
+
+async def test_a_new_browser_cycling_does_not_join_an_older_one_that_never_did(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    background = _background(1200, T0)
+    # The same return, but the older identity never drifted: that the new
+    # one resizes at once says nothing of its being that browser, so what
+    # stayed the same must be rare enough on its own over the hours
+    # between, and here it is not.
+    events = _farm_and_return(secrets.token_hex(4), [(1920, 1080)] * 3)
+    verdicts = (await _replay(guard, 2, background + events))[-5:]
+    assert [v.verdict for v in verdicts[:3]] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY]
+    started, returned = verdicts[3:]
+    assert returned.identity == started.identity != verdicts[0].identity
+    assert pb.LINK_KIND_MERGE not in kinds(returned)
+    assert returned.verdict == pb.VERDICT_ALLOW
 
 
 async def test_a_rare_browser_rotating_networks_is_refused_as_one(

@@ -18,7 +18,8 @@ unless the evidence ties it to one seen before:
 - **merge**: a fingerprint justified by two identities that both still
   look like one person joins them; so does a young identity that already
   drifts on its own network (as few new browsers do) with an older one it
-  matches (a browser back after an update: the return of a farm).
+  matches, the more readily if that one cycled the same way when young (a
+  browser back after an update: the return of a farm).
 
 Linking never joins identities that look like many people (a popular
 phone model with default settings): their matches prove nothing. How many
@@ -226,9 +227,11 @@ class IdentityBook:
         # (a phone model fixes its screen, fonts and rendering).
         self._given_device: dict[bytes, Frequencies] = {}
         # Identities started, and those that drifted within YOUNG of their
-        # start: how often a new browser drifts at once.
+        # start (per identity, in which groups; per group, how many): how
+        # often a new browser drifts so at once.
         self._started_identities = 0
-        self._drifted_young: set[str] = set()
+        self._drifted_young: dict[str, set[int]] = {}
+        self._young_drifts = [0] * len(GROUP_NAMES)
         self._font_sets = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
         self._started: float | None = None
 
@@ -349,8 +352,11 @@ class IdentityBook:
                     and self._join(identity, root, LinkKind.MERGE, _confidence(other.expected), t)
                 ):
                     merged.append(root)
-            if link.kind == LinkKind.DRIFT_SAME_NETWORK and not crowd:
-                merged += self._return(fp, bands, identity, t)
+            if link.kind == LinkKind.DRIFT_SAME_NETWORK and self._young(identity, t):
+                # Counted as the record restores it (which knows no crowd).
+                self._drifted_young_in(identity, best.changed)
+                if not crowd:
+                    merged += self._return(fp, bands, identity, t)
         else:
             self._started_identities += 1
         self._known[fp.identity] = _Known(fp, t, t, network, link)
@@ -371,12 +377,8 @@ class IdentityBook:
                 self._crowded_bands.add(band)
 
     def _return(self, fp: Fingerprint, bands: list[_Band], identity: str, t: float) -> list[str]:
-        """A young identity that drifted on its own network: counted among
-        those that drift at once, and joined with the older identities it
-        is the return of. Returns those joined."""
-        if not self._young(identity, t):
-            return []
-        self._drifted_young.add(identity)
+        """A young identity that drifted on its own network: joined with the
+        older identities it is the return of. Returns those joined."""
         if self._values.total < MIN_POPULATION or self.popular(identity):
             return []
         merged: list[str] = []
@@ -395,27 +397,51 @@ class IdentityBook:
         known = self._known.get(identity)
         return known is not None and t - known.first_seen <= YOUNG
 
-    def _drift_share(self) -> float:
-        """The share of new identities that drifted while young."""
+    def _drifted_young_in(self, identity: str, changed: Iterable[str]) -> None:
+        """Counts a young identity among those that drifted in these groups
+        (each identity once per group)."""
+        groups = self._drifted_young.setdefault(identity, set())
+        for name in changed:
+            group = GROUP_NAMES.index(name)
+            if group not in groups:
+                groups.add(group)
+                self._young_drifts[group] += 1
+
+    def _cycled(self, identity: str) -> set[int]:
+        """The groups an identity (any identity joined into it) drifted in
+        while young: how it cycles, if it does."""
+        groups: set[int] = set()
+        for member in self._members.get(identity, [identity]):
+            groups |= self._drifted_young.get(member, set())
+        return groups
+
+    def _drift_share(self, groups: Iterable[int]) -> float:
+        """The share of new identities that drifted while young in each of
+        these groups (at most that of the rarest)."""
         prior = FREQUENCY_WEIGHT * FREQUENCY_COMMON
-        return min(
-            1.0, (len(self._drifted_young) + prior) / (self._started_identities + FREQUENCY_WEIGHT)
-        )
+        drifted = min(self._young_drifts[group] for group in groups)
+        return min(1.0, (drifted + prior) / (self._started_identities + FREQUENCY_WEIGHT))
 
     def _returns(
         self, fp: Fingerprint, bands: list[_Band], identity: str, t: float
     ) -> list[_Candidate]:
         """Older identities a young, drifting identity is the return of.
 
-        The fingerprint drifted from its identity's first within YOUNG: a
-        stranger who matched an older identity as well would also have to
-        be one of the few who drift at once, so the expected strangers are
-        those matching the band times that share. A band that only the
+        The fingerprint drifted from its identity's first within YOUNG. If
+        the older identity drifted in the same group when it was young, a
+        stranger who matched it as well would also have to be one of the
+        few who drift so at once, so the expected strangers are those
+        matching the band times that share; if it never did, the young
+        one's drifting is no evidence of being it. A band that only the
         older identity showed was seen at that identity's own rate: its
         strangers come at the rate the values' shares given the device
         give."""
         found: dict[str, _Candidate] = {}
-        drifting = self._drift_share()
+        cycles = self._cycled(identity)
+        # The older identities' own cycling, looked up once each, and only
+        # for a match that the least share could bring under the bound.
+        cycled: dict[str, float] = {}
+        least = min(self._drift_share((group,)) for group in cycles)
         overall = self._overall_rate(t)
         shares = self._shares(fp)
         for band in bands:
@@ -435,7 +461,18 @@ class IdentityBook:
                     continue
                 earlier = self._known[member]
                 hours = max(t - earlier.last_seen, 60.0) / HOUR
-                expected = (own_rate if root == owner else rate) * hours * drifting
+                expected = (own_rate if root == owner else rate) * hours
+                if expected * least > STRANGERS_OTHER_NETWORK:
+                    continue
+                # A stranger would also have to be one of the few new
+                # browsers that cycle as this one does; the older identity
+                # back would, if it cycled so too. (One that never did is
+                # no likelier to be this browser than any stranger.)
+                share = cycled.get(root)
+                if share is None:
+                    shared = cycles & self._cycled(root)
+                    share = cycled[root] = self._drift_share(shared) if shared else 1.0
+                expected *= share
                 if expected > STRANGERS_OTHER_NETWORK:
                     continue
                 known = found.get(root)
@@ -719,7 +756,7 @@ class IdentityBook:
         # It started no identity; one that drifted young is counted so.
         self._started_identities -= 1
         if link.kind == LinkKind.DRIFT_SAME_NETWORK and self._young(target, link.time):
-            self._drifted_young.add(target)
+            self._drifted_young_in(target, link.changed)
 
     def restore_sighting(self, fingerprint: str, network: str, t: float) -> None:
         """A sighting from the durable record (at start), in time order."""
