@@ -185,11 +185,19 @@ _Band = tuple[tuple[int, ...], tuple[bytes, ...]]
 _LEFT_OUT = [
     out for size in range(1, MAX_DRIFT_GROUPS + 1) for out in itertools.combinations(DRIFTING, size)
 ]
+_KEEP_GROUPS = {
+    out: tuple(g for g in range(len(GROUP_NAMES)) if g not in out) for out in _LEFT_OUT
+}
 # For each way of leaving groups out, a getter of the groups kept.
-_KEEP = [
-    (out, operator.itemgetter(*(g for g in range(len(GROUP_NAMES)) if g not in out)))
-    for out in _LEFT_OUT
-]
+_KEEP = [(out, operator.itemgetter(*keep)) for out, keep in _KEEP_GROUPS.items()]
+
+
+# For each way of leaving groups out: a getter of the kept groups' shares
+# (in group order, as the product is taken), and the names of those left out.
+_KEPT_SHARES = {out: operator.itemgetter(*keep) for out, keep in _KEEP_GROUPS.items()}
+_CHANGED = {out: tuple(GROUP_NAMES[g] for g in out) for out in _LEFT_OUT}
+# A member seen on another network is never taken as closer than this (hours).
+_MIN_HOURS = 60.0 / HOUR
 
 
 def _bands(fp: Fingerprint) -> list[_Band]:
@@ -545,6 +553,7 @@ class IdentityBook:
         share_here = max(self.crowds.share(network, t, MIN_POPULATION), MIN_NETWORK_SHARE)
         bound_here = STRANGERS_OTHER_NETWORK if crowd else STRANGERS_SAME_NETWORK
         shares: list[float] | None = None
+        known_of = self._known
         for band in bands:
             members = self._bands.get(band)
             if not members:
@@ -552,15 +561,26 @@ class IdentityBook:
             out = band[0]
             if shares is None:
                 shares = self._shares(fp)
-            kept = math.prod(p for g, p in enumerate(shares) if g not in out)
+            kept = math.prod(_KEPT_SHARES[out](shares))
             rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
             # Even a member seen a minute ago on this network could not
             # justify a link: nothing in this band can.
             if rate * share_here / 60 > bound_here:
                 continue
+            # A member seen on another network before `oldest` could not
+            # either (the longest its bound allows, with a margin for
+            # rounding); when one seen a minute ago could not, none can.
+            # Cheap tests that spare most members the arithmetic.
+            oldest = math.inf
+            if rate * _MIN_HOURS <= STRANGERS_OTHER_NETWORK:
+                oldest = -math.inf
+                if rate > 0:
+                    oldest = t - STRANGERS_OTHER_NETWORK / rate * HOUR * 1.000001 - 1.0
             for member in reversed(members):
-                earlier = self._known[member]
+                earlier = known_of[member]
                 same = earlier.last_network == network
+                if not same and earlier.last_seen < oldest:
+                    continue
                 hours = max(t - earlier.last_seen, 60.0) / HOUR
                 expected = rate * hours * (share_here if same else 1.0)
                 if expected > (bound_here if same else STRANGERS_OTHER_NETWORK):
@@ -572,8 +592,7 @@ class IdentityBook:
                 if not _can_drift(earlier.fingerprint, fp, out):
                     continue
                 kind = LinkKind.DRIFT_SAME_NETWORK if same else LinkKind.DRIFT_BURST
-                changed = tuple(GROUP_NAMES[g] for g in out)
-                best[identity] = _Candidate(expected, identity, kind, changed)
+                best[identity] = _Candidate(expected, identity, kind, _CHANGED[out])
         return list(best.values())
 
     def _profile(self, fp: Fingerprint, t: float) -> list[_Candidate]:
