@@ -185,9 +185,7 @@ _Band = tuple[tuple[int, ...], tuple[bytes, ...]]
 _LEFT_OUT = [
     out for size in range(1, MAX_DRIFT_GROUPS + 1) for out in itertools.combinations(DRIFTING, size)
 ]
-_KEEP_GROUPS = {
-    out: tuple(g for g in range(len(GROUP_NAMES)) if g not in out) for out in _LEFT_OUT
-}
+_KEEP_GROUPS = {out: tuple(g for g in range(len(GROUP_NAMES)) if g not in out) for out in _LEFT_OUT}
 # For each way of leaving groups out, a getter of the groups kept.
 _KEEP = [(out, operator.itemgetter(*keep)) for out, keep in _KEEP_GROUPS.items()]
 
@@ -215,6 +213,9 @@ class IdentityBook:
         self._members: dict[str, list[str]] = {}
         self._apart: set[frozenset[str]] = set()
         self._bands: dict[_Band, list[str]] = {}
+        # How many fingerprints were last seen on each network: a band
+        # needs no look at its members when none can be on this one.
+        self._last_on: dict[str, int] = {}
         # Bands that held more fingerprints than they keep: who else showed
         # them is no longer known.
         self._crowded_bands: set[_Band] = set()
@@ -362,6 +363,7 @@ class IdentityBook:
         else:
             self._started_identities += 1
         self._known[fp.identity] = _Known(fp, t, t, network, link)
+        self._last_on[network] = self._last_on.get(network, 0) + 1
         if link is not None:
             self._parent[fp.identity] = identity
             self._members.setdefault(identity, [identity]).append(fp.identity)
@@ -510,7 +512,7 @@ class IdentityBook:
     ) -> None:
         known = self._known[fp.identity]
         known.last_seen = t
-        known.last_network = network
+        self._move(known, network)
         for band in bands:
             self.band_rates.see(band, t)
         device = fp.groups[DEVICE]
@@ -527,6 +529,19 @@ class IdentityBook:
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
+
+    def _move(self, known: _Known, network: str) -> None:
+        """A fingerprint last seen on `network` now."""
+        before = known.last_network
+        if before == network:
+            return
+        last_on = self._last_on
+        if last_on[before] == 1:
+            del last_on[before]
+        else:
+            last_on[before] -= 1
+        last_on[network] = last_on.get(network, 0) + 1
+        known.last_network = network
 
     def _overall_rate(self, t: float) -> float:
         started = self._started if self._started is not None else t
@@ -554,6 +569,8 @@ class IdentityBook:
         bound_here = STRANGERS_OTHER_NETWORK if crowd else STRANGERS_SAME_NETWORK
         shares: list[float] | None = None
         known_of = self._known
+        # Whether any fingerprint was last seen on this network.
+        here = network in self._last_on
         for band in bands:
             members = self._bands.get(band)
             if not members:
@@ -567,19 +584,18 @@ class IdentityBook:
             # justify a link: nothing in this band can.
             if rate * share_here / 60 > bound_here:
                 continue
-            # A member seen on another network before `oldest` could not
-            # either (the longest its bound allows, with a margin for
-            # rounding); when one seen a minute ago could not, none can.
-            # Cheap tests that spare most members the arithmetic.
-            oldest = math.inf
-            if rate * _MIN_HOURS <= STRANGERS_OTHER_NETWORK:
-                oldest = -math.inf
-                if rate > 0:
-                    oldest = t - STRANGERS_OTHER_NETWORK / rate * HOUR * 1.000001 - 1.0
+            # Nor a member seen on another network before `oldest`: cheap
+            # tests that spare most members the arithmetic.
+            oldest = _oldest_elsewhere(rate, t)
+            if oldest == math.inf and not here:
+                continue
             for member in reversed(members):
                 earlier = known_of[member]
-                same = earlier.last_network == network
-                if not same and earlier.last_seen < oldest:
+                if earlier.last_seen >= oldest:
+                    same = here and earlier.last_network == network
+                elif here and earlier.last_network == network:
+                    same = True
+                else:
                     continue
                 hours = max(t - earlier.last_seen, 60.0) / HOUR
                 expected = rate * hours * (share_here if same else 1.0)
@@ -714,6 +730,7 @@ class IdentityBook:
         if fp.identity in self._known:
             return
         self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
+        self._last_on[network] = self._last_on.get(network, 0) + 1
         self._members.setdefault(fp.identity, [fp.identity])
         self._add_to_bands(fp.identity, _bands(fp))
         self._add_values(fp)
@@ -751,7 +768,7 @@ class IdentityBook:
         crowd = self.crowds.crowded(network, t)
         fp = known.fingerprint
         known.last_seen = max(known.last_seen, t)
-        known.last_network = network
+        self._move(known, network)
         for band in _bands(fp):
             self.band_rates.see(band, t)
         self.device_rates.see(fp.groups[DEVICE], t)
@@ -770,6 +787,18 @@ def _repeat(known: _Known, network: str, t: float) -> bool:
     """Whether a sighting repeats the fingerprint's last one: the same
     network within the same REPEAT_SLOT (the finest slot any rate keeps)."""
     return known.last_network == network and (t // REPEAT_SLOT) == (known.last_seen // REPEAT_SLOT)
+
+
+def _oldest_elsewhere(rate: float, t: float) -> float:
+    """The earliest last sighting on another network that a band seen at
+    `rate` could still justify a drift link from: the longest the bound
+    allows, with a margin for rounding; inf when even one seen a minute ago
+    could not."""
+    if rate * _MIN_HOURS > STRANGERS_OTHER_NETWORK:
+        return math.inf
+    if rate <= 0:
+        return -math.inf
+    return t - STRANGERS_OTHER_NETWORK / rate * HOUR * 1.000001 - 1.0
 
 
 def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> bool:
