@@ -326,8 +326,12 @@ def font_similarity(a: frozenset[int], b: frozenset[int]) -> float:
     """Jaccard similarity of two font sets (1.0 for two empty sets)."""
     if not a and not b:
         return 1.0
-    # The union's size from the intersection's: no union set is built.
-    shared = len(a & b)
+    # The intersection's size from what the smaller set has that the other
+    # lacks: sets compared are mostly alike, which leaves little to build
+    # (and the union's size from it: no union set is built either).
+    if len(a) > len(b):
+        a, b = b, a
+    shared = len(a) - len(a - b)
     return shared / (len(a) + len(b) - shared)
 
 
