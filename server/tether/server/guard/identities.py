@@ -194,6 +194,7 @@ _KEEP = [(out, operator.itemgetter(*keep)) for out, keep in _KEEP_GROUPS.items()
 # (in group order, as the product is taken), and the names of those left out.
 _KEPT_SHARES = {out: operator.itemgetter(*keep) for out, keep in _KEEP_GROUPS.items()}
 _CHANGED = {out: tuple(GROUP_NAMES[g] for g in out) for out in _LEFT_OUT}
+_DRIFTING_OF = operator.itemgetter(*DRIFTING)
 # A member seen on another network is never taken as closer than this (hours).
 _MIN_HOURS = 60.0 / HOUR
 
@@ -618,21 +619,20 @@ class IdentityBook:
         active = self._active.get(device)
         if not active:
             return []
-        rate = max(
-            self.device_rates.rate(device, t, RATE_EXCLUDE),
-            self._overall_rate(t) * self._share(fp, (DEVICE,)),
-        )
+        # The device's rate, once a candidate needs it (most calls find none).
+        rate: float | None = None
         # Candidates: recent identities of the device that showed one of
         # this fingerprint's values. A value shown by many is no evidence
         # (its share alone would exceed the bound), so it finds nobody: the
         # look-up stays small however popular the device.
-        found: dict[str, None] = {}
+        found: dict[str, float] = {}
         for group in DRIFTING:
             holders = self._holders.get((device, group, fp.groups[group]))
             if holders and len(holders) <= PROFILE_HOLDERS:
-                found.update(dict.fromkeys(holders))
+                found.update(holders)
         hits: list[_Candidate] = []
         parent, profiles = self._parent, self._profiles
+        drifting = _DRIFTING_OF(fp.groups)
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -641,11 +641,15 @@ class IdentityBook:
             if profile is None:
                 continue
             # The cheap tests first: most candidates match too few groups.
-            match = _profile_match(fp, profile)
+            match = _profile_match(fp, drifting, profile)
             if match is None or self.popular(identity):
                 continue
+            if rate is None:
+                rate = max(
+                    self.device_rates.rate(device, t, RATE_EXCLUDE),
+                    self._overall_rate(t) * self._share(fp, (DEVICE,)),
+                )
             matched, fonts_near = match
-            changed = [GROUP_NAMES[g] for g in DRIFTING if g not in matched]
             p = 1.0
             for group in matched:
                 p *= self._values.share([(group, v) for v in profile.values[group]])
@@ -653,7 +657,8 @@ class IdentityBook:
                 p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
             if expected <= STRANGERS_PROFILE:
-                hits.append(_Candidate(expected, identity, LinkKind.PROFILE, tuple(changed)))
+                changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
+                hits.append(_Candidate(expected, identity, LinkKind.PROFILE, changed))
         return hits
 
     # --- joining and splitting -----------------------------------------
@@ -809,13 +814,18 @@ def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> b
     return SOFTWARE not in out or font_similarity(fp.fonts, earlier.fonts) >= FONTS_ALIKE
 
 
-def _profile_match(fp: Fingerprint, profile: _Profile) -> tuple[list[int], bool] | None:
-    """The drifting groups whose value the profile showed, and whether the
-    fonts are near one of its font sets (when the software group's value is
-    not among them); None when that makes fewer than PROFILE_MIN_GROUPS.
-    Decided before any share is computed: most candidates end here."""
-    groups, values = fp.groups, profile.values
-    matched = [g for g in DRIFTING if groups[g] in values[g]]
+def _profile_match(
+    fp: Fingerprint, drifting: tuple[bytes, ...], profile: _Profile
+) -> tuple[list[int], bool] | None:
+    """The drifting groups whose value (`drifting`, the fingerprint's values
+    of DRIFTING) the profile showed, and whether the fonts are near one of
+    its font sets (when the software group's value is not among them); None
+    when that makes fewer than PROFILE_MIN_GROUPS. Decided before any share
+    is computed: most candidates end here."""
+    # One pass in C over the groups: this runs for every candidate.
+    matched = list(
+        itertools.compress(DRIFTING, map(operator.contains, _DRIFTING_OF(profile.values), drifting))
+    )
     if SOFTWARE in matched:
         return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
     if len(matched) + 1 < PROFILE_MIN_GROUPS:

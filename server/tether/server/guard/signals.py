@@ -10,6 +10,7 @@ its own clock with the same code.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import Counter
 from collections.abc import Hashable, Iterable
@@ -192,7 +193,8 @@ class Frequencies:
     def share(self, values: Iterable[Hashable]) -> float:
         """The chance a stranger's value is any of `values`."""
         values = list(values)
-        seen = sum(self._counts[v] for v in values)
+        # In C (a Counter's missing key goes through Python's __missing__).
+        seen = sum(map(self._counts.get, values, itertools.repeat(0)))
         prior = self._weight * self._common * len(values)
         return min(1.0, (seen + prior) / (self.total + self._weight))
 
