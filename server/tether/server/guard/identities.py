@@ -514,8 +514,7 @@ class IdentityBook:
         known = self._known[fp.identity]
         known.last_seen = t
         self._move(known, network)
-        for band in bands:
-            self.band_rates.see(band, t)
+        self.band_rates.see_all(bands, t)
         device = fp.groups[DEVICE]
         _touch(self._active.setdefault(device, {}), identity, t)
         for group in DRIFTING:
@@ -774,8 +773,7 @@ class IdentityBook:
         fp = known.fingerprint
         known.last_seen = max(known.last_seen, t)
         self._move(known, network)
-        for band in _bands(fp):
-            self.band_rates.see(band, t)
+        self.band_rates.see_all(_bands(fp), t)
         self.device_rates.see(fp.groups[DEVICE], t)
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)

@@ -57,12 +57,25 @@ class Occupancy:
         self._keys: dict[Hashable, tuple[int, int, int]] = {}
 
     def see(self, key: Hashable, t: float) -> None:
+        self._see(key, math.floor(t / self._slot))
+
+    def see_all(self, keys: Iterable[Hashable], t: float) -> None:
+        """Several keys seen at once (a fingerprint's bands): the slot once."""
         now = math.floor(t / self._slot)
+        see = self._see
+        for key in keys:
+            see(key, now)
+
+    def _see(self, key: Hashable, now: int) -> None:
         entry = self._keys.get(key)
         if entry is None:
             self._keys[key] = (now, now, 1)
             return
         first, last, mask = entry
+        if now == last:
+            # Seen in this slot already (bit 0 is set since the first
+            # sighting): nothing changes.
+            return
         if now > last:
             mask = ((mask << (now - last)) | 1) & ((1 << self._slots) - 1)
             last = now
