@@ -157,8 +157,13 @@ _InFlight = tuple[
 
 
 class Backtest:
-    def __init__(self, guard: Guard, policy: Policy, group_by: list[str]) -> None:
+    def __init__(
+        self, guard: Guard, policy: Policy, group_by: list[str], *, explained: bool = True
+    ) -> None:
+        """explained: verdicts carry their explanation (a run that streams
+        no verdicts needs none)."""
         self._guard = guard
+        self._explained = explained
         self.policy = policy
         self._group_by = group_by
         self.run_id = secrets.token_hex(8)
@@ -261,7 +266,9 @@ class Backtest:
         in_flight, self._in_flight = self._in_flight, []
         for index, action, event, checked, resolution, prepared, pending in in_flight:
             if isinstance(pending, Sent):
-                decision = await self._decider.sent(resolution, prepared, pending)
+                decision = await self._decider.sent(
+                    resolution, prepared, pending, explained=self._explained
+                )
             else:
                 decision = await pending
             done.append((index, self._finish(action, event, checked, decision)))

@@ -70,7 +70,8 @@ class Decision(NamedTuple):
     # (NamedTuple keeps `count` for tuple.count.)
     counted: Count
     limit: int
-    explanation: Explanation
+    # None when not asked for (a backtest that streams no verdicts).
+    explanation: Explanation | None
     key: str
     field: bytes
 
@@ -147,9 +148,14 @@ class Decider:
             inputs=prepared.inputs,
         )
 
-    async def sent(self, resolution: Resolution, prepared: Prepared, sent: Sent) -> Decision:
-        """The decision of a call `send` sent."""
-        return _decision(resolution, prepared, await self.counters.evaluated(sent))
+    async def sent(
+        self, resolution: Resolution, prepared: Prepared, sent: Sent, *, explained: bool = True
+    ) -> Decision:
+        """The decision of a call `send` sent; explained: with its explanation."""
+        count = await self.counters.evaluated(sent)
+        if not explained:
+            return Decision(resolution, count, prepared.limit, None, prepared.key, prepared.field)
+        return _decision(resolution, prepared, count)
 
     async def count(
         self, call: Checked, resolution: Resolution, policy: Policy, t: float, now_ms: int
