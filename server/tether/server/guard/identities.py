@@ -213,7 +213,10 @@ class IdentityBook:
         self._merges: dict[str, Link] = {}
         self._members: dict[str, list[str]] = {}
         self._apart: set[frozenset[str]] = set()
-        self._bands: dict[_Band, list[str]] = {}
+        # Tuples, replaced on change: a tuple of strings is no work for the
+        # collector, where a list per band (most of the book's containers)
+        # was walked by every full collection.
+        self._bands: dict[_Band, tuple[str, ...]] = {}
         # How many fingerprints were last seen on each network: a band
         # needs no look at its members when none can be on this one.
         self._last_on: dict[str, int] = {}
@@ -374,11 +377,15 @@ class IdentityBook:
         return identity, tuple(merged)
 
     def _add_to_bands(self, fingerprint: str, bands: list[_Band]) -> None:
+        known = self._bands
         for band in bands:
-            members = self._bands.setdefault(band, [])
-            members.append(fingerprint)
-            if len(members) > BAND_MEMBERS:
-                del members[0]
+            members = known.get(band)
+            if members is None:
+                known[band] = (fingerprint,)
+            elif len(members) < BAND_MEMBERS:
+                known[band] = (*members, fingerprint)
+            else:
+                known[band] = (*members[1:], fingerprint)
                 self._crowded_bands.add(band)
 
     def _return(self, fp: Fingerprint, bands: list[_Band], identity: str, t: float) -> list[str]:
@@ -458,7 +465,7 @@ class IdentityBook:
                 found[root] = _Candidate(expected, root, LinkKind.MERGE, changed)
         return list(found.values())
 
-    def _owner(self, band: _Band, members: list[str], besides: str) -> str | None:
+    def _owner(self, band: _Band, members: tuple[str, ...], besides: str) -> str | None:
         """The one rare identity that showed the band, leaving `besides`
         out, if the band never held more fingerprints than it keeps."""
         if band in self._crowded_bands:
