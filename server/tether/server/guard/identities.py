@@ -37,7 +37,7 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from tether.server.guard.fingerprint import (
     DEVICE,
@@ -111,6 +111,9 @@ RATE_EXCLUDE = HOUR
 # (linking: on a fresh start, everything looks common).
 COUNT_PRIOR = 24 * HOUR
 LINK_PRIOR = HOUR
+
+
+_K = TypeVar("_K")
 
 
 class LinkKind:
@@ -522,11 +525,15 @@ class IdentityBook:
         known.last_seen = t
         self._move(known, network)
         self.band_rates.see_all(bands, t)
-        device = fp.groups[DEVICE]
-        _touch(self._active.setdefault(device, {}), identity, t)
+        groups = fp.groups
+        device = groups[DEVICE]
+        _touch(_made(self._active, device), identity, t)
         for group in DRIFTING:
-            _touch(self._holders.setdefault((device, group, fp.groups[group]), {}), identity, t)
-        self._profiles.setdefault(identity, _Profile()).add(fp)
+            _touch(_made(self._holders, (device, group, groups[group])), identity, t)
+        profile = self._profiles.get(identity)
+        if profile is None:
+            profile = self._profiles[identity] = _Profile()
+        profile.add(fp)
         self.device_rates.see(device, t)
         if new:
             # Shares among fingerprints, as the record restores them: a
@@ -838,6 +845,14 @@ def _profile_match(
     if any(font_similarity(fp.fonts, s) >= FONTS_NEAR for s in profile.font_sets):
         return matched, True
     return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
+
+
+def _made(recent: dict[_K, dict[str, float]], key: _K) -> dict[str, float]:
+    """The key's dict, made when missing (setdefault would make one each time)."""
+    found = recent.get(key)
+    if found is None:
+        found = recent[key] = {}
+    return found
 
 
 def _touch(recent: dict[str, float], identity: str, t: float) -> None:
