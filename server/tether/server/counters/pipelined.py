@@ -215,6 +215,20 @@ class PipelinedConnection:
                 raise _raised(reply)
         return reply
 
+    def send_script(
+        self, script: Script, keys: Sequence[str], args: Sequence[bytes | int | str]
+    ) -> asyncio.Future[Any] | None:
+        """Sends the script at once and returns its reply's future (an error
+        reply, NOSCRIPT too, comes as a value), within the time bound; None
+        when no connection is open (then run_script). For a caller that has
+        many calls in flight in order (a backtest) and would otherwise start
+        a task for each."""
+        replies = self._replies
+        if replies is None or replies.closed:
+            return None
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        return replies.send(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)), deadline)
+
     async def command(self, *args: str | bytes | int) -> Any:
         """Any command on this connection, within the time bound (e.g.
         SCRIPT LOAD before scripts are sent many at a time)."""

@@ -25,8 +25,9 @@ from typing import Any, NamedTuple
 from tether.server import errors
 from tether.server.counters.connection import KEY_PREFIX
 from tether.server.guard import keys, policies
-from tether.server.guard.decide import Checked, Decider, Decision, limit_and_life
-from tether.server.guard.identities import IdentityBook
+from tether.server.guard.counters import Sent
+from tether.server.guard.decide import Checked, Decider, Decision, Prepared, limit_and_life
+from tether.server.guard.identities import IdentityBook, Resolution
 from tether.server.guard.policies import Policy
 from tether.server.guard.service import Action, EvaluateCall, Guard, Validator, Verdict, verdict_of
 from tether.server.transport import request_check
@@ -148,9 +149,21 @@ class _FewerFullCollections:
             gc.set_threshold(*cls.saved)
 
 
+# An event whose script was sent: (index, action, event, call, resolution,
+# arguments, the reply to read or the task reading it).
+_InFlight = tuple[
+    int, Action, Event, Checked, Resolution, Prepared, "Sent | asyncio.Future[Decision]"
+]
+
+
 class Backtest:
-    def __init__(self, guard: Guard, policy: Policy, group_by: list[str]) -> None:
+    def __init__(
+        self, guard: Guard, policy: Policy, group_by: list[str], *, explained: bool = True
+    ) -> None:
+        """explained: verdicts carry their explanation (a run that streams
+        no verdicts needs none)."""
         self._guard = guard
+        self._explained = explained
         self.policy = policy
         self._group_by = group_by
         self.run_id = secrets.token_hex(8)
@@ -161,7 +174,7 @@ class Backtest:
         self._validator = Validator(guard.validator.digester)
         self._keys: set[str] = set()
         self._last_time = float("-inf")
-        self._in_flight: list[tuple[int, Action, Event, Checked, asyncio.Future[Decision]]] = []
+        self._in_flight: list[_InFlight] = []
         self._actors: dict[str, _Actor] = {}
         self.summary = Summary()
         self._started = time.perf_counter()
@@ -209,13 +222,22 @@ class Backtest:
         prepared = decider.prepare(checked, resolution, self.policy, event.time)
         self._keys.add(prepared.key)
         self._keys.update(keys.spills(prepared.key, prepared.field))
-        running = decider.run(checked, resolution, prepared, int(event.time * 1000))
+        now_ms = int(event.time * 1000)
         if self._pipelined:
-            self._in_flight.append((index, action, event, checked, asyncio.ensure_future(running)))
+            # Sent now, in order; read when the window drains. Without a
+            # single pipelined connection open, a task per call does the same.
+            sent = decider.send(checked, prepared, now_ms)
+            pending: Sent | asyncio.Future[Decision] = (
+                asyncio.ensure_future(decider.run(checked, resolution, prepared, now_ms))
+                if sent is None
+                else sent
+            )
+            self._in_flight.append((index, action, event, checked, resolution, prepared, pending))
             if len(self._in_flight) >= WINDOW:
                 done += await self._drain()
             return done
-        done.append((index, self._finish(action, event, checked, await running)))
+        decision = await decider.run(checked, resolution, prepared, now_ms)
+        done.append((index, self._finish(action, event, checked, decision)))
         return done
 
     async def finish(self) -> list[tuple[int, Verdict | str]]:
@@ -242,8 +264,14 @@ class Backtest:
     async def _drain(self) -> list[tuple[int, Verdict | str]]:
         done: list[tuple[int, Verdict | str]] = []
         in_flight, self._in_flight = self._in_flight, []
-        for index, action, event, checked, task in in_flight:
-            done.append((index, self._finish(action, event, checked, await task)))
+        for index, action, event, checked, resolution, prepared, pending in in_flight:
+            if isinstance(pending, Sent):
+                decision = await self._decider.sent(
+                    resolution, prepared, pending, explained=self._explained
+                )
+            else:
+                decision = await pending
+            done.append((index, self._finish(action, event, checked, decision)))
         return done
 
     def _check(self, event: Event) -> tuple[Action, Checked]:

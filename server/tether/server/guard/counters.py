@@ -119,6 +119,59 @@ def decode(value: bytes) -> Record:
     return Record(value[:1] in (b"f", b"F"), _ms(value[1:7]), entries, times)
 
 
+class Sent(NamedTuple):
+    """An evaluate call sent without awaiting its reply (send_evaluate)."""
+
+    reply: asyncio.Future[Any]
+    key: str
+    field: bytes
+    args: list[bytes | int | str]
+
+
+def _evaluate_args(
+    field: bytes,
+    member: bytes,
+    limit: int,
+    life_ms: int,
+    *,
+    record_over: bool,
+    extend: bool,
+    now_ms: int,
+    network: str,
+    inputs: Inputs,
+) -> list[bytes | int | str]:
+    """The EVALUATE script's arguments (ARGV)."""
+    return [
+        field,
+        member,
+        limit,
+        life_ms,
+        int(record_over),
+        int(extend),
+        now_ms,
+        bytes.fromhex(network),
+        int(inputs.rare),
+        inputs.rotation_ms,
+        int(inputs.crowd),
+        inputs.crowd_window_ms,
+        inputs.crowd_threshold,
+        *inputs.velocity,
+    ]
+
+
+def _count_of(reply: Any) -> Count:
+    allowed, already, count, expire_ms, scope, threshold, over = reply
+    return Count(
+        allowed == 1,
+        already == 1,
+        int(count),
+        int(expire_ms),
+        int(scope),
+        int(threshold),
+        over == 1,
+    )
+
+
 class GuardCounters:
     def __init__(
         self,
@@ -182,40 +235,75 @@ class GuardCounters:
         inputs: Inputs,
     ) -> Count:
         """now_ms: the call's time (a backtest's event time); 0: Redis's."""
-        keys = [key]
-        args: list[bytes | int | str] = [
+        args = _evaluate_args(
             field,
             member,
             limit,
             life_ms,
-            int(record_over),
-            int(extend),
-            now_ms,
-            bytes.fromhex(network),
-            int(inputs.rare),
-            inputs.rotation_ms,
-            int(inputs.crowd),
-            inputs.crowd_window_ms,
-            inputs.crowd_threshold,
-            *inputs.velocity,
-        ]
+            record_over=record_over,
+            extend=extend,
+            now_ms=now_ms,
+            network=network,
+            inputs=inputs,
+        )
         # A call names only the bucket's key (a key that does not exist
         # would make every call of its slot TRYAGAIN while the slot
         # migrates): the script asks for the spilled identity's own keys
         # (SPILLED) when it needs them, and the call runs again with them.
-        reply = await self._evaluate_with(keys, args)
+        reply = await self._evaluate_with([key], args)
         if reply[0] == SPILLED:
             reply = await self._evaluate_with([key, *spills(key, field)], args)
-        allowed, already, count, expire_ms, scope, threshold, over = reply
-        return Count(
-            allowed == 1,
-            already == 1,
-            int(count),
-            int(expire_ms),
-            int(scope),
-            int(threshold),
-            over == 1,
+        return _count_of(reply)
+
+    def send_evaluate(
+        self,
+        key: str,
+        field: bytes,
+        member: bytes,
+        limit: int,
+        life_ms: int,
+        *,
+        record_over: bool,
+        extend: bool,
+        now_ms: int,
+        network: str,
+        inputs: Inputs,
+    ) -> Sent | None:
+        """evaluate's script sent at once, for `evaluated` to read its reply
+        later: a backtest keeps a window of calls in flight without a task
+        each. None when it cannot be sent so (no single pipelined connection
+        open): then evaluate."""
+        pipelined = self.pipelined
+        if not isinstance(pipelined, PipelinedConnection):
+            return None
+        args = _evaluate_args(
+            field,
+            member,
+            limit,
+            life_ms,
+            record_over=record_over,
+            extend=extend,
+            now_ms=now_ms,
+            network=network,
+            inputs=inputs,
         )
+        reply = pipelined.send_script(self._evaluate_script, [key], args)
+        return None if reply is None else Sent(reply, key, field, args)
+
+    async def evaluated(self, sent: Sent) -> Count:
+        """The Count of a call send_evaluate sent."""
+        try:
+            reply = await sent.reply
+        except DOWN as exc:
+            raise CountersDown(str(exc) or type(exc).__name__) from exc
+        if isinstance(reply, redis_errors.ResponseError):
+            if not str(reply).startswith("NOSCRIPT"):
+                raise CountersDown(str(reply))
+            # Not run (Redis lost its scripts): run it the usual way.
+            reply = await self._evaluate_with([sent.key], sent.args)
+        if reply[0] == SPILLED:
+            reply = await self._evaluate_with([sent.key, *spills(sent.key, sent.field)], sent.args)
+        return _count_of(reply)
 
     async def _evaluate_with(self, keys: list[str], args: list[bytes | int | str]) -> Any:
         if self.pipelined is not None:

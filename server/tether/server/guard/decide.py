@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from tether.server.guard import keys, rules
-from tether.server.guard.counters import Count, GuardCounters, Scope
+from tether.server.guard.counters import Count, GuardCounters, Scope, Sent
 from tether.server.guard.fingerprint import Fingerprint
 from tether.server.guard.identities import POPULAR_EPISODES, IdentityBook, Link, Resolution
 from tether.server.guard.policies import Policy
@@ -70,7 +70,8 @@ class Decision(NamedTuple):
     # (NamedTuple keeps `count` for tuple.count.)
     counted: Count
     limit: int
-    explanation: Explanation
+    # None when not asked for (a backtest that streams no verdicts).
+    explanation: Explanation | None
     key: str
     field: bytes
 
@@ -129,10 +130,32 @@ class Decider:
             network=call.network,
             inputs=prepared.inputs,
         )
-        explanation = explain(resolution, prepared.inputs, count)
-        return Decision(
-            resolution, count, prepared.limit, explanation, prepared.key, prepared.field
+        return _decision(resolution, prepared, count)
+
+    def send(self, call: Checked, prepared: Prepared, now_ms: int) -> Sent | None:
+        """run's script sent at once, its reply read by `sent` later (a
+        backtest's window, without a task per call); None: use run."""
+        return self.counters.send_evaluate(
+            prepared.key,
+            prepared.field,
+            call.member,
+            prepared.limit,
+            prepared.life_ms,
+            record_over=prepared.shadow,
+            extend=call.action != "register",
+            now_ms=now_ms,
+            network=call.network,
+            inputs=prepared.inputs,
         )
+
+    async def sent(
+        self, resolution: Resolution, prepared: Prepared, sent: Sent, *, explained: bool = True
+    ) -> Decision:
+        """The decision of a call `send` sent; explained: with its explanation."""
+        count = await self.counters.evaluated(sent)
+        if not explained:
+            return Decision(resolution, count, prepared.limit, None, prepared.key, prepared.field)
+        return _decision(resolution, prepared, count)
 
     async def count(
         self, call: Checked, resolution: Resolution, policy: Policy, t: float, now_ms: int
@@ -167,6 +190,11 @@ class Decider:
                     await self.counters.remove_fields([(source, source_field)])
                     written += [target, *keys.spills(target, keys.field(identity, room))]
         return written
+
+
+def _decision(resolution: Resolution, prepared: Prepared, count: Count) -> Decision:
+    explanation = explain(resolution, prepared.inputs, count)
+    return Decision(resolution, count, prepared.limit, explanation, prepared.key, prepared.field)
 
 
 def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Explanation:

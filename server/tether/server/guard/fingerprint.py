@@ -253,6 +253,10 @@ def _remember_fonts(fonts: tuple[str, ...]) -> None:
     _FONT_LISTS[fonts] = _normalized_set(list(fonts))
 
 
+# Each group's digests are keyed apart by the group's name.
+_PERSONS = tuple(name.encode() for name in GROUP_NAMES)
+
+
 class _Hashers:
     """Keyed BLAKE2b under a key derived from the digest key: as keyed as
     the HMACs elsewhere, at a fraction of their cost for the ~60 fonts of a
@@ -262,6 +266,11 @@ class _Hashers:
     def __init__(self, key: DigestKey) -> None:
         self.secret = key.digest("guard-fingerprint-key", "v1")
         self._fonts: dict[int, int] = {}
+        # The same for the groups that many fingerprints share (a device
+        # model, a version, a screen, a language): their digests by group,
+        # under the text's string hash. The software group is nearly every
+        # fingerprint's own: not remembered.
+        self._shared: list[dict[int, bytes]] = [{} for _ in GROUP_NAMES]
         # Keyed states per (person, size), copied for each digest: a copy
         # costs less than keying a new one (16 digests per new fingerprint).
         self._keyed: dict[tuple[bytes, int], Any] = {}
@@ -275,6 +284,23 @@ class _Hashers:
         state.update(data.encode())
         digest: bytes = state.digest()
         return digest
+
+    def groups(self, texts: tuple[str, ...]) -> tuple[bytes, ...]:
+        """Each group's digest."""
+        digests = []
+        for group, text in enumerate(texts):
+            if group == SOFTWARE:
+                digests.append(self.digest(text, _PERSONS[group], 8))
+                continue
+            known = self._shared[group]
+            slot = hash(text)
+            digest = known.get(slot)
+            if digest is None:
+                if len(known) >= 100_000:
+                    known.clear()
+                digest = known[slot] = self.digest(text, _PERSONS[group], 8)
+            digests.append(digest)
+        return tuple(digests)
 
     def font(self, name: str) -> int:
         slot = hash(name)
@@ -309,10 +335,7 @@ def fingerprint_of(digester: Digester, c: Components) -> Fingerprint:
     fonts = _FONT_LISTS.get(tuple(c.fonts)) or _normalized_set(c.fonts)
     texts = _groups(c, fonts)
     identity = hashers.digest("\x1d".join(texts), b"guard-identity", 16).hex()
-    groups = tuple(
-        hashers.digest(text, name.encode(), 8)
-        for name, text in zip(GROUP_NAMES, texts, strict=True)
-    )
+    groups = hashers.groups(texts)
     return Fingerprint(
         identity=identity,
         groups=groups,
@@ -326,8 +349,12 @@ def font_similarity(a: frozenset[int], b: frozenset[int]) -> float:
     """Jaccard similarity of two font sets (1.0 for two empty sets)."""
     if not a and not b:
         return 1.0
-    # The union's size from the intersection's: no union set is built.
-    shared = len(a & b)
+    # The intersection's size from what the smaller set has that the other
+    # lacks: sets compared are mostly alike, which leaves little to build
+    # (and the union's size from it: no union set is built either).
+    if len(a) > len(b):
+        a, b = b, a
+    shared = len(a) - len(a - b)
     return shared / (len(a) + len(b) - shared)
 
 

@@ -38,7 +38,7 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from tether.server.guard.fingerprint import (
     DEVICE,
@@ -114,6 +114,9 @@ COUNT_PRIOR = 24 * HOUR
 LINK_PRIOR = HOUR
 
 
+_K = TypeVar("_K")
+
+
 class LinkKind:
     DRIFT_SAME_NETWORK = "drift_same_network"
     DRIFT_BURST = "drift_burst"
@@ -186,11 +189,18 @@ _Band = tuple[tuple[int, ...], tuple[bytes, ...]]
 _LEFT_OUT = [
     out for size in range(1, MAX_DRIFT_GROUPS + 1) for out in itertools.combinations(DRIFTING, size)
 ]
+_KEEP_GROUPS = {out: tuple(g for g in range(len(GROUP_NAMES)) if g not in out) for out in _LEFT_OUT}
 # For each way of leaving groups out, a getter of the groups kept.
-_KEEP = [
-    (out, operator.itemgetter(*(g for g in range(len(GROUP_NAMES)) if g not in out)))
-    for out in _LEFT_OUT
-]
+_KEEP = [(out, operator.itemgetter(*keep)) for out, keep in _KEEP_GROUPS.items()]
+
+
+# For each way of leaving groups out: a getter of the kept groups' shares
+# (in group order, as the product is taken), and the names of those left out.
+_KEPT_SHARES = {out: operator.itemgetter(*keep) for out, keep in _KEEP_GROUPS.items()}
+_CHANGED = {out: tuple(GROUP_NAMES[g] for g in out) for out in _LEFT_OUT}
+_DRIFTING_OF = operator.itemgetter(*DRIFTING)
+# A member seen on another network is never taken as closer than this (hours).
+_MIN_HOURS = 60.0 / HOUR
 
 
 def _bands(fp: Fingerprint) -> list[_Band]:
@@ -207,7 +217,13 @@ class IdentityBook:
         self._merges: dict[str, Link] = {}
         self._members: dict[str, list[str]] = {}
         self._apart: set[frozenset[str]] = set()
-        self._bands: dict[_Band, list[str]] = {}
+        # Tuples, replaced on change: a tuple of strings is no work for the
+        # collector, where a list per band (most of the book's containers)
+        # was walked by every full collection.
+        self._bands: dict[_Band, tuple[str, ...]] = {}
+        # How many fingerprints were last seen on each network: a band
+        # needs no look at its members when none can be on this one.
+        self._last_on: dict[str, int] = {}
         # Bands that held more fingerprints than they keep: who else showed
         # them is no longer known.
         self._crowded_bands: set[_Band] = set()
@@ -360,6 +376,7 @@ class IdentityBook:
         else:
             self._started_identities += 1
         self._known[fp.identity] = _Known(fp, t, t, network, link)
+        self._last_on[network] = self._last_on.get(network, 0) + 1
         if link is not None:
             self._parent[fp.identity] = identity
             self._members.setdefault(identity, [identity]).append(fp.identity)
@@ -369,11 +386,15 @@ class IdentityBook:
         return identity, tuple(merged)
 
     def _add_to_bands(self, fingerprint: str, bands: list[_Band]) -> None:
+        known = self._bands
         for band in bands:
-            members = self._bands.setdefault(band, [])
-            members.append(fingerprint)
-            if len(members) > BAND_MEMBERS:
-                del members[0]
+            members = known.get(band)
+            if members is None:
+                known[band] = (fingerprint,)
+            elif len(members) < BAND_MEMBERS:
+                known[band] = (*members, fingerprint)
+            else:
+                known[band] = (*members[1:], fingerprint)
                 self._crowded_bands.add(band)
 
     def _return(self, fp: Fingerprint, bands: list[_Band], identity: str, t: float) -> list[str]:
@@ -484,7 +505,7 @@ class IdentityBook:
                 found[root] = _Candidate(expected, root, LinkKind.MERGE, changed)
         return list(found.values())
 
-    def _owner(self, band: _Band, members: list[str], besides: str) -> str | None:
+    def _owner(self, band: _Band, members: tuple[str, ...], besides: str) -> str | None:
         """The one rare identity that showed the band, leaving `besides`
         out, if the band never held more fingerprints than it keeps."""
         if band in self._crowded_bands:
@@ -539,14 +560,17 @@ class IdentityBook:
     ) -> None:
         known = self._known[fp.identity]
         known.last_seen = t
-        known.last_network = network
-        for band in bands:
-            self.band_rates.see(band, t)
-        device = fp.groups[DEVICE]
-        _touch(self._active.setdefault(device, {}), identity, t)
+        self._move(known, network)
+        self.band_rates.see_all(bands, t)
+        groups = fp.groups
+        device = groups[DEVICE]
+        _touch(_made(self._active, device), identity, t)
         for group in DRIFTING:
-            _touch(self._holders.setdefault((device, group, fp.groups[group]), {}), identity, t)
-        self._profiles.setdefault(identity, _Profile()).add(fp)
+            _touch(_made(self._holders, (device, group, groups[group])), identity, t)
+        profile = self._profiles.get(identity)
+        if profile is None:
+            profile = self._profiles[identity] = _Profile()
+        profile.add(fp)
         self.device_rates.see(device, t)
         if new:
             # Shares among fingerprints, as the record restores them: a
@@ -556,6 +580,19 @@ class IdentityBook:
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
+
+    def _move(self, known: _Known, network: str) -> None:
+        """A fingerprint last seen on `network` now."""
+        before = known.last_network
+        if before == network:
+            return
+        last_on = self._last_on
+        if last_on[before] == 1:
+            del last_on[before]
+        else:
+            last_on[before] -= 1
+        last_on[network] = last_on.get(network, 0) + 1
+        known.last_network = network
 
     def _overall_rate(self, t: float) -> float:
         started = self._started if self._started is not None else t
@@ -582,6 +619,9 @@ class IdentityBook:
         share_here = max(self.crowds.share(network, t, MIN_POPULATION), MIN_NETWORK_SHARE)
         bound_here = STRANGERS_OTHER_NETWORK if crowd else STRANGERS_SAME_NETWORK
         shares: list[float] | None = None
+        known_of = self._known
+        # Whether any fingerprint was last seen on this network.
+        here = network in self._last_on
         for band in bands:
             members = self._bands.get(band)
             if not members:
@@ -589,15 +629,25 @@ class IdentityBook:
             out = band[0]
             if shares is None:
                 shares = self._shares(fp)
-            kept = math.prod(p for g, p in enumerate(shares) if g not in out)
+            kept = math.prod(_KEPT_SHARES[out](shares))
             rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
             # Even a member seen a minute ago on this network could not
             # justify a link: nothing in this band can.
             if rate * share_here / 60 > bound_here:
                 continue
+            # Nor a member seen on another network before `oldest`: cheap
+            # tests that spare most members the arithmetic.
+            oldest = _oldest_elsewhere(rate, t)
+            if oldest == math.inf and not here:
+                continue
             for member in reversed(members):
-                earlier = self._known[member]
-                same = earlier.last_network == network
+                earlier = known_of[member]
+                if earlier.last_seen >= oldest:
+                    same = here and earlier.last_network == network
+                elif here and earlier.last_network == network:
+                    same = True
+                else:
+                    continue
                 hours = max(t - earlier.last_seen, 60.0) / HOUR
                 expected = rate * hours * (share_here if same else 1.0)
                 if expected > (bound_here if same else STRANGERS_OTHER_NETWORK):
@@ -609,8 +659,7 @@ class IdentityBook:
                 if not _can_drift(earlier.fingerprint, fp, out):
                     continue
                 kind = LinkKind.DRIFT_SAME_NETWORK if same else LinkKind.DRIFT_BURST
-                changed = tuple(GROUP_NAMES[g] for g in out)
-                best[identity] = _Candidate(expected, identity, kind, changed)
+                best[identity] = _Candidate(expected, identity, kind, _CHANGED[out])
         return list(best.values())
 
     def _profile(self, fp: Fingerprint, t: float) -> list[_Candidate]:
@@ -620,21 +669,20 @@ class IdentityBook:
         active = self._active.get(device)
         if not active:
             return []
-        rate = max(
-            self.device_rates.rate(device, t, RATE_EXCLUDE),
-            self._overall_rate(t) * self._share(fp, (DEVICE,)),
-        )
+        # The device's rate, once a candidate needs it (most calls find none).
+        rate: float | None = None
         # Candidates: recent identities of the device that showed one of
         # this fingerprint's values. A value shown by many is no evidence
         # (its share alone would exceed the bound), so it finds nobody: the
         # look-up stays small however popular the device.
-        found: dict[str, None] = {}
+        found: dict[str, float] = {}
         for group in DRIFTING:
             holders = self._holders.get((device, group, fp.groups[group]))
             if holders and len(holders) <= PROFILE_HOLDERS:
-                found.update(dict.fromkeys(holders))
+                found.update(holders)
         hits: list[_Candidate] = []
         parent, profiles = self._parent, self._profiles
+        drifting = _DRIFTING_OF(fp.groups)
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -643,11 +691,15 @@ class IdentityBook:
             if profile is None:
                 continue
             # The cheap tests first: most candidates match too few groups.
-            match = _profile_match(fp, profile)
+            match = _profile_match(fp, drifting, profile)
             if match is None or self.popular(identity):
                 continue
+            if rate is None:
+                rate = max(
+                    self.device_rates.rate(device, t, RATE_EXCLUDE),
+                    self._overall_rate(t) * self._share(fp, (DEVICE,)),
+                )
             matched, fonts_near = match
-            changed = [GROUP_NAMES[g] for g in DRIFTING if g not in matched]
             p = 1.0
             for group in matched:
                 p *= self._values.share([(group, v) for v in profile.values[group]])
@@ -655,7 +707,8 @@ class IdentityBook:
                 p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
             if expected <= STRANGERS_PROFILE:
-                hits.append(_Candidate(expected, identity, LinkKind.PROFILE, tuple(changed)))
+                changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
+                hits.append(_Candidate(expected, identity, LinkKind.PROFILE, changed))
         return hits
 
     # --- joining and splitting -----------------------------------------
@@ -732,6 +785,7 @@ class IdentityBook:
         if fp.identity in self._known:
             return
         self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
+        self._last_on[network] = self._last_on.get(network, 0) + 1
         self._members.setdefault(fp.identity, [fp.identity])
         self._add_to_bands(fp.identity, _bands(fp))
         self._add_values(fp)
@@ -769,9 +823,8 @@ class IdentityBook:
         crowd = self.crowds.crowded(network, t)
         fp = known.fingerprint
         known.last_seen = max(known.last_seen, t)
-        known.last_network = network
-        for band in _bands(fp):
-            self.band_rates.see(band, t)
+        self._move(known, network)
+        self.band_rates.see_all(_bands(fp), t)
         self.device_rates.see(fp.groups[DEVICE], t)
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
@@ -790,6 +843,18 @@ def _repeat(known: _Known, network: str, t: float) -> bool:
     return known.last_network == network and (t // REPEAT_SLOT) == (known.last_seen // REPEAT_SLOT)
 
 
+def _oldest_elsewhere(rate: float, t: float) -> float:
+    """The earliest last sighting on another network that a band seen at
+    `rate` could still justify a drift link from: the longest the bound
+    allows, with a margin for rounding; inf when even one seen a minute ago
+    could not."""
+    if rate * _MIN_HOURS > STRANGERS_OTHER_NETWORK:
+        return math.inf
+    if rate <= 0:
+        return -math.inf
+    return t - STRANGERS_OTHER_NETWORK / rate * HOUR * 1.000001 - 1.0
+
+
 def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> bool:
     """Whether `fp` can be `earlier` after drifting in the groups left out:
     versions never go backwards, and font sets stay alike."""
@@ -798,13 +863,18 @@ def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> b
     return SOFTWARE not in out or font_similarity(fp.fonts, earlier.fonts) >= FONTS_ALIKE
 
 
-def _profile_match(fp: Fingerprint, profile: _Profile) -> tuple[list[int], bool] | None:
-    """The drifting groups whose value the profile showed, and whether the
-    fonts are near one of its font sets (when the software group's value is
-    not among them); None when that makes fewer than PROFILE_MIN_GROUPS.
-    Decided before any share is computed: most candidates end here."""
-    groups, values = fp.groups, profile.values
-    matched = [g for g in DRIFTING if groups[g] in values[g]]
+def _profile_match(
+    fp: Fingerprint, drifting: tuple[bytes, ...], profile: _Profile
+) -> tuple[list[int], bool] | None:
+    """The drifting groups whose value (`drifting`, the fingerprint's values
+    of DRIFTING) the profile showed, and whether the fonts are near one of
+    its font sets (when the software group's value is not among them); None
+    when that makes fewer than PROFILE_MIN_GROUPS. Decided before any share
+    is computed: most candidates end here."""
+    # One pass in C over the groups: this runs for every candidate.
+    matched = list(
+        itertools.compress(DRIFTING, map(operator.contains, _DRIFTING_OF(profile.values), drifting))
+    )
     if SOFTWARE in matched:
         return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
     if len(matched) + 1 < PROFILE_MIN_GROUPS:
@@ -812,6 +882,14 @@ def _profile_match(fp: Fingerprint, profile: _Profile) -> tuple[list[int], bool]
     if any(font_similarity(fp.fonts, s) >= FONTS_NEAR for s in profile.font_sets):
         return matched, True
     return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
+
+
+def _made(recent: dict[_K, dict[str, float]], key: _K) -> dict[str, float]:
+    """The key's dict, made when missing (setdefault would make one each time)."""
+    found = recent.get(key)
+    if found is None:
+        found = recent[key] = {}
+    return found
 
 
 def _touch(recent: dict[str, float], identity: str, t: float) -> None:

@@ -62,7 +62,10 @@ def inputs(
     share = book.crowds.share(network, t) if crowd else 0.0
     allowance = poisson_quantile(rate * CROWD_WINDOW / HOUR * share, VELOCITY_TAIL)
     thresholds: tuple[int, ...] = (0,) * len(VELOCITY_WINDOWS)
-    if velocity and limit > 0:
+    if velocity and limit > 0 and rate == 0:
+        # A browser not seen before this hour (every first visit): no tail.
+        thresholds = (max(limit, 1),) * len(VELOCITY_WINDOWS)
+    elif velocity and limit > 0:
         thresholds = tuple(
             max(limit, poisson_quantile(rate * window / HOUR, VELOCITY_TAIL) + 1)
             for window in VELOCITY_WINDOWS

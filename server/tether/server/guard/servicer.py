@@ -247,7 +247,7 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
             list(start.group_by),
             violations,
         )
-        run = backtest.Backtest(self._guard, policy, list(start.group_by))
+        run = backtest.Backtest(self._guard, policy, list(start.group_by), explained=start.verdicts)
         with counters_answer():
             async for response in self._replay(run, requests, start.verdicts):
                 yield response

@@ -10,6 +10,7 @@ its own clock with the same code.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import Counter
 from collections.abc import Hashable, Iterable
@@ -56,12 +57,25 @@ class Occupancy:
         self._keys: dict[Hashable, tuple[int, int, int]] = {}
 
     def see(self, key: Hashable, t: float) -> None:
+        self._see(key, math.floor(t / self._slot))
+
+    def see_all(self, keys: Iterable[Hashable], t: float) -> None:
+        """Several keys seen at once (a fingerprint's bands): the slot once."""
         now = math.floor(t / self._slot)
+        see = self._see
+        for key in keys:
+            see(key, now)
+
+    def _see(self, key: Hashable, now: int) -> None:
         entry = self._keys.get(key)
         if entry is None:
             self._keys[key] = (now, now, 1)
             return
         first, last, mask = entry
+        if now == last:
+            # Seen in this slot already (bit 0 is set since the first
+            # sighting): nothing changes.
+            return
         if now > last:
             mask = ((mask << (now - last)) | 1) & ((1 << self._slots) - 1)
             last = now
@@ -192,7 +206,8 @@ class Frequencies:
     def share(self, values: Iterable[Hashable]) -> float:
         """The chance a stranger's value is any of `values`."""
         values = list(values)
-        seen = sum(self._counts[v] for v in values)
+        # In C (a Counter's missing key goes through Python's __missing__).
+        seen = sum(map(self._counts.get, values, itertools.repeat(0)))
         prior = self._weight * self._common * len(values)
         return min(1.0, (seen + prior) / (self.total + self._weight))
 
