@@ -78,9 +78,9 @@ BASELINE_SCRIPT = "return redis.call('INCR', KEYS[1])"
 # from a counter) in its bucket's hash, holding one account, and the
 # bucket's expiry (ARGV[7] > 0: every ARGV[7]th identity holds a second
 # account). main() checks it against records written by real Evaluate calls.
-FILL_SCRIPT = (
-    scripts.COMMON
-    + """
+# Joined to scripts.COMMON where it is loaded: bench.observability's
+# "before" server imports this module with an older tether, which has none.
+FILL_SCRIPT = """
 local prefix, bits, expiry = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5])
 local now, every = tonumber(ARGV[6]), tonumber(ARGV[7])
 local function bytes(hex)
@@ -102,7 +102,6 @@ for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
 end
 return 0
 """
-)
 
 
 def free_port() -> int:
@@ -345,7 +344,7 @@ async def _fill(
     service: str = SERVICE,
     every: int = 0,
 ) -> None:
-    fill = client.register_script(FILL_SCRIPT)
+    fill = client.register_script(scripts.COMMON + FILL_SCRIPT)
     expiry = int(time.time() * 1000) + 3_600_000
     for first in range(start, stop, FILL_CHUNK):
         last = min(first + FILL_CHUNK, stop) - 1
