@@ -20,6 +20,7 @@ from tether.server.guard.counters import (
     GuardCounters,
     Record,
     decode,
+    evaluation,
 )
 from tether.server.guard.counters import (
     is_spilled as is_spilled_record,
@@ -77,16 +78,18 @@ async def login(
     network: str = NETWORK,
 ) -> Count:
     return await counters.evaluate(
-        key,
-        keys.field(who),
-        account,
-        limit,
-        life_ms,
-        record_over=False,
-        extend=True,
-        now_ms=now_ms,
-        network=network,
-        inputs=RARE,
+        evaluation(
+            key,
+            keys.field(who),
+            account,
+            limit,
+            life_ms,
+            record_over=False,
+            extend=True,
+            now_ms=now_ms,
+            network=network,
+            inputs=RARE,
+        )
     )
 
 
@@ -118,16 +121,18 @@ async def test_a_popular_identity_counts_this_networks_accounts_by_their_place(
 
     async def call(account: bytes, network: str) -> Count:
         return await counters.evaluate(
-            key,
-            keys.field(who),
-            account,
-            2,
-            1000,
-            record_over=False,
-            extend=True,
-            now_ms=T0,
-            network=network,
-            inputs=popular,
+            evaluation(
+                key,
+                keys.field(who),
+                account,
+                2,
+                1000,
+                record_over=False,
+                extend=True,
+                now_ms=T0,
+                network=network,
+                inputs=popular,
+            )
         )
 
     assert (await call(b"on-home1", NETWORK)).allowed
@@ -178,16 +183,18 @@ async def test_the_bucket_lives_as_long_as_its_latest_record(counters: GuardCoun
     assert await counters._client.pttl(key) > 590_000
     # A registration without a window never expires: neither does its bucket.
     forever = await counters.evaluate(
-        key,
-        keys.field(short),
-        b"account3",
-        0,
-        0,
-        record_over=False,
-        extend=False,
-        now_ms=0,
-        network=NETWORK,
-        inputs=RARE,
+        evaluation(
+            key,
+            keys.field(short),
+            b"account3",
+            0,
+            0,
+            record_over=False,
+            extend=False,
+            now_ms=0,
+            network=NETWORK,
+            inputs=RARE,
+        )
     )
     assert forever.expire_ms == FOREVER_MS
     assert await counters._client.pttl(key) == -1
@@ -201,16 +208,18 @@ async def test_remove_renew_and_restore_keep_the_record_whole(counters: GuardCou
     velocity = RARE._replace(velocity=(0, 0, 0, 10))
     for i, account in enumerate((b"first-01", b"second01")):
         await counters.evaluate(
-            key,
-            keys.field(who),
-            account,
-            0,
-            0,
-            record_over=False,
-            extend=False,
-            now_ms=T0 + i,
-            network=(NETWORK, OTHER_NETWORK)[i],
-            inputs=velocity,
+            evaluation(
+                key,
+                keys.field(who),
+                account,
+                0,
+                0,
+                record_over=False,
+                extend=False,
+                now_ms=T0 + i,
+                network=(NETWORK, OTHER_NETWORK)[i],
+                inputs=velocity,
+            )
         )
     record = await record_of(counters, key, who)
     assert record.registration_ms == [T0, T0 + 1]
@@ -274,16 +283,18 @@ async def register(
     limit: int = 10_000,
 ) -> Count:
     return await counters.evaluate(
-        key,
-        keys.field(who),
-        account,
-        limit,
-        life_ms,
-        record_over=False,
-        extend=False,
-        now_ms=now_ms,
-        network=network,
-        inputs=inputs,
+        evaluation(
+            key,
+            keys.field(who),
+            account,
+            limit,
+            life_ms,
+            record_over=False,
+            extend=False,
+            now_ms=now_ms,
+            network=network,
+            inputs=inputs,
+        )
     )
 
 

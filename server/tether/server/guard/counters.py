@@ -119,16 +119,23 @@ def decode(value: bytes) -> Record:
     return Record(value[:1] in (b"f", b"F"), _ms(value[1:7]), entries, times)
 
 
-class Sent(NamedTuple):
-    """An evaluate call sent without awaiting its reply (send_evaluate)."""
+class Evaluation(NamedTuple):
+    """One call of the EVALUATE script: its bucket key and arguments."""
 
-    reply: asyncio.Future[Any]
     key: str
     field: bytes
     args: list[bytes | int | str]
 
 
-def _evaluate_args(
+class Sent(NamedTuple):
+    """An evaluation sent without awaiting its reply (send_evaluate)."""
+
+    reply: asyncio.Future[Any]
+    evaluation: Evaluation
+
+
+def evaluation(
+    key: str,
     field: bytes,
     member: bytes,
     limit: int,
@@ -139,9 +146,10 @@ def _evaluate_args(
     now_ms: int,
     network: str,
     inputs: Inputs,
-) -> list[bytes | int | str]:
-    """The EVALUATE script's arguments (ARGV)."""
-    return [
+) -> Evaluation:
+    """A counting call. now_ms: the call's time (a backtest's event time);
+    0: Redis's."""
+    args: list[bytes | int | str] = [
         field,
         member,
         limit,
@@ -157,6 +165,7 @@ def _evaluate_args(
         inputs.crowd_threshold,
         *inputs.velocity,
     ]
+    return Evaluation(key, field, args)
 
 
 def _count_of(reply: Any) -> Count:
@@ -220,55 +229,17 @@ class GuardCounters:
         except DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
 
-    async def evaluate(
-        self,
-        key: str,
-        field: bytes,
-        member: bytes,
-        limit: int,
-        life_ms: int,
-        *,
-        record_over: bool,
-        extend: bool,
-        now_ms: int,
-        network: str,
-        inputs: Inputs,
-    ) -> Count:
-        """now_ms: the call's time (a backtest's event time); 0: Redis's."""
-        args = _evaluate_args(
-            field,
-            member,
-            limit,
-            life_ms,
-            record_over=record_over,
-            extend=extend,
-            now_ms=now_ms,
-            network=network,
-            inputs=inputs,
-        )
+    async def evaluate(self, call: Evaluation) -> Count:
         # A call names only the bucket's key (a key that does not exist
         # would make every call of its slot TRYAGAIN while the slot
         # migrates): the script asks for the spilled identity's own keys
         # (SPILLED) when it needs them, and the call runs again with them.
-        reply = await self._evaluate_with([key], args)
+        reply = await self._evaluate_with([call.key], call.args)
         if reply[0] == SPILLED:
-            reply = await self._evaluate_with([key, *spills(key, field)], args)
+            reply = await self._evaluate_spilled(call)
         return _count_of(reply)
 
-    def send_evaluate(
-        self,
-        key: str,
-        field: bytes,
-        member: bytes,
-        limit: int,
-        life_ms: int,
-        *,
-        record_over: bool,
-        extend: bool,
-        now_ms: int,
-        network: str,
-        inputs: Inputs,
-    ) -> Sent | None:
+    def send_evaluate(self, call: Evaluation) -> Sent | None:
         """evaluate's script sent at once, for `evaluated` to read its reply
         later: a backtest keeps a window of calls in flight without a task
         each. None when it cannot be sent so (no single pipelined connection
@@ -276,19 +247,8 @@ class GuardCounters:
         pipelined = self.pipelined
         if not isinstance(pipelined, PipelinedConnection):
             return None
-        args = _evaluate_args(
-            field,
-            member,
-            limit,
-            life_ms,
-            record_over=record_over,
-            extend=extend,
-            now_ms=now_ms,
-            network=network,
-            inputs=inputs,
-        )
-        reply = pipelined.send_script(self._evaluate_script, [key], args)
-        return None if reply is None else Sent(reply, key, field, args)
+        reply = pipelined.send_script(self._evaluate_script, [call.key], call.args)
+        return None if reply is None else Sent(reply, call)
 
     async def evaluated(self, sent: Sent) -> Count:
         """The Count of a call send_evaluate sent."""
@@ -300,10 +260,14 @@ class GuardCounters:
             if not str(reply).startswith("NOSCRIPT"):
                 raise CountersDown(str(reply))
             # Not run (Redis lost its scripts): run it the usual way.
-            reply = await self._evaluate_with([sent.key], sent.args)
+            return await self.evaluate(sent.evaluation)
         if reply[0] == SPILLED:
-            reply = await self._evaluate_with([sent.key, *spills(sent.key, sent.field)], sent.args)
+            reply = await self._evaluate_spilled(sent.evaluation)
         return _count_of(reply)
+
+    async def _evaluate_spilled(self, call: Evaluation) -> Any:
+        """The call run again naming the spilled identity's own keys."""
+        return await self._evaluate_with([call.key, *spills(call.key, call.field)], call.args)
 
     async def _evaluate_with(self, keys: list[str], args: list[bytes | int | str]) -> Any:
         if self.pipelined is not None:

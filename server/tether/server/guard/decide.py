@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from tether.server.guard import keys, rules
-from tether.server.guard.counters import Count, GuardCounters, Scope, Sent
+from tether.server.guard.counters import (
+    Count,
+    Evaluation,
+    GuardCounters,
+    Scope,
+    Sent,
+    evaluation,
+)
 from tether.server.guard.fingerprint import Fingerprint
 from tether.server.guard.identities import POPULAR_EPISODES, IdentityBook, Link, Resolution
 from tether.server.guard.policies import Policy
@@ -118,35 +125,13 @@ class Decider:
         self, call: Checked, resolution: Resolution, prepared: Prepared, now_ms: int
     ) -> Decision:
         """Runs the counting script. `now_ms` is its clock (0: Redis's own)."""
-        count = await self.counters.evaluate(
-            prepared.key,
-            prepared.field,
-            call.member,
-            prepared.limit,
-            prepared.life_ms,
-            record_over=prepared.shadow,
-            extend=call.action != "register",
-            now_ms=now_ms,
-            network=call.network,
-            inputs=prepared.inputs,
-        )
+        count = await self.counters.evaluate(_evaluation(call, prepared, now_ms))
         return _decision(resolution, prepared, count)
 
     def send(self, call: Checked, prepared: Prepared, now_ms: int) -> Sent | None:
         """run's script sent at once, its reply read by `sent` later (a
         backtest's window, without a task per call); None: use run."""
-        return self.counters.send_evaluate(
-            prepared.key,
-            prepared.field,
-            call.member,
-            prepared.limit,
-            prepared.life_ms,
-            record_over=prepared.shadow,
-            extend=call.action != "register",
-            now_ms=now_ms,
-            network=call.network,
-            inputs=prepared.inputs,
-        )
+        return self.counters.send_evaluate(_evaluation(call, prepared, now_ms))
 
     async def sent(
         self, resolution: Resolution, prepared: Prepared, sent: Sent, *, explained: bool = True
@@ -234,4 +219,20 @@ def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Expla
         scope_threshold=count.threshold,
         signals=signals,
         risk=round(risk, 4),
+    )
+
+
+def _evaluation(call: Checked, prepared: Prepared, now_ms: int) -> Evaluation:
+    """The counting script's call for a prepared call."""
+    return evaluation(
+        prepared.key,
+        prepared.field,
+        call.member,
+        prepared.limit,
+        prepared.life_ms,
+        record_over=prepared.shadow,
+        extend=call.action != "register",
+        now_ms=now_ms,
+        network=call.network,
+        inputs=prepared.inputs,
     )
