@@ -228,7 +228,9 @@ class Backtest:
             # single pipelined connection open, a task per call does the same.
             sent = decider.send(checked, prepared, now_ms)
             pending: Sent | asyncio.Future[Decision] = (
-                asyncio.ensure_future(decider.run(checked, resolution, prepared, now_ms))
+                asyncio.ensure_future(
+                    decider.run(checked, resolution, prepared, now_ms, explained=self._explained)
+                )
                 if sent is None
                 else sent
             )
@@ -236,7 +238,9 @@ class Backtest:
             if len(self._in_flight) >= WINDOW:
                 done += await self._drain()
             return done
-        decision = await decider.run(checked, resolution, prepared, now_ms)
+        decision = await decider.run(
+            checked, resolution, prepared, now_ms, explained=self._explained
+        )
         done.append((index, self._finish(action, event, checked, decision)))
         return done
 

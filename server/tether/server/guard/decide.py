@@ -122,11 +122,18 @@ class Decider:
         return Prepared(key, field, limit, life * 1000, policy.shadow, inputs)
 
     async def run(
-        self, call: Checked, resolution: Resolution, prepared: Prepared, now_ms: int
+        self,
+        call: Checked,
+        resolution: Resolution,
+        prepared: Prepared,
+        now_ms: int,
+        *,
+        explained: bool = True,
     ) -> Decision:
-        """Runs the counting script. `now_ms` is its clock (0: Redis's own)."""
+        """Runs the counting script. `now_ms` is its clock (0: Redis's own);
+        explained: with the decision's explanation."""
         count = await self.counters.evaluate(_evaluation(call, prepared, now_ms))
-        return _decision(resolution, prepared, count)
+        return _decision(resolution, prepared, count, explained)
 
     def send(self, call: Checked, prepared: Prepared, now_ms: int) -> Sent | None:
         """run's script sent at once, its reply read by `sent` later (a
@@ -136,11 +143,9 @@ class Decider:
     async def sent(
         self, resolution: Resolution, prepared: Prepared, sent: Sent, *, explained: bool = True
     ) -> Decision:
-        """The decision of a call `send` sent; explained: with its explanation."""
+        """The decision of a call `send` sent, as run's."""
         count = await self.counters.evaluated(sent)
-        if not explained:
-            return Decision(resolution, count, prepared.limit, None, prepared.key, prepared.field)
-        return _decision(resolution, prepared, count)
+        return _decision(resolution, prepared, count, explained)
 
     async def count(
         self, call: Checked, resolution: Resolution, policy: Policy, t: float, now_ms: int
@@ -177,8 +182,10 @@ class Decider:
         return written
 
 
-def _decision(resolution: Resolution, prepared: Prepared, count: Count) -> Decision:
-    explanation = explain(resolution, prepared.inputs, count)
+def _decision(
+    resolution: Resolution, prepared: Prepared, count: Count, explained: bool
+) -> Decision:
+    explanation = explain(resolution, prepared.inputs, count) if explained else None
     return Decision(resolution, count, prepared.limit, explanation, prepared.key, prepared.field)
 
 
