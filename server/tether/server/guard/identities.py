@@ -462,7 +462,7 @@ class IdentityBook:
         # The older identities' own cycling, looked up once each, and only
         # for a match that the least share could bring under the bound.
         cycled: dict[str, float] = {}
-        least = min(self._drift_share((group,)) for group in cycles)
+        least = self._drift_share(cycles)
         overall = self._overall_rate(t)
         shares = self._shares(fp)
         for band in bands:
