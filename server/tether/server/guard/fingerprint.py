@@ -27,7 +27,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tether.server.errors import Violations
 from tether.server.shared.digests import Digester, DigestKey
@@ -248,9 +248,21 @@ FONT_LISTS_SIZE = 4096
 
 
 def _remember_fonts(fonts: tuple[str, ...]) -> None:
-    if len(_FONT_LISTS) >= FONT_LISTS_SIZE:
-        _FONT_LISTS.clear()
-    _FONT_LISTS[fonts] = _normalized_set(list(fonts))
+    remember(_FONT_LISTS, fonts, _normalized_set(list(fonts)), FONT_LISTS_SIZE)
+
+
+# Entries a digest cache holds at most (the validator's, the hashers').
+CACHE_SIZE = 100_000
+_V = TypeVar("_V")
+
+
+def remember(cache: dict[Any, _V], key: Any, value: _V, size: int = CACHE_SIZE) -> _V:
+    """Puts value in a bounded memory-only cache, emptied when full (what
+    it held is made again as needed); returns value."""
+    if len(cache) >= size:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 # Each group's digests are keyed apart by the group's name.
@@ -296,9 +308,7 @@ class _Hashers:
             slot = hash(text)
             digest = known.get(slot)
             if digest is None:
-                if len(known) >= 100_000:
-                    known.clear()
-                digest = known[slot] = self.digest(text, _PERSONS[group], 8)
+                digest = remember(known, slot, self.digest(text, _PERSONS[group], 8))
             digests.append(digest)
         return tuple(digests)
 
@@ -306,10 +316,8 @@ class _Hashers:
         slot = hash(name)
         digest = self._fonts.get(slot)
         if digest is None:
-            if len(self._fonts) >= 100_000:
-                self._fonts.clear()
-            digest = int.from_bytes(self.digest(name, b"guard-font", 4), "big")
-            self._fonts[slot] = digest
+            made = int.from_bytes(self.digest(name, b"guard-font", 4), "big")
+            digest = remember(self._fonts, slot, made)
         return digest
 
     def fonts(self, names: list[str]) -> frozenset[int]:
@@ -363,7 +371,7 @@ class FingerprintCache:
     by a digest of their serialized form: a browser that comes back with the
     same components skips validation and hashing. Holds no raw component."""
 
-    def __init__(self, size: int = 100_000) -> None:
+    def __init__(self, size: int = CACHE_SIZE) -> None:
         self._size = size
         self._entries: dict[bytes, Fingerprint] = {}
 
@@ -371,8 +379,5 @@ class FingerprintCache:
         return self._entries.get(key) if key else None
 
     def put(self, key: bytes, value: Fingerprint) -> None:
-        if not key:
-            return
-        if len(self._entries) >= self._size:
-            self._entries.clear()
-        self._entries[key] = value
+        if key:
+            remember(self._entries, key, value, self._size)

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
@@ -172,7 +172,7 @@ class Validator:
             return None
         digester = self.digester
         digested = Account(digester.digest(account.kind, normalized), digester.current.key_id)
-        _remember(self._accounts, account, digested)
+        fingerprint.remember(self._accounts, account, digested)
         return digested
 
     @staticmethod
@@ -198,7 +198,7 @@ class Validator:
         if known is None:
             network = fingerprint.network(client_ip)
             known = self.digester.digest("guard-network", network)[:8].hex()
-            _remember(self._networks, client_ip, known)
+            fingerprint.remember(self._networks, client_ip, known)
         return known
 
     def check(self, call: EvaluateCall) -> tuple[Action, Account, Checked]:
@@ -232,16 +232,6 @@ class Validator:
             self.network(call.client_ip),
         )
         return call.action, account, checked
-
-
-# Entries each of the validator's digest caches holds at most.
-DIGEST_CACHE_SIZE = 100_000
-
-
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= DIGEST_CACHE_SIZE:
-        cache.clear()
-    cache[key] = value
 
 
 class Guard:
