@@ -16,9 +16,9 @@ import secrets
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
-from bench.guard_population import STRATEGIES, Event, Population
+from bench import guard_quality
+from bench.guard_population import Event, Population
 from tether.server.guard import fingerprint, rules
 from tether.server.guard.identities import IdentityBook, Resolution
 from tether.server.shared.digests import Digester, DigestKey
@@ -123,31 +123,6 @@ def replay(events: list[Event], limit: int) -> list[Row]:
     return rows
 
 
-def score(rows: list[Row], limit: int) -> dict[str, Any]:
-    legit = refused = 0
-    farms: dict[str, list[Row]] = defaultdict(list)
-    for row in rows:
-        if row.event.label == "legitimate":
-            legit += 1
-            refused += not row.allowed
-        else:
-            farms[row.event.actor].append(row)
-    per: dict[str, list[int]] = {s: [0, 0] for s in STRATEGIES}
-    for farm in farms.values():
-        excess = max(0, len(farm) - limit)
-        caught = min(excess, sum(not r.allowed for r in farm))
-        per[farm[0].event.strategy][0] += caught
-        per[farm[0].event.strategy][1] += excess
-    caught = sum(c for c, _ in per.values())
-    excess = sum(e for _, e in per.values())
-    return {
-        "fr": refused / max(1, legit),
-        "catch": caught / max(1, excess),
-        "per": {s: c / max(1, e) for s, (c, e) in per.items()},
-        "farms": farms,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, nargs="+", default=[2])
@@ -164,11 +139,11 @@ def main() -> None:
                 event.components.pop("extra", None)
         began = time.perf_counter()
         rows = replay(events, args.limit)
-        result = score(rows, args.limit)
-        per = " ".join(f"{s[:8]}={v * 100:.0f}" for s, v in result["per"].items())
+        result = guard_quality.score([r.event for r in rows], (r.allowed for r in rows), args.limit)
+        per = " ".join(f"{s[:8]}={v * 100:.0f}" for s, v in result["strategies"].items())
         print(
-            f"seed {seed}: FR {result['fr'] * 100:.2f}% catch {result['catch'] * 100:.1f}% "
-            f"{per} ({time.perf_counter() - began:.0f} s)"
+            f"seed {seed}: FR {result['false_refusal'] * 100:.2f}% "
+            f"catch {result['catch'] * 100:.1f}% {per} ({time.perf_counter() - began:.0f} s)"
         )
         # Legitimate refusals, by why.
         refused = [r for r in rows if r.event.label == "legitimate" and not r.allowed]
@@ -177,7 +152,11 @@ def main() -> None:
         for (strategy, why), n in sorted(classify(rows, args.limit).items()):
             print(f"    {strategy:<15} {why:<40} {n}")
         shown = 0
-        for actor, farm in result["farms"].items():
+        farms: dict[str, list[Row]] = defaultdict(list)
+        for row in rows:
+            if row.event.label != "legitimate":
+                farms[row.event.actor].append(row)
+        for actor, farm in farms.items():
             strategy = farm[0].event.strategy
             if args.strategy and strategy != args.strategy:
                 continue
