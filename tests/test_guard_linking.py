@@ -84,6 +84,35 @@ async def test_a_drifting_browser_on_its_home_network_stays_one_identity(
     assert [v.verdict for v in verdicts] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 2
 
 
+async def test_a_phone_with_a_few_fonts_changed_stays_one_identity(
+    any_server: RunningServer,
+) -> None:
+    """A phone has few fonts: three changed (an anti-detect browser's noise)
+    are a third of its set, yet still a few fonts; most of its set changed
+    is another browser."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    fonts = [f"Phone {seed} {i}" for i in range(9)]
+    first = await guard.evaluate(
+        service, "register", account("p0"), fingerprint(seed, fonts=fonts), home
+    )
+    noisy = [*fonts[1:], "Noise A", "Noise B"]
+    drifted = await guard.evaluate(
+        service, "register", account("p1"), fingerprint(seed, fonts=noisy), home
+    )
+    assert drifted.identity == first.identity, drifted.explanation
+    [link] = drifted.explanation.links
+    assert link.kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+    assert list(link.changed) == ["software"]
+    other = [*fonts[:4], "Other A", "Other B", "Other C", "Other D", "Other E"]
+    stranger = await guard.evaluate(
+        service, "register", account("p2"), fingerprint(seed, fonts=other), home
+    )
+    assert stranger.identity not in (first.identity, drifted.explanation.fingerprint)
+
+
 async def test_a_version_moving_back_is_not_the_same_browser(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)

@@ -47,7 +47,7 @@ from tether.server.guard.fingerprint import (
     SOFTWARE,
     VERSION,
     Fingerprint,
-    font_similarity,
+    fonts_alike,
 )
 from tether.server.guard.signals import (
     HOUR,
@@ -83,7 +83,8 @@ PROFILE_FONT_SETS = 8
 # A value that more recent identities of one device showed finds no profile
 # candidate (it is common, so it is no evidence of one browser).
 PROFILE_HOLDERS = 50
-# Two font sets this alike are one set with noise.
+# Two font sets this alike (Jaccard), or with a few fonts apart
+# (fingerprint.FONTS_FEW), are one set with noise.
 FONTS_ALIKE = 0.8
 FONTS_NEAR = 0.85
 # At most this many groups may differ for a drift link.
@@ -860,7 +861,7 @@ def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> b
     versions never go backwards, and font sets stay alike."""
     if VERSION in out and fp.moved_back_from(earlier):
         return False
-    return SOFTWARE not in out or font_similarity(fp.fonts, earlier.fonts) >= FONTS_ALIKE
+    return SOFTWARE not in out or fonts_alike(fp.fonts, earlier.fonts, FONTS_ALIKE)
 
 
 def _profile_match(
@@ -879,7 +880,7 @@ def _profile_match(
         return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
     if len(matched) + 1 < PROFILE_MIN_GROUPS:
         return None
-    if any(font_similarity(fp.fonts, s) >= FONTS_NEAR for s in profile.font_sets):
+    if any(fonts_alike(fp.fonts, s, FONTS_NEAR) for s in profile.font_sets):
         return matched, True
     return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
 
