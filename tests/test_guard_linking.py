@@ -113,6 +113,39 @@ async def test_a_phone_with_a_few_fonts_changed_stays_one_identity(
     assert stranger.identity not in (first.identity, drifted.explanation.fingerprint)
 
 
+async def test_an_update_that_re_renders_counts_as_one_change(any_server: RunningServer) -> None:
+    """A major update changes the version and the rendering readouts (the
+    software group) at once: with a resized window, still one browser."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    first = await guard.evaluate(service, "register", account("u0"), desktop(seed), home)
+    updated = desktop(
+        seed,
+        browser_version="132.0.6834.83",
+        extra={"canvas": f"c-{seed}-132"},
+        screen_width=1600,
+        screen_height=900,
+    )
+    later = await guard.evaluate(service, "register", account("u1"), updated, home)
+    assert later.identity == first.identity, later.explanation
+    [link] = later.explanation.links
+    assert link.kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+    assert list(link.changed) == ["version", "screen", "software"]
+    # Not so with the language changed too: four groups.
+    relocated = desktop(
+        seed,
+        browser_version="133.0.6943.53",
+        extra={"canvas": f"c-{seed}-133"},
+        screen_width=1280,
+        screen_height=720,
+        languages=["pt-BR"],
+    )
+    other = await guard.evaluate(service, "register", account("u2"), relocated, home)
+    assert pb.LINK_KIND_DRIFT_SAME_NETWORK not in kinds(other)
+
+
 async def test_a_version_moving_back_is_not_the_same_browser(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)

@@ -6,9 +6,10 @@ unless the evidence ties it to one seen before:
 
 - **drift**: it differs from a recent fingerprint in one or two groups of
   components (version, screen, language, software; updates never go
-  backwards, font sets stay alike), and so few other people could match
-  what stayed the same, given how often that part is seen, that the
-  expected number of strangers is below a bound. On the same home network
+  backwards and may re-render, so version and software count as one; font
+  sets stay alike), and so few other people could match what stayed the
+  same, given how often that part is seen, that the expected number of
+  strangers is below a bound. On the same home network
   the bound is generous; from another network only a short time later
   (IP rotation) it is strict.
 - **profile**: several groups changed at once, but each new value is one
@@ -87,7 +88,8 @@ PROFILE_HOLDERS = 50
 # (fingerprint.FONTS_FEW), are one set with noise.
 FONTS_ALIKE = 0.8
 FONTS_NEAR = 0.85
-# At most this many groups may differ for a drift link.
+# At most this many groups may differ for a drift link (an update's
+# version and rendering counting as one).
 MAX_DRIFT_GROUPS = 2
 BAND_MEMBERS = 20
 # Linking across networks needs to know what is rare: not before the book
@@ -189,6 +191,12 @@ class _Candidate(NamedTuple):
 _Band = tuple[tuple[int, ...], tuple[bytes, ...]]
 _LEFT_OUT = [
     out for size in range(1, MAX_DRIFT_GROUPS + 1) for out in itertools.combinations(DRIFTING, size)
+] + [
+    # An update re-renders (canvas, WebGL: software) as it changes the
+    # version: that pair counts as one change, with one more group.
+    tuple(sorted((VERSION, SOFTWARE, group)))
+    for group in DRIFTING
+    if group not in (VERSION, SOFTWARE)
 ]
 _KEEP_GROUPS = {out: tuple(g for g in range(len(GROUP_NAMES)) if g not in out) for out in _LEFT_OUT}
 # For each way of leaving groups out, a getter of the groups kept.
@@ -205,8 +213,9 @@ _MIN_HOURS = 60.0 / HOUR
 
 
 def _bands(fp: Fingerprint) -> list[_Band]:
-    """Each way of leaving one or two drifting groups out: a fingerprint
-    that differs from another only in those groups shares that band."""
+    """Each way of leaving drifting groups out (one or two, an update's
+    version and software counting as one): a fingerprint that differs from
+    another only in those groups shares that band."""
     groups = fp.groups
     return [(out, keep(groups)) for out, keep in _KEEP]
 
