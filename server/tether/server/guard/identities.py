@@ -272,6 +272,10 @@ class IdentityBook:
             self._parent[identity] = root
         return root
 
+    def size(self) -> int:
+        """How many fingerprints the book holds."""
+        return len(self._known)
+
     def knows(self, fingerprint: str) -> bool:
         return fingerprint in self._known
 
