@@ -38,7 +38,7 @@ import itertools
 import math
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 from tether.server.guard.fingerprint import (
@@ -160,22 +160,31 @@ class _Known:
     link: Link | None = None
 
 
-@dataclass
 class _Profile:
-    """What an identity showed recently, group by group."""
+    """What an identity showed recently, group by group. Tuples: most
+    identities show one value per group, and a set each cost four times
+    the memory of the one-value tuple."""
 
-    values: list[set[bytes]] = field(default_factory=lambda: [set() for _ in GROUP_NAMES])
-    font_sets: list[frozenset[int]] = field(default_factory=list)
+    __slots__ = ("font_sets", "values")
+
+    def __init__(self) -> None:
+        self.values: list[tuple[bytes, ...]] = [()] * len(GROUP_NAMES)
+        self.font_sets: list[frozenset[int]] = []
 
     def add(self, fp: Fingerprint) -> None:
+        values = self.values
         for group, digest in enumerate(fp.groups):
-            self.values[group].add(digest)
+            held = values[group]
+            if digest not in held:
+                values[group] = (*held, digest)
         if fp.fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
             self.font_sets.append(fp.fonts)
 
     def absorb(self, other: _Profile) -> None:
+        values = self.values
         for group, theirs in enumerate(other.values):
-            self.values[group] |= theirs
+            held = values[group]
+            values[group] = held + tuple(v for v in theirs if v not in held)
         for fonts in other.font_sets:
             if fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
                 self.font_sets.append(fonts)
