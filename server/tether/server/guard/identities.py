@@ -93,9 +93,11 @@ FONTS_NEAR = 0.85
 MAX_DRIFT_GROUPS = 2
 BAND_MEMBERS = 20
 # Linking across networks needs to know what is rare: not before the book
-# has seen this many fingerprints (a fresh start links on home networks only).
-# Until it has seen this many browsers, it takes the population to be this big.
-MIN_POPULATION = 1000
+# has seen this many fingerprints (a fresh start links on home networks only),
+# five times FREQUENCY_WEIGHT: by then a value's share rests on its
+# sightings more than on the prior. Until it has seen this many browsers,
+# it takes the population to be this big.
+MIN_POPULATION = 500
 # A share of one network's browsers below this is taken as this.
 MIN_NETWORK_SHARE = 1e-4
 # An identity that drifts on its network this soon after it started behaves
