@@ -217,6 +217,25 @@ async def test_a_drifting_browser_rotating_networks_in_a_burst_is_linked(
     assert third.explanation.risk == 1
 
 
+async def test_a_fresh_book_links_on_home_networks_only(any_server: RunningServer) -> None:
+    """Before the book has seen 500 fingerprints it cannot know what is
+    rare: the same burst across networks stays apart, a drift at home
+    links (each backtest has a fresh book)."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    now = T0 + 300 * 50
+    burst = [
+        _event(now, "b0", desktop(seed), "10.8.0.1"),
+        _event(now + 60, "b1", desktop(seed, screen_width=1366, screen_height=768), "10.8.1.1"),
+        _event(now + 120, "b2", desktop(seed, languages=["it-IT"]), "10.8.1.1"),
+    ]
+    first, second, third = (await _replay(guard, 2, _background(300, T0) + burst))[-3:]
+    assert second.identity != first.identity
+    assert not second.explanation.links
+    assert third.identity == second.identity
+    assert kinds(third) == [pb.LINK_KIND_DRIFT_SAME_NETWORK]
+
+
 def _farm_and_return(seed: str, first_sizes: list[tuple[int, int]]) -> list[pb.BacktestEvent]:
     """A farm's first session (one browser, in these window sizes) and,
     hours later from another network, the browser back: updated, in a
