@@ -147,16 +147,6 @@ class Decider:
         count = await self.counters.evaluated(sent)
         return _decision(resolution, prepared, count, explained)
 
-    async def count(
-        self, call: Checked, resolution: Resolution, policy: Policy, t: float, now_ms: int
-    ) -> Decision:
-        """Moves joined identities' counts, then counts the call."""
-        if resolution.merged:
-            await self.move_counts(
-                resolution.merged, resolution.identity, call.service_id, call.room_id, now_ms
-            )
-        return await self.run(call, resolution, self.prepare(call, resolution, policy, t), now_ms)
-
     async def move_counts(
         self, gone: tuple[str, ...], identity: str, service_id: str, room_id: str, now_ms: int = 0
     ) -> list[str]:

@@ -314,8 +314,15 @@ class Guard:
             self.recorder.later(change)
             return Verdict(True, Reason.ACCOUNT_ALLOW_LISTED, identity)
 
+        decider = self.decider
         try:
-            decision = await self.decider.count(checked, resolution, policy, t, 0)
+            if resolution.merged:
+                # The joined identities' counts now count for this one.
+                await decider.move_counts(
+                    resolution.merged, identity, call.service_id, call.room_id
+                )
+            prepared = decider.prepare(checked, resolution, policy, t)
+            decision = await decider.run(checked, resolution, prepared, 0)
         except CountersDown as exc:
             self.recorder.later(change)
             return self._counters_down(policy, identity, exc)
