@@ -9,7 +9,6 @@ fresh book and keys under its own scope, with event times for the clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from tether.server.guard import keys, rules
@@ -36,9 +35,9 @@ class Signal(NamedTuple):
     fired: bool = False
 
 
-@dataclass
-class Explanation:
-    """Why a verdict is what it is (tether.guard.v1.Explanation)."""
+class Explanation(NamedTuple):
+    """Why a verdict is what it is (tether.guard.v1.Explanation). A value:
+    a returning browser's calls repeat theirs, and its message is kept."""
 
     fingerprint: str
     links: tuple[Link, ...] = ()
@@ -46,7 +45,7 @@ class Explanation:
     scope: str = ""
     scope_count: int = 0
     scope_threshold: int = 0
-    signals: list[Signal] = field(default_factory=list)
+    signals: tuple[Signal, ...] = ()
     risk: float = 0.0
 
 
@@ -214,7 +213,7 @@ def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Expla
         scope=scope,
         scope_count=count.counted,
         scope_threshold=count.threshold,
-        signals=signals,
+        signals=tuple(signals),
         risk=round(risk, 4),
     )
 
