@@ -10,7 +10,7 @@ from tether.server.errors import Violations
 from tether.server.guard.backtest import Counts, Summary
 from tether.server.guard.backtest import Event as BacktestEvent
 from tether.server.guard.corrections import IdentityView
-from tether.server.guard.decide import Explanation
+from tether.server.guard.decide import EXPLANATIONS_KEPT, Explanation
 from tether.server.guard.fingerprint import Components, remember
 from tether.server.guard.identities import Link, LinkKind
 from tether.server.guard.policies import ENFORCE, FAIL_CLOSED, FAIL_OPEN, SHADOW, Policy
@@ -130,7 +130,6 @@ def link(value: Link) -> pb.FingerprintLink:
 # Explanations' messages, kept by value: a returning browser's calls repeat
 # theirs, and copying a kept message costs a third of filling one in.
 _EXPLANATIONS: dict[Explanation, pb.Explanation] = {}
-_EXPLANATIONS_KEPT = 10_000
 
 
 def _explanation(value: Explanation) -> pb.Explanation:
@@ -148,7 +147,7 @@ def _explanation(value: Explanation) -> pb.Explanation:
     for s in value.signals:
         add(name=s.name, value=s.value, threshold=s.threshold, fired=s.fired)
     message.risk = value.risk
-    return remember(_EXPLANATIONS, value, message, _EXPLANATIONS_KEPT)
+    return remember(_EXPLANATIONS, value, message, EXPLANATIONS_KEPT)
 
 
 def identity_view(value: IdentityView) -> pb.ExplainIdentityResponse:

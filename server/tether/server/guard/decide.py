@@ -20,11 +20,14 @@ from tether.server.guard.counters import (
     Sent,
     evaluation,
 )
-from tether.server.guard.fingerprint import Fingerprint
+from tether.server.guard.fingerprint import Fingerprint, remember
 from tether.server.guard.identities import POPULAR_EPISODES, IdentityBook, Link, Resolution
 from tether.server.guard.policies import Policy
 
 ACTIONS = ("register", "login", "collaborate")
+# Explanations kept (and their messages, convert.py): the returning browsers
+# of the last while, at about a kilobyte each.
+EXPLANATIONS_KEPT = 10_000
 _VELOCITY_NAMES = ("velocity_10m", "velocity_1h", "velocity_6h", "velocity_24h")
 
 
@@ -99,6 +102,9 @@ class Decider:
         self.counters = counters
         self.bucket_bits = bucket_bits
         self.scope = scope
+        # Explanations by what they are made of: a returning browser's
+        # calls repeat theirs.
+        self._explanations: dict[tuple[object, ...], Explanation] = {}
 
     def key(self, service_id: str, action: str, room_id: str, identity: str) -> str:
         return keys.counted(
@@ -132,7 +138,7 @@ class Decider:
         """Runs the counting script. `now_ms` is its clock (0: Redis's own);
         explained: with the decision's explanation."""
         count = await self.counters.evaluate(_evaluation(call, prepared, now_ms))
-        return _decision(resolution, prepared, count, explained)
+        return self._decision(resolution, prepared, count, explained)
 
     def send(self, call: Checked, prepared: Prepared, now_ms: int) -> Sent | None:
         """run's script sent at once, its reply read by `sent` later (a
@@ -144,7 +150,33 @@ class Decider:
     ) -> Decision:
         """The decision of a call `send` sent, as run's."""
         count = await self.counters.evaluated(sent)
-        return _decision(resolution, prepared, count, explained)
+        return self._decision(resolution, prepared, count, explained)
+
+    def _decision(
+        self, resolution: Resolution, prepared: Prepared, count: Count, explained: bool
+    ) -> Decision:
+        explanation = self._explain(resolution, prepared.inputs, count) if explained else None
+        return Decision(
+            resolution, count, prepared.limit, explanation, prepared.key, prepared.field
+        )
+
+    def _explain(self, resolution: Resolution, inputs: rules.Inputs, count: Count) -> Explanation:
+        """explain(), kept: the key holds everything it reads."""
+        key = (
+            resolution.fingerprint,
+            resolution.links,
+            inputs,
+            count.counted,
+            count.scope,
+            count.threshold,
+            count.over,
+        )
+        known = self._explanations.get(key)
+        if known is None:
+            known = remember(
+                self._explanations, key, explain(resolution, inputs, count), EXPLANATIONS_KEPT
+            )
+        return known
 
     async def move_counts(
         self, gone: tuple[str, ...], identity: str, service_id: str, room_id: str, now_ms: int = 0
@@ -169,13 +201,6 @@ class Decider:
                     await self.counters.remove_fields([(source, source_field)])
                     written += [target, *keys.spills(target, keys.field(identity, room))]
         return written
-
-
-def _decision(
-    resolution: Resolution, prepared: Prepared, count: Count, explained: bool
-) -> Decision:
-    explanation = explain(resolution, prepared.inputs, count) if explained else None
-    return Decision(resolution, count, prepared.limit, explanation, prepared.key, prepared.field)
 
 
 def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Explanation:
