@@ -155,6 +155,9 @@ class Validator:
         # cost an HMAC each; a returning browser brings the same ones).
         self._accounts: dict[AccountRef, Account] = {}
         self._networks: dict[str, str] = {}
+        # Whole calls checked before, by what they are made of: a returning
+        # browser repeats its call, which reduces to what it did last time.
+        self._calls: dict[tuple[object, ...], tuple[Action, Account, Checked]] = {}
 
     def account(
         self, account: AccountRef | None, path: str, violations: Violations
@@ -202,6 +205,25 @@ class Validator:
         return known
 
     def check(self, call: EvaluateCall) -> tuple[Action, Account, Checked]:
+        # Only calls with a components key (a digest of their components as
+        # received) can be known: components given as values have none.
+        key = (
+            call.service_id,
+            call.action,
+            call.account,
+            call.room_id,
+            call.components_key,
+            call.client_ip,
+        )
+        known = self._calls.get(key) if call.components_key else None
+        if known is not None:
+            return known
+        checked = self._check(call)
+        if call.components_key:
+            fingerprint.remember(self._calls, key, checked)
+        return checked
+
+    def _check(self, call: EvaluateCall) -> tuple[Action, Account, Checked]:
         violations = Violations()
         self.scope(call.service_id, call.action, call.room_id, violations)
         account = self.account(call.account, "account", violations)
