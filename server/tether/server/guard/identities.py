@@ -185,13 +185,20 @@ class _Candidate(NamedTuple):
     changed: tuple[str, ...]
 
 
-_Band = tuple[tuple[int, ...], tuple[bytes, ...]]
+# A band: the index of the way groups were left out (in _LEFT_OUT), then
+# the kept groups' digests (8 bytes each). Bytes, not a tuple: a bytes key
+# keeps its hash, where a tuple's was computed again on every look-up (a
+# band is looked up in several dicts per call), and it is no work for the
+# collector (two tuples per band were most of what a new fingerprint left
+# for young collections to walk).
+_Band = bytes
 _LEFT_OUT = [
     out for size in range(1, MAX_DRIFT_GROUPS + 1) for out in itertools.combinations(DRIFTING, size)
 ]
 _KEEP_GROUPS = {out: tuple(g for g in range(len(GROUP_NAMES)) if g not in out) for out in _LEFT_OUT}
-# For each way of leaving groups out, a getter of the groups kept.
-_KEEP = [(out, operator.itemgetter(*keep)) for out, keep in _KEEP_GROUPS.items()]
+# For each way of leaving groups out, its band's first byte and a getter of
+# the groups kept.
+_KEEP = [(bytes((i,)), operator.itemgetter(*_KEEP_GROUPS[out])) for i, out in enumerate(_LEFT_OUT)]
 
 
 # For each way of leaving groups out: a getter of the kept groups' shares
@@ -207,7 +214,7 @@ def _bands(fp: Fingerprint) -> list[_Band]:
     """Each way of leaving one or two drifting groups out: a fingerprint
     that differs from another only in those groups shares that band."""
     groups = fp.groups
-    return [(out, keep(groups)) for out, keep in _KEEP]
+    return [b"".join((way, *keep(groups))) for way, keep in _KEEP]
 
 
 class IdentityBook:
@@ -469,7 +476,7 @@ class IdentityBook:
             members = self._bands.get(band)
             if not members:
                 continue
-            out = band[0]
+            out = _LEFT_OUT[band[0]]
             kept = overall * math.prod(p for g, p in enumerate(shares) if g not in out)
             rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), kept)
             owner = self._owner(band, members, identity)
@@ -626,7 +633,7 @@ class IdentityBook:
             members = self._bands.get(band)
             if not members:
                 continue
-            out = band[0]
+            out = _LEFT_OUT[band[0]]
             if shares is None:
                 shares = self._shares(fp)
             kept = math.prod(_KEPT_SHARES[out](shares))
