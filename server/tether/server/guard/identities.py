@@ -344,9 +344,9 @@ class IdentityBook:
             new = True
         self._observe(fp, bands, identity=identity, network=network, t=t, crowd=crowd, new=new)
         # The links followed, and the merges this sighting made.
-        links = self.path(fp.identity) + tuple(
-            link for gone in merged if (link := self._merges.get(gone)) is not None
-        )
+        links = self.path(fp.identity)
+        if merged:
+            links += tuple(link for gone in merged if (link := self._merges.get(gone)) is not None)
         return Resolution(identity, fp.identity, links, new, merged)
 
     def _link(
@@ -394,10 +394,13 @@ class IdentityBook:
 
     def _add_to_bands(self, fingerprint: str, bands: list[_Band]) -> None:
         known = self._bands
+        # One tuple for every band the fingerprint is alone in (most of a
+        # new one's): fewer objects for the collector to walk.
+        alone = (fingerprint,)
         for band in bands:
             members = known.get(band)
             if members is None:
-                known[band] = (fingerprint,)
+                known[band] = alone
             elif len(members) < BAND_MEMBERS:
                 known[band] = (*members, fingerprint)
             else:

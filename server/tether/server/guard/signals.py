@@ -42,7 +42,7 @@ class Occupancy:
     slot. Each key keeps a bit per slot over the horizon.
     """
 
-    __slots__ = ("_keys", "_prior", "_slot", "_slots")
+    __slots__ = ("_keys", "_new", "_prior", "_slot", "_slots")
 
     def __init__(self, slot: float, horizon: float, prior: float) -> None:
         self._slot = slot
@@ -55,6 +55,9 @@ class Occupancy:
         # ints, where a list per key (a book holds ~10 keys per fingerprint)
         # made every full collection walk them all.
         self._keys: dict[Hashable, tuple[int, int, int]] = {}
+        # The entry of a key first seen in the latest slot a new key came
+        # in, shared by all of them (a new fingerprint brings ten).
+        self._new: tuple[int, int, int] | None = None
 
     def see(self, key: Hashable, t: float) -> None:
         self._see(key, math.floor(t / self._slot))
@@ -69,7 +72,10 @@ class Occupancy:
     def _see(self, key: Hashable, now: int) -> None:
         entry = self._keys.get(key)
         if entry is None:
-            self._keys[key] = (now, now, 1)
+            new = self._new
+            if new is None or new[0] != now:
+                new = self._new = (now, now, 1)
+            self._keys[key] = new
             return
         first, last, mask = entry
         if now == last:
