@@ -215,8 +215,11 @@ def _groups(c: Components, fonts: _NameSet, plugins: _NameSet) -> tuple[str, ...
     browser's enumeration, not the user's. Language order is kept: it is the
     user's preference. Fields are joined by a unit separator, which
     printable components cannot contain."""
-    device_extra = sorted((k, v.strip()) for k, v in c.extra.items() if k in _DEVICE_EXTRAS)
-    software_extra = sorted((k, v.strip()) for k, v in c.extra.items() if k not in _DEVICE_EXTRAS)
+    # Sorted once, by key (keys are unique), then split between the groups.
+    device_extra: list[str] = []
+    software_extra: list[str] = []
+    for k, v in sorted(c.extra.items()):
+        (device_extra if k in _DEVICE_EXTRAS else software_extra).append(f"{k}={v.strip()}")
     sep = "\x1f"
     return (
         sep.join(
@@ -225,7 +228,7 @@ def _groups(c: Components, fonts: _NameSet, plugins: _NameSet) -> tuple[str, ...
                 _norm(c.os_name),
                 _norm(c.platform),
                 str(c.color_depth),
-                *(f"{k}={v}" for k, v in device_extra),
+                *device_extra,
             )
         ),
         sep.join((c.browser_version.strip(), c.os_version.strip())),
@@ -238,7 +241,7 @@ def _groups(c: Components, fonts: _NameSet, plugins: _NameSet) -> tuple[str, ...
                 "\x1e" + sep,
                 plugins.head,
                 "\x1e",
-                *(f"{sep}{k}={v}" for k, v in software_extra),
+                *[sep + extra for extra in software_extra],
             )
         ),
     )
