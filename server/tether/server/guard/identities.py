@@ -157,22 +157,35 @@ class _Known:
     link: Link | None = None
 
 
-@dataclass
-class _Profile:
-    """What an identity showed recently, group by group."""
+# Each group's index as a byte, put in front of its values in a profile.
+_TAGS = [bytes((group,)) for group in range(len(GROUP_NAMES))]
 
-    values: list[set[bytes]] = field(default_factory=lambda: [set() for _ in GROUP_NAMES])
+
+def _tagged(groups: tuple[bytes, ...]) -> list[bytes]:
+    """The values of the drifting groups, each tagged with its group."""
+    return [_TAGS[group] + groups[group] for group in DRIFTING]
+
+
+@dataclass(slots=True)
+class _Profile:
+    """What an identity showed recently: the values of its drifting groups
+    (tagged: one set for all groups, where a set per group made most of a
+    new identity's objects) and its font sets."""
+
+    values: set[bytes] = field(default_factory=set)
     font_sets: list[frozenset[int]] = field(default_factory=list)
 
-    def add(self, fp: Fingerprint) -> None:
-        for group, digest in enumerate(fp.groups):
-            self.values[group].add(digest)
+    def add(self, fp: Fingerprint, tagged: list[bytes]) -> None:
+        self.values.update(tagged)
         if fp.fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
             self.font_sets.append(fp.fonts)
 
+    def shown(self, group: int) -> list[bytes]:
+        """The values shown in one group."""
+        return [value[1:] for value in self.values if value[0] == group]
+
     def absorb(self, other: _Profile) -> None:
-        for group, theirs in enumerate(other.values):
-            self.values[group] |= theirs
+        self.values |= other.values
         for fonts in other.font_sets:
             if fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
                 self.font_sets.append(fonts)
@@ -205,7 +218,6 @@ _KEEP = [(bytes((i,)), operator.itemgetter(*_KEEP_GROUPS[out])) for i, out in en
 # (in group order, as the product is taken), and the names of those left out.
 _KEPT_SHARES = {out: operator.itemgetter(*keep) for out, keep in _KEEP_GROUPS.items()}
 _CHANGED = {out: tuple(GROUP_NAMES[g] for g in out) for out in _LEFT_OUT}
-_DRIFTING_OF = operator.itemgetter(*DRIFTING)
 # A member seen on another network is never taken as closer than this (hours).
 _MIN_HOURS = 60.0 / HOUR
 
@@ -580,7 +592,7 @@ class IdentityBook:
         profile = self._profiles.get(identity)
         if profile is None:
             profile = self._profiles[identity] = _Profile()
-        profile.add(fp)
+        profile.add(fp, _tagged(groups))
         self.device_rates.see(device, t)
         if new:
             # Shares among fingerprints, as the record restores them: a
@@ -692,7 +704,7 @@ class IdentityBook:
                 found.update(holders)
         hits: list[_Candidate] = []
         parent, profiles = self._parent, self._profiles
-        drifting = _DRIFTING_OF(fp.groups)
+        tagged = _tagged(fp.groups)
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -701,7 +713,7 @@ class IdentityBook:
             if profile is None:
                 continue
             # The cheap tests first: most candidates match too few groups.
-            match = _profile_match(fp, drifting, profile)
+            match = _profile_match(fp, tagged, profile)
             if match is None or self.popular(identity):
                 continue
             if rate is None:
@@ -712,7 +724,7 @@ class IdentityBook:
             matched, fonts_near = match
             p = 1.0
             for group in matched:
-                p *= self._values.share([(group, v) for v in profile.values[group]])
+                p *= self._values.share([(group, v) for v in profile.shown(group)])
             if fonts_near:
                 p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
@@ -874,17 +886,15 @@ def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> b
 
 
 def _profile_match(
-    fp: Fingerprint, drifting: tuple[bytes, ...], profile: _Profile
+    fp: Fingerprint, tagged: list[bytes], profile: _Profile
 ) -> tuple[list[int], bool] | None:
-    """The drifting groups whose value (`drifting`, the fingerprint's values
+    """The drifting groups whose value (`tagged`, the fingerprint's values
     of DRIFTING) the profile showed, and whether the fonts are near one of
     its font sets (when the software group's value is not among them); None
     when that makes fewer than PROFILE_MIN_GROUPS. Decided before any share
     is computed: most candidates end here."""
     # One pass in C over the groups: this runs for every candidate.
-    matched = list(
-        itertools.compress(DRIFTING, map(operator.contains, _DRIFTING_OF(profile.values), drifting))
-    )
+    matched = list(itertools.compress(DRIFTING, map(profile.values.__contains__, tagged)))
     if SOFTWARE in matched:
         return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
     if len(matched) + 1 < PROFILE_MIN_GROUPS:
