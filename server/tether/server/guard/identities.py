@@ -234,6 +234,8 @@ class IdentityBook:
         self._known: dict[str, _Known] = {}
         self._parent: dict[str, str] = {}
         self._merges: dict[str, Link] = {}
+        # An identity's fingerprints; one alone in its identity has no
+        # entry (read as [itself]): most identities, and a list each.
         self._members: dict[str, list[str]] = {}
         self._apart: set[frozenset[str]] = set()
         # Tuples, replaced on change: a tuple of strings is no work for the
@@ -399,8 +401,6 @@ class IdentityBook:
         if link is not None:
             self._parent[fp.identity] = identity
             self._members.setdefault(identity, [identity]).append(fp.identity)
-        else:
-            self._members[fp.identity] = [fp.identity]
         self._add_to_bands(fp.identity, bands)
         return identity, tuple(merged)
 
@@ -808,7 +808,6 @@ class IdentityBook:
             return
         self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
         self._last_on[network] = self._last_on.get(network, 0) + 1
-        self._members.setdefault(fp.identity, [fp.identity])
         self._add_to_bands(fp.identity, _bands(fp))
         self._add_values(fp)
         self._started_identities += 1
