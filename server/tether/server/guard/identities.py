@@ -157,13 +157,17 @@ class _Known:
     link: Link | None = None
 
 
-# Each group's index as a byte, put in front of its values in a profile.
+# A group's value as the book counts and keeps it: the group's index as a
+# byte, then the value (its 8-byte digest). One bytes key, not a (group,
+# value) tuple: its hash is kept, and it is no work for the collector.
+_Tagged = bytes
 _TAGS = [bytes((group,)) for group in range(len(GROUP_NAMES))]
+_DRIFTING_OF = operator.itemgetter(*DRIFTING)
 
 
-def _tagged(groups: tuple[bytes, ...]) -> list[bytes]:
-    """The values of the drifting groups, each tagged with its group."""
-    return [_TAGS[group] + groups[group] for group in DRIFTING]
+def _tagged(groups: tuple[bytes, ...]) -> tuple[_Tagged, ...]:
+    """Each group's value, tagged (in group order)."""
+    return tuple([tag + value for tag, value in zip(_TAGS, groups, strict=True)])
 
 
 @dataclass(slots=True)
@@ -172,17 +176,17 @@ class _Profile:
     (tagged: one set for all groups, where a set per group made most of a
     new identity's objects) and its font sets."""
 
-    values: set[bytes] = field(default_factory=set)
+    values: set[_Tagged] = field(default_factory=set)
     font_sets: list[frozenset[int]] = field(default_factory=list)
 
-    def add(self, fp: Fingerprint, tagged: list[bytes]) -> None:
-        self.values.update(tagged)
+    def add(self, fp: Fingerprint, tagged: tuple[_Tagged, ...]) -> None:
+        self.values.update(_DRIFTING_OF(tagged))
         if fp.fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
             self.font_sets.append(fp.fonts)
 
-    def shown(self, group: int) -> list[bytes]:
+    def shown(self, group: int) -> list[_Tagged]:
         """The values shown in one group."""
-        return [value[1:] for value in self.values if value[0] == group]
+        return [value for value in self.values if value[0] == group]
 
     def absorb(self, other: _Profile) -> None:
         self.values |= other.values
@@ -250,9 +254,10 @@ class IdentityBook:
         self._crowded_bands: set[_Band] = set()
         self._profiles: dict[str, _Profile] = {}
         # Per device: the identities seen recently, oldest first; and per
-        # (device, drifting group, value): those that showed that value.
+        # device and drifting group's value (the device's digest, then the
+        # tagged value): those that showed that value.
         self._active: dict[bytes, dict[str, float]] = {}
-        self._holders: dict[tuple[bytes, int, bytes], dict[str, float]] = {}
+        self._holders: dict[bytes, dict[str, float]] = {}
         self.band_rates = Occupancy(HOUR, HORIZON, LINK_PRIOR)
         # A device class may be seen many times an hour: finer slots.
         self.device_rates = Occupancy(REPEAT_SLOT, HORIZON, LINK_PRIOR)
@@ -349,14 +354,17 @@ class IdentityBook:
             return Resolution(identity, fp.identity, self.path(fp.identity), False, ())
         crowd = self.crowds.crowded(network, t)
         bands = _bands(fp)
+        tagged = _tagged(fp.groups)
         merged: tuple[str, ...] = ()
         if known is not None:
             identity = self.find(fp.identity)
             new = False
         else:
-            identity, merged = self._link(fp, bands, network, t, crowd)
+            identity, merged = self._link(fp, bands, tagged, network=network, t=t, crowd=crowd)
             new = True
-        self._observe(fp, bands, identity=identity, network=network, t=t, crowd=crowd, new=new)
+        self._observe(
+            fp, bands, tagged, identity=identity, network=network, t=t, crowd=crowd, new=new
+        )
         # The links followed, and the merges this sighting made.
         links = self.path(fp.identity)
         if merged:
@@ -364,11 +372,18 @@ class IdentityBook:
         return Resolution(identity, fp.identity, links, new, merged)
 
     def _link(
-        self, fp: Fingerprint, bands: list[_Band], network: str, t: float, crowd: bool
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        *,
+        network: str,
+        t: float,
+        crowd: bool,
     ) -> tuple[str, tuple[str, ...]]:
-        candidates = self._drift(fp, bands, network, t, crowd)
+        candidates = self._drift(fp, bands, tagged, network=network, t=t, crowd=crowd)
         if self._values.total >= MIN_POPULATION:
-            candidates += self._profile(fp, t)
+            candidates += self._profile(fp, tagged, t)
         else:
             candidates = [c for c in candidates if c.kind == LinkKind.DRIFT_SAME_NETWORK]
         link: Link | None = None
@@ -393,7 +408,7 @@ class IdentityBook:
                 # Counted as the record restores it (which knows no crowd).
                 self._drifted_young_in(identity, best.changed)
                 if not crowd:
-                    merged += self._return(fp, bands, identity, t)
+                    merged += self._return(fp, bands, tagged, identity, t)
         else:
             self._started_identities += 1
         self._known[fp.identity] = _Known(fp, t, t, network, link)
@@ -419,13 +434,20 @@ class IdentityBook:
                 known[band] = (*members[1:], fingerprint)
                 self._crowded_bands.add(band)
 
-    def _return(self, fp: Fingerprint, bands: list[_Band], identity: str, t: float) -> list[str]:
+    def _return(
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        identity: str,
+        t: float,
+    ) -> list[str]:
         """A young identity that drifted on its own network: joined with the
         older identities it is the return of. Returns those joined."""
         if self._values.total < MIN_POPULATION or self.popular(identity):
             return []
         merged: list[str] = []
-        for other in self._returns(fp, bands, identity, t):
+        for other in self._returns(fp, bands, tagged, identity, t):
             root = self.find(other.identity)
             if (
                 root != identity
@@ -466,7 +488,12 @@ class IdentityBook:
         return min(1.0, (drifted + prior) / (self._started_identities + FREQUENCY_WEIGHT))
 
     def _returns(
-        self, fp: Fingerprint, bands: list[_Band], identity: str, t: float
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        identity: str,
+        t: float,
     ) -> list[_Candidate]:
         """Older identities a young, drifting identity is the return of.
 
@@ -486,7 +513,7 @@ class IdentityBook:
         cycled: dict[str, float] = {}
         least = self._drift_share(cycles)
         overall = self._overall_rate(t)
-        shares = self._shares(fp)
+        shares = self._shares(tagged)
         for band in bands:
             members = self._bands.get(band)
             if not members:
@@ -497,7 +524,7 @@ class IdentityBook:
             owner = self._owner(band, members, identity)
             own_rate = rate
             if owner is not None:
-                own_rate = min(rate, max(kept, overall * self._share_given_device(fp, out)))
+                own_rate = min(rate, max(kept, overall * self._share_given_device(tagged, out)))
             for member in reversed(members):
                 root = self.find(member)
                 if root == identity:
@@ -544,35 +571,34 @@ class IdentityBook:
         # A popular identity is several people: its visits are strangers'.
         return None if owner is None or self.popular(owner) else owner
 
-    def _add_values(self, fp: Fingerprint) -> None:
-        groups = fp.groups
-        self._values.add(enumerate(groups))
-        given = self._given_device.get(groups[DEVICE])
+    def _add_values(self, fp: Fingerprint, tagged: tuple[_Tagged, ...]) -> None:
+        self._values.add(tagged)
+        device = fp.groups[DEVICE]
+        given = self._given_device.get(device)
         if given is None:
-            given = self._given_device[groups[DEVICE]] = Frequencies(
-                FREQUENCY_WEIGHT, FREQUENCY_COMMON
-            )
-        given.add(enumerate(groups))
+            given = self._given_device[device] = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
+        given.add(tagged)
 
-    def _share_given_device(self, fp: Fingerprint, out: tuple[int, ...]) -> float:
+    def _share_given_device(self, tagged: tuple[_Tagged, ...], out: tuple[int, ...]) -> float:
         """The share of fingerprints with this device and these values in
         the groups not left out, each value's share taken among the
         device's own fingerprints (a phone model fixes its screen, fonts
         and rendering: no independence assumed between them and it)."""
-        groups = fp.groups
-        p = self._values.share_of((DEVICE, groups[DEVICE]))
-        given = self._given_device.get(groups[DEVICE])
+        device = tagged[DEVICE]
+        p = self._values.share_of(device)
+        given = self._given_device.get(device[1:])
         if given is None:
             return p
         for group in DRIFTING:
             if group not in out:
-                p *= given.share_of((group, groups[group]))
+                p *= given.share_of(tagged[group])
         return p
 
     def _observe(
         self,
         fp: Fingerprint,
         bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
         *,
         identity: str,
         network: str,
@@ -584,20 +610,19 @@ class IdentityBook:
         known.last_seen = t
         self._move(known, network)
         self.band_rates.see_all(bands, t)
-        groups = fp.groups
-        device = groups[DEVICE]
+        device = fp.groups[DEVICE]
         _touch(_made(self._active, device), identity, t)
-        for group in DRIFTING:
-            _touch(_made(self._holders, (device, group, groups[group])), identity, t)
+        for value in _DRIFTING_OF(tagged):
+            _touch(_made(self._holders, device + value), identity, t)
         profile = self._profiles.get(identity)
         if profile is None:
             profile = self._profiles[identity] = _Profile()
-        profile.add(fp, _tagged(groups))
+        profile.add(fp, tagged)
         self.device_rates.see(device, t)
         if new:
             # Shares among fingerprints, as the record restores them: a
             # browser that returns often does not make its values common.
-            self._add_values(fp)
+            self._add_values(fp, tagged)
             self._font_sets.add([fp.fonts])
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
@@ -620,19 +645,19 @@ class IdentityBook:
         started = self._started if self._started is not None else t
         return self._values.total / max(1.0, (t - started + LINK_PRIOR) / HOUR)
 
-    def _shares(self, fp: Fingerprint) -> list[float]:
+    def _shares(self, tagged: tuple[_Tagged, ...]) -> list[float]:
         """Each group's value's share of all sightings."""
-        share_of = self._values.share_of
-        return [share_of(pair) for pair in enumerate(fp.groups)]
-
-    def _share(self, fp: Fingerprint, groups: Iterable[int]) -> float:
-        p = 1.0
-        for group in groups:
-            p *= self._values.share_of((group, fp.groups[group]))
-        return p
+        return list(map(self._values.share_of, tagged))
 
     def _drift(
-        self, fp: Fingerprint, bands: list[_Band], network: str, t: float, crowd: bool
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        *,
+        network: str,
+        t: float,
+        crowd: bool,
     ) -> list[_Candidate]:
         """The identities the fingerprint is a drift of: for each, its best
         justified link."""
@@ -650,7 +675,7 @@ class IdentityBook:
                 continue
             out = _LEFT_OUT[band[0]]
             if shares is None:
-                shares = self._shares(fp)
+                shares = self._shares(tagged)
             kept = math.prod(_KEPT_SHARES[out](shares))
             rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
             # Even a member seen a minute ago on this network could not
@@ -684,7 +709,7 @@ class IdentityBook:
                 best[identity] = _Candidate(expected, identity, kind, _CHANGED[out])
         return list(best.values())
 
-    def _profile(self, fp: Fingerprint, t: float) -> list[_Candidate]:
+    def _profile(self, fp: Fingerprint, tagged: tuple[_Tagged, ...], t: float) -> list[_Candidate]:
         """Every recently active identity of the same device whose profile
         the fingerprint matches well enough."""
         device = fp.groups[DEVICE]
@@ -699,12 +724,12 @@ class IdentityBook:
         # look-up stays small however popular the device.
         found: dict[str, float] = {}
         for group in DRIFTING:
-            holders = self._holders.get((device, group, fp.groups[group]))
+            holders = self._holders.get(device + tagged[group])
             if holders and len(holders) <= PROFILE_HOLDERS:
                 found.update(holders)
         hits: list[_Candidate] = []
         parent, profiles = self._parent, self._profiles
-        tagged = _tagged(fp.groups)
+        drifting = _DRIFTING_OF(tagged)
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -713,18 +738,18 @@ class IdentityBook:
             if profile is None:
                 continue
             # The cheap tests first: most candidates match too few groups.
-            match = _profile_match(fp, tagged, profile)
+            match = _profile_match(fp, drifting, profile)
             if match is None or self.popular(identity):
                 continue
             if rate is None:
                 rate = max(
                     self.device_rates.rate(device, t, RATE_EXCLUDE),
-                    self._overall_rate(t) * self._share(fp, (DEVICE,)),
+                    self._overall_rate(t) * self._values.share_of(tagged[DEVICE]),
                 )
             matched, fonts_near = match
             p = 1.0
             for group in matched:
-                p *= self._values.share([(group, v) for v in profile.shown(group)])
+                p *= self._values.share(profile.shown(group))
             if fonts_near:
                 p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
@@ -809,7 +834,7 @@ class IdentityBook:
         self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
         self._last_on[network] = self._last_on.get(network, 0) + 1
         self._add_to_bands(fp.identity, _bands(fp))
-        self._add_values(fp)
+        self._add_values(fp, _tagged(fp.groups))
         self._started_identities += 1
         self._font_sets.add([fp.fonts])
 
@@ -885,15 +910,15 @@ def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> b
 
 
 def _profile_match(
-    fp: Fingerprint, tagged: list[bytes], profile: _Profile
+    fp: Fingerprint, drifting: tuple[_Tagged, ...], profile: _Profile
 ) -> tuple[list[int], bool] | None:
-    """The drifting groups whose value (`tagged`, the fingerprint's values
-    of DRIFTING) the profile showed, and whether the fonts are near one of
+    """The drifting groups whose value (`drifting`, the fingerprint's values
+    of DRIFTING, tagged) the profile showed, and whether the fonts are near one of
     its font sets (when the software group's value is not among them); None
     when that makes fewer than PROFILE_MIN_GROUPS. Decided before any share
     is computed: most candidates end here."""
     # One pass in C over the groups: this runs for every candidate.
-    matched = list(itertools.compress(DRIFTING, map(profile.values.__contains__, tagged)))
+    matched = list(itertools.compress(DRIFTING, map(profile.values.__contains__, drifting)))
     if SOFTWARE in matched:
         return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
     if len(matched) + 1 < PROFILE_MIN_GROUPS:
