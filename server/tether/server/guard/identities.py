@@ -147,7 +147,8 @@ class Resolution(NamedTuple):
     merged: tuple[str, ...]
 
 
-@dataclass
+# Slots: one per fingerprint, and the drift scan reads many per call.
+@dataclass(slots=True)
 class _Known:
     fingerprint: Fingerprint
     first_seen: float
