@@ -42,11 +42,13 @@ class Occupancy:
     slot. Each key keeps a bit per slot over the horizon.
     """
 
-    __slots__ = ("_keys", "_new", "_prior", "_slot", "_slots")
+    __slots__ = ("_all_slots", "_keys", "_new", "_prior", "_slot", "_slots")
 
     def __init__(self, slot: float, horizon: float, prior: float) -> None:
         self._slot = slot
         self._slots = int(horizon // slot)
+        # A mask of every slot (a 1,008-bit int for 10-minute slots: made once).
+        self._all_slots = (1 << self._slots) - 1
         # Slots of "not seen" assumed before a key's first sighting: a new
         # key is taken as rare until its slots say otherwise.
         self._prior = int(prior // slot)
@@ -83,7 +85,7 @@ class Occupancy:
             # sighting): nothing changes.
             return
         if now > last:
-            mask = ((mask << (now - last)) | 1) & ((1 << self._slots) - 1)
+            mask = ((mask << (now - last)) | 1) & self._all_slots
             last = now
         elif last - now < self._slots:
             mask |= 1 << (last - now)
