@@ -22,6 +22,7 @@ AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("guard", ()),
     ("cluster", ()),
     ("guard_quality", ("--plot", "{docs}/guard-quality.png")),
+    ("guard_memory", ()),
     ("workers", ()),
     ("observability", ()),
 )

@@ -112,9 +112,17 @@ def test_a_network_is_the_ipv4_address_or_the_ipv6_64() -> None:
         assert fingerprint.network(address) == expected
 
 
-def test_font_similarity_is_jaccard() -> None:
-    assert fingerprint.font_similarity(frozenset(), frozenset()) == 1.0
-    assert fingerprint.font_similarity(frozenset({1, 2, 3}), frozenset({2, 3, 4})) == 0.5
+def test_font_sets_are_alike_with_a_few_fonts_apart_or_by_jaccard() -> None:
+    alike = fingerprint.fonts_alike
+    phone = frozenset(range(9))
+    assert alike(frozenset(), frozenset(), 0.8)
+    # A few fonts apart, however small the set (Jaccard 6/9 here).
+    assert alike(phone, frozenset({*range(1, 9), 100, 101}), 0.8)
+    assert not alike(phone, frozenset({*range(2, 9), 100, 101}), 0.8)
+    # A large set: more apart, as long as the Jaccard similarity holds.
+    desktop = frozenset(range(100))
+    assert alike(desktop, frozenset(range(5, 105)), 0.8)  # 95/105
+    assert not alike(desktop, frozenset(range(15, 115)), 0.8)  # 85/115
 
 
 FIRST_RELEASE: dict[str, object] = {

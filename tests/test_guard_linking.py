@@ -84,6 +84,68 @@ async def test_a_drifting_browser_on_its_home_network_stays_one_identity(
     assert [v.verdict for v in verdicts] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 2
 
 
+async def test_a_phone_with_a_few_fonts_changed_stays_one_identity(
+    any_server: RunningServer,
+) -> None:
+    """A phone has few fonts: three changed (an anti-detect browser's noise)
+    are a third of its set, yet still a few fonts; most of its set changed
+    is another browser."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    fonts = [f"Phone {seed} {i}" for i in range(9)]
+    first = await guard.evaluate(
+        service, "register", account("p0"), fingerprint(seed, fonts=fonts), home
+    )
+    noisy = [*fonts[1:], "Noise A", "Noise B"]
+    drifted = await guard.evaluate(
+        service, "register", account("p1"), fingerprint(seed, fonts=noisy), home
+    )
+    assert drifted.identity == first.identity, drifted.explanation
+    [link] = drifted.explanation.links
+    assert link.kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+    assert list(link.changed) == ["software"]
+    other = [*fonts[:4], "Other A", "Other B", "Other C", "Other D", "Other E"]
+    stranger = await guard.evaluate(
+        service, "register", account("p2"), fingerprint(seed, fonts=other), home
+    )
+    assert stranger.identity not in (first.identity, drifted.explanation.fingerprint)
+
+
+async def test_an_update_that_re_renders_counts_as_one_change(any_server: RunningServer) -> None:
+    """A major update changes the version and the rendering readouts (the
+    software group) at once: with a resized window, still one browser."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    home = fresh_network()
+    seed = secrets.token_hex(4)
+    first = await guard.evaluate(service, "register", account("u0"), desktop(seed), home)
+    updated = desktop(
+        seed,
+        browser_version="132.0.6834.83",
+        extra={"canvas": f"c-{seed}-132"},
+        screen_width=1600,
+        screen_height=900,
+    )
+    later = await guard.evaluate(service, "register", account("u1"), updated, home)
+    assert later.identity == first.identity, later.explanation
+    [link] = later.explanation.links
+    assert link.kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+    assert list(link.changed) == ["version", "screen", "software"]
+    # Not so with the language changed too: four groups.
+    relocated = desktop(
+        seed,
+        browser_version="133.0.6943.53",
+        extra={"canvas": f"c-{seed}-133"},
+        screen_width=1280,
+        screen_height=720,
+        languages=["pt-BR"],
+    )
+    other = await guard.evaluate(service, "register", account("u2"), relocated, home)
+    assert pb.LINK_KIND_DRIFT_SAME_NETWORK not in kinds(other)
+
+
 async def test_a_version_moving_back_is_not_the_same_browser(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)
@@ -153,6 +215,25 @@ async def test_a_drifting_browser_rotating_networks_in_a_burst_is_linked(
     assert third.explanation.scope == pb.SCOPE_BROWSER
     assert (third.explanation.scope_count, third.explanation.scope_threshold) == (2, 2)
     assert third.explanation.risk == 1
+
+
+async def test_a_fresh_book_links_on_home_networks_only(any_server: RunningServer) -> None:
+    """Before the book has seen 500 fingerprints it cannot know what is
+    rare: the same burst across networks stays apart, a drift at home
+    links (each backtest has a fresh book)."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    now = T0 + 300 * 50
+    burst = [
+        _event(now, "b0", desktop(seed), "10.8.0.1"),
+        _event(now + 60, "b1", desktop(seed, screen_width=1366, screen_height=768), "10.8.1.1"),
+        _event(now + 120, "b2", desktop(seed, languages=["it-IT"]), "10.8.1.1"),
+    ]
+    first, second, third = (await _replay(guard, 2, _background(300, T0) + burst))[-3:]
+    assert second.identity != first.identity
+    assert not second.explanation.links
+    assert third.identity == second.identity
+    assert kinds(third) == [pb.LINK_KIND_DRIFT_SAME_NETWORK]
 
 
 def _farm_and_return(seed: str, first_sizes: list[tuple[int, int]]) -> list[pb.BacktestEvent]:

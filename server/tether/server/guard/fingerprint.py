@@ -406,17 +406,24 @@ def fingerprint_of(digester: Digester, c: Components) -> Fingerprint:
     )
 
 
-def font_similarity(a: frozenset[int], b: frozenset[int]) -> float:
-    """Jaccard similarity of two font sets (1.0 for two empty sets)."""
-    if not a and not b:
-        return 1.0
-    # The intersection's size from what the smaller set has that the other
-    # lacks: sets compared are mostly alike, which leaves little to build
-    # (and the union's size from it: no union set is built either).
+# "A few fonts" added or removed (an installed font, an anti-detect
+# browser's noise) keep a font set the same set: on a phone's nine fonts
+# three changes fall below the Jaccard similarity that tells a desktop's
+# hundred fonts from another's. A few, and fewer than half as many as
+# stayed: three fonts with two of them new are another set.
+FONTS_FEW = 3
+
+
+def fonts_alike(a: frozenset[int], b: frozenset[int], similarity: float) -> bool:
+    """Whether two font sets are one set that drifted: a few fonts apart,
+    or their Jaccard similarity reaches `similarity`."""
     if len(a) > len(b):
         a, b = b, a
     shared = len(a) - len(a - b)
-    return shared / (len(a) + len(b) - shared)
+    differ = len(a) + len(b) - 2 * shared
+    if differ <= FONTS_FEW and shared >= 2 * differ:
+        return True
+    return shared >= similarity * (differ + shared)
 
 
 class FingerprintCache:

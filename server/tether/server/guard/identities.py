@@ -6,9 +6,10 @@ unless the evidence ties it to one seen before:
 
 - **drift**: it differs from a recent fingerprint in one or two groups of
   components (version, screen, language, software; updates never go
-  backwards, font sets stay alike), and so few other people could match
-  what stayed the same, given how often that part is seen, that the
-  expected number of strangers is below a bound. On the same home network
+  backwards and may re-render, so version and software count as one; font
+  sets stay alike), and so few other people could match what stayed the
+  same, given how often that part is seen, that the expected number of
+  strangers is below a bound. On the same home network
   the bound is generous; from another network only a short time later
   (IP rotation) it is strict.
 - **profile**: several groups changed at once, but each new value is one
@@ -37,7 +38,7 @@ import itertools
 import math
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 from tether.server.guard.fingerprint import (
@@ -47,7 +48,7 @@ from tether.server.guard.fingerprint import (
     SOFTWARE,
     VERSION,
     Fingerprint,
-    font_similarity,
+    fonts_alike,
 )
 from tether.server.guard.signals import (
     HOUR,
@@ -83,16 +84,20 @@ PROFILE_FONT_SETS = 8
 # A value that more recent identities of one device showed finds no profile
 # candidate (it is common, so it is no evidence of one browser).
 PROFILE_HOLDERS = 50
-# Two font sets this alike are one set with noise.
+# Two font sets this alike (Jaccard), or with a few fonts apart
+# (fingerprint.FONTS_FEW), are one set with noise.
 FONTS_ALIKE = 0.8
 FONTS_NEAR = 0.85
-# At most this many groups may differ for a drift link.
+# At most this many groups may differ for a drift link (an update's
+# version and rendering counting as one).
 MAX_DRIFT_GROUPS = 2
 BAND_MEMBERS = 20
 # Linking across networks needs to know what is rare: not before the book
-# has seen this many fingerprints (a fresh start links on home networks only).
-# Until it has seen this many browsers, it takes the population to be this big.
-MIN_POPULATION = 1000
+# has seen this many fingerprints (a fresh start links on home networks only),
+# five times FREQUENCY_WEIGHT: by then a value's share rests on its
+# sightings more than on the prior. Until it has seen this many browsers,
+# it takes the population to be this big.
+MIN_POPULATION = 500
 # A share of one network's browsers below this is taken as this.
 MIN_NETWORK_SHARE = 1e-4
 # An identity that drifts on its network this soon after it started behaves
@@ -158,9 +163,9 @@ class _Known:
     link: Link | None = None
 
 
-# A group's value as the book counts and keeps it: the group's index as a
-# byte, then the value (its 8-byte digest). One bytes key, not a (group,
-# value) tuple: its hash is kept, and it is no work for the collector.
+# A group's value as the book counts it: the group's index as a byte, then
+# the value (its 8-byte digest). One bytes key, not a (group, value) tuple:
+# its hash is kept, and it is no work for the collector.
 _Tagged = bytes
 _TAGS = [bytes((group,)) for group in range(len(GROUP_NAMES))]
 _DRIFTING_OF = operator.itemgetter(*DRIFTING)
@@ -171,26 +176,31 @@ def _tagged(groups: tuple[bytes, ...]) -> tuple[_Tagged, ...]:
     return tuple([tag + value for tag, value in zip(_TAGS, groups, strict=True)])
 
 
-@dataclass(slots=True)
 class _Profile:
-    """What an identity showed recently: the values of its drifting groups
-    (tagged: one set for all groups, where a set per group made most of a
-    new identity's objects) and its font sets."""
+    """What an identity showed recently, group by group. Tuples: most
+    identities show one value per group, and a set each cost four times
+    the memory of the one-value tuple."""
 
-    values: set[_Tagged] = field(default_factory=set)
-    font_sets: list[frozenset[int]] = field(default_factory=list)
+    __slots__ = ("font_sets", "values")
 
-    def add(self, fp: Fingerprint, tagged: tuple[_Tagged, ...]) -> None:
-        self.values.update(_DRIFTING_OF(tagged))
+    def __init__(self) -> None:
+        self.values: list[tuple[bytes, ...]] = [()] * len(GROUP_NAMES)
+        self.font_sets: list[frozenset[int]] = []
+
+    def add(self, fp: Fingerprint) -> None:
+        values = self.values
+        for group, digest in enumerate(fp.groups):
+            held = values[group]
+            if digest not in held:
+                values[group] = (*held, digest)
         if fp.fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
             self.font_sets.append(fp.fonts)
 
-    def shown(self, group: int) -> list[_Tagged]:
-        """The values shown in one group."""
-        return [value for value in self.values if value[0] == group]
-
     def absorb(self, other: _Profile) -> None:
-        self.values |= other.values
+        values = self.values
+        for group, theirs in enumerate(other.values):
+            held = values[group]
+            values[group] = held + tuple(v for v in theirs if v not in held)
         for fonts in other.font_sets:
             if fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
                 self.font_sets.append(fonts)
@@ -212,6 +222,12 @@ class _Candidate(NamedTuple):
 _Band = bytes
 _LEFT_OUT = [
     out for size in range(1, MAX_DRIFT_GROUPS + 1) for out in itertools.combinations(DRIFTING, size)
+] + [
+    # An update re-renders (canvas, WebGL: software) as it changes the
+    # version: that pair counts as one change, with one more group.
+    tuple(sorted((VERSION, SOFTWARE, group)))
+    for group in DRIFTING
+    if group not in (VERSION, SOFTWARE)
 ]
 _KEEP_GROUPS = {out: tuple(g for g in range(len(GROUP_NAMES)) if g not in out) for out in _LEFT_OUT}
 # For each way of leaving groups out, its band's first byte and a getter of
@@ -228,8 +244,9 @@ _MIN_HOURS = 60.0 / HOUR
 
 
 def _bands(fp: Fingerprint) -> list[_Band]:
-    """Each way of leaving one or two drifting groups out: a fingerprint
-    that differs from another only in those groups shares that band."""
+    """Each way of leaving drifting groups out (one or two, an update's
+    version and software counting as one): a fingerprint that differs from
+    another only in those groups shares that band."""
     groups = fp.groups
     return [b"".join((way, *keep(groups))) for way, keep in _KEEP]
 
@@ -288,6 +305,10 @@ class IdentityBook:
         if root != parent:
             self._parent[identity] = root
         return root
+
+    def size(self) -> int:
+        """How many fingerprints the book holds."""
+        return len(self._known)
 
     def knows(self, fingerprint: str) -> bool:
         return fingerprint in self._known
@@ -618,7 +639,7 @@ class IdentityBook:
         profile = self._profiles.get(identity)
         if profile is None:
             profile = self._profiles[identity] = _Profile()
-        profile.add(fp, tagged)
+        profile.add(fp)
         self.device_rates.see(device, t)
         if new:
             # Shares among fingerprints, as the record restores them: a
@@ -730,7 +751,7 @@ class IdentityBook:
                 found.update(holders)
         hits: list[_Candidate] = []
         parent, profiles = self._parent, self._profiles
-        drifting = _DRIFTING_OF(tagged)
+        drifting = _DRIFTING_OF(fp.groups)
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -750,7 +771,8 @@ class IdentityBook:
             matched, fonts_near = match
             p = 1.0
             for group in matched:
-                p *= self._values.share(profile.shown(group))
+                tag = _TAGS[group]
+                p *= self._values.share([tag + v for v in profile.values[group]])
             if fonts_near:
                 p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
@@ -907,24 +929,26 @@ def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> b
     versions never go backwards, and font sets stay alike."""
     if VERSION in out and fp.moved_back_from(earlier):
         return False
-    return SOFTWARE not in out or font_similarity(fp.fonts, earlier.fonts) >= FONTS_ALIKE
+    return SOFTWARE not in out or fonts_alike(fp.fonts, earlier.fonts, FONTS_ALIKE)
 
 
 def _profile_match(
-    fp: Fingerprint, drifting: tuple[_Tagged, ...], profile: _Profile
+    fp: Fingerprint, drifting: tuple[bytes, ...], profile: _Profile
 ) -> tuple[list[int], bool] | None:
     """The drifting groups whose value (`drifting`, the fingerprint's values
-    of DRIFTING, tagged) the profile showed, and whether the fonts are near one of
+    of DRIFTING) the profile showed, and whether the fonts are near one of
     its font sets (when the software group's value is not among them); None
     when that makes fewer than PROFILE_MIN_GROUPS. Decided before any share
     is computed: most candidates end here."""
     # One pass in C over the groups: this runs for every candidate.
-    matched = list(itertools.compress(DRIFTING, map(profile.values.__contains__, drifting)))
+    matched = list(
+        itertools.compress(DRIFTING, map(operator.contains, _DRIFTING_OF(profile.values), drifting))
+    )
     if SOFTWARE in matched:
         return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
     if len(matched) + 1 < PROFILE_MIN_GROUPS:
         return None
-    if any(font_similarity(fp.fonts, s) >= FONTS_NEAR for s in profile.font_sets):
+    if any(fonts_alike(fp.fonts, s, FONTS_NEAR) for s in profile.font_sets):
         return matched, True
     return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
 

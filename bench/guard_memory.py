@@ -1,0 +1,88 @@
+"""What the guard's identity book costs in memory, per fingerprint it holds,
+against the least any in-memory identity map needs, measured in the same run.
+
+    python -m bench.guard_memory [--seed 1] [--people 20000 60000]
+
+Each target runs in a process of its own over the same simulated population
+(bench.guard_population):
+- "book": the IdentityBook every Tether process keeps (fingerprints, bands,
+  profiles, rates, crowds), fed every event as Evaluate would;
+- "exact map": a dict from each fingerprint's identity digest to the
+  identity and network it was first seen with (an exact-hash guard's state,
+  had it any in memory).
+The figure is the growth of the process's resident memory (after a full
+collection) divided by the fingerprints held: what an operator sizes a
+host by. Two population sizes show whether the cost per fingerprint stays
+flat as the book grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing
+import os
+import secrets
+
+from bench.guard_population import Population
+from tether.server.guard import fingerprint
+from tether.server.guard.identities import IdentityBook
+from tether.server.shared.digests import Digester, DigestKey
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+def _measure(target: str, seed: int, people: int) -> tuple[int, int]:
+    """(bytes grown, fingerprints held) for one target, in this process.
+    Both targets digest every event's components in the measured span (as
+    Evaluate does, with the same bounded caches); the exact map keeps only
+    each new fingerprint's identity and network, the book what it keeps."""
+    digester = Digester([DigestKey("k1", secrets.token_bytes(32))])
+    events = Population(seed, people=people).events()
+    gc.collect()
+    before = _resident()
+    networks: dict[str, str] = {}
+    book = IdentityBook()
+    exact: dict[str, tuple[str, str]] = {}
+    for event in events:
+        fp = fingerprint.fingerprint_of(digester, fingerprint.Components(**event.components))
+        network = networks.get(event.client_ip)
+        if network is None:
+            digest = digester.digest("guard-network", fingerprint.network(event.client_ip))
+            network = networks[event.client_ip] = digest[:8].hex()
+        if target == "book":
+            book.resolve(fp, network, event.time)
+        elif fp.identity not in exact:
+            exact[fp.identity] = (fp.identity, network)
+    gc.collect()
+    grown = _resident() - before
+    return grown, len(exact) if target != "book" else book.size()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--people", type=int, nargs="+", default=[20_000, 60_000])
+    args = parser.parse_args()
+    spawn = multiprocessing.get_context("spawn")
+    print("Memory per fingerprint held (resident growth / fingerprints)")
+    for people in args.people:
+        per: dict[str, float] = {}
+        for target in ("exact map", "book"):
+            with spawn.Pool(1) as pool:
+                grown, held = pool.apply(_measure, (target, args.seed, people))
+            per[target] = grown / held
+            print(
+                f"  {people:>6} people  {target:<10} {held:>7,} fingerprints "
+                f"{grown / 1e6:8.1f} MB  {per[target]:7,.0f} bytes each"
+            )
+        print(f"  {people:>6} people  book / exact map = {per['book'] / per['exact map']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
