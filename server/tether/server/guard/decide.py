@@ -9,7 +9,6 @@ fresh book and keys under its own scope, with event times for the clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from tether.server.guard import keys, rules
@@ -21,11 +20,14 @@ from tether.server.guard.counters import (
     Sent,
     evaluation,
 )
-from tether.server.guard.fingerprint import Fingerprint
+from tether.server.guard.fingerprint import Fingerprint, remember
 from tether.server.guard.identities import POPULAR_EPISODES, IdentityBook, Link, Resolution
 from tether.server.guard.policies import Policy
 
 ACTIONS = ("register", "login", "collaborate")
+# Explanations kept (and their messages, convert.py): the returning browsers
+# of the last while, at about a kilobyte each.
+EXPLANATIONS_KEPT = 10_000
 _VELOCITY_NAMES = ("velocity_10m", "velocity_1h", "velocity_6h", "velocity_24h")
 
 
@@ -36,9 +38,9 @@ class Signal(NamedTuple):
     fired: bool = False
 
 
-@dataclass
-class Explanation:
-    """Why a verdict is what it is (tether.guard.v1.Explanation)."""
+class Explanation(NamedTuple):
+    """Why a verdict is what it is (tether.guard.v1.Explanation). A value:
+    a returning browser's calls repeat theirs, and its message is kept."""
 
     fingerprint: str
     links: tuple[Link, ...] = ()
@@ -46,7 +48,7 @@ class Explanation:
     scope: str = ""
     scope_count: int = 0
     scope_threshold: int = 0
-    signals: list[Signal] = field(default_factory=list)
+    signals: tuple[Signal, ...] = ()
     risk: float = 0.0
 
 
@@ -100,6 +102,9 @@ class Decider:
         self.counters = counters
         self.bucket_bits = bucket_bits
         self.scope = scope
+        # Explanations by what they are made of: a returning browser's
+        # calls repeat theirs.
+        self._explanations: dict[tuple[object, ...], Explanation] = {}
 
     def key(self, service_id: str, action: str, room_id: str, identity: str) -> str:
         return keys.counted(
@@ -133,7 +138,7 @@ class Decider:
         """Runs the counting script. `now_ms` is its clock (0: Redis's own);
         explained: with the decision's explanation."""
         count = await self.counters.evaluate(_evaluation(call, prepared, now_ms))
-        return _decision(resolution, prepared, count, explained)
+        return self._decision(resolution, prepared, count, explained)
 
     def send(self, call: Checked, prepared: Prepared, now_ms: int) -> Sent | None:
         """run's script sent at once, its reply read by `sent` later (a
@@ -145,17 +150,33 @@ class Decider:
     ) -> Decision:
         """The decision of a call `send` sent, as run's."""
         count = await self.counters.evaluated(sent)
-        return _decision(resolution, prepared, count, explained)
+        return self._decision(resolution, prepared, count, explained)
 
-    async def count(
-        self, call: Checked, resolution: Resolution, policy: Policy, t: float, now_ms: int
+    def _decision(
+        self, resolution: Resolution, prepared: Prepared, count: Count, explained: bool
     ) -> Decision:
-        """Moves joined identities' counts, then counts the call."""
-        if resolution.merged:
-            await self.move_counts(
-                resolution.merged, resolution.identity, call.service_id, call.room_id, now_ms
+        explanation = self._explain(resolution, prepared.inputs, count) if explained else None
+        return Decision(
+            resolution, count, prepared.limit, explanation, prepared.key, prepared.field
+        )
+
+    def _explain(self, resolution: Resolution, inputs: rules.Inputs, count: Count) -> Explanation:
+        """explain(), kept: the key holds everything it reads."""
+        key = (
+            resolution.fingerprint,
+            resolution.links,
+            inputs,
+            count.counted,
+            count.scope,
+            count.threshold,
+            count.over,
+        )
+        known = self._explanations.get(key)
+        if known is None:
+            known = remember(
+                self._explanations, key, explain(resolution, inputs, count), EXPLANATIONS_KEPT
             )
-        return await self.run(call, resolution, self.prepare(call, resolution, policy, t), now_ms)
+        return known
 
     async def move_counts(
         self, gone: tuple[str, ...], identity: str, service_id: str, room_id: str, now_ms: int = 0
@@ -180,13 +201,6 @@ class Decider:
                     await self.counters.remove_fields([(source, source_field)])
                     written += [target, *keys.spills(target, keys.field(identity, room))]
         return written
-
-
-def _decision(
-    resolution: Resolution, prepared: Prepared, count: Count, explained: bool
-) -> Decision:
-    explanation = explain(resolution, prepared.inputs, count) if explained else None
-    return Decision(resolution, count, prepared.limit, explanation, prepared.key, prepared.field)
 
 
 def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Explanation:
@@ -224,7 +238,7 @@ def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Expla
         scope=scope,
         scope_count=count.counted,
         scope_threshold=count.threshold,
-        signals=signals,
+        signals=tuple(signals),
         risk=round(risk, 4),
     )
 

@@ -11,6 +11,7 @@ cost as much as a guard Evaluate's own checks.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -151,6 +152,9 @@ def _wrap(
     client_streaming = bool(h.stream_unary or h.stream_stream)
     behaviour = h.unary_unary or h.stream_unary or h.unary_stream or h.stream_stream
     whole = not getattr(behaviour, "checks_own_messages", False)
+    # Asked once, at the method's first call (logging is configured by
+    # then), rather than building the line's arguments on every call.
+    debug = log.is_enabled_for(logging.DEBUG)
 
     def checked(request: Any) -> Any:
         """A unary request, or each message of a client stream, as it was
@@ -171,7 +175,8 @@ def _wrap(
                     raise
                 await _fail(context, method, exc, started)
             else:
-                log.debug("rpc", method=method, ms=_elapsed_ms(started))
+                if debug:
+                    log.debug("rpc", method=method, ms=_elapsed_ms(started))
                 return result
 
         return run
@@ -188,7 +193,8 @@ def _wrap(
                     raise
                 await _fail(context, method, exc, started)
             else:
-                log.debug("rpc", method=method, ms=_elapsed_ms(started))
+                if debug:
+                    log.debug("rpc", method=method, ms=_elapsed_ms(started))
 
         return run
 
