@@ -26,8 +26,9 @@ import hashlib
 import ipaddress
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from tether.server.errors import Violations
 from tether.server.shared.digests import Digester, DigestKey
@@ -65,9 +66,10 @@ class Components:
     screen_height: int = 0
     pixel_ratio: float = 0.0
     color_depth: int = 0
-    fonts: list[str] = field(default_factory=list)
-    plugins: list[str] = field(default_factory=list)
-    languages: list[str] = field(default_factory=list)
+    # Lists or tuples (a tuple is its own cache key, no copy).
+    fonts: Sequence[str] = field(default_factory=list)
+    plugins: Sequence[str] = field(default_factory=list)
+    languages: Sequence[str] = field(default_factory=list)
     timezone: str = ""
     platform: str = ""
     extra: dict[str, str] = field(default_factory=dict)
@@ -103,7 +105,7 @@ def _text(value: str, path: str, violations: Violations, max_len: int, required:
 
 
 def _texts(
-    values: list[str], path: str, violations: Violations, max_count: int, max_len: int
+    values: Sequence[str], path: str, violations: Violations, max_count: int, max_len: int
 ) -> None:
     if len(values) > max_count:
         violations.add(path, f"at most {max_count} entries")
@@ -132,13 +134,15 @@ def check(c: Components, prefix: str, violations: Violations) -> None:
         violations.add(p + "pixel_ratio", "0.1-16, or 0 for unknown")
     if not 0 <= c.color_depth <= 64:
         violations.add(p + "color_depth", "0-64 bits")
-    fonts = tuple(c.fonts)
-    if fonts not in _FONT_LISTS:
-        found = len(violations.items)
-        _texts(c.fonts, p + "fonts", violations, MAX_FONTS, MAX_TEXT)
-        if len(violations.items) == found:
-            _remember_fonts(fonts)
-    _texts(c.plugins, p + "plugins", violations, MAX_PLUGINS, MAX_PLUGIN)
+    _check_set(c.fonts, _FONT_LISTS, p + "fonts", violations, max_count=MAX_FONTS, max_len=MAX_TEXT)
+    _check_set(
+        c.plugins,
+        _PLUGIN_LISTS,
+        p + "plugins",
+        violations,
+        max_count=MAX_PLUGINS,
+        max_len=MAX_PLUGIN,
+    )
     if not c.languages:
         violations.add(p + "languages", "required: at least one BCP 47 tag")
     _texts(c.languages, p + "languages", violations, MAX_LANGUAGES, MAX_LANGUAGE)
@@ -198,17 +202,24 @@ def _norm(value: str) -> str:
 
 
 def _numbers(version: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in _NUMBER.findall(version)[:6])
+    numbers = _VERSIONS.get(version)
+    if numbers is None:
+        made = tuple(int(n) for n in _NUMBER.findall(version)[:6])
+        numbers = remember(_VERSIONS, version, made, SET_LISTS_SIZE)
+    return numbers
 
 
-def _groups(c: Components, fonts: list[str]) -> tuple[str, ...]:
+def _groups(c: Components, fonts: _NameSet, plugins: _NameSet) -> tuple[str, ...]:
     """The normalized components, group by group, one canonical text each.
     Sets (fonts, plugins) are sorted and deduplicated: their order is the
     browser's enumeration, not the user's. Language order is kept: it is the
     user's preference. Fields are joined by a unit separator, which
     printable components cannot contain."""
-    device_extra = sorted((k, v.strip()) for k, v in c.extra.items() if k in _DEVICE_EXTRAS)
-    software_extra = sorted((k, v.strip()) for k, v in c.extra.items() if k not in _DEVICE_EXTRAS)
+    # Sorted once, by key (keys are unique), then split between the groups.
+    device_extra: list[str] = []
+    software_extra: list[str] = []
+    for k, v in sorted(c.extra.items()):
+        (device_extra if k in _DEVICE_EXTRAS else software_extra).append(f"{k}={v.strip()}")
     sep = "\x1f"
     return (
         sep.join(
@@ -217,38 +228,73 @@ def _groups(c: Components, fonts: list[str]) -> tuple[str, ...]:
                 _norm(c.os_name),
                 _norm(c.platform),
                 str(c.color_depth),
-                *(f"{k}={v}" for k, v in device_extra),
+                *device_extra,
             )
         ),
         sep.join((c.browser_version.strip(), c.os_version.strip())),
         f"{c.screen_width}x{c.screen_height}{sep}{round(c.pixel_ratio, 2):g}",
         sep.join([_norm(c.timezone), *(_norm(x) for x in c.languages)]),
-        sep.join(
-            [
-                *fonts,
+        # The fonts, "\x1e", the plugins, "\x1e", the extras, joined by sep.
+        "".join(
+            (
+                fonts.head,
+                "\x1e" + sep,
+                plugins.head,
                 "\x1e",
-                *_normalized_set(c.plugins),
-                "\x1e",
-                *(f"{k}={v}" for k, v in software_extra),
-            ]
+                *[sep + extra for extra in software_extra],
+            )
         ),
     )
 
 
-def _normalized_set(values: list[str]) -> list[str]:
-    return sorted({" ".join(v.casefold().split()) for v in values})
+class _NameSet(NamedTuple):
+    """A list of names (fonts, plugins) as a set: normalized, deduplicated
+    and sorted."""
+
+    names: tuple[str, ...]
+    # Each name followed by the unit separator: its part of the software text.
+    head: str
 
 
-# Valid font lists as sent -> their normalized set. A device model ships one
-# list, so thousands of fingerprints (people, or a replay's history) bring
-# the same: checked and normalized once, not once per fingerprint. Like the
-# validator's other caches, memory only and bounded.
-_FONT_LISTS: dict[tuple[str, ...], list[str]] = {}
-FONT_LISTS_SIZE = 4096
+def _name_set(values: Sequence[str]) -> _NameSet:
+    names = tuple(sorted({" ".join(v.casefold().split()) for v in values}))
+    return _NameSet(names, "".join([name + "\x1f" for name in names]))
 
 
-def _remember_fonts(fonts: tuple[str, ...]) -> None:
-    remember(_FONT_LISTS, fonts, _normalized_set(list(fonts)), FONT_LISTS_SIZE)
+# Valid font and plugin lists as sent -> their name sets. A device model
+# ships one list, so thousands of fingerprints (people, or a replay's
+# history) bring the same: checked and normalized once, not once per
+# fingerprint. Like the validator's other caches, memory only and bounded.
+_FONT_LISTS: dict[tuple[str, ...], _NameSet] = {}
+_PLUGIN_LISTS: dict[tuple[str, ...], _NameSet] = {}
+# Version texts -> their numbers.
+_VERSIONS: dict[str, tuple[int, ...]] = {}
+SET_LISTS_SIZE = 4096
+
+
+def _check_set(
+    values: Sequence[str],
+    known: dict[tuple[str, ...], _NameSet],
+    path: str,
+    violations: Violations,
+    *,
+    max_count: int,
+    max_len: int,
+) -> None:
+    """_texts, for a list not known valid; a valid one becomes known."""
+    key = tuple(values)
+    if key in known:
+        return
+    found = len(violations.items)
+    _texts(values, path, violations, max_count, max_len)
+    if len(violations.items) == found:
+        remember(known, key, _name_set(key), SET_LISTS_SIZE)
+
+
+def _set_of(values: Sequence[str], known: dict[tuple[str, ...], _NameSet]) -> _NameSet:
+    """A valid list's name set (check() made it known, unless the cache
+    was emptied since)."""
+    return known.get(tuple(values)) or _name_set(values)
 
 
 # Entries a digest cache holds at most (the validator's, the hashers').
@@ -278,6 +324,9 @@ class _Hashers:
     def __init__(self, key: DigestKey) -> None:
         self.secret = key.digest("guard-fingerprint-key", "v1")
         self._fonts: dict[int, int] = {}
+        # The digest sets of font name sets, under their text: a font list
+        # is shared by many fingerprints (and so is its frozenset).
+        self._font_sets: dict[str, frozenset[int]] = {}
         # The same for the groups that many fingerprints share (a device
         # model, a version, a screen, a language): their digests by group,
         # under the text's string hash. The software group is nearly every
@@ -320,15 +369,20 @@ class _Hashers:
             digest = remember(self._fonts, slot, made)
         return digest
 
-    def fonts(self, names: list[str]) -> frozenset[int]:
+    def fonts(self, fonts: _NameSet) -> frozenset[int]:
         """The fonts' digests: the known ones looked up in one pass (C), the
         others made one by one."""
+        digests = self._font_sets.get(fonts.head)
+        if digests is not None:
+            return digests
+        names = fonts.names
         known = list(map(self._fonts.get, map(hash, names)))
         if None in known:
             for i, digest in enumerate(known):
                 if digest is None:
                     known[i] = self.font(names[i])
-        return frozenset(known)  # type: ignore[arg-type]
+        made = frozenset(known)
+        return remember(self._font_sets, fonts.head, made, SET_LISTS_SIZE)  # type: ignore[arg-type]
 
 
 @functools.cache
@@ -339,9 +393,8 @@ def _hashers(key: DigestKey) -> _Hashers:
 def fingerprint_of(digester: Digester, c: Components) -> Fingerprint:
     """The keyed digests of a validated fingerprint."""
     hashers = _hashers(digester.current)
-    # check() put a valid list in _FONT_LISTS (an emptied cache: normalized here).
-    fonts = _FONT_LISTS.get(tuple(c.fonts)) or _normalized_set(c.fonts)
-    texts = _groups(c, fonts)
+    fonts = _set_of(c.fonts, _FONT_LISTS)
+    texts = _groups(c, fonts, _set_of(c.plugins, _PLUGIN_LISTS))
     identity = hashers.digest("\x1d".join(texts), b"guard-identity", 16).hex()
     groups = hashers.groups(texts)
     return Fingerprint(

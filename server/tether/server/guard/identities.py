@@ -152,7 +152,8 @@ class Resolution(NamedTuple):
     merged: tuple[str, ...]
 
 
-@dataclass
+# Slots: one per fingerprint, and the drift scan reads many per call.
+@dataclass(slots=True)
 class _Known:
     fingerprint: Fingerprint
     first_seen: float
@@ -160,6 +161,19 @@ class _Known:
     last_network: str
     # How it joined its identity; None: it started one.
     link: Link | None = None
+
+
+# A group's value as the book counts it: the group's index as a byte, then
+# the value (its 8-byte digest). One bytes key, not a (group, value) tuple:
+# its hash is kept, and it is no work for the collector.
+_Tagged = bytes
+_TAGS = [bytes((group,)) for group in range(len(GROUP_NAMES))]
+_DRIFTING_OF = operator.itemgetter(*DRIFTING)
+
+
+def _tagged(groups: tuple[bytes, ...]) -> tuple[_Tagged, ...]:
+    """Each group's value, tagged (in group order)."""
+    return tuple([tag + value for tag, value in zip(_TAGS, groups, strict=True)])
 
 
 class _Profile:
@@ -199,7 +213,13 @@ class _Candidate(NamedTuple):
     changed: tuple[str, ...]
 
 
-_Band = tuple[tuple[int, ...], tuple[bytes, ...]]
+# A band: the index of the way groups were left out (in _LEFT_OUT), then
+# the kept groups' digests (8 bytes each). Bytes, not a tuple: a bytes key
+# keeps its hash, where a tuple's was computed again on every look-up (a
+# band is looked up in several dicts per call), and it is no work for the
+# collector (two tuples per band were most of what a new fingerprint left
+# for young collections to walk).
+_Band = bytes
 _LEFT_OUT = [
     out for size in range(1, MAX_DRIFT_GROUPS + 1) for out in itertools.combinations(DRIFTING, size)
 ] + [
@@ -210,15 +230,15 @@ _LEFT_OUT = [
     if group not in (VERSION, SOFTWARE)
 ]
 _KEEP_GROUPS = {out: tuple(g for g in range(len(GROUP_NAMES)) if g not in out) for out in _LEFT_OUT}
-# For each way of leaving groups out, a getter of the groups kept.
-_KEEP = [(out, operator.itemgetter(*keep)) for out, keep in _KEEP_GROUPS.items()]
+# For each way of leaving groups out, its band's first byte and a getter of
+# the groups kept.
+_KEEP = [(bytes((i,)), operator.itemgetter(*_KEEP_GROUPS[out])) for i, out in enumerate(_LEFT_OUT)]
 
 
 # For each way of leaving groups out: a getter of the kept groups' shares
 # (in group order, as the product is taken), and the names of those left out.
 _KEPT_SHARES = {out: operator.itemgetter(*keep) for out, keep in _KEEP_GROUPS.items()}
 _CHANGED = {out: tuple(GROUP_NAMES[g] for g in out) for out in _LEFT_OUT}
-_DRIFTING_OF = operator.itemgetter(*DRIFTING)
 # A member seen on another network is never taken as closer than this (hours).
 _MIN_HOURS = 60.0 / HOUR
 
@@ -228,7 +248,7 @@ def _bands(fp: Fingerprint) -> list[_Band]:
     version and software counting as one): a fingerprint that differs from
     another only in those groups shares that band."""
     groups = fp.groups
-    return [(out, keep(groups)) for out, keep in _KEEP]
+    return [b"".join((way, *keep(groups))) for way, keep in _KEEP]
 
 
 class IdentityBook:
@@ -236,6 +256,8 @@ class IdentityBook:
         self._known: dict[str, _Known] = {}
         self._parent: dict[str, str] = {}
         self._merges: dict[str, Link] = {}
+        # An identity's fingerprints; one alone in its identity has no
+        # entry (read as [itself]): most identities, and a list each.
         self._members: dict[str, list[str]] = {}
         self._apart: set[frozenset[str]] = set()
         # Tuples, replaced on change: a tuple of strings is no work for the
@@ -250,9 +272,10 @@ class IdentityBook:
         self._crowded_bands: set[_Band] = set()
         self._profiles: dict[str, _Profile] = {}
         # Per device: the identities seen recently, oldest first; and per
-        # (device, drifting group, value): those that showed that value.
+        # device and drifting group's value (the device's digest, then the
+        # tagged value): those that showed that value.
         self._active: dict[bytes, dict[str, float]] = {}
-        self._holders: dict[tuple[bytes, int, bytes], dict[str, float]] = {}
+        self._holders: dict[bytes, dict[str, float]] = {}
         self.band_rates = Occupancy(HOUR, HORIZON, LINK_PRIOR)
         # A device class may be seen many times an hour: finer slots.
         self.device_rates = Occupancy(REPEAT_SLOT, HORIZON, LINK_PRIOR)
@@ -353,26 +376,36 @@ class IdentityBook:
             return Resolution(identity, fp.identity, self.path(fp.identity), False, ())
         crowd = self.crowds.crowded(network, t)
         bands = _bands(fp)
+        tagged = _tagged(fp.groups)
         merged: tuple[str, ...] = ()
         if known is not None:
             identity = self.find(fp.identity)
             new = False
         else:
-            identity, merged = self._link(fp, bands, network, t, crowd)
+            identity, merged = self._link(fp, bands, tagged, network=network, t=t, crowd=crowd)
             new = True
-        self._observe(fp, bands, identity=identity, network=network, t=t, crowd=crowd, new=new)
-        # The links followed, and the merges this sighting made.
-        links = self.path(fp.identity) + tuple(
-            link for gone in merged if (link := self._merges.get(gone)) is not None
+        self._observe(
+            fp, bands, tagged, identity=identity, network=network, t=t, crowd=crowd, new=new
         )
+        # The links followed, and the merges this sighting made.
+        links = self.path(fp.identity)
+        if merged:
+            links += tuple(link for gone in merged if (link := self._merges.get(gone)) is not None)
         return Resolution(identity, fp.identity, links, new, merged)
 
     def _link(
-        self, fp: Fingerprint, bands: list[_Band], network: str, t: float, crowd: bool
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        *,
+        network: str,
+        t: float,
+        crowd: bool,
     ) -> tuple[str, tuple[str, ...]]:
-        candidates = self._drift(fp, bands, network, t, crowd)
+        candidates = self._drift(fp, bands, tagged, network=network, t=t, crowd=crowd)
         if self._values.total >= MIN_POPULATION:
-            candidates += self._profile(fp, t)
+            candidates += self._profile(fp, tagged, t)
         else:
             candidates = [c for c in candidates if c.kind == LinkKind.DRIFT_SAME_NETWORK]
         link: Link | None = None
@@ -397,7 +430,7 @@ class IdentityBook:
                 # Counted as the record restores it (which knows no crowd).
                 self._drifted_young_in(identity, best.changed)
                 if not crowd:
-                    merged += self._return(fp, bands, identity, t)
+                    merged += self._return(fp, bands, tagged, identity, t)
         else:
             self._started_identities += 1
         self._known[fp.identity] = _Known(fp, t, t, network, link)
@@ -405,30 +438,38 @@ class IdentityBook:
         if link is not None:
             self._parent[fp.identity] = identity
             self._members.setdefault(identity, [identity]).append(fp.identity)
-        else:
-            self._members[fp.identity] = [fp.identity]
         self._add_to_bands(fp.identity, bands)
         return identity, tuple(merged)
 
     def _add_to_bands(self, fingerprint: str, bands: list[_Band]) -> None:
         known = self._bands
+        # One tuple for every band the fingerprint is alone in (most of a
+        # new one's): fewer objects for the collector to walk.
+        alone = (fingerprint,)
         for band in bands:
             members = known.get(band)
             if members is None:
-                known[band] = (fingerprint,)
+                known[band] = alone
             elif len(members) < BAND_MEMBERS:
                 known[band] = (*members, fingerprint)
             else:
                 known[band] = (*members[1:], fingerprint)
                 self._crowded_bands.add(band)
 
-    def _return(self, fp: Fingerprint, bands: list[_Band], identity: str, t: float) -> list[str]:
+    def _return(
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        identity: str,
+        t: float,
+    ) -> list[str]:
         """A young identity that drifted on its own network: joined with the
         older identities it is the return of. Returns those joined."""
         if self._values.total < MIN_POPULATION or self.popular(identity):
             return []
         merged: list[str] = []
-        for other in self._returns(fp, bands, identity, t):
+        for other in self._returns(fp, bands, tagged, identity, t):
             root = self.find(other.identity)
             if (
                 root != identity
@@ -469,7 +510,12 @@ class IdentityBook:
         return min(1.0, (drifted + prior) / (self._started_identities + FREQUENCY_WEIGHT))
 
     def _returns(
-        self, fp: Fingerprint, bands: list[_Band], identity: str, t: float
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        identity: str,
+        t: float,
     ) -> list[_Candidate]:
         """Older identities a young, drifting identity is the return of.
 
@@ -489,18 +535,18 @@ class IdentityBook:
         cycled: dict[str, float] = {}
         least = self._drift_share(cycles)
         overall = self._overall_rate(t)
-        shares = self._shares(fp)
+        shares = self._shares(tagged)
         for band in bands:
             members = self._bands.get(band)
             if not members:
                 continue
-            out = band[0]
+            out = _LEFT_OUT[band[0]]
             kept = overall * math.prod(p for g, p in enumerate(shares) if g not in out)
             rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), kept)
             owner = self._owner(band, members, identity)
             own_rate = rate
             if owner is not None:
-                own_rate = min(rate, max(kept, overall * self._share_given_device(fp, out)))
+                own_rate = min(rate, max(kept, overall * self._share_given_device(tagged, out)))
             for member in reversed(members):
                 root = self.find(member)
                 if root == identity:
@@ -547,35 +593,34 @@ class IdentityBook:
         # A popular identity is several people: its visits are strangers'.
         return None if owner is None or self.popular(owner) else owner
 
-    def _add_values(self, fp: Fingerprint) -> None:
-        groups = fp.groups
-        self._values.add(enumerate(groups))
-        given = self._given_device.get(groups[DEVICE])
+    def _add_values(self, fp: Fingerprint, tagged: tuple[_Tagged, ...]) -> None:
+        self._values.add(tagged)
+        device = fp.groups[DEVICE]
+        given = self._given_device.get(device)
         if given is None:
-            given = self._given_device[groups[DEVICE]] = Frequencies(
-                FREQUENCY_WEIGHT, FREQUENCY_COMMON
-            )
-        given.add(enumerate(groups))
+            given = self._given_device[device] = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
+        given.add(tagged)
 
-    def _share_given_device(self, fp: Fingerprint, out: tuple[int, ...]) -> float:
+    def _share_given_device(self, tagged: tuple[_Tagged, ...], out: tuple[int, ...]) -> float:
         """The share of fingerprints with this device and these values in
         the groups not left out, each value's share taken among the
         device's own fingerprints (a phone model fixes its screen, fonts
         and rendering: no independence assumed between them and it)."""
-        groups = fp.groups
-        p = self._values.share_of((DEVICE, groups[DEVICE]))
-        given = self._given_device.get(groups[DEVICE])
+        device = tagged[DEVICE]
+        p = self._values.share_of(device)
+        given = self._given_device.get(device[1:])
         if given is None:
             return p
         for group in DRIFTING:
             if group not in out:
-                p *= given.share_of((group, groups[group]))
+                p *= given.share_of(tagged[group])
         return p
 
     def _observe(
         self,
         fp: Fingerprint,
         bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
         *,
         identity: str,
         network: str,
@@ -587,11 +632,10 @@ class IdentityBook:
         known.last_seen = t
         self._move(known, network)
         self.band_rates.see_all(bands, t)
-        groups = fp.groups
-        device = groups[DEVICE]
+        device = fp.groups[DEVICE]
         _touch(_made(self._active, device), identity, t)
-        for group in DRIFTING:
-            _touch(_made(self._holders, (device, group, groups[group])), identity, t)
+        for value in _DRIFTING_OF(tagged):
+            _touch(_made(self._holders, device + value), identity, t)
         profile = self._profiles.get(identity)
         if profile is None:
             profile = self._profiles[identity] = _Profile()
@@ -600,7 +644,7 @@ class IdentityBook:
         if new:
             # Shares among fingerprints, as the record restores them: a
             # browser that returns often does not make its values common.
-            self._add_values(fp)
+            self._add_values(fp, tagged)
             self._font_sets.add([fp.fonts])
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
@@ -623,19 +667,19 @@ class IdentityBook:
         started = self._started if self._started is not None else t
         return self._values.total / max(1.0, (t - started + LINK_PRIOR) / HOUR)
 
-    def _shares(self, fp: Fingerprint) -> list[float]:
+    def _shares(self, tagged: tuple[_Tagged, ...]) -> list[float]:
         """Each group's value's share of all sightings."""
-        share_of = self._values.share_of
-        return [share_of(pair) for pair in enumerate(fp.groups)]
-
-    def _share(self, fp: Fingerprint, groups: Iterable[int]) -> float:
-        p = 1.0
-        for group in groups:
-            p *= self._values.share_of((group, fp.groups[group]))
-        return p
+        return list(map(self._values.share_of, tagged))
 
     def _drift(
-        self, fp: Fingerprint, bands: list[_Band], network: str, t: float, crowd: bool
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        *,
+        network: str,
+        t: float,
+        crowd: bool,
     ) -> list[_Candidate]:
         """The identities the fingerprint is a drift of: for each, its best
         justified link."""
@@ -651,9 +695,9 @@ class IdentityBook:
             members = self._bands.get(band)
             if not members:
                 continue
-            out = band[0]
+            out = _LEFT_OUT[band[0]]
             if shares is None:
-                shares = self._shares(fp)
+                shares = self._shares(tagged)
             kept = math.prod(_KEPT_SHARES[out](shares))
             rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
             # Even a member seen a minute ago on this network could not
@@ -687,7 +731,7 @@ class IdentityBook:
                 best[identity] = _Candidate(expected, identity, kind, _CHANGED[out])
         return list(best.values())
 
-    def _profile(self, fp: Fingerprint, t: float) -> list[_Candidate]:
+    def _profile(self, fp: Fingerprint, tagged: tuple[_Tagged, ...], t: float) -> list[_Candidate]:
         """Every recently active identity of the same device whose profile
         the fingerprint matches well enough."""
         device = fp.groups[DEVICE]
@@ -702,7 +746,7 @@ class IdentityBook:
         # look-up stays small however popular the device.
         found: dict[str, float] = {}
         for group in DRIFTING:
-            holders = self._holders.get((device, group, fp.groups[group]))
+            holders = self._holders.get(device + tagged[group])
             if holders and len(holders) <= PROFILE_HOLDERS:
                 found.update(holders)
         hits: list[_Candidate] = []
@@ -722,12 +766,13 @@ class IdentityBook:
             if rate is None:
                 rate = max(
                     self.device_rates.rate(device, t, RATE_EXCLUDE),
-                    self._overall_rate(t) * self._share(fp, (DEVICE,)),
+                    self._overall_rate(t) * self._values.share_of(tagged[DEVICE]),
                 )
             matched, fonts_near = match
             p = 1.0
             for group in matched:
-                p *= self._values.share([(group, v) for v in profile.values[group]])
+                tag = _TAGS[group]
+                p *= self._values.share([tag + v for v in profile.values[group]])
             if fonts_near:
                 p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
@@ -811,9 +856,8 @@ class IdentityBook:
             return
         self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
         self._last_on[network] = self._last_on.get(network, 0) + 1
-        self._members.setdefault(fp.identity, [fp.identity])
         self._add_to_bands(fp.identity, _bands(fp))
-        self._add_values(fp)
+        self._add_values(fp, _tagged(fp.groups))
         self._started_identities += 1
         self._font_sets.add([fp.fonts])
 

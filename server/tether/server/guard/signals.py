@@ -42,11 +42,13 @@ class Occupancy:
     slot. Each key keeps a bit per slot over the horizon.
     """
 
-    __slots__ = ("_keys", "_prior", "_slot", "_slots")
+    __slots__ = ("_all_slots", "_keys", "_new", "_prior", "_slot", "_slots")
 
     def __init__(self, slot: float, horizon: float, prior: float) -> None:
         self._slot = slot
         self._slots = int(horizon // slot)
+        # A mask of every slot (a 1,008-bit int for 10-minute slots: made once).
+        self._all_slots = (1 << self._slots) - 1
         # Slots of "not seen" assumed before a key's first sighting: a new
         # key is taken as rare until its slots say otherwise.
         self._prior = int(prior // slot)
@@ -55,6 +57,9 @@ class Occupancy:
         # ints, where a list per key (a book holds ~10 keys per fingerprint)
         # made every full collection walk them all.
         self._keys: dict[Hashable, tuple[int, int, int]] = {}
+        # The entry of a key first seen in the latest slot a new key came
+        # in, shared by all of them (a new fingerprint brings ten).
+        self._new: tuple[int, int, int] | None = None
 
     def see(self, key: Hashable, t: float) -> None:
         self._see(key, math.floor(t / self._slot))
@@ -69,7 +74,10 @@ class Occupancy:
     def _see(self, key: Hashable, now: int) -> None:
         entry = self._keys.get(key)
         if entry is None:
-            self._keys[key] = (now, now, 1)
+            new = self._new
+            if new is None or new[0] != now:
+                new = self._new = (now, now, 1)
+            self._keys[key] = new
             return
         first, last, mask = entry
         if now == last:
@@ -77,7 +85,7 @@ class Occupancy:
             # sighting): nothing changes.
             return
         if now > last:
-            mask = ((mask << (now - last)) | 1) & ((1 << self._slots) - 1)
+            mask = ((mask << (now - last)) | 1) & self._all_slots
             last = now
         elif last - now < self._slots:
             mask |= 1 << (last - now)
