@@ -177,22 +177,23 @@ def _tagged(groups: tuple[bytes, ...]) -> tuple[_Tagged, ...]:
 
 
 class _Profile:
-    """What an identity showed recently, group by group. Tuples: most
-    identities show one value per group, and a set each cost four times
-    the memory of the one-value tuple."""
+    """What an identity showed recently, group by group, as tagged values
+    (the keys the book's shares use). Tuples: most identities show one
+    value per group, and a set each cost four times the memory of the
+    one-value tuple."""
 
     __slots__ = ("font_sets", "values")
 
     def __init__(self) -> None:
-        self.values: list[tuple[bytes, ...]] = [()] * len(GROUP_NAMES)
+        self.values: list[tuple[_Tagged, ...]] = [()] * len(GROUP_NAMES)
         self.font_sets: list[frozenset[int]] = []
 
-    def add(self, fp: Fingerprint) -> None:
+    def add(self, fp: Fingerprint, tagged: tuple[_Tagged, ...]) -> None:
         values = self.values
-        for group, digest in enumerate(fp.groups):
+        for group, value in enumerate(tagged):
             held = values[group]
-            if digest not in held:
-                values[group] = (*held, digest)
+            if value not in held:
+                values[group] = (*held, value)
         if fp.fonts not in self.font_sets and len(self.font_sets) < PROFILE_FONT_SETS:
             self.font_sets.append(fp.fonts)
 
@@ -639,7 +640,7 @@ class IdentityBook:
         profile = self._profiles.get(identity)
         if profile is None:
             profile = self._profiles[identity] = _Profile()
-        profile.add(fp)
+        profile.add(fp, tagged)
         self.device_rates.see(device, t)
         if new:
             # Shares among fingerprints, as the record restores them: a
@@ -751,7 +752,7 @@ class IdentityBook:
                 found.update(holders)
         hits: list[_Candidate] = []
         parent, profiles = self._parent, self._profiles
-        drifting = _DRIFTING_OF(fp.groups)
+        drifting = _DRIFTING_OF(tagged)
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -771,8 +772,7 @@ class IdentityBook:
             matched, fonts_near = match
             p = 1.0
             for group in matched:
-                tag = _TAGS[group]
-                p *= self._values.share([tag + v for v in profile.values[group]])
+                p *= self._values.share(profile.values[group])
             if fonts_near:
                 p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
@@ -933,10 +933,10 @@ def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> b
 
 
 def _profile_match(
-    fp: Fingerprint, drifting: tuple[bytes, ...], profile: _Profile
+    fp: Fingerprint, drifting: tuple[_Tagged, ...], profile: _Profile
 ) -> tuple[list[int], bool] | None:
-    """The drifting groups whose value (`drifting`, the fingerprint's values
-    of DRIFTING) the profile showed, and whether the fonts are near one of
+    """The drifting groups whose value (`drifting`, the fingerprint's tagged
+    values of DRIFTING) the profile showed, and whether the fonts are near one of
     its font sets (when the software group's value is not among them); None
     when that makes fewer than PROFILE_MIN_GROUPS. Decided before any share
     is computed: most candidates end here."""
