@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -17,6 +17,7 @@ from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import identity_record
+from tether.server.guard.identities import IdentityBook
 from tether.server.guard.tables import (
     GuardEntry,
     GuardFarmed,
@@ -116,6 +117,30 @@ async def test_a_refusal_as_one_browser_is_recorded_as_farmed(any_server: Runnin
     await guard_of(any_server).recorder.flush()
     [farmed] = await _rows(any_server, GuardFarmed, GuardFarmed.service_id == service)
     assert (farmed.action, farmed.identity) == ("register", first.identity)
+
+
+async def test_a_follower_takes_a_link_whose_fingerprint_committed_late(
+    any_server: RunningServer,
+) -> None:
+    # Another process's book reads the record while a drift's fingerprint
+    # and link commit. The two reads need not see the same commits, and a
+    # late commit falls behind the time watermark: the link must bring its
+    # fingerprint along, or the drift stays a stranger in that book forever.
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    network, seed = home(), secrets.token_hex(4)
+    base = await guard.evaluate(service, "register", account("l1"), fingerprint(seed), network)
+    db = any_server.app.runtime.db
+    book = IdentityBook()
+    _, marks = await identity_record.load(db, book, time.time())
+    assert book.knows(base.explanation.fingerprint)
+    # Rows newer than this were already read: the drift's row is "late".
+    marks.fingerprints = datetime.now(UTC) + timedelta(hours=1)
+    drift = fingerprint(seed, screen_width=1280)
+    drifted = await guard.evaluate(service, "register", account("l2"), drift, network)
+    assert drifted.identity == base.identity
+    assert await identity_record.follow(db, book, marks, time.time()) >= 1
+    assert book.find(drifted.explanation.fingerprint) == book.find(base.explanation.fingerprint)
 
 
 def test_sightings_are_recorded_once_an_hour_per_network() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, select
 
@@ -34,6 +34,8 @@ FOLLOW_OVERLAP = timedelta(seconds=1)
 LINK_ID_WINDOW = 1000
 # Rows per IN list of a follow() read.
 FOLLOW_CHUNK = 5000
+
+_T = TypeVar("_T")
 
 
 def _time(t: float) -> datetime:
@@ -217,42 +219,15 @@ async def follow(db: Database, book: IdentityBook, marks: Watermarks, now: float
     Rows commit out of the order of their times and ids (a transaction that
     took longer), so each read looks FOLLOW_OVERLAP (and
     LINK_ID_WINDOW ids) back again and skips what it already has. A link
-    this book decided otherwise (its source already joined elsewhere here)
-    is passed over: both books stay as they were, and a restart agrees.
-    Later sightings of fingerprints already known here (rates, popularity)
-    stay each process's own until its next start.
+    whose fingerprints are not here yet brings them along, read by name: a
+    fingerprint and its link commit together, but the two reads need not
+    see the same commits, and a late commit can fall behind the overlap.
+    A link this book decided otherwise (its source already joined elsewhere
+    here) is passed over: both books stay as they were, and a restart
+    agrees. Later sightings of fingerprints already known here (rates,
+    popularity) stay each process's own until its next start.
     """
-    since = marks.fingerprints - FOLLOW_OVERLAP if marks.fingerprints is not None else None
-    recent = select(GuardFingerprint.fingerprint, GuardFingerprint.first_seen_time)
-    if since is not None:
-        recent = recent.where(GuardFingerprint.first_seen_time >= since)
-    # Names and ids first (cheap), whole rows only for what is new here.
-    async with db.sessions() as session:
-        unknown = []
-        for name, first_seen in await session.execute(recent):
-            if marks.fingerprints is None or first_seen > marks.fingerprints:
-                marks.fingerprints = first_seen
-            if not book.knows(name):
-                unknown.append(name)
-        unseen = [
-            i
-            for i in await session.scalars(
-                select(GuardLinkRecord.id).where(GuardLinkRecord.id > marks.floor)
-            )
-            if i not in marks.links
-        ]
-        fingerprints: list[GuardFingerprint] = []
-        for start in range(0, len(unknown), FOLLOW_CHUNK):
-            chunk = unknown[start : start + FOLLOW_CHUNK]
-            fingerprints += await session.scalars(
-                select(GuardFingerprint).where(GuardFingerprint.fingerprint.in_(chunk))
-            )
-        records: list[GuardLinkRecord] = []
-        for start in range(0, len(unseen), FOLLOW_CHUNK):
-            ids = unseen[start : start + FOLLOW_CHUNK]
-            records += await session.scalars(
-                select(GuardLinkRecord).where(GuardLinkRecord.id.in_(ids))
-            )
+    records, fingerprints = await _read_new(db, book, marks)
     records.sort(key=lambda record: record.id)
     learned = [row.fingerprint for row in fingerprints if not book.knows(row.fingerprint)]
     for row in fingerprints:
@@ -280,6 +255,52 @@ async def follow(db: Database, book: IdentityBook, marks: Watermarks, now: float
         marks.floor = max(marks.floor, max(marks.links) - LINK_ID_WINDOW)
         marks.links = {i for i in marks.links if i > marks.floor}
     return applied
+
+
+async def _read_new(
+    db: Database, book: IdentityBook, marks: Watermarks
+) -> tuple[list[GuardLinkRecord], list[GuardFingerprint]]:
+    """The link records not applied here yet, and the fingerprints this book
+    lacks: those first seen since the watermark, and those the records name."""
+    since = marks.fingerprints - FOLLOW_OVERLAP if marks.fingerprints is not None else None
+    recent = select(GuardFingerprint.fingerprint, GuardFingerprint.first_seen_time)
+    if since is not None:
+        recent = recent.where(GuardFingerprint.first_seen_time >= since)
+    # Names and ids first (cheap), whole rows only for what is new here.
+    async with db.sessions() as session:
+        unseen = [
+            i
+            for i in await session.scalars(
+                select(GuardLinkRecord.id).where(GuardLinkRecord.id > marks.floor)
+            )
+            if i not in marks.links
+        ]
+        records: list[GuardLinkRecord] = []
+        for ids in _chunks(unseen):
+            records += await session.scalars(
+                select(GuardLinkRecord).where(GuardLinkRecord.id.in_(ids))
+            )
+        unknown: dict[str, None] = {}
+        for name, first_seen in await session.execute(recent):
+            if marks.fingerprints is None or first_seen > marks.fingerprints:
+                marks.fingerprints = first_seen
+            if not book.knows(name):
+                unknown[name] = None
+        for record in records:
+            for name in (record.source, record.target):
+                if name and not book.knows(name):
+                    unknown[name] = None
+        fingerprints: list[GuardFingerprint] = []
+        for names in _chunks(list(unknown)):
+            fingerprints += await session.scalars(
+                select(GuardFingerprint).where(GuardFingerprint.fingerprint.in_(names))
+            )
+    return records, fingerprints
+
+
+def _chunks(items: list[_T]) -> list[list[_T]]:
+    """IN lists of at most FOLLOW_CHUNK values."""
+    return [items[start : start + FOLLOW_CHUNK] for start in range(0, len(items), FOLLOW_CHUNK)]
 
 
 def _apply_followed(book: IdentityBook, record: GuardLinkRecord) -> int:
