@@ -143,6 +143,30 @@ async def test_a_follower_takes_a_link_whose_fingerprint_committed_late(
     assert book.find(drifted.explanation.fingerprint) == book.find(base.explanation.fingerprint)
 
 
+async def test_a_sweep_takes_a_new_browser_whose_row_committed_late(
+    any_server: RunningServer,
+) -> None:
+    # A first visit links nothing: only its row tells the other books. If
+    # its writer stalled past the follow's overlap, the minutely sweep
+    # still brings it, and its drifts can link to it there.
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    db = any_server.app.runtime.db
+    book = IdentityBook()
+    _, marks = await identity_record.load(db, book, time.time())
+    verdict = await guard.evaluate(
+        service, "register", account("s1"), fingerprint(secrets.token_hex(4)), home()
+    )
+    # Rows up to a few seconds newer were already read.
+    marks.fingerprints = datetime.now(UTC) + timedelta(seconds=5)
+    await identity_record.follow(db, book, marks, time.time())
+    assert not book.knows(verdict.identity)
+    await identity_record.follow(
+        db, book, marks, time.time(), look_back=identity_record.SWEEP_OVERLAP
+    )
+    assert book.knows(verdict.identity)
+
+
 def test_sightings_are_recorded_once_an_hour_per_network() -> None:
     sightings = identity_record.Sightings()
     assert sightings.new("f", "n", 3600.0) == ("f", "n", 1)

@@ -5,7 +5,8 @@ memory, and records what it learns in SQL. Every FOLLOW_SECONDS the
 follower reads what the other processes recorded since (identity_record.
 follow), so a browser that drifts while its calls land on different
 processes is still linked to itself: a drift seen here is known everywhere
-within about a second.
+within about a second. Every SWEEP_SECONDS the read looks minutes back, for
+what a stalled writer committed late (identity_record.follow).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tether.server.guard.service import Guard
 log = logs.get(__name__)
 
 FOLLOW_SECONDS = 0.5
+SWEEP_SECONDS = 60.0
 
 
 class BookFollower:
@@ -41,10 +43,13 @@ class BookFollower:
                 await self._task
 
     async def _following(self) -> None:
+        rounds = 0
+        sweep_every = max(1, round(SWEEP_SECONDS / self._every))
         while True:
             await asyncio.sleep(self._every)
+            rounds += 1
             try:
-                self.applied += await self._guard.follow()
+                self.applied += await self._guard.follow(sweep=rounds % sweep_every == 0)
             except (OSError, SQLAlchemyError) as exc:
                 # The next round reads the same rows again.
                 log.warning("guard identity book not followed", error=str(exc))

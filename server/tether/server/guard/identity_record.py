@@ -29,8 +29,10 @@ from tether.server.storage.database import Database
 log = logs.get(__name__)
 
 UNLINK = "unlink"
-# How far back each follow() reads again (see follow).
+# How far back each follow() reads fingerprints again, and a sweep (see
+# follow).
 FOLLOW_OVERLAP = timedelta(seconds=1)
+SWEEP_OVERLAP = timedelta(minutes=10)
 LINK_ID_WINDOW = 1000
 # Rows per IN list of a follow() read.
 FOLLOW_CHUNK = 5000
@@ -210,24 +212,33 @@ def _link_of(record: GuardLinkRecord) -> Link:
     )
 
 
-async def follow(db: Database, book: IdentityBook, marks: Watermarks, now: float) -> int:
+async def follow(
+    db: Database,
+    book: IdentityBook,
+    marks: Watermarks,
+    now: float,
+    *,
+    look_back: timedelta = FOLLOW_OVERLAP,
+) -> int:
     """Brings into the book what other processes (workers, replicas) taught
     theirs since the last read: new fingerprints, links and merges, and
     operators' corrections, and where the new fingerprints were seen.
     Returns the records applied.
 
     Rows commit out of the order of their times and ids (a transaction that
-    took longer), so each read looks FOLLOW_OVERLAP (and
-    LINK_ID_WINDOW ids) back again and skips what it already has. A link
-    whose fingerprints are not here yet brings them along, read by name: a
-    fingerprint and its link commit together, but the two reads need not
-    see the same commits, and a late commit can fall behind the overlap.
+    took longer), so each read looks `look_back` (and LINK_ID_WINDOW ids)
+    back again and skips what it already has. A link whose fingerprints are
+    not here yet brings them along, read by name: a fingerprint and its link
+    commit together, but the two reads need not see the same commits, and a
+    late commit can fall behind the overlap. A fingerprint with no link
+    that committed later than that (a stalled writer) waits for a sweep: a
+    read that looks SWEEP_OVERLAP back (book_follower, every minute).
     A link this book decided otherwise (its source already joined elsewhere
     here) is passed over: both books stay as they were, and a restart
     agrees. Later sightings of fingerprints already known here (rates,
     popularity) stay each process's own until its next start.
     """
-    records, fingerprints = await _read_new(db, book, marks)
+    records, fingerprints = await _read_new(db, book, marks, look_back)
     records.sort(key=lambda record: record.id)
     learned = [row.fingerprint for row in fingerprints if not book.knows(row.fingerprint)]
     for row in fingerprints:
@@ -258,11 +269,11 @@ async def follow(db: Database, book: IdentityBook, marks: Watermarks, now: float
 
 
 async def _read_new(
-    db: Database, book: IdentityBook, marks: Watermarks
+    db: Database, book: IdentityBook, marks: Watermarks, look_back: timedelta
 ) -> tuple[list[GuardLinkRecord], list[GuardFingerprint]]:
     """The link records not applied here yet, and the fingerprints this book
     lacks: those first seen since the watermark, and those the records name."""
-    since = marks.fingerprints - FOLLOW_OVERLAP if marks.fingerprints is not None else None
+    since = marks.fingerprints - look_back if marks.fingerprints is not None else None
     recent = select(GuardFingerprint.fingerprint, GuardFingerprint.first_seen_time)
     if since is not None:
         recent = recent.where(GuardFingerprint.first_seen_time >= since)

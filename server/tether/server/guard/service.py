@@ -305,10 +305,14 @@ class Guard:
         except CountersDown as exc:
             log.warning("backtest leftovers not checked", error=str(exc))
 
-    async def follow(self) -> int:
+    async def follow(self, *, sweep: bool = False) -> int:
         """Reads into the book what other processes recorded since the last
-        read (identity_record.follow); returns the records applied."""
-        return await identity_record.follow(self.db, self.book, self._marks, self.clock())
+        read (identity_record.follow), looking further back on a sweep;
+        returns the records applied."""
+        look_back = identity_record.SWEEP_OVERLAP if sweep else identity_record.FOLLOW_OVERLAP
+        return await identity_record.follow(
+            self.db, self.book, self._marks, self.clock(), look_back=look_back
+        )
 
     # --- evaluate --------------------------------------------------------
     async def evaluate(self, call: EvaluateCall) -> Verdict:
