@@ -86,6 +86,8 @@ class GuardFingerprint(Base):
     compares; guard/fingerprint.py)."""
 
     __tablename__ = "guard_fingerprints"
+    # What the book follower reads since its last read (identity_record.follow).
+    __table_args__ = (Index("ix_guard_fingerprints_first_seen_time", "first_seen_time"),)
 
     fingerprint: Mapped[str] = mapped_column(String(32), primary_key=True)
     # {"groups": [16 hex x 5], "fonts": [int], "version": [int], "os_version": [int]}
