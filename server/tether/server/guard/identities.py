@@ -753,6 +753,10 @@ class IdentityBook:
         hits: list[_Candidate] = []
         parent, profiles = self._parent, self._profiles
         drifting = _DRIFTING_OF(tagged)
+        # Shares of the values the candidates showed, by group's values:
+        # candidates found through a value mostly showed it alone, so one
+        # share serves many of them.
+        shares: dict[tuple[_Tagged, ...], float] = {}
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -772,7 +776,11 @@ class IdentityBook:
             matched, fonts_near = match
             p = 1.0
             for group in matched:
-                p *= self._values.share(profile.values[group])
+                values = profile.values[group]
+                share = shares.get(values)
+                if share is None:
+                    share = shares[values] = self._values.share(values)
+                p *= share
             if fonts_near:
                 p *= self._font_sets.share(profile.font_sets)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
@@ -948,8 +956,11 @@ def _profile_match(
         return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
     if len(matched) + 1 < PROFILE_MIN_GROUPS:
         return None
-    if any(fonts_alike(fp.fonts, s, FONTS_NEAR) for s in profile.font_sets):
-        return matched, True
+    # A loop, not any() over a generator: most candidates get here.
+    fonts = fp.fonts
+    for font_set in profile.font_sets:
+        if fonts_alike(fonts, font_set, FONTS_NEAR):
+            return matched, True
     return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
 
 
