@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import redis.asyncio as redis
 from sqlalchemy import text
 
+from bench.guard_population import Population
 from tests.guard_support import fingerprint, guard_client, guard_of, new_service
 from tests.support import RunningServer, expect_error
-from tether.clients.guard.client import GuardClient, account
+from tether.clients.guard.client import GuardClient, account, backtest_event
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import backtest, convert
+from tether.server.guard.decide import Decider
 from tether.server.guard.policies import Policy
 
 CLI = str(Path(sys.executable).parent / "tether-internal")
@@ -393,3 +396,45 @@ async def test_cli_backtests_a_file_of_events(pg_server: RunningServer, tmp_path
     assert summary["groups"][0]["value"] == "plain"
     rows = [json.loads(line) for line in verdicts.read_text().splitlines()]
     assert [r["response"]["verdict"] for r in rows] == ["VERDICT_ALLOW"] * 2 + ["VERDICT_DENY"] * 2
+
+
+async def test_merging_events_in_a_window_decide_as_one_by_one(
+    pg_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A simulated population (bench/guard_population.py) whose farms come
+    # back and get joined: with scripts in flight around the merges, the
+    # verdicts are those of a replay that waits for every event before the
+    # next.
+    guard = guard_of(pg_server)
+    assert guard.counters.pipelined is not None
+    policy = Policy(service_id="merging", register_limit=3)
+    events = [
+        convert.backtest_event(backtest_event(item.as_json("merging")))
+        for item in Population(2, people=1000).events()
+    ]
+    moves = 0
+    move_counts = Decider.move_counts
+
+    async def counted_move(self: Decider, *args: Any, **kwargs: Any) -> list[str]:
+        nonlocal moves
+        moves += 1
+        return await move_counts(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decider, "move_counts", counted_move)
+
+    async def verdicts() -> list[Any]:
+        run = backtest.Backtest(guard, policy, [], explained=False)
+        done: list[Any] = []
+        try:
+            for i, item in enumerate(events):
+                done += await run.add(i, item)
+            done += await run.finish()
+        finally:
+            await run.drop()
+        assert [i for i, _ in done] == list(range(len(events)))
+        return [verdict for _, verdict in done]
+
+    windowed = await verdicts()
+    assert moves > 20
+    monkeypatch.setattr(backtest, "WINDOW", 1)
+    assert await verdicts() == windowed
