@@ -36,6 +36,8 @@ SWEEP_OVERLAP = timedelta(minutes=10)
 LINK_ID_WINDOW = 1000
 # Rows per IN list of a follow() read.
 FOLLOW_CHUNK = 5000
+# Rows per part of a streamed read.
+READ_PART = 1000
 
 _T = TypeVar("_T")
 
@@ -292,11 +294,16 @@ async def _read_new(
                 select(GuardLinkRecord).where(GuardLinkRecord.id.in_(ids))
             )
         unknown: dict[str, None] = {}
-        for name, first_seen in await session.execute(recent):
-            if marks.fingerprints is None or first_seen > marks.fingerprints:
-                marks.fingerprints = first_seen
-            if not book.knows(name):
-                unknown[name] = None
+        # In parts, each fetched on its own: a sweep reads every name of the
+        # last minutes, and one read of them all would hold the loop (about
+        # 0.2 s for 100,000 names).
+        result = await session.stream(recent.execution_options(yield_per=READ_PART))
+        async for part in result.partitions():
+            for name, first_seen in part:
+                if marks.fingerprints is None or first_seen > marks.fingerprints:
+                    marks.fingerprints = first_seen
+                if not book.knows(name):
+                    unknown[name] = None
         for record in records:
             for name in (record.source, record.target):
                 if name and not book.knows(name):
