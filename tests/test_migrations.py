@@ -7,8 +7,10 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from tests.conftest import create_database, drop_database
 from tether.server.binding import tables as binding_tables
 from tether.server.guard import tables as guard_tables
 from tether.server.provisioning import tables as provisioning_tables
@@ -53,3 +55,26 @@ async def test_migrated_postgres_matches_tables(postgres_url: str) -> None:
 
 async def test_migrated_sqlite_matches_tables(tmp_path: Path) -> None:
     await _check(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+
+
+async def test_an_index_built_by_hand_beforehand_is_left_be() -> None:
+    # On a large guard_fingerprints table an operator builds 0009's index
+    # CONCURRENTLY (writes go on) before upgrading; the migration keeps it.
+    name, url = await create_database()
+    await migrate.upgrade_async(url, "0008")
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as opened:
+            connection = await opened.execution_options(isolation_level="AUTOCOMMIT")
+            await connection.execute(
+                text(
+                    "CREATE INDEX CONCURRENTLY ix_guard_fingerprints_first_seen_time"
+                    " ON guard_fingerprints (first_seen_time)"
+                )
+            )
+    finally:
+        await engine.dispose()
+    try:
+        await _check(url)
+    finally:
+        await drop_database(name)

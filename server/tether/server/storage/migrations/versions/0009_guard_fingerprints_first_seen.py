@@ -6,6 +6,9 @@ Create Date: 2026-12-04
 
 Every process's book follower reads the fingerprints first seen since its
 last read, twice a second; without the index each read scanned the table.
+A plain CREATE INDEX holds the table's writes while it builds: on a large
+table, build it first with CREATE INDEX CONCURRENTLY under this name, and
+this migration leaves it be.
 """
 
 from collections.abc import Sequence
@@ -20,9 +23,14 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.create_index(
-        "ix_guard_fingerprints_first_seen_time", "guard_fingerprints", ["first_seen_time"]
+        "ix_guard_fingerprints_first_seen_time",
+        "guard_fingerprints",
+        ["first_seen_time"],
+        if_not_exists=True,
     )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_guard_fingerprints_first_seen_time", table_name="guard_fingerprints")
+    op.drop_index(
+        "ix_guard_fingerprints_first_seen_time", table_name="guard_fingerprints", if_exists=True
+    )
