@@ -347,8 +347,7 @@ class Guard:
             prepared = decider.prepare(checked, resolution, policy, t)
             decision = await decider.run(checked, resolution, prepared, 0)
         except CountersDown as exc:
-            self.recorder.later(change)
-            return self._answer(action, self._counters_down(policy, identity, exc))
+            return self._answer(action, self._counters_down(policy, identity, exc), change)
         verdict = verdict_of(action, decision)
         count = decision.counted
         if count.over and count.scope == Scope.BROWSER:
