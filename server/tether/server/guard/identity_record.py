@@ -248,14 +248,16 @@ async def follow(
     if learned:
         # Where the new fingerprints were seen: what drift links weigh.
         oldest = math.floor((now - HORIZON) / HOUR)
+        sightings: list[Any] = []
         async with db.sessions() as session:
-            sightings = (
-                await session.execute(
+            for names in _chunks(learned):
+                sightings += await session.execute(
                     select(GuardSighting.fingerprint, GuardSighting.network, GuardSighting.hour)
-                    .where(GuardSighting.fingerprint.in_(learned), GuardSighting.hour >= oldest)
+                    .where(GuardSighting.fingerprint.in_(names), GuardSighting.hour >= oldest)
                     .order_by(GuardSighting.hour)
                 )
-            ).all()
+        # In hour order across the parts, as each part read them.
+        sightings.sort(key=lambda row: row[2])
         for fingerprint, network, hour in sightings:
             book.restore_sighting(fingerprint, network, hour * HOUR + HOUR / 2)
     applied = len(learned)
