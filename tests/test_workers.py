@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -421,3 +422,42 @@ async def test_workers_whose_supervisor_died_drain_and_exit(
                 line["worker"] for line in server.events("the supervisor is gone; draining")
             ) == [0, 1], log
             assert sorted(line["worker"] for line in server.events("stopped")) == [0, 1], log
+
+
+# Run in a process of its own: logging's configuration is process-wide.
+_ONE_WRITE_PER_LINE = """
+import json, sys
+writes = []
+class Recording:
+    def write(self, text):
+        writes.append(text)
+        return len(text)
+    def flush(self):
+        pass
+sys.stderr = Recording()
+from tether.server import logs
+logs.configure("INFO", "json", worker=1)
+logs.get("test").info("worker started", pid=1)
+logs.get("test").warning("the supervisor is gone; draining")
+print(json.dumps(writes))
+"""
+
+
+def test_each_log_line_reaches_stderr_in_one_write() -> None:
+    # Workers share the supervisor's stderr; written unbuffered (as under
+    # PYTHONUNBUFFERED), a line in two writes (text, then newline) let two
+    # workers' lines run together, and neither parsed as JSON.
+    done = subprocess.run(
+        [sys.executable, "-c", _ONE_WRITE_PER_LINE],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    writes = json.loads(done.stdout)
+    assert len(writes) == 2
+    assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
+    assert [json.loads(w)["event"] for w in writes] == [
+        "worker started",
+        "the supervisor is gone; draining",
+    ]

@@ -30,7 +30,10 @@ def configure(level: str = "INFO", fmt: str = "console", worker: int | None = No
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (print() makes two: the text, then the newline):
+        # workers share the supervisor's stderr, and unbuffered (as under
+        # PYTHONUNBUFFERED) two writes each let their lines interleave.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
 
