@@ -63,7 +63,11 @@ class Counting:
             same = sum(
                 1
                 for admitted, n in key.accounts.values()
-                if key.farmed or n == network or (now - admitted) * 1000 < i.rotation_ms
+                # A farmed mark counts every network, unless strangers
+                # share the fingerprint.
+                if (key.farmed and not i.shared)
+                or n == network
+                or (now - admitted) * 1000 < i.rotation_ms
             )
             if same >= limit:
                 decided = "browser"
@@ -117,7 +121,9 @@ def replay(events: list[Event], limit: int) -> list[Row]:
         res = book.resolve(fp, net, event.time)
         for gone in res.merged:
             counting.move(gone, res.identity)
-        inputs = rules.inputs(book, res.identity, net, event.time, limit, velocity=True)
+        inputs = rules.inputs(
+            book, res.identity, net, event.time, limit, fingerprint=res.fingerprint, velocity=True
+        )
         ok, why = counting.evaluate(res.identity, event.account, limit, event.time, net, inputs)
         rows.append(Row(event, ok, why, res, inputs, net))
     return rows

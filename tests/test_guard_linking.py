@@ -528,3 +528,50 @@ async def test_logins_and_rooms_count_the_same_identity(any_server: RunningServe
     assert await guard.end_login(service, logins[0].identity, account("l0"))
     again = await guard.evaluate(service, "login", account("l2"), variants[2], home)
     assert again.verdict == pb.VERDICT_ALLOW
+
+
+@pytest.mark.parametrize("common", [True, False], ids=["common", "rare"])
+async def test_a_farms_mark_reaches_other_networks_unless_strangers_share_its_fingerprint(
+    any_server: RunningServer, common: bool
+) -> None:
+    """A farm refused as one browser marks its identity: from then on its
+    accounts from every network count. A fingerprint that many of the
+    browsers seen would show exactly (one device's defaults, only the
+    version apart) says nothing of who comes with it later from elsewhere:
+    a stranger there is counted on their own network. A fingerprint nobody
+    else shows stays marked everywhere."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    # A hundred people with one device and its defaults, only their browser
+    # versions apart, each on a network of their own (if the fingerprint is
+    # common); else a hundred other people's desktops.
+    history = [
+        _event(
+            T0 + i * 60,
+            f"bg{i}",
+            desktop(seed, browser_version=f"131.0.6778.{i}")
+            if common
+            else desktop(f"{seed}-{i}", os_name=f"OS {seed} {i}"),
+            f"10.4.{i}.1",
+        )
+        for i in range(100)
+    ]
+    farmed = desktop(seed, browser_version="131.0.6778.200")
+    farm = [_event(T0 + 2 * HOUR + i * 60, f"farm{i}", farmed, "10.5.0.1") for i in range(4)]
+    # Past the rotation window, the fingerprint from another network.
+    later = [_event(T0 + 10 * HOUR, "later", farmed, "10.6.0.1")]
+    verdicts = await _replay(guard, 3, history + farm + later)
+    assert all(v.verdict == pb.VERDICT_ALLOW for v in verdicts[:103])
+    assert verdicts[103].verdict == pb.VERDICT_DENY
+    assert verdicts[103].explanation.scope == pb.SCOPE_BROWSER
+    last = verdicts[104]
+    sharers = signal(last, "fingerprint_sharers")
+    assert sharers.threshold == 0.5
+    assert sharers.fired is common
+    assert (sharers.value >= 0.5) is common
+    if common:
+        assert last.verdict == pb.VERDICT_ALLOW
+    else:
+        assert last.verdict == pb.VERDICT_DENY
+        assert last.explanation.scope == pb.SCOPE_BROWSER
+        assert last.explanation.scope_count == 3

@@ -32,6 +32,7 @@ OTHER_NETWORK = "ffeeddccbbaa9988"
 T0 = 1_800_000_000_000
 RARE = Inputs(
     rare=True,
+    shared=False,
     rotation_ms=0,
     crowd=False,
     crowd_window_ms=0,
@@ -41,6 +42,7 @@ RARE = Inputs(
     rate=0.0,
     crowd_browsers=0,
     network_share=0.0,
+    sharers=0.0,
 )
 
 
@@ -463,3 +465,42 @@ async def test_a_spilled_identity_moves_whole_and_its_keys_go_with_it(
 def scripts_velocity_day() -> int:
     # The day window's scope (counters.Scope.VELOCITY + 3).
     return 6
+
+
+@pytest.mark.parametrize("accounts", [3, scripts.SPILL + 1], ids=["packed", "spilled"])
+async def test_a_farmed_mark_counts_every_network_unless_the_fingerprint_is_shared(
+    counters: GuardCounters, accounts: int
+) -> None:
+    key = bucket_key("register")
+    who = identity()
+    rotating = RARE._replace(rotation_ms=30_000)
+    for i in range(accounts):
+        assert (await register(counters, key, who, b"acct%04d" % i, T0, inputs=rotating)).allowed
+    assert await is_spilled(counters, key, who) == (accounts > scripts.SPILL)
+    refused = await register(counters, key, who, b"refused1", T0 + 1000, inputs=rotating, limit=3)
+    assert (refused.allowed, refused.scope) == (False, 1)
+    assert (await counters.entries(key, keys.field(who)))[1]  # farmed
+    later = T0 + 60_000  # past the rotation window, from another network
+    # A rare fingerprint: the mark makes every network count.
+    marked = await register(
+        counters, key, who, b"stranger", later, inputs=rotating, limit=3, network=OTHER_NETWORK
+    )
+    assert (marked.allowed, marked.counted, marked.scope) == (False, accounts, 1)
+    # One strangers share: only this network's accounts and the rotation window's.
+    shared = await register(
+        counters,
+        key,
+        who,
+        b"stranger",
+        later,
+        inputs=rotating._replace(shared=True),
+        limit=3,
+        network=OTHER_NETWORK,
+    )
+    assert (shared.allowed, shared.counted) == (True, 0)
+    # On the farm's own network they all count still (and the stranger,
+    # admitted within the rotation window).
+    home = await register(
+        counters, key, who, b"another1", later, inputs=rotating._replace(shared=True), limit=3
+    )
+    assert (home.allowed, home.counted) == (False, accounts + 1)

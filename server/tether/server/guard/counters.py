@@ -158,7 +158,8 @@ def evaluation(
         int(extend),
         now_ms,
         bytes.fromhex(network),
-        int(inputs.rare),
+        # '1' rare, '2' rare with a fingerprint strangers share, '0' popular.
+        2 if inputs.shared else int(inputs.rare),
         inputs.rotation_ms,
         int(inputs.crowd),
         inputs.crowd_window_ms,

@@ -120,7 +120,13 @@ class Decider:
         identity = resolution.identity
         limit, life = limit_and_life(policy, call.action)
         inputs = rules.inputs(
-            self.book, identity, call.network, t, limit, velocity=call.action == "register"
+            self.book,
+            identity,
+            call.network,
+            t,
+            limit,
+            fingerprint=resolution.fingerprint,
+            velocity=call.action == "register",
         )
         key = self.key(call.service_id, call.action, call.room_id, identity)
         field = keys.field(identity, call.room_id)
@@ -214,6 +220,12 @@ def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Expla
         Signal("network_browsers", inputs.crowd_browsers, fired=inputs.crowd),
         Signal("network_share", round(inputs.network_share, 6)),
         Signal("rate_per_hour", round(inputs.rate, 4)),
+        Signal(
+            "fingerprint_sharers",
+            round(inputs.sharers, 4),
+            rules.SHARED_STRANGERS,
+            fired=inputs.shared,
+        ),
     ]
     scope = ""
     if count.scope == Scope.BROWSER:

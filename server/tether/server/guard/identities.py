@@ -161,6 +161,10 @@ class _Known:
     last_network: str
     # How it joined its identity; None: it started one.
     link: Link | None = None
+    # IdentityBook.sharers, kept until the fingerprint's next sighting that
+    # is not a repeat (a returning browser's calls ask it again and again);
+    # below 0: not known yet.
+    sharers: float = -1.0
 
 
 # A group's value as the book counts it: the group's index as a byte, then
@@ -319,6 +323,20 @@ class IdentityBook:
 
     def popular(self, identity: str) -> bool:
         return self.spread(identity) >= POPULAR_EPISODES
+
+    def sharers(self, fingerprint: str) -> float:
+        """How many of the browsers the book has seen are expected to show
+        exactly this fingerprint besides its own: the device's share times
+        each value's share among that device's fingerprints (the estimate
+        links rest on). A fingerprint a stranger could show exactly tells
+        nothing of who comes back with it."""
+        known = self._known.get(fingerprint)
+        if known is None:
+            return 0.0
+        if known.sharers < 0:
+            tagged = _tagged(known.fingerprint.groups)
+            known.sharers = self._values.total * self._share_given_device(tagged, ())
+        return known.sharers
 
     def crowded(self, network: str, t: float) -> bool:
         return self.crowds.crowded(network, t)
@@ -631,6 +649,7 @@ class IdentityBook:
     ) -> None:
         known = self._known[fp.identity]
         known.last_seen = t
+        known.sharers = -1.0
         self._move(known, network)
         self.band_rates.see_all(bands, t)
         device = fp.groups[DEVICE]

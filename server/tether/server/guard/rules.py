@@ -6,7 +6,11 @@ them a limit tolerates.
   episodes from new networks) is one person wherever it connects from:
   every account counted for it counts, from any network within
   ROTATION_WINDOW of each other, and from any network ever once it has been
-  refused (it is being farmed).
+  refused (it is being farmed), unless the call's fingerprint is one that
+  SHARED_STRANGERS or more other browsers are expected to show exactly: a
+  farm on a common device leaves its mark on every stranger who shares
+  that device's defaults, and one coming later from elsewhere is no more
+  likely the farm than one of them.
 - A **popular** identity (a phone model with default settings) is many
   people: only the accounts counted on this network count. On a crowded
   network (carrier NAT) only those of the last CROWD_WINDOW, with an
@@ -32,12 +36,19 @@ VELOCITY_WINDOWS = (600.0, HOUR, 6 * HOUR, 24 * HOUR)
 VELOCITY_TAIL = 1e-4
 # Registrations come in daily waves: rates are averages, peaks are higher.
 PEAK = 1.5
+# Expected strangers showing a fingerprint exactly (IdentityBook.sharers)
+# from which a farmed mark no longer makes every network count: a stranger
+# is then about as likely as not (1 - e^-0.5: 39%) to exist.
+SHARED_STRANGERS = 0.5
 
 
 class Inputs(NamedTuple):
     """The counting script's arguments beyond the entry itself."""
 
     rare: bool
+    # Rare, but its fingerprint one strangers may show exactly: a farmed
+    # mark does not make every network count.
+    shared: bool
     rotation_ms: int
     crowd: bool
     crowd_window_ms: int
@@ -50,12 +61,25 @@ class Inputs(NamedTuple):
     rate: float
     crowd_browsers: int
     network_share: float
+    sharers: float
 
 
 def inputs(
-    book: IdentityBook, identity: str, network: str, t: float, limit: int, *, velocity: bool
+    book: IdentityBook,
+    identity: str,
+    network: str,
+    t: float,
+    limit: int,
+    *,
+    fingerprint: str,
+    velocity: bool,
 ) -> Inputs:
+    """The counting script's inputs for a call whose fingerprint (resolved
+    to `identity`) was seen on `network` at t."""
     popularity = book.popularity(identity)
+    rare = not book.popular(identity)
+    # Only a rare identity's count reads it.
+    sharers = book.sharers(fingerprint) if rare else 0.0
     rate = rate_per_hour(book, identity, t) * PEAK
     crowd_browsers = book.crowds.browsers(network, t)
     crowd = crowd_browsers >= book.crowds.threshold
@@ -71,7 +95,8 @@ def inputs(
             for window in VELOCITY_WINDOWS
         )
     return Inputs(
-        rare=not book.popular(identity),
+        rare=rare,
+        shared=rare and sharers >= SHARED_STRANGERS,
         rotation_ms=int(ROTATION_WINDOW * 1000),
         crowd=crowd,
         crowd_window_ms=int(CROWD_WINDOW * 1000),
@@ -81,4 +106,5 @@ def inputs(
         rate=rate,
         crowd_browsers=crowd_browsers,
         network_share=share,
+        sharers=sharers,
     )

@@ -296,7 +296,9 @@ end
 # (8 bytes), 3 limit (0: none), 4 lifetime ms (0: forever), 5 '1' to
 # record even over the limit (shadow mode), 6 '1' to extend an account
 # already counted (logins, rooms), 7 now ms (0: Redis time), 8 network (8
-# bytes), 9 '1' when the identity is rare (one person anywhere), 10
+# bytes), 9 '1' when the identity is rare (one person anywhere), '2' when
+# rare but its fingerprint one strangers share (a farmed mark does not make
+# every network count), '0' when popular, 10
 # rotation window ms, 11 '1' when the network is a crowd, 12 crowd window
 # ms, 13 the count on a crowded network at which to refuse, 14-17 the
 # registrations in the last 10 minutes, hour, 6 hours and day at which to
@@ -312,7 +314,7 @@ local key, field, member = KEYS[1], ARGV[1], ARGV[2]
 local limit, life = tonumber(ARGV[3]), tonumber(ARGV[4])
 local record_over, extend = ARGV[5] == '1', ARGV[6] == '1'
 local now = now_of(ARGV[7])
-local network, rare = ARGV[8], ARGV[9] == '1'
+local network, rare, shared = ARGV[8], ARGV[9] ~= '0', ARGV[9] == '2'
 local rotation, crowd = tonumber(ARGV[10]), ARGV[11] == '1'
 local crowd_window, crowd_threshold = tonumber(ARGV[12]), tonumber(ARGV[13])
 local windows = {600000, 3600000, 21600000, 86400000}
@@ -356,7 +358,9 @@ if text and is_spilled(text) then
   end
   local function spilled_count()
     if rare then
-      if farmed then return 1, tonumber(redis.call('HGET', spill, 'a')) or 0, limit end
+      if farmed and not shared then
+        return 1, tonumber(redis.call('HGET', spill, 'a')) or 0, limit
+      end
       local same = tonumber(redis.call('HGET', spill, 'n' .. network)) or 0
       if rotation > 0 then same = same + recent_on(rotation, false) end
       return 1, same, limit
@@ -436,7 +440,7 @@ end
 local function scope_count()
   local same = 0
   if rare then
-    local farmed = text and string.byte(text, 1) == 102
+    local farmed = not shared and text and string.byte(text, 1) == 102
     for at = HEAD + 1, last, ENTRY do
       if get6(text, at + 14) > now and (farmed or string.sub(text, at + 20, at + 27) == network
           or now - get6(text, at + 8) < rotation) then
