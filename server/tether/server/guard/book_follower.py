@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tether.server import logs
 from tether.server.guard.service import Guard
+from tether.server.shared.tasks import raise_if_cancelled
 
 log = logs.get(__name__)
 
@@ -53,3 +54,4 @@ class BookFollower:
             except (OSError, SQLAlchemyError) as exc:
                 # The next round reads the same rows again.
                 log.warning("guard identity book not followed", error=str(exc))
+            raise_if_cancelled()

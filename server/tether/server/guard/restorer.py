@@ -50,6 +50,7 @@ from tether.server.counters.connection import KEY_PREFIX
 from tether.server.guard import keys, rebuild
 from tether.server.guard.counters import DOWN, CountersDown
 from tether.server.guard.service import Guard
+from tether.server.shared.tasks import raise_if_cancelled
 
 log = logs.get(__name__)
 
@@ -178,6 +179,7 @@ class Restorer:
             await asyncio.sleep(self._check_seconds)
             with contextlib.suppress(CountersDown):
                 await self.ensure()
+            raise_if_cancelled()
 
     async def _check_connection(self, send: Callable[..., Awaitable[Any]]) -> None:
         if await send("EXISTS", MARKER) == 1:

@@ -12,6 +12,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from tether.server import logs
+from tether.server.shared.tasks import raise_if_cancelled
 
 log = logs.get(__name__)
 
@@ -37,6 +38,7 @@ async def listen_forever(
     connection is lost (or connected's user sets lost), calls disconnected()
     and starts again. Runs until cancelled."""
     while True:
+        raise_if_cancelled()
         lost = asyncio.Event()
         try:
             conn = await asyncpg.connect(dsn)
