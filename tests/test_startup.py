@@ -35,8 +35,13 @@ async def test_server_names_the_setting_when_the_web_port_is_taken(tmp_path: Pat
         host, port = taken.getsockname()
         # Embedded defaults, as `make run` starts them, but with 8080 taken.
         settings = Settings(listen="127.0.0.1:0", data_dir=tmp_path, http_listen=f"{host}:{port}")
+        before = asyncio.all_tasks()
         with pytest.raises(SystemExit, match="TETHER_HTTP_LISTEN"):
             await serve(settings)
+    # What had started (the guard's recorder, book follower and counters
+    # watch) stopped with the failed start.
+    left = [task.get_name() for task in asyncio.all_tasks() - before if not task.done()]
+    assert left == []
 
 
 async def test_a_second_server_on_a_used_port_refuses_to_start(

@@ -100,9 +100,21 @@ class App:
             self.flushing = asyncio.create_task(fast.keep_flushing(), name="metrics-flush")
         if self.metrics is not None:
             await self.metrics.start()
-        for component in self.components:
-            if component.start is not None:
-                await component.start()
+        started = []
+        try:
+            for component in self.components:
+                if component.start is not None:
+                    # Its stop undoes a start that failed half way, too.
+                    started.append(component)
+                    await component.start()
+        except BaseException:
+            # A component that cannot start (the web side's port taken, say):
+            # those that did stop, so their tasks do not outlive the failure.
+            for component in reversed(started):
+                if component.stop is not None:
+                    with contextlib.suppress(Exception):
+                        await component.stop()
+            raise
         for component in self.components:
             for name in component.services:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -24,6 +24,7 @@ from tether.server import logs
 from tether.server.guard.store import GuardStore
 from tether.server.guard.tables import GuardEntry
 from tether.server.observability import metrics
+from tether.server.shared.tasks import raise_if_cancelled
 from tether.server.storage.database import Database
 
 log = logs.get(__name__)
@@ -94,6 +95,8 @@ class Recorder:
         self._task = asyncio.create_task(self._run(), name="guard-recorder")
 
     async def stop(self) -> None:
+        if self._task is None:
+            return  # never started (a start that failed before it): nothing queued is written
         await self.flush()
         if self._task is not None:
             self._task.cancel()
@@ -117,6 +120,7 @@ class Recorder:
 
     async def _run(self) -> None:
         while True:
+            raise_if_cancelled()
             batch = [await self._queue.get()]
             if batch[0].done is None and not self._urgent.is_set():
                 with contextlib.suppress(TimeoutError):
