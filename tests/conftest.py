@@ -8,7 +8,9 @@ test that needs them fails when they are down; nothing here skips.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -31,6 +33,8 @@ REDIS_BASE_URL = os.environ.get("TETHER_TEST_REDIS_URL", "redis://127.0.0.1:6379
 REDIS_CLUSTER_URL = os.environ.get(
     "TETHER_TEST_REDIS_CLUSTER_URL", "redis+cluster://127.0.0.1:7101"
 )
+# How long the session's leftover tasks get to end once cancelled.
+LEFTOVER_SECONDS = 30.0
 # Test servers serve the guard's web side on a free port, never on 8080.
 os.environ.setdefault("TETHER_HTTP_LISTEN", "127.0.0.1:0")
 
@@ -53,6 +57,29 @@ async def drop_database(name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _no_task_outlives_the_session() -> AsyncIterator[None]:
+    """Set up before every other session fixture, so it ends after them:
+    the tasks still running once every server has stopped are cancelled
+    here, and one that will not end fails the session by name and stack
+    (the event loop's own close would wait for it without end)."""
+    yield
+    current = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() if task is not current]
+    for task in left:
+        task.cancel()
+    if not left:
+        return
+    _, pending = await asyncio.wait(left, timeout=LEFTOVER_SECONDS)
+    if pending:
+        stacks = []
+        for task in pending:
+            out = io.StringIO()
+            task.print_stack(file=out)
+            stacks.append(out.getvalue())
+        pytest.fail("tasks that would not end when cancelled:\n" + "\n".join(stacks))
 
 
 @pytest.fixture(scope="session")
