@@ -131,6 +131,7 @@ class Restorer:
             await asyncio.sleep(CLAIM_MS / 3000)
             with contextlib.suppress(CountersDown):
                 await self._guard.counters.extend(RESTORING, CLAIM_MS)
+            raise_if_cancelled()
 
     async def _ensure_masters(self, cluster: ClusterConnection) -> bool:
         counters = self._guard.counters

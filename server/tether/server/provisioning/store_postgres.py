@@ -62,6 +62,7 @@ from tether.server.provisioning.tables import (
 from tether.server.provisioning.wakeup import Wakeup, feed_topic, instructions_topic
 from tether.server.shared.bindings import BindingFacts, BindingListener, CreatedWrites
 from tether.server.shared.partners import PresetService
+from tether.server.shared.tasks import raise_if_cancelled
 from tether.server.storage import listener
 from tether.server.storage.base import UtcDateTime, utcnow
 from tether.server.storage.database import Database
@@ -468,6 +469,8 @@ class PostgresBroadcast:
 
     async def _notify_forever(self) -> None:
         while True:
+            # asyncpg connects through wait_for: see raise_if_cancelled.
+            raise_if_cancelled()
             await self._unsent_ready.wait()
             conn = self._notify_conn
             if conn is None or conn.is_closed():
