@@ -32,7 +32,6 @@ OTHER_NETWORK = "ffeeddccbbaa9988"
 T0 = 1_800_000_000_000
 RARE = Inputs(
     rare=True,
-    shared=False,
     rotation_ms=0,
     crowd=False,
     crowd_window_ms=0,
@@ -493,7 +492,7 @@ async def test_a_farmed_mark_counts_every_network_unless_the_fingerprint_is_shar
         who,
         b"stranger",
         later,
-        inputs=rotating._replace(shared=True),
+        inputs=rotating._replace(sharers=1.0),
         limit=3,
         network=OTHER_NETWORK,
     )
@@ -501,6 +500,6 @@ async def test_a_farmed_mark_counts_every_network_unless_the_fingerprint_is_shar
     # On the farm's own network they all count still (and the stranger,
     # admitted within the rotation window).
     home = await register(
-        counters, key, who, b"another1", later, inputs=rotating._replace(shared=True), limit=3
+        counters, key, who, b"another1", later, inputs=rotating._replace(sharers=1.0), limit=3
     )
     assert (home.allowed, home.counted) == (False, accounts + 1)

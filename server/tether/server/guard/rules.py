@@ -46,9 +46,6 @@ class Inputs(NamedTuple):
     """The counting script's arguments beyond the entry itself."""
 
     rare: bool
-    # Rare, but its fingerprint one strangers may show exactly: a farmed
-    # mark does not make every network count.
-    shared: bool
     rotation_ms: int
     crowd: bool
     crowd_window_ms: int
@@ -61,7 +58,15 @@ class Inputs(NamedTuple):
     rate: float
     crowd_browsers: int
     network_share: float
+    # IdentityBook.sharers of the call's fingerprint (0 for a popular
+    # identity: nothing reads it).
     sharers: float
+
+    @property
+    def shared(self) -> bool:
+        """Rare, but its fingerprint one strangers may show exactly: a
+        farmed mark does not make every network count."""
+        return self.rare and self.sharers >= SHARED_STRANGERS
 
 
 def inputs(
@@ -96,7 +101,6 @@ def inputs(
         )
     return Inputs(
         rare=rare,
-        shared=rare and sharers >= SHARED_STRANGERS,
         rotation_ms=int(ROTATION_WINDOW * 1000),
         crowd=crowd,
         crowd_window_ms=int(CROWD_WINDOW * 1000),
