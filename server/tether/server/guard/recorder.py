@@ -98,9 +98,8 @@ class Recorder:
         if self._task is None:
             return  # never started (a start that failed before it): nothing queued is written
         await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
     def later(self, change: Change) -> None:
         """Queues a change; it is committed shortly."""
