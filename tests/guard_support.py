@@ -44,6 +44,34 @@ def fingerprint(seed: str = "a", **changes: Any) -> pb.FingerprintComponents:
     return components(fields)
 
 
+def timed_event(
+    when: float, name: str, components: pb.FingerprintComponents, ip: str
+) -> pb.BacktestEvent:
+    """A registration in a backtest, at `when`."""
+    event = pb.BacktestEvent(
+        request=pb.EvaluateRequest(
+            action=pb.ACTION_REGISTER, account=account(name), components=components, client_ip=ip
+        )
+    )
+    event.event_time.FromNanoseconds(int(when * 1e9))
+    return event
+
+
+async def replay_verdicts(
+    guard: GuardClient, limit: int, events: list[pb.BacktestEvent]
+) -> list[pb.EvaluateResponse]:
+    """Verdicts of a backtest: event times are its clock, for the book and
+    the counting script alike."""
+    start = pb.BacktestStart(
+        policy=pb.Policy(service_id="timeline", register_limit=limit), verdicts=True
+    )
+    verdicts = [
+        r.verdict.response async for r in guard.backtest(start, events) if r.HasField("verdict")
+    ]
+    assert len(verdicts) == len(events)
+    return verdicts
+
+
 async def guard_client(server: RunningServer, kind: str = "internal") -> GuardClient:
     return GuardClient(server.channel(await server.credential(kind)))
 

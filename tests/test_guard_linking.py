@@ -14,9 +14,9 @@ import secrets
 
 import pytest
 
-from tests.guard_support import fingerprint, guard_client, new_service
+from tests.guard_support import fingerprint, guard_client, new_service, replay_verdicts, timed_event
 from tests.support import RunningServer
-from tether.clients.guard.client import GuardClient, account
+from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 
 
@@ -178,7 +178,9 @@ def _background(count: int, start: float) -> list[pb.BacktestEvent]:
             languages=rng.choice(tongues),
             browser_version=f"131.0.{rng.randrange(20)}",
         )
-        events.append(_event(start + i * 50, f"bg{i}", person, f"10.4.{i % 250}.{1 + i // 250}"))
+        events.append(
+            timed_event(start + i * 50, f"bg{i}", person, f"10.4.{i % 250}.{1 + i // 250}")
+        )
     return events
 
 
@@ -191,21 +193,21 @@ async def test_a_drifting_browser_rotating_networks_in_a_burst_is_linked(
     base = desktop(seed, browser_version="131.0.88")
     now = T0 + 1200 * 50
     farm = [
-        _event(now, "b0", base, "10.6.0.1"),
-        _event(
+        timed_event(now, "b0", base, "10.6.0.1"),
+        timed_event(
             now + 60,
             "b1",
             desktop(seed, browser_version="131.0.88", screen_width=1366, screen_height=768),
             "10.6.1.1",
         ),
-        _event(
+        timed_event(
             now + 120,
             "b2",
             desktop(seed, browser_version="131.0.88", languages=["it-IT"]),
             "10.6.2.1",
         ),
     ]
-    first, second, third = (await _replay(guard, 2, background + farm))[-3:]
+    first, second, third = (await replay_verdicts(guard, 2, background + farm))[-3:]
     assert second.identity == first.identity
     assert kinds(second) == [pb.LINK_KIND_DRIFT_BURST]
     assert list(second.explanation.links[0].changed) == ["screen"]
@@ -225,11 +227,13 @@ async def test_a_fresh_book_links_on_home_networks_only(any_server: RunningServe
     seed = secrets.token_hex(4)
     now = T0 + 300 * 50
     burst = [
-        _event(now, "b0", desktop(seed), "10.8.0.1"),
-        _event(now + 60, "b1", desktop(seed, screen_width=1366, screen_height=768), "10.8.1.1"),
-        _event(now + 120, "b2", desktop(seed, languages=["it-IT"]), "10.8.1.1"),
+        timed_event(now, "b0", desktop(seed), "10.8.0.1"),
+        timed_event(
+            now + 60, "b1", desktop(seed, screen_width=1366, screen_height=768), "10.8.1.1"
+        ),
+        timed_event(now + 120, "b2", desktop(seed, languages=["it-IT"]), "10.8.1.1"),
     ]
-    first, second, third = (await _replay(guard, 2, _background(300, T0) + burst))[-3:]
+    first, second, third = (await replay_verdicts(guard, 2, _background(300, T0) + burst))[-3:]
     assert second.identity != first.identity
     assert not second.explanation.links
     assert third.identity == second.identity
@@ -243,7 +247,7 @@ def _farm_and_return(seed: str, first_sizes: list[tuple[int, int]]) -> list[pb.B
     rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
     now = T0 + 1200 * 50
     first = [
-        _event(
+        timed_event(
             now + 60 * i,
             f"f{i}",
             desktop(seed, browser_version="131.0.88", screen_width=w, screen_height=h, **rare),
@@ -254,10 +258,10 @@ def _farm_and_return(seed: str, first_sizes: list[tuple[int, int]]) -> list[pb.B
     later = now + 6 * HOUR
     updated = {"browser_version": "131.0.95", **rare}
     back = [
-        _event(
+        timed_event(
             later, "g0", desktop(seed, screen_width=1366, screen_height=768, **updated), "10.7.1.1"
         ),
-        _event(
+        timed_event(
             later + 60,
             "g1",
             desktop(seed, screen_width=1280, screen_height=720, **updated),
@@ -281,7 +285,7 @@ async def test_a_farmer_back_later_cycling_as_before_joins_its_farmed_identity(
     # what stayed the same would also have to be one of the few new
     # browsers that resize at once, as the farm's did: it is the farm back.
     events = _farm_and_return(secrets.token_hex(4), [(1920, 1080), (1600, 900), (1440, 900)])
-    verdicts = (await _replay(guard, 2, background + events))[-5:]
+    verdicts = (await replay_verdicts(guard, 2, background + events))[-5:]
     assert [v.verdict for v in verdicts[:3]] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY]
     assert len({v.identity for v in verdicts[:3]}) == 1
     started, returned = verdicts[3:]
@@ -304,7 +308,7 @@ async def test_a_new_browser_cycling_does_not_join_an_older_one_that_never_did(
     # stayed the same must be rare enough on its own over the hours
     # between, and here it is not.
     events = _farm_and_return(secrets.token_hex(4), [(1920, 1080)] * 3)
-    verdicts = (await _replay(guard, 2, background + events))[-5:]
+    verdicts = (await replay_verdicts(guard, 2, background + events))[-5:]
     assert [v.verdict for v in verdicts[:3]] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY]
     started, returned = verdicts[3:]
     assert returned.identity == started.identity != verdicts[0].identity
@@ -327,33 +331,6 @@ async def test_a_rare_browser_rotating_networks_is_refused_as_one(
     assert not signal(verdicts[-1], "popularity").fired
 
 
-def _event(
-    when: float, name: str, components: pb.FingerprintComponents, ip: str
-) -> pb.BacktestEvent:
-    event = pb.BacktestEvent(
-        request=pb.EvaluateRequest(
-            action=pb.ACTION_REGISTER, account=account(name), components=components, client_ip=ip
-        )
-    )
-    event.event_time.FromNanoseconds(int(when * 1e9))
-    return event
-
-
-async def _replay(
-    guard: GuardClient, limit: int, events: list[pb.BacktestEvent]
-) -> list[pb.EvaluateResponse]:
-    """Verdicts of a backtest: event times are its clock, for the book and
-    the counting script alike."""
-    start = pb.BacktestStart(
-        policy=pb.Policy(service_id="timeline", register_limit=limit), verdicts=True
-    )
-    verdicts = [
-        r.verdict.response async for r in guard.backtest(start, events) if r.HasField("verdict")
-    ]
-    assert len(verdicts) == len(events)
-    return verdicts
-
-
 T0 = 1_790_000_000.0
 HOUR = 3600.0
 
@@ -365,12 +342,12 @@ async def test_identical_devices_on_unrelated_networks_are_counted_apart(
     networks: once it is popular, each network counts for itself."""
     guard = await guard_client(any_server)
     phone = browser()
-    events = [_event(T0 + i * HOUR, f"p{i}", phone, f"10.1.{i}.1") for i in range(8)] + [
+    events = [timed_event(T0 + i * HOUR, f"p{i}", phone, f"10.1.{i}.1") for i in range(8)] + [
         # The same phone again from one of those networks, then once more.
-        _event(T0 + 9 * HOUR, "p-again", phone, "10.1.7.1"),
-        _event(T0 + 9 * HOUR + 60, "p-last", phone, "10.1.7.1"),
+        timed_event(T0 + 9 * HOUR, "p-again", phone, "10.1.7.1"),
+        timed_event(T0 + 9 * HOUR + 60, "p-last", phone, "10.1.7.1"),
     ]
-    verdicts = await _replay(guard, 1, events)
+    verdicts = await replay_verdicts(guard, 1, events)
     popular = [v for v in verdicts[:8] if signal(v, "popularity").fired]
     assert popular, "the fingerprint became popular"
     assert all(v.verdict == pb.VERDICT_ALLOW for v in popular)
@@ -388,11 +365,11 @@ async def test_a_burst_on_a_popular_fingerprint_is_refused_by_velocity(
     guard = await guard_client(any_server)
     phone = browser()
     # A week of people, one every few hours, each on a network of their own.
-    history = [_event(T0 + i * 3 * HOUR, f"old{i}", phone, f"10.2.{i}.1") for i in range(40)]
+    history = [timed_event(T0 + i * 3 * HOUR, f"old{i}", phone, f"10.2.{i}.1") for i in range(40)]
     # Then one person through a new network per account, a minute apart.
     now = T0 + 40 * 3 * HOUR + 5 * HOUR
-    burst = [_event(now + i * 60, f"burst{i}", phone, f"10.3.{i}.1") for i in range(10)]
-    verdicts = await _replay(guard, 2, history + burst)
+    burst = [timed_event(now + i * 60, f"burst{i}", phone, f"10.3.{i}.1") for i in range(10)]
+    verdicts = await replay_verdicts(guard, 2, history + burst)
     assert all(v.verdict == pb.VERDICT_ALLOW for v in verdicts[:40])
     refused = [v for v in verdicts[40:] if v.verdict == pb.VERDICT_DENY]
     assert len(refused) >= 5
@@ -429,8 +406,8 @@ async def test_anti_detect_profiles_cycling_settings_link_by_profile(
             extra={"canvas": secrets.token_hex(8)},
             browser_version="131.0.77",
         )
-        farm.append(_event(T0 + 1500 * 50 + i * 90, f"ad{i}", variant, f"10.5.{i}.1"))
-    verdicts = (await _replay(guard, 3, background + farm))[1500:]
+        farm.append(timed_event(T0 + 1500 * 50 + i * 90, f"ad{i}", variant, f"10.5.{i}.1"))
+    verdicts = (await replay_verdicts(guard, 3, background + farm))[1500:]
     assert pb.LINK_KIND_PROFILE in {kind for v in verdicts for kind in kinds(v)}
     # A profile that started twice (the second variant shared no value with
     # the first) may stay two identities: the farm gets at most twice the limit.
@@ -546,7 +523,7 @@ async def test_a_farms_mark_reaches_other_networks_unless_strangers_share_its_fi
     # versions apart, each on a network of their own (if the fingerprint is
     # common); else a hundred other people's desktops.
     history = [
-        _event(
+        timed_event(
             T0 + i * 60,
             f"bg{i}",
             desktop(seed, browser_version=f"131.0.6778.{i}")
@@ -557,10 +534,10 @@ async def test_a_farms_mark_reaches_other_networks_unless_strangers_share_its_fi
         for i in range(100)
     ]
     farmed = desktop(seed, browser_version="131.0.6778.200")
-    farm = [_event(T0 + 2 * HOUR + i * 60, f"farm{i}", farmed, "10.5.0.1") for i in range(4)]
+    farm = [timed_event(T0 + 2 * HOUR + i * 60, f"farm{i}", farmed, "10.5.0.1") for i in range(4)]
     # Past the rotation window, the fingerprint from another network.
-    later = [_event(T0 + 10 * HOUR, "later", farmed, "10.6.0.1")]
-    verdicts = await _replay(guard, 3, history + farm + later)
+    later = [timed_event(T0 + 10 * HOUR, "later", farmed, "10.6.0.1")]
+    verdicts = await replay_verdicts(guard, 3, history + farm + later)
     assert all(v.verdict == pb.VERDICT_ALLOW for v in verdicts[:103])
     assert verdicts[103].verdict == pb.VERDICT_DENY
     assert verdicts[103].explanation.scope == pb.SCOPE_BROWSER
