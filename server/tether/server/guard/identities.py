@@ -30,6 +30,8 @@ which it appeared on networks new to it (signals.Spread).
 The book is memory: the live service keeps one per process, rebuilt from
 SQL at start and kept in step with the other processes' records
 (book_follower); a backtest makes a fresh one. Nothing here does I/O.
+A fingerprint not seen for FORGET_AFTER leaves it but for its name, times
+and link, so that it resolves to the same identity if it comes back.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
@@ -113,6 +116,15 @@ FREQUENCY_COMMON = 0.2
 REPEAT_SLOT = 600.0
 # The current burst is left out of every rate.
 RATE_EXCLUDE = HOUR
+# A fingerprint not seen for this long is forgotten: longer than anything
+# linking looks back on (rates and crowds keep HORIZON, profiles
+# PROFILE_RECENT, and a restart restores the sightings of HORIZON only).
+# What counted against its identity stays counted (its identity stays).
+FORGET_AFTER = 30 * 24 * HOUR
+# Fingerprints looked at for forgetting per new one: the book can shed old
+# ones several times as fast as it learns new ones, in steps too small to
+# show on the evaluation path.
+FORGET_STEP = 4
 # A new key is taken as rare for a day (counting rules) or for an hour
 # (linking: on a fresh start, everything looks common).
 COUNT_PRIOR = 24 * HOUR
@@ -165,6 +177,14 @@ class _Known:
     # is not a repeat (a returning browser's calls ask it again and again);
     # below 0: not known yet.
     sharers: float = -1.0
+
+
+class _Forgotten(NamedTuple):
+    """What the book keeps of a fingerprint it forgot."""
+
+    first_seen: float
+    last_seen: float
+    link: Link | None
 
 
 # A group's value as the book counts it: the group's index as a byte, then
@@ -297,8 +317,14 @@ class IdentityBook:
         self._started_identities = 0
         self._drifted_young: dict[str, set[int]] = {}
         self._young_drifts = [0] * len(GROUP_NAMES)
+        # Under each set's hash: counting a set does not keep it alive once
+        # its fingerprints are forgotten.
         self._font_sets = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
         self._started: float | None = None
+        # Fingerprints held, in the order they came (or last went round):
+        # those looked at for forgetting next first.
+        self._queue: deque[str] = deque()
+        self._forgotten: dict[str, _Forgotten] = {}
 
     # --- reading ---------------------------------------------------------
     def find(self, identity: str) -> str:
@@ -312,11 +338,19 @@ class IdentityBook:
         return root
 
     def size(self) -> int:
-        """How many fingerprints the book holds."""
+        """How many fingerprints the book holds (not those it forgot)."""
         return len(self._known)
 
-    def knows(self, fingerprint: str) -> bool:
+    def forgotten(self) -> int:
+        return len(self._forgotten)
+
+    def holds(self, fingerprint: str) -> bool:
+        """Whether the book holds the fingerprint (has not forgotten it)."""
         return fingerprint in self._known
+
+    def knows(self, fingerprint: str) -> bool:
+        """Whether the book has seen the fingerprint (held or forgotten)."""
+        return fingerprint in self._known or fingerprint in self._forgotten
 
     def popularity(self, identity: str) -> int:
         return self.spread(identity)
@@ -345,11 +379,11 @@ class IdentityBook:
         return list(self._members.get(self.find(identity), [identity]))
 
     def link_of(self, fingerprint: str) -> Link | None:
-        known = self._known.get(fingerprint)
+        known = self._known.get(fingerprint) or self._forgotten.get(fingerprint)
         return None if known is None else known.link
 
     def seen(self, fingerprint: str) -> tuple[float, float] | None:
-        known = self._known.get(fingerprint)
+        known = self._known.get(fingerprint) or self._forgotten.get(fingerprint)
         return None if known is None else (known.first_seen, known.last_seen)
 
     def merge_link(self, gone: str) -> Link | None:
@@ -364,11 +398,11 @@ class IdentityBook:
         """The links from a fingerprint to its identity: how it joined,
         then the merges its identity went through."""
         links: list[Link] = []
-        known = self._known.get(fingerprint)
+        link = self.link_of(fingerprint)
         current = fingerprint
-        if known is not None and known.link is not None:
-            links.append(known.link)
-            current = known.link.target
+        if link is not None:
+            links.append(link)
+            current = link.target
         seen = {current}
         while current in self._parent:
             merge = self._merges.get(current)
@@ -397,12 +431,16 @@ class IdentityBook:
         bands = _bands(fp)
         tagged = _tagged(fp.groups)
         merged: tuple[str, ...] = ()
+        if known is None and fp.identity in self._forgotten:
+            # Back after it was forgotten: its identity as it was, not a new link.
+            known = self._recall(fp, bands, network)
         if known is not None:
             identity = self.find(fp.identity)
             new = False
         else:
             identity, merged = self._link(fp, bands, tagged, network=network, t=t, crowd=crowd)
             new = True
+            self._forget_some(t)
         self._observe(
             fp, bands, tagged, identity=identity, network=network, t=t, crowd=crowd, new=new
         )
@@ -452,13 +490,77 @@ class IdentityBook:
                     merged += self._return(fp, bands, tagged, identity, t)
         else:
             self._started_identities += 1
-        self._known[fp.identity] = _Known(fp, t, t, network, link)
-        self._last_on[network] = self._last_on.get(network, 0) + 1
+        self._hold(_Known(fp, t, t, network, link), bands)
         if link is not None:
             self._parent[fp.identity] = identity
             self._members.setdefault(identity, [identity]).append(fp.identity)
-        self._add_to_bands(fp.identity, bands)
         return identity, tuple(merged)
+
+    def _hold(self, known: _Known, bands: list[_Band]) -> None:
+        name = known.fingerprint.identity
+        self._known[name] = known
+        self._queue.append(name)
+        network = known.last_network
+        self._last_on[network] = self._last_on.get(network, 0) + 1
+        self._add_to_bands(name, bands)
+
+    # --- forgetting ----------------------------------------------------
+    def _forget_some(self, t: float) -> None:
+        """Looks at the FORGET_STEP fingerprints held longest (or since
+        they last went round) and forgets those not seen for FORGET_AFTER."""
+        queue, held = self._queue, self._known
+        oldest = t - FORGET_AFTER
+        for _ in range(min(FORGET_STEP, len(queue))):
+            name = queue.popleft()
+            known = held.get(name)
+            if known is None:
+                continue
+            if known.last_seen >= oldest:
+                queue.append(name)
+            else:
+                self._forget(known, t)
+
+    def _forget(self, known: _Known, t: float) -> None:
+        """Drops a fingerprint from memory but for its name, times and link
+        (its identity is untouched); and its identity's traces, once none of
+        its fingerprints is held."""
+        fp = known.fingerprint
+        name = fp.identity
+        del self._known[name]
+        self._forgotten[name] = _Forgotten(known.first_seen, known.last_seen, known.link)
+        self._leave(known.last_network)
+        if known.last_network not in self._last_on:
+            self.crowds.forget_network(known.last_network, t)
+        for band in _bands(fp):
+            members = self._bands.get(band)
+            if members is None or name not in members:
+                continue
+            rest = tuple(m for m in members if m != name)
+            if rest:
+                self._bands[band] = rest
+            else:
+                del self._bands[band]
+                self.band_rates.forget_idle(band, t)
+        identity = self.find(name)
+        if any(member in self._known for member in self._members.get(identity, [identity])):
+            return
+        # Nothing of the identity is held: what the book learned of it goes.
+        self._profiles.pop(identity, None)
+        self._drifted_young.pop(identity, None)
+        self.spread.forget((identity,))
+        self.identity_rates.forget_idle(identity, t)
+        self.crowds.forget_idle(identity, t)
+        device = fp.groups[DEVICE]
+        _drop(self._active, device, identity)
+        for value in _DRIFTING_OF(_tagged(fp.groups)):
+            _drop(self._holders, device + value, identity)
+
+    def _recall(self, fp: Fingerprint, bands: list[_Band], network: str) -> _Known:
+        """A forgotten fingerprint held again, as it was when forgotten."""
+        was = self._forgotten.pop(fp.identity)
+        known = _Known(fp, was.first_seen, was.last_seen, network, was.link)
+        self._hold(known, bands)
+        return known
 
     def _add_to_bands(self, fingerprint: str, bands: list[_Band]) -> None:
         known = self._bands
@@ -665,7 +767,7 @@ class IdentityBook:
             # Shares among fingerprints, as the record restores them: a
             # browser that returns often does not make its values common.
             self._add_values(fp, tagged)
-            self._font_sets.add([fp.fonts])
+            self._font_sets.add([hash(fp.fonts)])
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
@@ -675,13 +777,18 @@ class IdentityBook:
         before = known.last_network
         if before == network:
             return
+        self._leave(before)
         last_on = self._last_on
-        if last_on[before] == 1:
-            del last_on[before]
-        else:
-            last_on[before] -= 1
         last_on[network] = last_on.get(network, 0) + 1
         known.last_network = network
+
+    def _leave(self, network: str) -> None:
+        """One fingerprint fewer last seen on `network`."""
+        last_on = self._last_on
+        if last_on[network] == 1:
+            del last_on[network]
+        else:
+            last_on[network] -= 1
 
     def _overall_rate(self, t: float) -> float:
         started = self._started if self._started is not None else t
@@ -801,7 +908,7 @@ class IdentityBook:
                     share = shares[values] = self._values.share(values)
                 p *= share
             if fonts_near:
-                p *= self._font_sets.share(profile.font_sets)
+                p *= self._font_sets.share(map(hash, profile.font_sets))
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
             if expected <= STRANGERS_PROFILE:
                 changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
@@ -871,6 +978,9 @@ class IdentityBook:
         known = self._known.get(fingerprint)
         if known is not None:
             known.link = None
+        forgotten = self._forgotten.get(fingerprint)
+        if forgotten is not None:
+            self._forgotten[fingerprint] = forgotten._replace(link=None)
         self._apart.add(frozenset((fingerprint, previous)))
         return previous
 
@@ -879,30 +989,40 @@ class IdentityBook:
         self, fp: Fingerprint, first_seen: float, last_seen: float, network: str
     ) -> None:
         """A fingerprint from the durable record (at start)."""
-        if fp.identity in self._known:
+        if self.knows(fp.identity):
             return
-        self._known[fp.identity] = _Known(fp, first_seen, last_seen, network)
-        self._last_on[network] = self._last_on.get(network, 0) + 1
-        self._add_to_bands(fp.identity, _bands(fp))
+        self._hold(_Known(fp, first_seen, last_seen, network), _bands(fp))
         self._add_values(fp, _tagged(fp.groups))
         self._started_identities += 1
-        self._font_sets.add([fp.fonts])
+        self._font_sets.add([hash(fp.fonts)])
+
+    def restore_forgotten(self, fingerprint: str, first_seen: float, last_seen: float) -> None:
+        """A fingerprint from the durable record last seen before FORGET_AFTER
+        (at start): only its name and times, for its links to apply to."""
+        if not self.knows(fingerprint):
+            self._forgotten[fingerprint] = _Forgotten(first_seen, last_seen, None)
+            self._started_identities += 1
 
     def restore_link(self, link: Link) -> None:
         """A link or merge from the durable record (at start), in order."""
         if link.kind in (LinkKind.MERGE, LinkKind.OPERATOR_MERGE):
             self._join(link.target, link.source, link.kind, link.confidence, link.time)
             return
-        known = self._known.get(link.source)
+        known: _Known | _Forgotten | None = self._known.get(link.source)
         if known is None:
-            return
+            known = self._forgotten.get(link.source)
+            if known is None:
+                return
         target = self.find(link.target)
         if target == link.source:
             return
         self._members.pop(link.source, None)
         self._parent[link.source] = target
         self._members.setdefault(target, [target]).append(link.source)
-        known.link = link
+        if isinstance(known, _Known):
+            known.link = link
+        else:
+            self._forgotten[link.source] = known._replace(link=link)
         # It started no identity; one that drifted young is counted so.
         self._started_identities -= 1
         if link.kind == LinkKind.DRIFT_SAME_NETWORK and self._young(target, link.time):
@@ -925,12 +1045,6 @@ class IdentityBook:
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
-
-    def forget_before(self, t: float) -> None:
-        """Drops what the horizon no longer needs (rates, crowds)."""
-        for rates in (self.band_rates, self.device_rates, self.identity_rates):
-            rates.forget_before(t)
-        self.crowds.forget_before(t)
 
 
 def _repeat(known: _Known, network: str, t: float) -> bool:
@@ -989,6 +1103,15 @@ def _made(recent: dict[_K, dict[str, float]], key: _K) -> dict[str, float]:
     if found is None:
         found = recent[key] = {}
     return found
+
+
+def _drop(recent: dict[_K, dict[str, float]], key: _K, identity: str) -> None:
+    """Drops an identity from a key's recent ones, and the key once empty."""
+    seen = recent.get(key)
+    if seen is not None:
+        seen.pop(identity, None)
+        if not seen:
+            del recent[key]
 
 
 def _touch(recent: dict[str, float], identity: str, t: float) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy import delete, select
 
 from tether.server import logs
 from tether.server.guard.fingerprint import Fingerprint
-from tether.server.guard.identities import HORIZON, IdentityBook, Link, LinkKind
+from tether.server.guard.identities import FORGET_AFTER, HORIZON, IdentityBook, Link, LinkKind
 from tether.server.guard.recorder import Change
 from tether.server.guard.signals import HOUR
 from tether.server.guard.tables import GuardFingerprint, GuardLinkRecord, GuardSighting
@@ -159,8 +159,26 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
     """Rebuilds the book from the record; returns the fingerprints read and
     where follow() starts."""
     oldest = math.floor((now - HORIZON) / HOUR)
+    held_since = _time(now - FORGET_AFTER)
     async with db.sessions() as session:
-        fingerprints = (await session.scalars(select(GuardFingerprint))).all()
+        # Oldest first, the order in which the book looks at them for forgetting.
+        fingerprints = (
+            await session.scalars(
+                select(GuardFingerprint)
+                .where(GuardFingerprint.last_seen_time >= held_since)
+                .order_by(GuardFingerprint.last_seen_time)
+            )
+        ).all()
+        # Those the book would have forgotten by now: their names and times.
+        forgotten = (
+            await session.execute(
+                select(
+                    GuardFingerprint.fingerprint,
+                    GuardFingerprint.first_seen_time,
+                    GuardFingerprint.last_seen_time,
+                ).where(GuardFingerprint.last_seen_time < held_since)
+            )
+        ).all()
         records = (
             await session.scalars(
                 select(GuardLinkRecord).order_by(GuardLinkRecord.create_time, GuardLinkRecord.id)
@@ -176,6 +194,10 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
     marks = Watermarks()
     for row in fingerprints:
         _restore_fingerprint(book, row, marks)
+    for name, first_seen, last_seen in forgotten:
+        book.restore_forgotten(name, first_seen.timestamp(), last_seen.timestamp())
+        if marks.fingerprints is None or first_seen > marks.fingerprints:
+            marks.fingerprints = first_seen
     for record in records:
         t = record.create_time.timestamp()
         if record.kind == UNLINK:
@@ -189,7 +211,7 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
     marks.links = {i for i in marks.links if i > marks.floor}
     for fingerprint, network, hour in sightings:
         book.restore_sighting(fingerprint, network, hour * HOUR + HOUR / 2)
-    return len(fingerprints), marks
+    return len(fingerprints) + len(forgotten), marks
 
 
 def _restore_fingerprint(book: IdentityBook, row: GuardFingerprint, marks: Watermarks) -> None:

@@ -115,9 +115,10 @@ class Occupancy:
         per_slot = -math.log(1 - min(seen, slots - 0.5) / slots)
         return per_slot * HOUR / self._slot
 
-    def forget_before(self, t: float) -> None:
-        last_kept = math.floor(t / self._slot) - self._slots
-        for key in [k for k, (_, last, _) in self._keys.items() if last < last_kept]:
+    def forget_idle(self, key: Hashable, t: float) -> None:
+        """Drops a key not seen within the horizon (its rate is 0 by now)."""
+        entry = self._keys.get(key)
+        if entry is not None and entry[1] < math.floor(t / self._slot) - self._slots:
             del self._keys[key]
 
     def __len__(self) -> int:
@@ -234,7 +235,7 @@ class Crowds:
         # the horizon left behind is dropped from the front.
         self._networks: dict[str, dict[str, float]] = {}
         # Every browser seen -> when last: the denominator of a share
-        # (all seen until forget_before drops the oldest).
+        # (all seen, until the identity book forgets one).
         self._seen: dict[str, float] = {}
 
     def see(self, network: str, browser: str, t: float) -> None:
@@ -261,11 +262,18 @@ class Crowds:
         browsers has not seen everyone who could come)."""
         return self.browsers(network, t) / max(population, len(self._seen))
 
-    def forget_before(self, t: float) -> None:
-        oldest = t - self._horizon
-        drop_older(self._seen, oldest)
-        for network, on in list(self._networks.items()):
-            drop_older(on, oldest)
+    def forget_idle(self, browser: str, t: float) -> None:
+        """Drops a browser not seen within the horizon from the count of all
+        (from a network's, its next look drops it)."""
+        last = self._seen.get(browser)
+        if last is not None and last < t - self._horizon:
+            del self._seen[browser]
+
+    def forget_network(self, network: str, t: float) -> None:
+        """Drops a network whose browsers were all seen before the horizon."""
+        on = self._networks.get(network)
+        if on is not None:
+            drop_older(on, t - self._horizon)
             if not on:
                 del self._networks[network]
 

@@ -1,0 +1,107 @@
+"""The identity book forgets fingerprints not seen for FORGET_AFTER, so its
+memory follows the browsers of the last weeks, not every browser ever; a
+forgotten fingerprint that comes back counts against the identity it had."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from tests.guard_support import (
+    fingerprint,
+    guard_client,
+    guard_of,
+    new_service,
+    replay_verdicts,
+    timed_event,
+)
+from tests.support import RunningServer
+from tether.clients.guard.client import account
+from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard import identity_record
+from tether.server.guard.convert import components as components_of
+from tether.server.guard.fingerprint import fingerprint_of
+from tether.server.guard.identities import FORGET_AFTER, IdentityBook
+from tether.server.shared.digests import Digester, DigestKey
+
+DAY = 86_400.0
+T0 = 1_790_000_000.0
+
+
+async def test_a_forgotten_browser_comes_back_to_its_identity_and_its_count(
+    any_server: RunningServer,
+) -> None:
+    """A backtest's timeline: a browser and its drift, then a month of
+    silence; the book lets both go (a later drift no longer links to them),
+    and the drift, back home, still counts against their identity."""
+    guard = await guard_client(any_server)
+    seed, home = secrets.token_hex(4), "10.230.0.1"
+    drifted = fingerprint(seed, screen_width=1280, screen_height=800)
+    later = T0 + FORGET_AFTER + DAY
+    verdicts = await replay_verdicts(
+        guard,
+        2,
+        [
+            timed_event(T0, "f1", fingerprint(seed), home),
+            timed_event(T0 + 60, "f2", drifted, home),
+            # A new browser: the book looks at those it held longest.
+            timed_event(later, "n1", fingerprint(secrets.token_hex(4)), "10.230.9.1"),
+            # Another drift of the first, at home: nothing held to link to.
+            timed_event(later + 60, "f3", fingerprint(seed, languages=["pt-BR"]), home),
+            timed_event(later + 120, "f4", drifted, home),
+        ],
+    )
+    first, second, _, other, back = verdicts
+    assert second.identity == first.identity
+    assert second.explanation.links[0].kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+    assert other.identity != first.identity
+    assert other.verdict == pb.VERDICT_ALLOW and other.count == 1
+    assert back.identity == first.identity
+    assert back.verdict == pb.VERDICT_DENY
+    assert back.explanation.scope == pb.SCOPE_BROWSER
+    assert back.count == 2
+    assert back.explanation.links[0].kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+
+
+async def test_a_restart_a_month_later_holds_only_the_names_of_old_browsers(
+    any_server: RunningServer,
+) -> None:
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    seed, home = secrets.token_hex(4), "10.231.0.1"
+    first = await guard.evaluate(service, "register", account("r1"), fingerprint(seed), home)
+    drifted = fingerprint(seed, screen_width=1280, screen_height=800)
+    second = await guard.evaluate(service, "register", account("r2"), drifted, home)
+    assert second.identity == first.identity
+    names = (first.explanation.fingerprint, second.explanation.fingerprint)
+    await guard_of(any_server).recorder.flush()
+    db = any_server.app.runtime.db
+    now = IdentityBook()
+    await identity_record.load(db, now, time.time())
+    assert all(now.holds(name) for name in names)
+    later = IdentityBook()
+    await identity_record.load(db, later, time.time() + FORGET_AFTER + DAY)
+    for name in names:
+        assert later.knows(name) and not later.holds(name)
+        assert later.find(name) == first.identity
+    assert later.link_of(names[1]) == now.link_of(names[1])
+    assert later.size() < now.size()
+
+
+def test_the_book_holds_the_browsers_of_the_last_weeks() -> None:
+    """90 days of new browsers, 200 a day: the book holds about those of
+    FORGET_AFTER (plus the few days it takes to look at each once more)."""
+    digester = Digester([DigestKey("k1", secrets.token_bytes(32))])
+    book = IdentityBook()
+    per_day, days = 200, 90
+    for day in range(days):
+        for i in range(per_day):
+            components = components_of(fingerprint(f"{day}-{i}"), True)
+            assert components is not None
+            fp = fingerprint_of(digester, components)
+            t = T0 + day * DAY + i * DAY / per_day
+            book.resolve(fp, f"net-{day}-{i}", t)
+    held_days = FORGET_AFTER / DAY
+    assert book.size() <= per_day * held_days * 1.3
+    assert book.size() >= per_day * held_days
+    assert book.size() + book.forgotten() == per_day * days
