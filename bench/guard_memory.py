@@ -13,19 +13,23 @@ Each target runs in a process of its own over the same simulated population
 The figure is the growth of the process's resident memory (after a full
 collection) divided by the fingerprints held: what an operator sizes a
 host by. Two population sizes show whether the cost per fingerprint stays
-flat as the book grows.
+flat as the book grows. Then the same people over three times as many days
+(as many a day as the first size): the book forgets the fingerprints not
+seen for FORGET_AFTER, so it holds about a month of them while the map
+holds every one ("book, never forgetting": the book without it).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import multiprocessing
 import os
 import secrets
 
 from bench.guard_population import Population
-from tether.server.guard import fingerprint
+from tether.server.guard import fingerprint, identities
 from tether.server.guard.identities import IdentityBook
 from tether.server.shared.digests import Digester, DigestKey
 
@@ -37,13 +41,15 @@ def _resident() -> int:
         return int(statm.read().split()[1]) * PAGE
 
 
-def _measure(target: str, seed: int, people: int) -> tuple[int, int]:
+def _measure(target: str, seed: int, people: int, days: float = 30.0) -> tuple[int, int]:
     """(bytes grown, fingerprints held) for one target, in this process.
     Both targets digest every event's components in the measured span (as
     Evaluate does, with the same bounded caches); the exact map keeps only
     each new fingerprint's identity and network, the book what it keeps."""
+    if target == "book, never forgetting":
+        identities.FORGET_AFTER = math.inf
     digester = Digester([DigestKey("k1", secrets.token_bytes(32))])
-    events = Population(seed, people=people).events()
+    events = Population(seed, people=people, days=days).events()
     gc.collect()
     before = _resident()
     networks: dict[str, str] = {}
@@ -55,13 +61,13 @@ def _measure(target: str, seed: int, people: int) -> tuple[int, int]:
         if network is None:
             digest = digester.digest("guard-network", fingerprint.network(event.client_ip))
             network = networks[event.client_ip] = digest[:8].hex()
-        if target == "book":
+        if target.startswith("book"):
             book.resolve(fp, network, event.time)
         elif fp.identity not in exact:
             exact[fp.identity] = (fp.identity, network)
     gc.collect()
     grown = _resident() - before
-    return grown, len(exact) if target != "book" else book.size()
+    return grown, book.size() if target.startswith("book") else len(exact)
 
 
 def main() -> None:
@@ -82,6 +88,18 @@ def main() -> None:
                 f"{grown / 1e6:8.1f} MB  {per[target]:7,.0f} bytes each"
             )
         print(f"  {people:>6} people  book / exact map = {per['book'] / per['exact map']:.1f}x")
+    people, days = args.people[0] * 3, 90.0
+    print(f"Memory after {days:.0f} days ({people:,} people; FORGET_AFTER 30 days)")
+    grown_by: dict[str, int] = {}
+    for target in ("exact map", "book", "book, never forgetting"):
+        with spawn.Pool(1) as pool:
+            grown, held = pool.apply(_measure, (target, args.seed, people, days))
+        grown_by[target] = grown
+        print(f"  {target:<22} {held:>7,} fingerprints held {grown / 1e6:8.1f} MB")
+    print(
+        f"  book / exact map = {grown_by['book'] / grown_by['exact map']:.1f}x; book / book"
+        f" never forgetting = {grown_by['book'] / grown_by['book, never forgetting']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -134,12 +134,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, nargs="+", default=[2])
     parser.add_argument("--limit", type=int, default=3)
     parser.add_argument("--people", type=int, default=20_000)
+    parser.add_argument(
+        "--farmers", type=int, default=0, help="default: 300 per 20,000 people, as generate's"
+    )
     parser.add_argument("--basic", action="store_true")
     parser.add_argument("--detail", type=int, default=0, help="farms to list in detail")
     parser.add_argument("--strategy", default="", help="only list farms of this strategy")
     args = parser.parse_args()
     for seed in args.seed:
-        events = Population(seed, people=args.people).events()
+        farmers = args.farmers or max(1, round(args.people * 300 / 20_000))
+        events = Population(seed, people=args.people, farmers=farmers).events()
         if args.basic:
             for event in events:
                 event.components.pop("extra", None)
@@ -177,6 +181,7 @@ def main() -> None:
                 f"{len(identities)} identities"
             )
             start = farm[0].event.time
+            print(f"    starts day {(start - events[0].time) / 86400:.1f}")
             for r in farm:
                 links = ",".join(
                     f"{link.kind}:{'/'.join(link.changed)}" for link in r.resolution.links
