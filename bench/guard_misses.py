@@ -137,13 +137,18 @@ def main() -> None:
     parser.add_argument(
         "--farmers", type=int, default=0, help="default: 300 per 20,000 people, as generate's"
     )
+    parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--basic", action="store_true")
     parser.add_argument("--detail", type=int, default=0, help="farms to list in detail")
     parser.add_argument("--strategy", default="", help="only list farms of this strategy")
     args = parser.parse_args()
     for seed in args.seed:
+        # As many farmers and households per person as the generator's defaults.
         farmers = args.farmers or max(1, round(args.people * 300 / 20_000))
-        events = Population(seed, people=args.people, farmers=farmers).events()
+        households = round(args.people * 600 / 20_000)
+        events = Population(
+            seed, people=args.people, farmers=farmers, households=households, days=args.days
+        ).events()
         if args.basic:
             for event in events:
                 event.components.pop("extra", None)
