@@ -105,3 +105,5 @@ def test_the_book_holds_the_browsers_of_the_last_weeks() -> None:
     assert book.size() <= per_day * held_days * 1.3
     assert book.size() >= per_day * held_days
     assert book.size() + book.forgotten() == per_day * days
+    # Shares are among the fingerprints held, as a restart restores them.
+    assert book._values.total == book.size()

@@ -433,7 +433,7 @@ class IdentityBook:
         merged: tuple[str, ...] = ()
         if known is None and fp.identity in self._forgotten:
             # Back after it was forgotten: its identity as it was, not a new link.
-            known = self._recall(fp, bands, network)
+            known = self._recall(fp, bands, tagged, network)
         if known is not None:
             identity = self.find(fp.identity)
             new = False
@@ -528,6 +528,7 @@ class IdentityBook:
         name = fp.identity
         del self._known[name]
         self._forgotten[name] = _Forgotten(known.first_seen, known.last_seen, known.link)
+        self._remove_values(fp)
         self._leave(known.last_network)
         if known.last_network not in self._last_on:
             self.crowds.forget_network(known.last_network, t)
@@ -555,11 +556,14 @@ class IdentityBook:
         for value in _DRIFTING_OF(_tagged(fp.groups)):
             _drop(self._holders, device + value, identity)
 
-    def _recall(self, fp: Fingerprint, bands: list[_Band], network: str) -> _Known:
+    def _recall(
+        self, fp: Fingerprint, bands: list[_Band], tagged: tuple[_Tagged, ...], network: str
+    ) -> _Known:
         """A forgotten fingerprint held again, as it was when forgotten."""
         was = self._forgotten.pop(fp.identity)
         known = _Known(fp, was.first_seen, was.last_seen, network, was.link)
         self._hold(known, bands)
+        self._add_values(fp, tagged)
         return known
 
     def _add_to_bands(self, fingerprint: str, bands: list[_Band]) -> None:
@@ -715,12 +719,29 @@ class IdentityBook:
         return None if owner is None or self.popular(owner) else owner
 
     def _add_values(self, fp: Fingerprint, tagged: tuple[_Tagged, ...]) -> None:
+        """Counts a fingerprint the book now holds in the shares of its
+        values (and of its font set)."""
         self._values.add(tagged)
         device = fp.groups[DEVICE]
         given = self._given_device.get(device)
         if given is None:
             given = self._given_device[device] = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
         given.add(tagged)
+        self._font_sets.add([hash(fp.fonts)])
+
+    def _remove_values(self, fp: Fingerprint) -> None:
+        """_add_values undone, for a fingerprint the book forgets: shares
+        are among the fingerprints held, as a restart restores them, so
+        they describe the last FORGET_AFTER and not every browser ever."""
+        tagged = _tagged(fp.groups)
+        self._values.remove(tagged)
+        device = fp.groups[DEVICE]
+        given = self._given_device.get(device)
+        if given is not None:
+            given.remove(tagged)
+            if not given.total:
+                del self._given_device[device]
+        self._font_sets.remove([hash(fp.fonts)])
 
     def _share_given_device(self, tagged: tuple[_Tagged, ...], out: tuple[int, ...]) -> float:
         """The share of fingerprints with this device and these values in
@@ -767,7 +788,6 @@ class IdentityBook:
             # Shares among fingerprints, as the record restores them: a
             # browser that returns often does not make its values common.
             self._add_values(fp, tagged)
-            self._font_sets.add([hash(fp.fonts)])
         self.spread.see(identity, network, t, crowd)
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
@@ -994,7 +1014,6 @@ class IdentityBook:
         self._hold(_Known(fp, first_seen, last_seen, network), _bands(fp))
         self._add_values(fp, _tagged(fp.groups))
         self._started_identities += 1
-        self._font_sets.add([hash(fp.fonts)])
 
     def restore_forgotten(self, fingerprint: str, first_seen: float, last_seen: float) -> None:
         """A fingerprint from the durable record last seen before FORGET_AFTER

@@ -207,6 +207,17 @@ class Frequencies:
         self._counts.update(values)
         self.total += 1
 
+    def remove(self, values: Iterable[Hashable]) -> None:
+        """One add of these values undone (a value no longer counted goes)."""
+        counts = self._counts
+        for value in values:
+            left = counts.get(value, 0) - 1
+            if left > 0:
+                counts[value] = left
+            else:
+                counts.pop(value, None)
+        self.total -= 1
+
     def share_of(self, value: Hashable) -> float:
         """The chance a stranger's value is `value`."""
         seen = self._counts.get(value, 0) + self._weight * self._common
