@@ -107,3 +107,5 @@ def test_the_book_holds_the_browsers_of_the_last_weeks() -> None:
     assert book.size() + book.forgotten() == per_day * days
     # Shares are among the fingerprints held, as a restart restores them.
     assert book._values.total == book.size()
+    # Every browser here started an identity: those held still count as such.
+    assert book._started_identities == book.size()

@@ -528,7 +528,11 @@ class IdentityBook:
         name = fp.identity
         del self._known[name]
         self._forgotten[name] = _Forgotten(known.first_seen, known.last_seen, known.link)
+        # Shares among the fingerprints held: its values, and the identity
+        # it started, no longer count.
         self._remove_values(fp)
+        if known.link is None:
+            self._started_identities = max(0, self._started_identities - 1)
         self._leave(known.last_network)
         if known.last_network not in self._last_on:
             self.crowds.forget_network(known.last_network, t)
@@ -547,7 +551,8 @@ class IdentityBook:
             return
         # Nothing of the identity is held: what the book learned of it goes.
         self._profiles.pop(identity, None)
-        self._drifted_young.pop(identity, None)
+        for group in self._drifted_young.pop(identity, ()):
+            self._young_drifts[group] = max(0, self._young_drifts[group] - 1)
         self.spread.forget((identity,))
         self.identity_rates.forget_idle(identity, t)
         self.crowds.forget_idle(identity, t)
@@ -564,6 +569,8 @@ class IdentityBook:
         known = _Known(fp, was.first_seen, was.last_seen, network, was.link)
         self._hold(known, bands)
         self._add_values(fp, tagged)
+        if was.link is None:
+            self._started_identities += 1
         return known
 
     def _add_to_bands(self, fingerprint: str, bands: list[_Band]) -> None:
@@ -811,8 +818,11 @@ class IdentityBook:
             last_on[network] -= 1
 
     def _overall_rate(self, t: float) -> float:
+        """New fingerprints per hour: those held, over the time they span
+        (since the start, at most FORGET_AFTER: older ones are forgotten)."""
         started = self._started if self._started is not None else t
-        return self._values.total / max(1.0, (t - started + LINK_PRIOR) / HOUR)
+        span = min(t - started, FORGET_AFTER) + LINK_PRIOR
+        return self._values.total / max(1.0, span / HOUR)
 
     def _shares(self, tagged: tuple[_Tagged, ...]) -> list[float]:
         """Each group's value's share of all sightings."""
@@ -1020,7 +1030,6 @@ class IdentityBook:
         (at start): only its name and times, for its links to apply to."""
         if not self.knows(fingerprint):
             self._forgotten[fingerprint] = _Forgotten(first_seen, last_seen, None)
-            self._started_identities += 1
 
     def restore_link(self, link: Link) -> None:
         """A link or merge from the durable record (at start), in order."""
@@ -1040,10 +1049,10 @@ class IdentityBook:
         self._members.setdefault(target, [target]).append(link.source)
         if isinstance(known, _Known):
             known.link = link
+            # It started no identity; one that drifted young is counted so.
+            self._started_identities -= 1
         else:
             self._forgotten[link.source] = known._replace(link=link)
-        # It started no identity; one that drifted young is counted so.
-        self._started_identities -= 1
         if link.kind == LinkKind.DRIFT_SAME_NETWORK and self._young(target, link.time):
             self._drifted_young_in(target, link.changed)
 
