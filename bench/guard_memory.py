@@ -29,8 +29,8 @@ import os
 import secrets
 
 from bench.guard_population import Population
-from tether.server.guard import fingerprint, identities
-from tether.server.guard.identities import IdentityBook
+from tether.server.guard import fingerprint
+from tether.server.guard.identities import FORGET_AFTER, IdentityBook
 from tether.server.shared.digests import Digester, DigestKey
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -46,14 +46,12 @@ def _measure(target: str, seed: int, people: int, days: float = 30.0) -> tuple[i
     Both targets digest every event's components in the measured span (as
     Evaluate does, with the same bounded caches); the exact map keeps only
     each new fingerprint's identity and network, the book what it keeps."""
-    if target == "book, never forgetting":
-        identities.FORGET_AFTER = math.inf
     digester = Digester([DigestKey("k1", secrets.token_bytes(32))])
     events = Population(seed, people=people, days=days).events()
     gc.collect()
     before = _resident()
     networks: dict[str, str] = {}
-    book = IdentityBook()
+    book = IdentityBook(math.inf if target == "book, never forgetting" else FORGET_AFTER)
     exact: dict[str, tuple[str, str]] = {}
     for event in events:
         fp = fingerprint.fingerprint_of(digester, fingerprint.Components(**event.components))

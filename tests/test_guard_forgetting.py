@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 
 from tests.guard_support import (
     fingerprint,
@@ -15,7 +16,7 @@ from tests.guard_support import (
     replay_verdicts,
     timed_event,
 )
-from tests.support import RunningServer
+from tests.support import RunningServer, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import identity_record
@@ -61,6 +62,42 @@ async def test_a_forgotten_browser_comes_back_to_its_identity_and_its_count(
     assert back.explanation.scope == pb.SCOPE_BROWSER
     assert back.count == 2
     assert back.explanation.links[0].kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+
+
+async def _later_drift_joins(server: RunningServer, days: float) -> bool:
+    """Whether a browser's drift `days` after it was last seen, at home,
+    still joins its identity (after a new browser came in between)."""
+    guard = await guard_client(server)
+    seed, home = secrets.token_hex(4), "10.232.0.1"
+    later = T0 + days * DAY
+    first, _, other = await replay_verdicts(
+        guard,
+        3,
+        [
+            timed_event(T0, "s1", fingerprint(seed), home),
+            timed_event(later, "s2", fingerprint(secrets.token_hex(4)), "10.232.9.1"),
+            timed_event(later + 60, "s3", fingerprint(seed, languages=["pt-BR"]), home),
+        ],
+    )
+    return other.identity == first.identity
+
+
+async def test_how_long_the_book_holds_a_browser_is_a_setting(
+    pg_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    assert await _later_drift_joins(pg_server, 11)
+    shorter = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        http_listen="",
+        guard_forget_after_days=10,
+    )
+    try:
+        assert not await _later_drift_joins(shorter, 11)
+        assert await _later_drift_joins(shorter, 9)
+    finally:
+        await shorter.stop()
 
 
 async def test_a_restart_a_month_later_holds_only_the_names_of_old_browsers(

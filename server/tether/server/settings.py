@@ -172,6 +172,14 @@ class Settings(BaseSettings):
     guard_policy_cache_seconds: float = Field(
         2.0, description="how long a server trusts a guard policy before rereading SQL"
     )
+    guard_forget_after_days: float = Field(
+        30.0,
+        ge=8.0,
+        le=3650.0,
+        description="the guard's identity book forgets a fingerprint not seen for this "
+        "long (its identity stays); memory follows the browsers of this span. At least 8: "
+        "longer than the 7 days its rates and crowds look back on",
+    )
 
     @cached_property
     def embedded_database(self) -> bool:

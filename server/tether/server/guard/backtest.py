@@ -170,7 +170,9 @@ class Backtest:
         self._scope = keys.backtest_scope(self.run_id)
         self._running_key = f"{KEY_PREFIX}:{keys.backtest_running(self.run_id)}"
         self._running_until = 0.0
-        self._decider = Decider(IdentityBook(), guard.counters, guard.bucket_bits, self._scope)
+        # A scratch book that forgets as the live one does.
+        book = IdentityBook(guard.book.forget_after)
+        self._decider = Decider(book, guard.counters, guard.bucket_bits, self._scope)
         self._validator = Validator(guard.validator.digester)
         self._keys: set[str] = set()
         self._last_time = float("-inf")

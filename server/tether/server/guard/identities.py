@@ -30,7 +30,7 @@ which it appeared on networks new to it (signals.Spread).
 The book is memory: the live service keeps one per process, rebuilt from
 SQL at start and kept in step with the other processes' records
 (book_follower); a backtest makes a fresh one. Nothing here does I/O.
-A fingerprint not seen for FORGET_AFTER leaves it but for its name, times
+A fingerprint not seen for `forget_after` leaves it but for its name, times
 and link, so that it resolves to the same identity if it comes back.
 """
 
@@ -116,10 +116,11 @@ FREQUENCY_COMMON = 0.2
 REPEAT_SLOT = 600.0
 # The current burst is left out of every rate.
 RATE_EXCLUDE = HOUR
-# A fingerprint not seen for this long is forgotten: longer than anything
-# linking looks back on (rates and crowds keep HORIZON, profiles
-# PROFILE_RECENT, and a restart restores the sightings of HORIZON only).
-# What counted against its identity stays counted (its identity stays).
+# A fingerprint not seen for this long is forgotten (by default; the
+# setting guard_forget_after_days): longer than anything linking looks back
+# on (rates and crowds keep HORIZON, profiles PROFILE_RECENT, and a restart
+# restores the sightings of HORIZON only). What counted against its
+# identity stays counted (its identity stays).
 FORGET_AFTER = 30 * 24 * HOUR
 # Fingerprints looked at for forgetting per new one: the book can shed old
 # ones several times as fast as it learns new ones, in steps too small to
@@ -277,7 +278,8 @@ def _bands(fp: Fingerprint) -> list[_Band]:
 
 
 class IdentityBook:
-    def __init__(self) -> None:
+    def __init__(self, forget_after: float = FORGET_AFTER) -> None:
+        self.forget_after = forget_after
         self._known: dict[str, _Known] = {}
         self._parent: dict[str, str] = {}
         self._merges: dict[str, Link] = {}
@@ -507,9 +509,9 @@ class IdentityBook:
     # --- forgetting ----------------------------------------------------
     def _forget_some(self, t: float) -> None:
         """Looks at the FORGET_STEP fingerprints held longest (or since
-        they last went round) and forgets those not seen for FORGET_AFTER."""
+        they last went round) and forgets those not seen for forget_after."""
         queue, held = self._queue, self._known
-        oldest = t - FORGET_AFTER
+        oldest = t - self.forget_after
         for _ in range(min(FORGET_STEP, len(queue))):
             name = queue.popleft()
             known = held.get(name)
@@ -739,7 +741,7 @@ class IdentityBook:
     def _remove_values(self, fp: Fingerprint) -> None:
         """_add_values undone, for a fingerprint the book forgets: shares
         are among the fingerprints held, as a restart restores them, so
-        they describe the last FORGET_AFTER and not every browser ever."""
+        they describe the last `forget_after` and not every browser ever."""
         tagged = _tagged(fp.groups)
         self._values.remove(tagged)
         device = fp.groups[DEVICE]
@@ -819,9 +821,9 @@ class IdentityBook:
 
     def _overall_rate(self, t: float) -> float:
         """New fingerprints per hour: those held, over the time they span
-        (since the start, at most FORGET_AFTER: older ones are forgotten)."""
+        (since the start, at most forget_after: older ones are forgotten)."""
         started = self._started if self._started is not None else t
-        span = min(t - started, FORGET_AFTER) + LINK_PRIOR
+        span = min(t - started, self.forget_after) + LINK_PRIOR
         return self._values.total / max(1.0, span / HOUR)
 
     def _shares(self, tagged: tuple[_Tagged, ...]) -> list[float]:
@@ -1026,7 +1028,7 @@ class IdentityBook:
         self._started_identities += 1
 
     def restore_forgotten(self, fingerprint: str, first_seen: float, last_seen: float) -> None:
-        """A fingerprint from the durable record last seen before FORGET_AFTER
+        """A fingerprint from the durable record last seen before forget_after
         (at start): only its name and times, for its links to apply to."""
         if not self.knows(fingerprint):
             self._forgotten[fingerprint] = _Forgotten(first_seen, last_seen, None)

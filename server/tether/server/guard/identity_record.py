@@ -20,7 +20,7 @@ from sqlalchemy import delete, select
 
 from tether.server import logs
 from tether.server.guard.fingerprint import Fingerprint
-from tether.server.guard.identities import FORGET_AFTER, HORIZON, IdentityBook, Link, LinkKind
+from tether.server.guard.identities import HORIZON, IdentityBook, Link, LinkKind
 from tether.server.guard.recorder import Change
 from tether.server.guard.signals import HOUR
 from tether.server.guard.tables import GuardFingerprint, GuardLinkRecord, GuardSighting
@@ -159,7 +159,7 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
     """Rebuilds the book from the record; returns the fingerprints read and
     where follow() starts."""
     oldest = math.floor((now - HORIZON) / HOUR)
-    held_since = _time(now - FORGET_AFTER)
+    held_since = _time(now - book.forget_after)
     async with db.sessions() as session:
         # Oldest first, the order in which the book looks at them for forgetting.
         fingerprints = (

@@ -30,6 +30,7 @@ from tether.server.guard.fingerprint import FingerprintCache
 from tether.server.guard.identities import IdentityBook, Resolution
 from tether.server.guard.policies import Policy, PolicyCache
 from tether.server.guard.recorder import Change, EntryKey, Recorder, renew_rows
+from tether.server.guard.signals import HOUR
 from tether.server.guard.store import GuardStore
 from tether.server.observability import fast, metrics
 from tether.server.runtime import Runtime
@@ -272,7 +273,7 @@ class Guard:
         )
         self.recorder = Recorder(store)
         self.validator = Validator(runtime.digester)
-        self.book = IdentityBook()
+        self.book = IdentityBook(settings.guard_forget_after_days * 24 * HOUR)
         self.decider = Decider(self.book, self.counters, self.bucket_bits)
         self._sightings = identity_record.Sightings()
         # An account's link to an identity is rewritten at most hourly.
