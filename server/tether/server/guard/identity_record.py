@@ -154,6 +154,11 @@ class Watermarks:
     links: set[int] = field(default_factory=set)
     floor: int = 0
 
+    def read_fingerprint(self, first_seen: datetime) -> None:
+        """A fingerprint row first seen then was read."""
+        if self.fingerprints is None or first_seen > self.fingerprints:
+            self.fingerprints = first_seen
+
 
 async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Watermarks]:
     """Rebuilds the book from the record; returns the fingerprints read and
@@ -196,8 +201,7 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
         _restore_fingerprint(book, row, marks)
     for name, first_seen, last_seen in forgotten:
         book.restore_forgotten(name, first_seen.timestamp(), last_seen.timestamp())
-        if marks.fingerprints is None or first_seen > marks.fingerprints:
-            marks.fingerprints = first_seen
+        marks.read_fingerprint(first_seen)
     for record in records:
         t = record.create_time.timestamp()
         if record.kind == UNLINK:
@@ -221,8 +225,7 @@ def _restore_fingerprint(book: IdentityBook, row: GuardFingerprint, marks: Water
         row.last_seen_time.timestamp(),
         "",
     )
-    if marks.fingerprints is None or row.first_seen_time > marks.fingerprints:
-        marks.fingerprints = row.first_seen_time
+    marks.read_fingerprint(row.first_seen_time)
 
 
 def _link_of(record: GuardLinkRecord) -> Link:
@@ -324,8 +327,7 @@ async def _read_new(
         result = await session.stream(recent.execution_options(yield_per=READ_PART))
         async for part in result.partitions():
             for name, first_seen in part:
-                if marks.fingerprints is None or first_seen > marks.fingerprints:
-                    marks.fingerprints = first_seen
+                marks.read_fingerprint(first_seen)
                 if not book.knows(name):
                     unknown[name] = None
         for record in records:
