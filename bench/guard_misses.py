@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=3)
     parser.add_argument("--people", type=int, default=20_000)
     parser.add_argument(
-        "--farmers", type=int, default=0, help="default: 300 per 20,000 people, as generate's"
+        "--farmers", type=int, default=0, help="default: as many per person as the generator's"
     )
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--basic", action="store_true")
@@ -144,8 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     for seed in args.seed:
         # As many farmers and households per person as the generator's defaults.
-        farmers = args.farmers or max(1, round(args.people * 300 / 20_000))
-        households = round(args.people * 600 / 20_000)
+        default = Population(seed)
+        scale = args.people / default.people
+        farmers = args.farmers or max(1, round(default.farmers * scale))
+        households = round(default.households * scale)
         events = Population(
             seed, people=args.people, farmers=farmers, households=households, days=args.days
         ).events()
