@@ -6,7 +6,11 @@ accounts beyond N that were allowed are listed with how they resolved.
     python -m bench.guard_misses --seed 2 [--limit 3] [--basic] [--detail 20]
 
 A quick look before a change to the rules; bench.guard_quality, through
-the real server, is the measure.
+the real server, is the measure of refusals. Links are the book's alone,
+which runs here as in the server, so this is where their precision is
+measured: each link and merge, when made, is right if someone presented
+fingerprints on both sides (a person, a household or a farm), beside the
+mean confidence it claimed.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import argparse
 import secrets
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bench import guard_quality
 from bench.guard_population import Event, Population
 from tether.server.guard import fingerprint, rules
-from tether.server.guard.identities import IdentityBook, Resolution
+from tether.server.guard.identities import IdentityBook, LinkKind, Resolution
 from tether.server.shared.digests import Digester, DigestKey
 
 ROTATION_MS = rules.ROTATION_WINDOW * 1000
@@ -162,6 +167,10 @@ def main() -> None:
             f"seed {seed}: FR {result['false_refusal'] * 100:.2f}% "
             f"catch {result['catch'] * 100:.1f}% {per} ({time.perf_counter() - began:.0f} s)"
         )
+        print("  links, right of made (mean confidence claimed):", ", ".join(
+            f"{kind} {right}/{made} ({confidence:.3f})"
+            for kind, (right, made, confidence) in sorted(link_precision(rows).items())
+        ))  # fmt: skip
         # Legitimate refusals, by why.
         refused = [r for r in rows if r.event.label == "legitimate" and not r.allowed]
         print("  false refusals:", dict(Counter((r.why, r.event.strategy) for r in refused)))
@@ -200,6 +209,44 @@ def main() -> None:
                     f"pop={r.inputs.popularity} crowd={r.inputs.crowd_browsers} "
                     f"vel={r.inputs.velocity} {links}"
                 )
+
+
+def link_precision(rows: list[Row]) -> dict[str, tuple[int, int, float]]:
+    """Per link kind: links right, links made, and their mean confidence.
+    A link is right if whoever presented its fingerprint (a merge: any of
+    the joined identity's fingerprints) presented one of the identity it
+    joined before."""
+    actors: dict[str, set[str]] = defaultdict(set)  # fingerprint -> who presented it
+    members: dict[str, set[str]] = defaultdict(set)  # identity -> its fingerprints seen
+    judged: set[tuple[str, str, str, float]] = set()
+    right: Counter[str] = Counter()
+    made: Counter[str] = Counter()
+    confidence: Counter[str] = Counter()
+
+    def presenters(fingerprints: Iterable[str], besides: str = "") -> set[str]:
+        return {a for f in fingerprints if f != besides for a in actors[f]}
+
+    for row in rows:
+        resolution = row.resolution
+        fingerprint = resolution.fingerprint
+        actors[fingerprint].add(row.event.actor)
+        for link in resolution.links:
+            key = (link.kind, link.source, link.target, link.time)
+            if key in judged:
+                continue
+            judged.add(key)
+            if link.kind == LinkKind.MERGE:
+                near = presenters(members[link.source])
+            else:
+                near = actors[link.source]
+            far = presenters(members[link.target], besides=link.source)
+            made[link.kind] += 1
+            right[link.kind] += bool(near & far)
+            confidence[link.kind] += link.confidence
+        members[resolution.identity].add(fingerprint)
+        for gone in resolution.merged:
+            members[resolution.identity] |= members.pop(gone, set())
+    return {kind: (right[kind], n, confidence[kind] / n) for kind, n in made.items()}
 
 
 def classify(rows: list[Row], limit: int) -> Counter[tuple[str, str]]:
