@@ -219,6 +219,44 @@ async def test_a_drifting_browser_rotating_networks_in_a_burst_is_linked(
     assert third.explanation.risk == 1
 
 
+async def test_a_drift_on_another_network_a_week_later_is_not_linked(
+    any_server: RunningServer,
+) -> None:
+    """A link across networks rests on how often strangers showed the same
+    components lately, and the book's rates look back 7 days: a week after
+    a browser was last seen, nothing observed vouches for a link to it,
+    however rare its components look. Minutes after, the same drift links."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    rare = {
+        "browser_name": "Pale Moon",
+        "os_name": "Haiku",
+        "platform": "Haiku x86_64",
+        "screen_width": 1013,
+        "screen_height": 771,
+        "languages": ["is-IS"],
+        "timezone": "Atlantic/Reykjavik",
+    }
+    now = T0 + 1200 * 50
+    events = _background(1200, T0) + [
+        timed_event(now, "w0", desktop(seed, browser_version="131.0.88", **rare), "10.9.0.1"),
+        timed_event(
+            now + 60, "w1", desktop(seed, browser_version="131.0.89", **rare), "10.9.1.1"
+        ),
+        timed_event(
+            now + 8 * 24 * HOUR,
+            "w2",
+            desktop(seed, browser_version="131.0.95", **rare),
+            "10.9.2.1",
+        ),
+    ]
+    first, burst, later = (await replay_verdicts(guard, 3, events))[-3:]
+    assert burst.identity == first.identity
+    assert kinds(burst) == [pb.LINK_KIND_DRIFT_BURST]
+    assert later.identity == later.explanation.fingerprint != first.identity
+    assert not later.explanation.links
+
+
 async def test_a_fresh_book_links_on_home_networks_only(any_server: RunningServer) -> None:
     """Before the book has seen 500 fingerprints it cannot know what is
     rare: the same burst across networks stays apart, a drift at home

@@ -864,8 +864,10 @@ class IdentityBook:
             if rate * share_here / 60 > bound_here:
                 continue
             # Nor a member seen on another network before `oldest`: cheap
-            # tests that spare most members the arithmetic.
-            oldest = _oldest_elsewhere(rate, t)
+            # tests that spare most members the arithmetic. Never before the
+            # rates' horizon: who else came through the band before it was
+            # not observed, and the shares' product alone is no evidence.
+            oldest = max(_oldest_elsewhere(rate, t), t - HORIZON)
             if oldest == math.inf and not here:
                 continue
             for member in reversed(members):
