@@ -453,6 +453,44 @@ async def test_anti_detect_profiles_cycling_settings_link_by_profile(
     assert sum(v.verdict == pb.VERDICT_ALLOW for v in verdicts) <= 2 * 3
 
 
+async def test_a_profile_match_joins_a_browser_that_cycles_not_one_that_never_changed(
+    any_server: RunningServer,
+) -> None:
+    """Two rare browsers of one device, each followed minutes later, from
+    another network, by a fingerprint showing their version, window and
+    languages with other software (fonts, canvas). The one that already
+    cycled (its window changed at home) is joined by profile; the one that
+    never changed is not: a stranger need only match it, where it would
+    have to start cycling, as few new browsers do."""
+    guard = await guard_client(any_server)
+    rare = {"browser_version": "131.0.77", "screen_width": 1013, "screen_height": 771}
+    now = T0 + 1500 * 50
+    events = _background(1500, T0)
+    for name, tongue, offset in (("steady", "is-IS", 0), ("cycling", "mt-MT", 600)):
+        seed = secrets.token_hex(4)
+        mine = {**rare, "languages": [tongue]}
+        home = f"10.11.{offset // 600}.1"
+        events.append(timed_event(now + offset, f"{name}0", desktop(seed, **mine), home))
+        if name == "cycling":
+            moved = {**mine, "screen_width": 1009, "screen_height": 767}
+            events.append(timed_event(now + offset + 60, f"{name}1", desktop(seed, **moved), home))
+        events.append(
+            timed_event(
+                now + offset + 120,
+                f"{name}2",
+                desktop(secrets.token_hex(4), **mine),
+                f"10.12.{offset // 600}.1",
+            )
+        )
+    verdicts = (await replay_verdicts(guard, 3, events))[1500:]
+    steady, steady_other, cycling, cycling_moved, cycling_other = verdicts
+    assert steady_other.identity == steady_other.explanation.fingerprint != steady.identity
+    assert not steady_other.explanation.links
+    assert kinds(cycling_moved) == [pb.LINK_KIND_DRIFT_SAME_NETWORK]
+    assert cycling_other.identity == cycling.identity
+    assert kinds(cycling_other) == [pb.LINK_KIND_PROFILE]
+
+
 async def test_two_identities_one_fingerprint_joins_are_merged(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=5)

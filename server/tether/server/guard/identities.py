@@ -15,7 +15,8 @@ unless the evidence ties it to one seen before:
 - **profile**: several groups changed at once, but each new value is one
   this identity showed in the last hours (an anti-detect browser cycling
   its window sizes and languages, fonts with noise), and few strangers of
-  that device could match them all.
+  that device could match them all; fewer still than the new browsers that
+  start cycling so, when the identity never changed before.
 - **merge**: a fingerprint justified by two identities that both still
   look like one person joins them; so does a young identity that already
   drifts on its own network (as few new browsers do) with an older one it
@@ -79,8 +80,9 @@ STRANGERS_SAME_NETWORK = 0.02
 STRANGERS_OTHER_NETWORK = 0.002
 STRANGERS_PROFILE = 0.001
 # The profile estimate treats groups as independent, which they are not;
-# this factor keeps it on the safe side.
-PROFILE_SAFETY = 30.0
+# this factor keeps it on the safe side. (It was 30 until a browser that
+# never changed had to be one that starts cycling: see IdentityBook._profile.)
+PROFILE_SAFETY = 10.0
 PROFILE_RECENT = 2 * HOUR
 PROFILE_MIN_GROUPS = 2
 PROFILE_FONT_SETS = 8
@@ -944,8 +946,16 @@ class IdentityBook:
             if fonts_near:
                 p *= self._font_sets.share(map(hash, profile.font_sets))
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
+            unmatched = [g for g in DRIFTING if g not in matched]
+            if unmatched and identity not in self._members:
+                # It never showed another fingerprint: a stranger need only
+                # match, but for the fingerprint to be this browser's, the
+                # browser would have to start cycling these groups, as few
+                # new ones do (counted: the share that drifted in them
+                # while young).
+                expected /= self._drift_share(unmatched)
             if expected <= STRANGERS_PROFILE:
-                changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
+                changed = tuple(GROUP_NAMES[g] for g in unmatched)
                 hits.append(_Candidate(expected, identity, LinkKind.PROFILE, changed))
         return hits
 
