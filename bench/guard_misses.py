@@ -221,7 +221,7 @@ def link_precision(rows: list[Row]) -> dict[str, tuple[int, int, float]]:
     judged: set[tuple[str, str, str, float]] = set()
     right: Counter[str] = Counter()
     made: Counter[str] = Counter()
-    confidence: Counter[str] = Counter()
+    confidence: dict[str, float] = defaultdict(float)
 
     def presenters(fingerprints: Iterable[str], besides: str = "") -> set[str]:
         return {a for f in fingerprints if f != besides for a in actors[f]}

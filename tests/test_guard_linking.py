@@ -238,11 +238,10 @@ async def test_a_drift_on_another_network_a_week_later_is_not_linked(
         "timezone": "Atlantic/Reykjavik",
     }
     now = T0 + 1200 * 50
-    events = _background(1200, T0) + [
+    events = [
+        *_background(1200, T0),
         timed_event(now, "w0", desktop(seed, browser_version="131.0.88", **rare), "10.9.0.1"),
-        timed_event(
-            now + 60, "w1", desktop(seed, browser_version="131.0.89", **rare), "10.9.1.1"
-        ),
+        timed_event(now + 60, "w1", desktop(seed, browser_version="131.0.89", **rare), "10.9.1.1"),
         timed_event(
             now + 8 * 24 * HOUR,
             "w2",

@@ -945,19 +945,23 @@ class IdentityBook:
                 p *= share
             if fonts_near:
                 p *= self._font_sets.share(map(hash, profile.font_sets))
-            expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
             unmatched = [g for g in DRIFTING if g not in matched]
-            if unmatched and identity not in self._members:
-                # It never showed another fingerprint: a stranger need only
-                # match, but for the fingerprint to be this browser's, the
-                # browser would have to start cycling these groups, as few
-                # new ones do (counted: the share that drifted in them
-                # while young).
-                expected /= self._drift_share(unmatched)
+            expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
+            expected /= self._cycling_prior(identity, unmatched)
             if expected <= STRANGERS_PROFILE:
                 changed = tuple(GROUP_NAMES[g] for g in unmatched)
                 hits.append(_Candidate(expected, identity, LinkKind.PROFILE, changed))
         return hits
+
+    def _cycling_prior(self, identity: str, unmatched: list[int]) -> float:
+        """How likely the identity is to show a fingerprint that changes
+        these groups: 1 once it showed more than one fingerprint. One that
+        never changed would have to start cycling them now, as few new
+        browsers do (the share that drifted in them while young), where a
+        stranger need only match."""
+        if identity in self._members or not unmatched:
+            return 1.0
+        return self._drift_share(unmatched)
 
     # --- joining and splitting -----------------------------------------
     def _join(self, keep: str, gone: str, kind: str, confidence: float, t: float) -> bool:
