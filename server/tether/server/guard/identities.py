@@ -81,7 +81,7 @@ STRANGERS_OTHER_NETWORK = 0.002
 STRANGERS_PROFILE = 0.001
 # The profile estimate treats groups as independent, which they are not;
 # this factor keeps it on the safe side. (It was 30 until a browser that
-# never changed had to be one that starts cycling: see IdentityBook._profile.)
+# never changed had to be one that starts cycling: IdentityBook._cycling_prior.)
 PROFILE_SAFETY = 10.0
 PROFILE_RECENT = 2 * HOUR
 PROFILE_MIN_GROUPS = 2
