@@ -22,6 +22,9 @@ AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("guard", ()),
     ("cluster", ()),
     ("guard_quality", ("--plot", "{docs}/guard-quality.png")),
+    # The same seeds in-process: how often links are right, and why the
+    # farms' accounts that got in did.
+    ("guard_misses", ("--seed", "1", "2", "3")),
     ("guard_memory", ()),
     ("workers", ()),
     ("observability", ()),
