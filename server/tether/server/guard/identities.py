@@ -945,23 +945,28 @@ class IdentityBook:
                 p *= share
             if fonts_near:
                 p *= self._font_sets.share(map(hash, profile.font_sets))
-            unmatched = [g for g in DRIFTING if g not in matched]
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
-            expected /= self._cycling_prior(identity, unmatched)
-            if expected <= STRANGERS_PROFILE:
-                changed = tuple(GROUP_NAMES[g] for g in unmatched)
+            # The prior can only raise it: asked of candidates still under the bound.
+            if (
+                expected <= STRANGERS_PROFILE
+                and (expected := expected / self._cycling_prior(identity, matched))
+                <= STRANGERS_PROFILE
+            ):
+                changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
                 hits.append(_Candidate(expected, identity, LinkKind.PROFILE, changed))
         return hits
 
-    def _cycling_prior(self, identity: str, unmatched: list[int]) -> float:
-        """How likely the identity is to show a fingerprint that changes
-        these groups: 1 once it showed more than one fingerprint. One that
-        never changed would have to start cycling them now, as few new
-        browsers do (the share that drifted in them while young), where a
-        stranger need only match."""
-        if identity in self._members or not unmatched:
+    def _cycling_prior(self, identity: str, matched: list[int]) -> float:
+        """How likely the identity is to show a fingerprint that changes the
+        drifting groups not matched: 1 once it showed more than one
+        fingerprint. One that never changed would have to start cycling them
+        now, as few new browsers do (the share that drifted in them while
+        young), where a stranger need only match."""
+        if identity in self._members:
             return 1.0
-        return self._drift_share(unmatched)
+        unmatched = [g for g in DRIFTING if g not in matched]
+        # None left (its profile outlived an unlinked fingerprint): no change to start.
+        return self._drift_share(unmatched) if unmatched else 1.0
 
     # --- joining and splitting -----------------------------------------
     def _join(self, keep: str, gone: str, kind: str, confidence: float, t: float) -> bool:
