@@ -490,6 +490,75 @@ async def test_a_profile_match_joins_a_browser_that_cycles_not_one_that_never_ch
     assert kinds(cycling_other) == [pb.LINK_KIND_PROFILE]
 
 
+async def test_fonts_near_a_farms_noisy_sets_are_no_evidence_when_the_set_is_common(
+    any_server: RunningServer,
+) -> None:
+    """An anti-detect farm on a phone adds a font to the model's default
+    set on each account, cycling its window and language. Its variants join
+    by profile; a stranger with the plain default set and the farm's
+    version, a minute later, does not: a set near the farm's is evidence
+    only when the set itself is rare, and hundreds of that phone's owners
+    show the defaults. (The previous rule took the farm's noisy sets'
+    share for the stranger's, and joined it.)"""
+    guard = await guard_client(any_server)
+    rng = random.Random(12)  # the same world in every run
+    phone = {"os_name": "Android", "platform": "Linux armv8l", "pixel_ratio": 2.625}
+    defaults = [f"Phone Default {i}" for i in range(9)]
+    tongues = [["en-US", "en"], ["de-DE", "de"], ["fr-FR"], ["es-ES"], ["it-IT"]]
+    day = 86_400.0
+    events = _background(1500, T0)
+    # Eight days of the phone's owners (the default set is common), then a
+    # day of desktops: the phone's own rate stays low.
+    for i in range(800):
+        owner = fingerprint(
+            f"ph{i}",
+            fonts=defaults,
+            languages=rng.choice(tongues),
+            browser_version=f"131.0.{rng.randrange(20)}",
+            **phone,
+        )
+        when = T0 - 8 * day + i * 864
+        events.append(timed_event(when, f"ph{i}", owner, f"10.6.{i % 250}.{1 + i // 250}"))
+    now = T0 + 1500 * 50
+    # Home, then a window changed at home, then new networks.
+    shown = [
+        ((1013, 771), ["pl-PL"], "10.7.0.1"),
+        ((1009, 767), ["pl-PL"], "10.7.0.1"),
+        ((1009, 767), ["tr-TR"], "10.7.1.1"),
+        ((1013, 771), ["tr-TR"], "10.7.2.1"),
+    ]
+    for i, ((w, h), tongue, ip) in enumerate(shown):
+        variant = fingerprint(
+            "farm",
+            fonts=[*defaults, f"Noise {i}"],
+            screen_width=w,
+            screen_height=h,
+            languages=tongue,
+            browser_version="131.0.77",
+            extra={"canvas": secrets.token_hex(8)},
+            **phone,
+        )
+        events.append(timed_event(now + i * 90, f"farm{i}", variant, ip))
+    stranger = fingerprint(
+        "stranger",
+        fonts=defaults,
+        screen_width=393,
+        screen_height=873,
+        languages=["da-DK"],
+        browser_version="131.0.77",
+        **phone,
+    )
+    events.append(timed_event(now + 330, "stranger", stranger, "10.8.0.1"))
+    events.sort(key=lambda event: event.event_time.ToNanoseconds())
+    verdicts = await replay_verdicts(guard, 3, events)
+    farm, last = verdicts[-5:-1], verdicts[-1]
+    assert pb.LINK_KIND_PROFILE in {kind for v in farm for kind in kinds(v)}
+    assert len({v.identity for v in farm}) == 1
+    assert last.identity == last.explanation.fingerprint != farm[0].identity
+    assert not last.explanation.links
+    assert last.verdict == pb.VERDICT_ALLOW
+
+
 async def test_two_identities_one_fingerprint_joins_are_merged(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=5)

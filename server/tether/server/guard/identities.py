@@ -919,6 +919,7 @@ class IdentityBook:
         # candidates found through a value mostly showed it alone, so one
         # share serves many of them.
         shares: dict[tuple[_Tagged, ...], float] = {}
+        own_fonts = self._font_sets.share_of(hash(fp.fonts))
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -944,7 +945,10 @@ class IdentityBook:
                     share = shares[values] = self._values.share(values)
                 p *= share
             if fonts_near:
-                p *= self._font_sets.share(map(hash, profile.font_sets))
+                # Near one of its sets is as likely for a stranger as showing
+                # one of them, or, when this set is common (a phone model's
+                # defaults, which a farm's noise keeps near), showing this set.
+                p *= max(self._font_sets.share(map(hash, profile.font_sets)), own_fonts)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
             # The prior can only raise it: asked of candidates still under the bound.
             if (
