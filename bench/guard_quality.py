@@ -79,16 +79,24 @@ def baseline(events: list[Event], limit: int, key: Callable[[Event], str]) -> li
 
 
 def score(events: list[Event], allowed: Iterable[bool], limit: int) -> dict[str, Any]:
-    legit = refused_legit = 0
+    """False refusal and farm catch, as the Backtest summary counts them: a
+    legitimate actor's (a person's, a household's) refusals beyond its
+    accounts over N are right (one browser), the rest are false."""
+    legit = 0
+    people: dict[str, list[bool]] = defaultdict(list)
     farms: dict[str, list[bool]] = defaultdict(list)
     strategy_of: dict[str, str] = {}
     for event, ok in zip(events, allowed, strict=True):
         if event.label == "legitimate":
             legit += 1
-            refused_legit += not ok
+            people[event.actor].append(ok)
         else:
             farms[event.actor].append(ok)
             strategy_of[event.actor] = event.strategy
+    refused_legit = sum(
+        verdicts.count(False) - min(verdicts.count(False), max(0, len(verdicts) - limit))
+        for verdicts in people.values()
+    )
     per: dict[str, list[int]] = {s: [0, 0] for s in STRATEGIES}
     for actor, verdicts in farms.items():
         excess = max(0, len(verdicts) - limit)
@@ -120,8 +128,8 @@ def from_summary(summary: pb.BacktestSummary) -> dict[str, Any]:
         if group.attribute == "strategy" and group.counts.abusive
     }
     return {
-        "false_refusal": total.false_refusals / max(1, total.legitimate),
-        "false_refusal_later": later.false_refusals / max(1, later.legitimate),
+        "false_refusal": total.false_refusals_within_limit / max(1, total.legitimate),
+        "false_refusal_later": later.false_refusals_within_limit / max(1, later.legitimate),
         "catch": total.caught / max(1, total.excess),
         "strategies": {s: strategies.get(s, 0.0) for s in STRATEGIES},
         "events_per_second": total.events / summary.seconds if summary.seconds else 0.0,

@@ -196,6 +196,7 @@ async def test_the_summary_counts_false_refusals_and_caught_excess_by_group(
     guard = await guard_client(any_server)
     farm = fingerprint(secrets.token_hex(4))
     family = fingerprint(secrets.token_hex(4))
+    shared = fingerprint(secrets.token_hex(4))
     events = [
         # A farm of six accounts on one browser: four beyond the limit.
         *(
@@ -210,7 +211,9 @@ async def test_the_summary_counts_false_refusals_and_caught_excess_by_group(
             )
             for i in range(6)
         ),
-        # A family of three on one browser: the third is refused at limit 2.
+        # Four people on one browser, each an actor of their own (the last
+        # without an actor, which is one of its own): the third and fourth
+        # are refused at limit 2, within their own limits.
         *(
             event(
                 T0 + 100 + i,
@@ -218,7 +221,21 @@ async def test_the_summary_counts_false_refusals_and_caught_excess_by_group(
                 family,
                 "10.202.0.2",
                 label=pb.LABEL_LEGITIMATE,
-                actor=f"h{i}",
+                actor=f"h{i}" if i < 3 else "",
+                strategy="strangers",
+            )
+            for i in range(4)
+        ),
+        # A household of three, one actor: one browser, so its third is
+        # rightly refused (a false refusal, but not within its limit).
+        *(
+            event(
+                T0 + 200 + i,
+                f"g{i}",
+                shared,
+                "10.202.0.3",
+                label=pb.LABEL_LEGITIMATE,
+                actor="household-1",
                 strategy="household",
             )
             for i in range(3)
@@ -228,12 +245,15 @@ async def test_the_summary_counts_false_refusals_and_caught_excess_by_group(
         guard, pb.Policy(service_id="summary", register_limit=2), events, group_by=("strategy",)
     )
     total = summary.total
-    assert (total.events, total.allowed, total.refused) == (9, 4, 5)
-    assert (total.legitimate, total.false_refusals) == (3, 1)
+    assert (total.events, total.allowed, total.refused) == (13, 6, 7)
+    assert (total.legitimate, total.false_refusals) == (7, 3)
+    assert total.false_refusals_within_limit == 2
     assert (total.abusive, total.excess, total.caught) == (6, 4, 4)
     groups = {(g.attribute, g.value): g.counts for g in summary.groups}
     assert groups[("strategy", "plain")].caught == 4
-    assert groups[("strategy", "household")].false_refusals == 1
+    strangers, household = groups[("strategy", "strangers")], groups[("strategy", "household")]
+    assert (strangers.false_refusals, strangers.false_refusals_within_limit) == (2, 2)
+    assert (household.false_refusals, household.false_refusals_within_limit) == (1, 0)
     assert summary.seconds > 0
 
 

@@ -1828,6 +1828,7 @@ class BacktestCounts(_message.Message):
     ABUSIVE_FIELD_NUMBER: _builtins.int
     EXCESS_FIELD_NUMBER: _builtins.int
     CAUGHT_FIELD_NUMBER: _builtins.int
+    FALSE_REFUSALS_WITHIN_LIMIT_FIELD_NUMBER: _builtins.int
     events: _builtins.int
     """Events evaluated."""
     allowed: _builtins.int
@@ -1846,6 +1847,12 @@ class BacktestCounts(_message.Message):
     """
     caught: _builtins.int
     """See excess."""
+    false_refusals_within_limit: _builtins.int
+    """Of false_refusals, those within their actor's limit: an actor's
+    legitimate accounts beyond the limit (a household sharing one browser
+    counts as one browser) are rightly refused; these are the rest.
+    Each event without an actor is an actor of its own.
+    """
     def __init__(
         self,
         *,
@@ -1857,10 +1864,11 @@ class BacktestCounts(_message.Message):
         abusive: _builtins.int = ...,
         excess: _builtins.int = ...,
         caught: _builtins.int = ...,
+        false_refusals_within_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abusive", b"abusive", "allowed", b"allowed", "caught", b"caught", "events", b"events", "excess", b"excess", "false_refusals", b"false_refusals", "legitimate", b"legitimate", "refused", b"refused"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abusive", b"abusive", "allowed", b"allowed", "caught", b"caught", "events", b"events", "excess", b"excess", "false_refusals", b"false_refusals", "false_refusals_within_limit", b"false_refusals_within_limit", "legitimate", b"legitimate", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,6 +58,7 @@ class Counts:
     abusive: int = 0
     excess: int = 0
     caught: int = 0
+    false_refusals_within_limit: int = 0
 
 
 @dataclass
@@ -75,6 +76,10 @@ class _Actor:
     groups: list[tuple[str, str]]
     accounts: set[bytes] = field(default_factory=set)
     refused: set[bytes] = field(default_factory=set)
+
+    def beyond_limit(self) -> int:
+        """How many of its accounts are beyond the limit (none without one)."""
+        return max(0, len(self.accounts) - self.limit) if self.limit else 0
 
 
 def check_start(policy: Policy, group_by: list[str], violations: errors.Violations) -> Policy:
@@ -177,7 +182,11 @@ class Backtest:
         self._keys: set[str] = set()
         self._last_time = float("-inf")
         self._in_flight: list[_InFlight] = []
+        # Actors of labelled events: farms (abusive) and people or
+        # households (legitimate), whose accounts beyond the limit are
+        # rightly refused.
         self._actors: dict[str, _Actor] = {}
+        self._people: dict[str, _Actor] = {}
         self.summary = Summary()
         self._started = time.perf_counter()
         self._pipelined = guard.counters.pipelined is not None
@@ -249,11 +258,15 @@ class Backtest:
     async def finish(self) -> list[tuple[int, Verdict | str]]:
         done = await self._drain()
         for actor in self._actors.values():
-            excess = max(0, len(actor.accounts) - actor.limit) if actor.limit else 0
+            excess = actor.beyond_limit()
             caught = min(len(actor.refused), excess)
             for counts in self._counts_of(actor.groups):
                 counts.excess += excess
                 counts.caught += caught
+        for person in self._people.values():
+            within = len(person.refused) - min(len(person.refused), person.beyond_limit())
+            for counts in self._counts_of(person.groups):
+                counts.false_refusals_within_limit += within
         self.summary.seconds = time.perf_counter() - self._started
         return done
 
@@ -307,13 +320,17 @@ class Backtest:
             if event.label == LEGITIMATE:
                 counts.legitimate += 1
                 counts.false_refusals += refused
+                if refused and not event.actor:
+                    # An actor of its own, refused its first account.
+                    counts.false_refusals_within_limit += 1
             elif event.label == ABUSIVE:
                 counts.abusive += 1
-        if event.label == ABUSIVE and event.actor:
-            actor = self._actors.get(event.actor)
+        actors = {ABUSIVE: self._actors, LEGITIMATE: self._people}.get(event.label)
+        if actors is not None and event.actor:
+            actor = actors.get(event.actor)
             if actor is None:
                 limit, _ = limit_and_life(self.policy, action.value)
-                actor = self._actors[event.actor] = _Actor(limit, groups)
+                actor = actors[event.actor] = _Actor(limit, groups)
             actor.accounts.add(checked.member)
             if refused:
                 actor.refused.add(checked.member)

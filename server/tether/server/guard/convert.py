@@ -214,6 +214,7 @@ def backtest_counts(value: Counts) -> pb.BacktestCounts:
         abusive=value.abusive,
         excess=value.excess,
         caught=value.caught,
+        false_refusals_within_limit=value.false_refusals_within_limit,
     )
 
 
