@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test fuzz lint generate bench clean
+.PHONY: run test fuzz lint generate bench compiled clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ test: $(BIN)/.installed node_modules/.installed
 	scripts/ensure-services
 	scripts/ensure-chromium
 	$(BIN)/pytest
+	# The guard's tests again, on the compiled identity core that `make bench`
+	# measures and production can run: the same code must decide the same.
+	$(BIN)/python scripts/build-compiled
+	PYTHONPATH=build/compiled $(BIN)/pytest -q -p no:cacheprovider tests/test_guard_*.py
+
+# Tether with the guard's identity core compiled by mypyc, in build/compiled
+# (run from it with PYTHONPATH=build/compiled; see docs/guard.md).
+compiled: $(BIN)/.installed
+	$(BIN)/python scripts/build-compiled
 
 # A long fuzz of every RPC, 100,000 requests by default (`make test` runs a
 # short one): no INTERNAL or UNKNOWN, refusals write nothing. Figures in
@@ -49,8 +58,8 @@ lint: $(BIN)/.installed
 generate: $(BIN)/.installed
 	PYTHON=$(BIN)/python scripts/generate-protos
 
-bench: $(BIN)/.installed
-	$(BIN)/python -m bench --report docs/bench-report.md
+bench: compiled
+	TETHER_BENCH_COMPILED=build/compiled $(BIN)/python -m bench --report docs/bench-report.md
 
 clean:
-	rm -rf $(VENV) .tether
+	rm -rf $(VENV) .tether build

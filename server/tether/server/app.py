@@ -33,6 +33,7 @@ from tether.server.components import Component
 from tether.server.counters.connection import Client
 from tether.server.counters.connection import connect as connect_redis
 from tether.server.guard import area as guard_area
+from tether.server.guard import identities
 from tether.server.guard.area import GuardArea
 from tether.server.guard.store_postgres import PostgresGuardStore
 from tether.server.guard.store_sqlalchemy import SqlAlchemyGuardStore
@@ -124,6 +125,7 @@ class App:
             address=self.address,
             embedded=self.settings.embedded,
             tls=tls.mode(self.settings),
+            guard_core="compiled" if identities.compiled() else "python",
         )
 
     async def stop(self, grace: float | None = None) -> None:

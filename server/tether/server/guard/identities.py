@@ -43,7 +43,7 @@ import operator
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from tether.server.guard.fingerprint import (
     DEVICE,
@@ -137,12 +137,17 @@ LINK_PRIOR = HOUR
 _K = TypeVar("_K")
 
 
+def compiled() -> bool:
+    """Whether the book runs compiled by mypyc (scripts/build-compiled)."""
+    return not __file__.endswith(".py")
+
+
 class LinkKind:
-    DRIFT_SAME_NETWORK = "drift_same_network"
-    DRIFT_BURST = "drift_burst"
-    PROFILE = "profile"
-    MERGE = "merge"
-    OPERATOR_MERGE = "operator_merge"
+    DRIFT_SAME_NETWORK: Final = "drift_same_network"
+    DRIFT_BURST: Final = "drift_burst"
+    PROFILE: Final = "profile"
+    MERGE: Final = "merge"
+    OPERATOR_MERGE: Final = "operator_merge"
 
 
 class Link(NamedTuple):
