@@ -17,6 +17,9 @@ Workloads of Tether's Evaluate:
   screen, version, network) and account logging in; the fingerprint
   digested, the drift and profile look-ups of the identity book, one
   script call, and the SQL record written behind in batches.
+With TETHER_BENCH_COMPILED set to a tree from scripts/build-compiled (make
+bench does), both workloads also run on a second Tether server whose
+guard identity core is compiled by mypyc (a database of its own).
 Then: Redis bytes per (identity, account) entry (10^6 identities filled in
 the layout the guard's scripts write, checked against 20,000 entries
 written by real Evaluate calls), and the "repeat" latency with 10^4 and
@@ -69,6 +72,9 @@ CHECK_ENTRIES = 20_000
 CHECK_BITS = 10
 CHECK_SERVICE = "bench-check"
 ROUNDS = 10
+# A tree from scripts/build-compiled: Tether with its guard core compiled.
+_COMPILED = os.environ.get("TETHER_BENCH_COMPILED", "")
+COMPILED_TREE = os.path.abspath(_COMPILED) if _COMPILED else ""
 
 # A one-key script: the least one EVALSHA per call can cost.
 BASELINE_SCRIPT = "return redis.call('INCR', KEYS[1])"
@@ -386,6 +392,7 @@ async def main() -> None:
         except (redis.ConnectionError, OSError):
             await asyncio.sleep(0.05)
     database = f"tether_bench_guard_{secrets.token_hex(4)}"
+    databases = [database]
     admin = await asyncpg.connect(POSTGRES_DSN)
     await admin.execute(f'CREATE DATABASE "{database}"')
     base = POSTGRES_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
@@ -394,12 +401,24 @@ async def main() -> None:
         "evalsha": Server("evalsha", redis_url, data_dir),
         "tether": Server("tether", redis_url, data_dir, f"{base}/{database}"),
     }
+    if COMPILED_TREE:
+        # Its own database: servers sharing one follow each other's records.
+        databases.append(f"{database}_compiled")
+        await admin.execute(f'CREATE DATABASE "{databases[-1]}"')
+        servers["compiled"] = Server(
+            "tether",
+            redis_url,
+            data_dir,
+            f"{base}/{databases[-1]}",
+            {"PYTHONPATH": COMPILED_TREE},
+        )
     try:
         await _run(servers, client, redis_url, f"{base}/{database}")
     finally:
         for server in servers.values():
             await server.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        for name in databases:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
         await client.aclose()
         redis_process.terminate()
@@ -411,11 +430,15 @@ async def _run(
     servers: dict[str, Server], client: redis.Redis, redis_url: str, database_url: str
 ) -> None:
     tether = servers["tether"]
-    await tether.stub.SetPolicy(
-        pb.SetPolicyRequest(
-            policy=pb.Policy(service_id=SERVICE, login_limit=10_000, login_session_seconds=3600)
-        )
-    )
+    for server in (tether, servers.get("compiled")):
+        if server is not None:
+            await server.stub.SetPolicy(
+                pb.SetPolicyRequest(
+                    policy=pb.Policy(
+                        service_id=SERVICE, login_limit=10_000, login_session_seconds=3600
+                    )
+                )
+            )
     fixed = _request("fixed", "someone")
     pool = [_request(f"repeat-{i % 256}", f"user{i % 256}") for i in range(256)]
     run = secrets.token_hex(3)
@@ -441,6 +464,13 @@ async def _run(
     def new(i: int) -> Any:
         return tether.stub.Evaluate(fresh[i])
 
+    def on(server: Server) -> tuple[Callable[[int], Any], Callable[[int], Any]]:
+        """The repeat and new workloads, sent to another Tether server."""
+        return (
+            lambda i: server.stub.Evaluate(pool[i % 256]),
+            lambda i: server.stub.Evaluate(fresh[i]),
+        )
+
     results: dict[tuple[str, int], Result] = {}
     offset = 0
     targets = [
@@ -449,6 +479,14 @@ async def _run(
         Target("tether repeat", repeat),
         Target("tether new", new, prepare_new),
     ]
+    names = ["tether repeat", "tether new"]
+    if "compiled" in servers:
+        compiled_repeat, compiled_new = on(servers["compiled"])
+        targets += [
+            Target("tether repeat compiled", compiled_repeat),
+            Target("tether new compiled", compiled_new, prepare_new),
+        ]
+        names += ["tether repeat compiled", "tether new compiled"]
     for in_flight, calls in CALLS.items():
         for result in await compare(targets, in_flight, calls, offset):
             results[(result.name, in_flight)] = result
@@ -463,10 +501,10 @@ async def _run(
     for in_flight in CALLS:
         base = results[("grpc.aio + EVALSHA", in_flight)]
         bare = results[("bare grpc.aio", in_flight)]
-        for name in ("tether repeat", "tether new"):
+        for name in names:
             r = results[(name, in_flight)]
             print(
-                f"  {name:<14} @{in_flight:>2}: throughput {r.per_second / base.per_second:.2f}x "
+                f"  {name:<23} @{in_flight:>2}: throughput {r.per_second / base.per_second:.2f}x "
                 f"EVALSHA, {r.per_second / bare.per_second:.2f}x bare; "
                 f"p99 {r.p99_ms / base.p99_ms:.2f}x EVALSHA"
             )

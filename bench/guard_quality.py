@@ -47,7 +47,7 @@ import asyncpg
 import grpc
 import redis.asyncio as redis
 
-from bench.guard import POSTGRES_DSN, Server, free_port
+from bench.guard import COMPILED_TREE, POSTGRES_DSN, Server, free_port
 from bench.guard_population import DAY, STRATEGIES, Event, Population
 from tether.clients.guard.client import BACKTEST_BATCH, backtest_event
 from tether.guard.v1 import messages_pb2 as pb
@@ -194,6 +194,20 @@ async def replay(server: Server, events: list[Event], limit: int) -> dict[str, A
     return result
 
 
+def _compiled_row(compiled: dict[str, Any], python: dict[str, Any]) -> str:
+    """The compiled core's replay at N = 3 beside the pure one's: its speed,
+    and that it decided the same (the same figures, to the event)."""
+    decided = ("false_refusal", "false_refusal_later", "catch", "strategies")
+    if any(compiled[key] != python[key] for key in decided):
+        raise AssertionError(f"the compiled core decided otherwise: {compiled} != {python}")
+    return (
+        f"  N = 3, guard core compiled (mypyc): {compiled['events_per_second']:,.0f} events/s, "
+        f"{compiled['events_per_cpu_second']:,.0f} per server CPU second "
+        f"({compiled['events_per_second'] / python['events_per_second']:.2f}x the pure "
+        "Python replay above), the same decisions"
+    )
+
+
 def _row(name: str, r: dict[str, Any]) -> str:
     strategies = " ".join(f"{s[:8]:>8}={v * 100:5.1f}" for s, v in r["strategies"].items())
     fr, catch = r["false_refusal"] * 100, r["catch"] * 100
@@ -229,6 +243,19 @@ async def run(seeds: list[int], limits: list[int], basic: bool, people: int) -> 
     # live default bound (0.25 s) is not what is measured here.
     os.environ.setdefault("TETHER_REDIS_TIMEOUT_SECONDS", "10")
     server = Server("tether", redis_url, data_dir, f"{base}/{database}")
+    # With TETHER_BENCH_COMPILED: a second server, its guard core compiled
+    # (scripts/build-compiled), replays each seed at N = 3 too; its
+    # decisions must be the same.
+    compiled: Server | None = None
+    if COMPILED_TREE:
+        await admin.execute(f'CREATE DATABASE "{database}_compiled"')
+        compiled = Server(
+            "tether",
+            redis_url,
+            data_dir,
+            f"{base}/{database}_compiled",
+            {"PYTHONPATH": COMPILED_TREE},
+        )
     results: dict[str, Any] = {"seeds": {}, "basic": basic, "people": people}
     try:
         for seed in seeds:
@@ -260,10 +287,15 @@ async def run(seeds: list[int], limits: list[int], basic: bool, people: int) -> 
                 for name in ("tether", "exact+ip", "before"):
                     print(_row(name, per_seed[str(limit)][name]))
                 sys.stdout.flush()
+            if compiled is not None and "3" in per_seed:
+                print(_compiled_row(await replay(compiled, events, 3), per_seed["3"]["tether"]))
             results["seeds"][str(seed)] = per_seed
     finally:
         await server.close()
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        if compiled is not None:
+            await compiled.close()
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}_compiled" WITH (FORCE)')
         await admin.close()
         redis_process.terminate()
         redis_process.wait(10)
