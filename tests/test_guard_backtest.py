@@ -194,52 +194,28 @@ async def test_the_summary_counts_false_refusals_and_caught_excess_by_group(
     any_server: RunningServer,
 ) -> None:
     guard = await guard_client(any_server)
-    farm = fingerprint(secrets.token_hex(4))
-    family = fingerprint(secrets.token_hex(4))
-    shared = fingerprint(secrets.token_hex(4))
+
+    def one_browser(
+        start: float, label: pb.Label.ValueType, actors: list[str], strategy: str
+    ) -> list[pb.BacktestEvent]:
+        """Registrations from one browser of its own, by these actors."""
+        browser = fingerprint(secrets.token_hex(4))
+        ip = f"10.202.0.{int(start) % 250 + 1}"
+        return [
+            event(start + i, f"{strategy}{i}", browser, ip, label=label, actor=a, strategy=strategy)
+            for i, a in enumerate(actors)
+        ]
+
     events = [
         # A farm of six accounts on one browser: four beyond the limit.
-        *(
-            event(
-                T0 + i,
-                f"f{i}",
-                farm,
-                "10.202.0.1",
-                label=pb.LABEL_ABUSIVE,
-                actor="farm-1",
-                strategy="plain",
-            )
-            for i in range(6)
-        ),
+        *one_browser(T0, pb.LABEL_ABUSIVE, ["farm-1"] * 6, "plain"),
         # Four people on one browser, each an actor of their own (the last
         # without an actor, which is one of its own): the third and fourth
         # are refused at limit 2, within their own limits.
-        *(
-            event(
-                T0 + 100 + i,
-                f"h{i}",
-                family,
-                "10.202.0.2",
-                label=pb.LABEL_LEGITIMATE,
-                actor=f"h{i}" if i < 3 else "",
-                strategy="strangers",
-            )
-            for i in range(4)
-        ),
+        *one_browser(T0 + 100, pb.LABEL_LEGITIMATE, ["h0", "h1", "h2", ""], "strangers"),
         # A household of three, one actor: one browser, so its third is
         # rightly refused (a false refusal, but not within its limit).
-        *(
-            event(
-                T0 + 200 + i,
-                f"g{i}",
-                shared,
-                "10.202.0.3",
-                label=pb.LABEL_LEGITIMATE,
-                actor="household-1",
-                strategy="household",
-            )
-            for i in range(3)
-        ),
+        *one_browser(T0 + 200, pb.LABEL_LEGITIMATE, ["household-1"] * 3, "household"),
     ]
     _, summary = await replay(
         guard, pb.Policy(service_id="summary", register_limit=2), events, group_by=("strategy",)
