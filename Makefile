@@ -25,12 +25,13 @@ node_modules/.installed: package.json package-lock.json
 run: $(BIN)/.installed
 	$(BIN)/tether-server serve
 
+# The whole suite, then the guard's tests again on the compiled identity core
+# that `make bench` measures and production can run (`make compiled`): the
+# same code must decide the same.
 test: $(BIN)/.installed node_modules/.installed
 	scripts/ensure-services
 	scripts/ensure-chromium
 	$(BIN)/pytest
-	# The guard's tests again, on the compiled identity core that `make bench`
-	# measures and production can run: the same code must decide the same.
 	$(BIN)/python scripts/build-compiled
 	PYTHONPATH=build/compiled $(BIN)/pytest -q -p no:cacheprovider tests/test_guard_*.py
 
