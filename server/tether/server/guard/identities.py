@@ -37,6 +37,7 @@ and link, so that it resolves to the same identity if it comes back.
 
 from __future__ import annotations
 
+import importlib.machinery
 import itertools
 import math
 import operator
@@ -138,8 +139,9 @@ _K = TypeVar("_K")
 
 
 def compiled() -> bool:
-    """Whether the book runs compiled by mypyc (scripts/build-compiled)."""
-    return not __file__.endswith(".py")
+    """Whether the book runs compiled by mypyc (scripts/build-compiled): it
+    was loaded from an extension module, not from source or bytecode."""
+    return __file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
 class LinkKind:
