@@ -187,6 +187,7 @@ class Backtest:
         # rightly refused.
         self._actors: dict[str, _Actor] = {}
         self._people: dict[str, _Actor] = {}
+        self._actors_by_label = {ABUSIVE: self._actors, LEGITIMATE: self._people}
         self.summary = Summary()
         self._started = time.perf_counter()
         self._pipelined = guard.counters.pipelined is not None
@@ -325,7 +326,7 @@ class Backtest:
                     counts.false_refusals_within_limit += 1
             elif event.label == ABUSIVE:
                 counts.abusive += 1
-        actors = {ABUSIVE: self._actors, LEGITIMATE: self._people}.get(event.label)
+        actors = self._actors_by_label.get(event.label)
         if actors is not None and event.actor:
             actor = actors.get(event.actor)
             if actor is None:

@@ -926,7 +926,6 @@ class IdentityBook:
         # candidates found through a value mostly showed it alone, so one
         # share serves many of them.
         shares: dict[tuple[_Tagged, ...], float] = {}
-        own_fonts = self._font_sets.share_of(hash(fp.fonts))
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -952,10 +951,7 @@ class IdentityBook:
                     share = shares[values] = self._values.share(values)
                 p *= share
             if fonts_near:
-                # Near one of its sets is as likely for a stranger as showing
-                # one of them, or, when this set is common (a phone model's
-                # defaults, which a farm's noise keeps near), showing this set.
-                p *= max(self._font_sets.share(map(hash, profile.font_sets)), own_fonts)
+                p *= self._fonts_near_share(fp, profile)
             expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
             # The prior can only raise it: asked of candidates still under the bound.
             if (
@@ -966,6 +962,14 @@ class IdentityBook:
                 changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
                 hits.append(_Candidate(expected, identity, LinkKind.PROFILE, changed))
         return hits
+
+    def _fonts_near_share(self, fp: Fingerprint, profile: _Profile) -> float:
+        """The chance a stranger's fonts are near one of the profile's sets:
+        that of showing one of them or, when the fingerprint's own set is
+        more common (a phone model's defaults, which a farm's noise keeps
+        near), that of showing its set."""
+        sets = self._font_sets
+        return max(sets.share(map(hash, profile.font_sets)), sets.share_of(hash(fp.fonts)))
 
     def _cycling_prior(self, identity: str, matched: list[int]) -> float:
         """How likely the identity is to show a fingerprint that changes the
