@@ -330,6 +330,20 @@ class Server:
         self.process.wait(10)
 
 
+async def compiled_server(
+    admin: asyncpg.Connection, base: str, database: str, redis_url: str, data_dir: str
+) -> Server | None:
+    """With TETHER_BENCH_COMPILED, a Tether server whose guard core is
+    compiled, on the database `<database>_compiled` (its own: servers
+    sharing one follow each other's records); else None."""
+    if not COMPILED_TREE:
+        return None
+    await admin.execute(f'CREATE DATABASE "{database}_compiled"')
+    return Server(
+        "tether", redis_url, data_dir, f"{base}/{database}_compiled", {"PYTHONPATH": COMPILED_TREE}
+    )
+
+
 def _request(seed: str, name: str, service: str = SERVICE) -> pb.EvaluateRequest:
     # Each person on a network of their own, as real visitors are.
     number = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=3).digest(), "big")
@@ -392,7 +406,6 @@ async def main() -> None:
         except (redis.ConnectionError, OSError):
             await asyncio.sleep(0.05)
     database = f"tether_bench_guard_{secrets.token_hex(4)}"
-    databases = [database]
     admin = await asyncpg.connect(POSTGRES_DSN)
     await admin.execute(f'CREATE DATABASE "{database}"')
     base = POSTGRES_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
@@ -401,23 +414,15 @@ async def main() -> None:
         "evalsha": Server("evalsha", redis_url, data_dir),
         "tether": Server("tether", redis_url, data_dir, f"{base}/{database}"),
     }
-    if COMPILED_TREE:
-        # Its own database: servers sharing one follow each other's records.
-        databases.append(f"{database}_compiled")
-        await admin.execute(f'CREATE DATABASE "{databases[-1]}"')
-        servers["compiled"] = Server(
-            "tether",
-            redis_url,
-            data_dir,
-            f"{base}/{databases[-1]}",
-            {"PYTHONPATH": COMPILED_TREE},
-        )
+    compiled = await compiled_server(admin, base, database, redis_url, data_dir)
+    if compiled is not None:
+        servers["compiled"] = compiled
     try:
         await _run(servers, client, redis_url, f"{base}/{database}")
     finally:
         for server in servers.values():
             await server.close()
-        for name in databases:
+        for name in (database, f"{database}_compiled"):
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
         await client.aclose()
@@ -446,9 +451,6 @@ async def _run(
     def constant(stub: Any) -> Callable[[int], Any]:
         return lambda i: stub.Evaluate(fixed)
 
-    def repeat(i: int) -> Any:
-        return tether.stub.Evaluate(pool[i % 256])
-
     # Each new call's request (a new browser and account) is built before
     # its slice is timed, as the baselines' and repeat's requests are: built
     # in the timed loop (~240 us of the client's CPU each, json_format), it
@@ -461,15 +463,14 @@ async def _run(
         for i in range(first, first + count):
             fresh[i] = _request(f"{run}-{i}", f"new{i}")
 
-    def new(i: int) -> Any:
-        return tether.stub.Evaluate(fresh[i])
-
     def on(server: Server) -> tuple[Callable[[int], Any], Callable[[int], Any]]:
-        """The repeat and new workloads, sent to another Tether server."""
+        """The repeat and new workloads, sent to a Tether server."""
         return (
             lambda i: server.stub.Evaluate(pool[i % 256]),
             lambda i: server.stub.Evaluate(fresh[i]),
         )
+
+    repeat, new = on(tether)
 
     results: dict[tuple[str, int], Result] = {}
     offset = 0

@@ -47,7 +47,7 @@ import asyncpg
 import grpc
 import redis.asyncio as redis
 
-from bench.guard import COMPILED_TREE, POSTGRES_DSN, Server, free_port
+from bench.guard import POSTGRES_DSN, Server, compiled_server, free_port
 from bench.guard_population import DAY, STRATEGIES, Event, Population
 from tether.clients.guard.client import BACKTEST_BATCH, backtest_event
 from tether.guard.v1 import messages_pb2 as pb
@@ -246,16 +246,7 @@ async def run(seeds: list[int], limits: list[int], basic: bool, people: int) -> 
     # With TETHER_BENCH_COMPILED: a second server, its guard core compiled
     # (scripts/build-compiled), replays each seed at N = 3 too; its
     # decisions must be the same.
-    compiled: Server | None = None
-    if COMPILED_TREE:
-        await admin.execute(f'CREATE DATABASE "{database}_compiled"')
-        compiled = Server(
-            "tether",
-            redis_url,
-            data_dir,
-            f"{base}/{database}_compiled",
-            {"PYTHONPATH": COMPILED_TREE},
-        )
+    compiled = await compiled_server(admin, base, database, redis_url, data_dir)
     results: dict[str, Any] = {"seeds": {}, "basic": basic, "people": people}
     try:
         for seed in seeds:
@@ -292,10 +283,10 @@ async def run(seeds: list[int], limits: list[int], basic: bool, people: int) -> 
             results["seeds"][str(seed)] = per_seed
     finally:
         await server.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         if compiled is not None:
             await compiled.close()
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}_compiled" WITH (FORCE)')
+        for name in (database, f"{database}_compiled"):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
         redis_process.terminate()
         redis_process.wait(10)
