@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bench import guard_quality
-from bench.guard_population import Event, Population
+from bench.guard_population import STRATEGIES, Event, Population, check_strategies
 from tether.server.guard import fingerprint, rules
 from tether.server.guard.identities import IdentityBook, LinkKind, Resolution
 from tether.server.shared.digests import Digester, DigestKey
@@ -146,7 +146,17 @@ def main() -> None:
     parser.add_argument("--basic", action="store_true")
     parser.add_argument("--detail", type=int, default=0, help="farms to list in detail")
     parser.add_argument("--strategy", default="", help="only list farms of this strategy")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(STRATEGIES),
+        help="the farmers' strategies (tricks may be joined with '+': resize+ip_proxy)",
+    )
     args = parser.parse_args()
+    try:
+        check_strategies(tuple(args.strategies))
+    except ValueError as exc:
+        parser.error(str(exc))
     for seed in args.seed:
         # As many farmers and households per person as the generator's defaults.
         default = Population(seed)
@@ -154,7 +164,12 @@ def main() -> None:
         farmers = args.farmers or max(1, round(default.farmers * scale))
         households = round(default.households * scale)
         events = Population(
-            seed, people=args.people, farmers=farmers, households=households, days=args.days
+            seed,
+            people=args.people,
+            farmers=farmers,
+            households=households,
+            days=args.days,
+            strategies=tuple(args.strategies),
         ).events()
         if args.basic:
             for event in events:
@@ -162,7 +177,11 @@ def main() -> None:
         began = time.perf_counter()
         rows = replay(events, args.limit)
         result = guard_quality.score([r.event for r in rows], (r.allowed for r in rows), args.limit)
-        per = " ".join(f"{s[:8]}={v * 100:.0f}" for s, v in result["strategies"].items())
+        # The default strategies' names cut to fit a line; others whole.
+        per = " ".join(
+            f"{s[:8] if s in STRATEGIES else s}={result['strategies'][s] * 100:.0f}"
+            for s in dict.fromkeys(args.strategies)
+        )
         print(
             f"seed {seed}: FR {result['false_refusal'] * 100:.2f}% "
             f"catch {result['catch'] * 100:.1f}% {per} ({time.perf_counter() - began:.0f} s)"

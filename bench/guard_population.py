@@ -27,7 +27,8 @@ What the world holds (sources in docs/guard.md):
   plain repeats, incognito windows, IP rotation through residential proxies
   or mobile data, browser updates, window resizing, language switching,
   font/plugin (and canvas) noise as anti-detect browsers do, and all
-  combined.
+  combined. `--strategies` replaces them, for a world the rules were not
+  made on: tricks joined with '+' (resize+ip_proxy) are played together.
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ STRATEGIES = (
     "font_noise",
     "combined",
 )
+# The tricks a strategy may join with "+" (a probe beyond the default
+# world: "resize+ip_proxy" resizes and takes a new proxy exit for every
+# account; "combined" is the anti-detect set-up described in _farmer).
+TRICKS = frozenset(STRATEGIES) - {"combined"}
+
+
+def check_strategies(strategies: tuple[str, ...]) -> None:
+    """Raises ValueError naming a strategy that is neither one of
+    STRATEGIES nor tricks joined with '+'."""
+    for strategy in strategies:
+        if strategy != "combined" and not set(strategy.split("+")) <= TRICKS:
+            raise ValueError(
+                f"unknown strategy {strategy!r}: one of {', '.join(STRATEGIES)}, "
+                "or tricks joined with '+' (resize+ip_proxy)"
+            )
+
 
 # --- markets: languages and time zones -------------------------------------
 MARKETS: dict[str, dict[str, Any]] = {
@@ -709,8 +726,11 @@ class Population:
     farmers: int = 300
     days: float = 30.0
     extras: bool | None = None
+    # The farmers' strategies, taken in turn.
+    strategies: tuple[str, ...] = STRATEGIES
 
     def events(self) -> list[Event]:
+        check_strategies(self.strategies)
         world = World.draw(self.seed, extras=self.extras)
         rng = random.Random(self.seed * 7919 + 1)
         networks = Networks(world, rng, round(self.people * world.mobile_share))
@@ -723,7 +743,7 @@ class Population:
         for p in range(self.people - household_accounts):
             events += self._person(world, networks, rng, f"person-{p}")
         for f in range(self.farmers):
-            strategy = STRATEGIES[f % len(STRATEGIES)]
+            strategy = self.strategies[f % len(self.strategies)]
             events += self._farmer(world, networks, rng, f"farm-{f}", strategy)
         events.sort(key=lambda e: e.time)
         for event in events:
@@ -787,7 +807,7 @@ class Population:
                 t += rng.expovariate(1 / gap)
             components = device.components(t, extras=world.extras)
             ip = session_ip
-            tricks = {strategy}
+            tricks = set(strategy.split("+"))
             if strategy == "combined":
                 # An anti-detect set-up: every account through a new exit
                 # (proxy or mobile data) with font and canvas noise, and a
@@ -871,10 +891,19 @@ def main() -> None:
     parser.add_argument("--out", default="-")
     parser.add_argument("--people", type=int, default=20_000)
     parser.add_argument("--extras", choices=["yes", "no", "world"], default="world")
+    parser.add_argument(
+        "--strategies", nargs="+", default=list(STRATEGIES), help="tricks may be joined with '+'"
+    )
     args = parser.parse_args()
+    try:
+        check_strategies(tuple(args.strategies))
+    except ValueError as exc:
+        parser.error(str(exc))
     extras = None if args.extras == "world" else args.extras == "yes"
     out = sys.stdout if args.out == "-" else open(args.out, "w")  # noqa: SIM115
-    for event in generate(args.seed, people=args.people, extras=extras):
+    for event in generate(
+        args.seed, people=args.people, extras=extras, strategies=tuple(args.strategies)
+    ):
         out.write(json.dumps(event.as_json()) + "\n")
 
 

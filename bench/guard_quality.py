@@ -97,7 +97,11 @@ def score(events: list[Event], allowed: Iterable[bool], limit: int) -> dict[str,
         verdicts.count(False) - min(verdicts.count(False), max(0, len(verdicts) - limit))
         for verdicts in people.values()
     )
+    # The default strategies always (a table's columns), then any other the
+    # population's farmers used.
     per: dict[str, list[int]] = {s: [0, 0] for s in STRATEGIES}
+    for strategy in strategy_of.values():
+        per.setdefault(strategy, [0, 0])
     for actor, verdicts in farms.items():
         excess = max(0, len(verdicts) - limit)
         caught = min(excess, verdicts.count(False))
