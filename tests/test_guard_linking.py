@@ -219,6 +219,63 @@ async def test_a_drifting_browser_rotating_networks_in_a_burst_is_linked(
     assert third.explanation.risk == 1
 
 
+async def test_a_common_desktop_resizing_behind_a_new_proxy_each_time_is_linked_by_its_burst(
+    any_server: RunningServer,
+) -> None:
+    """A farm on a common desktop configuration registers every 10 s with a
+    new window size, each time through a new proxy. A stranger every two
+    hours shares all of it but the window, so no single step is evidence (one
+    could follow within a minute), but several steps within a minute, each
+    from a network of its own, are: the burst joins them and the accounts
+    beyond N are refused. The configuration's strangers, hours apart,
+    stay apart, and so does one who comes half an hour after the burst.
+    (It holds with the peak factor anywhere from 1 to 16, and fails
+    without the burst.)"""
+    guard = await guard_client(any_server)
+    common = {
+        "os_name": "Windows",
+        "platform": "Win32",
+        "browser_version": "131.0.6778.86",
+        "fonts": [f"Windows Default {i}" for i in range(40)],
+        "timezone": "America/Chicago",
+        "extra": {"canvas": "windows-default"},
+    }
+    now = T0 + 1200 * 50
+    events = _background(1200, T0)
+    # A week of the configuration's owners, each on a screen of its own.
+    for i in range(80):
+        owner = fingerprint("win", screen_width=1200 + 4 * i, screen_height=700 + 2 * i, **common)
+        events.append(
+            timed_event(now - 160 * 3600 + i * 7200, f"win{i}", owner, f"10.5.{i}.{1 + i % 7}")
+        )
+    for j in range(6):
+        farm = fingerprint("win", screen_width=1000 + 10 * j, screen_height=600 + 10 * j, **common)
+        events.append(timed_event(now + 10 * j, f"farm{j}", farm, f"10.9.{j}.1"))
+    late = fingerprint("win", screen_width=1111, screen_height=777, **common)
+    events.append(timed_event(now + 1800, "late", late, "10.9.200.1"))
+    events.sort(key=lambda event: event.event_time.ToNanoseconds())
+    verdicts = await replay_verdicts(guard, 3, events)
+    owners = [
+        v
+        for e, v in zip(events, verdicts, strict=True)
+        if e.request.account.value.startswith("win")
+    ]
+    farm_verdicts, stranger = verdicts[-7:-1], verdicts[-1]
+    assert all(v.verdict == pb.VERDICT_ALLOW for v in owners)
+    assert len({v.identity for v in owners}) == len(owners)
+    assert [v.verdict for v in farm_verdicts] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 3
+    # The burst's link joins the farm's earlier identities (the later
+    # fingerprints may then match the identity's profile instead).
+    [burst, *_] = [v for v in farm_verdicts if pb.LINK_KIND_DRIFT_BURST in kinds(v)]
+    assert kinds(burst)[0] == pb.LINK_KIND_DRIFT_BURST
+    assert pb.LINK_KIND_MERGE in kinds(burst)
+    assert list(burst.explanation.links[0].changed) == ["screen"]
+    assert len({v.identity for v in farm_verdicts[2:]}) == 1
+    assert farm_verdicts[-1].explanation.scope == pb.SCOPE_BROWSER
+    assert stranger.verdict == pb.VERDICT_ALLOW
+    assert not stranger.explanation.links
+
+
 async def test_a_drift_on_another_network_a_week_later_is_not_linked(
     any_server: RunningServer,
 ) -> None:

@@ -11,7 +11,10 @@ unless the evidence ties it to one seen before:
   same, given how often that part is seen, that the expected number of
   strangers is below a bound. On the same home network
   the bound is generous; from another network only a short time later
-  (IP rotation) it is strict.
+  (IP rotation) it is strict, unless several fingerprints came through in
+  a burst, each from a network of its own and one group apart (a farm
+  resizing its window behind a new proxy for every account): strangers
+  would all have had to arrive so close together.
 - **profile**: several groups changed at once, but each new value is one
   this identity showed in the last hours (an anti-detect browser cycling
   its window sizes and languages, fonts with noise), and few strangers of
@@ -94,6 +97,11 @@ PROFILE_HOLDERS = 50
 # (fingerprint.FONTS_FEW), are one set with noise.
 FONTS_ALIKE = 0.8
 FONTS_NEAR = 0.85
+# A burst: fingerprints one group apart that came through a band from
+# other networks within this long. Its strangers are counted at twice the
+# band's mean rate, as the busiest hours of a day bring about that.
+BURST_WINDOW = HOUR
+BURST_PEAK = 2.0
 # At most this many groups may differ for a drift link (an update's
 # version and rendering counting as one).
 MAX_DRIFT_GROUPS = 2
@@ -868,6 +876,7 @@ class IdentityBook:
                 shares = self._shares(tagged)
             kept = math.prod(_KEPT_SHARES[out](shares))
             rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
+            self._burst(fp, members, out, rate=rate, t=t, network=network, best=best)
             # Even a member seen a minute ago on this network could not
             # justify a link: nothing in this band can.
             if rate * share_here / 60 > bound_here:
@@ -900,6 +909,64 @@ class IdentityBook:
                 kind = LinkKind.DRIFT_SAME_NETWORK if same else LinkKind.DRIFT_BURST
                 best[identity] = _Candidate(expected, identity, kind, _CHANGED[out])
         return list(best.values())
+
+    def _burst(
+        self,
+        fp: Fingerprint,
+        members: tuple[str, ...],
+        out: tuple[int, ...],
+        *,
+        rate: float,
+        t: float,
+        network: str,
+        best: dict[str, _Candidate],
+    ) -> None:
+        """Adds to `best` the identities of a burst in a band that leaves one
+        group out: k identities that came through it from other networks
+        since the oldest of them, within BURST_WINDOW. Were they and this
+        fingerprint strangers, k more arrivals would have followed the
+        first within that time, which a Poisson count at the band's peak
+        rate allows with a chance of at most arrivals^k / k!: that is the
+        expected strangers. (Only one group left out: the wider bands pool
+        more strangers than their rate shows, and a burst raises its error
+        to the k-th power.)"""
+        if len(out) > 1 or len(members) < 2:
+            return
+        known_of = self._known
+        recent = [
+            (earlier.last_seen, member)
+            for member in members
+            if (earlier := known_of[member]).last_network != network
+            and t - earlier.last_seen <= BURST_WINDOW
+        ]
+        if len(recent) < 2:
+            return
+        recent.sort(reverse=True)
+        per_second = BURST_PEAK * rate / HOUR
+        roots: set[str] = set()
+        burst: list[str] = []
+        for last_seen, member in recent:
+            root = self.find(member)
+            # A popular identity is several people: its visits are strangers'.
+            if self.popular(root):
+                continue
+            roots.add(root)
+            burst.append(member)
+            k = len(roots)
+            if k < 2:
+                continue
+            expected = (per_second * max(t - last_seen, 60.0)) ** k / math.factorial(k)
+            if expected > STRANGERS_OTHER_NETWORK:
+                continue
+            for joined in burst:
+                identity = self.find(joined)
+                known = best.get(identity)
+                if known is not None and expected >= known.expected:
+                    continue
+                if _can_drift(known_of[joined].fingerprint, fp, out):
+                    best[identity] = _Candidate(
+                        expected, identity, LinkKind.DRIFT_BURST, _CHANGED[out]
+                    )
 
     def _profile(self, fp: Fingerprint, tagged: tuple[_Tagged, ...], t: float) -> list[_Candidate]:
         """Every recently active identity of the same device whose profile
