@@ -276,6 +276,53 @@ async def test_a_common_desktop_resizing_behind_a_new_proxy_each_time_is_linked_
     assert not stranger.explanation.links
 
 
+async def test_an_anti_detect_farm_changing_every_group_behind_new_proxies_is_linked_by_device(
+    any_server: RunningServer,
+) -> None:
+    """A farm draws a new window size, a new language and a noise font for
+    every account, each through a new proxy: no band holds two of its
+    fingerprints, and none repeats a value. Only the device is left, and
+    a stranger with that device comes every few hours: four new browsers
+    of it within a minute, from four networks, are one farm, and the
+    accounts beyond N are refused. The device's strangers stay apart."""
+    guard = await guard_client(any_server)
+    device = {"os_name": "Windows", "platform": "Win32", "browser_name": "Firefox"}
+    fonts = [f"Windows Font {i}" for i in range(40)]
+    tongues = [["pl-PL"], ["tr-TR"], ["nl-NL"], ["sv-SE"], ["cs-CZ"], ["hu-HU"], ["ro-RO"]]
+    now = T0 + 1200 * 50
+    events = _background(1200, T0)
+    # A week of the device's owners, each a browser of its own.
+    for i in range(40):
+        owner = fingerprint(
+            "ff", fonts=[*fonts[:30], f"Own Font {i}"], screen_width=1300 + 8 * i, **device
+        )
+        events.append(
+            timed_event(now - 160 * 3600 + i * 14_400, f"ff{i}", owner, f"10.3.{i}.{1 + i % 5}")
+        )
+    for j in range(6):
+        farm = fingerprint(
+            "ff",
+            fonts=[*fonts, f"Noise {j}"],
+            screen_width=1000 + 12 * j,
+            screen_height=600 + 8 * j,
+            languages=tongues[j],
+            **device,
+        )
+        events.append(timed_event(now + 20 * j, f"farm{j}", farm, f"10.2.{j}.1"))
+    events.sort(key=lambda event: event.event_time.ToNanoseconds())
+    verdicts = await replay_verdicts(guard, 3, events)
+    owners = [
+        v for e, v in zip(events, verdicts, strict=True) if e.request.account.value.startswith("ff")
+    ]
+    farm_verdicts = verdicts[-6:]
+    assert all(v.verdict == pb.VERDICT_ALLOW for v in owners)
+    assert len({v.identity for v in owners}) == len(owners)
+    assert [v.verdict for v in farm_verdicts] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 3
+    assert kinds(farm_verdicts[3]) == [pb.LINK_KIND_DRIFT_BURST] + [pb.LINK_KIND_MERGE] * 2
+    assert set(farm_verdicts[3].explanation.links[0].changed) == {"screen", "language", "software"}
+    assert len({v.identity for v in farm_verdicts[3:]}) == 1
+
+
 async def test_a_drift_on_another_network_a_week_later_is_not_linked(
     any_server: RunningServer,
 ) -> None:

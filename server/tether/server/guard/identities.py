@@ -102,6 +102,10 @@ FONTS_NEAR = 0.85
 # band's mean rate, as the busiest hours of a day bring about that.
 BURST_WINDOW = HOUR
 BURST_PEAK = 2.0
+# A burst on a device (every drifting group may differ) needs at least this
+# many identities besides the new one: a device pools many more strangers
+# than a band, and it never joins fewer browsers than a limit of 3 allows.
+DEVICE_BURST = 3
 # At most this many groups may differ for a drift link (an update's
 # version and rendering counting as one).
 MAX_DRIFT_GROUPS = 2
@@ -482,6 +486,8 @@ class IdentityBook:
         candidates = self._drift(fp, bands, tagged, network=network, t=t, crowd=crowd)
         if self._values.total >= MIN_POPULATION:
             candidates += self._profile(fp, tagged, t)
+            if not candidates:
+                candidates = self._device_burst(fp, tagged, network, t)
         else:
             candidates = [c for c in candidates if c.kind == LinkKind.DRIFT_SAME_NETWORK]
         link: Link | None = None
@@ -968,6 +974,49 @@ class IdentityBook:
                         expected, identity, LinkKind.DRIFT_BURST, _CHANGED[out]
                     )
 
+    def _device_burst(
+        self, fp: Fingerprint, tagged: tuple[_Tagged, ...], network: str, t: float
+    ) -> list[_Candidate]:
+        """The identities of a burst on the device when nothing else links:
+        at least DEVICE_BURST identities of this device that started or
+        came back from other networks within BURST_WINDOW, each a browser
+        this one could have drifted from in every group (an anti-detect
+        browser drawing a new window, language and font noise behind a new
+        proxy for every account leaves only the device in common). Counted
+        as _burst counts a band's, at the device's rate of new fingerprints."""
+        active = self._active.get(fp.groups[DEVICE])
+        if not active or len(active) < DEVICE_BURST:
+            return []
+        rate = max(
+            self.device_rates.rate(fp.groups[DEVICE], t, RATE_EXCLUDE),
+            self._overall_rate(t) * self._values.share_of(tagged[DEVICE]),
+        )
+        per_second = BURST_PEAK * rate / HOUR
+        burst: list[tuple[str, Fingerprint]] = []
+        # Most recent first: `active` is kept in the order identities were seen.
+        for identity, last_seen in reversed(active.items()):
+            if t - last_seen > BURST_WINDOW:
+                break
+            known = self._known.get(identity)
+            if (
+                known is None
+                or known.last_network == network
+                or self.popular(identity)
+                or not _can_drift(known.fingerprint, fp, DRIFTING)
+            ):
+                continue
+            burst.append((identity, known.fingerprint))
+            k = len(burst)
+            if k < DEVICE_BURST:
+                continue
+            expected = (per_second * max(t - last_seen, 60.0)) ** k / math.factorial(k)
+            if expected <= STRANGERS_OTHER_NETWORK:
+                return [
+                    _Candidate(expected, identity, LinkKind.DRIFT_BURST, _changed(earlier, fp))
+                    for identity, earlier in burst
+                ]
+        return []
+
     def _profile(self, fp: Fingerprint, tagged: tuple[_Tagged, ...], t: float) -> list[_Candidate]:
         """Every recently active identity of the same device whose profile
         the fingerprint matches well enough."""
@@ -1196,6 +1245,11 @@ def _oldest_elsewhere(rate: float, t: float) -> float:
     if rate <= 0:
         return -math.inf
     return t - STRANGERS_OTHER_NETWORK / rate * HOUR * 1.000001 - 1.0
+
+
+def _changed(earlier: Fingerprint, fp: Fingerprint) -> tuple[str, ...]:
+    """The drifting groups in which `fp` differs from `earlier`."""
+    return tuple(GROUP_NAMES[g] for g in DRIFTING if fp.groups[g] != earlier.groups[g])
 
 
 def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> bool:
