@@ -14,7 +14,9 @@ unless the evidence ties it to one seen before:
   (IP rotation) it is strict, unless several fingerprints came through in
   a burst, each from a network of its own and one group apart (a farm
   resizing its window behind a new proxy for every account): strangers
-  would all have had to arrive so close together.
+  would all have had to arrive so close together. When nothing else
+  links, such a burst on the device alone does (a farm drawing every
+  drifting group anew for each account).
 - **profile**: several groups changed at once, but each new value is one
   this identity showed in the last hours (an anti-detect browser cycling
   its window sizes and languages, fonts with noise), and few strangers of
@@ -106,6 +108,10 @@ BURST_PEAK = 2.0
 # many identities besides the new one: a device pools many more strangers
 # than a band, and it never joins fewer browsers than a limit of 3 allows.
 DEVICE_BURST = 3
+# ... among the device's identities seen last, at most this many: a farm
+# drowned among more of the device's strangers within the hour is no burst
+# (and a busy device costs a first visit no more than a band).
+DEVICE_BURST_SCAN = 20
 # At most this many groups may differ for a drift link (an update's
 # version and rendering counting as one).
 MAX_DRIFT_GROUPS = 2
@@ -978,25 +984,47 @@ class IdentityBook:
         self, fp: Fingerprint, tagged: tuple[_Tagged, ...], network: str, t: float
     ) -> list[_Candidate]:
         """The identities of a burst on the device when nothing else links:
-        at least DEVICE_BURST identities of this device that started or
-        came back from other networks within BURST_WINDOW, each a browser
-        this one could have drifted from in every group (an anti-detect
-        browser drawing a new window, language and font noise behind a new
-        proxy for every account leaves only the device in common). Counted
-        as _burst counts a band's, at the device's rate of new fingerprints."""
-        active = self._active.get(fp.groups[DEVICE])
+        at least DEVICE_BURST identities of this device, among its
+        DEVICE_BURST_SCAN seen last and within BURST_WINDOW, from other
+        networks, each a browser this one could have drifted from in every
+        group (an anti-detect browser drawing a new window, language and
+        font noise behind a new proxy for every account leaves only the
+        device in common). Counted as _burst counts a band's, at the
+        device's rate of new fingerprints."""
+        device = fp.groups[DEVICE]
+        active = self._active.get(device)
         if not active or len(active) < DEVICE_BURST:
             return []
+        recent: list[tuple[str, float]] = []
+        # Most recent first: `active` is kept in the order identities were seen.
+        for identity, last_seen in itertools.islice(reversed(active.items()), DEVICE_BURST_SCAN):
+            if t - last_seen > BURST_WINDOW:
+                break
+            recent.append((identity, last_seen))
+        if len(recent) < DEVICE_BURST:
+            return []
         rate = max(
-            self.device_rates.rate(fp.groups[DEVICE], t, RATE_EXCLUDE),
+            self.device_rates.rate(device, t, RATE_EXCLUDE),
             self._overall_rate(t) * self._values.share_of(tagged[DEVICE]),
         )
         per_second = BURST_PEAK * rate / HOUR
+        # A busy device: not even all of them together would be a burst
+        # (most calls end here, before any fingerprint is compared). First
+        # with every window at its floor of a minute: x^k / k! is least at
+        # the smallest or the largest k.
+        least = per_second * 60.0
+        most = len(recent)
+        if (
+            least**DEVICE_BURST / math.factorial(DEVICE_BURST) > STRANGERS_OTHER_NETWORK
+            and least**most / math.factorial(most) > STRANGERS_OTHER_NETWORK
+        ) or all(
+            (per_second * max(t - last_seen, 60.0)) ** k / math.factorial(k)
+            > STRANGERS_OTHER_NETWORK
+            for k, (_, last_seen) in enumerate(recent[DEVICE_BURST - 1 :], DEVICE_BURST)
+        ):
+            return []
         burst: list[tuple[str, Fingerprint]] = []
-        # Most recent first: `active` is kept in the order identities were seen.
-        for identity, last_seen in reversed(active.items()):
-            if t - last_seen > BURST_WINDOW:
-                break
+        for identity, last_seen in recent:
             known = self._known.get(identity)
             if (
                 known is None
