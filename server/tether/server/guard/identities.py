@@ -967,7 +967,7 @@ class IdentityBook:
             k = len(roots)
             if k < 2:
                 continue
-            expected = (per_second * max(t - last_seen, 60.0)) ** k / math.factorial(k)
+            expected = _burst_chance(per_second * max(t - last_seen, 60.0), k)
             if expected > STRANGERS_OTHER_NETWORK:
                 continue
             for joined in burst:
@@ -1013,13 +1013,11 @@ class IdentityBook:
         # with every window at its floor of a minute: x^k / k! is least at
         # the smallest or the largest k.
         least = per_second * 60.0
-        most = len(recent)
         if (
-            least**DEVICE_BURST / math.factorial(DEVICE_BURST) > STRANGERS_OTHER_NETWORK
-            and least**most / math.factorial(most) > STRANGERS_OTHER_NETWORK
+            _burst_chance(least, DEVICE_BURST) > STRANGERS_OTHER_NETWORK
+            and _burst_chance(least, len(recent)) > STRANGERS_OTHER_NETWORK
         ) or all(
-            (per_second * max(t - last_seen, 60.0)) ** k / math.factorial(k)
-            > STRANGERS_OTHER_NETWORK
+            _burst_chance(per_second * max(t - last_seen, 60.0), k) > STRANGERS_OTHER_NETWORK
             for k, (_, last_seen) in enumerate(recent[DEVICE_BURST - 1 :], DEVICE_BURST)
         ):
             return []
@@ -1037,7 +1035,7 @@ class IdentityBook:
             k = len(burst)
             if k < DEVICE_BURST:
                 continue
-            expected = (per_second * max(t - last_seen, 60.0)) ** k / math.factorial(k)
+            expected = _burst_chance(per_second * max(t - last_seen, 60.0), k)
             if expected <= STRANGERS_OTHER_NETWORK:
                 return [
                     _Candidate(expected, identity, LinkKind.DRIFT_BURST, _changed(earlier, fp))
@@ -1273,6 +1271,12 @@ def _oldest_elsewhere(rate: float, t: float) -> float:
     if rate <= 0:
         return -math.inf
     return t - STRANGERS_OTHER_NETWORK / rate * HOUR * 1.000001 - 1.0
+
+
+def _burst_chance(arrivals: float, k: int) -> float:
+    """At most the chance of k or more arrivals where `arrivals` are
+    expected (a Poisson count's tail, bounded by its first term)."""
+    return arrivals**k / math.factorial(k)
 
 
 def _changed(earlier: Fingerprint, fp: Fingerprint) -> tuple[str, ...]:
