@@ -394,6 +394,72 @@ async def test_cli_backtests_a_file_of_events(pg_server: RunningServer, tmp_path
     assert [r["response"]["verdict"] for r in rows] == ["VERDICT_ALLOW"] * 2 + ["VERDICT_DENY"] * 2
 
 
+async def test_cli_says_where_to_read_why_events_were_rejected(
+    pg_server: RunningServer, tmp_path: Path
+) -> None:
+    """An event of another service than the policy's is bad input: counted
+    as rejected, not evaluated, and the command says where each reason is."""
+    token = await pg_server.credential("internal")
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=1)
+    browser = {
+        "browser_name": "Chrome",
+        "browser_version": "131.0",
+        "os_name": "Linux",
+        "screen_width": 1280,
+        "screen_height": 800,
+        "languages": ["en"],
+        "fonts": [secrets.token_hex(4)],
+    }
+    lines = [
+        {"account": "ok", "components": browser, "client_ip": "10.206.0.1", "event_time": T0},
+        {
+            "service_id": "another-service",
+            "account": "other",
+            "components": browser,
+            "client_ip": "10.206.0.1",
+            "event_time": T0 + 1,
+        },
+    ]
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+    async def run(*extra: str) -> tuple[int | None, bytes, bytes]:
+        process = await asyncio.create_subprocess_exec(
+            CLI,
+            "--address",
+            pg_server.address,
+            "--token",
+            token,
+            "guard",
+            "backtest",
+            str(events),
+            "--policy",
+            service,
+            *extra,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        return process.returncode, out, err
+
+    code, out, err = await run()
+    assert code == 0, err.decode()
+    summary = json.loads(out)
+    assert int(summary["rejected"]) == 1
+    assert int(summary["total"]["events"]) == 1
+    assert err.decode().splitlines() == [
+        "note: 1 of the events were rejected as bad input and not evaluated; "
+        "--verdicts FILE lists each one's reason"
+    ]
+    verdicts = tmp_path / "verdicts.jsonl"
+    code, out, err = await run("--verdicts", str(verdicts))
+    assert code == 0, err.decode()
+    assert f"see {verdicts}" in err.decode()
+    rows = [json.loads(line) for line in verdicts.read_text().splitlines()]
+    assert "not the policy's service" in rows[1]["errorMessage"]
+
+
 async def test_merging_events_in_a_window_decide_as_one_by_one(
     pg_server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -320,3 +320,12 @@ async def backtest(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
         raise CommandError(events.problem)
     if summary is not None:
         print_message(summary)
+        if summary.rejected:
+            # Bad events are counted, not evaluated: say where to read why
+            # (an event of another service than the policy's is one).
+            where = f"see {args.verdicts}" if args.verdicts else "--verdicts FILE lists"
+            print(
+                f"note: {summary.rejected} of the events were rejected as bad input and not "
+                f"evaluated; {where} each one's reason",
+                file=sys.stderr,
+            )
