@@ -106,7 +106,8 @@ BURST_WINDOW = HOUR
 BURST_PEAK = 2.0
 # A burst on a device (every drifting group may differ) needs at least this
 # many identities besides the new one: a device pools many more strangers
-# than a band, and it never joins fewer browsers than a limit of 3 allows.
+# than a band, and so a burst it links holds more browsers than a limit of
+# 3 admits (fewer could never refuse anyone there).
 DEVICE_BURST = 3
 # ... among the device's identities seen last, at most this many: a farm
 # drowned among more of the device's strangers within the hour is no burst
