@@ -336,11 +336,9 @@ async def test_a_backtest_needs_a_start_and_an_operator(any_server: RunningServe
     assert set(detail.violations) >= {"start.policy.service_id", "start.policy.register_limit"}
 
 
-async def test_cli_backtests_a_file_of_events(pg_server: RunningServer, tmp_path: Path) -> None:
-    token = await pg_server.credential("internal")
-    guard = await guard_client(pg_server)
-    service = await new_service(guard, register_limit=1)
-    browser = {
+def _cli_browser() -> dict[str, object]:
+    """The components of a browser of its own, as an events file holds them."""
+    return {
         "browser_name": "Chrome",
         "browser_version": "131.0",
         "os_name": "Linux",
@@ -349,7 +347,36 @@ async def test_cli_backtests_a_file_of_events(pg_server: RunningServer, tmp_path
         "languages": ["en"],
         "fonts": [secrets.token_hex(4)],
     }
-    lines = [
+
+
+async def _cli_backtest(
+    server: RunningServer, lines: list[dict[str, object]], tmp_path: Path, *args: str
+) -> tuple[int | None, bytes, bytes]:
+    """`tether-internal guard backtest` of these events: exit status, stdout, stderr."""
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    process = await asyncio.create_subprocess_exec(
+        CLI,
+        "--address",
+        server.address,
+        "--token",
+        await server.credential("internal"),
+        "guard",
+        "backtest",
+        str(events),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return process.returncode, out, err
+
+
+async def test_cli_backtests_a_file_of_events(pg_server: RunningServer, tmp_path: Path) -> None:
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=1)
+    browser = _cli_browser()
+    lines: list[dict[str, object]] = [
         {
             "account": f"c{i}",
             "components": browser,
@@ -361,18 +388,11 @@ async def test_cli_backtests_a_file_of_events(pg_server: RunningServer, tmp_path
         }
         for i in range(4)
     ]
-    events = tmp_path / "events.jsonl"
-    events.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     verdicts = tmp_path / "verdicts.jsonl"
-    process = await asyncio.create_subprocess_exec(
-        CLI,
-        "--address",
-        pg_server.address,
-        "--token",
-        token,
-        "guard",
-        "backtest",
-        str(events),
+    code, out, err = await _cli_backtest(
+        pg_server,
+        lines,
+        tmp_path,
         "--policy",
         service,
         "--register-limit",
@@ -381,11 +401,8 @@ async def test_cli_backtests_a_file_of_events(pg_server: RunningServer, tmp_path
         "strategy",
         "--verdicts",
         str(verdicts),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await process.communicate()
-    assert process.returncode == 0, out.decode()
+    assert code == 0, err.decode()
     summary = json.loads(out)
     # The live policy's limit (1), overridden by --register-limit 2.
     assert summary["total"]["refused"] == "2" or summary["total"]["refused"] == 2
@@ -399,19 +416,10 @@ async def test_cli_says_where_to_read_why_events_were_rejected(
 ) -> None:
     """An event of another service than the policy's is bad input: counted
     as rejected, not evaluated, and the command says where each reason is."""
-    token = await pg_server.credential("internal")
     guard = await guard_client(pg_server)
     service = await new_service(guard, register_limit=1)
-    browser = {
-        "browser_name": "Chrome",
-        "browser_version": "131.0",
-        "os_name": "Linux",
-        "screen_width": 1280,
-        "screen_height": 800,
-        "languages": ["en"],
-        "fonts": [secrets.token_hex(4)],
-    }
-    lines = [
+    browser = _cli_browser()
+    lines: list[dict[str, object]] = [
         {"account": "ok", "components": browser, "client_ip": "10.206.0.1", "event_time": T0},
         {
             "service_id": "another-service",
@@ -421,29 +429,7 @@ async def test_cli_says_where_to_read_why_events_were_rejected(
             "event_time": T0 + 1,
         },
     ]
-    events = tmp_path / "events.jsonl"
-    events.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-
-    async def run(*extra: str) -> tuple[int | None, bytes, bytes]:
-        process = await asyncio.create_subprocess_exec(
-            CLI,
-            "--address",
-            pg_server.address,
-            "--token",
-            token,
-            "guard",
-            "backtest",
-            str(events),
-            "--policy",
-            service,
-            *extra,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await process.communicate()
-        return process.returncode, out, err
-
-    code, out, err = await run()
+    code, out, err = await _cli_backtest(pg_server, lines, tmp_path, "--policy", service)
     assert code == 0, err.decode()
     summary = json.loads(out)
     assert int(summary["rejected"]) == 1
@@ -453,7 +439,9 @@ async def test_cli_says_where_to_read_why_events_were_rejected(
         "--verdicts FILE lists each one's reason"
     ]
     verdicts = tmp_path / "verdicts.jsonl"
-    code, out, err = await run("--verdicts", str(verdicts))
+    code, out, err = await _cli_backtest(
+        pg_server, lines, tmp_path, "--policy", service, "--verdicts", str(verdicts)
+    )
     assert code == 0, err.decode()
     assert f"see {verdicts}" in err.decode()
     rows = [json.loads(line) for line in verdicts.read_text().splitlines()]
