@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from bench import guard_quality
 from bench.guard_population import STRATEGIES, Event, Population, check_strategies
 from tether.server.guard import fingerprint, rules
-from tether.server.guard.identities import IdentityBook, LinkKind, Resolution
+from tether.server.guard.identities import (
+    FARM_RETURN_ACCOUNTS,
+    JOINING,
+    YOUNG,
+    IdentityBook,
+    Resolution,
+)
 from tether.server.shared.digests import Digester, DigestKey
 
 ROTATION_MS = rules.ROTATION_WINDOW * 1000
@@ -124,6 +130,8 @@ def replay(events: list[Event], limit: int) -> list[Row]:
             net = digester.digest("guard-network", fingerprint.network(event.client_ip))[:8].hex()
             networks[event.client_ip] = net
         res = book.resolve(fp, net, event.time)
+        if not (res.new and res.identity == res.fingerprint):
+            res = _farm_return(book, counting, res, fp, event.time)
         for gone in res.merged:
             counting.move(gone, res.identity)
         inputs = rules.inputs(
@@ -132,6 +140,29 @@ def replay(events: list[Event], limit: int) -> list[Row]:
         ok, why = counting.evaluate(res.identity, event.account, limit, event.time, net, inputs)
         rows.append(Row(event, ok, why, res, inputs, net))
     return rows
+
+
+def _farm_return(
+    book: IdentityBook, counting: Counting, res: Resolution, fp: fingerprint.Fingerprint, t: float
+) -> Resolution:
+    """Decider.farm_return, on the mirror's counts."""
+    candidates = book.farm_return_candidates(fp, res.identity, t)
+    if not candidates:
+        return res
+    young = counting.keys.get(res.identity)
+    recent = sum(a >= t - YOUNG for a, _ in young.accounts.values()) if young else 0
+    if recent < FARM_RETURN_ACCOUNTS - 1:
+        return res
+    for farm in candidates:
+        key = counting.keys.get(farm)
+        if key is not None and key.farmed and book.join_return(farm, res.identity, t):
+            link = book.merge_link(res.identity)
+            return res._replace(
+                identity=book.find(res.identity),
+                links=res.links + ((link,) if link is not None else ()),
+                merged=(*res.merged, res.identity),
+            )
+    return res
 
 
 def main() -> None:
@@ -271,10 +302,8 @@ def link_precision(rows: list[Row]) -> dict[str, tuple[int, int, float]]:
             if key in judged:
                 continue
             judged.add(key)
-            if link.kind == LinkKind.MERGE:
-                near = presenters(members[link.source])
-            else:
-                near = actors[link.source]
+            # A join's source is an identity: any of its fingerprints.
+            near = presenters(members[link.source]) if link.kind in JOINING else actors[link.source]
             far = presenters(members[link.target], besides=link.source)
             made[link.kind] += 1
             right[link.kind] += bool(near & far)

@@ -11,13 +11,23 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
+import time
 
 import pytest
 
-from tests.guard_support import fingerprint, guard_client, new_service, replay_verdicts, timed_event
+from tests.guard_support import (
+    fingerprint,
+    guard_client,
+    guard_of,
+    new_service,
+    replay_verdicts,
+    timed_event,
+)
 from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.guard import identity_record
+from tether.server.guard.identities import IdentityBook
 
 
 def fresh_network() -> str:
@@ -800,3 +810,103 @@ async def test_a_farms_mark_reaches_other_networks_unless_strangers_share_its_fi
         assert last.verdict == pb.VERDICT_DENY
         assert last.explanation.scope == pb.SCOPE_BROWSER
         assert last.explanation.scope_count == 3
+
+
+def _farm_session_then_return(
+    seed: str, farmed: bool, returning: int = 4
+) -> list[pb.BacktestEvent]:
+    """A farm on a rare desktop signs up from its home network (five
+    accounts: refused beyond the limit, so marked farmed; or three: never
+    refused), and three days later, its browser updated, from a network it
+    never used, signs up again every minute."""
+    rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
+    now = T0 + 1200 * 50
+    first = [
+        timed_event(now + 60 * i, f"s{i}", desktop(seed, browser_version="131.0.88", **rare),
+                    "10.11.0.1")
+        for i in range(5 if farmed else 3)
+    ]  # fmt: skip
+    back = now + 3 * 24 * HOUR
+    later = [
+        timed_event(back + 60 * i, f"r{i}", desktop(seed, browser_version="131.0.97", **rare),
+                    "10.11.1.1")
+        for i in range(returning)
+    ]  # fmt: skip
+    return _background(1200, T0) + first + later
+
+
+async def test_a_farm_back_days_later_after_an_update_is_joined_at_its_third_account(
+    any_server: RunningServer,
+) -> None:
+    """Days later from another network, an updated browser is a stranger as
+    far as its components go (one like it could come in three days). But
+    a new browser signing up its third account within its first hour is
+    farming, and one that differs only by its update from a browser
+    refused for farming is that farm back: the third is refused, counted
+    with the farm's accounts, and the link says why. A browser that never
+    farmed gets the same three accounts back (no mark, no join)."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    events = _farm_session_then_return(seed, farmed=True)
+    verdicts = await replay_verdicts(guard, 3, events)
+    session, back = verdicts[-9:-4], verdicts[-4:]
+    assert [v.verdict for v in session] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 2
+    farm = session[0].identity
+    # Nothing links the update across networks three days on...
+    assert back[0].identity != farm
+    assert not back[0].explanation.links
+    assert back[1].identity == back[0].identity
+    # ... until the new browser signs up its third account within the hour.
+    assert [v.verdict for v in back] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY] * 2
+    third = back[2]
+    assert third.identity == farm
+    [link] = [link for link in third.explanation.links if link.kind == pb.LINK_KIND_FARM_RETURN]
+    assert (getattr(link, "from"), link.to) == (back[0].identity, farm)
+    assert link.confidence == pytest.approx(0.9)
+    assert third.explanation.scope == pb.SCOPE_BROWSER
+    assert back[3].identity == farm
+
+    seed = secrets.token_hex(4)
+    calm = (await replay_verdicts(guard, 3, _farm_session_then_return(seed, farmed=False)))[-7:]
+    assert all(v.verdict == pb.VERDICT_ALLOW for v in calm[:3])
+    assert [v.verdict for v in calm[3:]] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY]
+    assert calm[3].identity != calm[0].identity
+    assert all(pb.LINK_KIND_FARM_RETURN not in kinds(v) for v in calm)
+
+
+async def test_a_farm_back_from_another_network_is_refused_live(
+    any_server: RunningServer,
+) -> None:
+    """The same through Evaluate: a browser refused for farming on one
+    network comes back updated from another and signs up again. However
+    the server's book links it (a drift across networks when it has seen
+    enough browsers to know this one is rare, else the farm's return at
+    the third account), no more than two accounts get in, and they count
+    with the farm's."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    seed = secrets.token_hex(4)
+    rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
+    home, elsewhere = fresh_network(), fresh_network()
+    first = desktop(seed, browser_version="131.0.88", **rare)
+    session = [
+        await guard.evaluate(service, "register", account(f"s{i}"), first, home) for i in range(5)
+    ]
+    assert [v.verdict for v in session] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 2
+    updated = desktop(seed, browser_version="131.0.97", **rare)
+    back = [
+        await guard.evaluate(service, "register", account(f"r{i}"), updated, elsewhere)
+        for i in range(4)
+    ]
+    assert sum(v.verdict == pb.VERDICT_ALLOW for v in back) <= 2
+    assert back[-1].identity == session[0].identity
+    if back[0].explanation.links:
+        return
+    assert pb.LINK_KIND_FARM_RETURN in kinds(back[2])
+    # Recorded like any join: a book rebuilt from SQL (a restart, a
+    # replica) joins them too.
+    live = guard_of(any_server)
+    await live.recorder.flush()
+    book = IdentityBook()
+    await identity_record.load(live.db, book, time.time())
+    assert book.find(back[0].identity) == session[0].identity

@@ -231,6 +231,12 @@ class _LinkKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LinkKind.Val
     """Two identities were joined because one fingerprint linked to both."""
     LINK_KIND_OPERATOR_MERGE: _LinkKind.ValueType  # 5
     """An operator joined the identities (MergeIdentities)."""
+    LINK_KIND_FARM_RETURN: _LinkKind.ValueType  # 6
+    """A new browser signing up account after account within its first hour
+    shares the components of one already refused for farming, but for an
+    update, a window, a language or a few fonts: the farm came back, and
+    the accounts of both count together.
+    """
 
 class LinkKind(_LinkKind, metaclass=_LinkKindEnumTypeWrapper):
     """How one fingerprint came to count against an identity."""
@@ -254,6 +260,12 @@ LINK_KIND_MERGE: LinkKind.ValueType  # 4
 """Two identities were joined because one fingerprint linked to both."""
 LINK_KIND_OPERATOR_MERGE: LinkKind.ValueType  # 5
 """An operator joined the identities (MergeIdentities)."""
+LINK_KIND_FARM_RETURN: LinkKind.ValueType  # 6
+"""A new browser signing up account after account within its first hour
+shares the components of one already refused for farming, but for an
+update, a window, a language or a few fonts: the farm came back, and
+the accounts of both count together.
+"""
 Global___LinkKind: _TypeAlias = LinkKind  # noqa: Y015
 
 class _Scope:

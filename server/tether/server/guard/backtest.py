@@ -217,9 +217,17 @@ class Backtest:
         decider = self._decider
         resolution = decider.resolve(checked, event.time)
         done: list[tuple[int, Verdict | str]] = []
+        now_ms = int(event.time * 1000)
+        candidates = decider.farm_candidates(checked, resolution, event.time)
+        if candidates:
+            # It reads counts: everything sent before must be done.
+            done = await self._drain()
+            resolution = await decider.farm_return(
+                checked, resolution, candidates, event.time, now_ms
+            )
         if resolution.merged:
             # Moving counts reads keys: everything sent before must be done.
-            done = await self._drain()
+            done += await self._drain()
             self._keys.update(
                 await decider.move_counts(
                     resolution.merged,
@@ -234,7 +242,6 @@ class Backtest:
         prepared = decider.prepare(checked, resolution, self.policy, event.time)
         self._keys.add(prepared.key)
         self._keys.update(keys.spills(prepared.key, prepared.field))
-        now_ms = int(event.time * 1000)
         if self._pipelined:
             # Sent now, in order; read when the window drains. Without a
             # single pipelined connection open, a task per call does the same.

@@ -21,7 +21,14 @@ from tether.server.guard.counters import (
     evaluation,
 )
 from tether.server.guard.fingerprint import Fingerprint, remember
-from tether.server.guard.identities import POPULAR_EPISODES, IdentityBook, Link, Resolution
+from tether.server.guard.identities import (
+    FARM_RETURN_ACCOUNTS,
+    POPULAR_EPISODES,
+    YOUNG,
+    IdentityBook,
+    Link,
+    Resolution,
+)
 from tether.server.guard.policies import Policy
 
 ACTIONS = ("register", "login", "collaborate")
@@ -113,6 +120,50 @@ class Decider:
 
     def resolve(self, call: Checked, t: float) -> Resolution:
         return self.book.resolve(call.fingerprint, call.network, t)
+
+    def farm_candidates(self, call: Checked, resolution: Resolution, t: float) -> list[str]:
+        """The identities a registration's identity may be the return of
+        (IdentityBook.farm_return_candidates): asked only of a registration
+        whose identity was there before this call (a first fingerprint of
+        its own has counted nothing yet). Pure: no Redis."""
+        if call.action != "register" or (
+            resolution.new and resolution.identity == resolution.fingerprint
+        ):
+            return []
+        return self.book.farm_return_candidates(call.fingerprint, resolution.identity, t)
+
+    async def farm_return(
+        self,
+        call: Checked,
+        resolution: Resolution,
+        candidates: list[str],
+        t: float,
+        now_ms: int = 0,
+    ) -> Resolution:
+        """A young identity about to count its FARM_RETURN_ACCOUNTS-th
+        registration within YOUNG is joined into the first of `candidates`
+        marked farmed on this service: the resolution then counts against
+        the farm, with the young identity among those merged (its counts
+        move). Otherwise the resolution as it was."""
+        young = resolution.identity
+        entries, _ = await self.counters.entries(
+            self.key(call.service_id, call.action, "", young), keys.field(young, "")
+        )
+        since = (now_ms or int(t * 1000)) - int(YOUNG * 1000)
+        if sum(entry.admitted_ms >= since for entry in entries) < FARM_RETURN_ACCOUNTS - 1:
+            return resolution
+        for farm in candidates:
+            _, farmed = await self.counters.entries(
+                self.key(call.service_id, call.action, "", farm), keys.field(farm, "")
+            )
+            if farmed and self.book.join_return(farm, young, t):
+                link = self.book.merge_link(young)
+                return resolution._replace(
+                    identity=self.book.find(young),
+                    links=resolution.links + ((link,) if link is not None else ()),
+                    merged=(*resolution.merged, young),
+                )
+        return resolution
 
     def prepare(self, call: Checked, resolution: Resolution, policy: Policy, t: float) -> Prepared:
         """The counting script's arguments for a resolved call, from the

@@ -27,6 +27,10 @@ unless the evidence ties it to one seen before:
   drifts on its own network (as few new browsers do) with an older one it
   matches, the more readily if that one cycled the same way when young (a
   browser back after an update: the return of a farm).
+- **farm return**: a young identity about to count its third registration
+  within its first hour joins an older identity marked farmed that it
+  could have drifted from (the book names the candidates; the counters,
+  which hold the registrations and the marks, decide: Decider.farm_return).
 
 Linking never joins identities that look like many people (a popular
 phone model with default settings): their matches prove nothing. How many
@@ -113,6 +117,19 @@ DEVICE_BURST = 3
 # drowned among more of the device's strangers within the hour is no burst
 # (and a busy device costs a first visit no more than a band).
 DEVICE_BURST_SCAN = 20
+# A farm's return: a young identity that registers its FARM_RETURN_ACCOUNTS-th
+# account within YOUNG of its start is farming (a household of that many
+# signing up within its first hour is rare), and if it shares a band with an
+# identity already marked farmed (refused for exceeding a limit), it is that
+# farm back (a later session, after an update, from another network): the
+# accounts of both count together. At most FARM_RETURN_SCAN older
+# identities are asked, those seen last first. Its confidence is not a
+# stranger estimate (it rests on behaviour, not on how rare the match is):
+# it is fixed below every estimated link's, and docs/guard.md gives how
+# often such links were right.
+FARM_RETURN_ACCOUNTS = 3
+FARM_RETURN_SCAN = 8
+FARM_RETURN_CONFIDENCE = 0.9
 # At most this many groups may differ for a drift link (an update's
 # version and rendering counting as one).
 MAX_DRIFT_GROUPS = 2
@@ -169,6 +186,11 @@ class LinkKind:
     PROFILE: Final = "profile"
     MERGE: Final = "merge"
     OPERATOR_MERGE: Final = "operator_merge"
+    FARM_RETURN: Final = "farm_return"
+
+
+# The kinds that join two identities (the others tie a fingerprint to one).
+JOINING = frozenset({LinkKind.MERGE, LinkKind.OPERATOR_MERGE, LinkKind.FARM_RETURN})
 
 
 class Link(NamedTuple):
@@ -1126,6 +1148,45 @@ class IdentityBook:
         # None left (its profile outlived an unlinked fingerprint): no change to start.
         return self._drift_share(unmatched) if unmatched else 1.0
 
+    # --- a farm's return ------------------------------------------------
+    def farm_return_candidates(self, fp: Fingerprint, identity: str, t: float) -> list[str]:
+        """The older identities a young identity, now showing `fp`, could be
+        the return of: those sharing one of its bands, whose fingerprint
+        there it could have drifted from (an update, another window or
+        language, a few fonts), seen last first; none when the identity
+        is not young or looks like many people. Whether one of them was
+        farmed, and whether this one farms, is the counters' to say
+        (Decider.farm_return)."""
+        if not self._young(identity, t) or self.popular(identity):
+            return []
+        started = self._known[identity].first_seen
+        found: dict[str, float] = {}
+        for band in _bands(fp):
+            members = self._bands.get(band)
+            if not members:
+                continue
+            out = _LEFT_OUT[band[0]]
+            owner = self._owner(band, members, identity)
+            for member in members:
+                root = self.find(member)
+                if root == identity or root in found or root != owner:
+                    continue
+                earlier = self._known[member]
+                first = self._known.get(root)
+                if (
+                    (first is not None and first.first_seen >= started)
+                    or self.popular(root)
+                    or not _can_drift(earlier.fingerprint, fp, out)
+                ):
+                    continue
+                found[root] = earlier.last_seen
+        ordered = sorted(found, key=found.__getitem__, reverse=True)
+        return ordered[:FARM_RETURN_SCAN]
+
+    def join_return(self, farm: str, young: str, t: float) -> bool:
+        """Joins a young identity into the farm it is the return of."""
+        return self._join(farm, young, LinkKind.FARM_RETURN, FARM_RETURN_CONFIDENCE, t)
+
     # --- joining and splitting -----------------------------------------
     def _join(self, keep: str, gone: str, kind: str, confidence: float, t: float) -> bool:
         keep, gone = self.find(keep), self.find(gone)
@@ -1214,7 +1275,7 @@ class IdentityBook:
 
     def restore_link(self, link: Link) -> None:
         """A link or merge from the durable record (at start), in order."""
-        if link.kind in (LinkKind.MERGE, LinkKind.OPERATOR_MERGE):
+        if link.kind in JOINING:
             self._join(link.target, link.source, link.kind, link.confidence, link.time)
             return
         known: _Known | _Forgotten | None = self._known.get(link.source)

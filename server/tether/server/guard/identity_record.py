@@ -20,7 +20,7 @@ from sqlalchemy import delete, select
 
 from tether.server import logs
 from tether.server.guard.fingerprint import Fingerprint
-from tether.server.guard.identities import HORIZON, IdentityBook, Link, LinkKind
+from tether.server.guard.identities import HORIZON, JOINING, IdentityBook, Link, LinkKind
 from tether.server.guard.recorder import Change
 from tether.server.guard.signals import HOUR
 from tether.server.guard.tables import GuardFingerprint, GuardLinkRecord, GuardSighting
@@ -364,7 +364,7 @@ def _here_already(book: IdentityBook, record: GuardLinkRecord) -> bool:
     """Whether the book has the record already, or decided otherwise: a
     fingerprint's link applies only to a fingerprint that stands alone here."""
     source = record.source
-    merge = record.kind in (LinkKind.MERGE, LinkKind.OPERATOR_MERGE)
+    merge = record.kind in JOINING
     if not (merge or book.knows(source)):
         return True
     alone = book.find(source) == source and book.members(source) == [source]

@@ -321,6 +321,12 @@ class Guard:
         policy = await self.policies.get(call.service_id)
         t = self.clock()
         resolution = self.decider.resolve(checked, t)
+        candidates = self.decider.farm_candidates(checked, resolution, t)
+        if candidates:
+            # Without Redis no farm can be told: the call is decided (or
+            # fails) as any other below.
+            with contextlib.suppress(CountersDown):
+                resolution = await self.decider.farm_return(checked, resolution, candidates, t)
         identity = resolution.identity
         change = self._learned(checked, resolution, t)
         if self._linked.first((call.service_id, identity, account.digest, action), t):
