@@ -27,7 +27,7 @@ from tether.server.counters.connection import KEY_PREFIX
 from tether.server.guard import keys, policies
 from tether.server.guard.counters import Sent
 from tether.server.guard.decide import Checked, Decider, Decision, Prepared, limit_and_life
-from tether.server.guard.identities import IdentityBook, Resolution
+from tether.server.guard.identities import FARM_RETURN_ACCOUNTS, YOUNG, IdentityBook, Resolution
 from tether.server.guard.policies import Policy
 from tether.server.guard.service import Action, EvaluateCall, Guard, Validator, Verdict, verdict_of
 from tether.server.transport import request_check
@@ -154,6 +154,27 @@ class _FewerFullCollections:
             gc.set_threshold(*cls.saved)
 
 
+class _RecentRegistrations:
+    """The registrations a run sent per identity, the last few: fewer than
+    Decider.farm_return needs admitted within YOUNG means it cannot join,
+    so the run's window need not be drained to ask the counters. (A run
+    sees every event, so the count is never short.)"""
+
+    def __init__(self) -> None:
+        # Tuples of the last FARM_RETURN_ACCOUNTS - 1 times (no object per
+        # identity for the collector to walk).
+        self._times: dict[str, tuple[float, ...]] = {}
+
+    def add(self, identity: str, t: float) -> None:
+        kept = FARM_RETURN_ACCOUNTS - 1
+        self._times[identity] = (*self._times.get(identity, ())[1 - kept :], t)
+
+    def lately(self, identity: str, t: float) -> bool:
+        """Whether enough were sent within YOUNG for a join."""
+        times = self._times.get(identity, ())
+        return len(times) == FARM_RETURN_ACCOUNTS - 1 and t - times[0] <= YOUNG
+
+
 # An event whose script was sent: (index, action, event, call, resolution,
 # arguments, the reply to read or the task reading it).
 _InFlight = tuple[
@@ -180,6 +201,7 @@ class Backtest:
         self._decider = Decider(book, guard.counters, guard.bucket_bits, self._scope)
         self._validator = Validator(guard.validator.digester)
         self._keys: set[str] = set()
+        self._registrations = _RecentRegistrations()
         self._last_time = float("-inf")
         self._in_flight: list[_InFlight] = []
         # Actors of labelled events: farms (abusive) and people or
@@ -218,13 +240,19 @@ class Backtest:
         resolution = decider.resolve(checked, event.time)
         done: list[tuple[int, Verdict | str]] = []
         now_ms = int(event.time * 1000)
-        candidates = decider.farm_candidates(checked, resolution, event.time)
+        candidates = (
+            decider.farm_candidates(checked, resolution, event.time)
+            if self._registrations.lately(resolution.identity, event.time)
+            else []
+        )
         if candidates:
             # It reads counts: everything sent before must be done.
             done = await self._drain()
             resolution = await decider.farm_return(
                 checked, resolution, candidates, event.time, now_ms
             )
+        if action is Action.REGISTER:
+            self._registrations.add(resolution.identity, event.time)
         if resolution.merged:
             # Moving counts reads keys: everything sent before must be done.
             done += await self._drain()

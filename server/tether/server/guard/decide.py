@@ -35,6 +35,8 @@ ACTIONS = ("register", "login", "collaborate")
 # Explanations kept (and their messages, convert.py): the returning browsers
 # of the last while, at about a kilobyte each.
 EXPLANATIONS_KEPT = 10_000
+# Young identities farm_return remembers having asked about.
+FARMS_ASKED_KEPT = 10_000
 _VELOCITY_NAMES = ("velocity_10m", "velocity_1h", "velocity_6h", "velocity_24h")
 
 
@@ -112,6 +114,9 @@ class Decider:
         # Explanations by what they are made of: a returning browser's
         # calls repeat theirs.
         self._explanations: dict[tuple[object, ...], Explanation] = {}
+        # Young identities whose farm candidates were asked and found not
+        # farmed, with those candidates (farm_return).
+        self._farms_asked: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def key(self, service_id: str, action: str, room_id: str, identity: str) -> str:
         return keys.counted(
@@ -146,6 +151,11 @@ class Decider:
         the farm, with the young identity among those merged (its counts
         move). Otherwise the resolution as it was."""
         young = resolution.identity
+        asked = (call.service_id, young)
+        if self._farms_asked.get(asked) == tuple(candidates):
+            # None of them was farmed a moment ago (a farm's session asks
+            # at every account from its third on).
+            return resolution
         entries, _ = await self.counters.entries(
             self.key(call.service_id, call.action, "", young), keys.field(young, "")
         )
@@ -163,6 +173,7 @@ class Decider:
                     links=resolution.links + ((link,) if link is not None else ()),
                     merged=(*resolution.merged, young),
                 )
+        remember(self._farms_asked, asked, tuple(candidates), FARMS_ASKED_KEPT)
         return resolution
 
     def prepare(self, call: Checked, resolution: Resolution, policy: Policy, t: float) -> Prepared:
