@@ -155,13 +155,8 @@ def _farm_return(
         return res
     for farm in candidates:
         key = counting.keys.get(farm)
-        if key is not None and key.farmed and book.join_return(farm, res.identity, t):
-            link = book.merge_link(res.identity)
-            return res._replace(
-                identity=book.find(res.identity),
-                links=res.links + ((link,) if link is not None else ()),
-                merged=(*res.merged, res.identity),
-            )
+        if key is not None and key.farmed and (joined := book.join_return(farm, res, t)):
+            return joined
     return res
 
 

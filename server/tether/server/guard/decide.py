@@ -166,13 +166,8 @@ class Decider:
             _, farmed = await self.counters.entries(
                 self.key(call.service_id, call.action, "", farm), keys.field(farm, "")
             )
-            if farmed and self.book.join_return(farm, young, t):
-                link = self.book.merge_link(young)
-                return resolution._replace(
-                    identity=self.book.find(young),
-                    links=resolution.links + ((link,) if link is not None else ()),
-                    merged=(*resolution.merged, young),
-                )
+            if farmed and (joined := self.book.join_return(farm, resolution, t)) is not None:
+                return joined
         remember(self._farms_asked, asked, tuple(candidates), FARMS_ASKED_KEPT)
         return resolution
 

@@ -1183,9 +1183,18 @@ class IdentityBook:
         ordered = sorted(found, key=found.__getitem__, reverse=True)
         return ordered[:FARM_RETURN_SCAN]
 
-    def join_return(self, farm: str, young: str, t: float) -> bool:
-        """Joins a young identity into the farm it is the return of."""
-        return self._join(farm, young, LinkKind.FARM_RETURN, FARM_RETURN_CONFIDENCE, t)
+    def join_return(self, farm: str, resolution: Resolution, t: float) -> Resolution | None:
+        """Joins a resolution's young identity into the farm it is the
+        return of: the resolution as it counts now (against the farm, the
+        young identity among those merged), or None if they stay apart."""
+        young = resolution.identity
+        if not self._join(farm, young, LinkKind.FARM_RETURN, FARM_RETURN_CONFIDENCE, t):
+            return None
+        return resolution._replace(
+            identity=self.find(young),
+            links=(*resolution.links, self._merges[young]),
+            merged=(*resolution.merged, young),
+        )
 
     # --- joining and splitting -----------------------------------------
     def _join(self, keep: str, gone: str, kind: str, confidence: float, t: float) -> bool:
