@@ -878,11 +878,12 @@ async def test_a_farm_back_from_another_network_is_refused_live(
     any_server: RunningServer,
 ) -> None:
     """The same through Evaluate: a browser refused for farming on one
-    network comes back updated from another and signs up again. However
-    the server's book links it (a drift across networks when it has seen
-    enough browsers to know this one is rare, else the farm's return at
-    the third account), no more than two accounts get in, and they count
-    with the farm's."""
+    network comes back updated from another, signs up twice, then twenty
+    times at once. However the server's book links it (a drift across
+    networks when it has seen enough browsers to know this one is rare,
+    else the farm's return at the third account), none of the twenty gets
+    in, each counts against the farm, and the join survives a rebuild of
+    the book from SQL."""
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)
     seed = secrets.token_hex(4)
@@ -896,13 +897,21 @@ async def test_a_farm_back_from_another_network_is_refused_live(
     updated = desktop(seed, browser_version="131.0.97", **rare)
     back = [
         await guard.evaluate(service, "register", account(f"r{i}"), updated, elsewhere)
-        for i in range(4)
+        for i in range(2)
     ]
-    assert sum(v.verdict == pb.VERDICT_ALLOW for v in back) <= 2
-    assert back[-1].identity == session[0].identity
+    # Its next accounts all at once: one of them joins it, none gets in.
+    rush = await asyncio.gather(
+        *(
+            guard.evaluate(service, "register", account(f"x{i}"), updated, elsewhere)
+            for i in range(20)
+        )
+    )
+    assert all(v.verdict == pb.VERDICT_DENY for v in rush)
+    assert {v.identity for v in rush} == {session[0].identity}
     if back[0].explanation.links:
         return
-    assert pb.LINK_KIND_FARM_RETURN in kinds(back[2])
+    assert [v.verdict for v in back] == [pb.VERDICT_ALLOW] * 2
+    assert sum(pb.LINK_KIND_FARM_RETURN in kinds(v) for v in rush) >= 1
     # Recorded like any join: a book rebuilt from SQL (a restart, a
     # replica) joins them too.
     live = guard_of(any_server)
@@ -910,3 +919,6 @@ async def test_a_farm_back_from_another_network_is_refused_live(
     book = IdentityBook()
     await identity_record.load(live.db, book, time.time())
     assert book.find(back[0].identity) == session[0].identity
+    # Its two accounts now count with the farm's: a fourth network refuses.
+    later = await guard.evaluate(service, "register", account("z"), updated, fresh_network())
+    assert later.verdict == pb.VERDICT_DENY

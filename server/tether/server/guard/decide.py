@@ -160,16 +160,20 @@ class Decider:
             self.key(call.service_id, call.action, "", young), keys.field(young, "")
         )
         since = (now_ms or int(t * 1000)) - int(YOUNG * 1000)
-        if sum(entry.admitted_ms >= since for entry in entries) < FARM_RETURN_ACCOUNTS - 1:
-            return resolution
-        for farm in candidates:
-            _, farmed = await self.counters.entries(
-                self.key(call.service_id, call.action, "", farm), keys.field(farm, "")
-            )
-            if farmed and (joined := self.book.join_return(farm, resolution, t)) is not None:
-                return joined
-        remember(self._farms_asked, asked, tuple(candidates), FARMS_ASKED_KEPT)
-        return resolution
+        if sum(entry.admitted_ms >= since for entry in entries) >= FARM_RETURN_ACCOUNTS - 1:
+            for farm in candidates:
+                _, farmed = await self.counters.entries(
+                    self.key(call.service_id, call.action, "", farm), keys.field(farm, "")
+                )
+                if self.book.find(young) != young:
+                    break
+                if farmed and (joined := self.book.join_return(farm, resolution, t)) is not None:
+                    return joined
+            else:
+                remember(self._farms_asked, asked, tuple(candidates), FARMS_ASKED_KEPT)
+        # A call of the same browser may have joined it while this one
+        # waited for Redis: this one counts where that one does.
+        return resolution._replace(identity=self.book.find(young))
 
     def prepare(self, call: Checked, resolution: Resolution, policy: Policy, t: float) -> Prepared:
         """The counting script's arguments for a resolved call, from the
