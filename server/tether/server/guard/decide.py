@@ -130,12 +130,18 @@ class Decider:
         """The identities a registration's identity may be the return of
         (IdentityBook.farm_return_candidates): asked only of a registration
         whose identity was there before this call (a first fingerprint of
-        its own has counted nothing yet). Pure: no Redis."""
+        its own has counted nothing yet), and none when the same were
+        found not farmed before. Pure: no Redis."""
         if call.action != "register" or (
             resolution.new and resolution.identity == resolution.fingerprint
         ):
             return []
-        return self.book.farm_return_candidates(call.fingerprint, resolution.identity, t)
+        candidates = self.book.farm_return_candidates(call.fingerprint, resolution.identity, t)
+        if self._farms_asked.get((call.service_id, resolution.identity)) == tuple(candidates):
+            # None of them was farmed a moment ago (a farm's session would
+            # ask at every account from its third on).
+            return []
+        return candidates
 
     async def farm_return(
         self,
@@ -151,11 +157,6 @@ class Decider:
         the farm, with the young identity among those merged (its counts
         move). Otherwise the resolution as it was."""
         young = resolution.identity
-        asked = (call.service_id, young)
-        if self._farms_asked.get(asked) == tuple(candidates):
-            # None of them was farmed a moment ago (a farm's session asks
-            # at every account from its third on).
-            return resolution
         entries, _ = await self.counters.entries(
             self.key(call.service_id, call.action, "", young), keys.field(young, "")
         )
@@ -170,6 +171,7 @@ class Decider:
                 if farmed and (joined := self.book.join_return(farm, resolution, t)) is not None:
                     return joined
             else:
+                asked = (call.service_id, young)
                 remember(self._farms_asked, asked, tuple(candidates), FARMS_ASKED_KEPT)
         # A call of the same browser may have joined it while this one
         # waited for Redis: this one counts where that one does.
