@@ -922,3 +922,35 @@ async def test_a_farm_back_from_another_network_is_refused_live(
     # Its two accounts now count with the farm's: a fourth network refuses.
     later = await guard.evaluate(service, "register", account("z"), updated, fresh_network())
     assert later.verdict == pb.VERDICT_DENY
+
+
+async def test_a_browser_an_operator_allowed_is_never_joined_to_a_farm(
+    any_server: RunningServer,
+) -> None:
+    """The returning farm's browser, once an operator allow-lists it, keeps
+    its own identity: its third account is allowed as listed, not joined."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    seed = secrets.token_hex(4)
+    rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
+    home, elsewhere = fresh_network(), fresh_network()
+    first = desktop(seed, browser_version="131.0.88", **rare)
+    for i in range(5):
+        await guard.evaluate(service, "register", account(f"s{i}"), first, home)
+    updated = desktop(seed, browser_version="131.0.97", **rare)
+    back = [
+        await guard.evaluate(service, "register", account(f"r{i}"), updated, elsewhere)
+        for i in range(2)
+    ]
+    await guard.set_policy(
+        pb.Policy(service_id=service, allowed_identities=[back[0].identity]),
+        only=["allowed_identities"],
+    )
+    third = await guard.evaluate(service, "register", account("r2"), updated, elsewhere)
+    assert third.verdict == pb.VERDICT_ALLOW
+    assert pb.LINK_KIND_FARM_RETURN not in kinds(third)
+    if not back[0].explanation.links:
+        # Not drift-linked (the server's book has seen few browsers): it
+        # stays the identity the operator listed.
+        assert third.identity == back[0].identity
+        assert third.reason == pb.VERDICT_REASON_IDENTITY_ALLOW_LISTED

@@ -321,7 +321,15 @@ class Guard:
         policy = await self.policies.get(call.service_id)
         t = self.clock()
         resolution = self.decider.resolve(checked, t)
-        candidates = self.decider.farm_candidates(checked, resolution, t)
+        allowed = policy.allowed_identities
+        # An identity an operator allowed is never joined to a farm.
+        candidates = (
+            self.decider.farm_candidates(checked, resolution, t)
+            if action is Action.REGISTER
+            and resolution.identity not in allowed
+            and checked.fingerprint.identity not in allowed
+            else []
+        )
         if candidates:
             # Without Redis no farm can be told: the call is decided (or
             # fails) as any other below.
@@ -331,7 +339,6 @@ class Guard:
         change = self._learned(checked, resolution, t)
         if self._linked.first((call.service_id, identity, account.digest, action), t):
             self._link(change, call.service_id, action, account, identity)
-        allowed = policy.allowed_identities
         if identity in allowed or checked.fingerprint.identity in allowed:
             return self._answer(
                 action, Verdict(True, Reason.IDENTITY_ALLOW_LISTED, identity), change
