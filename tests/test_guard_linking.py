@@ -24,7 +24,7 @@ from tests.guard_support import (
     timed_event,
 )
 from tests.support import RunningServer
-from tether.clients.guard.client import account
+from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import identity_record
 from tether.server.guard.identities import IdentityBook
@@ -874,6 +874,27 @@ async def test_a_farm_back_days_later_after_an_update_is_joined_at_its_third_acc
     assert all(pb.LINK_KIND_FARM_RETURN not in kinds(v) for v in calm)
 
 
+async def _farm_back_live(
+    guard: GuardClient, service: str
+) -> tuple[list[pb.EvaluateResponse], list[pb.EvaluateResponse], pb.FingerprintComponents, str]:
+    """Through Evaluate: a rare desktop signs up five times at home (the
+    session's verdicts), then, updated, twice from another network (those
+    verdicts). Returns both, the updated components and that network."""
+    seed = secrets.token_hex(4)
+    rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
+    home, elsewhere = fresh_network(), fresh_network()
+    first = desktop(seed, browser_version="131.0.88", **rare)
+    session = [
+        await guard.evaluate(service, "register", account(f"s{i}"), first, home) for i in range(5)
+    ]
+    updated = desktop(seed, browser_version="131.0.97", **rare)
+    back = [
+        await guard.evaluate(service, "register", account(f"r{i}"), updated, elsewhere)
+        for i in range(2)
+    ]
+    return session, back, updated, elsewhere
+
+
 async def test_a_farm_back_from_another_network_is_refused_live(
     any_server: RunningServer,
 ) -> None:
@@ -886,19 +907,8 @@ async def test_a_farm_back_from_another_network_is_refused_live(
     the book from SQL."""
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)
-    seed = secrets.token_hex(4)
-    rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
-    home, elsewhere = fresh_network(), fresh_network()
-    first = desktop(seed, browser_version="131.0.88", **rare)
-    session = [
-        await guard.evaluate(service, "register", account(f"s{i}"), first, home) for i in range(5)
-    ]
+    session, back, updated, elsewhere = await _farm_back_live(guard, service)
     assert [v.verdict for v in session] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 2
-    updated = desktop(seed, browser_version="131.0.97", **rare)
-    back = [
-        await guard.evaluate(service, "register", account(f"r{i}"), updated, elsewhere)
-        for i in range(2)
-    ]
     # Its next accounts all at once: one of them joins it, none gets in.
     rush = await asyncio.gather(
         *(
@@ -931,17 +941,7 @@ async def test_a_browser_an_operator_allowed_is_never_joined_to_a_farm(
     its own identity: its third account is allowed as listed, not joined."""
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)
-    seed = secrets.token_hex(4)
-    rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
-    home, elsewhere = fresh_network(), fresh_network()
-    first = desktop(seed, browser_version="131.0.88", **rare)
-    for i in range(5):
-        await guard.evaluate(service, "register", account(f"s{i}"), first, home)
-    updated = desktop(seed, browser_version="131.0.97", **rare)
-    back = [
-        await guard.evaluate(service, "register", account(f"r{i}"), updated, elsewhere)
-        for i in range(2)
-    ]
+    _, back, updated, elsewhere = await _farm_back_live(guard, service)
     await guard.set_policy(
         pb.Policy(service_id=service, allowed_identities=[back[0].identity]),
         only=["allowed_identities"],
