@@ -94,6 +94,10 @@ class Restorer:
             async with self._claimed() as holder:
                 if not holder:
                     return False  # another process restores; the marker will say when
+                if await counters.exists(MARKER):
+                    # Another process restored and let go of its claim
+                    # between the look at the marker and this claim.
+                    return False
                 await counters.delete_matching(keys.LAYOUT_1)
                 restored = await rebuild.rebuild(self._guard)
                 if not await self._still_held(holder):
@@ -139,11 +143,15 @@ class Restorer:
             masters = await cluster.masters()
         except DOWN as exc:
             raise CountersDown(str(exc) or type(exc).__name__) from exc
-        stale = [m for m in masters if await counters.get(master_marker(m)) != m.id.encode()]
-        if not stale:
+        if not await self._stale(masters):
             return False
         async with self._claimed() as holder:
             if not holder:
+                return False
+            # Looked at again: another process may have restored them and
+            # let go of its claim meanwhile.
+            stale = await self._stale(masters)
+            if not stale:
                 return False
             slots = set().union(*(master.slots() for master in stale))
             await counters.delete_matching(keys.LAYOUT_1)
@@ -159,6 +167,11 @@ class Restorer:
             entries=restored,
         )
         return True
+
+    async def _stale(self, masters: list[Master]) -> list[Master]:
+        """The masters whose marker does not name them."""
+        counters = self._guard.counters
+        return [m for m in masters if await counters.get(master_marker(m)) != m.id.encode()]
 
     async def start(self) -> None:
         try:
