@@ -1165,21 +1165,22 @@ class IdentityBook:
             members = self._bands.get(band)
             if not members:
                 continue
-            out = _LEFT_OUT[band[0]]
+            # The one identity besides this one that showed the band (never
+            # a popular one), if there is one.
             owner = self._owner(band, members, identity)
+            first = None if owner is None else self._known.get(owner)
+            if (
+                owner is None
+                or owner in found
+                or (first is not None and first.first_seen >= started)
+            ):
+                continue
+            out = _LEFT_OUT[band[0]]
             for member in members:
-                root = self.find(member)
-                if root == identity or root in found or root != owner:
-                    continue
                 earlier = self._known[member]
-                first = self._known.get(root)
-                if (
-                    (first is not None and first.first_seen >= started)
-                    or self.popular(root)
-                    or not _can_drift(earlier.fingerprint, fp, out)
-                ):
-                    continue
-                found[root] = earlier.last_seen
+                if self.find(member) == owner and _can_drift(earlier.fingerprint, fp, out):
+                    found[owner] = earlier.last_seen
+                    break
         ordered = sorted(found, key=found.__getitem__, reverse=True)
         return ordered[:FARM_RETURN_SCAN]
 
