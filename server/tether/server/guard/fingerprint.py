@@ -257,7 +257,17 @@ class _NameSet(NamedTuple):
 
 
 def _name_set(values: Sequence[str]) -> _NameSet:
-    names = tuple(sorted({" ".join(v.casefold().split()) for v in values}))
+    """The names of a valid list (printable: a space is the only blank a
+    name can hold), normalized as _norm does."""
+    # Casefolded whole and split in C when no name has a blank to collapse
+    # or strip (nearly every list); name by name otherwise.
+    joined = "\n".join(values).casefold()
+    loose = " \n" in joined or "\n " in joined or joined[:1] == " " or joined[-1:] == " "
+    if loose or "  " in joined:
+        unique = {" ".join(v.casefold().split()) for v in values}
+    else:
+        unique = set(joined.split("\n")) if values else set()
+    names = tuple(sorted(unique))
     return _NameSet(names, "".join([name + "\x1f" for name in names]))
 
 
