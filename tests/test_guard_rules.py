@@ -20,7 +20,8 @@ from tests.provisioning_support import eventually
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard import counters, keys
+from tether.server.guard import counters, keys, rules
+from tether.server.guard.signals import poisson_quantile
 
 IP = "198.51.100.7"
 
@@ -278,3 +279,18 @@ async def test_policy_change_reaches_another_server_without_restart(
         assert verdict.would_deny
     finally:
         await other.stop()
+
+
+def test_beyond_the_hour_a_velocity_window_allows_the_shorter_ones_threshold_and_more() -> None:
+    """A burst the hour window judged does not keep out, for six hours after
+    it ended, the strangers who share a popular fingerprint: a longer window
+    allows the shorter one's threshold plus what the rate explains for the
+    rest of it (and never less than the rate alone explains over it)."""
+    for rate in (0.0, 0.25, 2.0, 30.0):
+        t10, t1h, t6h, t24h = rules.velocity_thresholds(rate, 3)
+        assert 3 <= t10 <= t1h
+        assert t6h >= t1h + poisson_quantile(rate * 5, rules.VELOCITY_TAIL)
+        assert t24h >= t6h + poisson_quantile(rate * 18, rules.VELOCITY_TAIL)
+        assert t6h >= poisson_quantile(rate * 6, rules.VELOCITY_TAIL) + 1
+    # A browser first seen this hour has no rate: the limit, in every window.
+    assert rules.velocity_thresholds(0.0, 3) == (3, 3, 3, 3)

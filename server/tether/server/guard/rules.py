@@ -19,6 +19,10 @@ them a limit tolerates.
   may not exceed what the identity's own rate explains (a Poisson tail of
   VELOCITY_TAIL) or the limit, whichever is larger: a burst through rotating
   networks stands out against how often the fingerprint is normally seen.
+  Beyond the hour, a window also allows the hour's threshold plus what the
+  rate explains for the rest of it: a burst the hour judged does not keep
+  refusing the strangers who share a popular fingerprint for six hours
+  after it ended; a burst that goes on is still refused within the hour.
 
 The script applies these; Python only computes the numbers.
 """
@@ -95,10 +99,7 @@ def inputs(
         # A browser not seen before this hour (every first visit): no tail.
         thresholds = (max(limit, 1),) * len(VELOCITY_WINDOWS)
     elif velocity and limit > 0:
-        thresholds = tuple(
-            max(limit, poisson_quantile(rate * window / HOUR, VELOCITY_TAIL) + 1)
-            for window in VELOCITY_WINDOWS
-        )
+        thresholds = velocity_thresholds(rate, limit)
     return Inputs(
         rare=rare,
         rotation_ms=int(ROTATION_WINDOW * 1000),
@@ -112,3 +113,20 @@ def inputs(
         network_share=share,
         sharers=sharers,
     )
+
+
+def velocity_thresholds(rate: float, limit: int) -> tuple[int, ...]:
+    """Per VELOCITY_WINDOWS, the count at which to refuse, for an identity
+    seen `rate` times an hour (at peak): what the rate explains over the
+    window, or the limit; beyond the hour, at least the shorter window's
+    threshold plus what the rate explains for the rest of the window."""
+    thresholds: list[int] = []
+    for i, window in enumerate(VELOCITY_WINDOWS):
+        threshold = max(limit, poisson_quantile(rate * window / HOUR, VELOCITY_TAIL) + 1)
+        if window > HOUR:
+            rest = (window - VELOCITY_WINDOWS[i - 1]) / HOUR
+            threshold = max(
+                threshold, thresholds[-1] + poisson_quantile(rate * rest, VELOCITY_TAIL)
+            )
+        thresholds.append(threshold)
+    return tuple(thresholds)
