@@ -813,12 +813,14 @@ async def test_a_farms_mark_reaches_other_networks_unless_strangers_share_its_fi
 
 
 def _farm_session_then_return(
-    seed: str, farmed: bool, returning: int = 4
+    seed: str, farmed: bool, returning: int = 4, stranger: bool = False
 ) -> list[pb.BacktestEvent]:
     """A farm on a rare desktop signs up from its home network (five
     accounts: refused beyond the limit, so marked farmed; or three: never
     refused), and three days later, its browser updated, from a network it
-    never used, signs up again every minute."""
+    never used, signs up again every minute. With `stranger`, someone else
+    with the same set-up, a version between the farm's two, signs up once
+    from a home of their own the day before the farm comes back."""
     rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
     now = T0 + 1200 * 50
     first = [
@@ -827,6 +829,11 @@ def _farm_session_then_return(
         for i in range(5 if farmed else 3)
     ]  # fmt: skip
     back = now + 3 * 24 * HOUR
+    if stranger:
+        first.append(
+            timed_event(back - 24 * HOUR, "someone",
+                        desktop(seed, browser_version="131.0.93", **rare), "10.11.2.1")
+        )  # fmt: skip
     later = [
         timed_event(back + 60 * i, f"r{i}", desktop(seed, browser_version="131.0.97", **rare),
                     "10.11.1.1")
@@ -872,6 +879,27 @@ async def test_a_farm_back_days_later_after_an_update_is_joined_at_its_third_acc
     assert [v.verdict for v in calm[3:]] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY]
     assert calm[3].identity != calm[0].identity
     assert all(pb.LINK_KIND_FARM_RETURN not in kinds(v) for v in calm)
+
+
+async def test_a_farm_back_is_joined_though_a_stranger_showed_its_set_up_too(
+    any_server: RunningServer,
+) -> None:
+    """Someone else with the farm's set-up signed up the day before it came
+    back: the returning browser could have drifted from either. The one
+    refused for farming is the farm; the stranger keeps their account and
+    is joined to nobody."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    events = _farm_session_then_return(seed, farmed=True, stranger=True)
+    verdicts = await replay_verdicts(guard, 3, events)
+    session, someone, back = verdicts[-10:-5], verdicts[-5], verdicts[-4:]
+    farm = session[0].identity
+    assert someone.verdict == pb.VERDICT_ALLOW
+    assert someone.identity not in (farm, back[0].identity)
+    assert [v.verdict for v in back] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY] * 2
+    assert back[2].identity == farm
+    [link] = [link for link in back[2].explanation.links if link.kind == pb.LINK_KIND_FARM_RETURN]
+    assert (getattr(link, "from"), link.to) == (back[0].identity, farm)
 
 
 async def _farm_back_live(

@@ -1151,36 +1151,33 @@ class IdentityBook:
     # --- a farm's return ------------------------------------------------
     def farm_return_candidates(self, fp: Fingerprint, identity: str, t: float) -> list[str]:
         """The older identities a young identity, now showing `fp`, could be
-        the return of: those sharing one of its bands, whose fingerprint
-        there it could have drifted from (an update, another window or
-        language, a few fonts), seen last first; none when the identity
-        is not young or looks like many people. Whether one of them was
-        farmed, and whether this one farms, is the counters' to say
-        (Decider.farm_return)."""
+        the return of: those that showed one of its bands (never a popular
+        one, nor a band crowded with strangers) with a fingerprint it could
+        have drifted from (an update, another window or language, a few
+        fonts), seen last first; none when the identity is not young or
+        looks like many people. Whether one of them was farmed, and whether
+        this one farms, is the counters' to say (Decider.farm_return)."""
         if not self._young(identity, t) or self.popular(identity):
             return []
         started = self._known[identity].first_seen
         found: dict[str, float] = {}
+        passed: set[str] = {identity}
         for band in _bands(fp):
             members = self._bands.get(band)
-            if not members:
-                continue
-            # The one identity besides this one that showed the band (never
-            # a popular one), if there is one.
-            owner = self._owner(band, members, identity)
-            first = None if owner is None else self._known.get(owner)
-            if (
-                owner is None
-                or owner in found
-                or (first is not None and first.first_seen >= started)
-            ):
+            if not members or band in self._crowded_bands:
                 continue
             out = _LEFT_OUT[band[0]]
             for member in members:
+                root = self.find(member)
+                if root in passed or root in found:
+                    continue
+                first = self._known.get(root)
+                if (first is not None and first.first_seen >= started) or self.popular(root):
+                    passed.add(root)
+                    continue
                 earlier = self._known[member]
-                if self.find(member) == owner and _can_drift(earlier.fingerprint, fp, out):
-                    found[owner] = earlier.last_seen
-                    break
+                if _can_drift(earlier.fingerprint, fp, out):
+                    found[root] = earlier.last_seen
         ordered = sorted(found, key=found.__getitem__, reverse=True)
         return ordered[:FARM_RETURN_SCAN]
 
