@@ -15,8 +15,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-# Seeds no rule was made on, first measured after the rules last changed:
-# how the guard does on worlds it was not tuned to.
+# Worlds the rules were not made on (none of their farms was read to make
+# a rule; docs/guard.md says what was compared on them).
 HELD_OUT_SEEDS = tuple(str(seed) for seed in range(21, 41))
 
 # Each entry: the module, its arguments, and more when a report is written.
