@@ -328,6 +328,17 @@ class GuardCounters:
         ]
         return entries, record.farmed
 
+    async def farmed(self, places: list[tuple[str, bytes]]) -> list[bool]:
+        """Whether each identity (its key and field) is marked farmed: one
+        round trip for all (a pipeline; on a Cluster, one per node)."""
+        if not places:
+            return []
+        pipeline = self._client.pipeline(transaction=False)
+        for key, field in places:
+            pipeline.hget(key, field)
+        values: list[bytes | None] = await self._call(pipeline.execute())
+        return [value is not None and decode(value).farmed for value in values]
+
     async def remove_fields(self, places: list[tuple[str, bytes]]) -> None:
         """Deletes identities' records: (key, field) pairs, one HDEL per key
         (a key's fields share its slot)."""

@@ -162,15 +162,17 @@ class Decider:
         )
         since = (now_ms or int(t * 1000)) - int(YOUNG * 1000)
         if sum(entry.admitted_ms >= since for entry in entries) >= FARM_RETURN_ACCOUNTS - 1:
-            for farm in candidates:
-                _, farmed = await self.counters.entries(
-                    self.key(call.service_id, call.action, "", farm), keys.field(farm, "")
-                )
-                if self.book.find(young) != young:
-                    break
-                if farmed and (joined := self.book.join_return(farm, resolution, t)) is not None:
-                    return joined
-            else:
+            marks = await self.counters.farmed(
+                [
+                    (self.key(call.service_id, call.action, "", farm), keys.field(farm, ""))
+                    for farm in candidates
+                ]
+            )
+            if self.book.find(young) == young:
+                for farm, farmed in zip(candidates, marks, strict=True):
+                    joined = self.book.join_return(farm, resolution, t) if farmed else None
+                    if joined is not None:
+                        return joined
                 asked = (call.service_id, young)
                 remember(self._farms_asked, asked, tuple(candidates), FARMS_ASKED_KEPT)
         # A call of the same browser may have joined it while this one
