@@ -95,10 +95,7 @@ def inputs(
     share = book.crowds.share(network, t) if crowd else 0.0
     allowance = poisson_quantile(rate * CROWD_WINDOW / HOUR * share, VELOCITY_TAIL)
     thresholds: tuple[int, ...] = (0,) * len(VELOCITY_WINDOWS)
-    if velocity and limit > 0 and rate == 0:
-        # A browser not seen before this hour (every first visit): no tail.
-        thresholds = (max(limit, 1),) * len(VELOCITY_WINDOWS)
-    elif velocity and limit > 0:
+    if velocity and limit > 0:
         thresholds = velocity_thresholds(rate, limit)
     return Inputs(
         rare=rare,
@@ -120,6 +117,9 @@ def velocity_thresholds(rate: float, limit: int) -> tuple[int, ...]:
     seen `rate` times an hour (at peak): what the rate explains over the
     window, or the limit; beyond the hour, at least the shorter window's
     threshold plus what the rate explains for the rest of the window."""
+    if rate == 0:
+        # A browser not seen before this hour (every first visit): no tail.
+        return (limit,) * len(VELOCITY_WINDOWS)
     thresholds: list[int] = []
     for i, window in enumerate(VELOCITY_WINDOWS):
         threshold = max(limit, poisson_quantile(rate * window / HOUR, VELOCITY_TAIL) + 1)
