@@ -15,8 +15,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-# Worlds the rules were not made on (none of their farms was read to make
-# a rule; docs/guard.md says what was compared on them).
+# New worlds beside seeds 1-3: first run after the rules were made, then
+# used to compare two changes (docs/guard.md says how).
 HELD_OUT_SEEDS = tuple(str(seed) for seed in range(21, 41))
 
 # Each entry: the module, its arguments, and more when a report is written.
