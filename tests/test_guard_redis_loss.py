@@ -27,6 +27,7 @@ from tests.guard_support import (
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
+from tether.server.counters.pipelined import Script
 from tether.server.guard import keys, rebuild, scripts
 from tether.server.guard.convert import components
 from tether.server.guard.counters import is_spilled
@@ -277,6 +278,42 @@ async def test_flushed_scripts_are_loaded_again_and_counting_goes_on(
     second = await _evaluate(guard, service, "s2")
     assert (second.verdict, second.count, second.fail_open) == (pb.VERDICT_ALLOW, 2, False)
     assert (await _evaluate(guard, service, "s3")).verdict == pb.VERDICT_DENY
+
+
+async def test_a_started_server_has_loaded_its_script_before_the_first_call(
+    server: RunningServer, redis_server: PrivateRedis
+) -> None:
+    # A fresh redis-server knew no script: the start loaded it, on the hot
+    # path's connection, so the first call pays no NOSCRIPT retry.
+    client = await redis_server.client()
+    try:
+        assert await client.script_exists(Script(scripts.EVALUATE).sha) == [True]
+    finally:
+        await client.aclose()
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=1)
+    first = await _evaluate(guard, service, "w1")
+    assert (first.verdict, first.count, first.fail_open) == (pb.VERDICT_ALLOW, 1, False)
+
+
+async def test_a_server_started_while_redis_is_down_warms_nothing_and_counts_once_it_is_up(
+    redis_server: PrivateRedis, postgres_url: str, tmp_path: Path
+) -> None:
+    await redis_server.stop()
+    running = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_server.url,
+        data_dir=tmp_path / "data",
+        redis_timeout_seconds=0.25,
+    )
+    try:
+        await redis_server.start()
+        guard = await guard_client(running)
+        service = await new_service(guard, register_limit=1)
+        first = await _until_counted(guard, service, "d1")
+        assert (first.verdict, first.count, first.fail_open) == (pb.VERDICT_ALLOW, 1, False)
+    finally:
+        await running.stop()
 
 
 async def test_counters_use_the_urls_password_and_database(

@@ -40,6 +40,7 @@ from tether.server.app import build
 from tether.server.binding import rate_limit
 from tether.server.counters.cluster import tag_for_slot
 from tether.server.counters.connection import KEY_PREFIX, connect
+from tether.server.counters.pipelined import Script
 from tether.server.guard import counters, keys, scripts
 from tether.server.settings import Settings
 from tether.server.shared import digests
@@ -344,6 +345,29 @@ async def test_a_migrating_slot_is_followed_through_ask_then_moved(
         record = await cs.node_command(target_port, "HGET", key, keys.field(moved.identity))
         assert isinstance(record, bytes)
         assert len(counters.decode(record).entries) == 3
+    finally:
+        await server.stop()
+
+
+async def test_a_started_server_has_loaded_its_script_on_every_master(
+    private_cluster: cs.PrivateCluster, postgres_url: str, tmp_path: Path
+) -> None:
+    # Scripts lost everywhere (as after a restart of every node): the start
+    # loads the counting script on each master, through the hot path's
+    # connection to it, before the first call.
+    evaluate = Script(scripts.EVALUATE).sha
+    all_masters = await cs.masters(private_cluster.base)
+    for master in all_masters:
+        await cs.node_command(master.address[1], "SCRIPT", "FLUSH")
+    server = await start_server(
+        database_pool_size=POOL,
+        database_url=postgres_url,
+        redis_url=private_cluster.url,
+        data_dir=tmp_path,
+    )
+    try:
+        for master in all_masters:
+            assert await cs.node_command(master.address[1], "SCRIPT", "EXISTS", evaluate) == [1]
     finally:
         await server.stop()
 

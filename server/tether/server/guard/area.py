@@ -37,6 +37,8 @@ def build(server: grpc.aio.Server, runtime: Runtime, store: GuardStore) -> Guard
         follower.start()
         guard.recorder.start()
         await restorer.start()
+        # After the restorer: a new connection finds the markers it sets.
+        await guard.warm()
         await web.start()
 
     async def stop() -> None:

@@ -306,6 +306,17 @@ class Guard:
         except CountersDown as exc:
             log.warning("backtest leftovers not checked", error=str(exc))
 
+    async def warm(self) -> None:
+        """Opens the hot path's connection to Redis (one per master of a
+        cluster, each checked as a new one is) and loads the counting script,
+        before the first call: the first calls after a start pay for no
+        connection or NOSCRIPT retry within their time bound."""
+        try:
+            await self.counters.load_scripts()
+        except CountersDown as exc:
+            # The first call connects instead; the restorer watches Redis.
+            log.warning("guard counters not warmed at start: Redis is down", error=str(exc))
+
     async def follow(self, *, sweep: bool = False) -> int:
         """Reads into the book what other processes recorded since the last
         read (identity_record.follow), looking further back on a sweep;
