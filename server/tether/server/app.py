@@ -320,10 +320,11 @@ async def build(
     """The server, ready to start. A worker of a supervisor (worker=True)
     skips the port probe and prepare(), which the supervisor ran, and shares
     the port with its siblings (SO_REUSEPORT). interceptors: the embedding
-    code's own (stock instrumentation, say), inside Tether's metrics and
-    tracing ones; each one installed costs every call (see
-    transport/interceptor.py). tracer_provider: an OpenTelemetry provider to
-    trace with instead of one exporting over OTLP."""
+    code's own (stock instrumentation, say); they see every call before
+    Tether's handler, which authenticates it and, when on, times and traces
+    it; each one installed costs every call (see transport/interceptor.py).
+    tracer_provider: an OpenTelemetry provider to trace with instead of one
+    exporting over OTLP."""
     exposition.check_multiprocess()
     observability = observability_setup.configure(settings, tracer_provider)
     tls_files = tls.TlsFiles.from_settings(settings)
@@ -362,10 +363,11 @@ async def build(
             ("grpc.so_reuseport", 1 if worker else 0),
         ],
         # None rather than empty: no interceptor chain runs at all.
-        interceptors=[*observability.interceptors(), *interceptors] or None,
+        interceptors=list(interceptors) or None,
     )
-    # Every call is authenticated by the handler GenericHandlersOnly puts in front.
-    services = GenericHandlersOnly(server, runtime.credentials)
+    # Every call is authenticated (and observed, when metrics or tracing
+    # are on) by the handler GenericHandlersOnly puts in front.
+    services = GenericHandlersOnly(server, runtime.credentials, observability.layers())
     areas = _build_areas(services, runtime)
 
     names = [name for c in areas.components() for name in c.services]

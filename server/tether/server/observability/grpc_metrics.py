@@ -1,6 +1,6 @@
-"""The gRPC server series as a grpc.aio interceptor (installed only when
-metrics are served): started, handled by final code, handling time, and
-messages each way. Each method's labelled children are made once."""
+"""The gRPC server series as a layer of the generic handler (handlers.py;
+only when metrics are served): started, handled by final code, handling
+time, and messages each way. Each method's labelled children are made once."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tether.server.observability import fast, metrics
 from tether.server.observability.handlers import (
     CallObserver,
     MethodObserver,
-    ObservingInterceptor,
+    ObservingLayer,
     rpc_type,
     split_method,
 )
@@ -63,6 +63,6 @@ class _Call:
         method.handled(code)(1)
 
 
-class MetricsInterceptor(ObservingInterceptor):
+class MetricsLayer(ObservingLayer):
     def observer(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> MethodObserver:
         return _Method(method, handler)

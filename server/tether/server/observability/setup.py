@@ -1,7 +1,7 @@
 """Which instrumentation a server runs, decided once when it is built.
 
 Both metrics serving and tracing are off by default; with both off no
-interceptor is installed and no probe is made, so a call costs what it cost
+handler layer is added and no probe is made, so a call costs what it cost
 before (the domain counters of metrics.py excepted: an addition each).
 The choice is the process's (app.build makes it before building the
 areas, which take their probes from it); a process running several
@@ -14,8 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
+from tether.server.observability.handlers import ObservingLayer
 from tether.server.settings import Settings
 
 _OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -40,17 +39,18 @@ class Observability:
     def tracing(self) -> bool:
         return self.tracer is not None
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Tracing outermost, so its span covers the metrics' timing too."""
-        found: list[grpc.aio.ServerInterceptor] = []
+    def layers(self) -> list[ObservingLayer]:
+        """What the generic handler wraps every method in: tracing outermost,
+        so its span covers the metrics' timing too."""
+        found: list[ObservingLayer] = []
         if self.tracer is not None:
-            from tether.server.observability.tracing import TracingInterceptor
+            from tether.server.observability.tracing import TracingLayer
 
-            found.append(TracingInterceptor(self.tracer))
+            found.append(TracingLayer(self.tracer))
         if self.metrics:
-            from tether.server.observability.grpc_metrics import MetricsInterceptor
+            from tether.server.observability.grpc_metrics import MetricsLayer
 
-            found.append(MetricsInterceptor())
+            found.append(MetricsLayer())
         return found
 
     def shutdown(self) -> None:

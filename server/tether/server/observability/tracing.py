@@ -22,7 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from tether.server.observability.handlers import (
     CallObserver,
     MethodObserver,
-    ObservingInterceptor,
+    ObservingLayer,
     split_method,
 )
 
@@ -99,11 +99,10 @@ class _TracedCall:
         context_api.detach(self._token)  # type: ignore[arg-type]
 
 
-class TracingInterceptor(ObservingInterceptor):
+class TracingLayer(ObservingLayer):
     """One server span per RPC, continuing the caller's W3C traceparent."""
 
     def __init__(self, tracer: trace.Tracer) -> None:
-        super().__init__()
         self._tracer = tracer
 
     def observer(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> MethodObserver:

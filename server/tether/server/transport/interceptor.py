@@ -1,5 +1,6 @@
 """The one interception point: authenticates every call, then maps what the
-handler raises to a status.
+handler raises to a status; metrics and tracing, when on, wrap it
+(observability/handlers.py).
 
 Wrapping the handler (rather than each servicer method) keeps the mapping in
 one place and lets servicers raise domain errors freely. It is a generic
@@ -22,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tether.common.v1.errors_pb2 import ErrorReason
 from tether.server import errors, logs
+from tether.server.observability.handlers import ObservingLayer, observed
 from tether.server.storage.database import CONNECTION_OUTAGES
 from tether.server.transport import principal as principals
 from tether.server.transport import request_check, tls
@@ -49,8 +51,11 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 class AuthenticatingHandler(grpc.GenericRpcHandler):
     """Every service's methods, authenticated: the server's only generic handler."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, layers: Sequence[ObservingLayer] = ()) -> None:
         self._auth = authenticator
+        # Metrics and tracing, outermost first: they see every call of a
+        # known method, refused ones included.
+        self._layers = tuple(layers)
         self._services: list[grpc.GenericRpcHandler] = []
         # Per method: the wrapped handler, built once rather than on every call.
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -74,6 +79,7 @@ class AuthenticatingHandler(grpc.GenericRpcHandler):
             return None  # not cached: unknown names must not grow the cache
         if not method.startswith(PUBLIC_PREFIXES):
             handler = _wrap(handler, method, self._auth)
+        handler = observed(handler, method, self._layers)
         self._wrapped[method] = handler
         return handler
 

@@ -10,25 +10,32 @@ service, so registration goes through GenericHandlersOnly, which passes the
 generic handlers on and drops the (identical) registered ones.
 
 The generic handlers reach the server behind one AuthenticatingHandler,
-which authenticates every call (see transport/interceptor.py).
+which authenticates every call (see transport/interceptor.py) and wraps it
+in the metrics and tracing layers that are on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
+from tether.server.observability.handlers import ObservingLayer
 from tether.server.transport.interceptor import AuthenticatingHandler, Authenticator
 
 
 class GenericHandlersOnly(grpc.aio.Server):
     """The server as the areas register on it; everything else is delegated."""
 
-    def __init__(self, server: grpc.aio.Server, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        authenticator: Authenticator,
+        layers: Sequence[ObservingLayer] = (),
+    ) -> None:
         self._server = server
-        self._handler = AuthenticatingHandler(authenticator)
+        self._handler = AuthenticatingHandler(authenticator, layers)
         server.add_generic_rpc_handlers([self._handler])
 
     def add_generic_rpc_handlers(
