@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,10 +290,7 @@ async def test_a_started_server_has_loaded_its_script_before_the_first_call(
         assert await client.script_exists(Script(scripts.EVALUATE).sha) == [True]
     finally:
         await client.aclose()
-    guard = await guard_client(server)
-    service = await new_service(guard, register_limit=1)
-    first = await _evaluate(guard, service, "w1")
-    assert (first.verdict, first.count, first.fail_open) == (pb.VERDICT_ALLOW, 1, False)
+    await _first_counted(server, _evaluate)
 
 
 async def test_a_server_started_while_redis_is_down_warms_nothing_and_counts_once_it_is_up(
@@ -308,12 +305,20 @@ async def test_a_server_started_while_redis_is_down_warms_nothing_and_counts_onc
     )
     try:
         await redis_server.start()
-        guard = await guard_client(running)
-        service = await new_service(guard, register_limit=1)
-        first = await _until_counted(guard, service, "d1")
-        assert (first.verdict, first.count, first.fail_open) == (pb.VERDICT_ALLOW, 1, False)
+        await _first_counted(running, _until_counted)
     finally:
         await running.stop()
+
+
+async def _first_counted(
+    server: RunningServer,
+    evaluate: Callable[[GuardClient, str, str], Awaitable[pb.EvaluateResponse]],
+) -> None:
+    """A new service's first registration is admitted and counted."""
+    guard = await guard_client(server)
+    service = await new_service(guard, register_limit=1)
+    first = await evaluate(guard, service, "first")
+    assert (first.verdict, first.count, first.fail_open) == (pb.VERDICT_ALLOW, 1, False)
 
 
 async def test_counters_use_the_urls_password_and_database(

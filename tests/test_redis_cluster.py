@@ -307,15 +307,22 @@ async def private_cluster(
         await cluster.stop()
 
 
+async def _on_private_cluster(
+    cluster: cs.PrivateCluster, postgres_url: str, data_dir: Path, **overrides: float
+) -> RunningServer:
+    return await start_server(
+        database_pool_size=POOL,
+        database_url=postgres_url,
+        redis_url=cluster.url,
+        data_dir=data_dir,
+        **overrides,
+    )
+
+
 async def test_a_migrating_slot_is_followed_through_ask_then_moved(
     private_cluster: cs.PrivateCluster, postgres_url: str, tmp_path: Path
 ) -> None:
-    server = await start_server(
-        database_pool_size=POOL,
-        database_url=postgres_url,
-        redis_url=private_cluster.url,
-        data_dir=tmp_path,
-    )
+    server = await _on_private_cluster(private_cluster, postgres_url, tmp_path)
     try:
         guard = await guard_client(server)
         service = await new_service(guard, register_limit=10)
@@ -359,12 +366,7 @@ async def test_a_started_server_has_loaded_its_script_on_every_master(
     all_masters = await cs.masters(private_cluster.base)
     for master in all_masters:
         await cs.node_command(master.address[1], "SCRIPT", "FLUSH")
-    server = await start_server(
-        database_pool_size=POOL,
-        database_url=postgres_url,
-        redis_url=private_cluster.url,
-        data_dir=tmp_path,
-    )
+    server = await _on_private_cluster(private_cluster, postgres_url, tmp_path)
     try:
         for master in all_masters:
             assert await cs.node_command(master.address[1], "SCRIPT", "EXISTS", evaluate) == [1]
@@ -375,12 +377,7 @@ async def test_a_started_server_has_loaded_its_script_on_every_master(
 async def test_a_flushed_master_gets_its_slots_back_from_sql(
     private_cluster: cs.PrivateCluster, postgres_url: str, tmp_path: Path
 ) -> None:
-    server = await start_server(
-        database_pool_size=POOL,
-        database_url=postgres_url,
-        redis_url=private_cluster.url,
-        data_dir=tmp_path,
-    )
+    server = await _on_private_cluster(private_cluster, postgres_url, tmp_path)
     try:
         guard = await guard_client(server)
         service = await new_service(guard, register_limit=2)
@@ -445,12 +442,8 @@ async def test_a_killed_master_fails_over_without_raising_a_limit(
     private_cluster: cs.PrivateCluster, postgres_url: str, tmp_path: Path
 ) -> None:
     bound = 0.25
-    server = await start_server(
-        database_pool_size=POOL,
-        database_url=postgres_url,
-        redis_url=private_cluster.url,
-        data_dir=tmp_path,
-        redis_timeout_seconds=bound,
+    server = await _on_private_cluster(
+        private_cluster, postgres_url, tmp_path, redis_timeout_seconds=bound
     )
     limit = 6
     try:
