@@ -14,7 +14,6 @@ from tether.server.observability import fast, metrics
 from tether.server.observability.handlers import (
     CallObserver,
     MethodObserver,
-    ObservingLayer,
     rpc_type,
     split_method,
 )
@@ -63,6 +62,6 @@ class _Call:
         method.handled(code)(1)
 
 
-class MetricsLayer(ObservingLayer):
+class MetricsLayer:
     def observer(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> MethodObserver:
         return _Method(method, handler)

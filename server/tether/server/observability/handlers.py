@@ -145,12 +145,11 @@ async def _counted(requests: AsyncIterator[Any], call: CallObserver) -> AsyncIte
         yield request
 
 
-class ObservingLayer:
-    """Metrics or tracing: an observer made once per method, which the
+class ObservingLayer(Protocol):
+    """Metrics or tracing: makes an observer once per method, which the
     generic handler wraps around the method's handler (wrap)."""
 
-    def observer(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> MethodObserver:
-        raise NotImplementedError
+    def observer(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> MethodObserver: ...
 
 
 def observed(

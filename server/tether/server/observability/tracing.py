@@ -22,7 +22,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from tether.server.observability.handlers import (
     CallObserver,
     MethodObserver,
-    ObservingLayer,
     split_method,
 )
 
@@ -99,7 +98,7 @@ class _TracedCall:
         context_api.detach(self._token)  # type: ignore[arg-type]
 
 
-class TracingLayer(ObservingLayer):
+class TracingLayer:
     """One server span per RPC, continuing the caller's W3C traceparent."""
 
     def __init__(self, tracer: trace.Tracer) -> None:
