@@ -530,6 +530,31 @@ async def test_a_burst_on_a_popular_fingerprint_is_refused_by_velocity(
     assert signal(refused[0], "rate_per_hour").value > 0
 
 
+async def test_a_popular_fingerprint_busy_for_hours_is_not_taken_for_a_burst(
+    any_server: RunningServer,
+) -> None:
+    """A phone model many people own, seen 8 times an hour for 16 hours a
+    day, each time by someone on a network of their own: its normal rate is
+    what velocity measures against, so on the third day none of them is
+    refused. (Counted in hour slots, a fingerprint seen in every busy hour
+    looked seen about once an hour however many came.)"""
+    guard = await guard_client(any_server)
+    phone = browser()
+    # Made popular first: people hours apart, each on a new network.
+    events = [timed_event(T0 + i * 3 * HOUR, f"seed{i}", phone, f"10.6.{i}.1") for i in range(6)]
+    day0 = T0 + 24 * HOUR
+    for day in range(3):
+        for i in range(16 * 8):
+            when = day0 + day * 24 * HOUR + i * 450.0
+            n = day * 128 + i
+            events.append(timed_event(when, f"d{n}", phone, f"10.7.{n // 250}.{1 + n % 250}"))
+    verdicts = await replay_verdicts(guard, 3, events)
+    last_day = verdicts[-128:]
+    refused = [v for v in last_day if v.verdict == pb.VERDICT_DENY]
+    assert not refused, (len(refused), refused[0].explanation if refused else None)
+    assert signal(last_day[-1], "popularity").fired
+
+
 async def test_anti_detect_profiles_cycling_settings_link_by_profile(
     any_server: RunningServer,
 ) -> None:

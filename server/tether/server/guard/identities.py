@@ -356,7 +356,10 @@ class IdentityBook:
         self.band_rates = Occupancy(HOUR, HORIZON, LINK_PRIOR)
         # A device class may be seen many times an hour: finer slots.
         self.device_rates = Occupancy(REPEAT_SLOT, HORIZON, LINK_PRIOR)
-        self.identity_rates = Occupancy(HOUR, HORIZON, COUNT_PRIOR)
+        # So may a fingerprint many people share: in hour slots, an hour in
+        # which ten of them came weighed as one in which one did, and
+        # velocity took its busy hours for a burst.
+        self.identity_rates = Occupancy(REPEAT_SLOT, HORIZON, COUNT_PRIOR)
         self.spread = Spread(EPISODE_GAP, CROWD_PERIOD)
         self.crowds = Crowds(HORIZON, CROWD_BROWSERS)
         self._values = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
