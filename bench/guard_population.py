@@ -9,7 +9,8 @@ one seed meet other worlds on the next. Each event is one registration:
 time, account, the components a collector would send, the client IP, and a
 label (legitimate or abusive) with the strategy behind it.
 
-What the world holds (sources in docs/guard.md):
+What the world holds (sources in the comments below; docs/guard-quality.md
+shows what the guard makes of it):
 - Devices. Phones are drawn from a model list with market shares
   (perturbed per seed); identical models with the same OS and browser
   version give identical fingerprints. Desktops combine OS, browser,
