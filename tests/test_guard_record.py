@@ -17,7 +17,8 @@ from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import identity_record
-from tether.server.guard.identities import IdentityBook
+from tether.server.guard.identities import IdentityBook, rate_per_hour
+from tether.server.guard.recorder import Change
 from tether.server.guard.tables import (
     GuardEntry,
     GuardFarmed,
@@ -169,7 +170,55 @@ async def test_a_sweep_takes_a_new_browser_whose_row_committed_late(
 
 def test_sightings_are_recorded_once_an_hour_per_network() -> None:
     sightings = identity_record.Sightings()
-    assert sightings.new("f", "n", 3600.0) == ("f", "n", 1)
+    assert sightings.new("f", "n", 3600.0) == ("f", "n", 1, 0)
     assert sightings.new("f", "n", 3700.0) is None
-    assert sightings.new("f", "m", 3700.0) == ("f", "m", 1)
-    assert sightings.new("f", "n", 7201.0) == ("f", "n", 2)
+    assert sightings.new("f", "m", 3700.0) == ("f", "m", 1, 1)
+    assert sightings.new("f", "n", 7201.0 + 25 * 60) == ("f", "n", 2, 25)
+
+
+async def test_a_restart_rebuilds_an_identitys_rate_in_the_slots_it_was_seen_in(
+    any_server: RunningServer,
+) -> None:
+    """The book counts an identity's rate in 10-minute slots, and velocity
+    judges bursts against it: a fingerprint seen from twelve networks over
+    two hours, ten minutes apart, must come back from the record in twelve
+    slots, not in the two its hours would give (the rate then fell to a
+    sixth, and velocity refused what it allowed before the restart)."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, login_limit=5)
+    verdict = await guard.evaluate(
+        service, "login", account("r1"), fingerprint(secrets.token_hex(4)), home()
+    )
+    name = verdict.explanation.fingerprint
+    now = time.time()
+    first_hour = math.floor(now / 3600) - 4
+    seen = [(f"10.221.{i}.1", first_hour * 3600 + i * 600 + 90.0) for i in range(12)]
+    change = Change()
+    for network, t in seen:
+        change.sightings.add((name, network, math.floor(t / 3600), math.floor(t % 3600 / 60)))
+    recorder = guard_of(any_server).recorder
+    recorder.later(change)
+    await recorder.flush()
+
+    db = any_server.app.runtime.db
+    restored = IdentityBook()
+    await identity_record.load(db, restored, now)
+    # What a book that saw them live holds: each sighting at its own time.
+    [row] = await _rows(any_server, GuardFingerprint, GuardFingerprint.fingerprint == name)
+    live = IdentityBook()
+    live.restore_fingerprint(
+        identity_record.fingerprint_from(name, row.digests),
+        row.first_seen_time.timestamp(),
+        row.last_seen_time.timestamp(),
+        "",
+    )
+    for network, t in seen:
+        live.restore_sighting(name, network, t)
+    [own] = await _rows(
+        any_server,
+        GuardSighting,
+        GuardSighting.fingerprint == name,
+        GuardSighting.hour > first_hour + 2,
+    )
+    live.restore_sighting(name, own.network, identity_record.sighting_time(own.hour, own.minute))
+    assert rate_per_hour(restored, name, now) == rate_per_hour(live, name, now) > 0

@@ -99,12 +99,26 @@ class OncePerHour:
 
 
 class Sightings(OncePerHour):
-    """(fingerprint, network) pairs: one sighting row per hour."""
+    """(fingerprint, network) pairs: one sighting row per hour, with the
+    minute of the hour's first (the book counts rates in 10-minute slots)."""
 
-    def new(self, fingerprint: str, network: str, t: float) -> tuple[str, str, int] | None:
+    def new(self, fingerprint: str, network: str, t: float) -> tuple[str, str, int, int] | None:
         if not self.first((fingerprint, network), t):
             return None
-        return (fingerprint, network, math.floor(t / HOUR))
+        return (fingerprint, network, math.floor(t / HOUR), math.floor(t % HOUR / 60))
+
+
+SIGHTING_COLUMNS = (
+    GuardSighting.fingerprint,
+    GuardSighting.network,
+    GuardSighting.hour,
+    GuardSighting.minute,
+)
+
+
+def sighting_time(hour: int, minute: int) -> float:
+    """When a recorded sighting was: the middle of its minute."""
+    return hour * HOUR + minute * 60 + 30
 
 
 def learned(
@@ -114,7 +128,7 @@ def learned(
     links: tuple[Link, ...],
     new: bool,
     merges: list[Link],
-    sighting: tuple[str, str, int] | None,
+    sighting: tuple[str, str, int, int] | None,
     t: float,
 ) -> None:
     """Adds to `change` what a call taught the book."""
@@ -191,9 +205,9 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
         ).all()
         sightings = (
             await session.execute(
-                select(GuardSighting.fingerprint, GuardSighting.network, GuardSighting.hour)
+                select(*SIGHTING_COLUMNS)
                 .where(GuardSighting.hour >= oldest)
-                .order_by(GuardSighting.hour)
+                .order_by(GuardSighting.hour, GuardSighting.minute)
             )
         ).all()
     marks = Watermarks()
@@ -213,8 +227,8 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
         marks.links.add(record.id)
     marks.floor = max(marks.links, default=0) - LINK_ID_WINDOW
     marks.links = {i for i in marks.links if i > marks.floor}
-    for fingerprint, network, hour in sightings:
-        book.restore_sighting(fingerprint, network, hour * HOUR + HOUR / 2)
+    for fingerprint, network, hour, minute in sightings:
+        book.restore_sighting(fingerprint, network, sighting_time(hour, minute))
     return len(fingerprints) + len(forgotten), marks
 
 
@@ -277,14 +291,14 @@ async def follow(
         async with db.sessions() as session:
             for names in _chunks(learned):
                 sightings += await session.execute(
-                    select(GuardSighting.fingerprint, GuardSighting.network, GuardSighting.hour)
+                    select(*SIGHTING_COLUMNS)
                     .where(GuardSighting.fingerprint.in_(names), GuardSighting.hour >= oldest)
-                    .order_by(GuardSighting.hour)
+                    .order_by(GuardSighting.hour, GuardSighting.minute)
                 )
-        # In hour order across the parts, as each part read them.
-        sightings.sort(key=lambda row: row[2])
-        for fingerprint, network, hour in sightings:
-            book.restore_sighting(fingerprint, network, hour * HOUR + HOUR / 2)
+        # In time order across the parts, as each part read them.
+        sightings.sort(key=lambda row: (row[2], row[3]))
+        for fingerprint, network, hour, minute in sightings:
+            book.restore_sighting(fingerprint, network, sighting_time(hour, minute))
     applied = len(learned)
     for record in records:
         if record.id in marks.links:

@@ -59,8 +59,8 @@ class Change:
     # merges and operators' corrections (guard_fingerprint_links rows).
     fingerprints: list[dict[str, Any]] = field(default_factory=list)
     link_records: list[dict[str, Any]] = field(default_factory=list)
-    # (fingerprint, network, hour) seen.
-    sightings: set[tuple[str, str, int]] = field(default_factory=set)
+    # (fingerprint, network, hour, minute of the hour's first) seen.
+    sightings: set[tuple[str, str, int, int]] = field(default_factory=set)
     # (service, action, room, identity) refused as one browser.
     farmed: set[tuple[str, str, str, str]] = field(default_factory=set)
 
@@ -163,7 +163,7 @@ class Batch:
     links: list[dict[str, Any]]
     fingerprints: list[dict[str, Any]]
     link_records: list[dict[str, Any]]
-    sightings: list[tuple[str, str, int]]
+    sightings: list[tuple[str, str, int, int]]
     farmed: list[tuple[str, str, str, str]]
 
     @property
@@ -184,7 +184,7 @@ class Batch:
         links: dict[tuple[str, str, bytes], dict[str, Any]] = {}
         fingerprints: dict[str, dict[str, Any]] = {}
         link_records: list[dict[str, Any]] = []
-        sightings: set[tuple[str, str, int]] = set()
+        sightings: set[tuple[str, str, int, int]] = set()
         farmed: set[tuple[str, str, str, str]] = set()
         for change in changes:
             for key, (expire, network) in change.put.items():

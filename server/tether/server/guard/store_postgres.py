@@ -69,7 +69,7 @@ class PostgresGuardStore:
             *_columns(sorted(links, key=lambda row: row[:3]), 7),
             *_columns(sorted(fingerprints), 4),
             *_columns(records, 8),
-            *_columns(sorted(batch.sightings), 3),
+            *_columns(sorted(batch.sightings), 4),
             *_columns(sorted(batch.farmed), 4),
         ]
         for attempt in range(1, WRITE_ATTEMPTS + 1):
@@ -135,13 +135,13 @@ WITH dropped AS (
         $30::varchar[], $31::varchar[], $32::timestamptz[])
         AS t(kind, source, target, confidence, changed, actor, reason, create_time)
 ), sighted AS (
-    INSERT INTO guard_sightings (fingerprint, network, hour)
-    SELECT * FROM unnest($33::varchar[], $34::varchar[], $35::int[])
+    INSERT INTO guard_sightings (fingerprint, network, hour, minute)
+    SELECT * FROM unnest($33::varchar[], $34::varchar[], $35::int[], $36::int[])
     ON CONFLICT DO NOTHING
 )
 INSERT INTO guard_farmed (service_id, action, room_id, identity, create_time)
 SELECT service_id, action, room_id, identity, $13
-FROM unnest($36::varchar[], $37::varchar[], $38::varchar[], $39::varchar[])
+FROM unnest($37::varchar[], $38::varchar[], $39::varchar[], $40::varchar[])
     AS t(service_id, action, room_id, identity)
 ON CONFLICT DO NOTHING
 """

@@ -52,7 +52,10 @@ class SqlAlchemyGuardStore:
             if batch.sightings:
                 await session.execute(
                     statements.sightings,
-                    [{"fingerprint": f, "network": n, "hour": h} for f, n, h in batch.sightings],
+                    [
+                        {"fingerprint": f, "network": n, "hour": h, "minute": m}
+                        for f, n, h, m in batch.sightings
+                    ],
                 )
             if batch.farmed:
                 await session.execute(

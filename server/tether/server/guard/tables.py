@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, Index, Integer, LargeBinary, String
+from sqlalchemy import JSON, BigInteger, Float, Index, Integer, LargeBinary, SmallInteger, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tether.server.storage.base import Base, UtcDateTime, utcnow
@@ -128,6 +128,9 @@ class GuardSighting(Base):
     network: Mapped[str] = mapped_column(String(16), primary_key=True)
     # Unix time // 3600.
     hour: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The minute of the hour's first sighting: the book's rates count
+    # 10-minute slots. Rows from before it was kept say 30.
+    minute: Mapped[int] = mapped_column(SmallInteger, default=30, server_default="30")
 
 
 class GuardFarmed(Base):
