@@ -21,7 +21,7 @@ from sqlalchemy import delete, select
 from tether.server import logs
 from tether.server.guard.fingerprint import Fingerprint
 from tether.server.guard.identities import HORIZON, JOINING, IdentityBook, Link, LinkKind
-from tether.server.guard.recorder import Change
+from tether.server.guard.recorder import Change, Sighting
 from tether.server.guard.signals import HOUR
 from tether.server.guard.tables import GuardFingerprint, GuardLinkRecord, GuardSighting
 from tether.server.storage.database import Database
@@ -102,7 +102,7 @@ class Sightings(OncePerHour):
     """(fingerprint, network) pairs: one sighting row per hour, with the
     minute of the hour's first (the book counts rates in 10-minute slots)."""
 
-    def new(self, fingerprint: str, network: str, t: float) -> tuple[str, str, int, int] | None:
+    def new(self, fingerprint: str, network: str, t: float) -> Sighting | None:
         if not self.first((fingerprint, network), t):
             return None
         return (fingerprint, network, math.floor(t / HOUR), math.floor(t % HOUR / 60))
@@ -128,7 +128,7 @@ def learned(
     links: tuple[Link, ...],
     new: bool,
     merges: list[Link],
-    sighting: tuple[str, str, int, int] | None,
+    sighting: Sighting | None,
     t: float,
 ) -> None:
     """Adds to `change` what a call taught the book."""

@@ -45,6 +45,11 @@ class EntryKey:
     member: bytes
 
 
+# A fingerprint seen from a network: (fingerprint, network, hour, minute of
+# the hour's first sighting), one guard_sightings row.
+Sighting = tuple[str, str, int, int]
+
+
 @dataclass
 class Change:
     """What one guard call changes in SQL."""
@@ -59,8 +64,7 @@ class Change:
     # merges and operators' corrections (guard_fingerprint_links rows).
     fingerprints: list[dict[str, Any]] = field(default_factory=list)
     link_records: list[dict[str, Any]] = field(default_factory=list)
-    # (fingerprint, network, hour, minute of the hour's first) seen.
-    sightings: set[tuple[str, str, int, int]] = field(default_factory=set)
+    sightings: set[Sighting] = field(default_factory=set)
     # (service, action, room, identity) refused as one browser.
     farmed: set[tuple[str, str, str, str]] = field(default_factory=set)
 
@@ -163,7 +167,7 @@ class Batch:
     links: list[dict[str, Any]]
     fingerprints: list[dict[str, Any]]
     link_records: list[dict[str, Any]]
-    sightings: list[tuple[str, str, int, int]]
+    sightings: list[Sighting]
     farmed: list[tuple[str, str, str, str]]
 
     @property
@@ -184,7 +188,7 @@ class Batch:
         links: dict[tuple[str, str, bytes], dict[str, Any]] = {}
         fingerprints: dict[str, dict[str, Any]] = {}
         link_records: list[dict[str, Any]] = []
-        sightings: set[tuple[str, str, int, int]] = set()
+        sightings: set[Sighting] = set()
         farmed: set[tuple[str, str, str, str]] = set()
         for change in changes:
             for key, (expire, network) in change.put.items():
