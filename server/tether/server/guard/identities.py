@@ -358,8 +358,9 @@ class IdentityBook:
         self.device_rates = Occupancy(REPEAT_SLOT, HORIZON, LINK_PRIOR)
         # So may a fingerprint many people share: in hour slots, an hour in
         # which ten of them came weighed as one in which one did, and
-        # velocity took its busy hours for a burst.
-        self.identity_rates = Occupancy(REPEAT_SLOT, HORIZON, COUNT_PRIOR)
+        # velocity took its busy hours for a burst. By chunk, for the same
+        # reason over a day (Occupancy).
+        self.identity_rates = Occupancy(REPEAT_SLOT, HORIZON, COUNT_PRIOR, by_chunk=True)
         self.spread = Spread(EPISODE_GAP, CROWD_PERIOD)
         self.crowds = Crowds(HORIZON, CROWD_BROWSERS)
         self._values = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)

@@ -17,6 +17,15 @@ from collections.abc import Hashable, Iterable
 
 HOUR = 3600.0
 
+# Occupancy's chunk: a byte of slots (80 minutes of 10-minute slots), and
+# the sightings a chunk with k of its slots seen stands for (the Poisson
+# rate behind k of CHUNK_SLOTS; a full chunk as if half a slot were empty).
+CHUNK_SLOTS = 8
+_CHUNK_SIGHTINGS = [
+    -CHUNK_SLOTS * math.log(1 - min(seen.bit_count(), CHUNK_SLOTS - 0.5) / CHUNK_SLOTS)
+    for seen in range(1 << CHUNK_SLOTS)
+]
+
 
 # Rates repeat (an identity's own, seen again and again): remember the answers.
 @functools.lru_cache(maxsize=65536)
@@ -40,12 +49,25 @@ class Occupancy:
     A burst counts once per slot, so one browser hammering a form looks like
     one visitor, while a fingerprint many people share fills slot after
     slot. Each key keeps a bit per slot over the horizon.
+
+    The rate is the Poisson rate behind the share of slots seen. How often
+    a key is seen varies over a day, though, and one estimate over the
+    whole horizon takes its busy hours' full slots for as few sightings as
+    its quiet hours'. With by_chunk, the rate is estimated chunk by chunk
+    (CHUNK_SLOTS slots each) and summed: for a rate that a count is judged
+    against (velocity), where a phone model many people use in the evening
+    looked rarer than it is and its owners were refused in their busy
+    hours. It costs about 3 us a call more, which the linking rates, asked
+    for a dozen bands per first visit, do without.
     """
 
-    __slots__ = ("_all_slots", "_keys", "_new", "_prior", "_slot", "_slots")
+    __slots__ = ("_all_slots", "_by_chunk", "_keys", "_new", "_prior", "_slot", "_slots")
 
-    def __init__(self, slot: float, horizon: float, prior: float) -> None:
+    def __init__(
+        self, slot: float, horizon: float, prior: float, *, by_chunk: bool = False
+    ) -> None:
         self._slot = slot
+        self._by_chunk = by_chunk
         self._slots = int(horizon // slot)
         # A mask of every slot (a 1,008-bit int for 10-minute slots: made once).
         self._all_slots = (1 << self._slots) - 1
@@ -108,11 +130,16 @@ class Occupancy:
         high = last - start
         if high < low:
             return 0.0
-        seen = ((mask >> low) & ((1 << (high - low + 1)) - 1)).bit_count()
-        if seen == 0:
+        seen = (mask >> low) & ((1 << (high - low + 1)) - 1)
+        if not seen:
             return 0.0
+        if self._by_chunk:
+            # A byte of slots is a chunk: the table sums their estimates in C.
+            chunks = seen.to_bytes((high - low) // CHUNK_SLOTS + 1, "little")
+            sightings = sum(map(_CHUNK_SIGHTINGS.__getitem__, chunks))
+            return sightings / slots * HOUR / self._slot
         # Slots with at least one sighting -> the Poisson rate behind them.
-        per_slot = -math.log(1 - min(seen, slots - 0.5) / slots)
+        per_slot = -math.log(1 - min(seen.bit_count(), slots - 0.5) / slots)
         return per_slot * HOUR / self._slot
 
     def forget_idle(self, key: Hashable, t: float) -> None:
