@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import statistics
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -170,6 +171,9 @@ def main() -> None:
     )
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--basic", action="store_true")
+    parser.add_argument(
+        "--brief", action="store_true", help="each seed's figures, then their mean; no why"
+    )
     parser.add_argument("--detail", type=int, default=0, help="farms to list in detail")
     parser.add_argument("--strategy", default="", help="only list farms of this strategy")
     parser.add_argument(
@@ -183,6 +187,7 @@ def main() -> None:
         check_strategies(tuple(args.strategies))
     except ValueError as exc:
         parser.error(str(exc))
+    figures: list[tuple[float, float]] = []
     for seed in args.seed:
         # As many farmers and households per person as the generator's defaults.
         default = Population(seed)
@@ -212,6 +217,9 @@ def main() -> None:
             f"seed {seed}: FR {result['false_refusal'] * 100:.2f}% "
             f"catch {result['catch'] * 100:.1f}% {per} ({time.perf_counter() - began:.0f} s)"
         )
+        figures.append((result["false_refusal"], result["catch"]))
+        if args.brief:
+            continue
         print("  links, right of made (mean confidence claimed):", ", ".join(
             f"{kind} {right}/{made} ({confidence:.3f})"
             for kind, (right, made, confidence) in sorted(link_precision(rows).items())
@@ -255,6 +263,13 @@ def main() -> None:
                     f"pop={r.inputs.popularity} crowd={r.inputs.crowd_browsers} "
                     f"vel={r.inputs.velocity} {links}"
                 )
+    if len(figures) > 1:
+        refused = [fr * 100 for fr, _ in figures]
+        caught = statistics.fmean(catch for _, catch in figures) * 100
+        print(
+            f"mean of {len(figures)} seeds: FR {statistics.fmean(refused):.2f}%"
+            f" (worst {max(refused):.2f}%), catch {caught:.1f}%"
+        )
 
 
 def false_refusals(rows: list[Row], limit: int) -> list[Row]:
