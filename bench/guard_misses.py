@@ -264,11 +264,11 @@ def main() -> None:
                     f"vel={r.inputs.velocity} {links}"
                 )
     if len(figures) > 1:
-        refused = [fr * 100 for fr, _ in figures]
-        caught = statistics.fmean(catch for _, catch in figures) * 100
+        refusals = [fr * 100 for fr, _ in figures]
+        mean_catch = statistics.fmean(catch for _, catch in figures) * 100
         print(
-            f"mean of {len(figures)} seeds: FR {statistics.fmean(refused):.2f}%"
-            f" (worst {max(refused):.2f}%), catch {caught:.1f}%"
+            f"mean of {len(figures)} seeds: FR {statistics.fmean(refusals):.2f}%"
+            f" (worst {max(refusals):.2f}%), catch {mean_catch:.1f}%"
         )
 
 
