@@ -530,6 +530,24 @@ async def test_a_burst_on_a_popular_fingerprint_is_refused_by_velocity(
     assert signal(refused[0], "rate_per_hour").value > 0
 
 
+async def _last_day_of_a_popular_phone(
+    server: RunningServer, day: list[float], days: int
+) -> list[pb.EvaluateResponse]:
+    """A phone model many people own, made popular first (people hours
+    apart, each on a new network), then registering at `day`'s offsets
+    every day for `days` days, each time by someone on a network of their
+    own: the last day's verdicts at N = 3."""
+    guard = await guard_client(server)
+    phone = browser()
+    events = [timed_event(T0 + i * 3 * HOUR, f"seed{i}", phone, f"10.6.{i}.1") for i in range(6)]
+    day0 = T0 + 24 * HOUR
+    times = [day0 + d * 24 * HOUR + offset for d in range(days) for offset in day]
+    for n, when in enumerate(times):
+        events.append(timed_event(when, f"d{n}", phone, f"10.7.{n // 250}.{1 + n % 250}"))
+    verdicts = await replay_verdicts(guard, 3, events)
+    return verdicts[-len(day) :]
+
+
 async def test_a_popular_fingerprint_busy_for_hours_is_not_taken_for_a_burst(
     any_server: RunningServer,
 ) -> None:
@@ -538,18 +556,9 @@ async def test_a_popular_fingerprint_busy_for_hours_is_not_taken_for_a_burst(
     what velocity measures against, so on the third day none of them is
     refused. (Counted in hour slots, a fingerprint seen in every busy hour
     looked seen about once an hour however many came.)"""
-    guard = await guard_client(any_server)
-    phone = browser()
-    # Made popular first: people hours apart, each on a new network.
-    events = [timed_event(T0 + i * 3 * HOUR, f"seed{i}", phone, f"10.6.{i}.1") for i in range(6)]
-    day0 = T0 + 24 * HOUR
-    for day in range(3):
-        for i in range(16 * 8):
-            when = day0 + day * 24 * HOUR + i * 450.0
-            n = day * 128 + i
-            events.append(timed_event(when, f"d{n}", phone, f"10.7.{n // 250}.{1 + n % 250}"))
-    verdicts = await replay_verdicts(guard, 3, events)
-    last_day = verdicts[-128:]
+    last_day = await _last_day_of_a_popular_phone(
+        any_server, [i * 450.0 for i in range(16 * 8)], days=3
+    )
     refused = [v for v in last_day if v.verdict == pb.VERDICT_DENY]
     assert not refused, (len(refused), refused[0].explanation if refused else None)
     assert signal(last_day[-1], "popularity").fired
@@ -564,22 +573,8 @@ async def test_a_popular_fingerprint_busy_in_the_evenings_is_not_taken_for_a_bur
     day none of its owners is refused. (One estimate over the whole week
     took each full slot for one sighting, a rate under the day's mean, and
     velocity refused 7 of the fourth day's 112 in its evening.)"""
-    guard = await guard_client(any_server)
-    phone = browser()
-    events = [timed_event(T0 + i * 3 * HOUR, f"seed{i}", phone, f"10.6.{i}.1") for i in range(6)]
-    day0 = T0 + 24 * HOUR
-    times = [
-        day0 + day * 24 * HOUR + offset
-        for day in range(4)
-        for offset in [
-            *(i * 1800.0 for i in range(32)),
-            *(16 * HOUR + i * 360.0 for i in range(80)),
-        ]
-    ]
-    for n, when in enumerate(times):
-        events.append(timed_event(when, f"e{n}", phone, f"10.8.{n // 250}.{1 + n % 250}"))
-    verdicts = await replay_verdicts(guard, 3, events)
-    last_day = verdicts[-112:]
+    day = [*(i * 1800.0 for i in range(32)), *(16 * HOUR + i * 360.0 for i in range(80))]
+    last_day = await _last_day_of_a_popular_phone(any_server, day, days=4)
     refused = [v for v in last_day if v.verdict == pb.VERDICT_DENY]
     assert not refused, (len(refused), refused[0].explanation if refused else None)
     assert signal(last_day[-1], "popularity").fired
