@@ -1077,8 +1077,6 @@ class IdentityBook:
         active = self._active.get(device)
         if not active:
             return []
-        # The device's rate, once a candidate needs it (most calls find none).
-        rate: float | None = None
         # Candidates: recent identities of the device that showed one of
         # this fingerprint's values. A value shown by many is no evidence
         # (its share alone would exceed the bound), so it finds nobody: the
@@ -1088,13 +1086,21 @@ class IdentityBook:
             holders = self._holders.get(device + tagged[group])
             if holders and len(holders) <= PROFILE_HOLDERS:
                 found.update(holders)
+        if not found:
+            return []
+        rate = max(
+            self.device_rates.rate(device, t, RATE_EXCLUDE),
+            self._overall_rate(t) * self._values.share_of(tagged[DEVICE]),
+        )
+        match = _ProfileMatch(
+            fp,
+            _DRIFTING_OF(tagged),
+            # The least a fonts-near match can weigh (_fonts_near_share is
+            # at least the share of this fingerprint's own font set).
+            self._font_sets.share_of(hash(fp.fonts)),
+        )
         hits: list[_Candidate] = []
         parent, profiles = self._parent, self._profiles
-        drifting = _DRIFTING_OF(tagged)
-        # Shares of the values the candidates showed, by group's values:
-        # candidates found through a value mostly showed it alone, so one
-        # share serves many of them.
-        shares: dict[tuple[_Tagged, ...], float] = {}
         for identity in found:
             last = active.get(identity)
             if last is None or t - last > PROFILE_RECENT or identity in parent:
@@ -1102,35 +1108,57 @@ class IdentityBook:
             profile = profiles.get(identity)
             if profile is None:
                 continue
-            # The cheap tests first: most candidates match too few groups.
-            match = _profile_match(fp, drifting, profile)
-            if match is None or self.popular(identity):
+            # The cheap test first: most candidates match too few groups.
+            matched = _groups_matched(match.drifting, profile)
+            if len(matched) + (SOFTWARE not in matched) < PROFILE_MIN_GROUPS:
                 continue
-            if rate is None:
-                rate = max(
-                    self.device_rates.rate(device, t, RATE_EXCLUDE),
-                    self._overall_rate(t) * self._values.share_of(tagged[DEVICE]),
-                )
-            matched, fonts_near = match
-            p = 1.0
-            for group in matched:
-                values = profile.values[group]
-                share = shares.get(values)
-                if share is None:
-                    share = shares[values] = self._values.share(values)
-                p *= share
-            if fonts_near:
-                p *= self._fonts_near_share(fp, profile)
-            expected = rate * max(t - last, 60.0) / HOUR * p * PROFILE_SAFETY
-            # The prior can only raise it: asked of candidates still under the bound.
-            if (
-                expected <= STRANGERS_PROFILE
-                and (expected := expected / self._cycling_prior(identity, matched))
-                <= STRANGERS_PROFILE
-            ):
-                changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
-                hits.append(_Candidate(expected, identity, LinkKind.PROFILE, changed))
+            hit = self._profile_hit(
+                match, identity, profile, matched, rate * max(t - last, 60.0) / HOUR
+            )
+            if hit is not None:
+                hits.append(hit)
         return hits
+
+    def _profile_hit(
+        self,
+        match: _ProfileMatch,
+        identity: str,
+        profile: _Profile,
+        matched: list[int],
+        strangers_per_match: float,
+    ) -> _Candidate | None:
+        """The candidate a profile that showed the `matched` groups' values
+        makes, if strangers (`strangers_per_match` of the device since the
+        identity was last seen, times the chance each matches) would rarely
+        match as well."""
+        p = 1.0
+        for group in matched:
+            p *= match.share(self._values, profile.values[group])
+        # What the match could at best claim before the fonts are compared
+        # (the costly test): on a busy device most candidates end here, far
+        # above the bound whatever their fonts.
+        fonts_may_count = SOFTWARE not in matched
+        if (
+            fonts_may_count
+            and strangers_per_match * (p * match.fonts_floor) * PROFILE_SAFETY > STRANGERS_PROFILE
+        ):
+            return None
+        if self.popular(identity):
+            return None
+        fonts_near = fonts_may_count and _fonts_near(match.fp, profile)
+        if not fonts_near and len(matched) < PROFILE_MIN_GROUPS:
+            return None
+        if fonts_near:
+            p *= self._fonts_near_share(match.fp, profile)
+        expected = strangers_per_match * p * PROFILE_SAFETY
+        # The prior can only raise it: asked of candidates still under the bound.
+        if (
+            expected <= STRANGERS_PROFILE
+            and (expected := expected / self._cycling_prior(identity, matched)) <= STRANGERS_PROFILE
+        ):
+            changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
+            return _Candidate(expected, identity, LinkKind.PROFILE, changed)
+        return None
 
     def _fonts_near_share(self, fp: Fingerprint, profile: _Profile) -> float:
         """The chance a stranger's fonts are near one of the profile's sets:
@@ -1365,28 +1393,39 @@ def _can_drift(earlier: Fingerprint, fp: Fingerprint, out: tuple[int, ...]) -> b
     return SOFTWARE not in out or fonts_alike(fp.fonts, earlier.fonts, FONTS_ALIKE)
 
 
-def _profile_match(
-    fp: Fingerprint, drifting: tuple[_Tagged, ...], profile: _Profile
-) -> tuple[list[int], bool] | None:
+def _groups_matched(drifting: tuple[_Tagged, ...], profile: _Profile) -> list[int]:
     """The drifting groups whose value (`drifting`, the fingerprint's tagged
-    values of DRIFTING) the profile showed, and whether the fonts are near one of
-    its font sets (when the software group's value is not among them); None
-    when that makes fewer than PROFILE_MIN_GROUPS. Decided before any share
-    is computed: most candidates end here."""
-    # One pass in C over the groups: this runs for every candidate.
-    matched = list(
+    values of DRIFTING) the profile showed: one pass in C over the groups,
+    as this runs for every candidate."""
+    return list(
         itertools.compress(DRIFTING, map(operator.contains, _DRIFTING_OF(profile.values), drifting))
     )
-    if SOFTWARE in matched:
-        return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
-    if len(matched) + 1 < PROFILE_MIN_GROUPS:
-        return None
-    # A loop, not any() over a generator: most candidates get here.
+
+
+def _fonts_near(fp: Fingerprint, profile: _Profile) -> bool:
+    """Whether the fonts are near one of the profile's font sets."""
     fonts = fp.fonts
-    for font_set in profile.font_sets:
-        if fonts_alike(fonts, font_set, FONTS_NEAR):
-            return matched, True
-    return (matched, False) if len(matched) >= PROFILE_MIN_GROUPS else None
+    return any(fonts_alike(fonts, font_set, FONTS_NEAR) for font_set in profile.font_sets)
+
+
+class _ProfileMatch:
+    """One fingerprint's profile look-up: what every candidate is compared
+    with, and the shares of the values candidates showed (found through a
+    value, most showed it alone, so one share serves many of them)."""
+
+    __slots__ = ("_shares", "drifting", "fonts_floor", "fp")
+
+    def __init__(self, fp: Fingerprint, drifting: tuple[_Tagged, ...], fonts_floor: float) -> None:
+        self.fp = fp
+        self.drifting = drifting
+        self.fonts_floor = fonts_floor
+        self._shares: dict[tuple[_Tagged, ...], float] = {}
+
+    def share(self, frequencies: Frequencies, values: tuple[_Tagged, ...]) -> float:
+        share = self._shares.get(values)
+        if share is None:
+            share = self._shares[values] = frequencies.share(values)
+        return share
 
 
 def _made(recent: dict[_K, dict[str, float]], key: _K) -> dict[str, float]:
