@@ -27,9 +27,11 @@ import math
 import multiprocessing
 import os
 import secrets
+import tracemalloc
 
 from bench.guard_population import Population
 from tether.server.guard import fingerprint
+from tether.server.guard.forgotten import ForgottenNames
 from tether.server.guard.identities import FORGET_AFTER, IdentityBook
 from tether.server.shared.digests import Digester, DigestKey
 
@@ -98,6 +100,40 @@ def main() -> None:
         f"  book / exact map = {grown_by['book'] / grown_by['exact map']:.1f}x; book / book"
         f" never forgetting = {grown_by['book'] / grown_by['book, never forgetting']:.2f}x"
     )
+    forgotten()
+
+
+def _forgotten_bytes(target: str, names: int) -> int:
+    """Bytes the book keeps for `names` fingerprints forgotten without a
+    link (traced allocations, names made inside the trace): as a dict of each
+    name with its times, as the book kept them before, or as its filter of
+    names (guard/forgotten.py)."""
+    kept: dict[str, tuple[float, float, None]] = {}
+    filtered = ForgottenNames()
+    tracemalloc.start()
+    for i in range(names):
+        name = secrets.token_hex(16)
+        if target == "dict":
+            kept[name] = (float(i), float(i), None)
+        else:
+            filtered.add(name)
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # The filters' bit arrays are rbloom's own allocations (Rust's), which
+    # tracemalloc does not see: counted from their size.
+    return size + filtered.size_in_bytes()
+
+
+def forgotten(names: int = 1_000_000) -> None:
+    print(f"Fingerprints forgotten without a link ({names:,} names)")
+    spawn = multiprocessing.get_context("spawn")
+    per: dict[str, float] = {}
+    for target in ("dict", "filter"):
+        with spawn.Pool(1) as pool:
+            per[target] = pool.apply(_forgotten_bytes, (target, names)) / names
+    print(f"  name and times in a dict (before)   {per['dict']:7.1f} bytes each")
+    print(f"  name in the book's filter (now)     {per['filter']:7.1f} bytes each")
+    print(f"  filter / dict = {per['filter'] / per['dict']:.3f}x")
 
 
 if __name__ == "__main__":

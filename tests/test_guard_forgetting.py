@@ -8,6 +8,9 @@ import secrets
 import time
 from pathlib import Path
 
+import grpc
+import pytest
+
 from tests.guard_support import (
     fingerprint,
     guard_client,
@@ -50,9 +53,12 @@ async def test_a_forgotten_browser_comes_back_to_its_identity_and_its_count(
             # Another drift of the first, at home: nothing held to link to.
             timed_event(later + 60, "f3", fingerprint(seed, languages=["pt-BR"]), home),
             timed_event(later + 120, "f4", drifted, home),
+            # The first itself: kept by name only (it had no link), it is
+            # its own identity again, not a new fingerprint to link.
+            timed_event(later + 180, "f5", fingerprint(seed), home),
         ],
     )
-    first, second, _, other, back = verdicts
+    first, second, _, other, back, itself = verdicts
     assert second.identity == first.identity
     assert second.explanation.links[0].kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
     assert other.identity != first.identity
@@ -62,6 +68,10 @@ async def test_a_forgotten_browser_comes_back_to_its_identity_and_its_count(
     assert back.explanation.scope == pb.SCOPE_BROWSER
     assert back.count == 2
     assert back.explanation.links[0].kind == pb.LINK_KIND_DRIFT_SAME_NETWORK
+    assert itself.identity == first.identity
+    assert itself.explanation.fingerprint == first.explanation.fingerprint
+    assert not itself.explanation.links
+    assert itself.verdict == pb.VERDICT_DENY and itself.count == 2
 
 
 async def _later_drift_joins(server: RunningServer, days: float) -> bool:
@@ -125,6 +135,35 @@ async def test_a_restart_a_month_later_holds_only_the_names_of_old_browsers(
     assert later.size() < now.size()
 
 
+async def test_a_browser_forgotten_by_name_only_is_still_known_to_operators_and_counts(
+    any_server: RunningServer,
+) -> None:
+    """The live book forgets a browser that never linked: it keeps its name
+    only. An operator still finds it (its times read from SQL), a name never
+    seen is still NOT_FOUND, and the browser, back, counts as before."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=1)
+    seed, home = secrets.token_hex(4), "10.233.0.1"
+    first = await guard.evaluate(service, "register", account("g1"), fingerprint(seed), home)
+    name = first.explanation.fingerprint
+    live = guard_of(any_server)
+    await live.recorder.flush()
+    book = live.book
+    book._forget(book._known[name], time.time())
+    assert book.knows(name) and not book.holds(name) and not book.surely_knows(name)
+    view = await guard.explain_identity(name)
+    assert [f.fingerprint for f in view.fingerprints] == [name]
+    assert view.fingerprints[0].first_seen_time.seconds > 0
+    never = secrets.token_hex(16)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await guard.unlink(never, "never seen")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    back = await guard.evaluate(service, "register", account("g2"), fingerprint(seed), home)
+    assert back.identity == first.identity and not back.explanation.links
+    assert back.verdict == pb.VERDICT_DENY
+    assert book.holds(name)
+
+
 def test_the_book_holds_the_browsers_of_the_last_weeks() -> None:
     """90 days of new browsers, 200 a day: the book holds about those of
     FORGET_AFTER (plus the few days it takes to look at each once more)."""
@@ -142,6 +181,12 @@ def test_the_book_holds_the_browsers_of_the_last_weeks() -> None:
     assert book.size() <= per_day * held_days * 1.3
     assert book.size() >= per_day * held_days
     assert book.size() + book.forgotten() == per_day * days
+    # None of them linked: the book kept their names only, in a few bytes
+    # each (filters grown ahead of need at most double the ~4 a name takes;
+    # a name with its times took about 250).
+    assert not book._forgotten
+    assert book.forgotten_bytes() < 16 * book.forgotten()
+    assert not book.knows("0" * 32)
     # Shares are among the fingerprints held, as a restart restores them.
     assert book._values.total == book.size()
     # Every browser here started an identity: those held still count as such.

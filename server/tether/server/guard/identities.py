@@ -64,6 +64,7 @@ from tether.server.guard.fingerprint import (
     Fingerprint,
     fonts_alike,
 )
+from tether.server.guard.forgotten import ForgottenNames
 from tether.server.guard.signals import (
     HOUR,
     Crowds,
@@ -380,7 +381,10 @@ class IdentityBook:
         # Fingerprints held, in the order they came (or last went round):
         # those looked at for forgetting next first.
         self._queue: deque[str] = deque()
+        # Forgotten fingerprints that had joined an identity, and the names
+        # of those that had started their own (forgotten.py).
         self._forgotten: dict[str, _Forgotten] = {}
+        self._forgotten_names = ForgottenNames()
 
     # --- reading ---------------------------------------------------------
     def find(self, identity: str) -> str:
@@ -398,14 +402,30 @@ class IdentityBook:
         return len(self._known)
 
     def forgotten(self) -> int:
-        return len(self._forgotten)
+        """How many fingerprints the book forgot (and holds no more)."""
+        return len(self._forgotten) + len(self._forgotten_names)
+
+    def forgotten_bytes(self) -> int:
+        """What the forgotten names without a link take."""
+        return self._forgotten_names.size_in_bytes()
 
     def holds(self, fingerprint: str) -> bool:
         """Whether the book holds the fingerprint (has not forgotten it)."""
         return fingerprint in self._known
 
     def knows(self, fingerprint: str) -> bool:
-        """Whether the book has seen the fingerprint (held or forgotten)."""
+        """Whether the book has seen the fingerprint (held or forgotten);
+        about once in 10^6, a fingerprint never seen is taken for one
+        forgotten without a link (surely_knows says which)."""
+        return (
+            fingerprint in self._known
+            or fingerprint in self._forgotten
+            or fingerprint in self._forgotten_names
+        )
+
+    def surely_knows(self, fingerprint: str) -> bool:
+        """Whether the book holds the fingerprint, or forgot it with a link:
+        what it knows for sure (a name forgotten without one, SQL can tell)."""
         return fingerprint in self._known or fingerprint in self._forgotten
 
     def popularity(self, identity: str) -> int:
@@ -487,9 +507,11 @@ class IdentityBook:
         bands = _bands(fp)
         tagged = _tagged(fp.groups)
         merged: tuple[str, ...] = ()
-        if known is None and fp.identity in self._forgotten:
+        if known is None and (
+            fp.identity in self._forgotten or fp.identity in self._forgotten_names
+        ):
             # Back after it was forgotten: its identity as it was, not a new link.
-            known = self._recall(fp, bands, tagged, network)
+            known = self._recall(fp, bands, tagged, network, t)
         if known is not None:
             identity = self.find(fp.identity)
             new = False
@@ -585,7 +607,10 @@ class IdentityBook:
         fp = known.fingerprint
         name = fp.identity
         del self._known[name]
-        self._forgotten[name] = _Forgotten(known.first_seen, known.last_seen, known.link)
+        if known.link is None:
+            self._forgotten_names.add(name)
+        else:
+            self._forgotten[name] = _Forgotten(known.first_seen, known.last_seen, known.link)
         # Shares among the fingerprints held: its values, and the identity
         # it started, no longer count.
         self._remove_values(fp)
@@ -620,10 +645,20 @@ class IdentityBook:
             _drop(self._holders, device + value, identity)
 
     def _recall(
-        self, fp: Fingerprint, bands: list[_Band], tagged: tuple[_Tagged, ...], network: str
+        self,
+        fp: Fingerprint,
+        bands: list[_Band],
+        tagged: tuple[_Tagged, ...],
+        network: str,
+        t: float,
     ) -> _Known:
-        """A forgotten fingerprint held again, as it was when forgotten."""
-        was = self._forgotten.pop(fp.identity)
+        """A forgotten fingerprint held again, as it was when forgotten. Of
+        one forgotten without a link only the name was kept: it was last
+        seen forget_after ago at the latest."""
+        was = self._forgotten.pop(fp.identity, None)
+        if was is None:
+            long_ago = t - self.forget_after
+            was = _Forgotten(long_ago, long_ago, None)
         known = _Known(fp, was.first_seen, was.last_seen, network, was.link)
         self._hold(known, bands)
         self._add_values(fp, tagged)
@@ -1306,11 +1341,12 @@ class IdentityBook:
         self._add_values(fp, _tagged(fp.groups))
         self._started_identities += 1
 
-    def restore_forgotten(self, fingerprint: str, first_seen: float, last_seen: float) -> None:
+    def restore_forgotten(self, fingerprint: str) -> None:
         """A fingerprint from the durable record last seen before forget_after
-        (at start): only its name and times, for its links to apply to."""
+        (at start): only its name (restore_link keeps more of it if it was
+        linked)."""
         if not self.knows(fingerprint):
-            self._forgotten[fingerprint] = _Forgotten(first_seen, last_seen, None)
+            self._forgotten_names.add(fingerprint)
 
     def restore_link(self, link: Link) -> None:
         """A link or merge from the durable record (at start), in order."""
@@ -1321,7 +1357,11 @@ class IdentityBook:
         if known is None:
             known = self._forgotten.get(link.source)
             if known is None:
-                return
+                if link.source not in self._forgotten_names:
+                    return
+                # Forgotten, and linked: kept with its link. It was linked
+                # when first seen, and last seen at least that late.
+                known = _Forgotten(link.time, link.time, None)
         target = self.find(link.target)
         if target == link.source:
             return

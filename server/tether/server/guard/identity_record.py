@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from tether.server import logs
 from tether.server.guard.fingerprint import Fingerprint
@@ -188,16 +188,20 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
                 .order_by(GuardFingerprint.last_seen_time)
             )
         ).all()
-        # Those the book would have forgotten by now: their names and times.
+        # Those the book would have forgotten by now: their names, and the
+        # newest first sighting among them (where follow() starts).
         forgotten = (
-            await session.execute(
-                select(
-                    GuardFingerprint.fingerprint,
-                    GuardFingerprint.first_seen_time,
-                    GuardFingerprint.last_seen_time,
-                ).where(GuardFingerprint.last_seen_time < held_since)
+            await session.scalars(
+                select(GuardFingerprint.fingerprint).where(
+                    GuardFingerprint.last_seen_time < held_since
+                )
             )
         ).all()
+        newest_forgotten = await session.scalar(
+            select(func.max(GuardFingerprint.first_seen_time)).where(
+                GuardFingerprint.last_seen_time < held_since
+            )
+        )
         records = (
             await session.scalars(
                 select(GuardLinkRecord).order_by(GuardLinkRecord.create_time, GuardLinkRecord.id)
@@ -213,9 +217,10 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
     marks = Watermarks()
     for row in fingerprints:
         _restore_fingerprint(book, row, marks)
-    for name, first_seen, last_seen in forgotten:
-        book.restore_forgotten(name, first_seen.timestamp(), last_seen.timestamp())
-        marks.read_fingerprint(first_seen)
+    for name in forgotten:
+        book.restore_forgotten(name)
+    if newest_forgotten is not None:
+        marks.read_fingerprint(newest_forgotten)
     for record in records:
         t = record.create_time.timestamp()
         if record.kind == UNLINK:

@@ -206,7 +206,7 @@ class GuardServicer(service_pb2_grpc.FingerprintGuardServicer):
         self, request: pb.ExplainIdentityRequest, context: Context
     ) -> pb.ExplainIdentityResponse:
         require(*OPERATORS)
-        return convert.identity_view(corrections.explain(self._guard, request.identity))
+        return convert.identity_view(await corrections.explain(self._guard, request.identity))
 
     async def UnlinkFingerprint(
         self, request: pb.UnlinkFingerprintRequest, context: Context
