@@ -38,6 +38,8 @@ LINK_ID_WINDOW = 1000
 FOLLOW_CHUNK = 5000
 # Rows per part of a streamed read.
 READ_PART = 1000
+# Forgotten names per part read at start.
+FORGOTTEN_PART = 10_000
 
 _T = TypeVar("_T")
 
@@ -188,15 +190,23 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
                 .order_by(GuardFingerprint.last_seen_time)
             )
         ).all()
-        # Those the book would have forgotten by now: their names, and the
-        # newest first sighting among them (where follow() starts).
-        forgotten = (
-            await session.scalars(
-                select(GuardFingerprint.fingerprint).where(
-                    GuardFingerprint.last_seen_time < held_since
-                )
-            )
-        ).all()
+        marks = Watermarks()
+        for row in fingerprints:
+            _restore_fingerprint(book, row, marks)
+        # Those the book would have forgotten by now: their names, read in
+        # parts (a long-running service has millions, a few bytes each in
+        # the book, and a list of them all would hold ~80 bytes each), and
+        # the newest first sighting among them (where follow() starts).
+        forgotten = 0
+        names = await session.stream_scalars(
+            select(GuardFingerprint.fingerprint)
+            .where(GuardFingerprint.last_seen_time < held_since)
+            .execution_options(yield_per=FORGOTTEN_PART)
+        )
+        async for part in names.partitions():
+            for name in part:
+                book.restore_forgotten(name)
+            forgotten += len(part)
         newest_forgotten = await session.scalar(
             select(func.max(GuardFingerprint.first_seen_time)).where(
                 GuardFingerprint.last_seen_time < held_since
@@ -214,11 +224,6 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
                 .order_by(GuardSighting.hour, GuardSighting.minute)
             )
         ).all()
-    marks = Watermarks()
-    for row in fingerprints:
-        _restore_fingerprint(book, row, marks)
-    for name in forgotten:
-        book.restore_forgotten(name)
     if newest_forgotten is not None:
         marks.read_fingerprint(newest_forgotten)
     for record in records:
@@ -234,7 +239,7 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
     marks.links = {i for i in marks.links if i > marks.floor}
     for fingerprint, network, hour, minute in sightings:
         book.restore_sighting(fingerprint, network, sighting_time(hour, minute))
-    return len(fingerprints) + len(forgotten), marks
+    return len(fingerprints) + forgotten, marks
 
 
 def _restore_fingerprint(book: IdentityBook, row: GuardFingerprint, marks: Watermarks) -> None:
