@@ -580,6 +580,38 @@ async def test_a_popular_fingerprint_busy_in_the_evenings_is_not_taken_for_a_bur
     assert signal(last_day[-1], "popularity").fired
 
 
+async def test_a_popular_phones_new_browser_version_is_not_taken_for_a_burst(
+    any_server: RunningServer,
+) -> None:
+    """A browser update everyone on a popular phone model gets: the new
+    version's fingerprint is new, and within hours its owners register 14
+    times an hour, each on a network of their own. None of them is refused:
+    seen in one 80-minute period after another, it is no single burst, and
+    its young rate needs little of the prior a first burst is judged with.
+    (With the whole prior, a day of "not seen", its rate in its first day
+    stayed a fraction of the true one, and velocity refused 18 of them.)"""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    phone = fingerprint(seed)
+    updated = fingerprint(seed, browser_version="132.0.6834.83")
+    events = [timed_event(T0 + i * 3 * HOUR, f"old{i}", phone, f"10.8.{i}.1") for i in range(6)]
+    start = T0 + 24 * HOUR
+    # The update rolls out: 2 owners an hour (it becomes popular), doubling
+    # every two hours, then 14 an hour for 10 hours.
+    times: list[float] = []
+    hour = 0.0
+    for per_hour, hours in ((2, 2), (4, 2), (8, 2), (14, 10)):
+        times += [start + (hour + i / per_hour) * HOUR for i in range(per_hour * hours)]
+        hour += hours
+    for n, when in enumerate(times):
+        events.append(timed_event(when, f"new{n}", updated, f"10.9.{n // 250}.{1 + n % 250}"))
+    verdicts = (await replay_verdicts(guard, 3, events))[6:]
+    refused = [v for v in verdicts if v.verdict == pb.VERDICT_DENY]
+    assert not refused, (len(refused), refused[0].explanation if refused else None)
+    assert signal(verdicts[-1], "popularity").fired
+    assert len({v.identity for v in verdicts}) == 1
+
+
 async def test_anti_detect_profiles_cycling_settings_link_by_profile(
     any_server: RunningServer,
 ) -> None:

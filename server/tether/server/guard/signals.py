@@ -58,7 +58,12 @@ class Occupancy:
     against (velocity), where a phone model many people use in the evening
     looked rarer than it is and its owners were refused in their busy
     hours. It costs about 3 us a call more, which the linking rates, asked
-    for a dozen bands per first visit, do without.
+    for a dozen bands per first visit, do without. And with by_chunk, the
+    prior (slots of "not seen" before a key's first sighting) is divided
+    among the chunks the key was seen in: one burst keeps all of it, while
+    a key seen in one 80-minute period after another is no burst, and its
+    young rate needs little of it (a popular phone's new browser version,
+    which its owners reach at once, looked a fraction as common as it was).
     """
 
     __slots__ = ("_all_slots", "_by_chunk", "_keys", "_new", "_prior", "_slot", "_slots")
@@ -121,7 +126,8 @@ class Occupancy:
             return 0.0
         first, last, mask = entry
         end = math.floor((t - exclude) / self._slot)
-        start = max(math.floor(t / self._slot) - self._slots, first - self._prior)
+        now = math.floor(t / self._slot)
+        start = max(now - self._slots, first - self._prior)
         slots = end - start
         if slots <= 0:
             return 0.0
@@ -137,6 +143,11 @@ class Occupancy:
             # A byte of slots is a chunk: the table sums their estimates in C.
             chunks = seen.to_bytes((high - low) // CHUNK_SLOTS + 1, "little")
             sightings = sum(map(_CHUNK_SIGHTINGS.__getitem__, chunks))
+            busy = len(chunks) - chunks.count(0)
+            if busy > 1 and start > now - self._slots:
+                # The prior's slots, shared among the chunks seen (none of
+                # its slots is in `seen`: they come before the first).
+                slots = end - max(now - self._slots, first - self._prior // busy)
             return sightings / slots * HOUR / self._slot
         # Slots with at least one sighting -> the Poisson rate behind them.
         per_slot = -math.log(1 - min(seen.bit_count(), slots - 0.5) / slots)
