@@ -78,7 +78,12 @@ async def test_sigterm_lets_an_in_flight_import_finish(
             process.process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(_not_serving(process.address), 60)
             rest_may_go.set()
-            response = await call
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as exc:
+                # Seen once in a loaded CI run (the connection reset): the
+                # server's own log says why.
+                raise AssertionError(f"{exc.code()}: {exc.details()}\n{_log(process)}") from exc
         assert response.imported_count == 200
         assert await asyncio.to_thread(process.process.wait, 60) == 0, _log(process)
     finally:
