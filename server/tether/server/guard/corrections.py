@@ -22,11 +22,9 @@ from tether.server.guard.fingerprint import check_identity
 from tether.server.guard.identities import Link, LinkKind
 from tether.server.guard.recorder import Change
 from tether.server.guard.service import Guard
-from tether.server.guard.tables import GuardEntry, GuardFingerprint
+from tether.server.guard.tables import GuardEntry
 
 MAX_REASON = 512
-# Names per SQL read of forgotten members' times (an IN list SQLite takes).
-READ_PART = 500
 
 
 class Member(NamedTuple):
@@ -61,10 +59,8 @@ async def _known(guard: Guard, value: str, what: str) -> None:
     book = guard.book
     if book.surely_knows(value):
         return
-    if book.knows(value):
-        async with guard.db.sessions() as session:
-            if await session.get(GuardFingerprint, value) is not None:
-                return
+    if book.knows(value) and await identity_record.seen_times(guard.db, [value]):
+        return
     raise errors.NotFound(
         ErrorReason.ERROR_REASON_GUARD_IDENTITY_NOT_FOUND,
         f"the guard has never seen {what} {value}",
@@ -80,18 +76,9 @@ async def explain(guard: Guard, identity: str) -> IdentityView:
     seen = {name: times for name in names if (times := book.seen(name)) is not None}
     if len(seen) < len(names):
         # Forgotten without a link: the book kept only their names.
-        unseen = [name for name in names if name not in seen]
-        async with guard.db.sessions() as session:
-            for start in range(0, len(unseen), READ_PART):
-                rows = await session.execute(
-                    select(
-                        GuardFingerprint.fingerprint,
-                        GuardFingerprint.first_seen_time,
-                        GuardFingerprint.last_seen_time,
-                    ).where(GuardFingerprint.fingerprint.in_(unseen[start : start + READ_PART]))
-                )
-                for name, first_seen, last_seen in rows:
-                    seen[name] = (first_seen.timestamp(), last_seen.timestamp())
+        seen |= await identity_record.seen_times(
+            guard.db, [name for name in names if name not in seen]
+        )
     members = [Member(name, book.link_of(name), *seen.get(name, (0.0, 0.0))) for name in names]
     members.sort(key=lambda m: m.first_seen)
     return IdentityView(root, members, book.merges_into(root), book.popularity(root))

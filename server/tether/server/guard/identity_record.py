@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 
 from tether.server import logs
 from tether.server.guard.fingerprint import Fingerprint
@@ -195,23 +195,18 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
             _restore_fingerprint(book, row, marks)
         # Those the book would have forgotten by now: their names, read in
         # parts (a long-running service has millions, a few bytes each in
-        # the book, and a list of them all would hold ~80 bytes each), and
-        # the newest first sighting among them (where follow() starts).
+        # the book, and a list of them all would hold ~80 bytes each).
         forgotten = 0
-        names = await session.stream_scalars(
-            select(GuardFingerprint.fingerprint)
+        names = await session.stream(
+            select(GuardFingerprint.fingerprint, GuardFingerprint.first_seen_time)
             .where(GuardFingerprint.last_seen_time < held_since)
             .execution_options(yield_per=FORGOTTEN_PART)
         )
         async for part in names.partitions():
-            for name in part:
+            for name, first_seen in part:
                 book.restore_forgotten(name)
+                marks.read_fingerprint(first_seen)
             forgotten += len(part)
-        newest_forgotten = await session.scalar(
-            select(func.max(GuardFingerprint.first_seen_time)).where(
-                GuardFingerprint.last_seen_time < held_since
-            )
-        )
         records = (
             await session.scalars(
                 select(GuardLinkRecord).order_by(GuardLinkRecord.create_time, GuardLinkRecord.id)
@@ -224,8 +219,6 @@ async def load(db: Database, book: IdentityBook, now: float) -> tuple[int, Water
                 .order_by(GuardSighting.hour, GuardSighting.minute)
             )
         ).all()
-    if newest_forgotten is not None:
-        marks.read_fingerprint(newest_forgotten)
     for record in records:
         t = record.create_time.timestamp()
         if record.kind == UNLINK:
@@ -364,6 +357,25 @@ async def _read_new(
                 select(GuardFingerprint).where(GuardFingerprint.fingerprint.in_(names))
             )
     return records, fingerprints
+
+
+async def seen_times(db: Database, names: list[str]) -> dict[str, tuple[float, float]]:
+    """When each recorded fingerprint of `names` was first and last seen
+    (what the book no longer holds of one it forgot by name); a name never
+    recorded is absent."""
+    times: dict[str, tuple[float, float]] = {}
+    async with db.sessions() as session:
+        for part in _chunks(names):
+            rows = await session.execute(
+                select(
+                    GuardFingerprint.fingerprint,
+                    GuardFingerprint.first_seen_time,
+                    GuardFingerprint.last_seen_time,
+                ).where(GuardFingerprint.fingerprint.in_(part))
+            )
+            for name, first_seen, last_seen in rows:
+                times[name] = (first_seen.timestamp(), last_seen.timestamp())
+    return times
 
 
 def _chunks(items: list[_T]) -> list[list[_T]]:
