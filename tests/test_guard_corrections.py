@@ -13,12 +13,15 @@ from typing import NamedTuple
 
 import grpc
 import redis.asyncio as redis
+from sqlalchemy import select
 
 from tests.guard_support import fingerprint, guard_client, guard_of, new_service
 from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.counters.connection import KEY_PREFIX
+from tether.server.guard import identity_record
+from tether.server.guard.tables import GuardLinkRecord
 
 CLI = str(Path(sys.executable).parent / "tether-internal")
 
@@ -95,6 +98,35 @@ async def test_unlinking_splits_a_fingerprint_and_its_counts_and_survives_a_rebu
     )
     # Later drift of the split fingerprint does not join it back.
     assert (await guard.unlink(split.identity)).identity == split.identity
+
+
+async def test_a_link_followed_after_the_split_does_not_join_them_again(
+    any_server: RunningServer,
+) -> None:
+    """The book follower may read a link record, then apply it after an
+    operator split its fingerprint here (the split's own record not read
+    yet): the two stay apart. (Seen once in CI: the split browser counted
+    with the identity it had left until the next read.)"""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=2)
+    network = home()
+    first, second = await _drifted_pair(guard, service, network)
+    live = guard_of(any_server)
+    await live.recorder.flush()
+    async with live.db.sessions() as session:
+        link = await session.scalar(
+            select(GuardLinkRecord).where(GuardLinkRecord.source == second.fingerprint)
+        )
+    assert link is not None
+    await guard.unlink(second.fingerprint, reason="two family computers")
+    assert identity_record._apply_followed(live.book, link) == 1
+    again = await guard.evaluate(service, "register", account("u2"), second.components, network)
+    assert (again.identity, again.reason, again.count) == (
+        second.fingerprint,
+        pb.VERDICT_REASON_ALREADY_COUNTED,
+        1,
+    )
+    assert live.book.find(first.fingerprint) != live.book.find(second.fingerprint)
 
 
 async def test_merging_joins_two_identities_and_survives_a_rebuild(

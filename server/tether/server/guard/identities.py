@@ -1266,14 +1266,8 @@ class IdentityBook:
         keep, gone = self.find(keep), self.find(gone)
         if keep == gone:
             return False
-        keep_members = set(self._members.get(keep, [keep]))
-        gone_members = set(self._members.get(gone, [gone]))
-        for pair in self._apart:
-            a, b = tuple(pair)
-            if (a in keep_members and b in gone_members) or (
-                b in keep_members and a in gone_members
-            ):
-                return False
+        if self._kept_apart(keep, gone):
+            return False
         self._parent[gone] = keep
         self._merges[gone] = Link(kind, gone, keep, confidence, (), t)
         self._members.setdefault(keep, [keep]).extend(self._members.pop(gone, [gone]))
@@ -1282,6 +1276,19 @@ class IdentityBook:
             self._profiles.setdefault(keep, _Profile()).absorb(profile)
         self.spread.absorb(keep, gone)
         return True
+
+    def _kept_apart(self, identity: str, other: str) -> bool:
+        """Whether an operator split a fingerprint of one of the two
+        identities (roots) from the other."""
+        if not self._apart:
+            return False
+        mine = set(self._members.get(identity, [identity]))
+        theirs = set(self._members.get(other, [other]))
+        for pair in self._apart:
+            a, b = tuple(pair)
+            if (a in mine and b in theirs) or (b in mine and a in theirs):
+                return True
+        return False
 
     def merge(self, keep: str, gone: str, t: float) -> bool:
         """An operator's merge: joins them even if either looks popular."""
@@ -1363,7 +1370,10 @@ class IdentityBook:
                 # when first seen, and last seen at least that late.
                 known = _Forgotten(link.time, link.time, None)
         target = self.find(link.target)
-        if target == link.source:
+        if target == link.source or self._kept_apart(target, self.find(link.source)):
+            # An operator split them: a link record followed after the
+            # split was made here (read before the split's own record) does
+            # not join them again.
             return
         self._members.pop(link.source, None)
         self._parent[link.source] = target
