@@ -1334,7 +1334,9 @@ class IdentityBook:
         forgotten = self._forgotten.get(fingerprint)
         if forgotten is not None:
             self._forgotten[fingerprint] = forgotten._replace(link=None)
-        self._apart.add(frozenset((fingerprint, previous)))
+        if previous != fingerprint:
+            # (A fingerprint that was alone is apart from nothing.)
+            self._apart.add(frozenset((fingerprint, previous)))
         return previous
 
     # --- restoring -----------------------------------------------------
