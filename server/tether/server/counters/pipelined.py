@@ -49,6 +49,10 @@ class Script:
 
 
 TIMED_OUT = "no answer within the time bound"
+# Commands queued in one turn of the loop go out when this many are (a
+# caller sending hundreds without yielding, a backtest, keeps Redis busy
+# meanwhile) or at the turn's end.
+WRITE_AT = 32
 _ASKING = _pack(("ASKING",))
 
 
@@ -107,6 +111,8 @@ class _Replies(asyncio.Protocol):
             if not self._outgoing:
                 self._loop.call_soon(self._write)
             self._outgoing.append(command)
+            if len(self._outgoing) >= WRITE_AT:
+                self._write()
         self.waiting.append(waiter)
         self._deadlines.append(deadline)
         if self._timer is None:

@@ -283,7 +283,7 @@ class Backtest:
             )
             self._in_flight.append((index, action, event, checked, resolution, prepared, pending))
             if len(self._in_flight) >= WINDOW:
-                done += await self._drain()
+                done += await self._drain(WINDOW // 2)
             return done
         decision = await decider.run(
             checked, resolution, prepared, now_ms, explained=self._explained
@@ -316,9 +316,13 @@ class Backtest:
         await self._guard.counters.delete(*self._keys, self._running_key)
         self._keys.clear()
 
-    async def _drain(self) -> list[tuple[int, Verdict | str]]:
+    async def _drain(self, count: int | None = None) -> list[tuple[int, Verdict | str]]:
+        """Reads the replies of the oldest `count` events in flight (all by default)."""
         done: list[tuple[int, Verdict | str]] = []
-        in_flight, self._in_flight = self._in_flight, []
+        if count is None:
+            in_flight, self._in_flight = self._in_flight, []
+        else:
+            in_flight, self._in_flight = self._in_flight[:count], self._in_flight[count:]
         for index, action, event, checked, resolution, prepared, pending in in_flight:
             if isinstance(pending, Sent):
                 decision = await self._decider.sent(
