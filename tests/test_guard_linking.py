@@ -612,6 +612,35 @@ async def test_a_popular_phones_new_browser_version_is_not_taken_for_a_burst(
     assert len({v.identity for v in verdicts}) == 1
 
 
+async def test_a_popular_phone_in_a_fresh_books_first_hours_is_judged_by_its_own_rate(
+    any_server: RunningServer,
+) -> None:
+    """A book's first hours (a new deployment, or a backtest's start): a
+    fingerprint many people share comes three times, 40 minutes apart (it
+    is popular), then from the fourth hour 14 times an hour for 12 hours,
+    each owner on a network of their own. Its first hour at that pace is
+    a jump against the hours before (the rate leaves the last hour out),
+    which velocity may refuse; from 90 minutes on, nobody is refused: its
+    rate is taken over the hours the book watched. (Taken as "not seen" for
+    a day before its first sighting, time nobody was looking, its rate
+    stayed a fraction of the true one, and velocity refused 5 more.)"""
+    guard = await guard_client(any_server)
+    phone = fingerprint(secrets.token_hex(4))
+    times = [T0, T0 + 2400, T0 + 4800]
+    stream = T0 + 4 * HOUR
+    times += [stream + (i + 1) / 14 * HOUR for i in range(14 * 12)]
+    events = [
+        timed_event(when, f"owner{n}", phone, f"10.10.{n // 250}.{1 + n % 250}")
+        for n, when in enumerate(times)
+    ]
+    verdicts = await replay_verdicts(guard, 3, events)
+    later = [v for when, v in zip(times, verdicts, strict=True) if when > stream + 1.5 * HOUR]
+    refused = [v for v in later if v.verdict == pb.VERDICT_DENY]
+    assert not refused, (len(refused), refused[0].explanation if refused else None)
+    assert signal(verdicts[-1], "popularity").fired
+    assert signal(verdicts[-1], "rate_per_hour").value > 10
+
+
 async def test_anti_detect_profiles_cycling_settings_link_by_profile(
     any_server: RunningServer,
 ) -> None:

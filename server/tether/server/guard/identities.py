@@ -428,6 +428,12 @@ class IdentityBook:
         what it knows for sure (a name forgotten without one, SQL can tell)."""
         return fingerprint in self._known or fingerprint in self._forgotten
 
+    @property
+    def watched_since(self) -> float:
+        """The book's first sighting (a restart restores it with the
+        sightings of the horizon): rates assume nothing of the time before."""
+        return -math.inf if self._started is None else self._started
+
     def popularity(self, identity: str) -> int:
         return self.spread(identity)
 
@@ -1508,4 +1514,4 @@ def _confidence(expected: float) -> float:
 
 
 def rate_per_hour(book: IdentityBook, identity: str, t: float) -> float:
-    return book.identity_rates.rate(identity, t, RATE_EXCLUDE)
+    return book.identity_rates.rate(identity, t, RATE_EXCLUDE, book.watched_since)

@@ -64,6 +64,8 @@ class Occupancy:
     a key seen in one 80-minute period after another is no burst, and its
     young rate needs little of it (a popular phone's new browser version,
     which its owners reach at once, looked a fraction as common as it was).
+    The prior never reaches back before the sightings began to be kept
+    (rate's watched_since).
     """
 
     __slots__ = ("_all_slots", "_by_chunk", "_keys", "_new", "_prior", "_slot", "_slots")
@@ -118,16 +120,24 @@ class Occupancy:
             mask |= 1 << (last - now)
         self._keys[key] = (min(first, now), last, mask)
 
-    def rate(self, key: Hashable, t: float, exclude: float) -> float:
+    def rate(
+        self, key: Hashable, t: float, exclude: float, watched_since: float = -math.inf
+    ) -> float:
         """Sightings per hour, from the slots before t - exclude (the
-        current burst is left out) within the horizon."""
+        current burst is left out) within the horizon. watched_since: when
+        the sightings began to be kept; the prior claims no slot before it
+        (a key that came in the first hours was not "not seen" the day
+        before: nobody was looking)."""
         entry = self._keys.get(key)
         if entry is None:
             return 0.0
         first, last, mask = entry
         end = math.floor((t - exclude) / self._slot)
         now = math.floor(t / self._slot)
-        start = max(now - self._slots, first - self._prior)
+        earliest = now - self._slots
+        if watched_since > -math.inf:
+            earliest = max(earliest, math.floor(watched_since / self._slot))
+        start = max(earliest, first - self._prior)
         slots = end - start
         if slots <= 0:
             return 0.0
@@ -144,10 +154,10 @@ class Occupancy:
             chunks = seen.to_bytes((high - low) // CHUNK_SLOTS + 1, "little")
             sightings = sum(map(_CHUNK_SIGHTINGS.__getitem__, chunks))
             busy = len(chunks) - chunks.count(0)
-            if busy > 1 and start > now - self._slots:
+            if busy > 1:
                 # The prior's slots, shared among the chunks seen (none of
                 # its slots is in `seen`: they come before the first).
-                slots = end - max(now - self._slots, first - self._prior // busy)
+                slots = end - max(earliest, first - self._prior // busy)
             return sightings / slots * HOUR / self._slot
         # Slots with at least one sighting -> the Poisson rate behind them.
         per_slot = -math.log(1 - min(seen.bit_count(), slots - 0.5) / slots)
