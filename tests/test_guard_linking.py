@@ -641,6 +641,46 @@ async def test_a_popular_phone_in_a_fresh_books_first_hours_is_judged_by_its_own
     assert signal(verdicts[-1], "rate_per_hour").value > 10
 
 
+async def test_a_phone_everyone_uses_is_popular_within_a_fresh_books_first_hours(
+    any_server: RunningServer,
+) -> None:
+    """A book's first hours: a fingerprint so common that its owners come
+    every 5 minutes from the start, each on a network of their own, never
+    30 minutes apart. Until the book has seen a quiet hour, such a stream
+    is no evidence of one browser: every two hours of it make another
+    episode, so it is popular within four hours and nobody is refused
+    after. (As one episode, it stayed one browser all day: 93 of its 96
+    owners were refused; now 45, all in those four hours.) A farm rotating
+    networks for an hour beside it still gets the limit."""
+    guard = await guard_client(any_server)
+    phone = fingerprint(secrets.token_hex(4))
+    farm = fingerprint(secrets.token_hex(4))
+    events = [
+        timed_event(T0 + n * 300, f"owner{n}", phone, f"10.11.{n // 250}.{1 + n % 250}")
+        for n in range(12 * 8)
+    ]
+    events += [
+        timed_event(T0 + 60 + n * 180, f"farmed{n}", farm, f"10.12.{n // 250}.{1 + n % 250}")
+        for n in range(20)
+    ]
+    events.sort(key=lambda e: e.event_time.ToNanoseconds())
+    verdicts = await replay_verdicts(guard, 3, events)
+    owners = [
+        (e.event_time.ToNanoseconds() / 1e9 - T0, v)
+        for e, v in zip(events, verdicts, strict=True)
+        if e.request.account.value.startswith("owner")
+    ]
+    refused = [v for t, v in owners if t > 4.5 * HOUR and v.verdict == pb.VERDICT_DENY]
+    assert not refused, (len(refused), refused[0].explanation if refused else None)
+    assert signal(owners[-1][1], "popularity").fired
+    farmed = [
+        v
+        for e, v in zip(events, verdicts, strict=True)
+        if e.request.account.value.startswith("farmed")
+    ]
+    assert sum(v.verdict == pb.VERDICT_ALLOW for v in farmed) == 3
+
+
 async def test_anti_detect_profiles_cycling_settings_link_by_profile(
     any_server: RunningServer,
 ) -> None:

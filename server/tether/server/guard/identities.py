@@ -82,6 +82,10 @@ POPULAR_EPISODES = 3
 # New networks closer together than this are one episode (one browser
 # rotating addresses); a carrier-NAT address counts as new after this.
 EPISODE_GAP = 30 * 60.0
+# In the book's first day, before it has seen a quiet hour, new networks
+# that keep coming for this long make another episode (Spread).
+FRESH_BOOK = 24 * HOUR
+FRESH_EPISODE_LONGEST = 2 * HOUR
 CROWD_PERIOD = 6 * HOUR
 # A network that carried this many identities in the horizon is a crowd.
 CROWD_BROWSERS = 8
@@ -362,7 +366,7 @@ class IdentityBook:
         # velocity took its busy hours for a burst. By chunk, for the same
         # reason over a day (Occupancy).
         self.identity_rates = Occupancy(REPEAT_SLOT, HORIZON, COUNT_PRIOR, by_chunk=True)
-        self.spread = Spread(EPISODE_GAP, CROWD_PERIOD)
+        self.spread = Spread(EPISODE_GAP, CROWD_PERIOD, FRESH_EPISODE_LONGEST)
         self.crowds = Crowds(HORIZON, CROWD_BROWSERS)
         self._values = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
         # Per device: its fingerprints' values, for shares given the device
@@ -894,7 +898,7 @@ class IdentityBook:
             # Shares among fingerprints, as the record restores them: a
             # browser that returns often does not make its values common.
             self._add_values(fp, tagged)
-        self.spread.see(identity, network, t, crowd)
+        self.spread.see(identity, network, t, crowd, fresh=t - self.watched_since < FRESH_BOOK)
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
 
@@ -1409,7 +1413,7 @@ class IdentityBook:
         self._move(known, network)
         self.band_rates.see_all(_bands(fp), t)
         self.device_rates.see(fp.groups[DEVICE], t)
-        self.spread.see(identity, network, t, crowd)
+        self.spread.see(identity, network, t, crowd, fresh=t - self.watched_since < FRESH_BOOK)
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
 

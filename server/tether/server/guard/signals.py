@@ -182,22 +182,37 @@ class Spread:
     episode, while a fingerprint that many people share gains an episode
     with every newcomer. On a crowded network (carrier NAT), the same
     address counts again after `crowd_period`: its users change.
+
+    A fingerprint so common that newcomers never leave it `gap` alone
+    gains its episodes in the quiet hours (the night). Before the watcher
+    has seen any (`fresh`: its first day), such a stream is no evidence of
+    one browser, and an episode that has gone on for `fresh_longest` ends
+    with the next new network.
     """
 
-    __slots__ = ("_crowd_period", "_gap", "_keys", "_max_networks")
+    __slots__ = ("_crowd_period", "_fresh_longest", "_gap", "_keys", "_max_networks")
 
-    def __init__(self, gap: float, crowd_period: float, max_networks: int = 64) -> None:
+    def __init__(
+        self,
+        gap: float,
+        crowd_period: float,
+        fresh_longest: float = math.inf,
+        max_networks: int = 64,
+    ) -> None:
         self._gap = gap
         self._crowd_period = crowd_period
+        self._fresh_longest = fresh_longest
         self._max_networks = max_networks
-        # key -> [episodes, last new-network time, networks seen]
+        # key -> [episodes, last new-network time, networks seen, episode start]
         self._keys: dict[Hashable, list[object]] = {}
 
-    def see(self, key: Hashable, network: str, t: float, crowd: bool) -> None:
+    def see(
+        self, key: Hashable, network: str, t: float, crowd: bool, *, fresh: bool = False
+    ) -> None:
         seen_as: Hashable = (network, math.floor(t / self._crowd_period)) if crowd else network
         entry = self._keys.get(key)
         if entry is None:
-            self._keys[key] = [1, t, {seen_as}]
+            self._keys[key] = [1, t, {seen_as}, t]
             return
         networks = entry[2]
         assert isinstance(networks, set)
@@ -205,10 +220,11 @@ class Spread:
             return
         if len(networks) < self._max_networks:
             networks.add(seen_as)
-        last_new = entry[1]
-        assert isinstance(last_new, float | int)
-        if t - last_new >= self._gap:
+        last_new, began = entry[1], entry[3]
+        assert isinstance(last_new, float | int) and isinstance(began, float | int)
+        if t - last_new >= self._gap or (fresh and t - began >= self._fresh_longest):
             entry[0] = int(entry[0]) + 1  # type: ignore[call-overload]
+            entry[3] = t
         entry[1] = t
 
     def __call__(self, key: Hashable) -> int:
