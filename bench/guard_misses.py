@@ -27,7 +27,6 @@ from bench import guard_quality
 from bench.guard_population import STRATEGIES, Event, Population, check_strategies
 from tether.server.guard import fingerprint, rules
 from tether.server.guard.identities import (
-    FARM_RETURN_ACCOUNTS,
     JOINING,
     YOUNG,
     IdentityBook,
@@ -152,9 +151,7 @@ def _farm_return(
         return res
     young = counting.keys.get(res.identity)
     recent = sum(a >= t - YOUNG for a, _ in young.accounts.values()) if young else 0
-    if recent < FARM_RETURN_ACCOUNTS - 1:
-        return res
-    for farm in candidates:
+    for farm in book.farm_return_joinable(fp, candidates, recent, t):
         key = counting.keys.get(farm)
         if key is not None and key.farmed and (joined := book.join_return(farm, res, t)):
             return joined

@@ -964,7 +964,11 @@ async def test_a_farms_mark_reaches_other_networks_unless_strangers_share_its_fi
 
 
 def _farm_session_then_return(
-    seed: str, farmed: bool, returning: int = 4, stranger: bool = False
+    seed: str,
+    farmed: bool,
+    returning: int = 4,
+    stranger: bool = False,
+    after: float = 3 * 24 * HOUR,
 ) -> list[pb.BacktestEvent]:
     """A farm on a rare desktop signs up from its home network (five
     accounts: refused beyond the limit, so marked farmed; or three: never
@@ -979,7 +983,7 @@ def _farm_session_then_return(
                     "10.11.0.1")
         for i in range(5 if farmed else 3)
     ]  # fmt: skip
-    back = now + 3 * 24 * HOUR
+    back = now + after
     if stranger:
         first.append(
             timed_event(back - 24 * HOUR, "someone",
@@ -1032,6 +1036,33 @@ async def test_a_farm_back_days_later_after_an_update_is_joined_at_its_third_acc
     assert all(pb.LINK_KIND_FARM_RETURN not in kinds(v) for v in calm)
 
 
+async def test_a_farm_back_within_the_hour_on_a_rare_match_is_joined_at_its_second_account(
+    any_server: RunningServer,
+) -> None:
+    """An hour after its session, from another network, the updated browser
+    is still too far from the farm for a drift link, but few strangers
+    could have shown the farm's set-up within that hour: a second account
+    in its first hour is evidence enough (IdentityBook.farm_return_joinable),
+    where three days on it takes a third (test above). A browser that never
+    farmed keeps its three accounts."""
+    guard = await guard_client(any_server)
+    events = _farm_session_then_return(secrets.token_hex(4), farmed=True, after=HOUR)
+    verdicts = await replay_verdicts(guard, 3, events)
+    session, back = verdicts[-9:-4], verdicts[-4:]
+    farm = session[0].identity
+    assert not back[0].explanation.links
+    assert back[0].identity != farm
+    assert [v.verdict for v in back] == [pb.VERDICT_ALLOW] + [pb.VERDICT_DENY] * 3
+    assert {v.identity for v in back[1:]} == {farm}
+    [link] = [link for link in back[1].explanation.links if link.kind == pb.LINK_KIND_FARM_RETURN]
+    assert (getattr(link, "from"), link.to) == (back[0].identity, farm)
+
+    events = _farm_session_then_return(secrets.token_hex(4), farmed=False, after=HOUR)
+    calm = (await replay_verdicts(guard, 3, events))[-7:]
+    assert [v.verdict for v in calm[3:]] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY]
+    assert all(pb.LINK_KIND_FARM_RETURN not in kinds(v) for v in calm)
+
+
 async def test_a_farm_back_is_joined_though_a_stranger_showed_its_set_up_too(
     any_server: RunningServer,
 ) -> None:
@@ -1057,8 +1088,8 @@ async def _farm_back_live(
     guard: GuardClient, service: str
 ) -> tuple[list[pb.EvaluateResponse], list[pb.EvaluateResponse], pb.FingerprintComponents, str]:
     """Through Evaluate: a rare desktop signs up five times at home (the
-    session's verdicts), then, updated, twice from another network (those
-    verdicts). Returns both, the updated components and that network."""
+    session's verdicts), then, updated, once from another network (that
+    verdict). Returns both, the updated components and that network."""
     seed = secrets.token_hex(4)
     rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
     home, elsewhere = fresh_network(), fresh_network()
@@ -1067,10 +1098,7 @@ async def _farm_back_live(
         await guard.evaluate(service, "register", account(f"s{i}"), first, home) for i in range(5)
     ]
     updated = desktop(seed, browser_version="131.0.97", **rare)
-    back = [
-        await guard.evaluate(service, "register", account(f"r{i}"), updated, elsewhere)
-        for i in range(2)
-    ]
+    back = [await guard.evaluate(service, "register", account("r0"), updated, elsewhere)]
     return session, back, updated, elsewhere
 
 
@@ -1078,12 +1106,12 @@ async def test_a_farm_back_from_another_network_is_refused_live(
     any_server: RunningServer,
 ) -> None:
     """The same through Evaluate: a browser refused for farming on one
-    network comes back updated from another, signs up twice, then twenty
+    network comes back updated from another, signs up once, then twenty
     times at once. However the server's book links it (a drift across
     networks when it has seen enough browsers to know this one is rare,
-    else the farm's return at the third account), none of the twenty gets
-    in, each counts against the farm, and the join survives a rebuild of
-    the book from SQL."""
+    else the farm's return at the second account, the match being rare),
+    none of the twenty gets in, each counts against the farm, and the join
+    survives a rebuild of the book from SQL."""
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)
     session, back, updated, elsewhere = await _farm_back_live(guard, service)
@@ -1099,7 +1127,7 @@ async def test_a_farm_back_from_another_network_is_refused_live(
     assert {v.identity for v in rush} == {session[0].identity}
     if back[0].explanation.links:
         return
-    assert [v.verdict for v in back] == [pb.VERDICT_ALLOW] * 2
+    assert [v.verdict for v in back] == [pb.VERDICT_ALLOW]
     assert sum(pb.LINK_KIND_FARM_RETURN in kinds(v) for v in rush) >= 1
     # Recorded like any join: a book rebuilt from SQL (a restart, a
     # replica) joins them too.
@@ -1108,7 +1136,7 @@ async def test_a_farm_back_from_another_network_is_refused_live(
     book = IdentityBook()
     await identity_record.load(live.db, book, time.time())
     assert book.find(back[0].identity) == session[0].identity
-    # Its two accounts now count with the farm's: a fourth network refuses.
+    # Its account now counts with the farm's: a fourth network refuses.
     later = await guard.evaluate(service, "register", account("z"), updated, fresh_network())
     assert later.verdict == pb.VERDICT_DENY
 
@@ -1117,7 +1145,7 @@ async def test_a_browser_an_operator_allowed_is_never_joined_to_a_farm(
     any_server: RunningServer,
 ) -> None:
     """The returning farm's browser, once an operator allow-lists it, keeps
-    its own identity: its third account is allowed as listed, not joined."""
+    its own identity: its next account is allowed as listed, not joined."""
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)
     _, back, updated, elsewhere = await _farm_back_live(guard, service)
@@ -1125,11 +1153,11 @@ async def test_a_browser_an_operator_allowed_is_never_joined_to_a_farm(
         pb.Policy(service_id=service, allowed_identities=[back[0].identity]),
         only=["allowed_identities"],
     )
-    third = await guard.evaluate(service, "register", account("r2"), updated, elsewhere)
-    assert third.verdict == pb.VERDICT_ALLOW
-    assert pb.LINK_KIND_FARM_RETURN not in kinds(third)
+    then = await guard.evaluate(service, "register", account("r1"), updated, elsewhere)
+    assert then.verdict == pb.VERDICT_ALLOW
+    assert pb.LINK_KIND_FARM_RETURN not in kinds(then)
     if not back[0].explanation.links:
         # Not drift-linked (the server's book has seen few browsers): it
         # stays the identity the operator listed.
-        assert third.identity == back[0].identity
-        assert third.reason == pb.VERDICT_REASON_IDENTITY_ALLOW_LISTED
+        assert then.identity == back[0].identity
+        assert then.reason == pb.VERDICT_REASON_IDENTITY_ALLOW_LISTED

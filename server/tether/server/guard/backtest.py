@@ -155,10 +155,10 @@ class _FewerFullCollections:
 
 
 class _RecentRegistrations:
-    """The registrations a run sent per identity, the last few: fewer than
-    Decider.farm_return needs admitted within YOUNG means it cannot join,
-    so the run's window need not be drained to ask the counters. (A run
-    sees every event, so the count is never short.)"""
+    """The registrations a run sent per identity, the last few: too few
+    admitted within YOUNG for Decider.farm_return to join (IdentityBook.
+    farm_return_joinable) means the run's window need not be drained to ask the
+    counters. (A run sees every event, so the count is never short.)"""
 
     def __init__(self) -> None:
         # Tuples of the last FARM_RETURN_ACCOUNTS - 1 times (no object per
@@ -169,10 +169,12 @@ class _RecentRegistrations:
         kept = FARM_RETURN_ACCOUNTS - 1
         self._times[identity] = (*self._times.get(identity, ())[1 - kept :], t)
 
-    def lately(self, identity: str, t: float) -> bool:
-        """Whether enough were sent within YOUNG for a join."""
-        times = self._times.get(identity, ())
-        return len(times) == FARM_RETURN_ACCOUNTS - 1 and t - times[0] <= YOUNG
+    def lately(self, identity: str, t: float) -> int:
+        """How many were sent within YOUNG, up to FARM_RETURN_ACCOUNTS - 1."""
+        times = self._times.get(identity)
+        if not times:
+            return 0
+        return sum(t - sent <= YOUNG for sent in times)
 
 
 # An event whose script was sent: (index, action, event, call, resolution,
@@ -240,9 +242,15 @@ class Backtest:
         resolution = decider.resolve(checked, event.time)
         done: list[tuple[int, Verdict | str]] = []
         now_ms = int(event.time * 1000)
+        registered = self._registrations.lately(resolution.identity, event.time)
         candidates = (
-            decider.farm_candidates(checked, resolution, event.time)
-            if self._registrations.lately(resolution.identity, event.time)
+            decider.book.farm_return_joinable(
+                checked.fingerprint,
+                decider.farm_candidates(checked, resolution, event.time),
+                registered,
+                event.time,
+            )
+            if registered
             else []
         )
         if candidates:

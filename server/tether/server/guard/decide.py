@@ -22,7 +22,6 @@ from tether.server.guard.counters import (
 )
 from tether.server.guard.fingerprint import Fingerprint, remember
 from tether.server.guard.identities import (
-    FARM_RETURN_ACCOUNTS,
     POPULAR_EPISODES,
     YOUNG,
     IdentityBook,
@@ -139,7 +138,7 @@ class Decider:
         candidates = self.book.farm_return_candidates(call.fingerprint, resolution.identity, t)
         if self._farms_asked.get((call.service_id, resolution.identity)) == tuple(candidates):
             # None of them was farmed a moment ago (a farm's session would
-            # ask at every account from its third on).
+            # ask at every account from the first it may join on).
             return []
         return candidates
 
@@ -152,29 +151,34 @@ class Decider:
         now_ms: int = 0,
     ) -> Resolution:
         """A young identity about to count its FARM_RETURN_ACCOUNTS-th
-        registration within YOUNG is joined into the first of `candidates`
-        marked farmed on this service: the resolution then counts against
-        the farm, with the young identity among those merged (its counts
-        move). Otherwise the resolution as it was."""
+        registration within YOUNG (or the one before, on a rare match:
+        IdentityBook.farm_return_joinable) is joined into the first of
+        `candidates` marked farmed on this service: the resolution then
+        counts against the farm, with the young identity among those merged
+        (its counts move). Otherwise the resolution as it was."""
         young = resolution.identity
         entries, _ = await self.counters.entries(
             self.key(call.service_id, call.action, "", young), keys.field(young, "")
         )
         since = (now_ms or int(t * 1000)) - int(YOUNG * 1000)
-        if sum(entry.admitted_ms >= since for entry in entries) >= FARM_RETURN_ACCOUNTS - 1:
+        registered = sum(entry.admitted_ms >= since for entry in entries)
+        joinable = self.book.farm_return_joinable(call.fingerprint, candidates, registered, t)
+        if joinable:
             marks = await self.counters.farmed(
                 [
                     (self.key(call.service_id, call.action, "", farm), keys.field(farm, ""))
-                    for farm in candidates
+                    for farm in joinable
                 ]
             )
             if self.book.find(young) == young:
-                for farm, farmed in zip(candidates, marks, strict=True):
+                for farm, farmed in zip(joinable, marks, strict=True):
                     joined = self.book.join_return(farm, resolution, t) if farmed else None
                     if joined is not None:
                         return joined
-                asked = (call.service_id, young)
-                remember(self._farms_asked, asked, tuple(candidates), FARMS_ASKED_KEPT)
+                if len(joinable) == len(candidates):
+                    # Every one was asked: none need be again while they stay the same.
+                    asked = (call.service_id, young)
+                    remember(self._farms_asked, asked, tuple(joinable), FARMS_ASKED_KEPT)
         # A call of the same browser may have joined it while this one
         # waited for Redis: this one counts where that one does.
         return resolution._replace(identity=self.book.find(young))

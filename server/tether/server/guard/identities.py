@@ -135,6 +135,15 @@ DEVICE_BURST_SCAN = 20
 FARM_RETURN_ACCOUNTS = 3
 FARM_RETURN_SCAN = 8
 FARM_RETURN_CONFIDENCE = 0.9
+# ... or its account before that, when the farm it could have drifted from
+# is rare enough: a stranger joined wrongly would have to match the farm's
+# band (the expected strangers since the farm was last seen) and sign up a
+# second account within their first hour, which we take at most one new
+# browser in SECOND_ACCOUNT_SHARE does (households of two signing up
+# together; about 1 in 100 in bench/guard_population.py). Both together
+# are held to the bound of a drift link from another network.
+SECOND_ACCOUNT_SHARE = 0.04
+FARM_RETURN_RARE = STRANGERS_OTHER_NETWORK / SECOND_ACCOUNT_SHARE
 # At most this many groups may differ for a drift link (an update's
 # version and rendering counting as one).
 MAX_DRIFT_GROUPS = 2
@@ -1257,6 +1266,51 @@ class IdentityBook:
                     found[root] = earlier.last_seen
         ordered = sorted(found, key=found.__getitem__, reverse=True)
         return ordered[:FARM_RETURN_SCAN]
+
+    def farm_return_joinable(
+        self, fp: Fingerprint, candidates: list[str], registered: int, t: float
+    ) -> list[str]:
+        """Those of a young identity's `candidates` (farm_return_candidates)
+        it may join as their return, now that it registered `registered`
+        accounts within YOUNG: every one from its FARM_RETURN_ACCOUNTS-th
+        account on; from the one before, those few strangers could have
+        matched (_return_strangers at most FARM_RETURN_RARE)."""
+        if registered >= FARM_RETURN_ACCOUNTS - 1:
+            return candidates
+        if registered < FARM_RETURN_ACCOUNTS - 2:
+            return []
+        return [
+            farm for farm in candidates if self._return_strangers(fp, farm, t) <= FARM_RETURN_RARE
+        ]
+
+    def _return_strangers(self, fp: Fingerprint, farm: str, t: float) -> float:
+        """The strangers expected to have shown one of the bands `fp` shares
+        with a fingerprint of `farm` it could have drifted from, since that
+        one was last seen: at the band's rate, as a drift link counts them
+        (the fewest over those bands)."""
+        fewest = math.inf
+        overall = self._overall_rate(t)
+        shares = self._shares(_tagged(fp.groups))
+        for band in _bands(fp):
+            members = self._bands.get(band)
+            if not members or band in self._crowded_bands:
+                continue
+            out = _LEFT_OUT[band[0]]
+            last = max(
+                (
+                    earlier.last_seen
+                    for member in members
+                    if self.find(member) == farm
+                    and _can_drift((earlier := self._known[member]).fingerprint, fp, out)
+                ),
+                default=None,
+            )
+            if last is None:
+                continue
+            kept = math.prod(_KEPT_SHARES[out](shares))
+            rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
+            fewest = min(fewest, rate * max(t - last, 60.0) / HOUR)
+        return fewest
 
     def join_return(self, farm: str, resolution: Resolution, t: float) -> Resolution | None:
         """Joins a resolution's young identity into the farm it is the
