@@ -156,9 +156,10 @@ class _FewerFullCollections:
 
 class _RecentRegistrations:
     """The registrations a run sent per identity, the last few: too few
-    admitted within YOUNG for Decider.farm_return to join (IdentityBook.
-    farm_return_joinable) means the run's window need not be drained to ask the
-    counters. (A run sees every event, so the count is never short.)"""
+    admitted within YOUNG for Decider.farm_return to join
+    (IdentityBook.farm_return_joinable) means the run's window need not be
+    drained to ask the counters. (A run sees every event, so the count is
+    never short.)"""
 
     def __init__(self) -> None:
         # Tuples of the last FARM_RETURN_ACCOUNTS - 1 times (no object per
@@ -169,7 +170,7 @@ class _RecentRegistrations:
         kept = FARM_RETURN_ACCOUNTS - 1
         self._times[identity] = (*self._times.get(identity, ())[1 - kept :], t)
 
-    def lately(self, identity: str, t: float) -> int:
+    def recent(self, identity: str, t: float) -> int:
         """How many were sent within YOUNG, up to FARM_RETURN_ACCOUNTS - 1."""
         times = self._times.get(identity)
         if not times:
@@ -242,7 +243,7 @@ class Backtest:
         resolution = decider.resolve(checked, event.time)
         done: list[tuple[int, Verdict | str]] = []
         now_ms = int(event.time * 1000)
-        registered = self._registrations.lately(resolution.identity, event.time)
+        registered = self._registrations.recent(resolution.identity, event.time)
         candidates = (
             decider.book.farm_return_joinable(
                 checked.fingerprint,
