@@ -940,6 +940,15 @@ class IdentityBook:
         """Each group's value's share of all sightings."""
         return list(map(self._values.share_of, tagged))
 
+    def _band_rate(
+        self, band: _Band, out: tuple[int, ...], shares: list[float], overall: float, t: float
+    ) -> float:
+        """New fingerprints an hour that strangers bring through a band (its
+        groups but those left `out`): as seen in its slots, and never below
+        the overall rate times the kept values' shares (`shares`, per group)."""
+        kept: float = math.prod(_KEPT_SHARES[out](shares))
+        return max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
+
     def _drift(
         self,
         fp: Fingerprint,
@@ -967,8 +976,7 @@ class IdentityBook:
             out = _LEFT_OUT[band[0]]
             if shares is None:
                 shares = self._shares(tagged)
-            kept = math.prod(_KEPT_SHARES[out](shares))
-            rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
+            rate = self._band_rate(band, out, shares, overall, t)
             self._burst(fp, members, out, rate=rate, t=t, network=network, best=best)
             # Even a member seen a minute ago on this network could not
             # justify a link: nothing in this band can.
@@ -1307,8 +1315,7 @@ class IdentityBook:
             )
             if last is None:
                 continue
-            kept = math.prod(_KEPT_SHARES[out](shares))
-            rate = max(self.band_rates.rate(band, t, RATE_EXCLUDE), overall * kept)
+            rate = self._band_rate(band, out, shares, overall, t)
             fewest = min(fewest, rate * max(t - last, 60.0) / HOUR)
         return fewest
 
