@@ -580,6 +580,23 @@ async def test_a_popular_fingerprint_busy_in_the_evenings_is_not_taken_for_a_bur
     assert signal(last_day[-1], "popularity").fired
 
 
+async def test_a_phone_seen_more_often_than_its_slots_can_show_is_judged_by_its_count(
+    any_server: RunningServer,
+) -> None:
+    """A phone model everyone in a big market owns: 40 registrations an hour,
+    day and night, each by someone on a network of their own. Seen in every
+    10-minute slot, its slots alone put its rate at 19 an hour, and on the
+    third day the 24-hour window refused 383 of its 960 owners. Counted once its slots are full,
+    it is seen 44 an hour, and none of them is refused."""
+    last_day = await _last_day_of_a_popular_phone(
+        any_server, [i * 90.0 for i in range(24 * 40)], days=3
+    )
+    refused = [v for v in last_day if v.verdict == pb.VERDICT_DENY]
+    assert not refused, (len(refused), refused[0].explanation if refused else None)
+    assert signal(last_day[-1], "popularity").fired
+    assert signal(last_day[-1], "rate_per_hour").value > 40
+
+
 async def test_a_popular_phones_new_browser_version_is_not_taken_for_a_burst(
     any_server: RunningServer,
 ) -> None:

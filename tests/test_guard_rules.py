@@ -294,3 +294,18 @@ def test_beyond_the_hour_a_velocity_window_allows_the_shorter_ones_threshold_and
         assert t6h >= poisson_quantile(rate * 6, rules.VELOCITY_TAIL) + 1
     # A browser first seen this hour has no rate: the limit, in every window.
     assert rules.velocity_thresholds(0.0, 3) == (3, 3, 3, 3)
+
+
+def test_a_velocity_threshold_stays_a_few_deviations_above_a_large_mean() -> None:
+    """A phone everyone owns may be seen 60 times an hour: its day's
+    threshold is a Poisson tail over a mean of about 1,400, a little above
+    it. (Summed from e^-mean, which underflows to 0 beyond a mean of about
+    745, the tail was never reached and the threshold came out as 100,000:
+    no check at all.)"""
+    for mean in (1.0, 30.0, 700.0, 744.0, 746.0, 1_440.0, 20_000.0):
+        q = poisson_quantile(mean, rules.VELOCITY_TAIL)
+        # The tail at 1e-4 lies 3.7 standard deviations out; the Poisson's
+        # skew puts it a little further for small means.
+        assert mean + 3.5 * mean**0.5 <= q <= mean + 4.5 * mean**0.5 + 5, (mean, q)
+    # Continuous where the old sum gave out.
+    assert 0 <= poisson_quantile(746.0, 1e-4) - poisson_quantile(744.0, 1e-4) <= 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from array import array
 from collections import Counter
 from collections.abc import Hashable, Iterable
 
@@ -25,6 +26,9 @@ _CHUNK_SIGHTINGS = [
     -CHUNK_SLOTS * math.log(1 - min(seen.bit_count(), CHUNK_SLOTS - 0.5) / CHUNK_SLOTS)
     for seen in range(1 << CHUNK_SLOTS)
 ]
+# A chunk with every slot seen: the most its slots alone can say.
+_FULL = (1 << CHUNK_SLOTS) - 1
+_FULL_SIGHTINGS = _CHUNK_SIGHTINGS[_FULL]
 
 
 # Rates repeat (an identity's own, seen again and again): remember the answers.
@@ -33,10 +37,15 @@ def poisson_quantile(mean: float, tail: float) -> int:
     """The smallest q with P(Poisson(mean) > q) <= tail."""
     if mean <= 0:
         return 0
-    term = math.exp(-mean)
+    # From ten standard deviations below the mean (less than 1e-20 of the
+    # mass lies below): e^-mean alone underflows to 0 beyond a mean of
+    # about 745, and the sum never reached the tail.
+    spread = math.sqrt(mean)
+    q = max(0, math.floor(mean - 10 * spread))
+    term = math.exp(q * math.log(mean) - mean - math.lgamma(q + 1))
     cdf = term
-    q = 0
-    while 1 - cdf > tail and q < 100_000:
+    last = mean + 100 * spread + 100
+    while 1 - cdf > tail and q < last:
         q += 1
         term *= mean / q
         cdf += term
@@ -66,9 +75,18 @@ class Occupancy:
     which its owners reach at once, looked a fraction as common as it was).
     The prior never reaches back before the sightings began to be kept
     (rate's watched_since).
+
+    Slots saturate: a key seen in every slot of a chunk could be seen 20
+    or 2,000 times in it, and a rate read from slots alone stops at about
+    17 an hour. A phone model everyone in a big market owns is seen more
+    often, and velocity judged against that ceiling refused its owners by
+    the hundred each day. So with by_chunk, a key once seen in a whole
+    chunk of slots is counted too, sighting by sighting (`_busy`, a count
+    per slot: few keys are that busy), and a full chunk stands for what
+    was counted in it when that is more.
     """
 
-    __slots__ = ("_all_slots", "_by_chunk", "_keys", "_new", "_prior", "_slot", "_slots")
+    __slots__ = ("_all_slots", "_busy", "_by_chunk", "_keys", "_new", "_prior", "_slot", "_slots")
 
     def __init__(
         self, slot: float, horizon: float, prior: float, *, by_chunk: bool = False
@@ -89,6 +107,9 @@ class Occupancy:
         # The entry of a key first seen in the latest slot a new key came
         # in, shared by all of them (a new fingerprint brings ten).
         self._new: tuple[int, int, int] | None = None
+        # by_chunk: key -> (the first slot counted, sightings per slot in a
+        # ring of the horizon's slots); keys once seen in a whole chunk.
+        self._busy: dict[Hashable, tuple[int, array[int]]] = {}
 
     def see(self, key: Hashable, t: float) -> None:
         self._see(key, math.floor(t / self._slot))
@@ -109,6 +130,10 @@ class Occupancy:
             self._keys[key] = new
             return
         first, last, mask = entry
+        if self._by_chunk:
+            busy = self._busy.get(key)
+            if busy is not None:
+                _count(busy, now, last, mask, self._slots)
         if now == last:
             # Seen in this slot already (bit 0 is set since the first
             # sighting): nothing changes.
@@ -116,6 +141,11 @@ class Occupancy:
         if now > last:
             mask = ((mask << (now - last)) | 1) & self._all_slots
             last = now
+            if mask & _FULL == _FULL and self._by_chunk and key not in self._busy:
+                # Its last chunk's slots all seen: counted from now on.
+                counts = array("L", [0]) * self._slots
+                counts[now % self._slots] = 1
+                self._busy[key] = (now, counts)
         elif last - now < self._slots:
             mask |= 1 << (last - now)
         self._keys[key] = (min(first, now), last, mask)
@@ -153,6 +183,10 @@ class Occupancy:
             # A byte of slots is a chunk: the table sums their estimates in C.
             chunks = seen.to_bytes((high - low) // CHUNK_SLOTS + 1, "little")
             sightings = sum(map(_CHUNK_SIGHTINGS.__getitem__, chunks))
+            if _FULL in chunks:
+                counted = self._busy.get(key)
+                if counted is not None:
+                    sightings += self._beyond_full(counted, chunks, last - low)
             busy = len(chunks) - chunks.count(0)
             if busy > 1:
                 # The prior's slots, shared among the chunks seen (none of
@@ -163,11 +197,27 @@ class Occupancy:
         per_slot = -math.log(1 - min(seen.bit_count(), slots - 0.5) / slots)
         return per_slot * HOUR / self._slot
 
+    def _beyond_full(self, busy: tuple[int, array[int]], chunks: bytes, newest: int) -> float:
+        """What the counts of a busy key add to its full chunks' estimate:
+        chunk j of `chunks` holds slots newest - 8j down to newest - 8j - 7;
+        one begun before the counting did keeps its estimate."""
+        counted_from, counts = busy
+        ring = self._slots
+        more = 0.0
+        for j, chunk in enumerate(chunks):
+            top = newest - j * CHUNK_SLOTS
+            if chunk != _FULL or top - CHUNK_SLOTS + 1 < counted_from:
+                continue
+            sightings = sum(counts[slot % ring] for slot in range(top - CHUNK_SLOTS + 1, top + 1))
+            more += max(0.0, sightings - _FULL_SIGHTINGS)
+        return more
+
     def forget_idle(self, key: Hashable, t: float) -> None:
         """Drops a key not seen within the horizon (its rate is 0 by now)."""
         entry = self._keys.get(key)
         if entry is not None and entry[1] < math.floor(t / self._slot) - self._slots:
             del self._keys[key]
+            self._busy.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -371,3 +421,15 @@ def drop_older(seen: dict[str, float], oldest: float) -> None:
         if seen[key] >= oldest:
             return
         del seen[key]
+
+
+def _count(busy: tuple[int, array[int]], now: int, last: int, mask: int, ring: int) -> None:
+    """One sighting in slot `now` of a busy key whose entry was (`last`,
+    `mask`) before it: its slot's count, begun again in a slot new to it."""
+    counted_from, counts = busy
+    if now < counted_from:
+        return
+    if now > last or not (mask >> (last - now)) & 1:
+        counts[now % ring] = 1
+    else:
+        counts[now % ring] += 1
