@@ -22,6 +22,9 @@ HELD_OUT_SEEDS = tuple(str(seed) for seed in range(21, 41))
 # of 30 (false refusal broke first where traffic was denser than the
 # bench's). Seeds not looked at before they were put here.
 DENSE_SEEDS = tuple(str(seed) for seed in range(101, 121))
+# A bigger service: twice the people over 7 days, eight times the bench's
+# traffic a day, where the commonest phone is seen over 40 times an hour.
+BIG_SEEDS = tuple(str(seed) for seed in range(101, 111))
 
 # Each entry: the module, its arguments, and more when a report is written.
 AREAS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -35,6 +38,11 @@ AREAS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     # farms' accounts that got in did.
     ("guard_misses", (), ("--seed", "1", "2", "3")),
     ("guard_misses", ("--seed", *DENSE_SEEDS, "--days", "7", "--brief"), ()),
+    (
+        "guard_misses",
+        ("--seed", *BIG_SEEDS, "--people", "40000", "--days", "7", "--brief"),
+        (),
+    ),
     ("guard_memory", (), ()),
     ("workers", (), ()),
     ("observability", (), ()),
