@@ -176,38 +176,6 @@ def test_sightings_are_recorded_once_an_hour_per_network() -> None:
     assert sightings.new("f", "n", 7201.0 + 25 * 60) == ("f", "n", 2, 25)
 
 
-async def test_a_restart_keeps_the_count_of_a_fingerprint_busier_than_its_slots(
-    any_server: RunningServer,
-) -> None:
-    """A phone model seen 40 times an hour, each time on a network of its
-    own, fills every 10-minute slot: its rate comes from counting those
-    sightings, and a restart must count them again from the record (one row
-    per network and hour), or velocity would judge its owners against the
-    slots' ceiling, about 17 an hour, after every restart."""
-    guard = await guard_client(any_server)
-    service = await new_service(guard, login_limit=5)
-    verdict = await guard.evaluate(
-        service, "login", account("b1"), fingerprint(secrets.token_hex(4)), home()
-    )
-    name = verdict.explanation.fingerprint
-    now = time.time()
-    first_hour = math.floor(now / 3600) - 9
-    seen = [(f"10.222.{i // 250}.{1 + i % 250}", first_hour * 3600 + i * 90.0) for i in range(320)]
-    change = Change()
-    for network, t in seen:
-        change.sightings.add((name, network, math.floor(t / 3600), math.floor(t % 3600 / 60)))
-    recorder = guard_of(any_server).recorder
-    recorder.later(change)
-    await recorder.flush()
-
-    restored = IdentityBook()
-    await identity_record.load(any_server.app.runtime.db, restored, now)
-    # 320 sightings over 8 hours, with a day of "not seen" shared among
-    # the 80-minute chunks it was seen in: 30 an hour. Its full slots alone
-    # said 15.
-    assert rate_per_hour(restored, name, now) > 20
-
-
 async def test_a_restart_rebuilds_an_identitys_rate_in_the_slots_it_was_seen_in(
     any_server: RunningServer,
 ) -> None:

@@ -108,7 +108,8 @@ class Occupancy:
         # in, shared by all of them (a new fingerprint brings ten).
         self._new: tuple[int, int, int] | None = None
         # by_chunk: key -> (the first slot counted, sightings per slot in a
-        # ring of the horizon's slots); keys once seen in a whole chunk.
+        # ring of the horizon's slots, 4 KB for 7 days of 10 minutes); keys
+        # once seen in a whole chunk.
         self._busy: dict[Hashable, tuple[int, array[int]]] = {}
 
     def see(self, key: Hashable, t: float) -> None:
@@ -143,7 +144,7 @@ class Occupancy:
             last = now
             if mask & _FULL == _FULL and self._by_chunk and key not in self._busy:
                 # Its last chunk's slots all seen: counted from now on.
-                counts = array("L", [0]) * self._slots
+                counts = array("I", [0]) * self._slots
                 counts[now % self._slots] = 1
                 self._busy[key] = (now, counts)
         elif last - now < self._slots:
