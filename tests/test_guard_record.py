@@ -17,6 +17,7 @@ from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import identity_record
+from tether.server.guard.fingerprint import Components, fingerprint_of
 from tether.server.guard.identities import IdentityBook, rate_per_hour
 from tether.server.guard.recorder import Change
 from tether.server.guard.tables import (
@@ -27,6 +28,7 @@ from tether.server.guard.tables import (
     GuardLinkRecord,
     GuardSighting,
 )
+from tether.server.shared.digests import Digester, DigestKey
 
 
 def home() -> str:
@@ -174,6 +176,53 @@ def test_sightings_are_recorded_once_an_hour_per_network() -> None:
     assert sightings.new("f", "n", 3700.0) is None
     assert sightings.new("f", "m", 3700.0) == ("f", "m", 1, 1)
     assert sightings.new("f", "n", 7201.0 + 25 * 60) == ("f", "n", 2, 25)
+
+
+def test_a_restart_keeps_the_count_of_a_fingerprint_busier_than_its_slots() -> None:
+    """A phone model seen 200 times an hour for 8 hours, each time on a
+    network of its own, fills every 10-minute slot: its rate comes from
+    counting those sightings. A restart rebuilds the book from the record
+    (the rows identity_record.Sightings keeps: one per network and hour) and
+    must count them again, or velocity would judge the phone's owners
+    against the slots' ceiling, about 17 an hour, after every restart; and
+    it must not count more than the book did live."""
+    digester = Digester([DigestKey("k1", bytes(range(32)))])
+    phone = fingerprint_of(
+        digester,
+        Components(
+            browser_name="Safari",
+            browser_version="18.1",
+            os_name="iOS",
+            os_version="18.1",
+            screen_width=393,
+            screen_height=852,
+            languages=["en-US"],
+            timezone="America/New_York",
+        ),
+    )
+    start = 1_790_812_800.0
+    live = IdentityBook()
+    sightings = identity_record.Sightings()
+    rows = []
+    for i in range(1600):
+        t, network = start + i * 18.0, f"network-{i}"
+        live.resolve(phone, network, t)
+        if (row := sightings.new(phone.identity, network, t)) is not None:
+            rows.append(row)
+    now = start + 8 * 3600.0
+
+    restored = IdentityBook()
+    restored.restore_fingerprint(phone, start, now, "")
+    for name, network, hour, minute in rows:
+        restored.restore_sighting(name, network, identity_record.sighting_time(hour, minute))
+    # Seven hours of sightings before the last, with a day of "not seen"
+    # shared among its 80-minute chunks: 156 an hour. Its full slots alone
+    # said 16.
+    assert (
+        100
+        < rate_per_hour(restored, phone.identity, now)
+        <= rate_per_hour(live, phone.identity, now)
+    )
 
 
 async def test_a_restart_rebuilds_an_identitys_rate_in_the_slots_it_was_seen_in(
