@@ -21,7 +21,7 @@ from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import counters, keys, rules
-from tether.server.guard.signals import poisson_quantile
+from tether.server.guard.signals import Occupancy, poisson_quantile
 
 IP = "198.51.100.7"
 
@@ -309,3 +309,24 @@ def test_a_velocity_threshold_stays_a_few_deviations_above_a_large_mean() -> Non
         assert mean + 3.5 * mean**0.5 <= q <= mean + 4.5 * mean**0.5 + 5, (mean, q)
     # Continuous where the old sum gave out.
     assert 0 <= poisson_quantile(746.0, 1e-4) - poisson_quantile(744.0, 1e-4) <= 3
+
+
+def test_a_sighting_older_than_the_horizon_leaves_a_busy_keys_count_alone() -> None:
+    """A busy key's counts sit in a ring of the horizon's slots: a sighting
+    that comes late, from before the horizon, shares its place with a slot
+    of now and must not overwrite that slot's count. The key is seen 5
+    times in each 10-minute slot for 7 days and a half; the late sighting's
+    place is two slots before the last, and it reads as if it came in
+    time."""
+    slot, horizon = 600.0, 7 * 24 * 3600.0
+    start = 1_790_812_800.0
+    recent = [start + i * 120.0 for i in range(1100 * 5)]
+    old = start + 1097 * slot - horizon
+    in_order = Occupancy(slot, horizon, 24 * 3600.0, by_chunk=True)
+    late = Occupancy(slot, horizon, 24 * 3600.0, by_chunk=True)
+    for t in [old, *recent]:
+        in_order.see("phone", t)
+    for t in [*recent, old]:
+        late.see("phone", t)
+    now = start + 1100 * slot + 3600.0
+    assert late.rate("phone", now, 3600.0) == in_order.rate("phone", now, 3600.0) > 0

@@ -428,7 +428,9 @@ def _count(busy: tuple[int, array[int]], now: int, last: int, mask: int, ring: i
     """One sighting in slot `now` of a busy key whose entry was (`last`,
     `mask`) before it: its slot's count, begun again in a slot new to it."""
     counted_from, counts = busy
-    if now < counted_from:
+    # Before the counting, or older than the ring (its place holds a slot
+    # of now): nothing to count.
+    if now < counted_from or last - now >= ring:
         return
     if now > last or not (mask >> (last - now)) & 1:
         counts[now % ring] = 1
