@@ -586,8 +586,8 @@ async def test_a_phone_seen_more_often_than_its_slots_can_show_is_judged_by_its_
     """A phone model everyone in a big market owns: 40 registrations an hour,
     day and night, each by someone on a network of their own. Seen in every
     10-minute slot, its slots alone put its rate at 19 an hour, and on the
-    third day the 24-hour window refused 383 of its 960 owners. Counted once its slots are full,
-    it is seen 44 an hour, and none of them is refused."""
+    third day the 24-hour window refused 383 of its 960 owners. Counted
+    once its slots are full, it is seen 44 an hour, and none is refused."""
     last_day = await _last_day_of_a_popular_phone(
         any_server, [i * 90.0 for i in range(24 * 40)], days=3
     )
