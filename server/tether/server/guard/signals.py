@@ -131,10 +131,9 @@ class Occupancy:
             self._keys[key] = new
             return
         first, last, mask = entry
-        if self._by_chunk:
-            busy = self._busy.get(key)
-            if busy is not None:
-                _count(busy, now, last, mask, self._slots)
+        busy = self._busy.get(key) if self._by_chunk else None
+        if busy is not None:
+            _count(busy, now, last, mask, self._slots)
         if now == last:
             # Seen in this slot already (bit 0 is set since the first
             # sighting): nothing changes.
@@ -142,7 +141,7 @@ class Occupancy:
         if now > last:
             mask = ((mask << (now - last)) | 1) & self._all_slots
             last = now
-            if mask & _FULL == _FULL and self._by_chunk and key not in self._busy:
+            if self._by_chunk and busy is None and mask & _FULL == _FULL:
                 # Its last chunk's slots all seen: counted from now on.
                 counts = array("I", [0]) * self._slots
                 counts[now % self._slots] = 1
