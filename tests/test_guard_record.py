@@ -16,8 +16,8 @@ from tests.guard_support import fingerprint, guard_client, guard_of, new_service
 from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard import identity_record
-from tether.server.guard.fingerprint import Components, fingerprint_of
+from tether.server.guard import convert, identity_record
+from tether.server.guard.fingerprint import fingerprint_of
 from tether.server.guard.identities import IdentityBook, rate_per_hour
 from tether.server.guard.recorder import Change
 from tether.server.guard.tables import (
@@ -187,19 +187,9 @@ def test_a_restart_keeps_the_count_of_a_fingerprint_busier_than_its_slots() -> N
     against the slots' ceiling, about 17 an hour, after every restart; and
     it must not count more than the book did live."""
     digester = Digester([DigestKey("k1", bytes(range(32)))])
-    phone = fingerprint_of(
-        digester,
-        Components(
-            browser_name="Safari",
-            browser_version="18.1",
-            os_name="iOS",
-            os_version="18.1",
-            screen_width=393,
-            screen_height=852,
-            languages=["en-US"],
-            timezone="America/New_York",
-        ),
-    )
+    components = convert.components(fingerprint("busy"), present=True)
+    assert components is not None
+    phone = fingerprint_of(digester, components)
     start = 1_790_812_800.0
     live = IdentityBook()
     sightings = identity_record.Sightings()
