@@ -1249,9 +1249,17 @@ class IdentityBook:
         one, nor a band crowded with strangers) with a fingerprint it could
         have drifted from (an update, another window or language, a few
         fonts), seen last first; none when the identity is not young or
-        looks like many people. Whether one of them was farmed, and whether
-        this one farms, is the counters' to say (Decider.farm_return)."""
-        if not self._young(identity, t) or self.popular(identity):
+        looks like many people, nor before the book has seen MIN_POPULATION
+        fingerprints: the join crosses networks, and in a fresh book every
+        identity is young, a phone everyone uses is not yet popular, and
+        its owners sign up minutes apart as a farm does. Whether one of them
+        was farmed, and whether this one farms, is the counters' to say
+        (Decider.farm_return)."""
+        if (
+            self._values.total < MIN_POPULATION
+            or not self._young(identity, t)
+            or self.popular(identity)
+        ):
             return []
         started = self._known[identity].first_seen
         found: dict[str, float] = {}
