@@ -38,6 +38,10 @@ IP = "198.51.100.7"
 # this deadline only turns a hang into a failure instead of a stuck test.
 NO_HANG = 10.0
 COMPONENTS = components(fingerprint("loss"), present=True)
+LANGUAGES = [
+    "de-DE", "fr-FR", "es-ES", "it-IT", "nl-NL", "pl-PL", "pt-PT", "sv-SE", "da-DK", "fi-FI",
+    "nb-NO", "cs-CZ", "hu-HU", "ro-RO", "el-GR", "tr-TR", "ru-RU", "uk-UA", "ja-JP", "ko-KR",
+]  # fmt: skip
 
 
 @pytest.fixture
@@ -224,7 +228,19 @@ async def test_redis_restarted_under_load_never_admits_beyond_the_limit(
     is admitted again, during the outage, the restore, or after."""
     guard = await guard_client(server)
     service = await new_service(guard, register_limit=2, redis_failure=pb.REDIS_FAILURE_FAIL_CLOSED)
-    browsers = [fingerprint(f"load{i}") for i in range(20)]
+    # Twenty people: each differs from the others in every drifting group,
+    # so a book that knows what is rare links none of them (twenty
+    # browsers differing only by a font, from twenty networks within
+    # seconds, are one farm's burst).
+    browsers = [
+        fingerprint(
+            f"load{i}",
+            browser_version=f"131.0.6778.{i}",
+            screen_width=1280 + 16 * i,
+            languages=[LANGUAGES[i]],
+        )
+        for i in range(20)
+    ]
     networks = [f"198.51.{100 + i}.9" for i in range(20)]
     for i, browser in enumerate(browsers):
         for name in ("a", "b"):
