@@ -1136,6 +1136,65 @@ async def test_a_fresh_book_joins_no_farm_return_before_it_knows_what_is_rare(
     assert all(pb.LINK_KIND_FARM_RETURN not in kinds(v) for v in second)
 
 
+OWNERS = 200
+
+
+async def test_a_fresh_book_counts_a_shared_fingerprint_per_network_for_a_day(
+    any_server: RunningServer,
+) -> None:
+    """A new deployment's first hour: two hundred owners of one phone model
+    sign up from networks of their own, half with its commonest language
+    and another window size, half with its commonest window size and
+    another language. Then five owners of its commonest set-up come,
+    25 minutes apart. Strangers may show that set-up exactly
+    (fingerprint_sharers), and the book has not had the hours popularity
+    takes to show: each is counted on its own network, and all five are
+    allowed. A day later the book is no longer fresh: six more owners in
+    the same rhythm are one browser rotating networks (the set-up is not
+    popular yet), and the fourth is refused."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    phone = {
+        "browser_name": "Safari",
+        "os_name": "iOS",
+        "platform": "iPhone",
+        "screen_height": 844,
+        "fonts": ["Helvetica Neue", "Hiragino Sans", f"Font {seed}"],
+        "plugins": [],
+        "timezone": "Europe/Paris",
+    }
+    common = fingerprint(seed, screen_width=390, languages=["fr-FR", "fr"], **phone)
+    owners = [fingerprint(seed, screen_width=400 + i, languages=["fr-FR", "fr"], **phone)
+              for i in range(OWNERS // 2)]  # fmt: skip
+    owners += [
+        fingerprint(seed, screen_width=390, languages=[f"x{i}"], **phone)
+        for i in range(OWNERS // 2)
+    ]
+    events = [timed_event(T0 + 10 * i, f"o{i}", c, fresh_network()) for i, c in enumerate(owners)]
+    for day, count in ((0, 5), (1, 6)):
+        start = T0 + 3600 + day * 24 * 3600
+        events += [
+            timed_event(start + 1500 * i, f"c{day}-{i}", common, fresh_network())
+            for i in range(count)
+        ]
+    verdicts = await replay_verdicts(guard, 3, events)
+    first_day, day_later = verdicts[OWNERS : OWNERS + 5], verdicts[OWNERS + 5 :]
+    assert [v.verdict for v in first_day] == [pb.VERDICT_ALLOW] * 5
+    fourth = first_day[3]
+    assert signal(fourth, "popularity").value < 3
+    assert signal(fourth, "fingerprint_sharers").fired
+    assert signal(fourth, "book_age_hours").fired
+    assert signal(fourth, "book_age_hours").value < 24
+    assert [v.verdict for v in day_later] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 3
+    refused = day_later[3]
+    assert refused.identity == fourth.identity
+    assert signal(refused, "popularity").value < 3
+    assert signal(refused, "fingerprint_sharers").fired
+    assert not signal(refused, "book_age_hours").fired
+    assert signal(refused, "book_age_hours").value > 24
+    assert (refused.explanation.scope, refused.explanation.scope_count) == (pb.SCOPE_BROWSER, 3)
+
+
 async def _book_knowing_what_is_rare(server: RunningServer, guard: GuardClient) -> None:
     """The server's book, which every test shares, holding the
     MIN_POPULATION fingerprints from which it links across networks: other

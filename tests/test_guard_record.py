@@ -112,9 +112,9 @@ async def test_log_ins_joins_links_and_what_the_book_learned_are_written_behind(
 async def test_a_refusal_as_one_browser_is_recorded_as_farmed(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=1)
-    browser = fingerprint(secrets.token_hex(4))
-    first = await guard.evaluate(service, "register", account("f1"), browser, home())
-    refused = await guard.evaluate(service, "register", account("f2"), browser, home())
+    browser, network = fingerprint(secrets.token_hex(4)), home()
+    first = await guard.evaluate(service, "register", account("f1"), browser, network)
+    refused = await guard.evaluate(service, "register", account("f2"), browser, network)
     assert refused.verdict == pb.VERDICT_DENY
     assert refused.explanation.scope == pb.SCOPE_BROWSER
     await guard_of(any_server).recorder.flush()

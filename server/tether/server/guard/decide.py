@@ -22,6 +22,7 @@ from tether.server.guard.counters import (
 )
 from tether.server.guard.fingerprint import Fingerprint, remember
 from tether.server.guard.identities import (
+    FRESH_BOOK,
     POPULAR_EPISODES,
     YOUNG,
     IdentityBook,
@@ -29,6 +30,7 @@ from tether.server.guard.identities import (
     Resolution,
 )
 from tether.server.guard.policies import Policy
+from tether.server.guard.signals import HOUR
 
 ACTIONS = ("register", "login", "collaborate")
 # Explanations kept (and their messages, convert.py): the returning browsers
@@ -294,6 +296,12 @@ def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Expla
             round(inputs.sharers, 4),
             rules.SHARED_STRANGERS,
             fired=inputs.shared,
+        ),
+        Signal(
+            "book_age_hours",
+            round(inputs.book_age_hours, 2),
+            FRESH_BOOK / HOUR,
+            fired=inputs.fresh_book,
         ),
     ]
     scope = ""

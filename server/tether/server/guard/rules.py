@@ -10,7 +10,10 @@ them a limit tolerates.
   SHARED_STRANGERS or more other browsers are expected to show exactly: a
   farm on a common device leaves its mark on every stranger who shares
   that device's defaults, and one coming later from elsewhere is no more
-  likely the farm than one of them.
+  likely the farm than one of them. In the book's first day (FRESH_BOOK),
+  such a fingerprint counts only this network's accounts: popularity takes
+  hours to show, and until it can, a common phone's owners arriving from
+  networks of their own look like one browser rotating them.
 - A **popular** identity (a phone model with default settings) is many
   people: only the accounts counted on this network count. On a crowded
   network (carrier NAT) only those of the last CROWD_WINDOW, with an
@@ -29,9 +32,10 @@ The script applies these; Python only computes the numbers.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
-from tether.server.guard.identities import IdentityBook, rate_per_hour
+from tether.server.guard.identities import FRESH_BOOK, IdentityBook, rate_per_hour
 from tether.server.guard.signals import HOUR, poisson_quantile
 
 ROTATION_WINDOW = 6 * HOUR
@@ -65,6 +69,10 @@ class Inputs(NamedTuple):
     # IdentityBook.sharers of the call's fingerprint (0 for a popular
     # identity: nothing reads it).
     sharers: float
+    # Hours since the book's first sighting; whether the fresh book's rule
+    # (no rotation window for a shared fingerprint) applied.
+    book_age_hours: float = 0.0
+    fresh_book: bool = False
 
     @property
     def shared(self) -> bool:
@@ -89,6 +97,12 @@ def inputs(
     rare = not book.popular(identity)
     # Only a rare identity's count reads it.
     sharers = book.sharers(fingerprint) if rare else 0.0
+    # A fresh book has not had the hours popularity takes to show: the
+    # owners of a common phone, arriving from networks of their own, look
+    # like one browser rotating them. A fingerprint strangers share then
+    # counts only this network's accounts.
+    age = t - book.watched_since
+    fresh_book = rare and sharers >= SHARED_STRANGERS and age < FRESH_BOOK
     rate = rate_per_hour(book, identity, t) * PEAK
     crowd_browsers = book.crowds.browsers(network, t)
     crowd = crowd_browsers >= book.crowds.threshold
@@ -99,7 +113,7 @@ def inputs(
         thresholds = velocity_thresholds(rate, limit)
     return Inputs(
         rare=rare,
-        rotation_ms=int(ROTATION_WINDOW * 1000),
+        rotation_ms=0 if fresh_book else int(ROTATION_WINDOW * 1000),
         crowd=crowd,
         crowd_window_ms=int(CROWD_WINDOW * 1000),
         crowd_threshold=limit + allowance if limit > 0 else 0,
@@ -109,6 +123,8 @@ def inputs(
         crowd_browsers=crowd_browsers,
         network_share=share,
         sharers=sharers,
+        book_age_hours=max(0.0, age / HOUR) if math.isfinite(age) else 0.0,
+        fresh_book=fresh_book,
     )
 
 
