@@ -10,13 +10,13 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.guard_support import fingerprint, guard_client, guard_of, new_service
 from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard import convert, identity_record
+from tether.server.guard import convert, identity_record, rules
 from tether.server.guard.fingerprint import fingerprint_of
 from tether.server.guard.identities import IdentityBook, rate_per_hour
 from tether.server.guard.recorder import Change
@@ -120,6 +120,41 @@ async def test_a_refusal_as_one_browser_is_recorded_as_farmed(any_server: Runnin
     await guard_of(any_server).recorder.flush()
     [farmed] = await _rows(any_server, GuardFarmed, GuardFarmed.service_id == service)
     assert (farmed.action, farmed.identity) == ("register", first.identity)
+
+
+async def test_a_restart_after_a_quiet_week_does_not_make_the_book_fresh(
+    any_server: RunningServer,
+) -> None:
+    """In its first day the book counts a fingerprint strangers share on its
+    network alone (rules.inputs). A restart restores the sightings of the
+    last 7 days only: after a quiet week, a book that has run for weeks
+    would find only today's and take itself for a new one, loosening that
+    count. Its age comes from the record's fingerprints (30 days) too."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    verdict = await guard.evaluate(
+        service, "register", account("q1"), fingerprint(secrets.token_hex(4)), home()
+    )
+    name = verdict.explanation.fingerprint
+    week_ago = datetime.now(UTC) - timedelta(days=8)
+    db = any_server.app.runtime.db
+    async with db.transaction() as session:
+        # First seen a week ago; its sightings of then are gone (horizon).
+        await session.execute(
+            update(GuardFingerprint)
+            .where(GuardFingerprint.fingerprint == name)
+            .values(first_seen_time=week_ago)
+        )
+    now = time.time()
+    restored = IdentityBook()
+    await identity_record.load(db, restored, now)
+    assert now - restored.watched_since < 24 * 3600
+    assert restored.known_since <= week_ago.timestamp()
+    inputs = rules.inputs(
+        restored, restored.find(name), "n", now, 3, fingerprint=name, velocity=True
+    )
+    assert inputs.book_age_hours >= 8 * 24
+    assert not inputs.fresh_book
 
 
 async def test_a_follower_takes_a_link_whose_fingerprint_committed_late(

@@ -391,6 +391,8 @@ class IdentityBook:
         # its fingerprints are forgotten.
         self._font_sets = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
         self._started: float | None = None
+        # The earliest first sighting of a fingerprint held or restored.
+        self._first_known = math.inf
         # Fingerprints held, in the order they came (or last went round):
         # those looked at for forgetting next first.
         self._queue: deque[str] = deque()
@@ -446,6 +448,16 @@ class IdentityBook:
         """The book's first sighting (a restart restores it with the
         sightings of the horizon): rates assume nothing of the time before."""
         return -math.inf if self._started is None else self._started
+
+    @property
+    def known_since(self) -> float:
+        """When the book first saw any fingerprint it holds or was restored
+        with: unlike watched_since, a restart restores it from the record's
+        fingerprints (30 days), so a restart after a quiet week does not
+        make the book fresh again. -inf before the first."""
+        started = math.inf if self._started is None else self._started
+        first = min(self._first_known, started)
+        return -math.inf if first == math.inf else first
 
     def popularity(self, identity: str) -> int:
         return self.spread(identity)
@@ -1425,6 +1437,7 @@ class IdentityBook:
         """A fingerprint from the durable record (at start)."""
         if self.knows(fp.identity):
             return
+        self._first_known = min(self._first_known, first_seen)
         self._hold(_Known(fp, first_seen, last_seen, network), _bands(fp))
         self._add_values(fp, _tagged(fp.groups))
         self._started_identities += 1

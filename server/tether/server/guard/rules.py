@@ -101,7 +101,7 @@ def inputs(
     # owners of a common phone, arriving from networks of their own, look
     # like one browser rotating them. A fingerprint strangers share then
     # counts only this network's accounts.
-    age = t - book.watched_since
+    age = t - book.known_since
     fresh_book = rare and sharers >= SHARED_STRANGERS and age < FRESH_BOOK
     rate = rate_per_hour(book, identity, t) * PEAK
     crowd_browsers = book.crowds.browsers(network, t)
