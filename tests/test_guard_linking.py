@@ -50,6 +50,19 @@ def desktop(seed: str, **changes: object) -> pb.FingerprintComponents:
     return fingerprint(seed, **fields)
 
 
+def iphone(seed: str, **changes: object) -> dict[str, object]:
+    """An iPhone's Safari set-up (a font of its own by seed), as keywords
+    for fingerprint()."""
+    return {
+        "browser_name": "Safari",
+        "os_name": "iOS",
+        "platform": "iPhone",
+        "fonts": ["Helvetica Neue", "Hiragino Sans", f"Font {seed}"],
+        "plugins": [],
+        **changes,
+    }
+
+
 def signal(verdict: pb.EvaluateResponse, name: str) -> pb.Signal:
     [found] = [s for s in verdict.explanation.signals if s.name == name]
     return found
@@ -1115,15 +1128,7 @@ async def test_a_fresh_book_joins_no_farm_return_before_it_knows_what_is_rare(
     joins it to the first before the book has seen 500 fingerprints."""
     guard = await guard_client(any_server)
     seed = secrets.token_hex(4)
-    phone = {
-        "browser_name": "Safari",
-        "os_name": "iOS",
-        "platform": "iPhone",
-        "fonts": ["Helvetica Neue", "Hiragino Sans", f"Font {seed}"],
-        "plugins": [],
-        "languages": ["ja-JP", "ja"],
-        "timezone": "Asia/Tokyo",
-    }
+    phone = iphone(seed, languages=["ja-JP", "ja"], timezone="Asia/Tokyo")
     one = fingerprint(seed, screen_width=390, screen_height=844, **phone)
     other = fingerprint(seed, screen_width=430, screen_height=932, **phone)
     events = [timed_event(T0 + 60 * i, f"a{i}", one, fresh_network()) for i in range(5)]
@@ -1154,15 +1159,7 @@ async def test_a_fresh_book_counts_a_shared_fingerprint_per_network_for_a_day(
     popular yet), and the fourth is refused."""
     guard = await guard_client(any_server)
     seed = secrets.token_hex(4)
-    phone = {
-        "browser_name": "Safari",
-        "os_name": "iOS",
-        "platform": "iPhone",
-        "screen_height": 844,
-        "fonts": ["Helvetica Neue", "Hiragino Sans", f"Font {seed}"],
-        "plugins": [],
-        "timezone": "Europe/Paris",
-    }
+    phone = iphone(seed, screen_height=844, timezone="Europe/Paris")
     common = fingerprint(seed, screen_width=390, languages=["fr-FR", "fr"], **phone)
     owners = [fingerprint(seed, screen_width=400 + i, languages=["fr-FR", "fr"], **phone)
               for i in range(OWNERS // 2)]  # fmt: skip
