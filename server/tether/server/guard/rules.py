@@ -69,7 +69,7 @@ class Inputs(NamedTuple):
     # IdentityBook.sharers of the call's fingerprint (0 for a popular
     # identity: nothing reads it).
     sharers: float
-    # Hours since the book's first sighting; whether the fresh book's rule
+    # Whole hours since the book's first sighting; whether the fresh book's rule
     # (no rotation window for a shared fingerprint) applied.
     book_age_hours: float = 0.0
     fresh_book: bool = False
@@ -123,7 +123,9 @@ def inputs(
         crowd_browsers=crowd_browsers,
         network_share=share,
         sharers=sharers,
-        book_age_hours=max(0.0, age / HOUR) if math.isfinite(age) else 0.0,
+        # Whole hours: the inputs key the explanations kept for returning
+        # browsers, and a value changing with every call would miss them.
+        book_age_hours=float(max(0, math.floor(age / HOUR))) if math.isfinite(age) else 0.0,
         fresh_book=fresh_book,
     )
 
