@@ -4,6 +4,7 @@ real gRPC, real PostgreSQL (or SQLite) and real Redis."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from pathlib import Path
 from typing import cast
@@ -14,6 +15,7 @@ import redis.asyncio as redis
 from tests.guard_support import (
     fingerprint,
     guard_client,
+    guard_of,
     new_service,
 )
 from tests.provisioning_support import eventually
@@ -251,6 +253,25 @@ async def test_look_ups_link_identities_and_accounts(any_server: RunningServer) 
     assert {link.service_id for link in linked} == {service}
     identities = [link.identity async for link in guard.account_identities(account("me"))]
     assert set(identities) == {home.identity, work.identity}
+
+
+async def test_a_returning_browser_reuses_its_kept_explanation(any_server: RunningServer) -> None:
+    """A returning browser's explanation (and its message) is kept, keyed by
+    everything it reads: its counting inputs among them. An input that
+    changed with every call (the book's age, at full precision) made every
+    repeat build both again."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, login_limit=5)
+    browser = fingerprint(secrets.token_hex(4))
+    await guard.evaluate(service, "login", account("back"), browser, IP)
+    await guard.evaluate(service, "login", account("back"), browser, IP)
+    kept = guard_of(any_server).decider._explanations
+    before = len(kept)
+    for _ in range(6):
+        again = await guard.evaluate(service, "login", account("back"), browser, IP)
+        assert again.verdict == pb.VERDICT_ALLOW
+    # At most one more: a rate slot or an hour may turn between calls.
+    assert len(kept) - before <= 1
 
 
 async def test_policy_change_reaches_another_server_without_restart(
