@@ -299,7 +299,7 @@ def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Expla
         ),
         Signal(
             "book_age_hours",
-            round(inputs.book_age_hours, 2),
+            inputs.book_age_hours,
             FRESH_BOOK / HOUR,
             fired=inputs.fresh_book,
         ),

@@ -455,9 +455,12 @@ class IdentityBook:
         with: unlike watched_since, a restart restores it from the record's
         fingerprints (30 days), so a restart after a quiet week does not
         make the book fresh again. -inf before the first."""
-        started = math.inf if self._started is None else self._started
-        first = min(self._first_known, started)
-        return -math.inf if first == math.inf else first
+        return -math.inf if self._first_known == math.inf else self._first_known
+
+    def fresh(self, t: float) -> bool:
+        """Whether the book is in its first day (FRESH_BOOK) at t: too new
+        to have seen a quiet hour, or a popular fingerprint's episodes."""
+        return t - self.known_since < FRESH_BOOK
 
     def popularity(self, identity: str) -> int:
         return self.spread(identity)
@@ -527,6 +530,7 @@ class IdentityBook:
         when first seen, and learning from the sighting."""
         if self._started is None:
             self._started = t
+            self._first_known = min(self._first_known, t)
         known = self._known.get(fp.identity)
         if known is not None and _repeat(known, network, t):
             # Nothing to learn from a browser seen on this network within
@@ -919,7 +923,7 @@ class IdentityBook:
             # Shares among fingerprints, as the record restores them: a
             # browser that returns often does not make its values common.
             self._add_values(fp, tagged)
-        self.spread.see(identity, network, t, crowd, fresh=t - self.watched_since < FRESH_BOOK)
+        self.spread.see(identity, network, t, crowd, fresh=self.fresh(t))
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
 
@@ -1488,6 +1492,7 @@ class IdentityBook:
             return
         if self._started is None or t < self._started:
             self._started = t
+            self._first_known = min(self._first_known, t)
         identity = self.find(fingerprint)
         crowd = self.crowds.crowded(network, t)
         fp = known.fingerprint
@@ -1495,7 +1500,7 @@ class IdentityBook:
         self._move(known, network)
         self.band_rates.see_all(_bands(fp), t)
         self.device_rates.see(fp.groups[DEVICE], t)
-        self.spread.see(identity, network, t, crowd, fresh=t - self.watched_since < FRESH_BOOK)
+        self.spread.see(identity, network, t, crowd, fresh=self.fresh(t))
         self.identity_rates.see(identity, t)
         self.crowds.see(network, identity, t)
 

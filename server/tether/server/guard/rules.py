@@ -10,7 +10,7 @@ them a limit tolerates.
   SHARED_STRANGERS or more other browsers are expected to show exactly: a
   farm on a common device leaves its mark on every stranger who shares
   that device's defaults, and one coming later from elsewhere is no more
-  likely the farm than one of them. In the book's first day (FRESH_BOOK),
+  likely the farm than one of them. In the book's first day (IdentityBook.fresh),
   such a fingerprint counts only this network's accounts: popularity takes
   hours to show, and until it can, a common phone's owners arriving from
   networks of their own look like one browser rotating them.
@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from tether.server.guard.identities import FRESH_BOOK, IdentityBook, rate_per_hour
+from tether.server.guard.identities import IdentityBook, rate_per_hour
 from tether.server.guard.signals import HOUR, poisson_quantile
 
 ROTATION_WINDOW = 6 * HOUR
@@ -101,8 +101,7 @@ def inputs(
     # owners of a common phone, arriving from networks of their own, look
     # like one browser rotating them. A fingerprint strangers share then
     # counts only this network's accounts.
-    age = t - book.known_since
-    fresh_book = rare and sharers >= SHARED_STRANGERS and age < FRESH_BOOK
+    fresh_book = rare and sharers >= SHARED_STRANGERS and book.fresh(t)
     rate = rate_per_hour(book, identity, t) * PEAK
     crowd_browsers = book.crowds.browsers(network, t)
     crowd = crowd_browsers >= book.crowds.threshold
@@ -125,9 +124,14 @@ def inputs(
         sharers=sharers,
         # Whole hours: the inputs key the explanations kept for returning
         # browsers, and a value changing with every call would miss them.
-        book_age_hours=float(max(0, math.floor(age / HOUR))) if math.isfinite(age) else 0.0,
+        book_age_hours=_whole_hours(t - book.known_since),
         fresh_book=fresh_book,
     )
+
+
+def _whole_hours(span: float) -> float:
+    """A span in whole hours (0 for none or an infinite one)."""
+    return float(max(0, math.floor(span / HOUR))) if math.isfinite(span) else 0.0
 
 
 def velocity_thresholds(rate: float, limit: int) -> tuple[int, ...]:
