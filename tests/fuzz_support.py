@@ -9,7 +9,7 @@ import importlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import redis.asyncio as redis
@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 from sqlalchemy import text
 
+from tether.server.binding.rate_limit import window_key
 from tether.server.storage.database import Database
 
 AREAS = ("admin", "binding", "provisioning", "guard")
@@ -347,6 +348,10 @@ class Snapshot:
         return grown + [f"new key {key!r}" for key in sorted(self.keys - before.keys)]
 
 
+# The report rate limiter's window keys (binding/rate_limit.py).
+RATE_KEYS = window_key("", "", 0).split("{", 1)[0].encode()
+
+
 class Storage:
     """Row counts of every table and the set of Redis keys, read at once."""
 
@@ -371,7 +376,12 @@ class Storage:
                     f'(SELECT count(*) FROM "{t}") AS "{t}"' for t in tables
                 )
             row = (await session.execute(text(self._query))).mappings().one()
-        keys = frozenset(await self._redis.keys("*"))
+        # Report rate windows count every attempt, refused ones too (that is
+        # what stops probing account after account): a refusal opening a
+        # new minute's window is no write of its own.
+        # Bytes (the client does not decode).
+        stored = cast(list[bytes], await self._redis.keys("*"))
+        keys = frozenset(k for k in stored if not k.startswith(RATE_KEYS))
         return Snapshot(dict(row), keys)
 
     async def settled(self, within: float = 2.0) -> Snapshot:
