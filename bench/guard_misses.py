@@ -131,7 +131,7 @@ def replay(events: list[Event], limit: int) -> list[Row]:
             networks[event.client_ip] = net
         res = book.resolve(fp, net, event.time)
         if not (res.new and res.identity == res.fingerprint):
-            res = _farm_return(book, counting, res, fp, event.time)
+            res = _farm_return(book, counting, res, fp, net, event.time)
         for gone in res.merged:
             counting.move(gone, res.identity)
         inputs = rules.inputs(
@@ -143,10 +143,15 @@ def replay(events: list[Event], limit: int) -> list[Row]:
 
 
 def _farm_return(
-    book: IdentityBook, counting: Counting, res: Resolution, fp: fingerprint.Fingerprint, t: float
+    book: IdentityBook,
+    counting: Counting,
+    res: Resolution,
+    fp: fingerprint.Fingerprint,
+    network: str,
+    t: float,
 ) -> Resolution:
     """Decider.farm_return, on the mirror's counts."""
-    candidates = book.farm_return_candidates(fp, res.identity, t)
+    candidates = book.farm_return_candidates(fp, res.identity, network, t)
     if not candidates:
         return res
     young = counting.keys.get(res.identity)

@@ -1114,6 +1114,72 @@ async def test_a_farm_back_is_joined_though_a_stranger_showed_its_set_up_too(
     assert (getattr(link, "from"), link.to) == (back[0].identity, farm)
 
 
+def _farm_back_home(
+    seed: str, farmed: bool, back_home: bool, device: dict[str, str] | None = None
+) -> list[pb.BacktestEvent]:
+    """A farm on a desktop signs up from its home network (five accounts,
+    refused beyond the limit: marked farmed; or three: never refused), and
+    three weeks later comes back with nothing of its set-up left to match:
+    its browser updated, another window size, another language, a third
+    of its fonts changed. It signs up every minute, from the same home
+    (`back_home`) or from one it never used; with `device`, it is another
+    device (someone else at that home)."""
+    home = fresh_network()
+    now = T0 + 1200 * 50
+    fonts = [f"Font {seed} {i}" for i in range(30)]
+    first = [
+        timed_event(now + 60 * i, f"s{i}", desktop(seed, browser_version="131.0.88"), home)
+        for i in range(5 if farmed else 3)
+    ]
+    changed = desktop(
+        seed,
+        browser_version="131.0.97",
+        screen_width=1600,
+        screen_height=900,
+        languages=["pt-BR", "pt"],
+        fonts=fonts[10:] + [f"Other Font {seed} {i}" for i in range(10)],
+        **(device or {}),
+    )
+    back = now + 21 * 24 * HOUR
+    where = home if back_home else fresh_network()
+    later = [timed_event(back + 60 * i, f"r{i}", changed, where) for i in range(4)]
+    return _background(1200, T0) + first + later
+
+
+async def test_a_farm_back_on_its_home_network_with_nothing_alike_is_joined_at_its_third_account(
+    any_server: RunningServer,
+) -> None:
+    """Three weeks on, a farm's browser shares no band with what it was
+    (four groups changed). What it shares is its home: a network where few
+    browsers are seen (no carrier's address), last used by a browser of
+    the same device that was refused for farming. A new browser there
+    signing up its third account within its first hour is that farm back
+    (IdentityBook.farm_return_candidates): the third is refused, counted
+    with the farm's. From another network, at home after a session that
+    was never refused, or on another device at that home, it keeps its
+    three accounts."""
+    guard = await guard_client(any_server)
+    events = _farm_back_home(secrets.token_hex(4), farmed=True, back_home=True)
+    verdicts = await replay_verdicts(guard, 3, events)
+    session, back = verdicts[-9:-4], verdicts[-4:]
+    farm = session[0].identity
+    assert [v.verdict for v in session] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 2
+    assert back[0].identity != farm
+    assert not back[0].explanation.links
+    assert [v.verdict for v in back] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY] * 2
+    [link] = [link for link in back[2].explanation.links if link.kind == pb.LINK_KIND_FARM_RETURN]
+    assert (getattr(link, "from"), link.to) == (back[0].identity, farm)
+    assert back[2].explanation.scope == pb.SCOPE_BROWSER
+
+    windows = {"os_name": "Windows", "platform": "Win32"}
+    calm_cases = [(True, False, None), (False, True, None), (True, True, windows)]
+    for farmed, back_home, device in calm_cases:
+        events = _farm_back_home(secrets.token_hex(4), farmed, back_home, device)
+        calm = (await replay_verdicts(guard, 3, events))[-4:]
+        assert [v.verdict for v in calm] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY]
+        assert all(pb.LINK_KIND_FARM_RETURN not in kinds(v) for v in calm)
+
+
 async def test_a_fresh_book_joins_no_farm_return_before_it_knows_what_is_rare(
     any_server: RunningServer,
 ) -> None:

@@ -137,7 +137,9 @@ class Decider:
             resolution.new and resolution.identity == resolution.fingerprint
         ):
             return []
-        candidates = self.book.farm_return_candidates(call.fingerprint, resolution.identity, t)
+        candidates = self.book.farm_return_candidates(
+            call.fingerprint, resolution.identity, call.network, t
+        )
         if self._farms_asked.get((call.service_id, resolution.identity)) == tuple(candidates):
             # None of them was farmed a moment ago (a farm's session would
             # ask at every account from the first it may join on).

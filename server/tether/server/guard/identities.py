@@ -29,7 +29,8 @@ unless the evidence ties it to one seen before:
   browser back after an update: the return of a farm).
 - **farm return**: a young identity about to count its third registration
   within its first hour joins an older identity marked farmed that it
-  could have drifted from (the book names the candidates; the counters,
+  could have drifted from, or that was last seen on the same device on
+  this network when few browsers use it (the book names the candidates; the counters,
   which hold the registrations and the marks, decide: Decider.farm_return).
 
 Linking never joins identities that look like many people (a popular
@@ -134,6 +135,14 @@ DEVICE_BURST_SCAN = 20
 # often such links were right.
 FARM_RETURN_ACCOUNTS = 3
 FARM_RETURN_SCAN = 8
+# A farm may also come back on its own network with nothing of its set-up
+# left to match (a later session after an update, in another window and
+# language): the identities of the last NETWORK_LAST_FEW fingerprints seen
+# on a network that is no crowd (fewer than CROWD_BROWSERS browsers within
+# HORIZON: a home, not a carrier's address), on the same device, are asked
+# too. Only from the FARM_RETURN_ACCOUNTS-th account: no stranger estimate
+# bounds such a match, only behaviour.
+NETWORK_LAST_FEW = 4
 FARM_RETURN_CONFIDENCE = 0.9
 # ... or its account before that, when the farm it could have drifted from
 # is rare enough: a stranger joined wrongly would have to match the farm's
@@ -358,6 +367,9 @@ class IdentityBook:
         # How many fingerprints were last seen on each network: a band
         # needs no look at its members when none can be on this one.
         self._last_on: dict[str, int] = {}
+        # ... and the last few of them (NETWORK_LAST_FEW, newest last): who
+        # a farm back on its own network could be.
+        self._last_few: dict[str, tuple[str, ...]] = {}
         # Bands that held more fingerprints than they keep: who else showed
         # them is no longer known.
         self._crowded_bands: set[_Band] = set()
@@ -615,8 +627,7 @@ class IdentityBook:
         name = known.fingerprint.identity
         self._known[name] = known
         self._queue.append(name)
-        network = known.last_network
-        self._last_on[network] = self._last_on.get(network, 0) + 1
+        self._arrive(name, known.last_network)
         self._add_to_bands(name, bands)
 
     # --- forgetting ----------------------------------------------------
@@ -651,7 +662,7 @@ class IdentityBook:
         self._remove_values(fp)
         if known.link is None:
             self._started_identities = max(0, self._started_identities - 1)
-        self._leave(known.last_network)
+        self._leave(name, known.last_network)
         if known.last_network not in self._last_on:
             self.crowds.forget_network(known.last_network, t)
         for band in _bands(fp):
@@ -932,18 +943,29 @@ class IdentityBook:
         before = known.last_network
         if before == network:
             return
-        self._leave(before)
-        last_on = self._last_on
-        last_on[network] = last_on.get(network, 0) + 1
+        name = known.fingerprint.identity
+        self._leave(name, before)
+        self._arrive(name, network)
         known.last_network = network
 
-    def _leave(self, network: str) -> None:
+    def _arrive(self, name: str, network: str) -> None:
+        """One fingerprint more last seen on `network`."""
+        last_on = self._last_on
+        last_on[network] = last_on.get(network, 0) + 1
+        few = self._last_few.get(network, ())
+        self._last_few[network] = (*few[1 - NETWORK_LAST_FEW :], name)
+
+    def _leave(self, name: str, network: str) -> None:
         """One fingerprint fewer last seen on `network`."""
         last_on = self._last_on
         if last_on[network] == 1:
             del last_on[network]
-        else:
-            last_on[network] -= 1
+            del self._last_few[network]
+            return
+        last_on[network] -= 1
+        few = self._last_few[network]
+        if name in few:
+            self._last_few[network] = tuple(other for other in few if other != name)
 
     def _overall_rate(self, t: float) -> float:
         """New fingerprints per hour: those held, over the time they span
@@ -1259,13 +1281,17 @@ class IdentityBook:
         return self._drift_share(unmatched) if unmatched else 1.0
 
     # --- a farm's return ------------------------------------------------
-    def farm_return_candidates(self, fp: Fingerprint, identity: str, t: float) -> list[str]:
-        """The older identities a young identity, now showing `fp`, could be
-        the return of: those that showed one of its bands (never a popular
-        one, nor a band crowded with strangers) with a fingerprint it could
-        have drifted from (an update, another window or language, a few
-        fonts), seen last first; none when the identity is not young or
-        looks like many people, nor before the book has seen MIN_POPULATION
+    def farm_return_candidates(
+        self, fp: Fingerprint, identity: str, network: str, t: float
+    ) -> list[str]:
+        """The older identities a young identity, now showing `fp` on
+        `network`, could be the return of: those that showed one of its
+        bands (never a popular one, nor a band crowded with strangers) with
+        a fingerprint it could have drifted from (an update, another window
+        or language, a few fonts), and those last seen on this network, if
+        it is no crowd, on the same device (NETWORK_LAST_FEW); seen last
+        first; none when the identity is not young or looks like many
+        people, nor before the book has seen MIN_POPULATION
         fingerprints: the join crosses networks, and in a fresh book every
         identity is young, a phone everyone uses is not yet popular, and
         its owners sign up minutes apart as a farm does. Whether one of them
@@ -1286,18 +1312,38 @@ class IdentityBook:
                 continue
             out = _LEFT_OUT[band[0]]
             for member in members:
-                root = self.find(member)
-                if root in passed or root in found:
-                    continue
-                first = self._known.get(root)
-                if (first is not None and first.first_seen >= started) or self.popular(root):
-                    passed.add(root)
-                    continue
+                root = self._older_root(member, started, passed, found)
                 earlier = self._known[member]
-                if _can_drift(earlier.fingerprint, fp, out):
+                if root is not None and _can_drift(earlier.fingerprint, fp, out):
+                    found[root] = earlier.last_seen
+        if not self.crowds.crowded(network, t):
+            device = fp.groups[DEVICE]
+            for member in self._last_few.get(network, ()):
+                root = self._older_root(member, started, passed, found)
+                earlier = self._known[member]
+                if (
+                    root is not None
+                    and earlier.fingerprint.groups[DEVICE] == device
+                    and not fp.moved_back_from(earlier.fingerprint)
+                ):
                     found[root] = earlier.last_seen
         ordered = sorted(found, key=found.__getitem__, reverse=True)
         return ordered[:FARM_RETURN_SCAN]
+
+    def _older_root(
+        self, member: str, started: float, passed: set[str], found: dict[str, float]
+    ) -> str | None:
+        """The identity of `member` if a young identity that started at
+        `started` may be its return: one that started before and is not
+        popular; None if not, or if it was looked at already."""
+        root = self.find(member)
+        if root in passed or root in found:
+            return None
+        first = self._known.get(root)
+        if (first is not None and first.first_seen >= started) or self.popular(root):
+            passed.add(root)
+            return None
+        return root
 
     def farm_return_joinable(
         self, fp: Fingerprint, candidates: list[str], registered: int, t: float
