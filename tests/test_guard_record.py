@@ -17,8 +17,8 @@ from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import convert, identity_record, rules
-from tether.server.guard.fingerprint import fingerprint_of
-from tether.server.guard.identities import IdentityBook, rate_per_hour
+from tether.server.guard.fingerprint import Fingerprint, fingerprint_of
+from tether.server.guard.identities import MIN_POPULATION, IdentityBook, rate_per_hour
 from tether.server.guard.recorder import Change
 from tether.server.guard.tables import (
     GuardEntry,
@@ -155,6 +155,51 @@ async def test_a_restart_after_a_quiet_week_does_not_make_the_book_fresh(
     )
     assert inputs.book_age_hours >= 8 * 24
     assert not inputs.fresh_book
+
+
+def _digested(digester: Digester, message: pb.FingerprintComponents) -> Fingerprint:
+    components = convert.components(message, True)
+    assert components is not None
+    return fingerprint_of(digester, components)
+
+
+async def test_a_restart_three_weeks_on_still_knows_a_farms_home_network(
+    any_server: RunningServer,
+) -> None:
+    """A farm back on its own network with nothing of its set-up left to
+    match is found through the last fingerprints seen there
+    (IdentityBook.farm_return_candidates). Sightings are kept for a week
+    only, so each fingerprint's row keeps the network it was last seen on:
+    a restart three weeks on still names the farm."""
+    guard = await guard_client(any_server)
+    service = await new_service(guard, register_limit=3)
+    seed, ip = secrets.token_hex(4), home()
+    farm = await guard.evaluate(service, "register", account("h1"), fingerprint(seed), ip)
+    live = guard_of(any_server)
+    await live.recorder.flush()
+    later = time.time() + 21 * 24 * 3600
+    restored = IdentityBook()
+    await identity_record.load(any_server.app.runtime.db, restored, later)
+    digester = live.validator.digester
+    # Strangers on other devices and networks: enough for the book to
+    # know what is rare, whatever else the record holds.
+    for i in range(MIN_POPULATION):
+        stranger = fingerprint(f"{seed}-{i}", os_name="Windows", platform="Win32")
+        restored.resolve(_digested(digester, stranger), f"n{i}", later)
+    back = fingerprint(
+        seed,
+        browser_version="133.0.6900.1",
+        screen_width=1600,
+        screen_height=900,
+        languages=["pt-BR", "pt"],
+        fonts=["Ubuntu", "Noto Sans", f"Other {seed}"],
+    )
+    fp = _digested(digester, back)
+    network = live.validator.network(ip)
+    resolution = restored.resolve(fp, network, later + 60)
+    assert resolution.identity != farm.identity
+    candidates = restored.farm_return_candidates(fp, resolution.identity, network, later + 60)
+    assert farm.identity in candidates
 
 
 async def test_a_follower_takes_a_link_whose_fingerprint_committed_late(

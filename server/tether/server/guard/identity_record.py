@@ -131,31 +131,25 @@ def learned(
     new: bool,
     merges: list[Link],
     sighting: Sighting | None,
+    network: str,
     t: float,
 ) -> None:
-    """Adds to `change` what a call taught the book."""
+    """Adds to `change` what a call from `network` taught the book."""
+    row = {
+        "fingerprint": fp.identity,
+        "digests": digests(fp),
+        "first_seen_time": _time(t),
+        "last_seen_time": _time(t),
+        "last_network": network,
+    }
     if new:
-        change.fingerprints.append(
-            {
-                "fingerprint": fp.identity,
-                "digests": digests(fp),
-                "first_seen_time": _time(t),
-                "last_seen_time": _time(t),
-            }
-        )
+        change.fingerprints.append(row)
         if links and links[0].source == fp.identity:
             change.link_records.append(link_row(links[0]))
     change.link_records.extend(link_row(merge) for merge in merges)
     if sighting is not None:
         if not new:
-            change.fingerprints.append(
-                {
-                    "fingerprint": fp.identity,
-                    "digests": digests(fp),
-                    "first_seen_time": _time(t),
-                    "last_seen_time": _time(t),
-                }
-            )
+            change.fingerprints.append(row)
         change.sightings.add(sighting)
 
 
@@ -240,7 +234,7 @@ def _restore_fingerprint(book: IdentityBook, row: GuardFingerprint, marks: Water
         fingerprint_from(row.fingerprint, row.digests),
         row.first_seen_time.timestamp(),
         row.last_seen_time.timestamp(),
-        "",
+        row.last_network,
     )
     marks.read_fingerprint(row.first_seen_time)
 

@@ -421,6 +421,7 @@ class Guard:
                 new=resolution.new,
                 merges=merges,
                 sighting=sighting,
+                network=checked.network,
                 t=t,
             )
         return change

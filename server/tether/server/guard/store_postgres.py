@@ -32,6 +32,7 @@ class PostgresGuardStore:
                 json.dumps(row["digests"]),
                 row["first_seen_time"],
                 row["last_seen_time"],
+                row["last_network"],
             )
             for row in batch.fingerprints
         ]
@@ -67,7 +68,7 @@ class PostgresGuardStore:
             *_columns(sorted(batch.puts, key=lambda row: row[:5]), 7),
             utcnow(),
             *_columns(sorted(links, key=lambda row: row[:3]), 7),
-            *_columns(sorted(fingerprints), 4),
+            *_columns(sorted(fingerprints), 5),
             *_columns(records, 8),
             *_columns(sorted(batch.sightings), 4),
             *_columns(sorted(batch.farmed), 4),
@@ -122,26 +123,29 @@ WITH dropped AS (
     DO UPDATE SET key_id = excluded.key_id, last_action = excluded.last_action,
         last_seen_time = excluded.last_seen_time
 ), fingerprinted AS (
-    INSERT INTO guard_fingerprints (fingerprint, digests, first_seen_time, last_seen_time)
-    SELECT fingerprint, digests::json, first_seen_time, last_seen_time
-    FROM unnest($21::varchar[], $22::text[], $23::timestamptz[], $24::timestamptz[])
-        AS t(fingerprint, digests, first_seen_time, last_seen_time)
-    ON CONFLICT (fingerprint) DO UPDATE SET last_seen_time = excluded.last_seen_time
+    INSERT INTO guard_fingerprints
+        (fingerprint, digests, first_seen_time, last_seen_time, last_network)
+    SELECT fingerprint, digests::json, first_seen_time, last_seen_time, last_network
+    FROM unnest($21::varchar[], $22::text[], $23::timestamptz[], $24::timestamptz[],
+        $25::varchar[])
+        AS t(fingerprint, digests, first_seen_time, last_seen_time, last_network)
+    ON CONFLICT (fingerprint) DO UPDATE SET last_seen_time = excluded.last_seen_time,
+        last_network = excluded.last_network
 ), recorded AS (
     INSERT INTO guard_fingerprint_links
         (kind, source, target, confidence, changed, actor, reason, create_time)
     SELECT kind, source, target, confidence, changed::json, actor, reason, create_time
-    FROM unnest($25::varchar[], $26::varchar[], $27::varchar[], $28::float8[], $29::text[],
-        $30::varchar[], $31::varchar[], $32::timestamptz[])
+    FROM unnest($26::varchar[], $27::varchar[], $28::varchar[], $29::float8[], $30::text[],
+        $31::varchar[], $32::varchar[], $33::timestamptz[])
         AS t(kind, source, target, confidence, changed, actor, reason, create_time)
 ), sighted AS (
     INSERT INTO guard_sightings (fingerprint, network, hour, minute)
-    SELECT * FROM unnest($33::varchar[], $34::varchar[], $35::int[], $36::int[])
+    SELECT * FROM unnest($34::varchar[], $35::varchar[], $36::int[], $37::int[])
     ON CONFLICT DO NOTHING
 )
 INSERT INTO guard_farmed (service_id, action, room_id, identity, create_time)
 SELECT service_id, action, room_id, identity, $13
-FROM unnest($37::varchar[], $38::varchar[], $39::varchar[], $40::varchar[])
+FROM unnest($38::varchar[], $39::varchar[], $40::varchar[], $41::varchar[])
     AS t(service_id, action, room_id, identity)
 ON CONFLICT DO NOTHING
 """

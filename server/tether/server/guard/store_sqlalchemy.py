@@ -94,7 +94,10 @@ class _CoreStatements:
         stmt = insert(GuardFingerprint.__table__)
         self.fingerprints = stmt.on_conflict_do_update(
             index_elements=["fingerprint"],
-            set_={"last_seen_time": stmt.excluded.last_seen_time},
+            set_={
+                "last_seen_time": stmt.excluded.last_seen_time,
+                "last_network": stmt.excluded.last_network,
+            },
         )
         self.sightings = insert(GuardSighting.__table__).on_conflict_do_nothing()
         self.farmed = insert(GuardFarmed.__table__).on_conflict_do_nothing()

@@ -94,6 +94,10 @@ class GuardFingerprint(Base):
     digests: Mapped[dict[str, Any]] = mapped_column(JSON)
     first_seen_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     last_seen_time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The network it was last seen on (keyed digest, as guard_sightings
+    # keeps it): who a farm back on its own network could be, after a
+    # restart too. Empty for rows from before it was kept.
+    last_network: Mapped[str] = mapped_column(String(16), default="", server_default="")
 
 
 class GuardLinkRecord(Base):
