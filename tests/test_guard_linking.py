@@ -1258,6 +1258,55 @@ async def test_a_fresh_book_counts_a_shared_fingerprint_per_network_for_a_day(
     assert (refused.explanation.scope, refused.explanation.scope_count) == (pb.SCOPE_BROWSER, 3)
 
 
+async def test_a_fresh_book_counts_strangers_among_its_whole_first_day(
+    any_server: RunningServer,
+) -> None:
+    """A new deployment's first half hour brings two thousand browsers,
+    fifty of them one phone model in other languages. Nobody shows its
+    set-up in French, and few strangers would among so few
+    (fingerprint_sharers about 0.3); but at the rate browsers come, the
+    day brings several times as many, among whom some would. Five owners
+    of that set-up then come 25 minutes apart from networks of their own:
+    each is counted on its own network (the first day's rule), where the
+    count of the first hours alone took them for one browser rotating
+    networks and refused the fourth and fifth."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    rng = random.Random(5)
+    systems = [("Windows", "Win32"), ("Mac OS", "MacIntel"), ("Linux", "Linux x86_64")]
+    events = []
+    phone = iphone(seed, screen_width=390, screen_height=844, timezone="Europe/Paris")
+    for i in range(2000):
+        system, platform = rng.choice(systems)
+        languages = rng.choice([["en-US", "en"], ["de-DE"], ["es-ES"]])
+        other = (
+            # One in forty the phone, in another language and with a
+            # font of its own.
+            fingerprint(seed, languages=languages, **{**phone, "fonts": [f"Font {i}"]})
+            if i % 40 == 0
+            else fingerprint(
+                f"{seed}-{i}",
+                os_name=system,
+                platform=platform,
+                browser_version=f"13{rng.randrange(3)}.0.{rng.randrange(50)}",
+                screen_width=rng.choice([1920, 1366, 1536, 1440, 2560]),
+                languages=languages,
+            )
+        )
+        events.append(timed_event(T0 + 0.9 * i, f"b{i}", other, fresh_network()))
+    common = fingerprint(seed, languages=["fr-FR", "fr"], **phone)
+    events += [
+        timed_event(T0 + 3600 + 1500 * i, f"c{i}", common, fresh_network()) for i in range(5)
+    ]
+    verdicts = (await replay_verdicts(guard, 3, events))[-5:]
+    assert [v.verdict for v in verdicts] == [pb.VERDICT_ALLOW] * 5
+    fourth = verdicts[3]
+    assert not fourth.explanation.links
+    assert signal(fourth, "popularity").value < 3
+    assert 0 < signal(fourth, "fingerprint_sharers").value < 0.5
+    assert signal(fourth, "book_age_hours").fired
+
+
 async def _book_knowing_what_is_rare(server: RunningServer, guard: GuardClient) -> None:
     """The server's book, which every test shares, holding the
     MIN_POPULATION fingerprints from which it links across networks: other

@@ -474,6 +474,17 @@ class IdentityBook:
         to have seen a quiet hour, or a popular fingerprint's episodes."""
         return t - self.known_since < FRESH_BOOK
 
+    def first_day_sharers(self, fingerprint: str, t: float) -> float:
+        """sharers() among the browsers the book's first day brings, at the
+        rate it has seen them come so far (at least those it holds): in its
+        first hours a fresh book has seen only part of who will show a
+        fingerprint that day."""
+        held = self._values.total
+        if not held:
+            return 0.0
+        day = self._overall_rate(t) * FRESH_BOOK / HOUR
+        return self.sharers(fingerprint) * max(1.0, day / held)
+
     def popularity(self, identity: str) -> int:
         return self.spread(identity)
 

@@ -100,8 +100,13 @@ def inputs(
     # A fresh book has not had the hours popularity takes to show: the
     # owners of a common phone, arriving from networks of their own, look
     # like one browser rotating them. A fingerprint strangers share then
-    # counts only this network's accounts.
-    fresh_book = rare and sharers >= SHARED_STRANGERS and book.fresh(t)
+    # counts only this network's accounts. Strangers are counted among the
+    # browsers the whole first day brings (at the rate seen so far), not
+    # only those of its first hours: the owners of a set-up too rare to
+    # share among a few hundred browsers still come by the day's thousands.
+    fresh_book = (
+        rare and book.fresh(t) and book.first_day_sharers(fingerprint, t) >= SHARED_STRANGERS
+    )
     rate = rate_per_hour(book, identity, t) * PEAK
     crowd_browsers = book.crowds.browsers(network, t)
     crowd = crowd_browsers >= book.crowds.threshold
