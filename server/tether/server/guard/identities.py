@@ -1324,18 +1324,20 @@ class IdentityBook:
             out = _LEFT_OUT[band[0]]
             for member in members:
                 root = self._older_root(member, started, passed, found)
+                if root is None:
+                    continue
                 earlier = self._known[member]
-                if root is not None and _can_drift(earlier.fingerprint, fp, out):
+                if _can_drift(earlier.fingerprint, fp, out):
                     found[root] = earlier.last_seen
         if not self.crowds.crowded(network, t):
             device = fp.groups[DEVICE]
             for member in self._last_few.get(network, ()):
                 root = self._older_root(member, started, passed, found)
+                if root is None:
+                    continue
                 earlier = self._known[member]
-                if (
-                    root is not None
-                    and earlier.fingerprint.groups[DEVICE] == device
-                    and not fp.moved_back_from(earlier.fingerprint)
+                if earlier.fingerprint.groups[DEVICE] == device and not fp.moved_back_from(
+                    earlier.fingerprint
                 ):
                     found[root] = earlier.last_seen
         ordered = sorted(found, key=found.__getitem__, reverse=True)

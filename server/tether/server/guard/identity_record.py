@@ -134,22 +134,22 @@ def learned(
     network: str,
     t: float,
 ) -> None:
-    """Adds to `change` what a call from `network` taught the book."""
-    row = {
-        "fingerprint": fp.identity,
-        "digests": digests(fp),
-        "first_seen_time": _time(t),
-        "last_seen_time": _time(t),
-        "last_network": network,
-    }
-    if new:
-        change.fingerprints.append(row)
-        if links and links[0].source == fp.identity:
-            change.link_records.append(link_row(links[0]))
+    """Adds to `change` what a call from `network` taught the book: a new
+    fingerprint's row, or a known one's last sighting (its time and network)."""
+    if new or sighting is not None:
+        change.fingerprints.append(
+            {
+                "fingerprint": fp.identity,
+                "digests": digests(fp),
+                "first_seen_time": _time(t),
+                "last_seen_time": _time(t),
+                "last_network": network,
+            }
+        )
+    if new and links and links[0].source == fp.identity:
+        change.link_records.append(link_row(links[0]))
     change.link_records.extend(link_row(merge) for merge in merges)
     if sighting is not None:
-        if not new:
-            change.fingerprints.append(row)
         change.sightings.add(sighting)
 
 
