@@ -357,8 +357,9 @@ def test_a_farms_returns_add_no_episodes_live_or_restored() -> None:
     """A farm rotating proxies: a session, then two returns days later,
     each joined into the farm a few accounts in (farm_return). Live, a
     return's first networks are its young identity's and the join comes
-    before the rest; restored, every link is read before the sightings.
-    Either way the returns are the farm's sessions, not more people: one
+    before the rest; restored, every link is read before the sightings;
+    or the session's first networks already counted for the farm before
+    the join. Either way the returns are the farm's sessions, not more people: one
     episode. A later session with no return joined is another episode, as
     a stranger with the farm's fingerprint would be."""
     gap, hour, day = 1800.0, 3600.0, 24 * 3600.0
@@ -386,7 +387,16 @@ def test_a_farms_returns_add_no_episodes_live_or_restored() -> None:
         for k, proxy in enumerate(proxies):
             restored.see("farm", proxy, start + 60 * k, crowd=False)
 
-    assert live("farm") == restored("farm") == 1
-    for book in (live, restored):
+    # A return whose first sighting already counted for the farm (a
+    # fingerprint the farm had shown) before the join: the join undoes it.
+    seen_first = spread()
+    for start, proxies in sessions:
+        for k, proxy in enumerate(proxies):
+            seen_first.see("farm", proxy, start + 60 * k, crowd=False)
+            if k == 1 and start:
+                seen_first.returned("farm", start + 90)
+
+    assert live("farm") == restored("farm") == seen_first("farm") == 1
+    for book in (live, restored, seen_first):
         book.see("farm", "someone", 10 * day, crowd=False)
         assert book("farm") == 2

@@ -270,7 +270,8 @@ class Spread:
         self._crowd_period = crowd_period
         self._fresh_longest = fresh_longest
         self._max_networks = max_networks
-        # key -> [episodes, last new-network time, networks seen, episode start]
+        # key -> [episodes, last new-network time, networks seen, episode
+        # start, whether that episode is a farm return's (not counted)]
         self._keys: dict[Hashable, list[object]] = {}
         # key -> the times of farm returns joined into it whose episode
         # has not been seen yet.
@@ -282,7 +283,7 @@ class Spread:
         seen_as: Hashable = (network, math.floor(t / self._crowd_period)) if crowd else network
         entry = self._keys.get(key)
         if entry is None:
-            self._keys[key] = [1, t, {seen_as}, t]
+            self._keys[key] = [1, t, {seen_as}, t, False]
             return
         networks = entry[2]
         assert isinstance(networks, set)
@@ -293,13 +294,26 @@ class Spread:
         last_new, began = entry[1], entry[3]
         assert isinstance(last_new, float | int) and isinstance(began, float | int)
         if t - last_new >= self._gap or (fresh and t - began >= self._fresh_longest):
-            if not self._returning(key, t):
+            returning = self._returning(key, t)
+            if not returning:
                 entry[0] = int(entry[0]) + 1  # type: ignore[call-overload]
-            entry[3] = t
+            entry[3], entry[4] = t, returning
         entry[1] = t
 
     def returned(self, key: Hashable, t: float) -> None:
-        """A farm's return was joined into the key at t."""
+        """A farm's return was joined into the key at t: the episode it
+        began, if the key has seen it already, no longer counts; else the
+        one it begins next (within `gap`)."""
+        entry = self._keys.get(key)
+        if (
+            entry is not None
+            and not entry[4]
+            and int(entry[0]) > 1  # type: ignore[call-overload]
+            and entry[3] >= t - self._lead  # type: ignore[operator]
+        ):
+            entry[0] = int(entry[0]) - 1  # type: ignore[call-overload]
+            entry[4] = True
+            return
         self._returns.setdefault(key, []).append(t)
 
     def _returning(self, key: Hashable, t: float) -> bool:
