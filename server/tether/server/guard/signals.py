@@ -340,7 +340,8 @@ class Spread:
         return 0 if entry is None else int(entry[0])  # type: ignore[call-overload]
 
     def absorb(self, keep: Hashable, gone: Hashable) -> None:
-        """A merge: keep's episodes become the larger of the two."""
+        """A merge: keep's episodes become the larger of the two, and the
+        returns joined into gone whose episode is still to come are keep's."""
         returns = self._returns.pop(gone, None)
         if returns:
             self._returns.setdefault(keep, []).extend(returns)
