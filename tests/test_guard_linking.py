@@ -676,6 +676,64 @@ async def test_a_popular_phone_in_a_fresh_books_first_hours_is_judged_by_its_own
     assert signal(verdicts[-1], "rate_per_hour").value > 10
 
 
+async def test_a_popular_phone_whose_day_picks_up_in_a_fresh_books_first_day_is_let_in(
+    any_server: RunningServer,
+) -> None:
+    """A book's first day (a new deployment, or a backtest's start): a
+    fingerprint many people share comes 3 times an hour through the night,
+    then its day picks up, 10 more an hour every hour up to 60, each owner
+    on a network of their own. Nobody is refused: velocity judges the day's
+    pace by the identity's last six hours. (By its average over every hour
+    the book watched, the quiet ones included, 42 of its 210 daytime owners
+    were refused.)"""
+    guard = await guard_client(any_server)
+    phone = fingerprint(secrets.token_hex(4))
+    times = [T0 + i * 1200.0 for i in range(18)]
+    day = T0 + 6 * HOUR
+    for hour, per_hour in enumerate(range(10, 70, 10)):
+        times += [day + (hour + i / per_hour) * HOUR for i in range(per_hour)]
+    events = [
+        timed_event(when, f"owner{n}", phone, f"10.13.{n // 250}.{1 + n % 250}")
+        for n, when in enumerate(times)
+    ]
+    verdicts = await replay_verdicts(guard, 3, events)
+    refused = [v for v in verdicts[18:] if v.verdict == pb.VERDICT_DENY]
+    assert not refused, (len(refused), refused[0].explanation if refused else None)
+    assert signal(verdicts[-1], "popularity").fired
+    assert signal(verdicts[-1], "rate_per_hour").value > 40
+
+
+async def test_a_burst_on_a_popular_phone_in_a_fresh_books_first_day_is_refused_by_velocity(
+    any_server: RunningServer,
+) -> None:
+    """The same first day's rule gives a burst no room: a fingerprint many
+    people share, 6 an hour at random for 8 hours, then one person registering 12
+    accounts in 6 minutes, each through a new network. The burst is a slot
+    or two of the six hours its rate is taken over (and its last minutes
+    are left out), so velocity refuses it."""
+    guard = await guard_client(any_server)
+    phone = fingerprint(secrets.token_hex(4))
+    arrivals = random.Random(11)
+    times = [T0]
+    while times[-1] < T0 + 8 * HOUR:
+        times.append(times[-1] + arrivals.expovariate(6 / HOUR))
+    events = [
+        timed_event(when, f"owner{n}", phone, f"10.14.{n // 250}.{1 + n % 250}")
+        for n, when in enumerate(times)
+    ]
+    owners = len(events)
+    burst = times[-1] + 300
+    events += [
+        timed_event(burst + 30 * i, f"farmed{i}", phone, f"10.15.0.{1 + i}") for i in range(12)
+    ]
+    verdicts = await replay_verdicts(guard, 3, events)
+    assert all(v.verdict == pb.VERDICT_ALLOW for v in verdicts[owners - 12 : owners])
+    refused = [v for v in verdicts[owners:] if v.verdict == pb.VERDICT_DENY]
+    assert len(refused) >= 3, verdicts[-1].explanation
+    assert {v.explanation.scope for v in refused} == {pb.SCOPE_VELOCITY}
+    assert signal(refused[0], "popularity").fired
+
+
 async def test_a_phone_everyone_uses_is_popular_within_a_fresh_books_first_hours(
     any_server: RunningServer,
 ) -> None:

@@ -26,6 +26,11 @@ them a limit tolerates.
   rate explains for the rest of it: a burst the hour judged does not keep
   refusing the strangers who share a popular fingerprint for six hours
   after it ended; a burst that goes on is still refused within the hour.
+  In the book's first day the rate has no day behind it: its average over
+  the hours watched is what a popular set-up's first (often quiet) hours
+  showed, far under its afternoon pace. Then the rate is at least the
+  identity's own over the last RECENT_WINDOW, leaving out only the last
+  VELOCITY_WINDOWS[0], so that a burst never explains itself.
 
 The script applies these; Python only computes the numbers.
 """
@@ -42,6 +47,7 @@ ROTATION_WINDOW = 6 * HOUR
 CROWD_WINDOW = 6 * HOUR
 VELOCITY_WINDOWS = (600.0, HOUR, 6 * HOUR, 24 * HOUR)
 VELOCITY_TAIL = 1e-4
+RECENT_WINDOW = 6 * HOUR
 # Registrations come in daily waves: rates are averages, peaks are higher.
 PEAK = 1.5
 # Expected strangers showing a fingerprint exactly (IdentityBook.sharers)
@@ -107,7 +113,10 @@ def inputs(
     fresh_book = (
         rare and book.fresh(t) and book.first_day_sharers(fingerprint, t) >= SHARED_STRANGERS
     )
-    rate = rate_per_hour(book, identity, t) * PEAK
+    rate = rate_per_hour(book, identity, t)
+    if book.fresh(t):
+        rate = max(rate, _recent_rate_per_hour(book, identity, t))
+    rate *= PEAK
     crowd_browsers = book.crowds.browsers(network, t)
     crowd = crowd_browsers >= book.crowds.threshold
     share = book.crowds.share(network, t) if crowd else 0.0
@@ -132,6 +141,14 @@ def inputs(
         book_age_hours=_whole_hours(t - book.known_since),
         fresh_book=fresh_book,
     )
+
+
+def _recent_rate_per_hour(book: IdentityBook, identity: str, t: float) -> float:
+    """The identity's rate over the last RECENT_WINDOW, but the last
+    shortest velocity window: in the book's first day, the pace its day has
+    reached (a rate over every hour watched lags a rising day)."""
+    since = max(book.watched_since, t - RECENT_WINDOW)
+    return book.identity_rates.rate(identity, t, VELOCITY_WINDOWS[0], since)
 
 
 def _whole_hours(span: float) -> float:
