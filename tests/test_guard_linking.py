@@ -1177,45 +1177,6 @@ async def test_a_farm_back_is_joined_though_a_stranger_showed_its_set_up_too(
     assert (getattr(link, "from"), link.to) == (back[0].identity, farm)
 
 
-async def test_a_farm_joined_on_its_return_stays_one_browser_at_its_next_proxies(
-    any_server: RunningServer,
-) -> None:
-    """A farm on a rare desktop signs up behind a new proxy every minute,
-    three sessions three days apart, its browser updated before each. Each
-    return is joined into the farm at its third account (farm_return). The
-    join says the session is the farm's, so the proxies that follow within
-    minutes are that session going on (one episode), not more people: the
-    farm never looks popular, and everything after the join is refused as
-    one browser. (When a join's session counted as an episode of its own,
-    the third session made the farm popular and its fourth account was
-    allowed.)"""
-    guard = await guard_client(any_server)
-    seed = secrets.token_hex(4)
-    rare = {"languages": ["is-IS"], "timezone": "Atlantic/Reykjavik"}
-    start = T0 + 1200 * 50
-    events = _background(1200, T0)
-    for session, (version, accounts) in enumerate((("88", 5), ("93", 4), ("97", 6))):
-        set_up = desktop(seed, browser_version=f"131.0.{version}", **rare)
-        began = start + session * 3 * 24 * HOUR
-        events += [
-            timed_event(began + 60 * i, f"s{session}-{i}", set_up, fresh_network())
-            for i in range(accounts)
-        ]
-    verdicts = await replay_verdicts(guard, 3, events)
-    first, second, third = verdicts[-15:-10], verdicts[-10:-6], verdicts[-6:]
-    farm = first[0].identity
-    assert [v.verdict for v in first] == [pb.VERDICT_ALLOW] * 3 + [pb.VERDICT_DENY] * 2
-    for back in (second, third):
-        assert back[0].identity != farm
-        assert [v.verdict for v in back] == [pb.VERDICT_ALLOW] * 2 + [pb.VERDICT_DENY] * (
-            len(back) - 2
-        )
-        assert pb.LINK_KIND_FARM_RETURN in kinds(back[2])
-        assert {v.identity for v in back[2:]} == {farm}
-        assert all(v.explanation.scope == pb.SCOPE_BROWSER for v in back[2:])
-        assert all(not signal(v, "popularity").fired for v in back)
-
-
 def _farm_back_home(
     seed: str, farmed: bool, back_home: bool, device: dict[str, str] | None = None
 ) -> list[pb.BacktestEvent]:

@@ -23,7 +23,7 @@ from tests.support import RunningServer, expect_error, start_server
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import counters, keys, rules
-from tether.server.guard.signals import Occupancy, Spread, poisson_quantile
+from tether.server.guard.signals import Occupancy, poisson_quantile
 
 IP = "198.51.100.7"
 
@@ -351,52 +351,3 @@ def test_a_sighting_older_than_the_horizon_leaves_a_busy_keys_count_alone() -> N
         late.see("phone", t)
     now = start + 1100 * slot + 3600.0
     assert late.rate("phone", now, 3600.0) == in_order.rate("phone", now, 3600.0) > 0
-
-
-def test_a_farms_returns_add_no_episodes_live_or_restored() -> None:
-    """A farm rotating proxies: a session, then two returns days later,
-    each joined into the farm a few accounts in (farm_return). Live, a
-    return's first networks are its young identity's and the join comes
-    before the rest; restored, every link is read before the sightings;
-    or the session's first networks already counted for the farm before
-    the join. Either way the returns are the farm's sessions, not more people: one
-    episode. A later session with no return joined is another episode, as
-    a stranger with the farm's fingerprint would be."""
-    gap, hour, day = 1800.0, 3600.0, 24 * 3600.0
-
-    def spread() -> Spread:
-        return Spread(gap, 6 * hour, lead=hour)
-
-    sessions = [(i * 3 * day, [f"p{i}-{k}" for k in range(5)]) for i in range(3)]
-    live = spread()
-    for k, proxy in enumerate(sessions[0][1]):
-        live.see("farm", proxy, sessions[0][0] + 60 * k, crowd=False)
-    for start, proxies in sessions[1:]:
-        young = f"young@{start}"
-        for k, proxy in enumerate(proxies[:2]):
-            live.see(young, proxy, start + 60 * k, crowd=False)
-        live.absorb("farm", young)
-        live.returned("farm", start + 120)
-        for k, proxy in enumerate(proxies[2:], 2):
-            live.see("farm", proxy, start + 60 * k, crowd=False)
-
-    restored = spread()
-    for start, _ in sessions[1:]:
-        restored.returned("farm", start + 120)
-    for start, proxies in sessions:
-        for k, proxy in enumerate(proxies):
-            restored.see("farm", proxy, start + 60 * k, crowd=False)
-
-    # A return whose first sighting already counted for the farm (a
-    # fingerprint the farm had shown) before the join: the join undoes it.
-    seen_first = spread()
-    for start, proxies in sessions:
-        for k, proxy in enumerate(proxies):
-            seen_first.see("farm", proxy, start + 60 * k, crowd=False)
-            if k == 1 and start:
-                seen_first.returned("farm", start + 90)
-
-    assert live("farm") == restored("farm") == seen_first("farm") == 1
-    for book in (live, restored, seen_first):
-        book.see("farm", "someone", 10 * day, crowd=False)
-        assert book("farm") == 2

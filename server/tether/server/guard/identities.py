@@ -387,9 +387,7 @@ class IdentityBook:
         # velocity took its busy hours for a burst. By chunk, for the same
         # reason over a day (Occupancy).
         self.identity_rates = Occupancy(REPEAT_SLOT, HORIZON, COUNT_PRIOR, by_chunk=True)
-        # A farm's return comes from a young identity: its session began
-        # within YOUNG before the join.
-        self.spread = Spread(EPISODE_GAP, CROWD_PERIOD, FRESH_EPISODE_LONGEST, lead=YOUNG)
+        self.spread = Spread(EPISODE_GAP, CROWD_PERIOD, FRESH_EPISODE_LONGEST)
         self.crowds = Crowds(HORIZON, CROWD_BROWSERS)
         self._values = Frequencies(FREQUENCY_WEIGHT, FREQUENCY_COMMON)
         # Per device: its fingerprints' values, for shares given the device
@@ -1431,8 +1429,6 @@ class IdentityBook:
         if profile is not None:
             self._profiles.setdefault(keep, _Profile()).absorb(profile)
         self.spread.absorb(keep, gone)
-        if kind == LinkKind.FARM_RETURN:
-            self.spread.returned(keep, t)
         return True
 
     def _kept_apart(self, identity: str, other: str) -> bool:

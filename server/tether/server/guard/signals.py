@@ -238,24 +238,9 @@ class Spread:
     has seen any (`fresh`: its first day), such a stream is no evidence of
     one browser, and an episode that has gone on for `fresh_longest` ends
     with the next new network.
-
-    A farm's return joined into a key (`returned`) is the farm's own
-    session, not another person: the episode it brings is not counted,
-    whether its networks are seen after the join (live: the young identity
-    joined a few accounts into its session) or before it (a restart reads
-    every link, then the sightings): one episode begun within `lead`
-    before the join or `gap` after it.
     """
 
-    __slots__ = (
-        "_crowd_period",
-        "_fresh_longest",
-        "_gap",
-        "_keys",
-        "_lead",
-        "_max_networks",
-        "_returns",
-    )
+    __slots__ = ("_crowd_period", "_fresh_longest", "_gap", "_keys", "_max_networks")
 
     def __init__(
         self,
@@ -263,19 +248,13 @@ class Spread:
         crowd_period: float,
         fresh_longest: float = math.inf,
         max_networks: int = 64,
-        lead: float = 0.0,
     ) -> None:
         self._gap = gap
-        self._lead = lead
         self._crowd_period = crowd_period
         self._fresh_longest = fresh_longest
         self._max_networks = max_networks
-        # key -> [episodes, last new-network time, networks seen, episode
-        # start, whether that episode is a farm return's (not counted)]
+        # key -> [episodes, last new-network time, networks seen, episode start]
         self._keys: dict[Hashable, list[object]] = {}
-        # key -> the times of farm returns joined into it whose episode
-        # has not been seen yet.
-        self._returns: dict[Hashable, list[float]] = {}
 
     def see(
         self, key: Hashable, network: str, t: float, crowd: bool, *, fresh: bool = False
@@ -283,7 +262,7 @@ class Spread:
         seen_as: Hashable = (network, math.floor(t / self._crowd_period)) if crowd else network
         entry = self._keys.get(key)
         if entry is None:
-            self._keys[key] = [1, t, {seen_as}, t, False]
+            self._keys[key] = [1, t, {seen_as}, t]
             return
         networks = entry[2]
         assert isinstance(networks, set)
@@ -294,57 +273,16 @@ class Spread:
         last_new, began = entry[1], entry[3]
         assert isinstance(last_new, float | int) and isinstance(began, float | int)
         if t - last_new >= self._gap or (fresh and t - began >= self._fresh_longest):
-            returning = self._returning(key, t)
-            if not returning:
-                entry[0] = int(entry[0]) + 1  # type: ignore[call-overload]
-            entry[3], entry[4] = t, returning
+            entry[0] = int(entry[0]) + 1  # type: ignore[call-overload]
+            entry[3] = t
         entry[1] = t
-
-    def returned(self, key: Hashable, t: float) -> None:
-        """A farm's return was joined into the key at t: the episode it
-        began, if the key has seen it already, no longer counts; else the
-        one it begins next (within `gap`)."""
-        entry = self._keys.get(key)
-        if (
-            entry is not None
-            and not entry[4]
-            and int(entry[0]) > 1  # type: ignore[call-overload]
-            and entry[3] >= t - self._lead  # type: ignore[operator]
-        ):
-            entry[0] = int(entry[0]) - 1  # type: ignore[call-overload]
-            entry[4] = True
-            return
-        self._returns.setdefault(key, []).append(t)
-
-    def _returning(self, key: Hashable, t: float) -> bool:
-        """Whether an episode beginning at t is a farm return's (using it
-        up); returns too old to bring one are dropped."""
-        returns = self._returns.get(key)
-        if not returns:
-            return False
-        found = False
-        kept: list[float] = []
-        for joined in returns:
-            if not found and joined - self._lead <= t <= joined + self._gap:
-                found = True
-            elif t <= joined + self._gap:
-                kept.append(joined)
-        if kept:
-            self._returns[key] = kept
-        else:
-            del self._returns[key]
-        return found
 
     def __call__(self, key: Hashable) -> int:
         entry = self._keys.get(key)
         return 0 if entry is None else int(entry[0])  # type: ignore[call-overload]
 
     def absorb(self, keep: Hashable, gone: Hashable) -> None:
-        """A merge: keep's episodes become the larger of the two, and the
-        returns joined into gone whose episode is still to come are keep's."""
-        returns = self._returns.pop(gone, None)
-        if returns:
-            self._returns.setdefault(keep, []).extend(returns)
+        """A merge: keep's episodes become the larger of the two."""
         other = self._keys.pop(gone, None)
         if other is None:
             return
@@ -360,7 +298,6 @@ class Spread:
     def forget(self, keys: Iterable[Hashable]) -> None:
         for key in keys:
             self._keys.pop(key, None)
-            self._returns.pop(key, None)
 
 
 class Frequencies:
