@@ -114,7 +114,9 @@ def inputs(
         rare and book.fresh(t) and book.first_day_sharers(fingerprint, t) >= SHARED_STRANGERS
     )
     rate = rate_per_hour(book, identity, t)
-    if book.fresh(t):
+    if velocity and book.fresh(t):
+        # Registrations only: logins and rooms have no velocity to judge,
+        # and a returning browser's call need not pay for a second rate.
         rate = max(rate, _recent_rate_per_hour(book, identity, t))
     rate *= PEAK
     crowd_browsers = book.crowds.browsers(network, t)
