@@ -1663,5 +1663,14 @@ def _confidence(expected: float) -> float:
     return max(0.0, min(1.0, 1.0 - expected))
 
 
-def rate_per_hour(book: IdentityBook, identity: str, t: float) -> float:
-    return book.identity_rates.rate(identity, t, RATE_EXCLUDE, book.watched_since)
+def rate_per_hour(
+    book: IdentityBook,
+    identity: str,
+    t: float,
+    *,
+    within: float = math.inf,
+    leave_out: float = RATE_EXCLUDE,
+) -> float:
+    """How often the identity is seen an hour: over the last `within` the
+    book watched (its whole horizon by default), but the last `leave_out`."""
+    return book.identity_rates.rate(identity, t, leave_out, max(book.watched_since, t - within))

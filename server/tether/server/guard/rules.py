@@ -117,7 +117,12 @@ def inputs(
     if velocity and book.fresh(t):
         # Registrations only: logins and rooms have no velocity to judge,
         # and a returning browser's call need not pay for a second rate.
-        rate = max(rate, _recent_rate_per_hour(book, identity, t))
+        # The pace the day has reached: an average over every hour watched
+        # lags a rising day.
+        rate = max(
+            rate,
+            rate_per_hour(book, identity, t, within=RECENT_WINDOW, leave_out=VELOCITY_WINDOWS[0]),
+        )
     rate *= PEAK
     crowd_browsers = book.crowds.browsers(network, t)
     crowd = crowd_browsers >= book.crowds.threshold
@@ -143,14 +148,6 @@ def inputs(
         book_age_hours=_whole_hours(t - book.known_since),
         fresh_book=fresh_book,
     )
-
-
-def _recent_rate_per_hour(book: IdentityBook, identity: str, t: float) -> float:
-    """The identity's rate over the last RECENT_WINDOW, but the last
-    shortest velocity window: in the book's first day, the pace its day has
-    reached (a rate over every hour watched lags a rising day)."""
-    since = max(book.watched_since, t - RECENT_WINDOW)
-    return book.identity_rates.rate(identity, t, VELOCITY_WINDOWS[0], since)
 
 
 def _whole_hours(span: float) -> float:
