@@ -115,9 +115,9 @@ class Row:
     network: str
 
 
-def replay(events: list[Event], limit: int) -> list[Row]:
+def replay(events: list[Event], limit: int, *, strict_profiles: bool = False) -> list[Row]:
     digester = Digester([DigestKey("k1", secrets.token_bytes(32))])
-    book = IdentityBook()
+    book = IdentityBook(strict_profiles=strict_profiles)
     counting = Counting()
     networks: dict[str, str] = {}
     rows = []
@@ -174,6 +174,11 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--basic", action="store_true")
     parser.add_argument(
+        "--strict-profile-links",
+        action="store_true",
+        help="as TETHER_GUARD_STRICT_PROFILE_LINKS: profile links judged by device shares too",
+    )
+    parser.add_argument(
         "--brief", action="store_true", help="each seed's figures, then their mean; no why"
     )
     parser.add_argument("--detail", type=int, default=0, help="farms to list in detail")
@@ -208,7 +213,7 @@ def main() -> None:
             for event in events:
                 event.components.pop("extra", None)
         began = time.perf_counter()
-        rows = replay(events, args.limit)
+        rows = replay(events, args.limit, strict_profiles=args.strict_profile_links)
         result = guard_quality.score([r.event for r in rows], (r.allowed for r in rows), args.limit)
         # The default strategies' names cut to fit a line; others whole.
         per = " ".join(

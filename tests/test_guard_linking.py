@@ -12,6 +12,7 @@ import asyncio
 import random
 import secrets
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ from tests.guard_support import (
     replay_verdicts,
     timed_event,
 )
-from tests.support import RunningServer
+from tests.support import RunningServer, start_server
 from tether.clients.guard.client import GuardClient, account
 from tether.guard.v1 import messages_pb2 as pb
 from tether.server.guard import identity_record
@@ -915,6 +916,68 @@ async def test_fonts_near_a_farms_noisy_sets_are_no_evidence_when_the_set_is_com
     assert last.identity == last.explanation.fingerprint != farm[0].identity
     assert not last.explanation.links
     assert last.verdict == pb.VERDICT_ALLOW
+
+
+def _stranger_with_a_farms_defaults() -> list[pb.BacktestEvent]:
+    """A day of desktops; over eight days before it, 200 owners of one phone
+    (an eighth of the fingerprints) with its defaults, each in a language of
+    their own (the book counts fingerprints, not browsers); then a farm on
+    that phone's defaults switching language behind new networks, and a
+    minute later a stranger with the defaults in yet another language."""
+    phone = {
+        "os_name": "Android",
+        "platform": "Linux armv8l",
+        "pixel_ratio": 2.625,
+        "screen_width": 393,
+        "screen_height": 873,
+        "fonts": [f"Phone Default {i}" for i in range(9)],
+        "browser_version": "131.0.5",
+        "extra": {"canvas": "phone-default"},
+    }
+    events = _background(1500, T0)
+    for i in range(200):
+        own_tongue = f"en-{chr(65 + i // 26)}{chr(65 + i % 26)}"
+        owner = fingerprint(f"ph{i}", languages=[own_tongue], **phone)
+        events.append(timed_event(T0 - 8 * 86_400.0 + i * 3456, f"ph{i}", owner, f"10.9.{i}.1"))
+    now = T0 + 1500 * 50
+    # The first two on one network (a drift there), the rest each on a new one.
+    farm = [("pl-PL", "10.10.0.1"), ("tr-TR", "10.10.0.1"), ("nl-NL", "10.10.1.1")]
+    farm += [("pl-PL", "10.10.2.1"), ("tr-TR", "10.10.3.1")]
+    for i, (tongue, ip) in enumerate(farm):
+        variant = fingerprint("farm", languages=[tongue], **phone)
+        events.append(timed_event(now + i * 90, f"farm{i}", variant, ip))
+    stranger = fingerprint("stranger", languages=["da-DK"], **phone)
+    events.append(timed_event(now + (len(farm) - 1) * 90 + 60, "stranger", stranger, "10.10.9.1"))
+    return sorted(events, key=lambda event: event.event_time.ToNanoseconds())
+
+
+async def test_strict_profile_links_keep_a_stranger_with_a_phones_defaults_out_of_a_farm(
+    any_server: RunningServer, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A farm on a phone's defaults switches language behind new networks;
+    a stranger with the same defaults comes a minute later. By the shares
+    of all fingerprints (the default), the phone's screen, fonts and version
+    look rare, and the stranger joins the farm by profile. With
+    TETHER_GUARD_STRICT_PROFILE_LINKS, nearly every owner of that phone
+    shows them: the stranger stays apart."""
+    events = _stranger_with_a_farms_defaults()
+    loose = await replay_verdicts(await guard_client(any_server), 3, events)
+    strict_server = await start_server(
+        database_url=postgres_url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        guard_strict_profile_links=True,
+    )
+    try:
+        strict = await replay_verdicts(await guard_client(strict_server), 3, events)
+    finally:
+        await strict_server.stop()
+    farm, stranger = loose[-6:-1], loose[-1]
+    assert stranger.identity == farm[-1].identity
+    assert pb.LINK_KIND_PROFILE in kinds(stranger)
+    farm, stranger = strict[-6:-1], strict[-1]
+    assert stranger.identity == stranger.explanation.fingerprint != farm[-1].identity
+    assert not stranger.explanation.links
 
 
 async def test_two_identities_one_fingerprint_joins_are_merged(any_server: RunningServer) -> None:

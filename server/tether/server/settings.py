@@ -180,6 +180,12 @@ class Settings(BaseSettings):
         "long (its identity stays); memory follows the browsers of this span. At least 8: "
         "longer than the 7 days its rates and crowds look back on",
     )
+    guard_strict_profile_links: bool = Field(
+        False,
+        description="judge a profile link also by each value's share among its device's own "
+        "fingerprints: fewer strangers joined to a farm's identity where farms are common, "
+        "and fewer of a farm's variants joined too",
+    )
 
     @cached_property
     def embedded_database(self) -> bool:

@@ -200,7 +200,7 @@ class Backtest:
         self._running_key = f"{KEY_PREFIX}:{keys.backtest_running(self.run_id)}"
         self._running_until = 0.0
         # A scratch book that forgets as the live one does.
-        book = IdentityBook(guard.book.forget_after)
+        book = IdentityBook(guard.book.forget_after, strict_profiles=guard.book.strict_profiles)
         self._decider = Decider(book, guard.counters, guard.bucket_bits, self._scope)
         self._validator = Validator(guard.validator.digester)
         self._keys: set[str] = set()

@@ -351,8 +351,14 @@ def _bands(fp: Fingerprint) -> list[_Band]:
 
 
 class IdentityBook:
-    def __init__(self, forget_after: float = FORGET_AFTER) -> None:
+    def __init__(
+        self, forget_after: float = FORGET_AFTER, *, strict_profiles: bool = False
+    ) -> None:
         self.forget_after = forget_after
+        # Profile links also judged by each value's share among the device's
+        # own fingerprints (_device_strangers_share): fewer strangers joined
+        # to a farm's identity, fewer of the farm's variants too.
+        self.strict_profiles = strict_profiles
         self._known: dict[str, _Known] = {}
         self._parent: dict[str, str] = {}
         self._merges: dict[str, Link] = {}
@@ -1259,6 +1265,11 @@ class IdentityBook:
         fonts_near = fonts_may_count and _fonts_near(match.fp, profile)
         if not fonts_near and len(matched) < PROFILE_MIN_GROUPS:
             return None
+        if self.strict_profiles:
+            # The shares above are of all fingerprints, as if a device's
+            # values were independent of it, where a popular phone's own
+            # screen and defaults are what nearly every stranger on it shows.
+            p = max(p, self._device_strangers_share(match.fp, identity, matched))
         if fonts_near:
             p *= self._fonts_near_share(match.fp, profile)
         expected = strangers_per_match * p * PROFILE_SAFETY
@@ -1270,6 +1281,34 @@ class IdentityBook:
             changed = tuple(GROUP_NAMES[g] for g in DRIFTING if g not in matched)
             return _Candidate(expected, identity, LinkKind.PROFILE, changed)
         return None
+
+    def _device_strangers_share(self, fp: Fingerprint, identity: str, groups: list[int]) -> float:
+        """The chance a stranger on fp's device shows fp's values in these
+        groups: each value's share among the device's fingerprints but the
+        identity's own, weighed with its share among all fingerprints as
+        FREQUENCY_WEIGHT of them (a device seen little is judged as all are)."""
+        device = fp.groups[DEVICE]
+        given = self._given_device.get(device)
+        if given is None:
+            return 0.0
+        own_total = 0
+        own = dict.fromkeys(groups, 0)
+        for member in self._members.get(identity, [identity]):
+            known = self._known.get(member)
+            if known is None or known.fingerprint.groups[DEVICE] != device:
+                continue
+            own_total += 1
+            for group in groups:
+                own[group] += known.fingerprint.groups[group] == fp.groups[group]
+        others = max(0, given.total - own_total)
+        tagged = _tagged(fp.groups)
+        p = 1.0
+        for group in groups:
+            value = tagged[group]
+            count = max(0, given.count(value) - own[group])
+            prior = FREQUENCY_WEIGHT * self._values.share_of(value)
+            p *= (count + prior) / (others + FREQUENCY_WEIGHT)
+        return p
 
     def _fonts_near_share(self, fp: Fingerprint, profile: _Profile) -> float:
         """The chance a stranger's fonts are near one of the profile's sets:

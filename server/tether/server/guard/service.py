@@ -273,7 +273,10 @@ class Guard:
         )
         self.recorder = Recorder(store)
         self.validator = Validator(runtime.digester)
-        self.book = IdentityBook(settings.guard_forget_after_days * 24 * HOUR)
+        self.book = IdentityBook(
+            settings.guard_forget_after_days * 24 * HOUR,
+            strict_profiles=settings.guard_strict_profile_links,
+        )
         self.decider = Decider(self.book, self.counters, self.bucket_bits)
         self._sightings = identity_record.Sightings()
         # An account's link to an identity is rewritten at most hourly.

@@ -332,6 +332,10 @@ class Frequencies:
                 counts.pop(value, None)
         self.total -= 1
 
+    def count(self, value: Hashable) -> int:
+        """How many fingerprints counted showed `value`."""
+        return self._counts.get(value, 0)
+
     def share_of(self, value: Hashable) -> float:
         """The chance a stranger's value is `value`."""
         seen = self._counts.get(value, 0) + self._weight * self._common
