@@ -962,8 +962,10 @@ async def test_strict_profile_links_keep_a_stranger_with_a_phones_defaults_out_o
     shows them: the stranger stays apart."""
     events = _stranger_with_a_farms_defaults()
     loose = await replay_verdicts(await guard_client(any_server), 3, events)
+    # On the same kind of database as the server it is compared with.
+    sqlite = any_server.app.runtime.settings.database_url.startswith("sqlite")
     strict_server = await start_server(
-        database_url=postgres_url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'tether.db'}" if sqlite else postgres_url,
         redis_url=redis_url,
         data_dir=tmp_path,
         guard_strict_profile_links=True,
