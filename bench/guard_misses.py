@@ -98,6 +98,11 @@ class Counting:
                     if recent >= threshold:
                         decided = f"velocity{int(window)}"
                         break
+        if not decided and key.farmed and i.farm_burst and len(key.accounts) >= limit:
+            # In its burst, every network's accounts count (a forever window).
+            burst = rules.VELOCITY_WINDOWS[0]
+            if sum(1 for a in key.registered if now - a < burst) >= i.farm_burst:
+                decided = "farm_burst"
         if decided:
             return False, decided
         key.accounts[member] = (now, network)

@@ -1121,6 +1121,43 @@ async def test_a_farms_mark_reaches_other_networks_unless_strangers_share_its_fi
         assert last.explanation.scope_count == 3
 
 
+async def test_a_farmed_identity_counted_per_network_is_refused_its_burst(
+    any_server: RunningServer,
+) -> None:
+    """A farm whose fingerprint strangers share counts per network even
+    once it is marked (previous test), so rotating networks would get it N
+    accounts on each. Back days later, its second registration within 10
+    minutes, from any network, is its burst, where every network's accounts
+    count: its identity is seen too seldom for a stranger to register that
+    soon after it. One alone, or one after the 10 minutes, is let in."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    history = [
+        timed_event(
+            T0 + i * 60, f"bg{i}", desktop(seed, browser_version=f"131.0.6778.{i}"), f"10.4.{i}.1"
+        )
+        for i in range(100)
+    ]
+    farmed = desktop(seed, browser_version="131.0.6778.200")
+    farm = [timed_event(T0 + 2 * HOUR + i * 60, f"farm{i}", farmed, "10.5.0.1") for i in range(4)]
+    back = T0 + 74 * HOUR
+    later = [
+        timed_event(back + minutes * 60, f"back{i}", farmed, f"10.6.{i}.1")
+        for i, minutes in enumerate((0, 5, 15))
+    ]
+    verdicts = await replay_verdicts(guard, 3, history + farm + later)
+    assert verdicts[103].explanation.scope == pb.SCOPE_BROWSER  # marked farmed
+    first, burst, after = verdicts[104:]
+    assert first.verdict == pb.VERDICT_ALLOW
+    assert burst.verdict == pb.VERDICT_DENY
+    # Every network's accounts counted: the three of its first session and
+    # the one just now.
+    assert burst.explanation.scope == pb.SCOPE_BROWSER
+    fired = signal(burst, "farm_burst_10m")
+    assert (fired.value, fired.threshold, fired.fired) == (4, 3, True)
+    assert after.verdict == pb.VERDICT_ALLOW
+
+
 def _farm_session_then_return(
     seed: str,
     farmed: bool,

@@ -29,6 +29,7 @@ from tether.server.guard.rules import Inputs
 
 NETWORK = "00112233445566ff"
 OTHER_NETWORK = "ffeeddccbbaa9988"
+THIRD_NETWORK = "0123456789abcdef"
 T0 = 1_800_000_000_000
 RARE = Inputs(
     rare=True,
@@ -503,3 +504,81 @@ async def test_a_farmed_mark_counts_every_network_unless_the_fingerprint_is_shar
         counters, key, who, b"another1", later, inputs=rotating._replace(sharers=1.0), limit=3
     )
     assert (home.allowed, home.counted) == (False, accounts + 1)
+
+
+@pytest.mark.parametrize("accounts", [3, scripts.SPILL + 1], ids=["packed", "spilled"])
+async def test_in_a_farmed_identitys_burst_every_network_counts(
+    counters: GuardCounters, accounts: int
+) -> None:
+    key = bucket_key("register")
+    farm, stranger = identity(), identity()
+    # The day's registration times are kept (a velocity window is on).
+    timed = RARE._replace(velocity=(0, 0, 0, 10_000))
+    for who in (farm, stranger):
+        for i in range(accounts):
+            assert (await register(counters, key, who, b"acct%04d" % i, T0, inputs=timed)).allowed
+    refused = await register(counters, key, farm, b"refused1", T0 + 1000, inputs=timed, limit=3)
+    assert (refused.allowed, refused.scope) == (False, 1)
+    assert (await counters.entries(key, keys.field(farm)))[1]  # farmed
+    # An hour on, both popular now (each network counts apart), each from a
+    # new network: a first account is allowed; a second within 10 minutes
+    # is the farm's burst, where every network's accounts count.
+    popular = POPULAR._replace(velocity=(0, 0, 0, 10_000), farm_burst=1)
+    later = T0 + 3_600_000
+    for who in (farm, stranger):
+        first = await register(
+            counters, key, who, b"later001", later, inputs=popular, limit=3, network=OTHER_NETWORK
+        )
+        assert first.allowed
+    burst = await register(
+        counters, key, farm, b"later002", later + 300_000, inputs=popular, limit=3,
+        network=THIRD_NETWORK,
+    )  # fmt: skip
+    assert (burst.allowed, burst.scope, burst.counted, burst.threshold) == (
+        False, 7, accounts + 1, 3,
+    )  # fmt: skip
+    # Not without the rule, nor for an identity never refused.
+    for who, inputs in ((farm, popular._replace(farm_burst=0)), (stranger, popular)):
+        second = await register(
+            counters, key, who, b"later002", later + 300_000, inputs=inputs, limit=3,
+            network=THIRD_NETWORK,
+        )  # fmt: skip
+        assert second.allowed and second.scope != 7, who
+
+
+async def test_a_farmed_identitys_burst_counts_only_the_windows_live_accounts(
+    counters: GuardCounters,
+) -> None:
+    # A policy with a window: the farm's accounts of yesterday are gone,
+    # and so is what its burst would count.
+    key = bucket_key("register")
+    farm = identity()
+    day = 86_400_000
+    timed = RARE._replace(velocity=(0, 0, 0, 10_000), farm_burst=1)
+    for i in range(3):
+        assert (
+            await register(counters, key, farm, b"acct%04d" % i, T0, inputs=timed, life_ms=day)
+        ).allowed
+    refused = await register(
+        counters, key, farm, b"refused1", T0 + 1000, inputs=timed, limit=3, life_ms=day
+    )
+    assert (refused.allowed, refused.scope) == (False, 1)
+    popular = POPULAR._replace(velocity=(0, 0, 0, 10_000), farm_burst=1)
+    # The farmed record outlives the day by one account admitted late (a
+    # minute before the next: each of those is in the farm's burst).
+    late = await register(
+        counters, key, farm, b"late0001", T0 + day - 1000, inputs=popular, limit=3, life_ms=day,
+        network="8899aabbccddeeff",
+    )  # fmt: skip
+    assert late.allowed
+    for i, network in enumerate((OTHER_NETWORK, THIRD_NETWORK)):
+        again = await register(
+            counters, key, farm, b"next%04d" % i, T0 + day + 60_000 * (i + 1), inputs=popular,
+            limit=3, life_ms=day, network=network,
+        )  # fmt: skip
+        assert again.allowed, i
+    third = await register(
+        counters, key, farm, b"next0002", T0 + day + 180_000, inputs=popular, limit=3,
+        life_ms=day, network="0011223344556677",
+    )  # fmt: skip
+    assert (third.allowed, third.scope, third.counted) == (False, 7, 3)

@@ -69,6 +69,8 @@ class Scope:
     NETWORK = 2
     # 3-6: the velocity windows, shortest first.
     VELOCITY = 3
+    # Every network's accounts, for a farmed identity in its burst.
+    FARM_BURST = 7
 
 
 class Entry(NamedTuple):
@@ -165,6 +167,7 @@ def evaluation(
         inputs.crowd_window_ms,
         inputs.crowd_threshold,
         *inputs.velocity,
+        inputs.farm_burst,
     ]
     return Evaluation(key, field, args)
 

@@ -313,6 +313,11 @@ def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Expla
         scope = "network"
         if inputs.crowd:
             signals.append(Signal("crowd_allowance", inputs.crowd_threshold, fired=count.over))
+    elif count.scope == Scope.FARM_BURST:
+        # A farmed identity registering again within 10 minutes: every
+        # network's accounts count, as a rare browser's.
+        scope = "browser"
+        signals.append(Signal("farm_burst_10m", count.counted, count.threshold, fired=count.over))
     elif count.scope >= Scope.VELOCITY:
         scope = "velocity"
         name = _VELOCITY_NAMES[count.scope - Scope.VELOCITY]

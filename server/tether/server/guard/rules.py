@@ -31,6 +31,16 @@ them a limit tolerates.
   showed, far under its afternoon pace. Then the rate is at least the
   identity's own over the last RECENT_WINDOW, leaving out only the last
   VELOCITY_WINDOWS[0], so that a burst never explains itself.
+- A **farmed** identity (refused as one browser before) that registers
+  again within VELOCITY_WINDOWS[0] of its last registration is the farm
+  in its burst: its accounts from every network count, unless its rate
+  puts more than FARM_BURST_STRANGERS strangers' registrations in such a
+  window. A farm whose identity turned popular, or whose fingerprint
+  strangers share, counts per network, and would otherwise get N
+  accounts on every network it rotates to. The bound makes at most about one such refusal in twenty
+  a stranger's (the bound of a farm's return, FARM_RETURN_RARE); a
+  household signing up two accounts at once on a farm's fingerprint is
+  refused its second, as the farm would be.
 
 The script applies these; Python only computes the numbers.
 """
@@ -40,7 +50,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from tether.server.guard.identities import IdentityBook, rate_per_hour
+from tether.server.guard.identities import FARM_RETURN_RARE, IdentityBook, rate_per_hour
 from tether.server.guard.signals import HOUR, poisson_quantile
 
 ROTATION_WINDOW = 6 * HOUR
@@ -54,6 +64,9 @@ PEAK = 1.5
 # from which a farmed mark no longer makes every network count: a stranger
 # is then about as likely as not (1 - e^-0.5: 39%) to exist.
 SHARED_STRANGERS = 0.5
+# Strangers' registrations a farmed identity's rate may put within
+# VELOCITY_WINDOWS[0] for its burst rule to apply.
+FARM_BURST_STRANGERS = FARM_RETURN_RARE
 
 
 class Inputs(NamedTuple):
@@ -79,6 +92,9 @@ class Inputs(NamedTuple):
     # (no rotation window for a shared fingerprint) applied.
     book_age_hours: float = 0.0
     fresh_book: bool = False
+    # The registrations within VELOCITY_WINDOWS[0] from which a farmed
+    # identity is in its burst (every network counts); 0: never.
+    farm_burst: int = 0
 
     @property
     def shared(self) -> bool:
@@ -129,8 +145,10 @@ def inputs(
     share = book.crowds.share(network, t) if crowd else 0.0
     allowance = poisson_quantile(rate * CROWD_WINDOW / HOUR * share, VELOCITY_TAIL)
     thresholds: tuple[int, ...] = (0,) * len(VELOCITY_WINDOWS)
+    farm_burst = 0
     if velocity and limit > 0:
         thresholds = velocity_thresholds(rate, limit)
+        farm_burst = int(rate * VELOCITY_WINDOWS[0] / HOUR <= FARM_BURST_STRANGERS)
     return Inputs(
         rare=rare,
         rotation_ms=0 if fresh_book else int(ROTATION_WINDOW * 1000),
@@ -147,6 +165,7 @@ def inputs(
         # browsers, and a value changing with every call would miss them.
         book_age_hours=_whole_hours(t - book.known_since),
         fresh_book=fresh_book,
+        farm_burst=farm_burst,
     )
 
 

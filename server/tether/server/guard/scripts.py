@@ -302,10 +302,13 @@ end
 # rotation window ms, 11 '1' when the network is a crowd, 12 crowd window
 # ms, 13 the count on a crowded network at which to refuse, 14-17 the
 # registrations in the last 10 minutes, hour, 6 hours and day at which to
-# refuse (0: no check).
+# refuse (0: no check), 18 the registrations in the last 10 minutes from
+# which a farmed identity is in its burst, when its accounts from every
+# network count (0 or absent: never).
 # Returns {allowed 1/0, already counted 1/0, the deciding scope's count
 # before this call, expiry ms (0: none), scope (1 browser, 2 network,
-# 3-6 velocity window), that scope's threshold, 1 if over a limit}.
+# 3-6 velocity window, 7 every network in a farmed identity's burst),
+# that scope's threshold, 1 if over a limit}.
 EVALUATE = (
     COMMON
     + f"local SWEEP = {SWEEP}\n"
@@ -336,9 +339,25 @@ local function consider(s, c, t)
     scope, count, threshold = s, c, t
   end
 end
-local velocity = false
+local burst = tonumber(ARGV[18]) or 0
+local velocity = burst > 0
 for i = 1, 4 do
   if tonumber(ARGV[13 + i]) > 0 then velocity = true end
+end
+-- The velocity windows' counts of the day's registration times (6 bytes
+-- each in `times` from `from`); returns whether a farmed identity is in
+-- its burst (`burst` registrations within the shortest window), when every
+-- network's accounts count.
+local function consider_velocity(times, from, farmed)
+  local recent = {0, 0, 0, 0}
+  for at = from, #times - 5, 6 do
+    local age = now - get6(times, at)
+    for i = 1, 4 do
+      if age < windows[i] then recent[i] = recent[i] + 1 end
+    end
+  end
+  for i = 1, 4 do consider(2 + i, recent[i], tonumber(ARGV[13 + i])) end
+  return farmed and burst > 0 and recent[1] >= burst
 end
 
 if text and is_spilled(text) then
@@ -390,14 +409,9 @@ if text and is_spilled(text) then
   local times = ''
   if velocity then
     times = spill_times(now)
-    local recent = {0, 0, 0, 0}
-    for at = 1, #times - 5, 6 do
-      local age = now - get6(times, at)
-      for i = 1, 4 do
-        if age < windows[i] then recent[i] = recent[i] + 1 end
-      end
+    if consider_velocity(times, 1, farmed) then
+      consider(7, tonumber(redis.call('HGET', spill, 'a')) or 0, limit)
     end
-    for i = 1, 4 do consider(2 + i, recent[i], tonumber(ARGV[13 + i])) end
   end
   if over and scope == 1 then farmed = true end
   if over and not record_over then
@@ -481,15 +495,12 @@ end
 consider(scope_count())
 local farmed_now = over and scope == 1 and text and string.byte(text, 1) ~= 102
 
-if velocity and text then
-  local recent = {0, 0, 0, 0}
-  for at = last + 1, #text - 5, 6 do
-    local age = now - get6(text, at)
-    for i = 1, 4 do
-      if age < windows[i] then recent[i] = recent[i] + 1 end
-    end
+if velocity and text and consider_velocity(text, last + 1, string.byte(text, 1) == 102) then
+  local all = 0
+  for at = HEAD + 1, last, ENTRY do
+    if get6(text, at + 14) > now then all = all + 1 end
   end
-  for i = 1, 4 do consider(2 + i, recent[i], tonumber(ARGV[13 + i])) end
+  consider(7, all, limit)
 end
 
 if over and not record_over then
