@@ -37,10 +37,10 @@ them a limit tolerates.
   puts more than FARM_BURST_STRANGERS strangers' registrations in such a
   window. A farm whose identity turned popular, or whose fingerprint
   strangers share, counts per network, and would otherwise get N
-  accounts on every network it rotates to. The bound makes at most about one such refusal in twenty
-  a stranger's (the bound of a farm's return, FARM_RETURN_RARE); a
-  household signing up two accounts at once on a farm's fingerprint is
-  refused its second, as the farm would be.
+  accounts on every network it rotates to. The bound makes at most about
+  one such refusal in twenty a stranger's (the bound of a farm's return,
+  FARM_RETURN_RARE); a household signing up two accounts at once on a
+  farm's fingerprint is refused its second, as the farm would be.
 
 The script applies these; Python only computes the numbers.
 """
