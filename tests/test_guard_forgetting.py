@@ -181,9 +181,9 @@ def test_the_book_holds_the_browsers_of_the_last_weeks() -> None:
     assert book.size() <= per_day * held_days * 1.3
     assert book.size() >= per_day * held_days
     # Every browser is held or forgotten. A name the filter of forgotten
-    # names already takes for one of them when it is forgotten (about once
-    # in 10^6 lookups, forgotten.FALSE_POSITIVES: over this test's lookups,
-    # a run in a few dozen) is not counted again.
+    # names already takes for one of them when it is forgotten (at most
+    # once in 10^6 lookups, forgotten.FALSE_POSITIVES: over this test's
+    # 11,000 or so, about one run in a hundred) is not counted again.
     assert per_day * days - 1 <= book.size() + book.forgotten() <= per_day * days
     # None of them linked: the book kept their names only, in a few bytes
     # each (filters grown ahead of need at most double the ~4 a name takes;
