@@ -1006,6 +1006,61 @@ async def test_two_identities_one_fingerprint_joins_are_merged(any_server: Runni
     assert after_a.count == 3
 
 
+@pytest.mark.parametrize("common", [True, False], ids=["common", "rare"])
+async def test_an_identity_strangers_share_is_never_merged(
+    any_server: RunningServer, common: bool
+) -> None:
+    """The bridge of the test above, on iPhones, in a backtest's first day.
+    When the first browser shows a phone's defaults (three hundred
+    strangers came with that set-up in the last two hours, on ten versions
+    and thirty languages and time zones, and the first shows one of those
+    versions and one of those languages), the bridge links to the rare
+    variant and leaves the defaults apart: merged, everyone who shows them
+    would count as the variant's browser. The same bridge merges both when
+    the strangers' phones had other fonts."""
+    guard = await guard_client(any_server)
+    seed = secrets.token_hex(4)
+    model = seed if common else secrets.token_hex(4)
+    versions = [f"18.{minor}" for minor in range(10)]
+    places = [
+        {"languages": [tongue], "timezone": f"Etc/GMT+{zone}"}
+        for tongue in ("en-US", "de-DE", "fr-FR")
+        for zone in range(10)
+    ]
+    # Every version in every place but the last pair, which the first
+    # browser shows.
+    pairs = [(v, place) for v in versions for place in places][:-1]
+    later = T0 + 1200 * 50
+    strangers = [
+        timed_event(
+            later + i * 24,
+            f"s{i}",
+            fingerprint(model, **iphone(model, browser_version=v, **place)),
+            f"10.{5 + i // 250}.{i % 250}.1",
+        )
+        for i, (v, place) in enumerate(pairs)
+    ]
+    home, start = "10.7.0.1", later + 2 * HOUR
+    a = fingerprint(seed, **iphone(seed, browser_version=versions[-1], **places[-1]))
+    changed = {"browser_version": "19.0", "screen_width": 800, "screen_height": 600}
+    b = fingerprint(seed, **iphone(seed, **changed, languages=["ja"]))
+    bridge = fingerprint(seed, **iphone(seed, **changed, **places[-1]))
+    ours = [
+        timed_event(start + 60 * i, f"m{i}", components, home)
+        for i, components in enumerate((a, b, bridge, a, b))
+    ]
+    verdicts = await replay_verdicts(guard, 1000, _background(1200, T0) + strangers + ours)
+    first, second, joined, after_a, after_b = verdicts[-5:]
+    assert first.identity != second.identity
+    assert joined.identity in (first.identity, second.identity)
+    if common:
+        assert pb.LINK_KIND_MERGE not in kinds(joined)
+        assert (after_a.identity, after_b.identity) == (first.identity, second.identity)
+    else:
+        assert pb.LINK_KIND_MERGE in kinds(joined)
+        assert after_a.identity == after_b.identity == joined.identity
+
+
 async def test_a_crowded_network_is_a_signal(any_server: RunningServer) -> None:
     guard = await guard_client(any_server)
     service = await new_service(guard, register_limit=3)

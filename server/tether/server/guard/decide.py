@@ -24,6 +24,7 @@ from tether.server.guard.fingerprint import Fingerprint, remember
 from tether.server.guard.identities import (
     FRESH_BOOK,
     POPULAR_EPISODES,
+    SHARED_STRANGERS,
     YOUNG,
     IdentityBook,
     Link,
@@ -296,7 +297,7 @@ def explain(resolution: Resolution, inputs: rules.Inputs, count: Count) -> Expla
         Signal(
             "fingerprint_sharers",
             round(inputs.sharers, 4),
-            rules.SHARED_STRANGERS,
+            SHARED_STRANGERS,
             fired=inputs.shared,
         ),
         Signal(

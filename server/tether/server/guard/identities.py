@@ -80,6 +80,14 @@ from tether.server.guard.signals import (
 # An identity seen in this many separate episodes from new networks is taken
 # as shared by several people.
 POPULAR_EPISODES = 3
+# Expected strangers showing a fingerprint exactly from which it is no
+# evidence of one browser: a stranger is then about as likely as not
+# (1 - e^-0.5: 39%) to exist. An identity holding such a fingerprint (by
+# what other browsers showed) may be many people, and the book joins it
+# to no other on its own judgement (IdentityBook.many);
+# a farmed mark on one (IdentityBook.sharers, with its prior; in the first
+# day, first_day_sharers) does not make every network count (rules.py).
+SHARED_STRANGERS = 0.5
 # New networks closer together than this are one episode (one browser
 # rotating addresses); a carrier-NAT address counts as new after this.
 EPISODE_GAP = 30 * 60.0
@@ -497,6 +505,38 @@ class IdentityBook:
     def popular(self, identity: str) -> bool:
         return self.spread(identity) >= POPULAR_EPISODES
 
+    def many(self, identity: str) -> bool:
+        """Whether an identity may be many people: popular, or holding a
+        fingerprint strangers share. Joined to another, the strangers who
+        show it would count as that one's browser: a phone model's defaults
+        merged into a farm in a fresh book's first hours (before any
+        popularity shows) refused everyone who owns that phone."""
+        if self.popular(identity):
+            return True
+        return any(self.shared(member) for member in self._members.get(identity, (identity,)))
+
+    def shared(self, fingerprint: str) -> bool:
+        """Whether SHARED_STRANGERS or more other browsers the book holds
+        are expected to show the fingerprint exactly, by what they showed
+        alone: each value's share among the device's other fingerprints,
+        without the prior that takes a value seen seldom as common. That
+        prior keeps links from resting on thin evidence; here it would
+        make every browser of a device seen a few dozen times look shared,
+        and keep a farm's new window from ever joining its identities."""
+        known = self._known.get(fingerprint)
+        if known is None:
+            return False
+        groups = known.fingerprint.groups
+        given = self._given_device.get(groups[DEVICE])
+        if given is None or given.total < 2:
+            return False
+        others = given.total - 1
+        tagged = _tagged(groups)
+        expected = float(others)
+        for group in DRIFTING:
+            expected *= max(0, given.count(tagged[group]) - 1) / others
+        return expected >= SHARED_STRANGERS
+
     def sharers(self, fingerprint: str) -> float:
         """How many of the browsers the book has seen are expected to show
         exactly this fingerprint besides its own: the device's share times
@@ -618,13 +658,15 @@ class IdentityBook:
             link = Link(
                 best.kind, fp.identity, identity, _confidence(best.expected), best.changed, t
             )
+            many: bool | None = None
             for other in candidates:
                 root = self.find(other.identity)
-                if (
-                    root != identity
-                    and not self.popular(root)
-                    and not self.popular(identity)
-                    and self._join(identity, root, LinkKind.MERGE, _confidence(other.expected), t)
+                if root == identity or self.many(root):
+                    continue
+                if many is None:
+                    many = self.many(identity)
+                if not many and self._join(
+                    identity, root, LinkKind.MERGE, _confidence(other.expected), t
                 ):
                     merged.append(root)
             if link.kind == LinkKind.DRIFT_SAME_NETWORK and self._young(identity, t):
@@ -754,14 +796,14 @@ class IdentityBook:
     ) -> list[str]:
         """A young identity that drifted on its own network: joined with the
         older identities it is the return of. Returns those joined."""
-        if self._values.total < MIN_POPULATION or self.popular(identity):
+        if self._values.total < MIN_POPULATION or self.many(identity):
             return []
         merged: list[str] = []
         for other in self._returns(fp, bands, tagged, identity, t):
             root = self.find(other.identity)
             if (
                 root != identity
-                and not self.popular(root)
+                and not self.many(root)
                 and self._join(identity, root, LinkKind.MERGE, _confidence(other.expected), t)
             ):
                 merged.append(root)

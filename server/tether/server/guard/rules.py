@@ -50,7 +50,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from tether.server.guard.identities import FARM_RETURN_RARE, IdentityBook, rate_per_hour
+from tether.server.guard.identities import (
+    FARM_RETURN_RARE,
+    SHARED_STRANGERS,
+    IdentityBook,
+    rate_per_hour,
+)
 from tether.server.guard.signals import HOUR, poisson_quantile
 
 ROTATION_WINDOW = 6 * HOUR
@@ -60,10 +65,6 @@ VELOCITY_TAIL = 1e-4
 RECENT_WINDOW = 6 * HOUR
 # Registrations come in daily waves: rates are averages, peaks are higher.
 PEAK = 1.5
-# Expected strangers showing a fingerprint exactly (IdentityBook.sharers)
-# from which a farmed mark no longer makes every network count: a stranger
-# is then about as likely as not (1 - e^-0.5: 39%) to exist.
-SHARED_STRANGERS = 0.5
 # Strangers' registrations a farmed identity's rate may put within
 # VELOCITY_WINDOWS[0] for its burst rule to apply.
 FARM_BURST_STRANGERS = FARM_RETURN_RARE
