@@ -658,6 +658,8 @@ class IdentityBook:
             link = Link(
                 best.kind, fp.identity, identity, _confidence(best.expected), best.changed, t
             )
+            # Asked again after each join: the episodes a merge brings may
+            # make the identity popular.
             many: bool | None = None
             for other in candidates:
                 root = self.find(other.identity)
@@ -669,6 +671,7 @@ class IdentityBook:
                     identity, root, LinkKind.MERGE, _confidence(other.expected), t
                 ):
                     merged.append(root)
+                    many = None
             if link.kind == LinkKind.DRIFT_SAME_NETWORK and self._young(identity, t):
                 # Counted as the record restores it (which knows no crowd).
                 self._drifted_young_in(identity, best.changed)
