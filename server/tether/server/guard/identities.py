@@ -505,36 +505,56 @@ class IdentityBook:
     def popular(self, identity: str) -> bool:
         return self.spread(identity) >= POPULAR_EPISODES
 
-    def many(self, identity: str) -> bool:
+    def many(self, identity: str, besides: str = "") -> bool:
         """Whether an identity may be many people: popular, or holding a
         fingerprint strangers share. Joined to another, the strangers who
         show it would count as that one's browser: a phone model's defaults
         merged into a farm in a fresh book's first hours (before any
-        popularity shows) refused everyone who owns that phone."""
+        popularity shows) refused everyone who owns that phone. The
+        fingerprints of `besides` (the identity it would be joined to) are
+        no strangers: what they share with it is the very evidence for
+        the join."""
         if self.popular(identity):
             return True
-        return any(self.shared(member) for member in self._members.get(identity, (identity,)))
+        theirs: dict[tuple[bytes, _Tagged], int] = {}
+        if besides:
+            for name in self._members.get(besides, (besides,)):
+                known = self._known.get(name)
+                if known is None:
+                    continue
+                device = known.fingerprint.groups[DEVICE]
+                for value in _tagged(known.fingerprint.groups):
+                    theirs[device, value] = theirs.get((device, value), 0) + 1
+        return any(
+            self._shared(member, theirs) for member in self._members.get(identity, (identity,))
+        )
 
-    def shared(self, fingerprint: str) -> bool:
+    def _shared(self, fingerprint: str, theirs: dict[tuple[bytes, _Tagged], int]) -> bool:
         """Whether SHARED_STRANGERS or more other browsers the book holds
-        are expected to show the fingerprint exactly, by what they showed
-        alone: each value's share among the device's other fingerprints,
-        without the prior that takes a value seen seldom as common. That
-        prior keeps links from resting on thin evidence; here it would
-        make every browser of a device seen a few dozen times look shared,
-        and keep a farm's new window from ever joining its identities."""
+        (but those counted in `theirs`, by device and value) are expected
+        to show the fingerprint exactly, by what they showed alone: each
+        value's share among the device's other fingerprints, without the
+        prior that takes a value seen seldom as common. That prior keeps
+        links from resting on thin evidence; here it would make every
+        browser of a device seen a few dozen times look shared, and keep a
+        farm's new window from ever joining its identities."""
         known = self._known.get(fingerprint)
         if known is None:
             return False
         groups = known.fingerprint.groups
-        given = self._given_device.get(groups[DEVICE])
-        if given is None or given.total < 2:
+        device = groups[DEVICE]
+        given = self._given_device.get(device)
+        if given is None:
             return False
-        others = given.total - 1
         tagged = _tagged(groups)
+        others = given.total - 1 - theirs.get((device, tagged[DEVICE]), 0)
+        if others < 1:
+            return False
         expected = float(others)
         for group in DRIFTING:
-            expected *= max(0, given.count(tagged[group]) - 1) / others
+            value = tagged[group]
+            shown = given.count(value) - 1 - theirs.get((device, value), 0)
+            expected *= max(0, shown) / others
         return expected >= SHARED_STRANGERS
 
     def sharers(self, fingerprint: str) -> float:
@@ -658,20 +678,15 @@ class IdentityBook:
             link = Link(
                 best.kind, fp.identity, identity, _confidence(best.expected), best.changed, t
             )
-            # Asked again after each join: the episodes a merge brings may
-            # make the identity popular.
-            many: bool | None = None
             for other in candidates:
                 root = self.find(other.identity)
-                if root == identity or self.many(root):
-                    continue
-                if many is None:
-                    many = self.many(identity)
-                if not many and self._join(
-                    identity, root, LinkKind.MERGE, _confidence(other.expected), t
+                if (
+                    root != identity
+                    and not self.many(root, besides=identity)
+                    and not self.many(identity, besides=root)
+                    and self._join(identity, root, LinkKind.MERGE, _confidence(other.expected), t)
                 ):
                     merged.append(root)
-                    many = None
             if link.kind == LinkKind.DRIFT_SAME_NETWORK and self._young(identity, t):
                 # Counted as the record restores it (which knows no crowd).
                 self._drifted_young_in(identity, best.changed)
@@ -806,7 +821,7 @@ class IdentityBook:
             root = self.find(other.identity)
             if (
                 root != identity
-                and not self.many(root)
+                and not self.many(root, besides=identity)
                 and self._join(identity, root, LinkKind.MERGE, _confidence(other.expected), t)
             ):
                 merged.append(root)
