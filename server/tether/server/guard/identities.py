@@ -83,10 +83,10 @@ POPULAR_EPISODES = 3
 # Expected strangers showing a fingerprint exactly from which it is no
 # evidence of one browser: a stranger is then about as likely as not
 # (1 - e^-0.5: 39%) to exist. An identity holding such a fingerprint (by
-# what other browsers showed) may be many people, and the book joins it
-# to no other on its own judgement (IdentityBook.many);
-# a farmed mark on one (IdentityBook.sharers, with its prior; in the first
-# day, first_day_sharers) does not make every network count (rules.py).
+# what other browsers showed) may be many people, and the book joins it to
+# no other on its own judgement (IdentityBook.many); a farmed mark on one
+# (IdentityBook.sharers, with its prior; in the first day,
+# first_day_sharers) does not make every network count (rules.py).
 SHARED_STRANGERS = 0.5
 # New networks closer together than this are one episode (one browser
 # rotating addresses); a carrier-NAT address counts as new after this.
