@@ -11,12 +11,16 @@ import pty
 from pathlib import Path
 
 import grpc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import binding_support as bs
 from tests.conftest import create_database, drop_database
 from tests.guard_support import guard_client, new_service
 from tests.support import RunningServer, expect_error, free_port, start_server
 from tests.test_binding_cli import BIN
+from tether.clients.guard.client import backtest_event
 from tether.guard.v1 import messages_pb2 as gpb
 from tether.server.shared import digests
 from tether.server.storage import migrate
@@ -692,3 +696,96 @@ async def test_backtest_of_a_missing_or_malformed_events_file_says_which_line(
     assert (code, out) == (2, "")
     assert only_line(err).startswith(f"error: {events}:2: Expecting value")
     assert only_line(err).endswith(f"; {fix}")
+
+
+# Lines a backtest's events file may hold by mistake, and what is said of each.
+BAD_EVENT_LINES = {
+    "[1, 2]": "an event is a JSON object, not an array",
+    "null": "an event is a JSON object, not null",
+    '{"event_time": 1e400}': "event_time: inf is not a time",
+    '{"event_time": true}': "event_time: Unix seconds or an RFC 3339 time, not true or false",
+    '{"event_time": 1, "action": "signup"}': (
+        "action: 'signup' is not one of 'register', 'login', 'collaborate'"
+    ),
+    '{"event_time": 1, "account": {"kind": ["email"]}}': (
+        f"account.kind: ['email'] is not one of {KINDS}"
+    ),
+    '{"event_time": 1, "components": "Chrome"}': (
+        "components: a JSON object of proto field names, not a string"
+    ),
+    '{"event_time": 1, "components": {"fonts": [1, 2]}}': "components: Failed to parse fonts",
+    "[" * 100_000: "nested too deeply",
+}
+
+
+@pytest.mark.parametrize("line", list(BAD_EVENT_LINES), ids=lambda line: line[:40])
+async def test_a_backtest_line_that_is_no_event_says_which_line_and_what_is_wrong(
+    line: str, pg_server: RunningServer, tmp_path: Path
+) -> None:
+    token = await pg_server.credential("internal")
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=2)
+    events = tmp_path / "events.jsonl"
+    good = {"service_id": service, "account": "bt1", "event_time": 1_700_000_000}
+    events.write_text(json.dumps(good) + "\n" + line + "\n")
+    code, out, err = await run(
+        pg_server, token, "tether-internal", "guard", "backtest", str(events), "--policy", service
+    )
+    assert (code, out) == (2, "")
+    said = only_line(err)
+    assert said.startswith(f"error: {events}:2: {BAD_EVENT_LINES[line]}"), said
+    assert said.endswith("; give JSON lines of events (see tether-internal guard backtest --help)")
+
+
+async def test_components_nested_too_deeply_say_so(
+    pg_server: RunningServer, tmp_path: Path
+) -> None:
+    token = await pg_server.credential("internal")
+    path = tmp_path / "fp.json"
+    path.write_text("[" * 100_000)
+    code, _, err = await run(
+        pg_server, token, "tether-internal", "guard", "evaluate", "shop", "register", "alice",
+        "--components", f"@{path}", "--ip", "192.0.2.1",
+    )  # fmt: skip
+    assert code == 2
+    assert only_line(err) == (
+        f"error: --components @{path}: not valid JSON (nested too deeply); give the components"
+        " collector.js sent, as a JSON object of proto field names"
+    )
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["register", "login", "email", "legitimate", "2024-01-01T00:00:00Z"]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                ["kind", "value", "fonts", "screen_width", "extra", "pixel_ratio", "x"]
+            ),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=8,
+)
+_EVENT_FIELDS = ["service_id", "action", "account", "components", "client_ip", "room_id",
+                 "event_time", "label", "actor", "strategy"]  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(_JSON, st.dictionaries(st.sampled_from(_EVENT_FIELDS), _JSON, max_size=6)))
+def test_any_json_record_is_an_event_or_a_value_error(record: object) -> None:
+    """What the events file's lines hold becomes an event or a ValueError the
+    CLI reports as the line's problem: never another exception, which inside
+    the request stream would only cancel the call."""
+    try:
+        event = backtest_event(record)
+    except ValueError as error:
+        assert str(error)
+    else:
+        assert event.HasField("event_time")

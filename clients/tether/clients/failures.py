@@ -66,6 +66,8 @@ def parse_json(text: str, source: str, fix: str) -> Any:
     """JSON from a file or argument; malformed JSON says where and how to fix it."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise CommandError(f"{source}: not valid JSON (nested too deeply); {fix}") from None
     except json.JSONDecodeError as error:
         raise CommandError(
             f"{source}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno});"

@@ -5,8 +5,9 @@ tether.clients.errors.details_of)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format
@@ -15,6 +16,8 @@ from tether.clients.paging import every
 from tether.common.v1 import types_pb2
 from tether.guard.v1 import messages_pb2 as pb
 from tether.guard.v1.service_pb2_grpc import FingerprintGuardStub
+
+_V = TypeVar("_V")
 
 # Backtest events sent per message.
 BACKTEST_BATCH = 200
@@ -219,42 +222,100 @@ _EVENT_KEYS = frozenset(
 LABELS = {"legitimate": pb.LABEL_LEGITIMATE, "abusive": pb.LABEL_ABUSIVE, "": pb.LABEL_UNSPECIFIED}
 
 
-def backtest_event(record: Mapping[str, Any]) -> pb.BacktestEvent:
+class EventError(ValueError):
+    """A record that is no backtest event; the message names the field."""
+
+
+def backtest_event(record: Any) -> pb.BacktestEvent:
     """A backtest event from one JSON record: the EvaluateRequest's fields
     (components by proto field name, account as {"kind", "value"} or a
     login id), event_time (Unix seconds or RFC 3339), label ("legitimate"
-    or "abusive") and actor; any other key becomes an attribute."""
-    raw_account = record.get("account", "")
-    if isinstance(raw_account, Mapping):
-        ref = account(
-            str(raw_account.get("value", "")),
-            str(raw_account.get("kind", "login_id")),
-            str(raw_account.get("region_hint", "")),
-        )
-    else:
-        ref = account(str(raw_account))
-    fields = record.get("components") or {}
-    unknown = set(fields) - _COMPONENT_FIELDS
-    if unknown:
-        raise ValueError(f"unknown component fields: {', '.join(sorted(unknown))}")
+    or "abusive") and actor; any other key becomes an attribute. A record
+    that is none of this raises EventError, saying which field is wrong."""
+    if not isinstance(record, Mapping):
+        raise EventError(f"an event is a JSON object, not {_json_type(record)}")
     event = pb.BacktestEvent(
         request=pb.EvaluateRequest(
             service_id=str(record.get("service_id", "")),
-            action=ACTIONS[str(record.get("action", "register"))],
-            account=ref,
-            components=pb.FingerprintComponents(**fields),
+            action=_one_of("action", record.get("action", "register"), ACTIONS),
+            account=_event_account(record.get("account", "")),
+            components=_event_components(record.get("components", {})),
             client_ip=str(record.get("client_ip", "")),
             room_id=str(record.get("room_id", "")),
         ),
-        label=LABELS[str(record.get("label", ""))],
+        label=_one_of("label", record.get("label", ""), LABELS),
         actor=str(record.get("actor", "")),
         attributes={k: str(v) for k, v in record.items() if k not in _EVENT_KEYS},
     )
-    when = record.get("event_time")
-    if isinstance(when, int | float):
-        event.event_time.FromNanoseconds(int(when * 1e9))
-    elif isinstance(when, str):
-        event.event_time.FromJsonString(when)
-    else:
-        raise TypeError("event_time is required: Unix seconds or an RFC 3339 time")
+    _set_event_time(event, record.get("event_time"))
     return event
+
+
+def _json_type(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null" if value is None else type(value).__name__
+
+
+def _one_of(name: str, value: Any, choices: Mapping[str, _V]) -> _V:
+    if isinstance(value, str) and value in choices:
+        return choices[value]
+    named = ", ".join(repr(choice) for choice in choices if choice)
+    raise EventError(f"{name}: {value!r} is not one of {named}")
+
+
+def _event_account(raw: Any) -> types_pb2.Account:
+    if not isinstance(raw, Mapping):
+        return account(str(raw))
+    kind = raw.get("kind", "login_id")
+    if not isinstance(kind, str) or kind not in ACCOUNT_KINDS:
+        raise EventError(f"account.kind: {kind!r} is not one of {', '.join(ACCOUNT_KINDS)}")
+    return account(str(raw.get("value", "")), kind, str(raw.get("region_hint", "")))
+
+
+def _event_components(fields: Any) -> pb.FingerprintComponents:
+    if not isinstance(fields, Mapping):
+        raise EventError(
+            f"components: a JSON object of proto field names, not {_json_type(fields)}"
+        )
+    unknown = set(fields) - _COMPONENT_FIELDS
+    if unknown:
+        raise EventError(f"unknown component fields: {', '.join(sorted(unknown))}")
+    try:
+        return pb.FingerprintComponents(**fields)
+    except (TypeError, ValueError):
+        pass
+    # What the constructor refuses, the JSON mapping may take (1920.0 for
+    # an integer, as guard evaluate --components does), or says why not.
+    try:
+        return components(fields)
+    except json_format.ParseError as error:
+        raise EventError(f"components: {error}") from None
+
+
+def _set_event_time(event: pb.BacktestEvent, when: Any) -> None:
+    if isinstance(when, str):
+        try:
+            event.event_time.FromJsonString(when)
+        except ValueError as error:
+            raise EventError(f"event_time: {error}") from None
+        return
+    if when is None:
+        raise EventError("event_time is required: Unix seconds or an RFC 3339 time")
+    if isinstance(when, bool) or not isinstance(when, int | float):
+        raise EventError(f"event_time: Unix seconds or an RFC 3339 time, not {_json_type(when)}")
+    if not math.isfinite(when):
+        raise EventError(f"event_time: {when} is not a time")
+    try:
+        event.event_time.FromNanoseconds(int(when * 1e9))
+    except (ValueError, OverflowError) as error:
+        raise EventError(f"event_time: {error}") from None

@@ -156,7 +156,10 @@ def _add_backtest(cmds: Any) -> None:
 def _components_arg(value: str) -> pb.FingerprintComponents:
     fix = "give the components collector.js sent, as a JSON object of proto field names"
     if value == "-":
-        text, source = sys.stdin.read(), "--components - (stdin)"
+        try:
+            text, source = sys.stdin.read(), "--components - (stdin)"
+        except UnicodeDecodeError as error:
+            raise unreadable("--components", "- (stdin)", error, fix) from None
     elif value.startswith("@"):
         text, source = read_text("--components", value[1:], fix), f"--components {value}"
     else:
@@ -286,10 +289,14 @@ class _Events:
                 if not line.strip():
                     continue
                 try:
-                    yield backtest_event(json.loads(line))
-                except (ValueError, KeyError, TypeError) as exc:
+                    event = backtest_event(json.loads(line))
+                except RecursionError:
+                    self.problem = f"{self.path}:{number}: nested too deeply; {_EVENTS_FIX}"
+                    return
+                except Exception as exc:  # whatever fails to convert is the line's fault
                     self.problem = f"{self.path}:{number}: {first_line(exc)}; {_EVENTS_FIX}"
                     return
+                yield event
         except UnicodeDecodeError as error:
             self.problem = str(unreadable("", self.path, error, _EVENTS_FIX))
         finally:
