@@ -83,6 +83,27 @@ async def test_missing_token_file_says_which_file_and_how_to_fix_it(
     )
 
 
+@pytest.mark.parametrize(
+    "held",
+    ["cred_abc\x01def", "cred_abc def", "caf\u00e9", "a" * 5000],
+    ids=["control character", "blank", "not ASCII", "too long"],
+)
+async def test_a_token_file_holding_no_token_says_so_before_any_call(
+    held: str, tmp_path: Path
+) -> None:
+    # No server: the token is refused before the tool connects.
+    path = tmp_path / "internal.token"
+    path.write_text(held, encoding="utf-8")
+    code, _, err = await run(
+        None, "", "tether-internal", "--token-file", str(path), "guard", "policy", "get", "shop"
+    )
+    assert code == 2
+    assert only_line(err) == (
+        f"error: --token-file {path}: not a token (a token is one word of visible ASCII"
+        " characters); give the token tether-admin create-credential --token-only printed"
+    )
+
+
 async def test_missing_csv_says_so_and_nothing_is_sent(
     pg_server: RunningServer, tmp_path: Path
 ) -> None:

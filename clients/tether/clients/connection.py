@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -185,10 +186,10 @@ def resolve_tls(tls: bool, ca: str | None, cert: str | None, key: str | None) ->
 def resolve_token(token: str | None, token_file: str | None) -> str:
     """--token, else --token-file, else $TETHER_TOKEN, else $TETHER_TOKEN_FILE."""
     if token:
-        return token
+        return _bearer(token, "--token")
     path = token_file or os.environ.get("TETHER_TOKEN_FILE")
     if not path and os.environ.get("TETHER_TOKEN"):
-        return os.environ["TETHER_TOKEN"]
+        return _bearer(os.environ["TETHER_TOKEN"], "TETHER_TOKEN")
     if not path:
         raise CommandError("no credential: pass --token or --token-file, or set TETHER_TOKEN")
     flag = "--token-file" if token_file else "TETHER_TOKEN_FILE"
@@ -196,4 +197,18 @@ def resolve_token(token: str | None, token_file: str | None) -> str:
     read = read_text(flag, path, fix).strip()
     if not read:
         raise CommandError(f"{flag} {path}: the file is empty; {fix}")
-    return read
+    return _bearer(read, f"{flag} {path}")
+
+
+# What a bearer token can hold: a header value, visible ASCII (tokens that
+# tether-admin issues are far shorter, and never hold a blank).
+_TOKEN = re.compile(r"[!-~]{1,4096}")
+
+
+def _bearer(token: str, source: str) -> str:
+    if not _TOKEN.fullmatch(token):
+        raise CommandError(
+            f"{source}: not a token (a token is one word of visible ASCII characters); "
+            "give the token tether-admin create-credential --token-only printed"
+        )
+    return token
