@@ -111,3 +111,13 @@ def main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None
         # Output piped into `head` or similar: the reader has all it wanted.
         sys.stderr.close()
         sys.exit(0)
+    except (Exception, asyncio.CancelledError) as error:
+        # A failure no command foresaw is a bug in the tool, but still one
+        # line: what happened, and that it is not the user's doing.
+        what = str(error).strip().splitlines()[:1]
+        print(
+            f"error: the command failed unexpectedly ({type(error).__name__}"
+            f"{': ' + what[0] if what else ''}); this is a bug in {parser.prog}, please report it",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_FAILED)
