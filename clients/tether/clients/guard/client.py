@@ -283,6 +283,8 @@ def _event_account(raw: Any) -> types_pb2.Account:
 
 
 def _event_components(fields: Any) -> pb.FingerprintComponents:
+    if fields is None:
+        fields = {}  # null, as if absent: the server says they are required
     if not isinstance(fields, Mapping):
         raise EventError(
             f"components: a JSON object of proto field names, not {_json_type(fields)}"
