@@ -61,6 +61,13 @@ async def test_demo_endpoint_rejects_wrong_types_with_every_field(
     status, problem = await _post(pg_server, {"action": "fly", "account": "a", "components": {}})
     assert status == 400
     assert "action" in problem["violations"]
+    # A number no float holds is a wrong type too, not a failure of the server.
+    components = {**_components(), "pixel_ratio": 10**400}
+    status, problem = await _post(
+        pg_server, {"action": "register", "account": "a", "components": components}
+    )
+    assert status == 400
+    assert set(problem["violations"]) == {"components.pixel_ratio"}
 
 
 async def test_demo_logout_frees_the_login_slot_that_grpc_counted(

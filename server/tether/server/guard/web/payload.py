@@ -62,9 +62,7 @@ def _components(raw: Any, violations: Violations) -> Components | None:
             violations.add(path, "must be a string")
         elif name in _INTS and (not isinstance(value, int) or isinstance(value, bool)):
             violations.add(path, "must be an integer")
-        elif name == "pixel_ratio" and (
-            not isinstance(value, int | float) or isinstance(value, bool)
-        ):
+        elif name == "pixel_ratio" and not _a_ratio(value):
             violations.add(path, "must be a number")
         elif name in _LISTS and not (
             isinstance(value, list) and all(isinstance(x, str) for x in value)
@@ -77,6 +75,17 @@ def _components(raw: Any, violations: Violations) -> Components | None:
         else:
             setattr(c, name, float(value) if name == "pixel_ratio" else value)
     return c
+
+
+def _a_ratio(value: Any) -> bool:
+    """A JSON number a float can hold (an integer of 400 digits cannot)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _body(data: Any, violations: Violations) -> dict[str, Any]:
