@@ -70,6 +70,18 @@ async def test_demo_endpoint_rejects_wrong_types_with_every_field(
     assert set(problem["violations"]) == {"components.pixel_ratio"}
 
 
+async def test_demo_endpoint_refuses_json_nested_too_deeply(pg_server: RunningServer) -> None:
+    async with aiohttp.ClientSession() as session:
+        for body in ("[" * 5000, '{"a": ' * 5000):
+            async with session.post(
+                f"{web_of(pg_server).url}/guard/evaluate",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                assert response.status == 400
+                assert (await response.json())["error"].startswith("the body must be a JSON")
+
+
 async def test_demo_logout_frees_the_login_slot_that_grpc_counted(
     pg_server: RunningServer,
 ) -> None:

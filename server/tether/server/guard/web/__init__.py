@@ -245,6 +245,8 @@ def _json_endpoint(work: JsonWork) -> Callable[[web.Request], Awaitable[web.Resp
             data: Any = await request.json()
         except ValueError:
             return _problem(400, "the body must be a JSON object")
+        except RecursionError:
+            return _problem(400, "the body must be a JSON object, nested at most a few levels")
         try:
             answer = await work(data, request)
         except errors.TetherError as exc:
