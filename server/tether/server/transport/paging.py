@@ -47,7 +47,7 @@ def decode(scope: str, token: str) -> Any:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         scope_ok = isinstance(data, dict) and data.get("s") == _scope_tag(scope)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # a forged token nested deeper than JSON goes
         raise invalid from exc
     if not scope_ok or "k" not in data:
         raise invalid
