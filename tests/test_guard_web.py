@@ -82,6 +82,30 @@ async def test_demo_endpoint_refuses_json_nested_too_deeply(pg_server: RunningSe
                 assert (await response.json())["error"].startswith("the body must be a JSON")
 
 
+async def test_a_value_with_a_trailing_newline_is_refused_not_taken_as_another(
+    pg_server: RunningServer,
+) -> None:
+    # "$" in a pattern matches before a final newline: "alice\n" would have
+    # been an account of its own, and a room or identity likewise.
+    components = _components()
+    status, problem = await _post(
+        pg_server, {"action": "register", "account": "web-nl\n", "components": components}
+    )
+    assert status == 400
+    assert set(problem["violations"]) == {"account.value"}
+    status, problem = await _post(
+        pg_server,
+        {"action": "collaborate", "account": "web-nl", "room_id": "r\n", "components": components},
+    )
+    assert status == 400
+    assert set(problem["violations"]) == {"room_id"}
+    status, problem = await _post(
+        pg_server, {"account": "web-nl", "identity": "0" * 32 + "\n"}, "/guard/logout"
+    )
+    assert status == 400
+    assert set(problem["violations"]) == {"identity"}
+
+
 async def test_demo_logout_frees_the_login_slot_that_grpc_counted(
     pg_server: RunningServer,
 ) -> None:

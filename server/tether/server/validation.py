@@ -6,7 +6,7 @@ import re
 
 from tether.server.errors import Violations
 
-SLUG = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
+SLUG = re.compile(r"^[a-z][a-z0-9-]{2,62}\Z")
 
 
 def check_slug(value: str, path: str, violations: Violations) -> None:

@@ -33,8 +33,8 @@ from typing import Any, NamedTuple, TypeVar
 from tether.server.errors import Violations
 from tether.server.shared.digests import Digester, DigestKey
 
-IDENTITY = re.compile(r"^[0-9a-f]{32}$")
-_EXTRA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+IDENTITY = re.compile(r"^[0-9a-f]{32}\Z")
+_EXTRA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _NUMBER = re.compile(r"\d+")
 
 MAX_TEXT = 128

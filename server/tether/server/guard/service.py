@@ -41,7 +41,7 @@ from tether.server.validation import check_slug
 
 log = logs.get(__name__)
 
-ROOM = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ROOM = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 
 
 class Action(enum.StrEnum):

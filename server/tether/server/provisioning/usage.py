@@ -24,7 +24,7 @@ from tether.server.transport.principal import CallerKind, Principal
 
 _S = TypeVar("_S", bound=Select)  # type: ignore[type-arg]
 
-METRIC = re.compile(r"^[a-z0-9_.]{1,63}$")
+METRIC = re.compile(r"^[a-z0-9_.]{1,63}\Z")
 MAX_EVENTS = 1000
 # Sums of reported quantities larger than an int64 are answered as this.
 MAX_QUANTITY_SUM = 2**63 - 1

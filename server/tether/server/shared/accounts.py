@@ -22,12 +22,12 @@ ACCOUNT_KINDS = ("phone_number", "member_id", "email", "social_id", "login_id")
 TERMINAL_ID_KINDS = ("imei", "meid", "serial_number")
 
 MAX_VALUE = 254
-_OPAQUE_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
-_SERIAL = re.compile(r"^[A-Za-z0-9._:-]{4,64}$")
+_OPAQUE_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}\Z")
+_SERIAL = re.compile(r"^[A-Za-z0-9._:-]{4,64}\Z")
 _SEPARATORS = re.compile(r"[\s-]")
 # "+", a country code and a national number, digits only: the shape partners
 # usually send, and the one the fast path below understands.
-_E164_SHAPE = re.compile(r"^\+[1-9][0-9]{6,16}$")
+_E164_SHAPE = re.compile(r"^\+[1-9][0-9]{6,16}\Z")
 
 
 def normalize_account(kind: str, value: str, region_hint: str = "") -> str:

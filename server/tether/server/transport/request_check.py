@@ -32,8 +32,8 @@ MAX_TIMESTAMP_SECONDS = 253_402_300_799
 MAX_DURATION_SECONDS = 315_576_000_000
 MAX_NANOS = 999_999_999
 
-_CREDENTIAL_ID = re.compile(r"^cred_[A-Za-z0-9]{1,35}$")
-_QUERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CREDENTIAL_ID = re.compile(r"^cred_[A-Za-z0-9]{1,35}\Z")
+_QUERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 def _is_uuid(value: str) -> bool:
