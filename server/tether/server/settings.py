@@ -157,6 +157,19 @@ class Settings(BaseSettings):
         description="comma-separated IPs/CIDRs of reverse proxies whose X-Forwarded-For "
         "the web side believes; empty: the connection's address is the client IP",
     )
+    guard_web_max_connections: int = Field(
+        1000,
+        ge=1,
+        description="connections the guard's web side holds at once, at most a quarter of "
+        "the process's file descriptors (the rest stay for gRPC); 64 per client address "
+        "(but a trusted proxy's)",
+    )
+    guard_web_idle_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="a web-side connection that sends nothing for this long is closed "
+        "(idle between requests, or stalled in one)",
+    )
     guard_demo_service: str = Field(
         "demo",
         description="guard service the web side's demo pages evaluate against; "

@@ -82,6 +82,21 @@ GUARD_RECORD_LAG = Histogram(
     "Age of a batch's oldest change when the guard's SQL record committed it.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+GUARD_WEB_CONNECTIONS_REFUSED = Counter(
+    "tether_guard_web_connections_refused",
+    "Connections to the guard's web side closed as they opened, by which bound: "
+    "the web side's limit (total) or the limit per client address (per_client).",
+    ("bound",),
+)
+GUARD_WEB_BAD_REQUESTS = Counter(
+    "tether_guard_web_bad_requests",
+    "Malformed HTTP requests to the guard's web side (answered 400 by aiohttp, not logged), "
+    "and clients that hung up mid-request.",
+)
+GUARD_WEB_CONNECTIONS_SILENT = Counter(
+    "tether_guard_web_connections_silent",
+    "Connections to the guard's web side closed after sending nothing for the idle bound.",
+)
 
 # --- backends ------------------------------------------------------------------------
 FAIL_MODE = Counter(

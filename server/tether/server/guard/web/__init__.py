@@ -11,6 +11,7 @@ credential; they can reuse collector.js as it is.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -18,17 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from tether.server import errors, logs
 from tether.server.guard import policies
 from tether.server.guard.service import EvaluateCall, Guard
-from tether.server.guard.web import payload
+from tether.server.guard.web import connections, payload
 from tether.server.settings import Settings
 from tether.server.transport import tls
 
 log = logs.get(__name__)
 
 STATIC = Path(__file__).parent / "static"
+# The static files by name, read once: a handful, small, and no request's
+# path ever reaches the file system.
+_TYPES = {".js": "text/javascript", ".css": "text/css"}
+_STATIC_FILES = {
+    path.name: (path.read_bytes(), _TYPES.get(path.suffix, "text/plain"))
+    for path in STATIC.iterdir()
+    if path.is_file()
+}
 MAX_BODY = 64 * 1024
 
 
@@ -102,6 +112,7 @@ class WebSide:
         self._guard = guard
         self._trusted = parse_networks(settings.guard_trusted_proxies)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         # HTTPS with the gRPC port's certificate and key when TLS is on.
         self._tls = tls.TlsFiles.from_settings(settings)
         self.port = 0
@@ -119,7 +130,7 @@ class WebSide:
         app.router.add_post("/guard/evaluate", _json_endpoint(self._evaluate))
         app.router.add_post("/guard/logout", _json_endpoint(self._logout))
         app.router.add_post("/guard/leave", _json_endpoint(self._leave))
-        app.router.add_static("/guard/static/", STATIC)
+        app.router.add_get("/guard/static/{name}", self._static)
         return app
 
     async def start(self) -> None:
@@ -127,16 +138,25 @@ class WebSide:
             return
         await self._ensure_demo_policy()
         host, _, port = self._settings.http_listen.rpartition(":")
+        connections.quiet_client_mistakes()
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            host,
-            int(port),
-            ssl_context=None if self._tls is None else tls.web_context(self._tls),
+        handlers = self._runner.server
+        assert handlers is not None
+        bounds = connections.Bounds(
+            handlers,
+            self._trusted,
+            limit=connections.connection_limit(self._settings.guard_web_max_connections),
+            idle=self._settings.guard_web_idle_seconds,
         )
         try:
-            await site.start()
+            self._server = await asyncio.get_running_loop().create_server(
+                bounds,
+                host,
+                int(port),
+                ssl=None if self._tls is None else tls.web_context(self._tls),
+                reuse_address=True,
+            )
         except OSError as exc:
             # Say which setting to change (e.g. 8080 taken), not a traceback.
             await self.stop()
@@ -144,9 +164,7 @@ class WebSide:
                 f"cannot listen on {self._settings.http_listen} for the guard's web side: "
                 f"{exc.strerror}; set TETHER_HTTP_LISTEN"
             ) from exc
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.port = self._server.sockets[0].getsockname()[1]
         log.info("guard web side listening", url=self.url, demo=self.url + "/demo/register")
         if self._tls is None and not tls.is_loopback(self._settings.http_listen):
             log.warning(
@@ -156,6 +174,10 @@ class WebSide:
             )
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -172,6 +194,15 @@ class WebSide:
         )
         return web.Response(
             text=_shell("Tether guard demo", f"<ul>{links}</ul>"), content_type="text/html"
+        )
+
+    async def _static(self, request: web.Request) -> web.Response:
+        found = _STATIC_FILES.get(request.match_info["name"])
+        if found is None:
+            raise web.HTTPNotFound()
+        body, content_type = found
+        return web.Response(
+            body=body, content_type=content_type, headers={"Cache-Control": "max-age=300"}
         )
 
     async def _page(self, request: web.Request) -> web.Response:
@@ -243,10 +274,14 @@ def _json_endpoint(work: JsonWork) -> Callable[[web.Request], Awaitable[web.Resp
     async def handle(request: web.Request) -> web.Response:
         try:
             data: Any = await request.json()
-        except ValueError:
-            return _problem(400, "the body must be a JSON object")
+        except (ValueError, LookupError):
+            # Not JSON, not text in its charset, or a charset Python does not know.
+            return _problem(400, "the body must be a JSON object, in UTF-8")
         except RecursionError:
             return _problem(400, "the body must be a JSON object, nested at most a few levels")
+        except RequestPayloadError as exc:
+            # A body its Content-Encoding does not decode (aiohttp says 400 too).
+            return _problem(400, f"the body could not be read: {exc}")
         try:
             answer = await work(data, request)
         except errors.TetherError as exc:
