@@ -13,11 +13,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.guard_support import web_of
+from tests.guard_support import fingerprint, web_of
 from tests.support import RunningServer, start_server
-from tether.server.guard.web import parse_networks
+from tether.server.guard.web import client_ip, parse_networks
 from tether.server.guard.web.connections import Bounds
 
 LIMIT = 8
@@ -185,3 +186,29 @@ async def test_a_well_formed_gzip_body_is_still_read(bounded: RunningServer) -> 
         # Read and checked: the fields it lacks are named.
         assert response.status == 400
         assert "components" in (await response.json())["violations"]
+
+
+async def test_a_proxy_s_own_x_forwarded_for_line_is_the_one_believed(
+    bounded: RunningServer,
+) -> None:
+    # A proxy that adds its own line (HAProxy's option forwardfor) leaves the
+    # client's line first: the right-most hop is the proxy's word.
+    components = json_format.MessageToDict(fingerprint("xff"), preserving_proto_field_name=True)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{web_of(bounded).url}/guard/evaluate",
+            json={"action": "register", "account": "xff-1", "components": components},
+            headers=[("X-Forwarded-For", "not-an-address"), ("X-Forwarded-For", "203.0.113.7")],
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        assert (await response.json())["verdict"] == "allow"
+
+
+def test_a_hop_with_a_port_or_brackets_is_its_address() -> None:
+    proxies = parse_networks("10.0.0.0/8")
+    assert client_ip("10.1.2.3", "198.51.100.1:8080", proxies) == "198.51.100.1"
+    assert client_ip("10.1.2.3", "[2001:db8::1]:443", proxies) == "2001:db8::1"
+    assert client_ip("10.1.2.3", "[2001:db8::1], 10.9.9.9:80", proxies) == "2001:db8::1"
+    assert client_ip("10.1.2.3", "2001:db8::2", proxies) == "2001:db8::2"

@@ -100,10 +100,21 @@ def client_ip(remote: str | None, forwarded_for: str, trusted: Iterable[Network]
     if not is_trusted(address):
         return address
     for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
-        address = hop
-        if not is_trusted(hop):
+        address = _address_of(hop)
+        if not is_trusted(address):
             break
     return address
+
+
+def _address_of(hop: str) -> str:
+    """A hop's address, as proxies write it: bare, or with a port
+    ("192.0.2.1:8080", "[2001:db8::1]:443") or brackets ("[2001:db8::1]")."""
+    if hop.startswith("["):
+        end = hop.find("]")
+        return hop[1:end] if end > 0 else hop
+    if hop.count(":") == 1:
+        return hop.split(":", 1)[0]
+    return hop
 
 
 class WebSide:
@@ -239,7 +250,9 @@ class WebSide:
 
     async def _evaluate(self, data: Any, request: web.Request) -> dict[str, Any]:
         call = payload.parse(data)
-        forwarded = request.headers.get("X-Forwarded-For", "")
+        # Every line, in order: a proxy may add a line of its own rather
+        # than append to the client's, and the right-most hops are the proxies'.
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
         verdict = await self._guard.evaluate(
             EvaluateCall(
                 self._settings.guard_demo_service,
