@@ -161,6 +161,20 @@ async def test_timestamps_outside_the_protobuf_range_are_invalid_argument(
             "ERROR_REASON_INVALID_FIELD",
         )
         assert set(detail.violations) == {field}
+    # The last month a Timestamp holds is a range like any other (its end
+    # plus the longest range is past the year 9999: no overflow, no INTERNAL).
+    start, end = Timestamp(), Timestamp()
+    start.FromDatetime(datetime(9999, 12, 1, tzinfo=UTC))
+    end.FromDatetime(datetime(9999, 12, 31, tzinfo=UTC))
+    usage = await partner.QueryUsage(
+        pb.QueryUsageRequest(
+            service_id="free-data",
+            binding_id=bound.binding.binding_id,
+            start_time=start,
+            end_time=end,
+        )
+    )
+    assert list(usage.days) == []
 
 
 async def _answer(

@@ -6,6 +6,7 @@ is usage_queries.py."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC
 from typing import Any
 
 import grpc
@@ -33,7 +34,6 @@ from tether.server.runtime import Runtime
 from tether.server.shared import convert as shared_convert
 from tether.server.shared.bindings import BindingReader
 from tether.server.shared.subjects import Subject
-from tether.server.storage.base import utcnow
 from tether.server.storage.idempotency import Once
 from tether.server.transport import paging, request_check
 from tether.server.transport.principal import CallerKind, require
@@ -283,10 +283,11 @@ class ProvisioningServicer(service_pb2_grpc.ProvisioningServicer):
             else None
         )
         violations.raise_if_any()
-        tz = utcnow().tzinfo
-        start = request.start_time.ToDatetime(tzinfo=tz)
-        end = request.end_time.ToDatetime(tzinfo=tz)
-        if not start < end <= start + usage.MAX_RANGE:
+        # In range: request_check refused a Timestamp outside years 1-9999.
+        start = request.start_time.ToDatetime(tzinfo=UTC)
+        end = request.end_time.ToDatetime(tzinfo=UTC)
+        # end - start, not start + the range: a start in the year 9999 has no room after it.
+        if not (start < end and end - start <= usage.MAX_RANGE):
             raise errors.invalid("end_time", "after start_time, at most 366 days after it")
         size = paging.page_size(request.page_size)
         filters = usage.UsageFilter(
