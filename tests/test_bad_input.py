@@ -14,13 +14,17 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from structlog.testing import capture_logs
 
+from tests import binding_support as bs
 from tests import fuzz_support as fuzz
 from tests import provisioning_support as ps
+from tests.guard_support import fingerprint
 from tests.support import RunningServer, expect_error
 from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.binding.v1 import messages_pb2 as binding_pb
 from tether.clients.errors import details_of
+from tether.common.v1 import types_pb2 as types_pb
 from tether.guard.v1 import messages_pb2 as guard_pb
+from tether.guard.v1.service_pb2_grpc import FingerprintGuardStub
 from tether.provisioning.v1 import messages_pb2 as pb
 from tether.server.transport import request_check
 
@@ -376,3 +380,37 @@ def test_a_body_that_passed_its_checks_is_checked_again_for_another_method() -> 
         refused = evaluate(bad)
         assert isinstance(refused, request_check.Refused)
         assert [v.field for v in refused.error.violations] == ["client_ip"]
+
+
+async def test_a_long_value_or_many_bad_entries_still_get_invalid_argument(
+    pg_server: RunningServer,
+) -> None:
+    """A status travels in trailing metadata, which clients refuse beyond
+    8-16 KiB: a 20,000-character value echoed back, or a thousand bad
+    entries each named, made the caller's mistake a "Stream removed"."""
+    guard = FingerprintGuardStub(pg_server.channel(await pg_server.credential("internal")))
+    detail = await expect_error(
+        guard.Evaluate(
+            guard_pb.EvaluateRequest(
+                service_id="shop",
+                action=guard_pb.ACTION_REGISTER,
+                account=types_pb.Account(kind=types_pb.ACCOUNT_KIND_LOGIN_ID, value="long-1"),
+                components=fingerprint("long"),
+                client_ip="1" * 20_000,
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    assert set(detail.violations) == {"client_ip"}
+    assert len(detail.violations["client_ip"]) <= 300
+    _, partner_token = await pg_server.partner()
+    bad = [types_pb.Account(kind=types_pb.ACCOUNT_KIND_PHONE_NUMBER, value="x" * 100)] * 1000
+    detail = await expect_error(
+        bs.add_accounts(pg_server, partner_token, bad),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+    )
+    listed = [field for field in detail.violations if field]
+    assert 0 < len(listed) < 1000
+    assert detail.violations[""] == f"and {1000 - len(listed)} more, not listed"

@@ -16,6 +16,40 @@ from tether.server import errors
 
 ERROR_DOMAIN = "tether"
 
+# A status travels in trailing metadata, which clients refuse beyond 8-16
+# KiB (gRPC's soft and hard limits): a caller's 10,000-character value
+# echoed back would turn INVALID_ARGUMENT into "Stream removed". So texts
+# are cut, and the violations listed stop at a budget, the rest counted.
+MAX_MESSAGE = 1000
+MAX_TEXT = 300
+VIOLATIONS_BUDGET = 3000
+
+
+def _cut(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _listed(
+    violations: list[errors.FieldViolation],
+) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    listed: list[error_details_pb2.BadRequest.FieldViolation] = []
+    spent = 0
+    for i, v in enumerate(violations):
+        field, description = _cut(v.field), _cut(v.description)
+        spent += len(field) + len(description)
+        if spent > VIOLATIONS_BUDGET and listed:
+            listed.append(
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="", description=f"and {len(violations) - i} more, not listed"
+                )
+            )
+            break
+        listed.append(
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        )
+    return listed
+
+
 _CODES: dict[type[errors.TetherError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -49,29 +83,20 @@ def to_status(error: errors.TetherError) -> grpc.Status:
             error_details_pb2.ErrorInfo(
                 reason=ErrorReason.Name(error.reason),
                 domain=ERROR_DOMAIN,
-                metadata=error.metadata,
+                metadata={key: _cut(value) for key, value in error.metadata.items()},
             )
         )
     ]
     if error.violations:
         details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
-                        )
-                        for v in error.violations
-                    ]
-                )
-            )
+            _pack(error_details_pb2.BadRequest(field_violations=_listed(error.violations)))
         )
     if error.retry_after_seconds is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=details
+        code=getattr(code_pb2, code.name), message=_cut(error.message, MAX_MESSAGE), details=details
     )
     result: grpc.Status = rpc_status.to_status(status)
     return result
