@@ -97,9 +97,20 @@ def main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.code)
+    except BrokenPipeError:
+        # Output piped into `head` or similar: the reader has all it wanted.
+        _drop_stdout()
+        sys.exit(0)
     except OSError as error:
         if not error.filename:
-            raise
+            # Reading or writing failed (a full disk, an I/O error).
+            _drop_stdout()
+            print(
+                f"error: input/output failed ({error.strerror or error}); check the disk and "
+                "the files the command reads and writes",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_FAILED)
         # A file a command opens itself (an output file, an input stream).
         fix = "check the path and its permissions"
         failure = unreadable("", error.filename, error, fix)
@@ -107,10 +118,6 @@ def main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None
         sys.exit(failure.code)
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:
-        # Output piped into `head` or similar: the reader has all it wanted.
-        sys.stderr.close()
-        sys.exit(0)
     except (Exception, asyncio.CancelledError) as error:
         # A failure no command foresaw is a bug in the tool, but still one
         # line: what happened, and that it is not the user's doing.
@@ -121,3 +128,11 @@ def main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None
             file=sys.stderr,
         )
         sys.exit(EXIT_FAILED)
+
+
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null: what is still buffered for a reader that
+    is gone (or a disk that is full) would fail again as Python exits."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
