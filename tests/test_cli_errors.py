@@ -631,7 +631,10 @@ async def test_a_usage_figure_without_a_number_says_how_to_write_it(
         "data_mb=lots",
     )
     assert code == 2
-    assert only_line(err) == "error: 'data_mb=lots': give metric=quantity, e.g. data_mb=30"
+    assert only_line(err) == (
+        "error: 'data_mb=lots': give metric=quantity, a whole number up to"
+        " 9,223,372,036,854,775,807, e.g. data_mb=30"
+    )
 
 
 async def test_an_unknown_component_field_is_named_in_one_line(pg_server: RunningServer) -> None:
@@ -810,3 +813,136 @@ def test_any_json_record_is_an_event_or_a_value_error(record: object) -> None:
         assert str(error)
     else:
         assert event.HasField("event_time")
+
+
+# --- numbers, output and files the tools write ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "said"),
+    [
+        (
+            "tether-internal",
+            ["guard", "policy", "set", "shop", "--register-limit", "99999999999999999999"],
+            "argument --register-limit: '99999999999999999999' is not a whole number"
+            " from 0 to 2,147,483,647",
+        ),
+        (
+            "tether-internal",
+            ["guard", "policy", "set", "shop", "--login-limit", "\u0661\u0662"],
+            "argument --login-limit: '\u0661\u0662' is not a whole number from 0 to 2,147,483,647",
+        ),
+        (
+            "tether-device",
+            ["usage", "--imei", "490154203237518", "--binding", "b", "--service", "s",
+             "--timeout", "nan"],
+            "argument --timeout: 'nan' is not a number of seconds, more than 0",
+        ),
+        (
+            "tether-internal",
+            ["usage", "--until", "0001-01-01"],
+            "argument --until: '0001-01-01' is not a day: YYYY-MM-DD,"
+            " from 0002-01-01 to 9998-12-31",
+        ),
+    ],
+    ids=["beyond int32", "not ASCII digits", "nan seconds", "a day with no month before it"],
+)  # fmt: skip
+async def test_a_number_or_day_no_field_can_hold_is_a_usage_error_naming_the_flag(
+    tool: str, args: list[str], said: str
+) -> None:
+    code, _, err = await run(None, "cred_unused", tool, *args)
+    assert code == 2
+    assert err.strip().splitlines()[-1].endswith(f"error: {said}"), err
+    assert "Traceback" not in err
+
+
+async def test_output_to_a_reader_that_left_or_a_full_disk_is_one_line_or_none(
+    pg_server: RunningServer,
+) -> None:
+    # A reader that left (`| head -c1`): the command stops quietly.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "tether-admin"), "credentials",
+        env={**os.environ, "TETHER_TOKEN": pg_server.admin_token,
+             "TETHER_ADDRESS": pg_server.address},
+        stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert (process.returncode, err) == (0, b"")
+    # A full disk: one line.
+    with open("/dev/full", "wb") as full:  # noqa: ASYNC230 - a device, nothing to wait for
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "tether-admin"), "credentials",
+            env={**os.environ, "TETHER_TOKEN": pg_server.admin_token,
+                 "TETHER_ADDRESS": pg_server.address},
+            stdin=asyncio.subprocess.DEVNULL, stdout=full, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    assert only_line(err.decode()) == (
+        "error: input/output failed (No space left on device); check the disk and the files"
+        " the command reads and writes"
+    )
+
+
+async def test_an_import_from_a_pipe_imports_every_row_with_the_progress_bar_on(
+    pg_server: RunningServer, tmp_path: Path
+) -> None:
+    partner_id, token = await pg_server.partner()
+    rows = 3000
+    csv = tmp_path / "accounts.csv"
+    csv.write_text("kind,value\n" + "".join(f"member_id,piped-{i}\n" for i in range(rows)))
+    # The bar's total was counted by reading the file again: a pipe gave
+    # its rows to the count, and the import saw only what was left.
+    process = await asyncio.create_subprocess_shell(
+        f"cat {csv} | {BIN / 'tether-partner'} import /dev/stdin",
+        env={**os.environ, "TETHER_TOKEN": token, "TETHER_ADDRESS": pg_server.address},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err
+    assert json.loads(out)["importedCount"] == rows
+    assert await bs.count_entries(pg_server, partner_id) == rows
+
+
+async def test_a_refused_export_leaves_the_file_as_it_was(
+    pg_server: RunningServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "entries.csv"
+    out.write_text("what was there\n")
+    code, _, err = await run(pg_server, "cred_nobody", "tether-partner", "export", str(out))
+    assert code == 1
+    assert "UNAUTHENTICATED" in only_line(err)
+    assert out.read_text() == "what was there\n"
+    assert [path.name for path in os.scandir(tmp_path)] == [out.name]
+
+
+async def test_backtest_verdicts_never_overwrite_the_events_and_a_policy_file_is_an_object(
+    pg_server: RunningServer, tmp_path: Path
+) -> None:
+    token = await pg_server.credential("internal")
+    guard = await guard_client(pg_server)
+    service = await new_service(guard, register_limit=2)
+    events = tmp_path / "events.jsonl"
+    line = json.dumps({"service_id": service, "account": "v1", "event_time": 1_700_000_000})
+    events.write_text(line + "\n")
+    code, _, err = await run(
+        pg_server, token, "tether-internal", "guard", "backtest", str(events),
+        "--policy", service, "--verdicts", str(events),
+    )  # fmt: skip
+    assert code == 2
+    assert only_line(err) == (
+        f"error: --verdicts {str(events)!r}: give a file of its own for the verdicts (not the"
+        " events file, which it would empty)"
+    )
+    assert events.read_text() == line + "\n"
+    policy = tmp_path / "policy.json"
+    policy.write_text("[]")
+    code, _, err = await run(
+        pg_server, token, "tether-internal", "guard", "backtest", str(events),
+        "--policy", f"@{policy}",
+    )  # fmt: skip
+    assert code == 2
+    assert only_line(err).startswith(f"error: --policy {policy}: not a JSON object")

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from tether.clients import accounts
+from tether.clients import accounts, arguments
 from tether.clients.cli import print_message
 
 # The device is named on the command line as the binding commands name it.
@@ -32,8 +32,18 @@ RECONNECT_ON = frozenset(
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("watch", help="stream the device's entitlement changes")
     _device_args(p)
-    p.add_argument("--after", type=int, default=0, help="resume after this position")
-    p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.add_argument(
+        "--after",
+        type=arguments.whole(arguments.INT64_MAX),
+        default=0,
+        help="resume after this position",
+    )
+    p.add_argument(
+        "--count",
+        type=arguments.whole(arguments.INT64_MAX),
+        default=0,
+        help="stop after this many events (0: never)",
+    )
     p.add_argument(
         "--once",
         action="store_true",
@@ -55,7 +65,9 @@ def add_commands(sub: Any) -> None:
     _device_args(p)
     p.add_argument("--binding", required=True, help="binding id")
     p.add_argument("--service", required=True)
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the partner")
+    p.add_argument(
+        "--timeout", type=arguments.seconds(), default=5.0, help="seconds to wait for the partner"
+    )
     p.set_defaults(handler=usage)
 
     p = sub.add_parser("report-usage", help="record usage of a service measured on the device")
@@ -127,8 +139,11 @@ async def report_usage(args: argparse.Namespace, channel: grpc.aio.Channel) -> N
     events = []
     for figure in args.figures:
         metric, _, quantity = figure.partition("=")
-        if not quantity.isdigit():
-            raise CommandError(f"{figure!r}: give metric=quantity, e.g. data_mb=30")
+        if not arguments.is_whole(quantity):
+            raise CommandError(
+                f"{figure[:60]!r}: give metric=quantity, a whole number up to "
+                f"{arguments.INT64_MAX:,}, e.g. data_mb=30"
+            )
         events.append((now, metric, int(quantity)))
     recorded = await DeviceProvisioning(channel).report_usage(
         device_of(args), args.binding, args.service, events

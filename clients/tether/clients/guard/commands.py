@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from tether.clients import arguments
 from tether.clients.cli import print_message
 from tether.clients.failures import CommandError, first_line, parse_json, read_text, unreadable
 from tether.clients.guard.client import (
@@ -38,6 +40,15 @@ NUMBERS = {
     "collaborate_limit": "accounts of one room per fingerprint (0: no limit)",
     "room_membership_seconds": "how long a room join counts",
 }
+
+
+def _number_flags(p: argparse.ArgumentParser) -> None:
+    """The policy's numbers: limits are int32 fields, seconds int64."""
+    for name, help_text in NUMBERS.items():
+        high = arguments.INT64_MAX if name.endswith("_seconds") else arguments.INT32_MAX
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=arguments.whole(high), dest=name, help=help_text
+        )
 
 
 def _account_args(p: argparse.ArgumentParser) -> None:
@@ -74,8 +85,7 @@ def add_commands(sub: Any) -> None:
         "set", help="create a policy or change the given fields (others stay as they are)"
     )
     p.add_argument("service_id")
-    for name, help_text in NUMBERS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help=help_text)
+    _number_flags(p)
     p.add_argument("--mode", choices=MODES)
     p.add_argument("--redis-failure", choices=FAILURES, dest="redis_failure")
     p.add_argument(
@@ -143,8 +153,7 @@ def _add_backtest(cmds: Any) -> None:
         required=True,
         help="the policy to try: a service id (its live policy), or @file with a Policy as JSON",
     )
-    for name, help_text in NUMBERS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help=help_text)
+    _number_flags(p)
     p.add_argument("--mode", choices=MODES)
     p.add_argument(
         "--group-by", action="append", default=[], help="break the summary down by an attribute"
@@ -156,6 +165,8 @@ def _add_backtest(cmds: Any) -> None:
 def _components_arg(value: str) -> pb.FingerprintComponents:
     fix = "give the components collector.js sent, as a JSON object of proto field names"
     if value == "-":
+        if sys.stdin is None:
+            raise CommandError(f"--components -: there is no standard input to read; {fix}")
         try:
             text, source = sys.stdin.read(), "--components - (stdin)"
         except UnicodeDecodeError as error:
@@ -253,8 +264,11 @@ async def _backtest_policy(args: argparse.Namespace, client: GuardClient) -> pb.
     if args.policy.startswith("@"):
         fix = "give a Policy as JSON (guard policy get prints one)"
         text = await asyncio.to_thread(read_text, "--policy", args.policy[1:], fix)
+        fields = parse_json(text, f"--policy {args.policy[1:]}", fix)
+        if not isinstance(fields, dict):
+            raise CommandError(f"--policy {args.policy[1:]}: not a JSON object; {fix}")
         try:
-            policy = json_format.Parse(text, pb.Policy())
+            policy = json_format.ParseDict(fields, pb.Policy())
         except json_format.ParseError as error:
             raise CommandError(f"--policy {args.policy[1:]}: {first_line(error)}; {fix}") from None
     else:
@@ -270,6 +284,13 @@ async def _backtest_policy(args: argparse.Namespace, client: GuardClient) -> pb.
 _EVENTS_FIX = "give JSON lines of events (see tether-internal guard backtest --help)"
 
 
+def _same_file(events: str, verdicts: str) -> bool:
+    try:
+        return events != "-" and os.path.samefile(events, verdicts)
+    except OSError:
+        return False  # one of them does not exist (yet): not the same
+
+
 class _Events:
     """The events file, read as the stream sends it. A bad line ends the
     stream and is kept in `problem`: an exception raised inside the request
@@ -278,6 +299,8 @@ class _Events:
     def __init__(self, path: str) -> None:
         self.path = path
         self.problem = ""
+        if path == "-" and sys.stdin is None:
+            raise CommandError(f"-: there is no standard input to read; {_EVENTS_FIX}")
         try:
             self._stream = sys.stdin if path == "-" else open(path, encoding="utf-8-sig")  # noqa: SIM115 - closed after reading
         except OSError as error:
@@ -311,6 +334,17 @@ async def backtest(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
         verdicts=bool(args.verdicts),
         group_by=args.group_by,
     )
+    if args.verdicts is not None and (
+        not args.verdicts or await asyncio.to_thread(_same_file, args.events, args.verdicts)
+    ):
+        raise CommandError(
+            f"--verdicts {args.verdicts!r}: give a file of its own for the verdicts "
+            "(not the events file, which it would empty)"
+        )
+    # The start alone first: a policy the server refuses is said plainly, not
+    # lost in a race with the events already streaming.
+    async for _ in client.backtest(start, ()):
+        pass
     events = _Events(args.events)
     out = await asyncio.to_thread(open, args.verdicts, "w") if args.verdicts else None
     summary = None

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from tether.clients import accounts
+from tether.clients import accounts, arguments
 from tether.clients.cli import print_message
 from tether.clients.failures import CommandError
 from tether.clients.internal.provisioning import InternalProvisioning
@@ -23,10 +23,6 @@ STATES = {
 }
 
 
-def _day(value: str) -> datetime:
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("usage", help="usage per day and totals over a time range")
     p.add_argument("--partner", default="")
@@ -35,8 +31,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--account", default="", help="only this account (with --partner)")
     p.add_argument("--account-kind", choices=accounts.ACCOUNT_KINDS, default="phone_number")
     p.add_argument("--binding", default="")
-    p.add_argument("--since", type=_day, help="start day, YYYY-MM-DD (default: 30 days ago)")
-    p.add_argument("--until", type=_day, help="end, exclusive (default: now)")
+    p.add_argument(
+        "--since", type=arguments.day, help="start day, YYYY-MM-DD (default: 30 days ago)"
+    )
+    p.add_argument("--until", type=arguments.day, help="end, exclusive (default: now)")
     p.set_defaults(handler=usage)
 
     p = sub.add_parser("pipeline", help="instructions per partner and state, with ages")

@@ -14,9 +14,8 @@ import itertools
 import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 from tqdm import tqdm
@@ -25,7 +24,7 @@ from tether.admin.v1 import messages_pb2 as admin_pb
 from tether.admin.v1.service_pb2_grpc import AdminStub
 from tether.binding.v1 import messages_pb2 as pb
 from tether.binding.v1.service_pb2_grpc import BindingStub
-from tether.clients import accounts
+from tether.clients import accounts, arguments
 from tether.clients.cli import print_message
 from tether.clients.errors import details_of
 from tether.clients.failures import EXIT_FAILED, CommandError
@@ -35,6 +34,8 @@ from tether.clients.partner.import_file import ImportFile
 from tether.common.v1 import types_pb2 as types
 
 DEFAULT_BATCH = 5000
+# Entries per upload message at most (a message is kept under the server's 8 MiB).
+MAX_BATCH = 50_000
 # What the server's initial metadata holds once it accepted an import's header.
 IMPORT_ACCEPTED = ("tether-import", "accepted")
 EXPORT_COLUMNS = ["entry_id", "kind", "account_digest", "partner_reference", "create_time"]
@@ -205,10 +206,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("csv", type=Path, help="the CSV file")
     p.add_argument("--replace", action="store_true", help="the list becomes exactly the file")
     p.add_argument("--region", default="", help="region of national phone numbers, e.g. DE")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="entries per message")
+    p.add_argument(
+        "--batch-size",
+        type=arguments.whole(MAX_BATCH, low=1),
+        default=DEFAULT_BATCH,
+        help=f"entries per message (1-{MAX_BATCH:,})",
+    )
     p.add_argument(
         "--max-rejected",
-        type=_count,
+        type=arguments.whole(arguments.INT64_MAX),
         default=0,
         help="import the good rows when at most this many are bad (default 0: any bad row"
         " fails the import and nothing is written)",
@@ -291,7 +297,10 @@ async def _import(args: argparse.Namespace, channel: grpc.aio.Channel, source: I
     def start_progress() -> None:
         nonlocal progress
         if not args.no_progress:
-            progress = tqdm(total=count_rows(path), unit=" rows", file=sys.stderr)
+            # Counted by reading the file a second time: only a regular file
+            # can be (a pipe read twice gives its rows to the count, not the import).
+            total = count_rows(path) if path.is_file() else None
+            progress = tqdm(total=total, unit=" rows", file=sys.stderr)
 
     def advance(sent: int) -> None:
         if progress is not None:
@@ -360,32 +369,45 @@ def _confirm_emptying(path: Path) -> None:
         raise CommandError("nothing changed", EXIT_FAILED)
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
 async def export_csv(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:
-    with (
-        nullcontext(sys.stdout)
-        if args.csv == "-"
+    target = Path(args.csv)
+    if args.csv == "-":
+        await _export(channel, args.partner, sys.stdout)
+        return
+    if _device_or_pipe(target):
+        # /dev/stdout, a FIFO: written as it goes.
+        with target.open("w", newline="", encoding="utf-8") as out:  # noqa: ASYNC230
+            await _export(channel, args.partner, out)
+        return
+    # A file is written beside itself and moved over it once complete: a
+    # refused or broken export leaves it as it was.
+    partial = target.with_name(f".{target.name}.partial")
+    try:
         # A command-line run: the event loop has nothing else to serve meanwhile.
-        else Path(args.csv).open("w", newline="", encoding="utf-8") as out  # noqa: ASYNC230
-    ):
-        writer = csv.writer(out)
-        writer.writerow(EXPORT_COLUMNS)
-        async for entry in PartnerBinding(channel, args.partner).entries():
-            writer.writerow(
-                [
-                    entry.entry_id,
-                    accounts.ACCOUNT_KIND_NAMES.get(entry.account_kind, "unspecified"),
-                    entry.account_digest,
-                    entry.partner_reference,
-                    entry.create_time.ToJsonString(),
-                ]
-            )
+        with partial.open("w", newline="", encoding="utf-8") as out:
+            await _export(channel, args.partner, out)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _device_or_pipe(path: Path) -> bool:
+    return path.exists() and not path.is_file()
+
+
+async def _export(channel: grpc.aio.Channel, partner: str, out: TextIO) -> None:
+    writer = csv.writer(out)
+    writer.writerow(EXPORT_COLUMNS)
+    async for entry in PartnerBinding(channel, partner).entries():
+        writer.writerow(
+            [
+                entry.entry_id,
+                accounts.ACCOUNT_KIND_NAMES.get(entry.account_kind, "unspecified"),
+                entry.account_digest,
+                entry.partner_reference,
+                entry.create_time.ToJsonString(),
+            ]
+        )
 
 
 async def list_bindings(args: argparse.Namespace, channel: grpc.aio.Channel) -> None:

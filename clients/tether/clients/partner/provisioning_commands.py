@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from tether.clients import arguments
 from tether.clients.cli import print_message
 from tether.clients.partner.provisioning import (
     Done,
@@ -29,8 +30,15 @@ def add_commands(sub: Any) -> None:
         "serve",
         help="run a demo partner: opens every service it is asked to, after a short delay",
     )
-    p.add_argument("--delay", type=float, default=0.5, help="seconds before each confirmation")
-    p.add_argument("--max-in-flight", type=int, default=0, help="0: the server's default")
+    p.add_argument(
+        "--delay",
+        type=arguments.seconds(zero=True),
+        default=0.5,
+        help="seconds before each confirmation",
+    )
+    p.add_argument(
+        "--max-in-flight", type=arguments.whole(), default=0, help="0: the server's default"
+    )
     p.add_argument("--label", default="demo partner")
     p.set_defaults(handler=serve)
 
