@@ -946,3 +946,12 @@ async def test_backtest_verdicts_never_overwrite_the_events_and_a_policy_file_is
     )  # fmt: skip
     assert code == 2
     assert only_line(err).startswith(f"error: --policy {policy}: not a JSON object")
+
+
+@pytest.mark.parametrize("address", ["::::", "host:notaport", "http://127.0.0.1:50051", "h:70000"])
+async def test_an_address_that_is_no_host_and_port_says_so_not_that_the_server_is_down(
+    address: str,
+) -> None:
+    code, _, err = await run(None, "cred_unused", "tether-admin", "--address", address, "partners")
+    assert code == 2
+    assert only_line(err).startswith(f"error: --address {address!r}: not host:port")

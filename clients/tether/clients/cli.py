@@ -21,7 +21,13 @@ from types import ModuleType
 import grpc
 from google.protobuf.message import Message
 
-from tether.clients.connection import DEFAULT_ADDRESS, open_channel, resolve_tls, resolve_token
+from tether.clients.connection import (
+    DEFAULT_ADDRESS,
+    check_address,
+    open_channel,
+    resolve_tls,
+    resolve_token,
+)
 from tether.clients.failures import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -70,7 +76,12 @@ def print_message(message: Message) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    address = args.address or os.environ.get("TETHER_ADDRESS", DEFAULT_ADDRESS)
+    if args.address:
+        address = check_address(args.address, "--address")
+    else:
+        address = check_address(
+            os.environ.get("TETHER_ADDRESS") or DEFAULT_ADDRESS, "TETHER_ADDRESS"
+        )
     # Commands that explain a failure themselves name the address tried.
     args.address = address
     token = resolve_token(args.token, args.token_file)

@@ -183,6 +183,26 @@ def resolve_tls(tls: bool, ca: str | None, cert: str | None, key: str | None) ->
     return Tls(*(None if f is None else f.data for f in files))
 
 
+_TARGET = re.compile(r"(dns|ipv4|ipv6|unix|unix-abstract|vsock):")
+# host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
+
+
+def check_address(address: str, source: str) -> str:
+    """The server's address as gRPC takes it, or a CommandError naming where
+    it came from (a malformed one would only fail to connect)."""
+    if _TARGET.match(address):
+        return address  # a gRPC target URI (dns:///host:port, ipv4:a:p,b:p, unix:path)
+    found = _ADDRESS.fullmatch(address)
+    if found is None or not 1 <= int(found.group(2)) <= 65535:
+        hint = " (without a scheme)" if "://" in address else ""
+        raise CommandError(
+            f"{source} {address[:100]!r}: not host:port{hint}; e.g. 127.0.0.1:50051,"
+            " tether.example.com:443, [::1]:50051 or a gRPC target (dns:///host:port)"
+        )
+    return address
+
+
 def resolve_token(token: str | None, token_file: str | None) -> str:
     """--token, else --token-file, else $TETHER_TOKEN, else $TETHER_TOKEN_FILE."""
     if token:
