@@ -856,31 +856,34 @@ async def test_a_number_or_day_no_field_can_hold_is_a_usage_error_naming_the_fla
     assert "Traceback" not in err
 
 
+async def _credentials_into(server: RunningServer, stdout: int) -> tuple[int | None, bytes]:
+    """tether-admin credentials with its output into a file descriptor."""
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "tether-admin"), "credentials",
+        env={**os.environ, "TETHER_TOKEN": server.admin_token, "TETHER_ADDRESS": server.address},
+        stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, err
+
+
 async def test_output_to_a_reader_that_left_or_a_full_disk_is_one_line_or_none(
     pg_server: RunningServer,
 ) -> None:
     # A reader that left (`| head -c1`): the command stops quietly.
     read_end, write_end = os.pipe()
     os.close(read_end)
-    process = await asyncio.create_subprocess_exec(
-        str(BIN / "tether-admin"), "credentials",
-        env={**os.environ, "TETHER_TOKEN": pg_server.admin_token,
-             "TETHER_ADDRESS": pg_server.address},
-        stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    os.close(write_end)
-    _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert (process.returncode, err) == (0, b"")
+    try:
+        assert await _credentials_into(pg_server, write_end) == (0, b"")
+    finally:
+        os.close(write_end)
     # A full disk: one line.
-    with open("/dev/full", "wb") as full:  # noqa: ASYNC230 - a device, nothing to wait for
-        process = await asyncio.create_subprocess_exec(
-            str(BIN / "tether-admin"), "credentials",
-            env={**os.environ, "TETHER_TOKEN": pg_server.admin_token,
-                 "TETHER_ADDRESS": pg_server.address},
-            stdin=asyncio.subprocess.DEVNULL, stdout=full, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 1
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        code, err = await _credentials_into(pg_server, full)
+    finally:
+        os.close(full)
+    assert code == 1
     assert only_line(err.decode()) == (
         "error: input/output failed (No space left on device); check the disk and the files"
         " the command reads and writes"
