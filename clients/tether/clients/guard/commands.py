@@ -168,7 +168,8 @@ def _components_arg(value: str) -> pb.FingerprintComponents:
         if sys.stdin is None:
             raise CommandError(f"--components -: there is no standard input to read; {fix}")
         try:
-            text, source = sys.stdin.read(), "--components - (stdin)"
+            # A BOM, as @file allows it (utf-8-sig).
+            text, source = sys.stdin.read().removeprefix("\ufeff"), "--components - (stdin)"
         except UnicodeDecodeError as error:
             raise unreadable("--components", "- (stdin)", error, fix) from None
     elif value.startswith("@"):

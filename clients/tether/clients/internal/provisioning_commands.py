@@ -23,6 +23,18 @@ STATES = {
 }
 
 
+# QueryUsage's fields -> the flags that set them, for the server's messages.
+USAGE_FLAGS = {
+    "start_time": "--since",
+    "end_time": "--until",
+    "device.terminal_id": "--imei",
+    "account.value": "--account",
+    "partner_id": "--partner",
+    "service_id": "--service",
+    "binding_id": "--binding",
+}
+
+
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("usage", help="usage per day and totals over a time range")
     p.add_argument("--partner", default="")
@@ -35,7 +47,7 @@ def add_commands(sub: Any) -> None:
         "--since", type=arguments.day, help="start day, YYYY-MM-DD (default: 30 days ago)"
     )
     p.add_argument("--until", type=arguments.day, help="end, exclusive (default: now)")
-    p.set_defaults(handler=usage)
+    p.set_defaults(handler=usage, flags=USAGE_FLAGS)
 
     p = sub.add_parser("pipeline", help="instructions per partner and state, with ages")
     p.add_argument("--partner", default="")
