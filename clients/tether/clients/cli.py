@@ -77,13 +77,16 @@ def print_message(message: Message) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     if args.address:
-        address = check_address(args.address, "--address")
+        source = "--address"
+    elif os.environ.get("TETHER_ADDRESS"):
+        source = "TETHER_ADDRESS"
     else:
-        address = check_address(
-            os.environ.get("TETHER_ADDRESS") or DEFAULT_ADDRESS, "TETHER_ADDRESS"
-        )
-    # Commands that explain a failure themselves name the address tried.
-    args.address = address
+        source = "the default address"
+    address = check_address(
+        args.address or os.environ.get("TETHER_ADDRESS") or DEFAULT_ADDRESS, source
+    )
+    # Commands that explain a failure themselves name the address tried, and where it came from.
+    args.address, args.address_source = address, source
     token = resolve_token(args.token, args.token_file)
     tls = resolve_tls(args.tls, args.ca, args.cert, args.key)
     async with open_channel(address, token, tls=tls) as channel:

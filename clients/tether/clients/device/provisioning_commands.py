@@ -98,7 +98,7 @@ async def watch(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
                 raise
             code = EXIT_FAILED
             why = (
-                f"cannot reach Tether at {args.address} (TETHER_ADDRESS)"
+                f"cannot reach Tether at {args.address} ({args.address_source})"
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not details_of(error).reason
                 else f"the stream broke ({error.code().name})"
             )
