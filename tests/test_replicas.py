@@ -349,6 +349,13 @@ async def test_one_replica_restores_the_guard_counters_for_all_when_redis_loses_
             await ps.eventually(restored, what="the counters restored")
         finally:
             await client.aclose()
+
+        # The restorer logs after it lets go of its claim, a moment after
+        # the marker: the count is read once the line is there.
+        async def logged() -> bool:
+            return _restores(servers) >= 2
+
+        await ps.eventually(logged, what="the restore logged")
         assert _restores(servers) == 2
         # Restored, the browser is still at its limit on every replica.
         for i in range(3):
