@@ -958,3 +958,28 @@ async def test_an_address_that_is_no_host_and_port_says_so_not_that_the_server_i
     code, _, err = await run(None, "cred_unused", "tether-admin", "--address", address, "partners")
     assert code == 2
     assert only_line(err).startswith(f"error: --address {address!r}: not host:port")
+
+
+async def test_an_import_reads_standard_input_given_as_a_dash(pg_server: RunningServer) -> None:
+    partner_id, token = await pg_server.partner()
+
+    async def import_stdin(text: str, *args: str) -> tuple[int | None, bytes, bytes]:
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "tether-partner"), "import", "-", *args,
+            env={**os.environ, "TETHER_TOKEN": token, "TETHER_ADDRESS": pg_server.address},
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(text.encode()), 60)
+        return process.returncode, out, err
+
+    code, out, err = await import_stdin("kind,value\nmember_id,dash-1\nmember_id,dash-2\n")
+    assert code == 0, err
+    assert json.loads(out)["importedCount"] == 2
+    # No rows and --replace: there is no one to ask, so --yes is needed.
+    code, _, err = await import_stdin("kind,value\n", "--replace")
+    assert code == 2
+    assert only_line(err.decode()) == (
+        "error: - has no rows: --replace would empty the whole list; pass --yes to do that"
+    )
+    assert await bs.count_entries(pg_server, partner_id) == 2

@@ -203,7 +203,7 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("import", help="stream a CSV (kind,value[,reference]) into the list")
     _partner_argument(p)
-    p.add_argument("csv", type=Path, help="the CSV file")
+    p.add_argument("csv", type=Path, help="the CSV file, or - for standard input")
     p.add_argument("--replace", action="store_true", help="the list becomes exactly the file")
     p.add_argument("--region", default="", help="region of national phone numbers, e.g. DE")
     p.add_argument(
@@ -360,7 +360,8 @@ def _too_many_rejected(
 
 def _confirm_emptying(path: Path) -> None:
     """--replace with a file of no rows would empty the list: make sure it is meant."""
-    if not sys.stdin.isatty():
+    if str(path) == "-" or not sys.stdin.isatty():
+        # No one to ask: standard input is the file, or no terminal.
         raise CommandError(
             f"{path} has no rows: --replace would empty the whole list; pass --yes to do that"
         )

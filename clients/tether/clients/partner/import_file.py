@@ -11,6 +11,7 @@ in one place; its description here replaces the server's.
 from __future__ import annotations
 
 import csv
+import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ class ImportFile:
         self.path = path
         self._region_hint = region_hint
         self._ignore_extra = ignore_extra_columns
+        self._stdin = str(path) == "-"
+        if self._stdin and sys.stdin is None:
+            raise CommandError("-: there is no standard input to read; give the CSV to import")
         try:
-            self._file: BinaryIO = path.open("rb")
+            self._file: BinaryIO = sys.stdin.buffer if self._stdin else path.open("rb")
         except OSError as error:
             raise unreadable("", path, error, "give the CSV to import") from None
         self._bad_lines: set[int] = set()
@@ -62,7 +66,8 @@ class ImportFile:
         self._local: dict[int, Rejection] = {}
 
     def close(self) -> None:
-        self._file.close()
+        if not self._stdin:
+            self._file.close()
 
     def line_of(self, index: int) -> int:
         return self._lines[index] if 0 <= index < len(self._lines) else 0
