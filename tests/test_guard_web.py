@@ -13,7 +13,7 @@ from tests.guard_support import fingerprint, guard_client, guard_of, web_of
 from tests.support import RunningServer
 from tether.clients.guard.client import account
 from tether.guard.v1 import messages_pb2 as pb
-from tether.server.guard.web import client_ip, parse_networks
+from tether.server.guard.web.addresses import client_ip, parse_networks
 
 IP = "198.51.100.7"
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.guard_support import fingerprint, web_of
 from tests.support import RunningServer, start_server
-from tether.server.guard.web import client_ip, parse_networks
+from tether.server.guard.web.addresses import client_ip, parse_networks
 from tether.server.guard.web.connections import Bounds
 
 LIMIT = 8

@@ -12,8 +12,7 @@ credential; they can reuse collector.js as it is.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tether.server import errors, logs
 from tether.server.guard import policies
 from tether.server.guard.service import EvaluateCall, Guard
 from tether.server.guard.web import connections, payload
+from tether.server.guard.web.addresses import client_ip, parse_networks
 from tether.server.settings import Settings
 from tether.server.transport import tls
 
@@ -76,45 +76,6 @@ _STATUS = {
 
 # A JSON endpoint's work: the parsed body and the request in, the answer out.
 JsonWork = Callable[[Any, web.Request], Awaitable[dict[str, Any]]]
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(spec: str) -> list[Network]:
-    return [ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()]
-
-
-def client_ip(remote: str | None, forwarded_for: str, trusted: Iterable[Network]) -> str:
-    """The browser's address: the connection's, unless that is a trusted
-    proxy; then the right-most X-Forwarded-For hop that is not trusted."""
-    trusted = list(trusted)
-
-    def is_trusted(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in trusted)
-
-    address = remote or ""
-    if not is_trusted(address):
-        return address
-    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
-        address = _address_of(hop)
-        if not is_trusted(address):
-            break
-    return address
-
-
-def _address_of(hop: str) -> str:
-    """A hop's address, as proxies write it: bare, or with a port
-    ("192.0.2.1:8080", "[2001:db8::1]:443") or brackets ("[2001:db8::1]")."""
-    if hop.startswith("["):
-        end = hop.find("]")
-        return hop[1:end] if end > 0 else hop
-    if hop.count(":") == 1:
-        return hop.split(":", 1)[0]
-    return hop
 
 
 class WebSide:

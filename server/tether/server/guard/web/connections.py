@@ -20,7 +20,6 @@ nothing, gRPC included. So:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import resource
 from collections import Counter
@@ -29,12 +28,11 @@ from collections.abc import Callable, Iterable
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from tether.server.guard.web.addresses import Network, within
 from tether.server.observability import metrics
 
 _REFUSED_TOTAL = metrics.GUARD_WEB_CONNECTIONS_REFUSED.labels("total")
 _REFUSED_PER_CLIENT = metrics.GUARD_WEB_CONNECTIONS_REFUSED.labels("per_client")
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Browsers open six or so per host; a household or an office behind one
 # address, a few dozen.
@@ -81,7 +79,7 @@ class Bounds:
         if self.open >= self.limit:
             _REFUSED_TOTAL.inc()
             return False
-        if self._by_client[client] >= self.per_client and not self._is_trusted(client):
+        if self._by_client[client] >= self.per_client and not within(client, self._trusted):
             _REFUSED_PER_CLIENT.inc()
             return False
         self.open += 1
@@ -93,13 +91,6 @@ class Bounds:
         self._by_client[client] -= 1
         if not self._by_client[client]:
             del self._by_client[client]
-
-    def _is_trusted(self, client: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client)
-        except ValueError:
-            return False
-        return any(address in network for network in self._trusted)
 
 
 class _Bounded(asyncio.Protocol):
