@@ -26,6 +26,7 @@ from tether.common.v1 import types_pb2 as types_pb
 from tether.guard.v1 import messages_pb2 as guard_pb
 from tether.guard.v1.service_pb2_grpc import FingerprintGuardStub
 from tether.provisioning.v1 import messages_pb2 as pb
+from tether.provisioning.v1 import service_pb2_grpc
 from tether.server.transport import request_check
 
 OUT_OF_RANGE = Timestamp(seconds=2**40)
@@ -127,6 +128,23 @@ async def test_a_malformed_id_is_refused_before_any_lookup(pg_server: RunningSer
     )
 
 
+async def _query_usage(
+    partner: service_pb2_grpc.ProvisioningAsyncStub,
+    bound: ps.Bound,
+    start: Timestamp,
+    end: Timestamp,
+) -> pb.QueryUsageResponse:
+    """The partner's usage of the bound device's free-data from start to end."""
+    return await partner.QueryUsage(
+        pb.QueryUsageRequest(
+            service_id="free-data",
+            binding_id=bound.binding.binding_id,
+            start_time=start,
+            end_time=end,
+        )
+    )
+
+
 async def test_timestamps_outside_the_protobuf_range_are_invalid_argument(
     pg_server: RunningServer,
 ) -> None:
@@ -153,14 +171,7 @@ async def test_timestamps_outside_the_protobuf_range_are_invalid_argument(
     now.FromDatetime(datetime.now(UTC))
     for start, end, field in ((OUT_OF_RANGE, now, "start_time"), (now, OUT_OF_RANGE, "end_time")):
         detail = await expect_error(
-            partner.QueryUsage(
-                pb.QueryUsageRequest(
-                    service_id="free-data",
-                    binding_id=bound.binding.binding_id,
-                    start_time=start,
-                    end_time=end,
-                )
-            ),
+            _query_usage(partner, bound, start, end),
             grpc.StatusCode.INVALID_ARGUMENT,
             "ERROR_REASON_INVALID_FIELD",
         )
@@ -170,14 +181,7 @@ async def test_timestamps_outside_the_protobuf_range_are_invalid_argument(
     start, end = Timestamp(), Timestamp()
     start.FromDatetime(datetime(9999, 12, 1, tzinfo=UTC))
     end.FromDatetime(datetime(9999, 12, 31, tzinfo=UTC))
-    usage = await partner.QueryUsage(
-        pb.QueryUsageRequest(
-            service_id="free-data",
-            binding_id=bound.binding.binding_id,
-            start_time=start,
-            end_time=end,
-        )
-    )
+    usage = await _query_usage(partner, bound, start, end)
     assert list(usage.days) == []
 
 
@@ -323,14 +327,7 @@ async def test_usage_sums_beyond_int64_are_answered_at_its_largest_value(
     assert [(f.metric, f.quantity) for f in device_usage.figures] == [("bytes", largest)]
     start = Timestamp(seconds=at.seconds - 3600)
     end = Timestamp(seconds=at.seconds + 3600)
-    usage = await partner.QueryUsage(
-        pb.QueryUsageRequest(
-            service_id="free-data",
-            binding_id=bound.binding.binding_id,
-            start_time=start,
-            end_time=end,
-        )
-    )
+    usage = await _query_usage(partner, bound, start, end)
     assert [(d.metric, d.event_count, d.quantity) for d in usage.days] == [("bytes", 2, largest)]
     assert [(t.metric, t.event_count, t.quantity) for t in usage.totals] == [("bytes", 2, largest)]
 

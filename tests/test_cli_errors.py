@@ -691,12 +691,17 @@ async def test_create_admin_before_migrate_says_to_migrate_then_issues_a_token(
     assert out.startswith("cred_") and len(out.splitlines()) == 1
 
 
+async def _internal_and_service(server: RunningServer) -> tuple[str, str]:
+    """An internal credential, and a new guard service of limit 2 to backtest."""
+    token = await server.credential("internal")
+    service = await new_service(await guard_client(server), register_limit=2)
+    return token, service
+
+
 async def test_backtest_of_a_missing_or_malformed_events_file_says_which_line(
     pg_server: RunningServer, tmp_path: Path
 ) -> None:
-    token = await pg_server.credential("internal")
-    guard = await guard_client(pg_server)
-    service = await new_service(guard, register_limit=2)
+    token, service = await _internal_and_service(pg_server)
     fix = "give JSON lines of events (see tether-internal guard backtest --help)"
     missing = tmp_path / "events.jsonl"
     code, out, err = await run(
@@ -746,9 +751,7 @@ BAD_EVENT_LINES = {
 async def test_a_backtest_line_that_is_no_event_says_which_line_and_what_is_wrong(
     line: str, pg_server: RunningServer, tmp_path: Path
 ) -> None:
-    token = await pg_server.credential("internal")
-    guard = await guard_client(pg_server)
-    service = await new_service(guard, register_limit=2)
+    token, service = await _internal_and_service(pg_server)
     events = tmp_path / "events.jsonl"
     good = {"service_id": service, "account": "bt1", "event_time": 1_700_000_000}
     events.write_text(json.dumps(good) + "\n" + line + "\n")
@@ -925,9 +928,7 @@ async def test_a_refused_export_leaves_the_file_as_it_was(
 async def test_backtest_verdicts_never_overwrite_the_events_and_a_policy_file_is_an_object(
     pg_server: RunningServer, tmp_path: Path
 ) -> None:
-    token = await pg_server.credential("internal")
-    guard = await guard_client(pg_server)
-    service = await new_service(guard, register_limit=2)
+    token, service = await _internal_and_service(pg_server)
     events = tmp_path / "events.jsonl"
     line = json.dumps({"service_id": service, "account": "v1", "event_time": 1_700_000_000})
     events.write_text(line + "\n")
