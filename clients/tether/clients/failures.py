@@ -14,9 +14,11 @@ import socket
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from tether.clients.errors import HANDSHAKE_FAILED, VERIFY_FAILED, details_of
 
@@ -73,6 +75,21 @@ def parse_json(text: str, source: str, fix: str) -> Any:
             f"{source}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno});"
             f" {fix}"
         ) from None
+
+
+_Message = TypeVar("_Message", bound=Message)
+
+
+def parse_message(text: str, source: str, fix: str, message: _Message) -> _Message:
+    """A JSON object read into message (proto field names); anything else
+    says where and how to fix it."""
+    fields = parse_json(text, source, fix)
+    if not isinstance(fields, dict):
+        raise CommandError(f"{source}: not a JSON object; {fix}")
+    try:
+        return json_format.ParseDict(fields, message)
+    except json_format.ParseError as error:
+        raise CommandError(f"{source}: {first_line(error)}; {fix}") from None
 
 
 def first_line(error: Exception) -> str:

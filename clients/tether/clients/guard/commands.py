@@ -11,18 +11,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from tether.clients import arguments
 from tether.clients.cli import print_message
-from tether.clients.failures import CommandError, first_line, parse_json, read_text, unreadable
+from tether.clients.failures import CommandError, first_line, parse_message, read_text, unreadable
 from tether.clients.guard.client import (
     ACCOUNT_KINDS,
     ACTIONS,
     GuardClient,
     account,
     backtest_event,
-    components,
 )
 from tether.clients.output import as_dict
 from tether.guard.v1 import messages_pb2 as pb
@@ -176,13 +174,7 @@ def _components_arg(value: str) -> pb.FingerprintComponents:
         text, source = read_text("--components", value[1:], fix), f"--components {value}"
     else:
         text, source = value, "--components"
-    fields = parse_json(text, source, fix)
-    if not isinstance(fields, dict):
-        raise CommandError(f"{source}: not a JSON object; {fix}")
-    try:
-        return components(fields)
-    except json_format.ParseError as error:
-        raise CommandError(f"{source}: {first_line(error)}; {fix}") from None
+    return parse_message(text, source, fix, pb.FingerprintComponents())
 
 
 async def evaluate(args: argparse.Namespace, channel: grpc.aio.Channel) -> int:
@@ -265,13 +257,7 @@ async def _backtest_policy(args: argparse.Namespace, client: GuardClient) -> pb.
     if args.policy.startswith("@"):
         fix = "give a Policy as JSON (guard policy get prints one)"
         text = await asyncio.to_thread(read_text, "--policy", args.policy[1:], fix)
-        fields = parse_json(text, f"--policy {args.policy[1:]}", fix)
-        if not isinstance(fields, dict):
-            raise CommandError(f"--policy {args.policy[1:]}: not a JSON object; {fix}")
-        try:
-            policy = json_format.ParseDict(fields, pb.Policy())
-        except json_format.ParseError as error:
-            raise CommandError(f"--policy {args.policy[1:]}: {first_line(error)}; {fix}") from None
+        policy = parse_message(text, f"--policy {args.policy[1:]}", fix, pb.Policy())
     else:
         policy = await client.get_policy(args.policy)
     for name in NUMBERS:
